@@ -1,0 +1,114 @@
+"""Architecture table: weight names, RoPE layout, biases and norms of each supported source.
+
+Every name uses `{i}` for the layer index. A row is all the conversion code knows about an
+architecture; nothing else in latentkv branches on `model_type`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from latentkv.errors import LatentKVError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    layer_prefix: str = "model.layers.{i}"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    input_norm: str = "input_layernorm"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    # Whether q/k/v carry a bias: True, False, or the name of the config flag that says so.
+    qkv_bias: bool | str = False
+    o_bias: bool | str = False
+    # "half": HF rotate_half layout, pair j is dims (j, j + d/2). "interleaved": pair j is (2j, 2j+1).
+    rope_layout: str = "half"
+    # Per-head RMSNorm on q and k before RoPE (Qwen3). Conversions need it linear, so it is refused.
+    qk_norm: bool = False
+    moe: bool = False
+    # The DeepSeek export needs a dense MLP with these three projections.
+    mlp_names: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    def attn_weight(self, layer: int, which: str, kind: str = "weight") -> str:
+        """Full tensor name of one attention projection (`which` in q, k, v, o)."""
+        module = getattr(self, f"{which}_proj")
+        return f"{self.layer_prefix.format(i=layer)}.{module}.{kind}"
+
+    def layer_key(self, layer: int) -> str:
+        return self.layer_prefix.format(i=layer) + "."
+
+    def has_bias(self, config, which: str) -> bool:
+        flag = self.o_bias if which == "o" else self.qkv_bias
+        if isinstance(flag, str):
+            return bool(getattr(config, flag, False))
+        return bool(flag)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in [
+        ArchSpec("llama", qkv_bias="attention_bias", o_bias="attention_bias"),
+        ArchSpec("mistral"),
+        ArchSpec("qwen2", qkv_bias=True),
+        ArchSpec("mixtral", moe=True, mlp_names=()),
+    ]
+}
+
+
+def get_arch(config) -> ArchSpec:
+    """The table row of a transformers config, or an error listing what is supported."""
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise LatentKVError(
+            f"Architecture {model_type!r} is not supported. Supported model_type values: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Adding one is a row in latentkv/arch/tables.py."
+        )
+    return spec
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Shapes of one source attention block, read from its config."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    rope_theta: float
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_values_per_token_per_layer(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def geometry_of(config) -> AttentionGeometry:
+    get_arch(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return AttentionGeometry(
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        num_layers=config.num_hidden_layers,
+        rope_theta=_rope_theta(config),
+    )

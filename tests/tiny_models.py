@@ -1,0 +1,89 @@
+"""Tiny random models of every supported architecture, built in seconds for the invariant tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+TINY_TEXT = CORPORA / "tinyshakespeare" / "input.txt"
+
+VOCAB = 256
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# One row per architecture case; the tests are generic over this table.
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3-scaled": (
+        "LlamaConfig",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),
+    ),
+    "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict()),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on Shakespeare, so eval/calibration paths run for real."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(TINY_TEXT)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32):
+    """Write a random model of case `name` (a key of TINY_CONFIGS) to `folder`; returns the model."""
+    import transformers
+    from transformers import GenerationConfig
+
+    cls_name, extra = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Biases are zero-initialised by HF; make them matter so bias handling is really tested.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=16).save_pretrained(folder)
+    build_tokenizer(folder)
+    return model
