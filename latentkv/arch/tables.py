@@ -33,6 +33,11 @@ class ArchSpec:
     moe: bool = False
     # The DeepSeek export needs a dense MLP with these three projections.
     mlp_names: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    # How transformers' in-memory module names differ from the names on disk (within one layer):
+    # plain renames (disk -> module), and expert tensors that transformers stacks on load
+    # (module name -> (per-expert disk names with {e}, concat dim within an expert)).
+    disk_renames: tuple[tuple[str, str], ...] = ()
+    expert_stacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def attn_weight(self, layer: int, which: str, kind: str = "weight") -> str:
         """Full tensor name of one attention projection (`which` in q, k, v, o)."""
@@ -55,7 +60,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llama", qkv_bias="attention_bias", o_bias="attention_bias"),
         ArchSpec("mistral"),
         ArchSpec("qwen2", qkv_bias=True),
-        ArchSpec("mixtral", moe=True, mlp_names=()),
+        ArchSpec(
+            "mixtral",
+            moe=True,
+            mlp_names=(),
+            disk_renames=(("block_sparse_moe.", "mlp."),),
+            expert_stacks=(
+                ("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight")),
+                ("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2.weight",)),
+            ),
+        ),
     ]
 }
 

@@ -1,0 +1,1 @@
+"""Calibration: text -> token windows -> per-layer second moments, streamed layer by layer."""

@@ -1,0 +1,188 @@
+"""Per-layer calibration statistics, accumulated in float64, cached on disk with a fingerprint.
+
+For each decoder layer we keep:
+- `moment`: E[x_aug x_aug^T] with x_aug = [x; 1], x the attention input (after the input norm).
+  The appended 1 makes every bias an ordinary column, so biased projections need no special case.
+- `distance`: per query head, the mean attention mass at each query-key distance (from a few
+  windows), which says how far RoPE rotates the pairs that the head really compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    moment: torch.Tensor  # [D+1, D+1] float64
+    tokens: int
+    distance: torch.Tensor | None = None  # [H, L] float64, rows sum to 1
+
+    def check(self, layer: int) -> None:
+        if not torch.isfinite(self.moment).all():
+            raise LatentKVError(
+                f"Calibration statistics of layer {layer} contain NaN/Inf: the model overflows in this dtype "
+                "on this text. Use --dtype float32, or check the checkpoint for corrupt weights."
+            )
+
+    def to_dict(self) -> dict:
+        out = {"moment": self.moment, "tokens": torch.tensor(self.tokens)}
+        if self.distance is not None:
+            out["distance"] = self.distance
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerStats":
+        return cls(moment=d["moment"], tokens=int(d["tokens"]), distance=d.get("distance"))
+
+
+class MomentAccumulator:
+    """Sum of x_aug x_aug^T over tokens; per batch in float32 products, summed in float64."""
+
+    def __init__(self, dim: int, device):
+        self.sum = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).double()
+        n = flat.shape[0]
+        self.sum[:-1, :-1] += flat.T @ flat
+        col = flat.sum(0)
+        self.sum[:-1, -1] += col
+        self.sum[-1, :-1] += col
+        self.sum[-1, -1] += n
+        self.tokens += n
+
+    def result(self) -> torch.Tensor:
+        return (self.sum / max(self.tokens, 1)).cpu()
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.no_grad()
+def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean attention mass per distance for each query head: [H, L].
+
+    q: [b, H, L, d], k: [b, G, L, d], both after RoPE.
+    """
+    b, H, L, _ = q.shape
+    G = k.shape[1]
+    k = k.repeat_interleave(H // G, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = scores.softmax(-1).double()  # [b, H, L, L]
+    t = torch.arange(L, device=q.device)
+    dist = (t[:, None] - t[None, :]).clamp(min=0)  # [L, L]
+    profile = torch.zeros(H, L, dtype=torch.float64, device=q.device)
+    profile.scatter_add_(1, dist.reshape(1, -1).expand(H, -1), probs.sum(0).reshape(H, -1))
+    return (profile / (b * L)).cpu()
+
+
+def source_qk(layer, arch, x: torch.Tensor, pos_emb, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
+    attn = layer.get_submodule(arch.q_proj.rsplit(".", 1)[0])
+    q_proj = layer.get_submodule(arch.q_proj)
+    k_proj = layer.get_submodule(arch.k_proj)
+    b, L, _ = x.shape
+    q = q_proj(x).view(b, L, num_heads, head_dim).transpose(1, 2)
+    k = k_proj(x).view(b, L, num_kv_heads, head_dim).transpose(1, 2)
+    cos, sin = pos_emb
+    cos, sin = cos[:, None], sin[:, None]
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, float(getattr(attn, "scaling", head_dim**-0.5))
+
+
+class StatsCache:
+    """A folder of per-layer statistics plus the latest hidden states, tied to one fingerprint.
+
+    A rerun with the same fingerprint resumes; a folder made with another fingerprint is refused.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        stamp = self.folder / "fingerprint.json"
+        if stamp.exists():
+            found = json.loads(stamp.read_text())
+            if found != fingerprint:
+                diff = sorted(k for k in set(found) | set(fingerprint) if found.get(k) != fingerprint.get(k))
+                raise LatentKVError(
+                    f"The calibration cache {self.folder} was made for other settings (differs in: {', '.join(diff)}); "
+                    "pass another --calib-cache folder or delete this one"
+                )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_suffix(".tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+            os.replace(tmp, stamp)
+        self._last_hidden_save = time.monotonic()
+
+    def _layer_path(self, i: int) -> Path:
+        return self.folder / f"layer_{i:04d}.pt"
+
+    def has_layer(self, i: int) -> bool:
+        return self._layer_path(i).exists()
+
+    def load_layer(self, i: int) -> LayerStats:
+        return LayerStats.from_dict(torch.load(self._layer_path(i), weights_only=True))
+
+    def save_layer(self, i: int, stats: LayerStats) -> None:
+        path = self._layer_path(i)
+        tmp = path.with_suffix(".tmp")
+        torch.save(stats.to_dict(), tmp)
+        os.replace(tmp, path)
+
+    def save_extra(self, name: str, obj: dict) -> None:
+        path = self.folder / f"{name}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+    def load_extra(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.pt"
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    def maybe_save_hidden(self, next_layer: int, hidden: torch.Tensor, every_s: float = 60.0, force: bool = False) -> None:
+        """Checkpoint the activations entering `next_layer`, at most once a minute (they can be GBs)."""
+        if not force and time.monotonic() - self._last_hidden_save < every_s:
+            return
+        self.save_extra("hidden", {"next_layer": torch.tensor(next_layer), "hidden": hidden.cpu()})
+        self._last_hidden_save = time.monotonic()
+
+    def load_hidden(self) -> tuple[int, torch.Tensor] | None:
+        d = self.load_extra("hidden")
+        if d is None:
+            return None
+        return int(d["next_layer"]), d["hidden"]
+
+
+def checkpoint_fingerprint(folder: Path) -> dict:
+    """Identity of a checkpoint folder: config plus names and sizes of its weight files."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return {
+        "config_sha": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16],
+        "files": [[p.name, p.stat().st_size] for p in files if p.name != "config.json"],
+    }
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("LATENTKV_CACHE", Path.home() / ".cache" / "latentkv")) / "calibration"

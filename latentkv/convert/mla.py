@@ -1,0 +1,286 @@
+"""GQA/MHA -> MLA (and its grouped form GLA) from calibration statistics.
+
+Per layer (DESIGN.md section 2):
+1. RoPE-commuting key basis per frequency (`rope.key_basis`): complex PCA of the keys weighted
+   by query energy; exact.
+2. The components with the largest loss-if-unrotated keep RoPE and form the cached RoPE key
+   (any frequencies in the latentkv format; the DeepSeek frequency grid in that format).
+3. The other key components lose their rotation (the query is scaled by the head's mean
+   e^{i theta Delta}) and join the values in one latent, fitted by PCA under a metric
+   (`lowrank.fit_low_rank`): keys under the query metric, values under the W_O metric.
+4. The per-layer split between RoPE dims and latent dims, and the per-layer budget, minimise
+   the predicted output error (rotation loss + dropped latent spectrum).
+GLA fits one latent per contiguous group of query heads (`latent_heads`), each from only the keys
+and values that its heads read, so a tensor-parallel shard holds only its latent head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from latentkv.convert import lowrank, rope
+from latentkv.errors import LatentKVError
+
+
+@dataclass
+class MLAConfig:
+    """Settings of the MLA / GLA conversion.
+
+    kv_lora_rank: latent width per layer (all layers), or None to derive it from kv_budget.
+    kv_budget: fraction (0, 1] of the source's KV values per token to keep; ranks then per layer.
+    qk_rope_dim: width of the cached RoPE key (even; up to all key dims in the latentkv format,
+        at most the head dim in the DeepSeek format), or "auto" to choose it per layer.
+    latent_heads: 1 for MLA; h_c > 1 for GLA (must divide the query heads).
+    rope_mix: "complex" (exact per-frequency complex PCA), "real" (RoRoPE), "none" (keep heads).
+    query_weighted: rank key components by query-weighted energy (score error), not key energy.
+    shrink: scale de-rotated components by the head's mean e^{i theta Delta} (measured attention
+        distances); off = drop the rotation outright.
+    latent_metric: "whitened" (keys: query metric, values: W_O metric), "balanced" (TransMLA's
+        BKV: equal key and value energy), "energy" (plain PCA).
+    key_weight: multiplies the key side of the whitened metric (score error vs output error).
+    allocation: "per-layer" (one global budget, greedy over layers) or "uniform".
+    sequential: take each layer's statistics from the output of the converted layers before it.
+    """
+
+    kv_lora_rank: int | None = None
+    kv_budget: float | None = None
+    qk_rope_dim: int | str = "auto"
+    latent_heads: int = 1
+    rope_mix: str = "complex"
+    query_weighted: bool = True
+    shrink: bool = True
+    latent_metric: str = "whitened"
+    key_weight: float = 1.0
+    allocation: str = "per-layer"
+    sequential: bool = False
+    rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
+
+    def __post_init__(self):
+        if (self.kv_lora_rank is None) == (self.kv_budget is None):
+            raise LatentKVError("Give exactly one of --kv-lora-rank or --kv-budget")
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise LatentKVError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
+        if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
+            raise LatentKVError(f"--kv-lora-rank must be >= 1, got {self.kv_lora_rank}")
+        if self.qk_rope_dim != "auto":
+            self.qk_rope_dim = int(self.qk_rope_dim)
+            if self.qk_rope_dim < 0 or self.qk_rope_dim % 2:
+                raise LatentKVError(f"--qk-rope-dim must be an even number >= 0 or 'auto', got {self.qk_rope_dim}")
+        for name, allowed in (
+            ("rope_mix", ("complex", "real", "none")),
+            ("latent_metric", ("whitened", "balanced", "energy")),
+            ("allocation", ("per-layer", "uniform")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise LatentKVError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.latent_heads < 1:
+            raise LatentKVError("--latent-heads must be >= 1")
+
+
+@dataclass
+class LayerInputs:
+    """One source attention block in float64 with biases as a last column."""
+
+    q: torch.Tensor  # [H*d, D+1]
+    k: torch.Tensor  # [G*d, D+1]
+    v: torch.Tensor  # [G*d, D+1]
+    o: torch.Tensor  # [D, H*d]
+    o_bias: torch.Tensor | None
+    moment: torch.Tensor  # [D+1, D+1]
+    distance: torch.Tensor | None  # [H, L]
+    inv_freq: torch.Tensor  # [d/2]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+    @staticmethod
+    def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = weight.double()
+        b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+        return torch.cat([w, b[:, None]], dim=1)
+
+
+@dataclass
+class LayerAnalysis:
+    """Everything about one layer that does not depend on the chosen widths."""
+
+    inputs: LayerInputs
+    group_of_head: torch.Tensor
+    zk: torch.Tensor
+    basis: rope.KeyBasis
+    shrink: torch.Tensor  # [H, P]
+    head_weight: torch.Tensor  # [H] key-metric weight of each head
+    rot_loss: torch.Tensor  # [P, G]
+    q_cov: torch.Tensor  # [H, d, d] E[q_h q_h^T]
+    curves: dict = field(default_factory=dict)  # rope_dim -> per-latent-head spectra
+
+
+def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
+    H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
+    group_of_head = torch.arange(H) // (H // G)
+    zk = rope.complex_pairs(inp.k, G, d)
+    zq = rope.complex_pairs(inp.q, H, d)
+    basis = rope.key_basis(zk, zq, inp.moment, group_of_head, cfg.rope_mix, cfg.query_weighted)
+    shrink = rope.rotation_shrink(inp.distance if cfg.shrink else None, inp.inv_freq, H)
+    q_rows = inp.q.view(H, d, -1)
+    q_cov = q_rows @ inp.moment @ q_rows.transpose(1, 2)
+    q_energy = q_cov.diagonal(dim1=1, dim2=2)
+    q_energy = q_energy[:, : d // 2] + q_energy[:, d // 2 :]  # E|z^q_{h,j}|^2: [H, P]
+    # How much a score error of head h moves the layer output: spread of its values through W_O.
+    v_rows = inp.v.view(G, d, -1)
+    mean = v_rows @ inp.moment[:, -1]  # [G, d]
+    v_cov = v_rows @ inp.moment @ v_rows.transpose(1, 2) - mean[:, :, None] * mean[:, None, :]
+    o_heads = inp.o.double().view(-1, H, d).transpose(0, 1)  # [H, D, d]
+    spread = torch.einsum("hDi,hij,hDj->h", o_heads, v_cov[group_of_head], o_heads)
+    head_weight = cfg.key_weight * inp.scale**2 * spread
+    rot_loss = rope.rotation_loss(basis, q_energy, shrink, group_of_head, head_weight)
+    return LayerAnalysis(inp, group_of_head, zk, basis, shrink, head_weight, rot_loss, q_cov)
+
+
+def _rope_split(an: LayerAnalysis, rope_dim: int, cfg: MLAConfig):
+    P = an.inputs.head_dim // 2
+    if cfg.rope_frequency_grid:
+        stride = an.inputs.head_dim // rope_dim if rope_dim else 0
+        allowed = list(range(0, P, stride))[: rope_dim // 2] if rope_dim else []
+        kept = rope.select_rope_components(an.rot_loss, rope_dim // 2, allowed)
+    else:
+        kept = rope.select_rope_components(an.rot_loss, rope_dim // 2)
+    kept_set = set(kept)
+    G = an.inputs.num_kv_heads
+    nope = [(j, m) for j in range(P) for m in range(G) if (j, m) not in kept_set]
+    return kept, nope
+
+
+def _head_groups(an: LayerAnalysis, latent_heads: int) -> list[torch.Tensor]:
+    H = an.inputs.num_heads
+    if H % latent_heads:
+        raise LatentKVError(f"--latent-heads {latent_heads} must divide the {H} query heads")
+    per = H // latent_heads
+    return [torch.arange(c * per, (c + 1) * per) for c in range(latent_heads)]
+
+
+def _latent_problem(an: LayerAnalysis, nope, heads: torch.Tensor, cfg: MLAConfig):
+    """Rows T of z = [k_nope; v of the groups these heads read] and the metric of each coordinate."""
+    inp = an.inputs
+    d, G = inp.head_dim, inp.num_kv_heads
+    groups = torch.unique(an.group_of_head[heads])
+    k_rows = rope.real_key_rows(rope.component_rows(an.basis, an.zk, nope), "pairs")  # [n_k, D+1]
+    coeff = rope.query_coefficients(an.basis, nope, an.group_of_head, an.shrink)  # [H, n]
+    nope_q = rope.real_query_map(coeff, nope, d, "pairs")  # [H, n_k, d]
+    v_rows = inp.v.view(G, d, -1)[groups].reshape(-1, inp.v.shape[1])
+    rows = torch.cat([k_rows, v_rows], dim=0)
+    n_k = k_rows.shape[0]
+    if cfg.latent_metric == "whitened":
+        qm = nope_q[heads]
+        key_metric = torch.einsum("h,hai,hij,hbj->ab", an.head_weight[heads], qm, an.q_cov[heads], qm)
+        o_heads = inp.o.double().view(-1, inp.num_heads, d).transpose(0, 1)  # [H, D, d]
+        blocks = []
+        for g in groups.tolist():
+            hs = heads[an.group_of_head[heads] == g]
+            blocks.append(torch.einsum("hDi,hDj->ij", o_heads[hs], o_heads[hs]))
+        metric = torch.block_diag(key_metric, *blocks)
+    else:
+        metric = torch.eye(rows.shape[0], dtype=torch.float64)
+        if cfg.latent_metric == "balanced" and n_k:
+            cov_diag = (rows @ inp.moment * rows).sum(1)
+            ratio = cov_diag[n_k:].sum() / cov_diag[:n_k].sum().clamp_min(1e-30)
+            metric[:n_k, :n_k] *= ratio
+    return rows, metric, n_k, nope_q, groups
+
+
+def rope_dim_candidates(an: LayerAnalysis, cfg: MLAConfig, fmt_max: int) -> list[int]:
+    if cfg.qk_rope_dim != "auto":
+        return [int(cfg.qk_rope_dim)]
+    total = min(an.inputs.num_kv_heads * an.inputs.head_dim, fmt_max)
+    step = max(2, 2 * round(total / 32))
+    return sorted(set(list(range(0, total + 1, step)) + [total]))
+
+
+def error_curve(an: LayerAnalysis, cfg: MLAConfig, rope_dims: list[int]) -> dict[int, tuple[float, list[torch.Tensor]]]:
+    """For each RoPE width: (rotation loss, spectra of each latent head's problem)."""
+    out = {}
+    for rope_dim in rope_dims:
+        kept, nope = _rope_split(an, rope_dim, cfg)
+        rot = sum(float(an.rot_loss[j, m]) for j, m in nope)
+        spectra = []
+        for heads in _head_groups(an, cfg.latent_heads):
+            rows, metric, *_ = _latent_problem(an, nope, heads, cfg)
+            sigma, *_ = lowrank.metric_spectrum(rows, an.inputs.moment, metric)
+            spectra.append(sigma)
+        out[rope_dim] = (rot, spectra)
+    return out
+
+
+def best_split(curve: dict, budget: int, latent_heads: int) -> tuple[float, int, int]:
+    """(predicted error, rope_dim, kv_lora_rank) minimising the error at `budget` values per token."""
+    best = None
+    for rope_dim, (rot, spectra) in curve.items():
+        rank = budget - rope_dim
+        if rank < 0 or rank % latent_heads:
+            continue
+        per = rank // latent_heads
+        if any(per > s.numel() for s in spectra):
+            continue
+        err = rot + sum(float(s[per:].sum()) for s in spectra)
+        if best is None or err < best[0]:
+            best = (err, rope_dim, rank)
+    return best
+
+
+def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> tuple[dict, dict]:
+    """New attention tensors (LatentAttention names) and the layer's spec for the config."""
+    inp = an.inputs
+    H, d = inp.num_heads, inp.head_dim
+    kept, nope = _rope_split(an, rope_dim, cfg)
+    # Cached RoPE key and the queries that read it.
+    rope_k = rope.real_key_rows(rope.component_rows(an.basis, an.zk, kept), "half")  # [d_R, D+1]
+    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half")
+    inv_freq = [float(inp.inv_freq[j]) for j, _ in kept]
+    heads_per_latent = H // cfg.latent_heads
+    per_rank = rank // cfg.latent_heads
+    downs, k_up, v_up = [], torch.zeros(H, d, per_rank, dtype=torch.float64), torch.zeros(H, d, per_rank, dtype=torch.float64)
+    for c, heads in enumerate(_head_groups(an, cfg.latent_heads)):
+        rows, metric, n_k, nope_q, groups = _latent_problem(an, nope, heads, cfg)
+        if per_rank > rows.shape[0]:
+            raise LatentKVError(
+                f"kv_lora_rank {rank} is larger than possible for this layer ({rows.shape[0] * cfg.latent_heads} "
+                f"with --qk-rope-dim {rope_dim}); lower --kv-lora-rank"
+            )
+        fit = lowrank.fit_low_rank(rows, inp.moment, metric, per_rank)
+        downs.append(fit.down)
+        for h in heads.tolist():
+            g_index = int((groups == an.group_of_head[h]).nonzero()[0])
+            k_up[h] = nope_q[h].T @ fit.up[:n_k]  # q_h . (N_h^T U_k c)
+            v_up[h] = fit.up[n_k + g_index * d : n_k + (g_index + 1) * d]
+    n_k = 2 * len(nope)
+    nope_dim = d if n_k else 0
+    q_rows = inp.q.view(H, d, -1)
+    q_new = torch.cat([q_rows[:, :nope_dim], rope_q @ q_rows], dim=1).reshape(H * (nope_dim + rope_dim), -1)
+    kv_a = torch.cat([*downs, rope_k], dim=0)
+    kv_b = torch.cat([k_up[:, :nope_dim], v_up], dim=1)  # [H, nope+d, r_c]
+    kv_b = kv_b.view(cfg.latent_heads, heads_per_latent, nope_dim + d, per_rank).reshape(-1, per_rank)
+    latent_bias = bool(kv_a[:, -1].abs().max() > 0)
+    tensors = {
+        "q_proj.weight": q_new[:, :-1],
+        "kv_a_proj.weight": kv_a[:, :-1],
+        "kv_b_proj.weight": kv_b,
+        "o_proj.weight": inp.o.double(),
+    }
+    if bool(q_new[:, -1].abs().max() > 0):
+        tensors["q_proj.bias"] = q_new[:, -1]
+    if latent_bias:
+        tensors["kv_a_proj.bias"] = kv_a[:, -1]
+    if inp.o_bias is not None:
+        tensors["o_proj.bias"] = inp.o_bias.double()
+    spec = {
+        "kv_lora_rank": rank,
+        "rope_dim": rope_dim,
+        "rope_inv_freq": inv_freq,
+        "qk_nope_head_dim": nope_dim,
+        "latent_heads": cfg.latent_heads,
+        "latent_bias": latent_bias,
+    }
+    return tensors, spec

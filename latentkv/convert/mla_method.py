@@ -1,0 +1,294 @@
+"""MLA / GLA as a registered method: plan widths, swap modules, write the latentkv folder.
+
+The tensors themselves come from `convert.mla`; this module only decides widths across layers
+and turns tensors into modules and files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from latentkv.arch import geometry_of
+from latentkv.convert import mla
+from latentkv.errors import LatentKVError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("latentkv", "deepseek")
+
+
+@dataclass
+class MLAPlan:
+    widths: list[tuple[int, int]]  # (rope_dim, kv_lora_rank) per layer
+    predicted_error: list[float]
+    built: dict = field(default_factory=dict)  # layer -> (tensors, spec), filled by sequential calibration
+
+    def key(self) -> list:
+        return [list(w) for w in self.widths]
+
+
+def allocate(curves: list[dict], budgets: list[int], total: int, latent_heads: int, per_layer: bool) -> list[tuple]:
+    """Per-layer (error, rope_dim, rank). Uniform: each layer gets its own budget. Per-layer: the
+    total is spread greedily by the best error drop per value (looking past non-convex steps)."""
+    if not per_layer:
+        out = []
+        for i, (curve, b) in enumerate(zip(curves, budgets)):
+            best = mla.best_split(curve, b, latent_heads)
+            if best is None:
+                raise LatentKVError(f"No feasible RoPE/latent split for layer {i} at {b} values per token")
+            out.append(best)
+        return out
+    unit = 2 * latent_heads
+    tables = []
+    for curve in curves:
+        max_b = max(rd + sum(s.numel() for s in spectra) for rd, (_, spectra) in curve.items())
+        table = {}
+        for b in range(0, max_b + 1, unit):
+            best = mla.best_split(curve, b, latent_heads)
+            if best is not None:
+                table[b] = best
+        tables.append(table)
+    current = [min(t) for t in tables]
+    remaining = total - sum(current)
+    if remaining < 0:
+        raise LatentKVError("The KV budget is below the smallest feasible width of every layer; raise --kv-budget")
+    while remaining >= unit:
+        best_gain, best_layer, best_b = 0.0, None, None
+        for i, table in enumerate(tables):
+            err_now = table[current[i]][0]
+            for b, (err, _, _) in table.items():
+                if current[i] < b <= current[i] + remaining:
+                    gain = (err_now - err) / (b - current[i])
+                    if gain > best_gain:
+                        best_gain, best_layer, best_b = gain, i, b
+        if best_layer is None:
+            break
+        remaining -= best_b - current[best_layer]
+        current[best_layer] = best_b
+    return [tables[i][current[i]] for i in range(len(tables))]
+
+
+class MLAMethod:
+    name = "mla"
+    config_cls = mla.MLAConfig
+
+    def make_config(self, options: dict, fmt: str) -> mla.MLAConfig:
+        if fmt not in FORMATS:
+            raise LatentKVError(f"--format must be one of {', '.join(FORMATS)} for --to {self.name}, got {fmt!r}")
+        known = {f.name for f in dataclasses.fields(mla.MLAConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LatentKVError(f"Unknown {self.name} settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = dict(options)
+        if fmt == "deepseek":
+            options.setdefault("qk_rope_dim", 64)
+            options["rope_frequency_grid"] = True
+            options["allocation"] = "uniform"
+        return mla.MLAConfig(**options)
+
+    def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
+        geo = geometry_of(config)
+        total_key = geo.num_kv_heads * geo.head_dim
+        if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > total_key:
+            raise LatentKVError(
+                f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
+                f"{geo.head_dim} = {total_key}); use at most {total_key}"
+            )
+        if fmt == "deepseek":
+            if arch.moe:
+                raise LatentKVError(
+                    f"--format deepseek needs a dense MLP in every layer; {arch.model_type} is a mixture of experts. "
+                    "Use --format latentkv for this model."
+                )
+            if cfg.qk_rope_dim == "auto" or cfg.qk_rope_dim > geo.head_dim or (cfg.qk_rope_dim and geo.head_dim % cfg.qk_rope_dim):
+                raise LatentKVError(
+                    f"--format deepseek needs --qk-rope-dim dividing the head dim {geo.head_dim} (e.g. {geo.head_dim} or "
+                    f"{geo.head_dim // 2}), got {cfg.qk_rope_dim}"
+                )
+            if cfg.latent_heads != 1:
+                raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
+        if geo.num_heads % cfg.latent_heads:
+            raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
+        max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
+        if cfg.kv_lora_rank is not None and cfg.kv_lora_rank > max_rank:
+            raise LatentKVError(
+                f"--kv-lora-rank {cfg.kv_lora_rank} is larger than possible: this model's keys and values span at most "
+                f"{max_rank} dims next to a {cfg.qk_rope_dim}-dim RoPE key; use at most {max_rank}"
+            )
+
+    def plan(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
+        from latentkv.convert.pipeline import layer_inputs_from
+
+        geo = geometry_of(stream.config)
+        source_kv = geo.kv_values_per_token_per_layer
+        fmt_max = geo.head_dim if fmt == "deepseek" else geo.num_kv_heads * geo.head_dim
+        if cfg.kv_lora_rank is not None:
+            rope_dim = min(64, fmt_max) if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim
+            widths = [(rope_dim, cfg.kv_lora_rank)] * geo.num_layers
+            return MLAPlan(widths=widths, predicted_error=[float("nan")] * geo.num_layers)
+        per_layer_budget = int(round(cfg.kv_budget * source_kv))
+        curves = []
+        for i in range(geo.num_layers):
+            an = mla.analyse_layer(layer_inputs_from(stream, i, stats[i]), cfg)
+            curves.append(mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max)))
+        budgets = [per_layer_budget] * geo.num_layers
+        choice = allocate(curves, budgets, per_layer_budget * geo.num_layers, cfg.latent_heads,
+                          per_layer=cfg.allocation == "per-layer")
+        widths = [(rd, r) for _, rd, r in choice]
+        for i, (err, rd, r) in enumerate(choice):
+            log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
+        return MLAPlan(widths=widths, predicted_error=[c[0] for c in choice])
+
+    def build(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig):
+        from latentkv.convert.pipeline import layer_inputs_from
+
+        if i in plan.built:
+            return plan.built[i]
+        rope_dim, rank = plan.widths[i]
+        an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
+        return mla.build_layer(an, rope_dim, rank, cfg)
+
+    def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig):
+        tensors, spec = self.build(stream, i, stats, plan, cfg)
+        plan.built[i] = (tensors, spec)
+        return attention_module(stream, i, tensors, spec)
+
+    def write(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
+        if opts.format == "deepseek":
+            from latentkv.convert.export_deepseek import write_deepseek
+
+            return write_deepseek(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress)
+        return write_latentkv(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress)
+
+
+class GLAMethod(MLAMethod):
+    name = "gla"
+
+    def make_config(self, options: dict, fmt: str) -> mla.MLAConfig:
+        options = dict(options)
+        options.setdefault("latent_heads", 2)
+        if fmt != "latentkv":
+            raise LatentKVError("GLA is written in the latentkv format only (DeepSeek's format has one latent head)")
+        return super().make_config(options, fmt)
+
+
+def latent_config(stream, specs: list[dict], method: str, save_dtype=None):
+    """The LatentKVConfig of a converted model (also used for a single layer during calibration)."""
+    from latentkv.modeling.modeling_latentkv import LatentKVConfig
+
+    geo = geometry_of(stream.config)
+    source = stream.config.to_dict()
+    for k in ("architectures", "auto_map", "transformers_version", "_name_or_path", "quantization_config", "dtype", "torch_dtype"):
+        source.pop(k, None)
+    return LatentKVConfig(
+        source_config=source,
+        attention_layers=specs,
+        softmax_scale=geo.head_dim**-0.5,
+        rope_attention_scaling=stream.attention_scaling,
+        v_head_dim=geo.head_dim,
+        q_bias=stream.arch.has_bias(stream.config, "q"),
+        o_bias=stream.arch.has_bias(stream.config, "o"),
+        method=method,
+    )
+
+
+def _filter_bias(tensors: dict, config) -> dict:
+    """Drop bias tensors the model-level config does not declare (they are zero there)."""
+    out = dict(tensors)
+    if not config.q_bias:
+        out.pop("q_proj.bias", None)
+    if not config.o_bias:
+        out.pop("o_proj.bias", None)
+    return out
+
+
+def attention_module(stream, i: int, tensors: dict, spec: dict):
+    from latentkv.modeling.modeling_latentkv import LatentAttention
+
+    specs = [spec] * stream.num_layers
+    config = latent_config(stream, specs, "mla")
+    module = LatentAttention(config, i)
+    state = {k: v.to(stream.dtype) for k, v in _filter_bias(tensors, config).items()}
+    module.load_state_dict(state, strict=False)
+    return module.to(stream.device).eval()
+
+
+def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
+    from latentkv.convert.pipeline import ConvertResult
+    from latentkv.io.card import write_model_card, write_recipe
+    from latentkv.io.writer import ShardedWriter, copy_sidecars
+    from latentkv.modeling import AUTO_MAP, MODELING_FILE
+
+    geo = geometry_of(stream.config)
+    arch = stream.arch
+    writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
+    specs, layer_rows = [], []
+    config_probe = latent_config(stream, [], method.name)
+    for i in range(geo.num_layers):
+        tensors, spec = method.build(stream, i, stats[i], plan, cfg)
+        specs.append(spec)
+        prefix = arch.layer_key(i)
+        for name, t in stream.layer_state_dict(i).items():
+            if not name.startswith("self_attn."):
+                writer.add(prefix + name, t.to(save_dtype))
+        for name, t in _filter_bias(tensors, config_probe).items():
+            writer.add(prefix + "self_attn." + name, t.to(save_dtype))
+        layer_rows.append({"layer": i, "rope_dim": spec["rope_dim"], "kv_lora_rank": spec["kv_lora_rank"],
+                           "predicted_error": plan.predicted_error[i]})
+        if progress is not None:
+            progress(i)
+    for name in (arch.embed, arch.final_norm):
+        writer.add(name, stream.weights.get(name).to(save_dtype))
+    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
+        writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
+    writer.close()
+    config = latent_config(stream, specs, method.name)
+    config.auto_map = AUTO_MAP
+    config.architectures = ["LatentKVForCausalLM"]
+    config.dtype = str(save_dtype).replace("torch.", "")
+    config.save_pretrained(folder)
+    shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
+    copy_sidecars(source.folder, folder)
+    kv = config.kv_values_per_token()
+    src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
+    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg)}
+    write_recipe(folder, recipe)
+    from latentkv.convert.registry import PAPERS
+
+    write_model_card(
+        folder,
+        base_model=_base_model_name(source),
+        base_model_relation="finetune",
+        tags=["latentkv", method.name, "kv-cache-compression"],
+        command=opts.command or "latentkv convert",
+        recipe=recipe,
+        results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
+                  "kept": f"{100 * kv / src_kv:.1f}%"}],
+        papers=PAPERS.get(method.name, []),
+        title=f"{_base_model_name(source)} with {method.name.upper()} attention",
+        description=(
+            f"Attention rewritten by latentkv into {method.name.upper()} form: the cache holds "
+            f"{kv // geo.num_layers} values per token per layer on average, against {geo.kv_values_per_token_per_layer} in the source. "
+            "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`."
+        ),
+    )
+    return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
+                         seconds=0.0, layers=layer_rows)
+
+
+def _version() -> str:
+    from latentkv import __version__
+
+    return __version__
+
+
+def _base_model_name(source) -> str:
+    name = getattr(source.config, "_name_or_path", "") or source.spec
+    if source.gguf_file:
+        return str(source.spec)
+    return str(source.spec if "/" in str(source.spec) and not str(source.spec).startswith((".", "/")) else name or source.spec)

@@ -1,0 +1,221 @@
+"""`latentkv convert`: load -> calibrate -> factorise -> rewrite -> save, as a short list of steps.
+
+Calibration streams the source one decoder layer at a time (`LayerStream`); statistics are cached
+with a fingerprint so a rerun resumes. Methods plug in through `convert.registry`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentkv.arch import geometry_of, get_arch
+from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
+from latentkv.calibration.runner import LayerStream, _resolve_dtype
+from latentkv.calibration.stats import (
+    LayerStats,
+    MomentAccumulator,
+    StatsCache,
+    attention_distance_profile,
+    checkpoint_fingerprint,
+    default_cache_root,
+    source_qk,
+)
+from latentkv.errors import LatentKVError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibOptions:
+    """Calibration data and how much of it: shared by every command that calibrates."""
+
+    data: str = "../shared/corpora/gutenberg"
+    split: str = "train"
+    text_field: str = "text"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    cache: str | None = None
+    # Windows used to measure each head's attention distances (for the RoPE shrink).
+    profile_samples: int = 8
+
+
+@dataclass
+class ConvertOptions:
+    """One conversion: the source, the method and its settings, where and how to write."""
+
+    source: str
+    output: str
+    method: str = "mla"
+    method_options: dict = field(default_factory=dict)
+    format: str = "latentkv"
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    device: str = "cpu"
+    dtype: str = "float32"
+    save_dtype: str | None = None
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    batch_size: int = 8
+    command: str = ""
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        for k in ("source", "output", "overwrite", "command"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    kv_values_per_token: int
+    source_kv_values_per_token: int
+    seconds: float
+    layers: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
+    """The source attention block of one layer as float64 augmented matrices."""
+    from latentkv.convert.mla import LayerInputs
+
+    arch, cfg, w = stream.arch, stream.config, stream.weights
+    geo = geometry_of(cfg)
+
+    def get(which, kind="weight"):
+        name = arch.attn_weight(layer_idx, which, kind)
+        return w.get(name, dtype=torch.float64) if name in w else None
+
+    return LayerInputs(
+        q=LayerInputs.augment(get("q"), get("q", "bias")),
+        k=LayerInputs.augment(get("k"), get("k", "bias")),
+        v=LayerInputs.augment(get("v"), get("v", "bias")),
+        o=get("o"),
+        o_bias=get("o", "bias"),
+        moment=stats.moment.double(),
+        distance=stats.distance,
+        inv_freq=stream.inv_freq,
+        num_heads=geo.num_heads,
+        num_kv_heads=geo.num_kv_heads,
+        head_dim=geo.head_dim,
+        scale=geo.head_dim**-0.5,
+    )
+
+
+@torch.no_grad()
+def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache, calib: CalibOptions,
+                  on_layer=None, progress=None) -> list[LayerStats]:
+    """Per-layer statistics, layer by layer. `on_layer(i, layer, stats)` may return a replacement
+    attention module, whose output then feeds the next layer (sequential calibration)."""
+    geo = geometry_of(stream.config)
+    n = stream.num_layers
+    stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
+    if all(s is not None for s in stats) and on_layer is None:
+        log.info("calibration statistics for all %d layers found in %s", n, cache.folder)
+        return stats  # type: ignore[return-value]
+    start, hidden = 0, None
+    resumed = cache.load_hidden() if on_layer is None else None
+    if resumed is not None and all(stats[i] is not None for i in range(resumed[0])):
+        start, hidden = resumed
+        hidden = hidden.to(stream.device, stream.dtype)
+        log.info("resuming calibration at layer %d from %s", start, cache.folder)
+    if hidden is None:
+        hidden = stream.embed(windows)
+    pos_emb = stream.position_embeddings(windows.shape[1])
+    for i in range(start, n):
+        layer = stream.load_layer(i)
+        norm = layer.get_submodule(stream.arch.input_norm)
+        if stats[i] is None or on_layer is not None:
+            acc = MomentAccumulator(geo.hidden_size, stream.device)
+            profile = None
+            for bi, chunk in enumerate(stream.batches(hidden)):
+                x = norm(chunk)
+                acc.add(x)
+                if bi * stream.batch_size < calib.profile_samples:
+                    q, k, scale = source_qk(layer, stream.arch, x[: calib.profile_samples - bi * stream.batch_size],
+                                            pos_emb, geo.num_heads, geo.num_kv_heads, geo.head_dim)
+                    p = attention_distance_profile(q, k, scale) * q.shape[0]
+                    profile = p if profile is None else profile + p
+            distance = profile / profile.sum(1, keepdim=True) if profile is not None else None
+            stats[i] = LayerStats(moment=acc.result(), tokens=acc.tokens, distance=distance)
+            stats[i].check(i)
+            cache.save_layer(i, stats[i])
+        if on_layer is not None:
+            new_attn = on_layer(i, layer, stats[i])
+            if new_attn is not None:
+                layer.self_attn = new_attn.to(stream.device, stream.dtype)
+        stream.run(layer, hidden, pos_emb)
+        stream.release_layer(i)
+        cache.maybe_save_hidden(i + 1, hidden)
+        if progress is not None:
+            progress(i)
+    return stats  # type: ignore[return-value]
+
+
+def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential_key: dict | None) -> StatsCache:
+    fingerprint = {
+        "model": checkpoint_fingerprint(source.folder),
+        "data": fingerprint_tokens(windows),
+        "samples": opts.calib.samples,
+        "seq_len": opts.calib.seq_len,
+        "seed": opts.calib.seed,
+        "dtype": opts.dtype,
+        "profile_samples": opts.calib.profile_samples,
+        "sequential": sequential_key,
+    }
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(opts.calib.cache) if opts.calib.cache else default_cache_root() / key
+    return StatsCache(folder, fingerprint)
+
+
+def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
+    """Run a whole conversion; the output folder appears only when everything succeeded."""
+    from latentkv.convert.registry import get_method
+    from latentkv.io.source import open_source
+    from latentkv.io.writer import OutputFolder
+
+    t0 = time.perf_counter()
+    method = get_method(opts.method)
+    method_cfg = method.make_config(opts.method_options, opts.format)
+    source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+    arch = get_arch(source.config)
+    method.validate(source.config, arch, method_cfg, opts.format)
+    out = OutputFolder(opts.output, overwrite=opts.overwrite)  # refuses a non-empty folder before any work
+    windows = token_windows(
+        source.tokenizer(), TextSource(opts.calib.data, opts.calib.split, opts.calib.text_field),
+        opts.calib.samples, opts.calib.seq_len, opts.calib.seed,
+    )
+    stream = LayerStream(source.config, source.weights, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size)
+    progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
+    cache = _stats_cache(source, opts, windows, None)
+    stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
+    plan = method.plan(stream, stats, method_cfg, opts.format)
+    if getattr(method_cfg, "sequential", False):
+        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": plan.key()})
+        progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
+        stats = collect_stats(stream, windows, seq_cache, opts.calib,
+                              on_layer=lambda i, layer, st: method.sequential_module(stream, i, st, plan, method_cfg),
+                              progress=progress)
+    save_dtype = _resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)
+    with out:
+        progress = progress_factory("writing", stream.num_layers) if progress_factory else None
+        result = method.write(stream, stats, plan, method_cfg, opts, source, out.tmp, save_dtype, progress)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _source_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        return _resolve_dtype(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -1,0 +1,313 @@
+"""Write outputs so that a crash, a full disk or Ctrl-C never leaves a half-written folder.
+
+`OutputFolder` builds everything in a hidden temp folder beside the target and moves it into
+place only when the work finished; `ShardedWriter` writes safetensors shards as they fill (so a
+model is never held whole in memory) and names them once their count is known.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+logger = logging.getLogger(__name__)
+
+# The files a tokenizer may be spread over, plus the generation defaults: copied unchanged.
+SIDECAR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+# Decimal units as transformers' `max_shard_size` reads them ("5GB" = 5e9); binary ones for "GiB".
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(size: str | int) -> int:
+    """`"5GB"` -> 5_000_000_000, `"500MB"`, `"2GiB"`, or a byte count; must be positive."""
+    if isinstance(size, bool):  # bool is an int subclass; True bytes is surely a mistake
+        raise LatentKVError(f"Invalid size {size!r}; use e.g. 5GB, 500MB or a number of bytes.")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise LatentKVError(f"Could not read size {size!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes.")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise LatentKVError(f"Size {size!r} must be positive; use e.g. 5GB or 500MB.")
+    return value
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if `exc` (or what caused it) is 'no space left on device'.
+
+    safetensors reports I/O failures as its own error type with the OS message inside, so the
+    errno alone is not enough.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        text = str(cur)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class OutputFolder:
+    """Context manager giving a temp folder that becomes `path` only if the block succeeds.
+
+    >>> with OutputFolder("out") as out:
+    ...     save_things(out.tmp)
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.overwrite = overwrite
+        self.tmp: Path = Path()  # set in __enter__
+        self._check_target()
+
+    def _check_target(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise LatentKVError(f"Output path {p} is a file, not a folder; choose another path.")
+        if p.is_dir() and any(p.iterdir()) and not self.overwrite:
+            raise LatentKVError(f"Output folder {p} is not empty; pass --overwrite or choose another path")
+
+    def __enter__(self) -> "OutputFolder":
+        # Checked again: the folder may have been filled between construction and entry.
+        self._check_target()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Beside the target so the final rename stays on one filesystem (and so is atomic).
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+            # mkdtemp makes a private (0700) folder; the output should get the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)
+        except OSError as exc:
+            raise self._os_error(exc) from exc
+        logger.debug("Building %s in %s", self.path, self.tmp)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is not None:
+            # Any failure, Ctrl-C included: nothing half-written may remain.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, Exception) and is_disk_full(exc):
+                raise LatentKVError(
+                    f"disk full while writing {self.path}; free space or choose another --output"
+                ) from exc
+            return False
+        try:
+            self._move_into_place()
+        except LatentKVError:
+            raise
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self._os_error(err) from err
+        return False
+
+    def _move_into_place(self) -> None:
+        target = self.path
+        if target.is_dir() and any(target.iterdir()) and not self.overwrite:
+            # Someone filled it while we worked: keep our finished result rather than destroy theirs.
+            raise LatentKVError(
+                f"Output folder {target} is not empty; pass --overwrite or choose another path "
+                f"(the finished output was left in {self.tmp})"
+            )
+        if not target.exists():
+            os.rename(self.tmp, target)
+            return
+        # rename() cannot replace a non-empty folder, so swap through a hidden name: the old folder
+        # is moved aside, the new one in, then the old one deleted. If the second step fails, the
+        # old folder is put back.
+        aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, aside)
+        try:
+            os.rename(self.tmp, target)
+        except OSError:
+            os.rename(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.info("Replaced the previous contents of %s", target)
+
+    def _os_error(self, exc: OSError) -> LatentKVError:
+        if is_disk_full(exc):
+            return LatentKVError(f"disk full while writing {self.path}; free space or choose another --output")
+        return LatentKVError(f"Could not write {self.path}: {exc}; check permissions or choose another --output")
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+class ShardedWriter:
+    """Write tensors into safetensors shards of at most `max_shard_size` bytes, as they come.
+
+    Shards get temporary names while written and their final `model-0000i-of-0000N` names at
+    `close()`, when N is known. A tensor larger than the limit gets a shard of its own.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_size: str | int = "5GB", prefix: str = "model") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_shard_size = parse_size(max_shard_size)
+        self.prefix = prefix
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # (temp path, tensor names)
+        self._names: set[str] = set()
+        self._storages: set[tuple[str, int]] = set()  # storages of the buffered tensors
+        self._total = 0
+        self._closed = False
+        self._tag = uuid.uuid4().hex[:8]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; writes a shard first if this tensor would overflow the current one."""
+        if self._closed:
+            raise LatentKVError("ShardedWriter is closed; create a new writer to write more tensors.")
+        if name in self._names:
+            raise LatentKVError(f"Tensor {name!r} was written twice; each weight name must be unique.")
+        if tensor.device.type == "meta":
+            raise LatentKVError(f"Tensor {name!r} is on the meta device (never materialised); load its weights first.")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        # safetensors refuses tensors that share storage (tied weights, slices of a fused weight)
+        # and writes only contiguous data; a view of a larger storage would also pin that storage
+        # in the buffer. Clone in those cases so each buffered tensor owns exactly its bytes.
+        shares = _storage_key(t) in self._storages
+        owns_all = t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0
+        if not t.is_contiguous() or shares or not owns_all:
+            t = t.contiguous().clone()
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._buffer[name] = t
+        self._storages.add(_storage_key(t))
+        self._buffer_bytes += nbytes
+        self._names.add(name)
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        from safetensors.torch import save_file
+
+        path = self.folder / f".{self.prefix}-{self._tag}-{len(self._shards) + 1:05d}.partial.safetensors"
+        try:
+            save_file(self._buffer, str(path), metadata={"format": "pt"})
+        except Exception as exc:
+            path.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise LatentKVError(
+                    f"disk full while writing {self.folder}; free space or choose another --output"
+                ) from exc
+            raise
+        self._shards.append((path, list(self._buffer)))
+        logger.debug("Wrote shard %d (%d tensors, %d bytes)", len(self._shards), len(self._buffer), self._buffer_bytes)
+        self._buffer = {}
+        self._storages = set()
+        self._buffer_bytes = 0
+
+    def close(self) -> dict:
+        """Write the last shard, give every shard its final name, write the index; return it.
+
+        One shard is `model.safetensors` with no index file (as transformers writes it); several
+        are `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`. The returned
+        dict has the index's shape in both cases.
+        """
+        if self._closed:
+            raise LatentKVError("ShardedWriter.close() called twice.")
+        self._flush()
+        self._closed = True
+        if not self._shards:
+            raise LatentKVError("No tensors were written; nothing to save.")
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (tmp_path, names) in enumerate(self._shards, start=1):
+            final = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp_path, self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        if n > 1:
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
+        logger.info(
+            "Wrote %d tensors (%.1f MB) in %d shard(s) to %s", len(weight_map), self._total / 1e6, n, self.folder
+        )
+        return index
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None and not self._closed:
+            self.close()
+        elif exc is not None:
+            # Leave no stray temp shards; the enclosing OutputFolder would delete them anyway.
+            for tmp_path, _ in self._shards:
+                tmp_path.unlink(missing_ok=True)
+
+
+def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
+    """Copy the tokenizer files and generation_config.json byte for byte; return the names copied.
+
+    A file that fails to copy is a warning, not an error: the weights are the essential output.
+    """
+    src, dst = Path(src_folder), Path(dst_folder)
+    copied: list[str] = []
+    for name in SIDECAR_FILES:
+        s = src / name
+        if not s.is_file():
+            continue
+        try:
+            shutil.copyfile(s, dst / name)
+            copied.append(name)
+        except OSError as exc:
+            logger.warning("Could not copy %s from %s to %s (%s); continuing without it", name, src, dst, exc)
+    if not any(n.startswith(("tokenizer", "vocab")) for n in copied):
+        logger.warning("No tokenizer files found in %s; the output at %s will need one added by hand", src, dst)
+    return copied

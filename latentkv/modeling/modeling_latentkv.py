@@ -1,0 +1,262 @@
+"""Self-contained transformers modeling code for latentkv checkpoints.
+
+This file is copied next to converted weights and registered through `auto_map`, so
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without latentkv.
+It imports only torch and transformers.
+
+The model is the source architecture (built by transformers from `config.source_config`: its
+embeddings, norms, MLP or MoE, and its own cache/mask handling) with every `self_attn` replaced by
+`LatentAttention`, which caches per token only a latent `c` (width r, split into `latent_heads`
+equal heads) and a shared RoPE key of width `rope_dim`:
+
+    q_h      = q_proj(x)_h = [q_nope_h (d_nope) | q_rope_h (rope_dim)]
+    [c | kr] = kv_a_proj(x)                       # the cache: r + rope_dim values per token
+    k_nope_h, v_h = kv_b_proj(c_{latent head of h})_h
+    score_h  = scale * (q_nope_h . k_nope_h + RoPE(q_rope_h) . RoPE(kr))
+
+RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout), so a converter can
+keep any subset of the source's frequencies. GQA-style targets do not use this file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class LatentKVConfig(PretrainedConfig):
+    """Config of a latentkv model.
+
+    source_config: the source model's config as a dict (its `model_type` picks the architecture).
+    attention_layers: one dict per decoder layer with `kv_lora_rank`, `rope_dim`, `rope_inv_freq`
+        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads` and `latent_bias`.
+    softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
+    """
+
+    model_type = "latentkv"
+
+    def __init__(
+        self,
+        source_config: dict | None = None,
+        attention_layers: list[dict] | None = None,
+        softmax_scale: float | None = None,
+        rope_attention_scaling: float = 1.0,
+        v_head_dim: int | None = None,
+        q_bias: bool = False,
+        o_bias: bool = False,
+        method: str = "mla",
+        **kwargs,
+    ):
+        self.source_config = dict(source_config or {})
+        self.attention_layers = list(attention_layers or [])
+        self.softmax_scale = softmax_scale
+        self.rope_attention_scaling = rope_attention_scaling
+        self.v_head_dim = v_head_dim
+        self.q_bias = q_bias
+        self.o_bias = o_bias
+        self.method = method
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if key in self.source_config:
+                kwargs.setdefault(key, self.source_config[key])
+        kwargs.setdefault("tie_word_embeddings", self.source_config.get("tie_word_embeddings", False))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in self.source_config:
+                kwargs.setdefault(key, self.source_config[key])
+        super().__init__(**kwargs)
+
+    def build_source_config(self) -> PretrainedConfig:
+        cfg = dict(self.source_config)
+        model_type = cfg.pop("model_type")
+        source = AutoConfig.for_model(model_type, **cfg)
+        source._attn_implementation = getattr(self, "_attn_implementation", None) or "sdpa"
+        return source
+
+    def kv_values_per_token(self) -> int:
+        """Values the cache holds per token, summed over layers."""
+        return sum(layer["kv_lora_rank"] + layer["rope_dim"] for layer in self.attention_layers)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LatentAttention(nn.Module):
+    """MLA / GLA attention that caches only the latent and the shared RoPE key."""
+
+    def __init__(self, config: LatentKVConfig, layer_idx: int):
+        super().__init__()
+        spec = config.attention_layers[layer_idx]
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = int(spec["kv_lora_rank"])
+        self.rope_dim = int(spec["rope_dim"])
+        self.qk_nope_head_dim = int(spec["qk_nope_head_dim"])
+        self.latent_heads = int(spec.get("latent_heads", 1))
+        self.v_head_dim = int(config.v_head_dim)
+        self.latent_head_dim = self.kv_lora_rank // self.latent_heads
+        self.scaling = float(config.softmax_scale)
+        self.rope_attention_scaling = float(config.rope_attention_scaling)
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        self.config = config
+        hidden = config.hidden_size
+        qk_head_dim = self.qk_nope_head_dim + self.rope_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=config.q_bias)
+        self.kv_a_proj = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bool(spec.get("latent_bias", False)))
+        # Each latent head expands into the k_nope and v of the query heads it serves.
+        self.kv_b_proj = nn.Linear(
+            self.latent_head_dim, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.o_bias)
+        # Kept as a plain list, not a buffer: meta-device loading would leave a buffer uninitialised.
+        self.rope_inv_freq = [float(f) for f in spec.get("rope_inv_freq", [])]
+        self._inv_freq_cache: dict = {}
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [b, heads, s, rope_dim]; positions: [b, s]
+        if self.rope_dim == 0:
+            return x
+        inv_freq = self._inv_freq_cache.get(x.device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_cache[x.device] = torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=x.device)
+        freqs = positions[:, None, :, None].float() * inv_freq[None, None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_attention_scaling).to(x.dtype)
+        sin = (emb.sin() * self.rope_attention_scaling).to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
+        b, s, _ = c.shape
+        heads_per_latent = self.num_heads // self.latent_heads
+        c = c.view(b, s, self.latent_heads, self.latent_head_dim)
+        w = self.kv_b_proj.weight.view(self.latent_heads, heads_per_latent, -1, self.latent_head_dim)
+        kv = torch.einsum("bslr,lhdr->bslhd", c, w).reshape(b, s, self.num_heads, -1).transpose(1, 2)
+        return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        b, s, _ = hidden_states.shape
+        if position_ids is None:
+            start = 0 if cache_position is None else int(cache_position[0])
+            if cache_position is None and past_key_values is not None:
+                start = past_key_values.get_seq_length(self.layer_idx)
+            position_ids = torch.arange(start, start + s, device=hidden_states.device)[None].expand(b, s)
+        q = self.q_proj(hidden_states).view(b, s, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = self._rope(k_rope[:, None], position_ids)  # [b, 1, s, rope_dim]
+        q_rope = self._rope(q_rope, position_ids)
+        latent = latent[:, None]  # [b, 1, s, r]: one "head" so every HF cache layer stores it as is
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+        k_nope, value = self.expand_latent(latent[:, 0])
+        key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, :, :, : key.shape[-2]]
+        is_causal = mask is None and s > 1
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
+        )
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)
+        return self.o_proj(out), None
+
+
+class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LatentKVConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["LatentAttention"]
+
+    def __init__(self, config: LatentKVConfig):
+        super().__init__(config)
+        source = AutoModelForCausalLM.from_config(config.build_source_config())
+        self.model = source.model
+        self.lm_head = source.lm_head
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = LatentAttention(config, i)
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter):
+            if module.weight.dim() == 1:
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def softmax_scale_for(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
