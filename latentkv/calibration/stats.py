@@ -56,10 +56,11 @@ class MomentAccumulator:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).double()
+        # Each batch's product in float32 (fast), the running sum in float64 (no drift over many batches).
+        flat = x.reshape(-1, x.shape[-1]).float()
         n = flat.shape[0]
-        self.sum[:-1, :-1] += flat.T @ flat
-        col = flat.sum(0)
+        self.sum[:-1, :-1] += (flat.T @ flat).double()
+        col = flat.double().sum(0)
         self.sum[:-1, -1] += col
         self.sum[-1, :-1] += col
         self.sum[-1, -1] += n

@@ -39,16 +39,25 @@ class LowRankFit:
         return self.down.shape[0]
 
 
-def metric_spectrum(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor):
-    """Eigen-decomposition of M^1/2 T S T^T M^1/2: (sigma desc, V, M^1/2, M^-1/2)."""
+def metric_spectrum(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor, centered: bool = False):
+    """Eigen-decomposition of M^1/2 T S T^T M^1/2: (sigma desc, V, M^1/2, M^-1/2).
+
+    centered: fit the covariance instead of the second moment, for when the mean of z is
+    handled elsewhere (a key mean shifts every score of a query equally; a value mean passes
+    through the softmax into the output bias).
+    """
     root, inv_root = psd_sqrt(metric)
     cov = rows @ moment @ rows.T
+    if centered:
+        mean = rows @ moment[:, -1]
+        cov = cov - torch.outer(mean, mean)
     target = root @ cov @ root
     sigma, V = torch.linalg.eigh(0.5 * (target + target.T))
     return sigma.flip(0).clamp_min(0), V.flip(1), root, inv_root
 
 
-def fit_low_rank(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor, rank: int) -> LowRankFit:
-    sigma, V, root, inv_root = metric_spectrum(rows, moment, metric)
+def fit_low_rank(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor, rank: int,
+                 centered: bool = False) -> LowRankFit:
+    sigma, V, root, inv_root = metric_spectrum(rows, moment, metric, centered)
     Vr = V[:, :rank]
     return LowRankFit(down=Vr.T @ root @ rows, up=inv_root @ Vr, spectrum=sigma)

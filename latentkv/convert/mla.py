@@ -40,8 +40,14 @@ class MLAConfig:
     latent_metric: "whitened" (keys: query metric, values: W_O metric), "balanced" (TransMLA's
         BKV: equal key and value energy), "energy" (plain PCA).
     key_weight: multiplies the key side of the whitened metric (score error vs output error).
+    rope_loss_weight: how much the predicted loss of a de-rotated component counts against latent
+        error when choosing the RoPE width. The first-order estimate overstates it; 0.15 picked the
+        measured best width on SmolLM2-135M at 50% and 33% (scripts/bench_quality.py --sweep).
     allocation: "per-layer" (one global budget, greedy over layers) or "uniform".
     sequential: take each layer's statistics from the output of the converted layers before it.
+    center: fit the latent to centred keys and values; the key mean only shifts each query's
+        scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
+        so the DeepSeek export turns this off).
     """
 
     kv_lora_rank: int | None = None
@@ -53,8 +59,10 @@ class MLAConfig:
     shrink: bool = True
     latent_metric: str = "whitened"
     key_weight: float = 1.0
-    allocation: str = "per-layer"
+    rope_loss_weight: float = 0.15
+    allocation: str = "uniform"
     sequential: bool = False
+    center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
 
     def __post_init__(self):
@@ -124,7 +132,8 @@ def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
     zk = rope.complex_pairs(inp.k, G, d)
     zq = rope.complex_pairs(inp.q, H, d)
     basis = rope.key_basis(zk, zq, inp.moment, group_of_head, cfg.rope_mix, cfg.query_weighted)
-    shrink = rope.rotation_shrink(inp.distance if cfg.shrink else None, inp.inv_freq, H)
+    measured = rope.rotation_shrink(inp.distance, inp.inv_freq, H)
+    shrink = measured if cfg.shrink else rope.rotation_shrink(None, inp.inv_freq, H)
     q_rows = inp.q.view(H, d, -1)
     q_cov = q_rows @ inp.moment @ q_rows.transpose(1, 2)
     q_energy = q_cov.diagonal(dim1=1, dim2=2)
@@ -136,7 +145,7 @@ def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
     o_heads = inp.o.double().view(-1, H, d).transpose(0, 1)  # [H, D, d]
     spread = torch.einsum("hDi,hij,hDj->h", o_heads, v_cov[group_of_head], o_heads)
     head_weight = cfg.key_weight * inp.scale**2 * spread
-    rot_loss = rope.rotation_loss(basis, q_energy, shrink, group_of_head, head_weight)
+    rot_loss = rope.rotation_loss(basis, q_energy, shrink, measured, group_of_head, head_weight)
     return LayerAnalysis(inp, group_of_head, zk, basis, shrink, head_weight, rot_loss, q_cov)
 
 
@@ -204,11 +213,11 @@ def error_curve(an: LayerAnalysis, cfg: MLAConfig, rope_dims: list[int]) -> dict
     out = {}
     for rope_dim in rope_dims:
         kept, nope = _rope_split(an, rope_dim, cfg)
-        rot = sum(float(an.rot_loss[j, m]) for j, m in nope)
+        rot = cfg.rope_loss_weight * sum(float(an.rot_loss[j, m]) for j, m in nope)
         spectra = []
         for heads in _head_groups(an, cfg.latent_heads):
             rows, metric, *_ = _latent_problem(an, nope, heads, cfg)
-            sigma, *_ = lowrank.metric_spectrum(rows, an.inputs.moment, metric)
+            sigma, *_ = lowrank.metric_spectrum(rows, an.inputs.moment, metric, cfg.center)
             spectra.append(sigma)
         out[rope_dim] = (rot, spectra)
     return out
@@ -241,6 +250,7 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
     inv_freq = [float(inp.inv_freq[j]) for j, _ in kept]
     heads_per_latent = H // cfg.latent_heads
     per_rank = rank // cfg.latent_heads
+    o_bias = inp.o_bias.double() if inp.o_bias is not None else torch.zeros(inp.o.shape[0], dtype=torch.float64)
     downs, k_up, v_up = [], torch.zeros(H, d, per_rank, dtype=torch.float64), torch.zeros(H, d, per_rank, dtype=torch.float64)
     for c, heads in enumerate(_head_groups(an, cfg.latent_heads)):
         rows, metric, n_k, nope_q, groups = _latent_problem(an, nope, heads, cfg)
@@ -249,12 +259,16 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
                 f"kv_lora_rank {rank} is larger than possible for this layer ({rows.shape[0] * cfg.latent_heads} "
                 f"with --qk-rope-dim {rope_dim}); lower --kv-lora-rank"
             )
-        fit = lowrank.fit_low_rank(rows, inp.moment, metric, per_rank)
+        fit = lowrank.fit_low_rank(rows, inp.moment, metric, per_rank, cfg.center)
         downs.append(fit.down)
+        z_mean, c_mean = rows @ inp.moment[:, -1], fit.down @ inp.moment[:, -1]
         for h in heads.tolist():
             g_index = int((groups == an.group_of_head[h]).nonzero()[0])
             k_up[h] = nope_q[h].T @ fit.up[:n_k]  # q_h . (N_h^T U_k c)
             v_up[h] = fit.up[n_k + g_index * d : n_k + (g_index + 1) * d]
+            if cfg.center:  # what the latent misses of the value mean, delivered through the output bias
+                v_miss = z_mean[n_k + g_index * d : n_k + (g_index + 1) * d] - v_up[h] @ c_mean
+                o_bias = o_bias + inp.o.double()[:, h * d : (h + 1) * d] @ v_miss
     n_k = 2 * len(nope)
     nope_dim = d if n_k else 0
     q_rows = inp.q.view(H, d, -1)
@@ -273,8 +287,8 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
         tensors["q_proj.bias"] = q_new[:, -1]
     if latent_bias:
         tensors["kv_a_proj.bias"] = kv_a[:, -1]
-    if inp.o_bias is not None:
-        tensors["o_proj.bias"] = inp.o_bias.double()
+    if inp.o_bias is not None or cfg.center:
+        tensors["o_proj.bias"] = o_bias
     spec = {
         "kv_lora_rank": rank,
         "rope_dim": rope_dim,

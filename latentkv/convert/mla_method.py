@@ -52,7 +52,9 @@ def allocate(curves: list[dict], budgets: list[int], total: int, latent_heads: i
             best = mla.best_split(curve, b, latent_heads)
             if best is not None:
                 table[b] = best
-        tables.append(table)
+        # Errors are in each layer's own output units: compare layers by relative error.
+        scale = max(max(e for e, _, _ in table.values()), 1e-30)
+        tables.append({b: (e / scale, rd, r) for b, (e, rd, r) in table.items()})
     current = [min(t) for t in tables]
     remaining = total - sum(current)
     if remaining < 0:
@@ -89,6 +91,7 @@ class MLAMethod:
             options.setdefault("qk_rope_dim", 64)
             options["rope_frequency_grid"] = True
             options["allocation"] = "uniform"
+            options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
         return mla.MLAConfig(**options)
 
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
@@ -177,7 +180,7 @@ class GLAMethod(MLAMethod):
         return super().make_config(options, fmt)
 
 
-def latent_config(stream, specs: list[dict], method: str, save_dtype=None):
+def latent_config(stream, specs: list[dict], method: str, o_bias: bool = False):
     """The LatentKVConfig of a converted model (also used for a single layer during calibration)."""
     from latentkv.modeling.modeling_latentkv import LatentKVConfig
 
@@ -192,7 +195,7 @@ def latent_config(stream, specs: list[dict], method: str, save_dtype=None):
         rope_attention_scaling=stream.attention_scaling,
         v_head_dim=geo.head_dim,
         q_bias=stream.arch.has_bias(stream.config, "q"),
-        o_bias=stream.arch.has_bias(stream.config, "o"),
+        o_bias=o_bias or stream.arch.has_bias(stream.config, "o"),
         method=method,
     )
 
@@ -211,7 +214,7 @@ def attention_module(stream, i: int, tensors: dict, spec: dict):
     from latentkv.modeling.modeling_latentkv import LatentAttention
 
     specs = [spec] * stream.num_layers
-    config = latent_config(stream, specs, "mla")
+    config = latent_config(stream, specs, "mla", o_bias="o_proj.bias" in tensors)
     module = LatentAttention(config, i)
     state = {k: v.to(stream.dtype) for k, v in _filter_bias(tensors, config).items()}
     module.load_state_dict(state, strict=False)
@@ -228,7 +231,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     arch = stream.arch
     writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
     specs, layer_rows = [], []
-    config_probe = latent_config(stream, [], method.name)
+    config_probe = latent_config(stream, [], method.name, o_bias=cfg.center)
     for i in range(geo.num_layers):
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         specs.append(spec)
@@ -247,7 +250,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
         writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
     writer.close()
-    config = latent_config(stream, specs, method.name)
+    config = latent_config(stream, specs, method.name, o_bias=cfg.center)
     config.auto_map = AUTO_MAP
     config.architectures = ["LatentKVForCausalLM"]
     config.dtype = str(save_dtype).replace("torch.", "")

@@ -105,15 +105,18 @@ def rotation_shrink(distance: torch.Tensor | None, inv_freq: torch.Tensor, num_h
 
 
 def rotation_loss(
-    basis: KeyBasis, q_energy: torch.Tensor, shrink: torch.Tensor, group_of_head: torch.Tensor, head_weight: torch.Tensor
+    basis: KeyBasis, q_energy: torch.Tensor, shrink: torch.Tensor, measured: torch.Tensor,
+    group_of_head: torch.Tensor, head_weight: torch.Tensor,
 ) -> torch.Tensor:
     """Score error [P, G] of using each component without its rotation (even if cached exactly).
 
-    E|u conj(w) (e^{i theta Delta} - c)|^2 = E|u|^2 E|w|^2 (1 - |c|^2), summed over query heads with
-    their weights. q_energy: [H, P] E|z^q|^2; head_weight: [H].
+    E|u conj(w) (e^{i theta Delta} - c)|^2 = E|u|^2 E|w|^2 E|e^{i theta Delta} - c|^2 with
+    E|e - c|^2 = 1 - 2 Re(conj(c) m) + |c|^2 for the measured mean m; summed over query heads with
+    their weights. q_energy: [H, P] E|z^q|^2; shrink, measured: [H, P]; head_weight: [H].
     """
+    miss = (1 - 2 * (shrink.conj() * measured).real + shrink.abs() ** 2).clamp_min(0)  # [H, P]
     Bg = basis.B[:, group_of_head, :].abs() ** 2  # [P, H, G]
-    per_head = Bg * (q_energy.T[:, :, None] * (1 - shrink.abs() ** 2).T[:, :, None] * head_weight[None, :, None])
+    per_head = Bg * (q_energy.T[:, :, None] * miss.T[:, :, None] * head_weight[None, :, None])
     return per_head.sum(1) * basis.key_energy
 
 

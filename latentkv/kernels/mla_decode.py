@@ -20,13 +20,16 @@ Kernel shape (the design note of the issue, kept here so the code can be read ag
 - online softmax in float32 (base 2, ``log2 e`` folded into the scale);
 - split-KV: grid ``(latent_heads * head_blocks, splits, batch)``; with one split the kernel
   writes the normalised output directly, otherwise each split writes a float32 partial output
-  and its log-sum-exp and ``_mla_decode_combine_kernel`` merges them.
+  and its log-sum-exp and ``_mla_decode_combine_kernel`` merges them (or, with
+  ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch).
+Block sizes per shape: ``default_config`` (tuned on an H100; numbers in NOTES.md).
 
 Order in this file (Triton tutorial order): kernels, launcher, reference, facade and helpers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -36,15 +39,14 @@ import torch
 
 from latentkv.errors import LatentKVError
 
-try:  # triton is an optional dependency (extra "kernels"); the reference works without it
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    HAS_TRITON = False
+# triton is an optional dependency (extra "kernels") and is imported on the first launch, not
+# here: TRITON_INTERPRET is read when triton is imported, so importing latentkv.kernels (the
+# model code does) must not fix the mode before a CPU test has set it. ``_kernels()`` imports
+# triton, binds the module globals ``triton`` / ``tl`` that the kernel bodies use, and applies
+# ``triton.jit`` to the two functions below.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+triton = None
+tl = None
 
 log = logging.getLogger(__name__)
 
@@ -64,177 +66,259 @@ _LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-if HAS_TRITON:
+def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
+    Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
+    KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
+    BLOCK_TABLE,  # [B, max_pages] int32
+    SEQ_LENS,  # [B] int32 (includes the SQ new tokens)
+    OUT,  # [B, SQ, H, R_C] (written when DIRECT)
+    O_PART,  # [B, SQ, H, num_splits, R_C] float32 (written unless DIRECT)
+    LSE_PART,  # [B, SQ, H, num_splits] float32, log2 domain
+    SEMAPHORE,  # [B * LATENT_HEADS * NUM_HBLOCKS] int32 zeros (FUSE_COMBINE only; left at zero)
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kvp,
+    stride_kvt,
+    stride_btb,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    qk_scale,  # softmax_scale * log2(e)
+    num_splits,  # runtime: changing the split count does not recompile
+    SQ: tl.constexpr,
+    H: tl.constexpr,
+    HG: tl.constexpr,  # query heads per latent head
+    R_C: tl.constexpr,
+    ROPE_DIM: tl.constexpr,
+    ROPE_OFF: tl.constexpr,  # column of the RoPE key = LATENT_HEADS * R_C
+    PAGE_SIZE: tl.constexpr,
+    DIRECT: tl.constexpr,  # num_splits == 1: write the normalised output, skip the combine
+    NUM_HBLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
+    KV_ON_M: tl.constexpr,  # put cache rows on the MMA's M side (few query rows per latent head)
+    FUSE_COMBINE: tl.constexpr,  # the last split to finish merges the partials (no second launch)
+):
+    pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    c = pid_hc // NUM_HBLOCKS
+    hb = pid_hc % NUM_HBLOCKS
 
-    @triton.jit
-    def _mla_decode_split_kernel(
-        Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
-        KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
-        BLOCK_TABLE,  # [B, max_pages] int32
-        SEQ_LENS,  # [B] int32 (includes the SQ new tokens)
-        OUT,  # [B, SQ, H, R_C] (written when NUM_SPLITS == 1)
-        O_PART,  # [B, SQ, H, NUM_SPLITS, R_C] float32 (written when NUM_SPLITS > 1)
-        LSE_PART,  # [B, SQ, H, NUM_SPLITS] float32, log2 domain
-        stride_qb,
-        stride_qs,
-        stride_qh,
-        stride_kvp,
-        stride_kvt,
-        stride_btb,
-        stride_ob,
-        stride_os,
-        stride_oh,
-        qk_scale,  # softmax_scale * log2(e)
-        SQ: tl.constexpr,
-        H: tl.constexpr,
-        HG: tl.constexpr,  # query heads per latent head
-        R_C: tl.constexpr,
-        ROPE_DIM: tl.constexpr,
-        ROPE_OFF: tl.constexpr,  # column of the RoPE key = LATENT_HEADS * R_C
-        PAGE_SIZE: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        NUM_HBLOCKS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_DR: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
-    ):
-        pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
-        pid_s = tl.program_id(1)
-        pid_b = tl.program_id(2)
-        c = pid_hc // NUM_HBLOCKS
-        hb = pid_hc % NUM_HBLOCKS
+    # M rows = (query token, head of this latent group) pairs, token-major.
+    rows = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < SQ * HG
+    tok = rows // HG
+    head = c * HG + rows % HG
+    offs_r = tl.arange(0, BLOCK_R)
+    # Column masks only where the width is not a power of 2: a mask that varies along the
+    # contiguous dim stops 16-byte vector loads (and with them cp.async pipelining).
+    if BLOCK_R == R_C:
+        r_ok = tl.full([1, BLOCK_R], 1, tl.int1)
+    else:
+        r_ok = offs_r[None, :] < R_C
 
-        # M rows = (query token, head of this latent group) pairs, token-major.
-        rows = hb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < SQ * HG
-        tok = rows // HG
-        head = c * HG + rows % HG
-        offs_r = tl.arange(0, BLOCK_R)
-        if BLOCK_R == R_C:
-            r_ok = offs_r < BLOCK_R  # folds to all-true
+    q_row = Q + pid_b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
+    q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok, other=0.0)
+    if ROPE_DIM > 0:
+        offs_dr = tl.arange(0, BLOCK_DR)
+        if BLOCK_DR == ROPE_DIM:
+            dr_ok = tl.full([1, BLOCK_DR], 1, tl.int1)
         else:
-            r_ok = offs_r < R_C
+            dr_ok = offs_dr[None, :] < ROPE_DIM
+        q_pe = tl.load(q_row[:, None] + R_C + offs_dr[None, :], mask=row_ok[:, None] & dr_ok, other=0.0)
+        if UPCAST_DOT:
+            q_pe = q_pe.to(tl.float32)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
 
-        q_row = Q + pid_b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
-        q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    seq_len = tl.load(SEQ_LENS + pid_b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    # last key position each row may see: causal among the SQ new tokens, clipped to the split
+    last = tl.minimum(seq_len - SQ + tok, end - 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if KV_ON_M:
+        acc = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)  # o^T
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    bt_row = BLOCK_TABLE + pid_b.to(tl.int64) * stride_btb
+    lat_cols = c * R_C + offs_r
+
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        if PAGE_SIZE % BLOCK_N == 0:
+            # the tile lies in one page (splits and tiles start at multiples of BLOCK_N)
+            page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
+        # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key and as value
+        kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
+        kv_d = kv
+        if UPCAST_DOT:
+            kv_d = kv.to(tl.float32)
         if ROPE_DIM > 0:
-            offs_dr = tl.arange(0, BLOCK_DR)
-            dr_ok = offs_dr < ROPE_DIM
-            q_pe = tl.load(
-                q_row[:, None] + R_C + offs_dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0
+            k_pe = tl.load(
+                KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
+                mask=n_ok[:, None] & dr_ok,
+                other=0.0,
             )
             if UPCAST_DOT:
-                q_pe = q_pe.to(tl.float32)
-        if UPCAST_DOT:
-            q = q.to(tl.float32)
-
-        seq_len = tl.load(SEQ_LENS + pid_b)
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = pid_s * split_len
-        end = tl.minimum(start + split_len, seq_len)
-        # last key position each row may see: causal among the SQ new tokens, clipped to the split
-        last = tl.minimum(seq_len - SQ + tok, end - 1)
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        bt_row = BLOCK_TABLE + pid_b.to(tl.int64) * stride_btb
-        lat_cols = c * R_C + offs_r
-
-        for start_n in range(start, end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < end
-            if PAGE_SIZE % BLOCK_N == 0:
-                # the tile lies in one page (splits and tiles start at multiples of BLOCK_N)
-                page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
-                kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt
-            else:
-                page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-                kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt
-            # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key and as value
-            kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            kv_d = kv
-            if UPCAST_DOT:
-                kv_d = kv.to(tl.float32)
-            s = tl.dot(q, tl.trans(kv_d))
+                k_pe = k_pe.to(tl.float32)
+        if KV_ON_M:
+            # cache rows on the M side: s^T = tile @ q^T, o^T += tile^T @ p^T (no padding of
+            # the MMA's M when a latent head serves few query rows)
+            s = tl.dot(kv_d, tl.trans(q))  # [BLOCK_N, BLOCK_M]
             if ROPE_DIM > 0:
-                k_pe = tl.load(
-                    KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
-                    mask=n_ok[:, None] & dr_ok[None, :],
-                    other=0.0,
-                )
-                if UPCAST_DOT:
-                    k_pe = k_pe.to(tl.float32)
+                s = tl.dot(k_pe, tl.trans(q_pe), s)
+            s = s * qk_scale
+            s = tl.where(offs_n[:, None] <= last[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :]
+            p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
+            if UPCAST_DOT:
+                p_d = p_d.to(tl.float32)
+            acc = tl.dot(tl.trans(kv_d), p_d, acc)
+        else:
+            s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
+            if ROPE_DIM > 0:
                 s = tl.dot(q_pe, tl.trans(k_pe), s)
             s = s * qk_scale
             s = tl.where(offs_n[None, :] <= last[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
+            p_d = p.to(kv.dtype)
             if UPCAST_DOT:
                 p_d = p_d.to(tl.float32)
             acc = tl.dot(p_d, kv_d, acc)
-            m_i = m_new
+        m_i = m_new
 
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        if NUM_SPLITS == 1:
-            o_row = OUT + pid_b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
-            tl.store(
-                o_row[:, None] + offs_r[None, :],
-                out.to(OUT.dtype.element_ty),
-                mask=row_ok[:, None] & r_ok[None, :],
-            )
-        else:
-            part = ((pid_b.to(tl.int64) * SQ + tok) * H + head) * NUM_SPLITS + pid_s  # [BLOCK_M]
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-            tl.store(LSE_PART + part, lse, mask=row_ok)
-            tl.store(O_PART + part[:, None] * R_C + offs_r[None, :], out, mask=row_ok[:, None] & r_ok[None, :])
-
-    @triton.jit
-    def _mla_decode_combine_kernel(
-        O_PART,  # [B, SQ, H, NUM_SPLITS, R_C] float32
-        LSE_PART,  # [B, SQ, H, NUM_SPLITS] float32 (log2 domain)
-        OUT,  # [B, SQ, H, R_C]
-        stride_ob,
-        stride_os,
-        stride_oh,
-        SQ: tl.constexpr,
-        H: tl.constexpr,
-        R_C: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-    ):
-        pid = tl.program_id(0)  # one (batch, token, head) row
-        b = pid // (SQ * H)
-        tok = (pid // H) % SQ
-        head = pid % H
-        offs_s = tl.arange(0, BLOCK_S)
-        s_ok = offs_s < NUM_SPLITS
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R_C
-        base = pid.to(tl.int64) * NUM_SPLITS
-        lse = tl.load(LSE_PART + base + offs_s, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)  # 0 for empty splits and padding
-        o = tl.load(
-            O_PART + (base + offs_s)[:, None] * R_C + offs_r[None, :],
-            mask=s_ok[:, None] & r_ok[None, :],
-            other=0.0,
+    if KV_ON_M:
+        acc = tl.trans(acc)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if DIRECT:
+        o_row = OUT + pid_b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
+        tl.store(
+            o_row[:, None] + offs_r[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=row_ok[:, None] & r_ok,
         )
-        den = tl.sum(w, 0)
-        den = tl.where(den > 0.0, den, 1.0)
-        out = tl.sum(o * w[:, None], 0) / den
-        o_ptr = OUT + b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh + offs_r
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=r_ok)
+    else:
+        part = ((pid_b.to(tl.int64) * SQ + tok) * H + head) * num_splits + pid_s  # [BLOCK_M]
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+        tl.store(O_PART + part[:, None] * R_C + offs_r[None, :], out, mask=row_ok[:, None] & r_ok)
+        if FUSE_COMBINE:
+            # Split-K "last block reduces": the CTA's stores are ordered before a release
+            # atomic (barrier + acq_rel by one thread, CUTLASS's semaphore pattern); the CTA
+            # that draws the last ticket acquires and merges every split of its rows.
+            tl.debug_barrier()
+            sem = SEMAPHORE + pid_b * tl.num_programs(0) + pid_hc
+            ticket = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                row0 = part - pid_s
+                m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                den = tl.zeros([BLOCK_M], dtype=tl.float32)
+                final = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                for s_i in range(0, num_splits):
+                    lse_s = tl.load(LSE_PART + row0 + s_i, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(
+                        O_PART + (row0 + s_i)[:, None] * R_C + offs_r[None, :],
+                        mask=row_ok[:, None] & r_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    m_new = tl.maximum(m_run, lse_s)
+                    m_u = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    a = tl.exp2(m_run - m_u)
+                    b = tl.exp2(lse_s - m_u)
+                    final = final * a[:, None] + o_s * b[:, None]
+                    den = den * a + b
+                    m_run = m_new
+                final = final / tl.where(den > 0.0, den, 1.0)[:, None]
+                o_row = OUT + pid_b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
+                tl.store(
+                    o_row[:, None] + offs_r[None, :],
+                    final.to(OUT.dtype.element_ty),
+                    mask=row_ok[:, None] & r_ok,
+                )
+                tl.atomic_xchg(sem, 0)  # leave the counter at zero for the next call
+
+
+def _mla_decode_combine_kernel(  # triton.jit applied by _kernels()
+    O_PART,  # [B, SQ, H, num_splits, R_C] float32
+    LSE_PART,  # [B, SQ, H, num_splits] float32 (log2 domain)
+    OUT,  # [B, SQ, H, R_C]
+    stride_ob,
+    stride_os,
+    stride_oh,
+    num_splits,
+    SQ: tl.constexpr,
+    H: tl.constexpr,
+    R_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (batch, token, head) row
+    b = pid // (SQ * H)
+    tok = (pid // H) % SQ
+    head = pid % H
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_r = tl.arange(0, BLOCK_R)
+    if BLOCK_R == R_C:
+        r_ok = tl.full([BLOCK_R], 1, tl.int1)  # constant mask keeps the accesses vectorised
+    else:
+        r_ok = offs_r < R_C
+    base = pid.to(tl.int64) * num_splits
+    lse = tl.load(LSE_PART + base + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits and padding
+    o = tl.load(
+        O_PART + (base + offs_s)[:, None] * R_C + offs_r[None, :],
+        mask=s_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    den = tl.sum(w, 0)
+    den = tl.where(den > 0.0, den, 1.0)
+    out = tl.sum(o * w[:, None], 0) / den
+    o_ptr = OUT + b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh + offs_r
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=r_ok)
+
+
+_JIT: dict[str, object] = {}
+
+
+def _kernels():
+    """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
+    global triton, tl
+    if not _JIT:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+        _JIT["split"] = triton.jit(_mla_decode_split_kernel)
+        _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
+    return _JIT["split"], _JIT["combine"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,12 +331,23 @@ class DecodeConfig:
     block_m: query rows ((token, head) pairs of one latent head) per program; power of 2, >= 16.
     block_n: cache rows per tile; power of 2, >= 16.
     num_warps / num_stages: Triton's warps per program and software-pipelining depth.
+    kv_on_m: compute s^T = tile q^T and o^T += tile^T p^T, so the cache rows, not the query rows,
+        fill the MMA's M dimension (Hopper's wgmma needs M = 64; 32 query heads would pad).
+    fuse_combine: with splits, the last split program to finish merges the partial results
+        (an atomic ticket per (batch, head block)) instead of a second kernel launch.
+    maxnreg: register cap per thread (e.g. 128 lets two 8-warp programs share an SM).
+    ctas_per_sm: programs of this config resident per SM (from registers / shared memory as
+        compiled); only used to choose the number of splits.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    kv_on_m: bool = False
+    fuse_combine: bool = False
+    maxnreg: int | None = None
+    ctas_per_sm: int = 1
 
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -335,16 +430,30 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
 
 
 def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Block sizes for ``rows`` query rows per latent head and latent width ``r_c``.
+    """Block sizes for ``rows`` query rows per latent head and latent width ``r_c`` (tuned on H100).
 
     BLOCK_M x BLOCK_R float32 accumulators live in registers: keep them at most 32K elements
     (128 registers a thread at 8 warps), so BLOCK_M <= 64 at r_c = 512 and <= 128 at r_c = 256.
+    Shared memory holds the query block plus the pipelined cache tiles (about two tiles at
+    num_stages 5 or 2, one at 3); keep the estimate under ~200 KB of the 227 KB a program may use.
+    Measurements behind the choices: latentkv/kernels/NOTES.md and benchmarks/decode_h100.md.
     """
     block_r = max(16, _next_pow2(r_c))
+    block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 0
+    elt = torch.finfo(dtype).bits // 8
+    row_bytes = (block_r + block_dr) * elt
     block_m = max(16, min(_next_pow2(rows), 128, max(16, 32768 // block_r)))
-    block_n = 32 if block_r >= 512 else 64
+    if elt == 2 and block_r == 512 and block_m <= 32:
+        # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
+        # 36 KB tiles in flight; 255 regs x 128 threads and 112 KB smem -> 2 programs per SM.
+        return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
+    if elt == 2 and block_r == 512:
+        # MLA with many heads (compute-bound): wgmma on 64 rows, two 72 KB tiles, no spills at s2.
+        return DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     num_warps = 8 if block_m * block_r >= 16384 else 4
-    num_stages = 2
+    for block_n, num_stages in ((64, 5), (32, 5), (32, 3), (16, 3), (16, 2)):
+        if block_m * row_bytes + 2 * block_n * row_bytes <= 200 * 1024:
+            break
     return DecodeConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -371,6 +480,23 @@ def choose_num_splits(
 
 
 _SM_COUNT: dict[int, int] = {}
+_SEMAPHORES: dict[tuple, torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for fused combines, one buffer per (device, stream); the kernel
+    leaves every ticket at zero, so the buffer is reused without a memset. Calls that overlap on
+    one stream are ordered by the stream; different streams get different buffers."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = buf
+    return buf
+
+
+LAST_COMPILED: dict[str, object] = {}  # the last launched compiled split kernel (bench reads its registers)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -396,6 +522,7 @@ def mla_decode(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     _poison: bool = False,
+    _skip_combine: bool = False,
 ) -> torch.Tensor:
     """Absorbed MLA / GLA decode attention through the Triton kernels.
 
@@ -403,12 +530,15 @@ def mla_decode(
     kv_cache:    [num_pages, page_size, latent_heads * r_c + rope_dim]
     block_table: [B, max_pages] int32;  seq_lens: [B] int32, including the Sq new tokens
     returns      [B, Sq, H, r_c] in q's dtype; query head h reads latent head h // (H // latent_heads).
+    Query token i sits at position seq_len - Sq + i and sees keys 0..that position.
 
     num_splits:  split-KV pieces per sequence (None: from the SM count and ``max_seq_len``).
     max_seq_len: bound on seq_lens used to choose splits; None takes seq_lens.max() when seq_lens
                  is on the CPU, else the block table's capacity (no device sync).
     out:         optional output buffer [B, Sq, H, r_c] in q's dtype.
     config:      block sizes override (tuning and tests); None picks ``default_config``.
+    _poison / _skip_combine: tests fill outputs and workspaces with NaN before launch; the bench
+                 times the split kernel alone.
     """
     if not HAS_TRITON:
         raise LatentKVError("mla_decode needs triton (pip install 'latentkv[kernels]'); or use backend='reference'.")
@@ -431,13 +561,15 @@ def mla_decode(
     cfg = config or default_config(rows, r_c, rope_dim, q.dtype)
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
-    n_hblocks = triton.cdiv(rows, cfg.block_m)
+    n_hblocks = -(-rows // cfg.block_m)
     programs_per_split = batch * latent_heads * n_hblocks
 
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if seq_lens.device.type == "cpu" else block_table.shape[1] * page_size
-        num_splits = choose_num_splits(programs_per_split, max_seq_len, _sm_count(q.device), cfg.block_n)
+        num_splits = choose_num_splits(
+            programs_per_split, max_seq_len, _sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+        )
     if not isinstance(num_splits, int) or num_splits < 1:
         raise LatentKVError(f"num_splits must be a positive int or None; got {num_splits!r}.")
 
@@ -459,25 +591,32 @@ def mla_decode(
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
 
+    fuse = cfg.fuse_combine and num_splits > 1
+    sem = _semaphores(q.device, batch * latent_heads * n_hblocks) if fuse else seq_lens
+    extra = {} if (cfg.maxnreg is None or interpret) else {"maxnreg": cfg.maxnreg}
     grid = (latent_heads * n_hblocks, num_splits, batch)
-    _mla_decode_split_kernel[grid](
-        q, kv_cache, block_table, seq_lens, out, o_part, lse_part,
+    split_kernel, combine_kernel = _kernels()
+    LAST_COMPILED["split"] = split_kernel[grid](
+        q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1),
         block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         float(softmax_scale) * _LOG2E,
+        num_splits,
         SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
-        PAGE_SIZE=page_size, NUM_SPLITS=num_splits, NUM_HBLOCKS=n_hblocks,
+        PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
         UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
-    if num_splits > 1:
-        _mla_decode_combine_kernel[(batch * sq * heads,)](
+    if num_splits > 1 and not fuse and not _skip_combine:
+        combine_kernel[(batch * sq * heads,)](
             o_part, lse_part, out,
             out.stride(0), out.stride(1), out.stride(2),
-            SQ=sq, H=heads, R_C=r_c, NUM_SPLITS=num_splits,
+            num_splits,
+            SQ=sq, H=heads, R_C=r_c,
             BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_R=block_r,
             num_warps=4 if block_r >= 256 else 2,
         )  # fmt: skip

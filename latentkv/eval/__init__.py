@@ -1,0 +1,1 @@
+"""Validation: perplexity (ASSETS.md protocol), agreement with the source, KV bytes per token."""

@@ -1,0 +1,52 @@
+"""Perplexity with the project's protocol (ASSETS.md): the text joined as in the file, tokenized
+once, cut into non-overlapping windows; PPL = exp(mean NLL over every predicted token)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    text: str = str(DEFAULT_EVAL_TEXT)
+    window: int = 512
+    windows: int = 64
+
+    def describe(self) -> str:
+        return f"{Path(self.text).name}, {self.windows} x {self.window}-token windows, PPL = exp(mean NLL)"
+
+
+def eval_windows(tokenizer, protocol: PerplexityProtocol) -> torch.Tensor:
+    path = Path(protocol.text)
+    if not path.exists():
+        raise LatentKVError(f"Evaluation text {path} not found; pass --eval-text with a .txt/.raw file")
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // protocol.window
+    if n < protocol.windows:
+        raise LatentKVError(f"{path} gives only {n} windows of {protocol.window} tokens; lower --eval-windows")
+    return ids[: protocol.windows * protocol.window].view(protocol.windows, protocol.window)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> float:
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+        if progress is not None:
+            progress(start)
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Benchmark the MLA / GLA decode kernels on a GPU (see latentkv/kernels/bench.py).
+
+Examples:
+  python scripts/bench_decode.py --heads 32 --batch 64 --context 8192          # one shape
+  python scripts/bench_decode.py --preset issue --sweep --jobs 12 --json out.json --md out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from latentkv.kernels import bench  # noqa: E402
+
+md = bench.md  # the mla_decode module (the package attribute of that name is the function)
+
+# The issue's rows: (name, kwargs of run_decode_bench, with the source comparison?)
+ISSUE_ROWS = [
+    ("mla-h32-b64-l8192", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192, query_len=1), True),
+    ("mla-h128-b128-l8192", dict(heads=128, latent_rank=512, rope_dim=64, batch=128, context=8192, query_len=1), False),
+    ("mla-h128-sq2-b64-l8192", dict(heads=128, latent_rank=512, rope_dim=64, batch=64, context=8192, query_len=2), False),
+    ("gla2-h128-sq2-b64-l8192",
+     dict(heads=128, latent_rank=512, rope_dim=64, batch=64, context=8192, query_len=2, latent_heads=2), False),
+]  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--latent-rank", type=int, default=512, help="total latent width r (all latent heads)")
+    p.add_argument("--rope-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--query-len", type=int, default=1)
+    p.add_argument("--latent-heads", type=int, default=1)
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--num-splits", type=int, default=None)
+    p.add_argument("--source-geometry", default="32,8,128", help="q_heads,kv_heads,head_dim of the source GQA")
+    p.add_argument("--no-source", action="store_true", help="skip the source SDPA timing")
+    p.add_argument("--preset", choices=["issue"], default=None, help="run the issue's rows instead of one shape")
+    p.add_argument("--sweep", action="store_true", help="try candidate block sizes and splits, keep the best")
+    p.add_argument("--sweep-set", choices=["wide", "narrow"], default="wide", help="which candidate list to sweep")
+    p.add_argument("--jobs", type=int, default=8, help="processes compiling sweep candidates")
+    p.add_argument("--repeat", type=int, default=1, help="time each final row this many times (spread)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--md", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def _cfg_str(c: md.DecodeConfig) -> str:
+    extra = (" kvM" if c.kv_on_m else "") + (" fused" if c.fuse_combine else "") + (
+        f" maxnreg{c.maxnreg}" if c.maxnreg else ""
+    )
+    return f"M{c.block_m} N{c.block_n} w{c.num_warps} s{c.num_stages}{extra}"
+
+
+def _splits_for(kw, cfg):
+    rows = kw["query_len"] * kw["heads"] // kw.get("latent_heads", 1)
+    n_hb = math.ceil(rows / cfg.block_m)
+    return md.choose_num_splits(
+        kw["batch"] * kw.get("latent_heads", 1) * n_hb, kw["context"], md._sm_count(torch.device("cuda")), cfg.block_n,
+        ctas_per_sm=cfg.ctas_per_sm,
+    )
+
+
+def sweep_row(name, kw, jobs, log, which="wide"):
+    """Time every candidate config of a row at the heuristic splits and a few others; keep the best."""
+    lh = kw.get("latent_heads", 1)
+    r_c = kw["latent_rank"] // lh
+    rows = kw["query_len"] * kw["heads"] // lh
+    cands = bench.sweep_candidates(rows, r_c, which)
+    specs = []
+    for c in cands:
+        for splits in (1, 2):  # the two compiled variants: direct write, and split + combine
+            specs.append(dict(heads=kw["heads"], latent_rank=kw["latent_rank"], rope_dim=kw["rope_dim"],
+                              query_len=kw["query_len"], latent_heads=lh, dtype="bfloat16", page_size=64,
+                              num_splits=splits, config=tuple(c.__dict__.values())))  # fmt: skip
+    t0 = time.time()
+    warm = bench.warm_compile(specs, jobs)
+    log(f"[{name}] compiled {len(specs)} variants in {time.time() - t0:.0f}s; failures: "
+        f"{[(s['config'], s['num_splits'], w) for s, w in zip(specs, warm) if w != 'ok']}")  # fmt: skip
+    best = (float("inf"), None, None)
+    for c in cands:
+        h = _splits_for(kw, c)
+        tries = [h] + [s for s in ((2, 4) if rows <= 64 and kw["batch"] * lh < 132 else (1, 2)) if s != h]
+        for splits in tries:
+            try:
+                r = bench.run_decode_bench(**kw, config=c, num_splits=splits, source_geometry=None,
+                                           check=splits == h, cuda_graph=False)  # fmt: skip
+            except Exception as exc:
+                log(f"[{name}] {_cfg_str(c)} splits={splits}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            chk = r.get("check", {}).get("ok", "-")
+            log(f"[{name}] {_cfg_str(c)} splits={splits}: {r['time_us']:.1f} us "
+                f"{r['fraction_of_copy_bw']:.3f} of copy bw, {r['tflops']:.0f} TFLOP/s, kernel={r.get('kernel')} "
+                f"check={chk}")  # fmt: skip
+            if r["time_us"] < best[0]:
+                best = (r["time_us"], c, splits)
+    return best[1], best[2]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU.")
+    dtype = getattr(torch, args.dtype)
+    geom = None if args.no_source else tuple(int(x) for x in args.source_geometry.split(","))
+    lines: list[str] = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    if args.preset == "issue":
+        rows = [(n, dict(kw, dtype=dtype, page_size=args.page_size), src) for n, kw, src in ISSUE_ROWS]
+    else:
+        kw = dict(heads=args.heads, latent_rank=args.latent_rank, rope_dim=args.rope_dim, batch=args.batch,
+                  context=args.context, query_len=args.query_len, latent_heads=args.latent_heads, dtype=dtype,
+                  page_size=args.page_size)  # fmt: skip
+        rows = [("custom", kw, geom is not None)]
+
+    log(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+        f"{__import__('triton').__version__}  copy bw {bench.copy_bandwidth() / 1e12:.3f} TB/s (read+write)")  # fmt: skip
+    results = {}
+    for name, kw, with_src in rows:
+        cfg, splits = None, args.num_splits
+        if args.sweep:
+            cfg, best_splits = sweep_row(name, {k: v for k, v in kw.items() if k not in ("dtype", "page_size")},
+                                         args.jobs, log, args.sweep_set)  # fmt: skip
+            splits = splits or best_splits
+        for rep in range(args.repeat):
+            r = bench.run_decode_bench(**kw, source_geometry=geom if with_src else None, config=cfg,
+                                       num_splits=splits, split_only=True)  # fmt: skip
+            key = name if args.repeat == 1 else f"{name}#{rep + 1}"
+            results[key] = r
+            log(f"[{key}] FINAL {json.dumps(r, default=str)}")
+
+    table = ["| row | config | splits | time us (events) | time us (graph) | split kernel alone us | cache GB | "
+             "% copy bw | TFLOP/s | source SDPA us (backend) | speedup |", "|" + "---|" * 11]  # fmt: skip
+    for name, r in results.items():
+        c = r["config"]
+        src = r.get("source") or {}
+        tg = r.get("time_us_cudagraph")
+        tg_s = tg if isinstance(tg, str) else f"{tg:.1f}"
+        so_s = f"{r['time_us_split_only']:.1f}" if "time_us_split_only" in r else "-"
+        src_s = f"{src['best_us']:.1f} ({src['best_backend']})" if src.get("best_us") else "-"
+        spd_s = f"{r['speedup_vs_source']:.2f}x" if "speedup_vs_source" in r else "-"
+        kvm = (" kvM" if c.get("kv_on_m") else "") + (" fused" if c.get("fuse_combine") else "") + (
+            f" maxnreg{c['maxnreg']}" if c.get("maxnreg") else ""
+        )
+        table.append(
+            f"| {name} | M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}{kvm} | "
+            f"{c['num_splits']} | {r['time_us']:.1f} | {tg_s} | {so_s} | {r['cache_bytes'] / 1e9:.3f} | "
+            f"{100 * r['fraction_of_copy_bw']:.1f} | {r['tflops']:.0f} | {src_s} | {spd_s} |"
+        )
+    for rep in [""] if args.repeat == 1 else [f"#{i + 1}" for i in range(args.repeat)]:
+        gla, mla = results.get("gla2-h128-sq2-b64-l8192" + rep), results.get("mla-h128-sq2-b64-l8192" + rep)
+        if gla and mla:
+            table.append(f"\nGLA (2 latent heads) vs MLA at query length 2, same cache bytes{rep}: "
+                         f"{mla['time_us'] / gla['time_us']:.2f}x faster")  # fmt: skip
+    for row in table:
+        log(row)
+    if args.json:
+        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": results}, indent=1, default=str))
+    if args.md:
+        args.md.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

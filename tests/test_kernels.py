@@ -1,0 +1,291 @@
+"""Decode kernels equal their PyTorch references (MLA, GLA, query length 1..8, paged caches).
+
+On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set here, before
+triton is imported) on small shapes; with CUDA they are compiled and larger, model-sized shapes
+are added. Every comparison reports max abs / max rel / cosine / worst coordinate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+triton = pytest.importorskip("triton", reason="triton not installed: the decode kernels cannot be tested")
+
+from latentkv.errors import LatentKVError  # noqa: E402
+from latentkv.kernels import compare as cmp_mod  # noqa: E402
+
+md = importlib.import_module("latentkv.kernels.mla_decode")  # the module (the package attribute is the function)
+if not CUDA and type(md._kernels()[0]).__name__ != "InterpretedFunction":
+    # triton was imported before this module could set TRITON_INTERPRET (latentkv.kernels itself
+    # imports triton only on first launch); the interpreter cannot be switched on afterwards.
+    pytest.skip(
+        "triton was imported in compiled mode before tests/test_kernels.py set TRITON_INTERPRET=1 and "
+        "there is no GPU; run with TRITON_INTERPRET=1 (or set it in conftest.py)",
+        allow_module_level=True,
+    )
+
+DecodeConfig = md.DecodeConfig
+DEVICE = "cuda" if CUDA else "cpu"
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# tolerance per dtype: (rtol, atol as a fraction of max|ref|, max 1 - cosine)
+TOL = {
+    BF16: (1e-2, 1e-2, 1e-4),
+    FP16: (5e-3, 5e-3, 1e-5),
+    FP32: ((5e-3, 5e-3, 1e-5) if CUDA else (1e-4, 1e-5, 1e-9)),  # tl.dot takes tf32 on GPUs
+}
+
+
+def make_case(
+    *,
+    batch_lens: tuple[int, ...],
+    sq: int,
+    heads: int,
+    latent_heads: int,
+    r_c: int,
+    rope: int,
+    page: int,
+    dtype: torch.dtype,
+    seed: int,
+    spare_pages: int = 3,
+    q_scale: float = 1.0,
+):
+    """Random paged cache with shuffled, non-contiguous block tables and unused garbage pages."""
+    g = torch.Generator().manual_seed(seed)
+    width = latent_heads * r_c + rope
+    batch = len(batch_lens)
+    need = [math.ceil(n / page) for n in batch_lens]
+    max_pages = max(need) + 1  # one spare column: the table is wider than any sequence needs
+    num_pages = sum(need) + spare_pages
+    kv = torch.randn(num_pages, page, width, generator=g)
+    perm = torch.randperm(num_pages, generator=g)
+    table = torch.full((batch, max_pages + 2), -1, dtype=torch.int32)  # -1 where no page is assigned
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+    # poison every cache row that no sequence owns (tails of partly filled pages, spare pages):
+    owned = torch.zeros(num_pages, page, dtype=torch.bool)
+    for b, n in enumerate(batch_lens):
+        pos = torch.arange(n)
+        owned[table[b, pos // page].long(), pos % page] = True
+    kv[~owned] = float("nan")
+    table = table[:, :max_pages]  # a column slice: row stride != row length
+    q = torch.randn(batch, sq, heads, r_c + rope, generator=g) * q_scale
+    to = dict(device=DEVICE)
+    return (
+        q.to(dtype).to(**to),
+        kv.to(dtype).to(**to),
+        table.to(**to),
+        torch.tensor(batch_lens, dtype=torch.int32, device=DEVICE),
+        1.0 / math.sqrt(r_c + rope),
+    )
+
+
+def check(out, ref, dtype, name):
+    rtol, atol_frac, max_cos = TOL[dtype]
+    atol = atol_frac * float(ref.abs().max())
+    return cmp_mod.assert_close(out, ref, atol=atol, rtol=rtol, max_cos_diff=max_cos, name=name)
+
+
+# id: (lens, Sq, H, latent_heads, r_c, rope, page, dtype, num_splits, config)
+SMALL = DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
+CASES = {
+    "mla-sq1-len1-odd": ((1, 17, 40), 1, 4, 1, 32, 16, 16, BF16, None, None),
+    "mla-sq1-splits3": ((1, 33, 70), 1, 4, 1, 32, 16, 16, FP32, 3, SMALL),
+    "mla-sq2-fp16-page8": ((2, 37), 2, 4, 1, 32, 16, 8, FP16, 2, None),
+    "mla-sq4-lens-mixed": ((4, 19, 64, 65), 4, 4, 1, 32, 16, 16, BF16, 4, SMALL),
+    "mla-sq8-two-hblocks": ((8, 45), 8, 4, 1, 32, 16, 16, FP32, 3, SMALL),
+    "mla-empty-splits": ((1, 9), 1, 4, 1, 32, 16, 16, FP32, 5, SMALL),
+    "mla-page24-gather": ((2, 61), 2, 4, 1, 32, 16, 24, BF16, 2, SMALL),
+    "mla-rc40-rope8-padded": ((7, 50), 1, 4, 1, 40, 8, 16, FP32, 2, None),
+    "mla-norope": ((3, 21), 3, 4, 1, 32, 0, 16, FP32, 2, None),
+    "mla-auto-splits-long": ((300, 520), 1, 4, 1, 32, 16, 64, BF16, None, None),
+    "gla2-sq1": ((1, 23, 50), 1, 4, 2, 16, 16, 16, BF16, 2, None),
+    "gla2-sq2": ((2, 31, 47), 2, 8, 2, 32, 16, 16, BF16, 3, SMALL),
+    "gla3-sq3-fp16": ((3, 41), 3, 6, 3, 16, 16, 8, FP16, 2, None),
+    "gla3-sq5-direct": ((5, 30), 5, 6, 3, 32, 16, 16, BF16, 1, SMALL),
+    "gla2-sq6-fp32": ((6, 27, 33), 6, 4, 2, 16, 16, 16, FP32, 2, None),
+    "mla-sq7": ((7, 40), 7, 2, 1, 32, 16, 16, BF16, 2, None),
+    "mla-kv-on-m": ((1, 33, 70), 1, 4, 1, 32, 16, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    "gla2-kv-on-m-sq4": ((4, 29, 50), 4, 4, 2, 16, 16, 8, FP32, 2, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    "mla-fused-combine": ((2, 33, 70), 2, 4, 1, 32, 16, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
+    "gla2-peaky-scores": ((2, 45, 61), 2, 4, 2, 16, 16, 16, BF16, 1, DecodeConfig(16, 16, 4, 2)),
+    "gla3-fused-empty-splits": ((3, 9, 41), 3, 6, 3, 16, 16, 8, FP32, 5, DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
+}
+if CUDA:  # model-sized shapes where the kernels are compiled
+    CASES.update(
+        {
+            "gpu-mla32-deepseek": ((1, 777, 2048, 4099), 1, 32, 1, 512, 64, 64, BF16, None, None),
+            "gpu-mla32-split4": ((1, 777, 2048, 4099), 1, 32, 1, 512, 64, 64, BF16, 4, None),
+            "gpu-mla128-sq2": ((5, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, None, None),
+            "gpu-mla16-sq4-fp16": ((4, 999, 2500), 4, 16, 1, 512, 64, 64, FP16, 3, None),
+            "gpu-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, None, None),
+            "gpu-gla3-h96-sq3": ((3, 700, 1777), 3, 96, 3, 128, 64, 32, BF16, 2, None),
+            "gpu-mla32-sq8-page16": ((8, 333, 1025), 8, 32, 1, 512, 64, 16, BF16, None, None),
+            "gpu-mla-rc448": ((1, 900), 1, 32, 1, 448, 64, 64, BF16, 2, None),
+            "gpu-mla32-fp32": ((1, 700), 1, 32, 1, 512, 64, 64, FP32, 2, None),
+            "gpu-mla32-kv-on-m": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, None, DecodeConfig(32, 64, 8, 3, True)),
+            "gpu-mla32-bm64": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, 3, DecodeConfig(64, 32, 8, 3)),
+            "gpu-mla32-fused": ((1, 777, 4099, 8191), 1, 32, 1, 512, 64, 64, BF16, 4, DecodeConfig(32, 64, 8, 5, fuse_combine=True)),
+            "gpu-mla32-maxnreg": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, 4, DecodeConfig(32, 32, 8, 5, maxnreg=128)),
+            "gpu-mla128-peaky-scores": ((2, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, None, None),
+            "gpu-gla2-fused-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, 3, DecodeConfig(128, 32, 8, 5, fuse_combine=True)),
+        }
+    )
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_kernel_matches_reference(case_id):
+    """Guards the kernel itself: paging, split-KV + combine, causal masking among query tokens,
+    GLA head grouping, padded widths. Unowned cache rows hold NaN, so any read past a sequence's
+    length or into the wrong page shows up; the output is NaN-poisoned before launch."""
+    lens, sq, heads, hc, r_c, rope, page, dtype, splits, config = CASES[case_id]
+    seed = random.SystemRandom().randrange(2**31)
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=lens, sq=sq, heads=heads, latent_heads=hc, r_c=r_c, rope=rope, page=page, dtype=dtype, seed=seed,
+        q_scale=8.0 if "peaky" in case_id else 1.0,  # scores spread over many powers of 2: rescales happen
+    )
+    kw = dict(latent_heads=hc, rope_dim=rope, softmax_scale=scale)
+    out = md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=config, _poison=True, **kw)
+    ref = md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw)
+    assert out.dtype == dtype and out.shape == (len(lens), sq, heads, r_c)
+    check(out, ref, dtype, f"{case_id} seed={seed}")
+
+
+def test_fused_combine_repeats():
+    """Guards the fused combine's tickets: they must return to zero, so a second and third call
+    on the same buffers still merge every split (a stale ticket would skip or double a merge)."""
+    cfg = DecodeConfig(16 if not CUDA else 32, 16 if not CUDA else 64, 4 if not CUDA else 8, 2, fuse_combine=True)
+    r_c, rope, dtype = (32, 16, FP32) if not CUDA else (512, 64, BF16)
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(5, 40, 77), sq=2, heads=4, latent_heads=1, r_c=r_c, rope=rope, page=16, dtype=dtype, seed=3
+    )
+    kw = dict(latent_heads=1, rope_dim=rope, softmax_scale=scale)
+    ref = md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw)
+    for i in range(3):
+        out = md.mla_decode(q, kv, table, seq_lens, num_splits=3, config=cfg, _poison=True, **kw)
+        check(out, ref, dtype, f"fused combine, call {i}")
+
+
+def test_reference_matches_dense_attention():
+    """Guards the reference and write_paged: a cache written through write_paged (shuffled pages)
+    gives the same result as plain dense causal attention written out by hand."""
+    g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    batch, sq, heads, hc, r_c, rope, page = 2, 3, 6, 3, 8, 4, 4
+    lens = [5, 11]
+    width = hc * r_c + rope
+    dense = torch.randn(batch, max(lens), width, generator=g, dtype=torch.float64)
+    q = torch.randn(batch, sq, heads, r_c + rope, generator=g, dtype=torch.float64)
+    num_pages = 8
+    kv = torch.full((num_pages, page, width), float("nan"), dtype=torch.float64)
+    table = torch.randperm(num_pages, generator=g)[: batch * 3].view(batch, 3).to(torch.int32)
+    for b, n in enumerate(lens):
+        md.write_paged(kv, table[b : b + 1], torch.arange(n)[None], dense[b : b + 1, :n])
+    scale = 0.3
+    q32 = q.float()
+    got = md.mla_decode_reference(
+        q32, kv.float(), table, torch.tensor(lens, dtype=torch.int32), latent_heads=hc, rope_dim=rope, softmax_scale=scale
+    )
+    want = torch.empty(batch, sq, heads, r_c, dtype=torch.float64)
+    hg = heads // hc
+    for b, n in enumerate(lens):
+        for i in range(sq):
+            pos = n - sq + i
+            for h in range(heads):
+                c = h // hg
+                lat = dense[b, : pos + 1, c * r_c : (c + 1) * r_c]
+                kpe = dense[b, : pos + 1, hc * r_c :]
+                s = (lat @ q[b, i, h, :r_c] + kpe @ q[b, i, h, r_c:]) * scale
+                want[b, i, h] = torch.softmax(s, 0) @ lat
+    cmp_mod.assert_close(got, want, atol=1e-6, rtol=1e-5, max_cos_diff=1e-10, name="reference vs dense")
+
+
+def test_facade_backends():
+    """Guards the facade: 'reference' and 'triton' give the same answer, 'auto' picks the
+    reference off CUDA, and an unknown backend is a clear error."""
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(3, 20), sq=1, heads=4, latent_heads=1, r_c=16, rope=16, page=16, dtype=FP32, seed=1
+    )
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale)
+    ref = md.decode_attention(q, kv, table, seq_lens, backend="reference", **kw)
+    tri = md.decode_attention(q, kv, table, seq_lens, backend="triton", **kw)
+    check(tri, ref, FP32, "facade triton vs reference")
+    auto = md.decode_attention(q, kv, table, seq_lens, **kw)
+    if not CUDA:
+        assert torch.equal(auto, ref)
+    with pytest.raises(LatentKVError, match="unknown decode backend"):
+        md.decode_attention(q, kv, table, seq_lens, backend="cuda", **kw)
+
+
+def _bad(**over):
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(3, 20), sq=2, heads=4, latent_heads=2, r_c=16, rope=16, page=16, dtype=BF16, seed=2
+    )
+    args = dict(q=q, kv_cache=kv, block_table=table, seq_lens=seq_lens)
+    kw = dict(latent_heads=2, rope_dim=16, softmax_scale=scale)
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v(args[k]) if callable(v) else v
+    return args, kw
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(kv_cache=lambda t: t.half()), "share one dtype"),
+        (dict(q=lambda t: t.to(torch.int8)), "share one dtype"),
+        (dict(block_table=lambda t: t.long()), "int32"),
+        (dict(seq_lens=lambda t: t.long()), "int32"),
+        (dict(q=lambda t: t[:, :, :, :-1]), "kv_cache width"),
+        (dict(latent_heads=3), "cannot be split evenly"),
+        (dict(q=lambda t: t[0]), "4-d tensor"),
+        (dict(seq_lens=lambda t: t[:1]), "batch sizes disagree"),
+        (dict(rope_dim=-1), "non-negative"),
+    ],
+)
+def test_launcher_rejects_bad_input(over, message):
+    """Guards the launcher's checks: wrong dtype, shape or head grouping is a LatentKVError
+    that names the problem, never an assert or a wrong answer."""
+    args, kw = _bad(**over)
+    with pytest.raises(LatentKVError, match=message):
+        md.mla_decode(**args, **kw)
+    with pytest.raises(LatentKVError, match=message):
+        md.mla_decode_reference(**args, **kw)
+
+
+def test_launcher_rejects_short_sequences():
+    """Guards the length check: a sequence shorter than the query length is refused on the CPU."""
+    args, kw = _bad()
+    args["seq_lens"] = torch.tensor([1, 20], dtype=torch.int32)
+    if CUDA:
+        pytest.skip("length values are checked only for CPU seq_lens (no device sync)")
+    with pytest.raises(LatentKVError, match="include the 2 new query tokens"):
+        md.mla_decode(**args, **kw)
+
+
+def test_choose_num_splits():
+    """Guards the split heuristic: short sequences never split, a small batch on a big GPU
+    splits, a batch that already fills the GPU does not."""
+    assert md.choose_num_splits(64, 200, 132, 32) == 1
+    assert md.choose_num_splits(4, 8192, 132, 32) >= 16
+    assert md.choose_num_splits(256, 8192, 132, 64) == 1
+    assert md.choose_num_splits(64, 8192, 132, 32) == 2  # 128 programs, one per SM
+    assert md.choose_num_splits(64, 8192, 132, 32, ctas_per_sm=2) == 4  # 256 programs, two per SM
+
+
+def test_write_paged_rejects_out_of_range():
+    """Guards write_paged: a position past the block table's capacity is an error, not a write
+    into another sequence's page."""
+    kv = torch.zeros(4, 4, 8)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(LatentKVError, match="block table capacity"):
+        md.write_paged(kv, table, torch.tensor([[8]]), torch.ones(1, 1, 8))
