@@ -88,7 +88,6 @@ class MLAMethod:
             raise LatentKVError(f"Unknown {self.name} settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         options = dict(options)
         if fmt == "deepseek":
-            options.setdefault("qk_rope_dim", 64)
             options["rope_frequency_grid"] = True
             options["allocation"] = "uniform"
             options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
@@ -97,18 +96,21 @@ class MLAMethod:
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
         geo = geometry_of(config)
         total_key = geo.num_kv_heads * geo.head_dim
-        if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > total_key:
-            raise LatentKVError(
-                f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
-                f"{geo.head_dim} = {total_key}); use at most {total_key}"
-            )
         if fmt == "deepseek":
             if arch.moe:
                 raise LatentKVError(
                     f"--format deepseek needs a dense MLP in every layer; {arch.model_type} is a mixture of experts. "
                     "Use --format latentkv for this model."
                 )
-            if cfg.qk_rope_dim == "auto" or cfg.qk_rope_dim > geo.head_dim or (cfg.qk_rope_dim and geo.head_dim % cfg.qk_rope_dim):
+            if cfg.qk_rope_dim == "auto":  # DeepSeek's own choice, within the source head dim
+                cfg.qk_rope_dim = min(64, geo.head_dim)
+        if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > total_key:
+            raise LatentKVError(
+                f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
+                f"{geo.head_dim} = {total_key}); use at most {total_key}"
+            )
+        if fmt == "deepseek":
+            if cfg.qk_rope_dim > geo.head_dim or (cfg.qk_rope_dim and geo.head_dim % cfg.qk_rope_dim):
                 raise LatentKVError(
                     f"--format deepseek needs --qk-rope-dim dividing the head dim {geo.head_dim} (e.g. {geo.head_dim} or "
                     f"{geo.head_dim // 2}), got {cfg.qk_rope_dim}"

@@ -34,3 +34,6 @@ def get_method(name: str):
         raise LatentKVError(f"Unknown conversion target {name!r}; known: {', '.join(sorted(METHODS))}")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+register_method("gqa", "latentkv.convert.gqa_method:GQAMethod", ["Effectively Compress KV Heads for LLM, Yu et al. 2024 (arXiv 2406.07056)"])

@@ -32,6 +32,21 @@ def complex_pairs(w_aug: torch.Tensor, heads: int, head_dim: int) -> torch.Tenso
     return torch.complex(w[:, :half], w[:, half:])
 
 
+def pair_covariance(cov: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """E[z z^H] per frequency pair from the real covariance of `heads` heads' rows: [P, heads, heads].
+
+    cov: [heads*d, heads*d] = T S T^T of real rows T (half-split layout); the same numbers as
+    `_sandwich(complex_pairs(T))` without a (D+1)^2 product per subset of heads.
+    """
+    half = head_dim // 2
+    c = cov.double().view(heads, head_dim, heads, head_dim)
+    a = c[:, :half, :, :half].diagonal(dim1=1, dim2=3)  # E[a_g a_h]: [G, G, P]
+    b = c[:, half:, :, half:].diagonal(dim1=1, dim2=3)  # E[b_g b_h]
+    ba = c[:, half:, :, :half].diagonal(dim1=1, dim2=3)  # E[b_g a_h]
+    ab = c[:, :half, :, half:].diagonal(dim1=1, dim2=3)  # E[a_g b_h]
+    return torch.complex(a + b, ba - ab).permute(2, 0, 1).contiguous()
+
+
 def _sandwich(rows: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """rows S rows^H for complex rows [..., n, D+1] -> [..., n, n]."""
     s = moment.to(torch.complex128)
@@ -61,9 +76,22 @@ def key_basis(
     mix: "complex" (complex PCA, the general RoPE-commuting mix), "real" (one real orthogonal
     mix per frequency, as RoRoPE/TransMLA), or "none" (keep the source heads as they are).
     """
-    G, P, _ = zk.shape
     cov = _sandwich(zk.transpose(0, 1), moment)  # [P, G, G]
     q_energy = _sandwich(zq.transpose(0, 1), moment).diagonal(dim1=-2, dim2=-1).real  # [P, H]
+    return basis_from_covariance(cov, q_energy, group_of_head, mix, query_weighted)
+
+
+def basis_from_covariance(
+    cov: torch.Tensor,
+    q_energy: torch.Tensor,
+    group_of_head: torch.Tensor,
+    mix: str = "complex",
+    query_weighted: bool = True,
+) -> KeyBasis:
+    """`key_basis` from the statistics alone: cov [P, G, G] = E[z z^H] of the key pairs and
+    q_energy [P, H] = E|z^q_{h,j}|^2. Lets a caller that compares many subsets of heads (GQA
+    grouping) compute the statistics once and pass sub-blocks."""
+    P, G, _ = cov.shape
     if query_weighted:
         w = torch.zeros(P, G, dtype=torch.float64)
         w.index_add_(1, group_of_head, q_energy)

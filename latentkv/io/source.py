@@ -78,6 +78,10 @@ class Source:
 def _load_config(folder: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
+    from latentkv.modeling import register_latentkv
+
+    # latentkv outputs load through this package's own modeling code: no remote code needed.
+    register_latentkv()
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except json.JSONDecodeError as exc:

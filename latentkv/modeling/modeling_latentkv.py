@@ -140,6 +140,12 @@ class LatentAttention(nn.Module):
         kv = torch.einsum("bslr,lhdr->bslhd", c, w).reshape(b, s, self.num_heads, -1).transpose(1, 2)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_nope, r_c] and W_UV [H, d_v, r_c], views of kv_b_proj: k_nope_h = W_UK_h c and
+        v_h = W_UV_h c, c the latent head of query head h (h // (H // latent_heads))."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.latent_head_dim)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -161,6 +167,11 @@ class LatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = self._rope(k_rope[:, None], position_ids)  # [b, 1, s, rope_dim]
         q_rope = self._rope(q_rope, position_ids)
+        if hasattr(past_key_values, "latent_attention"):
+            # A paged latent cache (latentkv's decode loop) stores [c | RoPE(kr)] and attends in the
+            # absorbed form (W_UK folded into q, W_UV applied to the latent output); returns [b, s, H * d_v].
+            out = past_key_values.latent_attention(self, q_nope, q_rope, latent, k_rope, position_ids=position_ids)
+            return self.o_proj(out), None
         latent = latent[:, None]  # [b, 1, s, r]: one "head" so every HF cache layer stores it as is
         if past_key_values is not None:
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)

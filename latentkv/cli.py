@@ -1,0 +1,403 @@
+"""`latentkv` command line. Only argument parsing and printing live here; every command calls one
+function of the package. Heavy imports happen inside the commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="latentkv",
+    help="Rewrite the attention of a trained LLM so its KV cache is a fraction of the original.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+bench_app = typer.Typer(help="Benchmarks (quality on CPU, decode kernels on a GPU).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+DEFAULT_CORPUS = str(Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "gutenberg")
+
+# Shared options: one definition each, so a flag means the same in every command.
+SourceArg = Annotated[str, typer.Argument(help="Local HF folder, .gguf file, or Hub id.")]
+OutputArg = Annotated[Path, typer.Argument(help="Output folder (must be empty unless --overwrite).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", rich_help_panel="Runtime")]
+Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16.", rich_help_panel="Runtime")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a non-empty output folder.", rich_help_panel="Output")]
+GgufFile = Annotated[Optional[str], typer.Option(help="GGUF file name inside SOURCE (a folder or Hub repo).")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option(help="Run model code shipped with the checkpoint.", rich_help_panel="Dangerous")
+]
+CalibData = Annotated[
+    str, typer.Option(help="Calibration text: file/folder (.txt/.jsonl/.parquet) or datasets name[:config].",
+                      rich_help_panel="Calibration")
+]
+CalibSplit = Annotated[str, typer.Option(help="Split when --calib-data is a datasets name.", rich_help_panel="Calibration")]
+CalibSamples = Annotated[int, typer.Option(help="Number of calibration windows.", rich_help_panel="Calibration")]
+CalibSeqLen = Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")]
+CalibSeed = Annotated[int, typer.Option(help="Seed for picking windows.", rich_help_panel="Calibration")]
+CalibCache = Annotated[
+    Optional[Path], typer.Option(help="Folder for resumable statistics (default: ~/.cache/latentkv/calibration/<fingerprint>).",
+                                 rich_help_panel="Calibration")
+]
+TextField = Annotated[str, typer.Option(help="Text column/field in .jsonl/.parquet/datasets.", rich_help_panel="Calibration")]
+EvalText = Annotated[Optional[Path], typer.Option(help="Evaluation text (default: WikiText-2 test).", rich_help_panel="Evaluation")]
+EvalWindow = Annotated[int, typer.Option(help="Tokens per evaluation window.", rich_help_panel="Evaluation")]
+EvalWindows = Annotated[int, typer.Option(help="Number of evaluation windows.", rich_help_panel="Evaluation")]
+
+
+def _setup_logging(output: Path | None = None, verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handlers: list[logging.Handler] = [RichHandler(show_path=False, level=logging.INFO if verbose else logging.WARNING)]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: Exception) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _run(fn, *args, **kwargs):
+    """Call into the package; user mistakes print one clear line, no traceback."""
+    from latentkv.errors import LatentKVError
+
+    try:
+        return fn(*args, **kwargs)
+    except LatentKVError as exc:
+        _fail(exc)
+
+
+def _progress_factory(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    progress.start()
+
+    def factory(name: str, total: int):
+        task = progress.add_task(name, total=total)
+
+        def advance(_i):
+            progress.advance(task)
+            if progress.tasks[task].completed >= total:
+                progress.refresh()
+
+        return advance
+
+    factory.stop = progress.stop  # type: ignore[attr-defined]
+    return factory
+
+
+def _load_recipe(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    from latentkv.errors import LatentKVError
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LatentKVError(f"Recipe {path} must be a YAML mapping of settings")
+    return data
+
+
+RECIPE_KEYS = {
+    "to", "kv_lora_rank", "kv_budget", "qk_rope_dim", "latent_heads", "num_kv_heads", "format", "device", "dtype",
+    "calib_data", "calib_split", "calib_samples", "calib_seq_len", "calib_seed", "method_options", "max_shard_size",
+    "save_dtype", "sequential", "grouping", "method",
+}
+
+
+@app.command()
+def convert(
+    ctx: typer.Context,
+    source: SourceArg,
+    output: OutputArg,
+    to: Annotated[str, typer.Option("--to", help="Target: mla, gla, gqa.")] = "mla",
+    kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA).", rich_help_panel="Method")] = None,
+    kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer.", rich_help_panel="Method")] = None,
+    qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
+    latent_heads: Annotated[Optional[int], typer.Option(help="GLA latent heads (must divide the query heads).", rich_help_panel="Method")] = None,
+    num_kv_heads: Annotated[Optional[int], typer.Option(help="GQA target: KV heads to keep.", rich_help_panel="Method")] = None,
+    method_option: Annotated[Optional[list[str]], typer.Option("--set", help="Extra method setting KEY=VALUE (e.g. --set rope_mix=real); repeatable.", rich_help_panel="Method")] = None,
+    sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it.", rich_help_panel="Method")] = False,
+    format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
+    calib_data: CalibData = DEFAULT_CORPUS,
+    calib_split: CalibSplit = "train",
+    calib_samples: CalibSamples = 128,
+    calib_seq_len: CalibSeqLen = 512,
+    calib_seed: CalibSeed = 0,
+    calib_cache: CalibCache = None,
+    text_field: TextField = "text",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    save_dtype: Annotated[Optional[str], typer.Option(help="dtype of the written weights (default: the source's).", rich_help_panel="Output")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.", rich_help_panel="Output")] = "5GB",
+    overwrite: Overwrite = False,
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemoteCode = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every decision (ranks per layer...).")] = False,
+):
+    """Convert SOURCE's attention to a cheaper-to-cache form and write OUTPUT."""
+    _setup_logging(verbose=verbose)
+    from rich.console import Console
+
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert as run_convert
+    from latentkv.errors import LatentKVError
+
+    console = Console(stderr=True)
+    settings = _run(_load_recipe, recipe)
+    unknown = sorted(set(settings) - RECIPE_KEYS)
+    if unknown:
+        _fail(LatentKVError(f"Unknown recipe keys in {recipe}: {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}"))
+
+    def pick(name, value):
+        """Command-line value if given explicitly, else the recipe's, else the default."""
+        src = ctx.get_parameter_source(name) if ctx else None
+        if src is not None and src.name == "COMMANDLINE":
+            return value
+        return settings.get(name, value)
+
+    to = pick("to", to)
+    method_options: dict = dict(settings.get("method_options", {}))
+    for item in method_option or []:
+        key, sep, val = item.partition("=")
+        if not sep:
+            _fail(LatentKVError(f"--set expects KEY=VALUE, got {item!r}"))
+        method_options[key.strip()] = _parse_value(val.strip())
+    for name, value in (("kv_lora_rank", kv_lora_rank), ("kv_budget", kv_budget), ("latent_heads", latent_heads),
+                        ("num_kv_heads", num_kv_heads), ("grouping", None)):
+        value = pick(name, value)
+        if value is not None:
+            method_options[name] = value
+    rope = pick("qk_rope_dim", qk_rope_dim)
+    if to in ("mla", "gla"):
+        method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
+        if pick("sequential", sequential):
+            method_options["sequential"] = True
+    opts = ConvertOptions(
+        source=source,
+        output=str(output),
+        method=to,
+        method_options=method_options,
+        format=pick("format", format),
+        calib=CalibOptions(
+            data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
+            samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),
+            seed=pick("calib_seed", calib_seed), cache=str(calib_cache) if calib_cache else None,
+        ),
+        device=pick("device", device),
+        dtype=pick("dtype", dtype),
+        save_dtype=pick("save_dtype", save_dtype),
+        overwrite=overwrite,
+        max_shard_size=pick("max_shard_size", max_shard_size),
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        command=_command_line(ctx),
+    )
+    factory = _progress_factory(console)
+    try:
+        result = _run(run_convert, opts, progress_factory=factory)
+    finally:
+        factory.stop()
+    kept = 100 * result.kv_values_per_token / result.source_kv_values_per_token
+    console.print(
+        f"[bold green]wrote[/] {result.output}: KV values per token {result.kv_values_per_token} "
+        f"(source {result.source_kv_values_per_token}, {kept:.1f}% kept) in {result.seconds:.0f} s"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def _command_line(ctx) -> str:
+    """The command as given: arguments plus every option set on the command line (for the card)."""
+    if ctx is None:
+        return "latentkv " + shlex.join(sys.argv[1:])
+    parts = [ctx.command_path]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        source = ctx.get_parameter_source(param.name)
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif source is not None and source.name == "COMMANDLINE" and value is not None:
+            flag = param.opts[0]
+            if isinstance(value, bool):
+                parts.append(flag if value else (param.secondary_opts or [flag])[0])
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    parts += [flag, str(item)]
+            else:
+                parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _int_or_fail(value, flag: str) -> int:
+    from latentkv.errors import LatentKVError
+
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        _fail(LatentKVError(f"{flag} must be an even integer or 'auto', got {value!r}"))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: SourceArg,
+    eval_text: EvalText = None,
+    eval_window: EvalWindow = 512,
+    eval_windows: EvalWindows = 64,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Evaluation")] = 4,
+    decode_check: Annotated[bool, typer.Option(help="Also check that our paged-kernel decode loop equals the HF forward pass (latentkv format).", rich_help_panel="Evaluation")] = False,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens for --decode-check.", rich_help_panel="Evaluation")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Perplexity (ASSETS.md protocol) and KV cache bytes of MODEL."""
+    _setup_logging()
+    from latentkv.eval.report import evaluate
+
+    report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
+                  windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens)
+    if as_json:
+        typer.echo(json.dumps(report, indent=None, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"latentkv eval: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        if isinstance(value, dict):
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if "decode_check" in report:
+        Console().print(report["decode_check"])
+        if not report["decode_check"].get("passed", False):
+            raise typer.Exit(code=1)
+
+
+@app.command()
+def inspect(
+    model: SourceArg,
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Architecture summary of MODEL and what each target would cache."""
+    _setup_logging()
+    from latentkv.eval.report import inspect_model
+
+    info = _run(inspect_model, model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if as_json:
+        typer.echo(json.dumps(info, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(title=f"{model}", show_header=False)
+    for key, value in info["architecture"].items():
+        summary.add_row(key, str(value))
+    console.print(summary)
+    if not info["targets"]:
+        return
+    targets = Table(title="KV cache per token per layer, by target")
+    for col in ("target", "cached per token per layer", "values", "% of source", "bytes (bf16), all layers"):
+        targets.add_column(col)
+    for row in info["targets"]:
+        targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%", str(row["bytes_bf16_all_layers"]))
+    console.print(targets)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A finished latentkv output folder.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. user/model-mla.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing).")] = None,
+):
+    """Upload FOLDER to the Hugging Face Hub as REPO_ID (token from `hf auth login` or HF_TOKEN)."""
+    _setup_logging()
+    from latentkv.hub.push import push_folder
+
+    url = _run(push_folder, folder, repo_id, private=private, revision=revision)
+    typer.echo(f"pushed {folder} -> {url}")
+
+
+@app.command()
+def generate(
+    model: SourceArg,
+    prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for a batch).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    backend: Annotated[str, typer.Option(help="auto (Triton on CUDA), triton, reference.")] = "auto",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+):
+    """Greedy generation with latentkv's paged latent cache and fused decode kernels."""
+    _setup_logging()
+    from latentkv.eval.decode import generate_cli
+
+    for text in _run(generate_cli, model, prompt, max_new_tokens=max_new_tokens, backend=backend, device=device, dtype=dtype):
+        typer.echo(text)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    ctx: typer.Context,
+    args: Annotated[Optional[list[str]], typer.Argument(help="Arguments for scripts/bench_quality.py.")] = None,
+):
+    """One-shot conversion quality of SmolLM2-135M at several KV budgets (see scripts/bench_quality.py)."""
+    _run_script("bench_quality.py", args or [])
+
+
+@bench_app.command("decode")
+def bench_decode(
+    args: Annotated[Optional[list[str]], typer.Argument(help="Arguments for scripts/bench_decode.py.")] = None,
+):
+    """GPU decode kernel timings against copy bandwidth and torch SDPA (see scripts/bench_decode.py)."""
+    _run_script("bench_decode.py", args or [])
+
+
+def _run_script(name: str, args: list[str]) -> None:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / name
+    if not script.exists():
+        _fail(FileNotFoundError(f"{script} not found; the benchmarks run from a source checkout of latentkv"))
+    sys.argv = [str(script), *args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,510 @@
+"""Decode a latentkv model through its own paged latent cache and the MLA / GLA decode kernels.
+
+`PagedLatentCache` holds, per layer, pages of ``[c | RoPE(k_rope)]`` rows (width
+``kv_lora_rank + rope_dim``, the model dtype) and one block table per sequence; sequences of a batch
+have their own lengths. Passed as ``past_key_values`` to the decoder layers, it takes over
+`LatentAttention` through the module's duck-typed hook (``latent_attention``): it appends the new
+rows to the pages and attends in the absorbed form
+
+    q_lat_h = W_UK_h^T q_nope_h                 # [r_c]: the query in latent space
+    o_lat_h = attend([q_lat_h | RoPE(q_rope_h)], cache rows of the latent head of h)   # kernel
+    v_h     = W_UV_h o_lat_h;   out = concat_h v_h   (o_proj: the module)
+
+The loop (`forward_step`) calls embeddings -> decoder layers -> final norm -> lm_head itself, so
+none of transformers' mask or cache machinery is involved. `generate` is greedy decoding of a
+batch of prompts; `decode_check` validates the loop against one full forward of the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from latentkv.errors import LatentKVError
+from latentkv.kernels.compare import compare
+from latentkv.kernels.mla_decode import decode_attention
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Generation", "PagedLatentCache", "decode_check", "forward_step", "generate", "generate_ids"]
+
+# decode_check tolerance on max |logit diff| / max |reference logit|, per model dtype
+DECODE_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# Paged latent cache
+# --------------------------------------------------------------------------------------------
+class PagedLatentCache:
+    """Pages of latent cache rows for every layer, one block table per sequence.
+
+    layer_widths: per layer ``kv_lora_rank + rope_dim``; every layer shares the page allocation.
+    num_pages / page_size: the pool (pages are handed to sequences as they grow).
+    backend: "auto" | "triton" | "reference" (``latentkv.kernels.decode_attention``).
+
+    Use: ``seq = cache.add_sequence()``; per forward step ``positions = cache.begin_step(seqs, n)``,
+    run the layers with ``past_key_values=cache, position_ids=positions``, then ``cache.end_step()``.
+    """
+
+    def __init__(
+        self,
+        layer_widths: list[int],
+        *,
+        num_pages: int,
+        page_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+        num_splits: int | None = None,
+    ):
+        if page_size < 1 or num_pages < 1:
+            raise LatentKVError(f"page_size and num_pages must be positive; got {page_size}, {num_pages}.")
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.backend = backend
+        self.num_splits = num_splits
+        self.layer_widths = list(layer_widths)
+        # one [num_pages, page_size, width] tensor per layer
+        self.pages = [torch.zeros(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self._tables: dict[int, list[int]] = {}  # sequence id -> its pages
+        self._lens: dict[int, int] = {}  # sequence id -> tokens written
+        self._next_id = 0
+        self._step: dict | None = None
+
+    @classmethod
+    def for_model(
+        cls, model, *, max_seqs: int, max_seq_len: int, page_size: int = 64, backend: str = "auto",
+        num_splits: int | None = None,
+    ) -> PagedLatentCache:
+        """A cache sized for ``max_seqs`` sequences of up to ``max_seq_len`` tokens of ``model``."""
+        attns = latent_attentions(model)
+        param = next(model.parameters())
+        pages = max_seqs * math.ceil(max_seq_len / page_size)
+        widths = [a.kv_lora_rank + a.rope_dim for a in attns]
+        log.info(
+            "paged latent cache: %d pages of %d tokens, %d values per token over %d layers, %s on %s",
+            pages, page_size, sum(widths), len(widths), param.dtype, param.device,
+        )
+        return cls(widths, num_pages=pages, page_size=page_size, dtype=param.dtype, device=param.device,
+                   backend=backend, num_splits=num_splits)
+
+    # sequences ---------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        seq = self._next_id
+        self._next_id += 1
+        self._tables[seq], self._lens[seq] = [], 0
+        return seq
+
+    def free_sequence(self, seq: int) -> None:
+        self._free.extend(reversed(self._tables.pop(seq)))
+        del self._lens[seq]
+
+    def seq_len(self, seq: int) -> int:
+        return self._lens[seq]
+
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens already cached, for callers that pass no position_ids (sequences of one length only)."""
+        if self._step is None:
+            raise LatentKVError("PagedLatentCache: call begin_step(...) before running the layers.")
+        starts = set(self._step["starts"])
+        if len(starts) != 1:
+            raise LatentKVError("sequences of different lengths: pass position_ids from begin_step(...).")
+        return starts.pop()
+
+    # steps -------------------------------------------------------------------------------
+    def begin_step(self, seqs: list[int], num_new: int) -> torch.Tensor:
+        """Reserve room for ``num_new`` tokens of each sequence in ``seqs`` (the batch rows, in
+        order); returns their positions [len(seqs), num_new] (long, on the cache device)."""
+        if self._step is not None:
+            raise LatentKVError("PagedLatentCache: the previous step was not ended (end_step / abort_step).")
+        if not seqs or num_new < 1:
+            raise LatentKVError(f"a step needs sequences and new tokens; got {len(seqs)} sequences, {num_new} tokens.")
+        starts = [self._lens[s] for s in seqs]
+        for s, start in zip(seqs, starts):
+            need = math.ceil((start + num_new) / self.page_size) - len(self._tables[s])
+            if need > len(self._free):
+                raise LatentKVError(
+                    f"the paged cache is out of pages ({self.num_pages} of {self.page_size} tokens); "
+                    "build it with a larger max_seq_len / max_seqs."
+                )
+            self._tables[s].extend(self._free.pop() for _ in range(need))
+        ends = [start + num_new for start in starts]
+        max_pages = max(len(self._tables[s]) for s in seqs)
+        table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
+        for row, s in enumerate(seqs):
+            table[row, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int32)
+        positions = torch.tensor(starts)[:, None] + torch.arange(num_new)[None, :]  # [b, num_new]
+        # flat row index of every new token in a [num_pages * page_size, width] view
+        rows = torch.gather(table.long(), 1, positions // self.page_size) * self.page_size + positions % self.page_size
+        dev = self.device
+        self._step = {
+            "seqs": list(seqs),
+            "starts": starts,
+            "num_new": num_new,
+            "max_len": max(ends),
+            "positions": positions.to(dev),
+            "rows": rows.reshape(-1).to(dev),
+            "block_table": table.to(dev),
+            "seq_lens": torch.tensor(ends, dtype=torch.int32).to(dev),
+        }
+        return self._step["positions"]
+
+    def end_step(self) -> None:
+        """Commit the step: every layer has written its rows."""
+        step = self._take_step()
+        for s in step["seqs"]:
+            self._lens[s] += step["num_new"]
+
+    def abort_step(self) -> None:
+        """Forget a step that failed (the rows written stay beyond the lengths and are overwritten later)."""
+        self._step = None
+
+    def _take_step(self) -> dict:
+        if self._step is None:
+            raise LatentKVError("PagedLatentCache: no step in progress; call begin_step(...) first.")
+        step, self._step = self._step, None
+        return step
+
+    # the hook LatentAttention calls --------------------------------------------------------
+    def latent_attention(self, module, q_nope, q_rope, latent, k_rope, position_ids=None) -> torch.Tensor:
+        """Append this step's rows to layer ``module.layer_idx`` and attend (absorbed form).
+
+        q_nope [b, H, s, d_nope], q_rope [b, H, s, rope_dim] (rotated), latent [b, s, r],
+        k_rope [b, 1, s, rope_dim] (rotated); returns [b, s, H * d_v] (before o_proj).
+        """
+        step = self._step
+        if step is None:
+            raise LatentKVError("PagedLatentCache: call begin_step(...) before running the layers.")
+        b, heads, s, _ = q_nope.shape
+        if b != len(step["seqs"]) or s != step["num_new"]:
+            raise LatentKVError(
+                f"layer {module.layer_idx} got {b} x {s} tokens but the step was begun for "
+                f"{len(step['seqs'])} x {step['num_new']}."
+            )
+        if position_ids is not None and position_ids is not step["positions"]:
+            if not torch.equal(position_ids.expand(b, s).to(step["positions"].device), step["positions"]):
+                raise LatentKVError("position_ids differ from the positions begin_step(...) returned; pass those.")
+        kv = self.pages[module.layer_idx]  # [num_pages, page_size, r + rope_dim]
+        width = kv.shape[-1]
+        if width != module.kv_lora_rank + module.rope_dim:
+            raise LatentKVError(f"layer {module.layer_idx}: cache width {width} does not fit the module.")
+        rows = torch.cat([latent, k_rope[:, 0]], dim=-1).reshape(b * s, width)
+        kv.view(-1, width).index_copy_(0, step["rows"], rows.to(kv.dtype))
+
+        w_uk, w_uv = module.absorbed_weights()  # [H, d_nope, r_c], [H, d_v, r_c]
+        q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
+        q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [b, s, H, r_c + rope_dim]
+        out = decode_attention(
+            q, kv, step["block_table"], step["seq_lens"],
+            latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
+            num_splits=self.num_splits, backend=self.backend, max_seq_len=step["max_len"],
+        )  # [b, s, H, r_c]  # fmt: skip
+        v = torch.einsum("bshr,hvr->bshv", out.to(w_uv.dtype), w_uv)  # [b, s, H, d_v]
+        return v.reshape(b, s, heads * module.v_head_dim)
+
+
+def latent_attentions(model) -> list:
+    """The LatentAttention modules of a latentkv model, in layer order (error for other models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    attns = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    if not attns or not all(hasattr(a, "absorbed_weights") for a in attns):
+        raise LatentKVError(
+            f"{type(model).__name__} has no latent attention; the decode loop runs models converted to the "
+            "latentkv format with MLA or GLA (latentkv convert --format latentkv)."
+        )
+    return attns
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def forward_step(model, cache: PagedLatentCache, seqs: list[int], input_ids: torch.Tensor, last_only: bool = False):
+    """input_ids [len(seqs), n] appended to ``seqs``; returns logits [b, n or 1, vocab] (float32)."""
+    inner = model.model
+    positions = cache.begin_step(seqs, input_ids.shape[1])
+    try:
+        hidden = inner.embed_tokens(input_ids.to(cache.device))
+        for layer in inner.layers:
+            hidden = layer(
+                hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
+                position_embeddings=None,
+            )  # fmt: skip
+            if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
+                hidden = hidden[0]
+        hidden = inner.norm(hidden[:, -1:] if last_only else hidden)
+    except BaseException:
+        cache.abort_step()
+        raise
+    cache.end_step()
+    return model.lm_head(hidden).float()
+
+
+def prefill(model, cache: PagedLatentCache, seq: int, ids: list[int], chunk: int, all_logits: bool = False):
+    """Feed a prompt in chunks of ``chunk`` query tokens; returns the logits of its last token
+    [vocab] (or of every token [len, vocab] with ``all_logits``)."""
+    if not ids:
+        raise LatentKVError("an empty prompt: give at least one token (or a tokenizer that adds BOS).")
+    if chunk < 1:
+        raise LatentKVError(f"prefill_chunk must be >= 1; got {chunk}.")
+    out = []
+    for start in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[start : start + chunk]], dtype=torch.long)
+        logits = forward_step(model, cache, [seq], piece, last_only=not all_logits)
+        out.append(logits[0])
+    return torch.cat(out) if all_logits else out[-1][-1]
+
+
+def _check_length(model, total: int) -> None:
+    src = getattr(model.config, "source_config", {}) or {}
+    window = src.get("sliding_window")
+    if window and src.get("use_sliding_window", True) and total > window:
+        raise LatentKVError(
+            f"sequences of {total} tokens exceed the source's sliding window ({window}); the paged decode "
+            "attends to the whole sequence. Generate fewer tokens."
+        )
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    backend: str = "auto",
+    page_size: int = 64,
+    prefill_chunk: int = 8,
+    eos_token_id: int | list[int] | None = None,
+    return_logits: bool = False,
+    num_splits: int | None = None,
+):
+    """Greedy decoding of token-id prompts (any lengths) through the paged cache.
+
+    Each prompt is prefilled on its own (chunks of ``prefill_chunk`` query tokens through the
+    kernel), then all sequences decode together, one token per step, each at its own length; a
+    sequence stops after an EOS token. Returns the new tokens per prompt, and with
+    ``return_logits`` the logits [n_new, vocab] (float32, CPU) that chose each of them.
+    """
+    model.eval()
+    latent_attentions(model)
+    if max_new_tokens < 1:
+        raise LatentKVError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    _check_length(model, longest)
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    cache = PagedLatentCache.for_model(
+        model, max_seqs=len(prompts), max_seq_len=longest, page_size=page_size, backend=backend, num_splits=num_splits
+    )
+    seqs = [cache.add_sequence() for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logits_out: list[list[torch.Tensor]] = [[] for _ in prompts]
+    nxt = []
+    for i, ids in enumerate(prompts):
+        logits = prefill(model, cache, seqs[i], list(ids), prefill_chunk)
+        nxt.append(logits)
+    active = list(range(len(prompts)))
+    step_logits = torch.stack(nxt)  # [b, vocab]
+    while True:
+        chosen = step_logits.argmax(-1).tolist()
+        still = []
+        for row, i in enumerate(active):
+            tokens[i].append(chosen[row])
+            if return_logits:
+                logits_out[i].append(step_logits[row].cpu())
+            if chosen[row] not in eos and len(tokens[i]) < max_new_tokens:
+                still.append((row, i))
+        if not still:
+            break
+        active = [i for _, i in still]
+        ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long)
+        step_logits = forward_step(model, cache, [seqs[i] for i in active], ids)[:, -1]
+    if return_logits:
+        return tokens, [torch.stack(x) for x in logits_out]
+    return tokens
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    token_ids: list[list[int]]  # new tokens per prompt (an EOS that stopped it included)
+    prompt_ids: list[list[int]]
+    seconds: float
+    new_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        self.new_tokens = sum(len(t) for t in self.token_ids)
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return list(ids)
+
+
+def _eos_ids(model, tokenizer):
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return eos
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    *,
+    backend: str = "auto",
+    page_size: int = 64,
+    prefill_chunk: int = 8,
+    stop_at_eos: bool = True,
+) -> Generation:
+    """Greedy generation for a batch of text prompts through the paged latent cache."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompt_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    t0 = time.perf_counter()
+    tokens = generate_ids(
+        model, prompt_ids, max_new_tokens, backend=backend, page_size=page_size, prefill_chunk=prefill_chunk,
+        eos_token_id=_eos_ids(model, tokenizer) if stop_at_eos else None,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return Generation(texts=texts, token_ids=tokens, prompt_ids=prompt_ids, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def hf_cache_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy tokens through the model's own forward with transformers' DynamicCache (no EOS stop)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt], device=device)
+    out = []
+    for _ in range(num_tokens):
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        out.append(int(logits.argmax()))
+        ids = torch.tensor([[out[-1]]], device=device)
+    return out
+
+
+@torch.no_grad()
+def decode_check(
+    model,
+    tokenizer,
+    text_or_ids: str | list[int],
+    num_tokens: int = 256,
+    *,
+    backend: str = "auto",
+    page_size: int = 64,
+    prefill_chunk: int = 8,
+    max_prompt_tokens: int | None = 64,
+    rtol: float | None = None,
+    hf_cache: bool = True,
+    num_splits: int | None = None,
+) -> dict:
+    """Does the paged decode loop compute what the model computes?
+
+    Feeds the prompt (chunks of ``prefill_chunk``) and ``num_tokens`` greedy tokens through the
+    paged cache and the decode kernel (``backend``), keeping the logits at every position; then runs
+    one full forward of the model (transformers' own path, no cache) over the same sequence. Passes
+    when max |logit diff| <= rtol * max |reference logit| at every position (rtol by dtype:
+    DECODE_CHECK_RTOL), every logit is finite, and every greedy token the two disagree on is a
+    near tie of the reference (top-2 margin <= 2 * max |diff|). With ``hf_cache`` the model's
+    own incremental decode (DynamicCache) is also run and its first divergence reported.
+    ``num_splits`` forces the kernel's split-KV count (None: its own choice).
+    """
+    model.eval()
+    prompt = list(text_or_ids) if not isinstance(text_or_ids, str) else _prompt_ids(tokenizer, text_or_ids)
+    if max_prompt_tokens is not None:
+        prompt = prompt[:max_prompt_tokens]
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    rtol = DECODE_CHECK_RTOL.get(dtype, 2e-2) if rtol is None else rtol
+    resolved = backend if backend != "auto" else ("triton" if device.type == "cuda" else "reference")
+
+    # 1. paged: prompt logits (every position) + greedy decode one token per step
+    t0 = time.perf_counter()
+    cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(prompt) + num_tokens, page_size=page_size,
+                                       backend=backend, num_splits=num_splits)
+    _check_length(model, len(prompt) + num_tokens)
+    seq = cache.add_sequence()
+    prompt_logits = prefill(model, cache, seq, prompt, prefill_chunk, all_logits=True)  # [P, V]
+    rows, tokens = [], []
+    step = prompt_logits[-1]
+    for i in range(num_tokens):
+        tokens.append(int(step.argmax()))
+        if i + 1 < num_tokens:
+            step = forward_step(model, cache, [seq], torch.tensor([[tokens[-1]]]))[0, -1]
+            rows.append(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    paged_seconds = time.perf_counter() - t0
+    paged = torch.cat([prompt_logits] + [r[None] for r in rows])  # [P + n - 1, V]: positions 0 .. P+n-2
+
+    # 2. reference: one full forward over prompt + generated tokens (teacher-forced)
+    full = torch.tensor([prompt + tokens[:-1]], device=device)
+    ref = model(full, use_cache=False).logits[0].float()  # [P + n - 1, V]
+
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # per position
+    diff = (paged - ref).abs()
+    rel_per_pos = (diff.amax(-1, keepdim=True) / scale)[:, 0]
+    cmp = compare(paged, ref, atol=rtol * float(scale.min()), rtol=rtol, max_cos_diff=max(rtol, 1e-6))
+    max_abs = float(diff.max())
+    finite = bool(torch.isfinite(paged).all())
+
+    # 3. greedy tokens (decode positions only) vs the reference's argmax at the same positions
+    dec = slice(len(prompt) - 1, None)
+    ref_tok = ref[dec].argmax(-1)
+    top2 = ref[dec].topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).cpu()
+    mism = (ref_tok.cpu() != torch.tensor(tokens)).nonzero().flatten().tolist()
+    unexplained = [i for i in mism if float(margin[i]) > 2 * max_abs]
+    first = None
+    if mism:
+        i = mism[0]
+        first = {"index": i, "paged": tokens[i], "reference": int(ref_tok[i]), "reference_margin": float(margin[i])}
+
+    report = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "backend": resolved,
+        "page_size": page_size,
+        "prefill_chunk": prefill_chunk,
+        "prompt_tokens": len(prompt),
+        "num_tokens": num_tokens,
+        "tokens": tokens,
+        "max_abs": max_abs,
+        "max_rel": float(rel_per_pos.max()),  # max |diff| / max |ref| at the worst position
+        "worst_position": int(rel_per_pos.argmax()),
+        "rel_l2": cmp.rel_l2,
+        "cos_diff": cmp.cos_diff,
+        "rtol": rtol,
+        "token_mismatches": len(mism),
+        "unexplained_mismatches": len(unexplained),
+        "first_mismatch": first,
+        "paged_seconds": paged_seconds,
+        "paged_tokens_per_s": (len(prompt) + num_tokens) / paged_seconds if paged_seconds > 0 else None,
+        "passed": finite and float(rel_per_pos.max()) <= rtol and not unexplained,
+    }
+    if hf_cache:
+        hf = hf_cache_greedy(model, prompt, num_tokens)
+        div = next((i for i, (a, b) in enumerate(zip(hf, tokens)) if a != b), None)
+        report["hf_cache_first_divergence"] = div
+    return report

@@ -1,0 +1,192 @@
+"""The typed options of `latentkv finetune` and what a run returns.
+
+Every field maps to one CLI flag (cli.py); nothing here parses arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from latentkv.errors import LatentKVError
+
+MODES = ("lora", "attention")
+TARGETS = ("attention", "attention+mlp")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# Fields that change what is trained: a checkpoint made with other values cannot be resumed.
+_RESUME_KEYS = (
+    "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
+    "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
+    "max_grad_norm", "temperature", "lm_weight", "seed", "precision",
+)
+
+
+@dataclass
+class FinetuneOptions:
+    """One healing run of a converted model: LoRA or full attention weights, distilled from a teacher.
+
+    model: the converted model folder (latentkv or deepseek format).
+    output: where the result goes (adapter, or merged weights in the model's own format).
+    data / split / text_field: training text, as for calibration (local .txt/.jsonl/.parquet file or
+        folder, or a `datasets` name); packed into `seq_len`-token sequences. WikiText is refused.
+    teacher: the model to distil from (usually the source of the conversion: a folder, .gguf or Hub
+        id). None trains on the LM loss alone.
+    mode: "lora" (peft adapters on the target modules) or "attention" (the target modules' full
+        weights; the rest stays frozen). "attention" always writes full weights.
+    target: "attention" (the converted attention's linears) or "attention+mlp" (the MLP's too).
+    lora_rank / lora_alpha / lora_dropout: the adapters' width (4..128), scale (usually 2 x rank)
+        and dropout (0..0.1).
+    tokens: training tokens in all (the global budget, summed over GPUs); 1e6..1e10 is sensible.
+    seq_len: tokens per packed sequence (256..4096).
+    batch_size: sequences per optimizer step, summed over GPUs (so runs on 1 or 8 GPUs match).
+    micro_batch_size: sequences per forward pass on one GPU (None: the whole per-GPU share);
+        lower it when memory runs out; gradients are accumulated up to `batch_size`.
+    lr: peak learning rate (None: 2e-4 for lora, 5e-5 for attention); warmup: fraction of the
+        steps with a linear warm-up (0..0.2); then cosine decay down to lr x min_lr_ratio.
+    weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
+    temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
+    lm_weight: loss = (1 - lm_weight) * KL(teacher || student) + lm_weight * next-token CE (0..1).
+    precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
+    gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+    compile: torch.compile the student and teacher (faster steps after a warm-up of tens of seconds).
+    checkpoint_every: optimizer steps between resumable checkpoints (0 = only when stopped early),
+        written to `<output>.checkpoints/`; rerunning the same command resumes from the last one.
+    keep_checkpoints: how many checkpoints to keep; keep_checkpoints_after: keep the folder when done.
+    stop_after_steps: stop (with a checkpoint) after this many steps in this process; rerun to go on.
+    merge: fold the LoRA adapters into the weights and write the model's own format (else the
+        adapter alone is written).
+    eval_text / eval_windows / eval_window: the perplexity protocol measured before and after (and
+        at `eval_at` token counts during training); eval_windows = 0 skips it.
+    """
+
+    model: str
+    output: str
+    data: str = "../shared/corpora/gutenberg"
+    split: str = "train"
+    text_field: str = "text"
+    teacher: str | None = None
+    mode: str = "lora"
+    target: str = "attention"
+    lora_rank: int = 32
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    tokens: int = 20_000_000
+    seq_len: int = 1024
+    batch_size: int = 64
+    micro_batch_size: int | None = None
+    lr: float | None = None
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    lm_weight: float = 0.0
+    seed: int = 0
+    precision: str = "auto"
+    device: str | None = None
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    keep_checkpoints_after: bool = False
+    stop_after_steps: int | None = None
+    merge: bool = False
+    save_dtype: str | None = None
+    max_shard_size: str = "5GB"
+    eval_text: str | None = None
+    eval_windows: int = 64
+    eval_window: int = 512
+    eval_at: tuple[int, ...] = ()
+    log_every: int = 10
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    teacher_gguf_file: str | None = None
+    command: str = ""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise LatentKVError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.target not in TARGETS:
+            raise LatentKVError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.precision not in PRECISIONS:
+            raise LatentKVError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("lora_rank", 1), ("log_every", 1)):
+            if int(getattr(self, name)) < low:
+                raise LatentKVError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        self.tokens = int(self.tokens)
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise LatentKVError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if not 0 <= self.lm_weight <= 1:
+            raise LatentKVError(f"--lm-weight must be in [0, 1], got {self.lm_weight}")
+        if self.teacher is None and self.lm_weight < 1:
+            # Without a teacher the only loss there is is the LM loss.
+            self.lm_weight = 1.0
+        if self.temperature <= 0:
+            raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.warmup < 1:
+            raise LatentKVError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LatentKVError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LatentKVError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lr is None:
+            self.lr = 2e-4 if self.mode == "lora" else 5e-5
+        if self.lr <= 0:
+            raise LatentKVError(f"--lr must be > 0, got {self.lr}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise LatentKVError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise LatentKVError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
+        if self.eval_windows < 0 or self.eval_window < 2:
+            raise LatentKVError("--eval-windows must be >= 0 and --eval-window >= 2")
+        self.eval_at = tuple(sorted({int(t) for t in self.eval_at}))
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output).expanduser().absolute()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Resumable checkpoints live beside the output (the output folder appears only when done)."""
+        p = self.output_path
+        return p.with_name(p.name + ".checkpoints")
+
+    @property
+    def log_file(self) -> Path:
+        p = self.output_path
+        return p.with_name(p.name + ".log")
+
+    def resume_key(self) -> dict:
+        """The settings a checkpoint must share with this run to be resumed."""
+        d = asdict(self)
+        return {k: d[k] for k in _RESUME_KEYS}
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        for k in ("output", "overwrite", "command", "stop_after_steps", "keep_checkpoints_after"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did: where it wrote, how far it got, how fast, and the perplexities measured."""
+
+    output: Path | None  # None when stopped early (stop_after_steps): only checkpoints were written
+    steps: int
+    total_steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float  # steady state (first steps after start/resume left out), all GPUs together
+    flops_per_token: float
+    mfu: float | None  # against the device's dense bf16 peak (None when unknown)
+    trainable_params: int
+    evals: list[dict] = field(default_factory=list)  # {"tokens": ..., "perplexity": ...}
+    before: float | None = None
+    after: float | None = None
+    teacher_perplexity: float | None = None
+    resumed_from: int | None = None
+    notes: list[str] = field(default_factory=list)

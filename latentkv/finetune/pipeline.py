@@ -1,0 +1,295 @@
+"""`latentkv finetune`: heal a converted model by distillation from its source, as a list of steps.
+
+load student -> check teacher -> pack data -> make trainable (LoRA / attention) -> resume ->
+measure before -> train -> measure after -> write (merged model or adapter) + card + recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from latentkv.errors import LatentKVError
+from latentkv.finetune import targets as tg
+from latentkv.finetune.data import PackedSequences
+from latentkv.finetune.flops import FORMULA, device_peak_flops, flops_per_token
+from latentkv.finetune.options import FinetuneOptions, FinetuneResult
+from latentkv.finetune.trainer import StepPlan, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
+    """Run (or resume) one healing run; the output folder appears only when everything succeeded.
+
+    `progress(event, info)` is called on the main process with event "start", "step" (info: step,
+    steps, tokens, loss, kl, lm, lr, tokens_per_s) or "eval" (tokens, perplexity).
+    """
+    from latentkv.io.writer import OutputFolder
+
+    t0 = time.perf_counter()
+    acc = _accelerator(opts)
+    with _log_file(opts.log_file if acc.is_main_process else None):
+        out = OutputFolder(opts.output, overwrite=opts.overwrite)  # refuse a non-empty folder before any work
+        model_dir = _model_dir(opts.model)
+        row = tg.targets_for(_read_config(model_dir))
+        tokenizer = _tokenizer(model_dir, opts.trust_remote_code)
+        teacher_dir = _teacher_dir(opts, tokenizer) if opts.teacher else None
+        from latentkv.calibration.data import TextSource
+
+        data = PackedSequences(tokenizer, TextSource(opts.data, opts.split, opts.text_field), opts.seq_len, opts.seed)
+        plan = StepPlan.make(opts, acc.num_processes)
+        autocast = _autocast_dtype(opts, acc.device)
+        student = build_student(opts, model_dir, row).to(acc.device)
+        teacher = _load_teacher(teacher_dir, acc.device) if teacher_dir else None
+        eval_windows = _eval_windows(opts, tokenizer)
+        trainer = Trainer(opts, acc, student, teacher, data, plan, autocast, eval_windows, progress)
+        _log_plan(opts, plan, data, trainer, student, teacher)
+        trainer.resume_if_possible()
+        st = trainer.state
+        if st.resumed_from is None and eval_windows is not None:
+            st.before = trainer.evaluate(student)
+            st.teacher_perplexity = trainer.evaluate(teacher) if teacher is not None else None
+            log.info("before healing: perplexity %.4g (teacher %s)", st.before, st.teacher_perplexity)
+        trainer.prepare()
+        trainer.run()
+        fpt = flops_per_token(student, teacher)
+        peak, device_name = device_peak_flops(acc.device)
+        tps = trainer.tokens_per_s
+        mfu = tps * fpt / (peak * acc.num_processes) if peak and tps == tps else None
+        result = FinetuneResult(
+            output=None, steps=st.step, total_steps=plan.total_steps, tokens=st.step * plan.tokens_per_step,
+            seconds=time.perf_counter() - t0, tokens_per_s=tps, flops_per_token=fpt, mfu=mfu,
+            trainable_params=sum(p.numel() for p in trainer.trainable.values()), evals=list(st.evals),
+            before=st.before, teacher_perplexity=st.teacher_perplexity, resumed_from=st.resumed_from,
+        )
+        log.info("throughput %.0f tokens/s, %.3g FLOP/token%s (%s)", tps, fpt,
+                 f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s x {acc.num_processes} ({device_name})" if mfu else "",
+                 FORMULA)
+        if st.step < plan.total_steps:
+            log.info("stopped after step %d of %d; rerun the same command to continue", st.step, plan.total_steps)
+            return result
+        final = [e for e in st.evals if e["tokens"] == result.tokens]
+        result.after = final[-1]["perplexity"] if final else (trainer.evaluate() if eval_windows is not None else None)
+        trained = trainer.trained_tensors()
+        if acc.is_main_process:
+            with out:
+                write_output(opts, model_dir, row, trained, out.tmp, result)
+            if not opts.keep_checkpoints_after:
+                shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
+            result.output = out.path
+            log.info("wrote %s", out.path)
+        acc.wait_for_everyone()
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+def build_student(opts: FinetuneOptions, model_dir: Path, row: tg.FormatTargets):
+    """The converted model in float32 with only the chosen weights trainable (LoRA or full)."""
+    from latentkv.modeling import load_model
+
+    model = load_model(model_dir, dtype=torch.float32, device="cpu", trust_remote_code=opts.trust_remote_code)
+    model.config.use_cache = False
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(opts.seed)  # the adapters' initialisation
+    if opts.mode == "lora":
+        model, names = tg.add_lora(model, row, opts.target, opts.lora_rank, opts.lora_alpha, opts.lora_dropout)
+    else:
+        names = tg.freeze_all_but(model, row, opts.target)
+    log.info("training %s of %d modules (%s ...)", "LoRA adapters" if opts.mode == "lora" else "the weights",
+             len(names), ", ".join(names[:4]))
+    return model.train()
+
+
+def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst: Path, result: FinetuneResult):
+    """Rebuild the model on CPU with the trained tensors, then merge/write it or save the adapter."""
+    from latentkv.finetune.save import results_rows, write_card, write_full_model
+
+    model = build_student(opts, model_dir, row)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(params))
+    if unknown:
+        raise LatentKVError(f"Trained tensors {unknown[:3]} have no place in the rebuilt model; this is a bug")
+    with torch.no_grad():
+        for name, t in trained.items():
+            params[name].copy_(t.to("cpu", params[name].dtype))
+    from latentkv.eval.perplexity import PerplexityProtocol
+
+    protocol = PerplexityProtocol(**_protocol_kwargs(opts)).describe()
+    rows = results_rows(result.before, result.after, result.teacher_perplexity, protocol, result.evals)
+    adapter = opts.mode == "lora" and not opts.merge
+    if adapter:
+        model.save_pretrained(str(dst))  # adapter_config.json + adapter_model.safetensors
+    else:
+        if opts.mode == "lora":
+            model = model.merge_and_unload()
+        save_dtype = _resolve(opts.save_dtype)
+        write_full_model(model, model_dir, dst, save_dtype, opts.max_shard_size)
+    write_card(dst, opts, rows, adapter, result.tokens, model_dir)
+    (dst / "latentkv_finetune.json").write_text(json.dumps({
+        "tokens": result.tokens, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
+        "flops_per_token": result.flops_per_token, "mfu": result.mfu, "before": result.before,
+        "after": result.after, "teacher": result.teacher_perplexity, "evals": result.evals,
+        "trainable_params": result.trainable_params, "mfu_formula": FORMULA,
+    }, indent=2) + "\n")
+
+
+def load_adapter(model: str | Path, adapter: str | Path, device: str = "cpu"):
+    """A converted model with a healing adapter applied (unmerged), ready for inference.
+
+    Use this rather than plain `PeftModel.from_pretrained`: the latentkv attention reads
+    kv_b_proj's weight directly, and this routes it through the module so its adapter applies.
+    """
+    from peft import PeftModel
+
+    from latentkv.modeling import load_model
+
+    base = load_model(Path(model), dtype=torch.float32, device=device)
+    tg.route_latent_expansion_through_modules(base)
+    return PeftModel.from_pretrained(base, str(adapter)).to(device).eval()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _accelerator(opts: FinetuneOptions):
+    from accelerate import Accelerator
+
+    kwargs = {"mixed_precision": "no"}  # autocast is applied by the trainer, so eval stays float32
+    if opts.device == "cpu":
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
+
+
+def _autocast_dtype(opts: FinetuneOptions, device: torch.device) -> torch.dtype | None:
+    if opts.precision == "fp32" or (opts.precision == "auto" and device.type != "cuda"):
+        log.info("precision: float32 (%s)", "asked" if opts.precision == "fp32" else "no GPU")
+        return None
+    log.info("precision: bf16 autocast over float32 weights (%s)", "asked" if opts.precision == "bf16" else "GPU")
+    return torch.bfloat16
+
+
+def _model_dir(model: str) -> Path:
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise LatentKVError(f"{model} is not a model folder (no config.json); pass the output of `latentkv convert`")
+    return path
+
+
+def _read_config(folder: Path):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+
+
+def _tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a missing tokenizer
+        raise LatentKVError(f"Could not load the tokenizer of {folder} ({type(exc).__name__}); copy the source's "
+                            "tokenizer files into it") from exc
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be identical."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        only_s = sorted(set(s) - set(t))[:3]
+        only_t = sorted(set(t) - set(s))[:3]
+        moved = sorted(k for k in set(s) & set(t) if s[k] != t[k])[:3]
+        raise LatentKVError(
+            f"The teacher {teacher_name} has another tokenizer than the student ({len(t)} vs {len(s)} tokens; "
+            f"only in the student: {only_s}, only in the teacher: {only_t}, other ids: {moved}); "
+            "pass as --teacher the model the student was converted from"
+        )
+
+
+def _teacher_dir(opts: FinetuneOptions, student_tok) -> Path:
+    from latentkv.io.source import open_source
+
+    source = open_source(opts.teacher, gguf_file=opts.teacher_gguf_file, trust_remote_code=opts.trust_remote_code)
+    check_same_tokenizer(student_tok, source.tokenizer(), opts.teacher)
+    return source.folder
+
+
+def _load_teacher(folder: Path, device: torch.device):
+    from latentkv.modeling import load_model
+
+    # float32 weights: under bf16 autocast its products run in bf16 all the same, and its own
+    # perplexity (the card's reference) is measured in float32 as the protocol asks.
+    teacher = load_model(folder, dtype=torch.float32, device=str(device))
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def _protocol_kwargs(opts: FinetuneOptions) -> dict:
+    kw = {"window": opts.eval_window, "windows": opts.eval_windows}
+    if opts.eval_text:
+        kw["text"] = opts.eval_text
+    return kw
+
+
+def _eval_windows(opts: FinetuneOptions, tokenizer) -> torch.Tensor | None:
+    if opts.eval_windows == 0:
+        return None
+    from latentkv.eval.perplexity import PerplexityProtocol, eval_windows
+
+    protocol = PerplexityProtocol(**_protocol_kwargs(opts))
+    log.info("evaluation: %s", protocol.describe())
+    return eval_windows(tokenizer, protocol)
+
+
+def _resolve(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise LatentKVError(f"--save-dtype must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+def _log_plan(opts, plan: StepPlan, data: PackedSequences, trainer: Trainer, student, teacher) -> None:
+    n_train = sum(p.numel() for p in trainer.trainable.values())
+    n_all = sum(p.numel() for p in student.parameters())
+    log.info(
+        "%d steps of %d sequences x %d tokens (%d processes x %d micro-batches of %d), %.2f epochs of the data; "
+        "training %.2fM of %.1fM parameters (%s, %s); lr %.3g, warm-up %d steps, cosine to x%.2f; %s",
+        plan.total_steps, opts.batch_size, opts.seq_len, plan.world, plan.accum, plan.micro,
+        data.epochs(plan.total_steps * opts.batch_size), n_train / 1e6, n_all / 1e6, opts.mode, opts.target,
+        opts.lr, plan.warmup_steps, opts.min_lr_ratio,
+        f"distilling from {opts.teacher} at T={opts.temperature}, LM weight {opts.lm_weight}" if teacher is not None
+        else "LM loss only (no teacher)",
+    )
+
+
+@contextlib.contextmanager
+def _log_file(path: Path | None):
+    """Mirror latentkv's log into `<output>.log` for the duration of the run (main process)."""
+    if path is None:
+        yield
+        return
+    logger = logging.getLogger("latentkv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(old_level)

@@ -1,0 +1,295 @@
+"""The training loop: data parallel through `accelerate`, distillation loss, checkpoints, evaluations.
+
+The same code runs on one process (CPU or one GPU) and under `accelerate launch` on several GPUs:
+each optimizer step reads one global batch of `batch_size` sequences; process r takes every
+world-th row and accumulates micro-batches, so a run's numbers do not depend on the GPU count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from latentkv.errors import LatentKVError
+from latentkv.finetune import state as ckpt
+from latentkv.finetune.data import PackedSequences
+from latentkv.finetune.loss import distillation_loss
+from latentkv.finetune.options import FinetuneOptions
+
+log = logging.getLogger(__name__)
+
+# Steps left out of the throughput after a (re)start: compilation and allocator warm-up.
+TIMING_SKIP_STEPS = 5
+
+
+@dataclass
+class StepPlan:
+    """How a global batch splits over processes and micro-batches, and how many steps there are."""
+
+    world: int
+    per_process: int
+    micro: int
+    accum: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_step: int
+
+    @classmethod
+    def make(cls, opts: FinetuneOptions, world: int) -> "StepPlan":
+        if opts.batch_size % world:
+            raise LatentKVError(
+                f"--batch-size {opts.batch_size} (sequences per step, all GPUs together) does not split over "
+                f"{world} processes; use a multiple of {world}"
+            )
+        per = opts.batch_size // world
+        micro = min(opts.micro_batch_size or per, per)
+        if per % micro:
+            raise LatentKVError(
+                f"--micro-batch-size {micro} does not divide the {per} sequences each process takes per step; "
+                f"use a divisor of {per}"
+            )
+        tokens_per_step = opts.batch_size * opts.seq_len
+        total = max(1, math.ceil(opts.tokens / tokens_per_step))
+        return cls(world, per, micro, per // micro, total, int(round(opts.warmup * total)), tokens_per_step)
+
+    def lr_factor(self, step: int, min_ratio: float) -> float:
+        """Linear warm-up to 1, then cosine decay to `min_ratio` at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps - 1)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    evals: list[dict] = field(default_factory=list)
+    before: float | None = None
+    teacher_perplexity: float | None = None
+    resumed_from: int | None = None
+
+
+class Trainer:
+    def __init__(self, opts: FinetuneOptions, accelerator, student, teacher, data: PackedSequences,
+                 plan: StepPlan, autocast_dtype: torch.dtype | None, eval_windows: torch.Tensor | None,
+                 progress=None):
+        self.opts, self.acc, self.plan, self.data = opts, accelerator, plan, data
+        self.student = student  # the module itself (eval, state); self.model is what trains
+        self.teacher = teacher
+        self.autocast_dtype = autocast_dtype
+        self.eval_windows = eval_windows
+        self.progress = progress if accelerator.is_main_process else None
+        self.trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise LatentKVError("Nothing to train: no parameter requires a gradient")
+        self.optimizer = torch.optim.AdamW(
+            list(self.trainable.values()), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
+        )
+        self.state = RunState()
+        self.timed_tokens = 0
+        self.timed_seconds = 0.0
+
+    # --- set-up -------------------------------------------------------------------------------
+    def resume_if_possible(self) -> None:
+        """Load the newest complete checkpoint of a run with the same settings (before `prepare`)."""
+        path = ckpt.latest_checkpoint(self.opts.checkpoint_dir)
+        if path is None:
+            return
+        saved = ckpt.check_resumable(path, self.opts.resume_key())
+        tensors = ckpt.read_trainable(path)
+        missing = sorted(set(self.trainable) - set(tensors))
+        if missing:
+            raise LatentKVError(f"{path} lacks trained tensors ({', '.join(missing[:3])}, ...); delete it to start over")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        self._optimizer_state = ckpt.read_optimizer(path, self.acc.process_index, self.acc.num_processes,
+                                                    saved.get("world", 1))
+        self._scheduler_state = saved["scheduler"]
+        ckpt.set_rng_state(saved["rng"])
+        self.state = RunState(step=saved["step"], evals=saved.get("evals", []), before=saved.get("before"),
+                              teacher_perplexity=saved.get("teacher_perplexity"), resumed_from=saved["step"])
+        if saved["data_position"] != saved["step"] * self.opts.batch_size:
+            raise LatentKVError(f"{path} has an inconsistent data position; delete it to start over")
+        log.info("resuming from %s: step %d of %d, %d tokens done", path, saved["step"], self.plan.total_steps,
+                 saved["tokens"])
+
+    def prepare(self) -> None:
+        acc = self.acc
+        self.model, self.optimizer = acc.prepare(self.student, self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: self.plan.lr_factor(s, self.opts.min_lr_ratio)
+        )
+        if getattr(self, "_optimizer_state", None) is not None:
+            self.optimizer.load_state_dict(self._optimizer_state)
+            self.scheduler.load_state_dict(self._scheduler_state)
+            self._optimizer_state = None
+        self.fsdp = "FSDP" in str(acc.distributed_type)
+        self.eval_model = self.model if self.fsdp else self.student
+        if self.opts.compile:
+            log.info("compiling the student%s with torch.compile (warm-up takes a while)",
+                     " and the teacher" if self.teacher is not None else "")
+            self.model = torch.compile(self.model)
+            if self.teacher is not None:
+                self.teacher = torch.compile(self.teacher)
+
+    # --- pieces of a step ---------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.acc.device.type, dtype=self.autocast_dtype)
+
+    def _local_rows(self, step: int) -> torch.Tensor:
+        batch = self.data.batch(step * self.opts.batch_size, self.opts.batch_size)  # [B, seq]
+        return batch[self.acc.process_index :: self.plan.world]
+
+    def _micro_step(self, ids: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
+        ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+        with ctx:
+            with self._autocast():
+                teacher_logits = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                loss, parts = distillation_loss(logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight)
+            self.acc.backward(loss / self.plan.accum)
+        parts["loss"] = loss.detach()
+        return parts
+
+    def _step(self, step: int) -> dict[str, torch.Tensor]:
+        rows = self._local_rows(step).to(self.acc.device)
+        sums: dict[str, torch.Tensor] = {}
+        for k in range(self.plan.accum):
+            ids = rows[k * self.plan.micro : (k + 1) * self.plan.micro]
+            for name, value in self._micro_step(ids, sync=k == self.plan.accum - 1).items():
+                sums[name] = sums.get(name, 0) + value / self.plan.accum
+        if self.opts.max_grad_norm > 0:
+            sums["grad_norm"] = self.acc.clip_grad_norm_(list(self.trainable.values()), self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> RunState:
+        opts, plan, st = self.opts, self.plan, self.state
+        stop_at = plan.total_steps
+        if opts.stop_after_steps is not None:
+            stop_at = min(stop_at, st.step + opts.stop_after_steps)
+        pending = [t for t in opts.eval_at if t > st.step * plan.tokens_per_step]
+        first = st.step
+        window: dict[str, torch.Tensor] = {}
+        window_steps = 0
+        self.model.train()
+        self._sync()
+        mark, mark_step = time.perf_counter(), st.step
+        if self.progress:
+            self.progress("start", {"step": st.step, "steps": plan.total_steps, "tokens": st.step * plan.tokens_per_step,
+                                    "tokens_total": plan.total_steps * plan.tokens_per_step})
+        while st.step < stop_at:
+            parts = self._step(st.step)
+            st.step += 1
+            window_steps += 1
+            for k, v in parts.items():
+                window[k] = window.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else v)
+            tokens = st.step * plan.tokens_per_step
+            due_eval = bool(pending) and tokens >= pending[0]
+            due_ckpt = (opts.checkpoint_every and st.step % opts.checkpoint_every == 0 and st.step < plan.total_steps)
+            last = st.step == stop_at
+            if st.step % opts.log_every == 0 or due_eval or due_ckpt or last:
+                now = self._sync()
+                seconds = now - mark
+                if mark_step - first >= min(TIMING_SKIP_STEPS, opts.log_every):
+                    self.timed_seconds += seconds
+                    self.timed_tokens += (st.step - mark_step) * plan.tokens_per_step
+                metrics = {k: float(self.acc.reduce(torch.as_tensor(v, device=self.acc.device).float(), "mean"))
+                           / window_steps for k, v in window.items()}
+                metrics.update(step=st.step, steps=plan.total_steps, tokens=tokens,
+                               lr=self.scheduler.get_last_lr()[0],
+                               tokens_per_s=(st.step - mark_step) * plan.tokens_per_step / max(seconds, 1e-9))
+                log.info("step %d/%d  tokens %.3gM  loss %.4f%s  lr %.3g  %.0f tokens/s", st.step, plan.total_steps,
+                         tokens / 1e6, metrics.get("loss", float("nan")),
+                         "".join(f"  {k} {metrics[k]:.4f}" for k in ("kl", "lm") if k in metrics),
+                         metrics["lr"], metrics["tokens_per_s"])
+                if self.progress:
+                    self.progress("step", metrics)
+                window, window_steps = {}, 0
+                if due_eval:
+                    while pending and tokens >= pending[0]:
+                        pending.pop(0)
+                    ppl = self.evaluate()
+                    st.evals.append({"tokens": tokens, "perplexity": ppl})
+                    log.info("eval at %.3gM tokens: perplexity %.4g", tokens / 1e6, ppl)
+                    if self.progress:
+                        self.progress("eval", {"tokens": tokens, "perplexity": ppl})
+                if due_ckpt or (last and st.step < plan.total_steps):
+                    self.save_checkpoint()
+                mark, mark_step = self._sync(), st.step
+        return st
+
+    def _sync(self) -> float:
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize(self.acc.device)
+        return time.perf_counter()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else float("nan")
+
+    # --- evaluation and checkpoints ------------------------------------------------------------
+    def evaluate(self, model=None) -> float | None:
+        """Perplexity on the evaluation windows (float32, no autocast), split over the processes."""
+        if self.eval_windows is None:
+            return None
+        from latentkv.eval.perplexity import perplexity
+
+        model = model if model is not None else self.eval_model
+        was_training = model.training
+        model.eval()
+        mine = self.eval_windows[self.acc.process_index :: self.acc.num_processes]
+        local = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        if mine.shape[0]:
+            n = mine.shape[0] * (mine.shape[1] - 1)
+            local[0] = math.log(perplexity(model, mine, batch_size=4)) * n
+            local[1] = n
+        total = self.acc.reduce(local, "sum")
+        model.train(was_training)
+        return math.exp(float(total[0] / total[1]))
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        if self.fsdp:
+            full = self.acc.get_state_dict(self.model)
+            return {k: full[k] for k in self.trainable if k in full}
+        return {k: p.detach() for k, p in self.trainable.items()}
+
+    def save_checkpoint(self) -> None:
+        acc, st = self.acc, self.state
+        root = self.opts.checkpoint_dir
+        tmp = root / f".step-{st.step:07d}.partial"
+        if acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        tensors = self.trained_tensors()
+        ckpt.write_optimizer(tmp, acc.process_index, self.optimizer.state_dict())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.write_trainable(tmp, tensors)
+            state = {
+                "step": st.step, "tokens": st.step * self.plan.tokens_per_step,
+                "data_position": st.step * self.opts.batch_size, "total_steps": self.plan.total_steps,
+                "world": acc.num_processes, "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                "evals": st.evals, "before": st.before, "teacher_perplexity": st.teacher_perplexity,
+                "resume_key": self.opts.resume_key(),
+            }
+            ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
+        acc.wait_for_everyone()

@@ -1,0 +1,72 @@
+"""The command line as a user meets it: instant help, clear one-line errors, recipes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from latentkv.cli import app
+from tiny_models import TINY_TEXT
+
+runner = CliRunner()
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    """Guards start-up time: `--help` must not import torch/transformers (import-time work)."""
+    code = "import sys, latentkv.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "latentkv.cli", "--help"], check=True, capture_output=True)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_convert_eval_inspect_roundtrip(tiny_model_dir, tmp_path):
+    """Guards the CLI wiring: convert with shared calibration flags, then eval --json and inspect read it back."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, [
+        "convert", str(tiny_model_dir("llama")), str(out), "--to", "mla", "--kv-budget", "0.5",
+        "--calib-data", str(TINY_TEXT), "--calib-samples", "8", "--calib-seq-len", "64",
+        "--calib-cache", str(tmp_path / "cache"), "--set", "rope_mix=real",
+    ])
+    assert res.exit_code == 0, res.output
+    recipe = (out / "latentkv_recipe.yaml").read_text()
+    assert "rope_mix: real" in recipe
+    assert "latentkv convert" in (out / "README.md").read_text()
+    res = runner.invoke(app, ["eval", str(out), "--json", "--eval-text", str(TINY_TEXT), "--eval-windows", "2", "--eval-window", "64"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["kv_values_per_token"] == 64 and report["perplexity"] > 1
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["architecture"]["model_type"] == "latentkv"
+
+
+def test_recipe_file_and_unknown_keys(tiny_model_dir, tmp_path):
+    """Guards --recipe: its settings are used, and an unknown key is refused with the known ones listed."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"to: mla\nkv_budget: 0.5\ncalib_data: {TINY_TEXT}\ncalib_samples: 8\ncalib_seq_len: 64\n")
+    res = runner.invoke(app, ["convert", str(tiny_model_dir("qwen2")), str(tmp_path / "o"), "--recipe", str(recipe),
+                              "--calib-cache", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kv_budgit: 0.5\n")
+    res = runner.invoke(app, ["convert", str(tiny_model_dir("qwen2")), str(tmp_path / "o2"), "--recipe", str(bad)])
+    assert res.exit_code == 2 and "Unknown recipe keys" in res.output and "kv_budget" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "/nonexistent/model", "/tmp/x", "--kv-budget", "0.5"], "no such folder"),
+    (["eval", "/nonexistent/model"], "no such folder"),
+    (["push", "/nonexistent/folder", "user/repo"], ""),
+])
+def test_bad_input_gives_one_line_error(argv, message):
+    """Guards error presentation: user mistakes exit 2 with a message, never a traceback."""
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert message in res.output.lower()

@@ -1,0 +1,269 @@
+"""Invariants of the MLA / GLA conversion, generic over one table of cases (architecture x method)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+
+from latentkv.convert import lowrank, rope
+from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+from latentkv.errors import LatentKVError
+from latentkv.modeling import load_model
+from tiny_models import TINY_TEXT
+
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha"]
+# (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
+FULL_RANK = {
+    "mla": dict(kv_budget=1.0),
+    "gla": dict(kv_budget=1.0, latent_heads=2),
+}
+
+
+def _convert(src, out, tmp_path, method="mla", fmt="latentkv", **options):
+    return convert(
+        ConvertOptions(
+            source=str(src), output=str(out), method=method, method_options=options, format=fmt,
+            calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(tmp_path / f"cache-{out.name}")),
+        )
+    )
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method", sorted(FULL_RANK))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_reproduces_source(arch, method, tiny_model_dir, tmp_path):
+    """Guards the core promise: at no compression the converted model computes the source's logits
+    (rotation basis, RoPE frequencies, biases, latent fit and modeling code all exact)."""
+    src = tiny_model_dir(arch)
+    out = tmp_path / f"{arch}-{method}"
+    result = _convert(src, out, tmp_path, method, **FULL_RANK[method])
+    assert result.kv_values_per_token == result.source_kv_values_per_token
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    got = _logits(load_model(out), ids)
+    assert torch.isfinite(got).all()
+    assert _rel(got, ref) < 1e-5
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys, json, torch
+    class NoLatentKV:
+        def find_spec(self, name, path=None, target=None):
+            if name == "latentkv" or name.startswith("latentkv."):
+                raise ImportError("latentkv must not be needed to load a converted model")
+    sys.meta_path.insert(0, NoLatentKV())
+    import transformers
+    out, ids_path, logits_path = sys.argv[1:4]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.load(ids_path)
+    with torch.no_grad():
+        torch.save(model(ids).logits, logits_path)
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :8], past_key_values=cache, use_cache=True)
+    per_token = sum(t.numel() // t.shape[0] // t.shape[-2] for l in cache.layers for t in (l.keys, l.values))
+    print(json.dumps({"cache_values_per_token": per_token}))
+    """
+)
+
+
+@pytest.mark.parametrize("arch,method,options", [
+    ("qwen2", "mla", dict(kv_budget=0.5)),
+    ("mixtral", "gla", dict(kv_budget=0.5, latent_heads=2)),
+])
+def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
+    """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
+    trust_remote_code, computes the same logits as our loader, and its HF cache holds only the
+    latent and RoPE key (what the config declares)."""
+    out = tmp_path / "out"
+    result = _convert(tiny_model_dir(arch), out, tmp_path, method, **options)
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = torch.load(tmp_path / "logits.pt").double()
+    here = _logits(load_model(out), ids)
+    assert _rel(fresh, here) < 1e-6
+    cache_values = json.loads(proc.stdout.strip().splitlines()[-1])["cache_values_per_token"]
+    assert cache_values == result.kv_values_per_token < result.source_kv_values_per_token
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_latentkv.LatentKVForCausalLM"
+    for name in ("modeling_latentkv.py", "tokenizer.json", "generation_config.json", "README.md", "latentkv_recipe.yaml"):
+        assert (out / name).exists(), name
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir(arch) / "tokenizer.json").read_bytes()
+
+
+def test_compression_degrades_gracefully(tiny_model_dir, tmp_path):
+    """Guards the rank cut: fewer cached values give a larger but finite error, never NaN, and the
+    widths written to the config are the ones the cache holds."""
+    src = tiny_model_dir("llama")
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    errors = []
+    for budget in (1.0, 0.75, 0.5):
+        out = tmp_path / f"b{budget}"
+        res = _convert(src, out, tmp_path, kv_budget=budget)
+        assert res.kv_values_per_token == round(budget * 64) * 2
+        errors.append(_rel(_logits(load_model(out), ids), ref))
+    assert errors[0] < 1e-5
+    assert all(math.isfinite(e) for e in errors)
+    assert errors[0] < errors[1] <= errors[2] * 1.5
+
+
+def _random_problem(G=3, H=6, d=8, D=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4000, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)
+    x_aug = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    moment = x_aug.T @ x_aug / len(x)
+    wk = torch.randn(G * d, D + 1, generator=g, dtype=torch.float64)
+    wq = torch.randn(H * d, D + 1, generator=g, dtype=torch.float64)
+    return wk, wq, moment, x_aug
+
+
+@pytest.mark.parametrize("mix", ["complex", "real", "none"])
+def test_key_basis_commutes_with_rope(mix):
+    """Guards the rotation step: re-expressing keys in the per-frequency basis (and folding the
+    inverse into queries) leaves every RoPE score unchanged at any pair of positions."""
+    G, H, d = 3, 6, 8
+    wk, wq, moment, x_aug = _random_problem(G, H, d)
+    group = torch.arange(H) // (H // G)
+    zk, zq = rope.complex_pairs(wk, G, d), rope.complex_pairs(wq, H, d)
+    basis = rope.key_basis(zk, zq, moment, group, mix=mix)
+    assert torch.allclose(basis.A @ basis.B, torch.eye(G, dtype=torch.complex128).expand_as(basis.A), atol=1e-9)
+    comps = [(j, m) for j in range(d // 2) for m in range(G)]
+    w = rope.component_rows(basis, zk, comps) @ x_aug[:5].T.to(torch.complex128)  # [n, tokens]
+    u = rope.query_coefficients(basis, comps, group)[:, :, None] * (zq[:, [j for j, _ in comps]] @ x_aug[:5].T.to(torch.complex128))
+    theta = torch.rand(d // 2, dtype=torch.float64)
+    phase = torch.exp(1j * theta[[j for j, _ in comps]] * 7.0)[:, None]  # Delta = 7
+    zk_x = zk @ x_aug[:5].T.to(torch.complex128)  # [G, P, tokens]
+    zq_x = zq @ x_aug[:5].T.to(torch.complex128)  # [H, P, tokens]
+    src = (zq_x * zk_x[group].conj() * torch.exp(1j * theta * 7.0)[None, :, None]).real.sum(1)  # [H, tokens]
+    new = (u * w.conj()[None] * phase[None]).real.sum(1)
+    assert torch.allclose(new, src, rtol=1e-8, atol=1e-8)
+
+
+def test_low_rank_fit_exact_at_full_rank_and_error_is_tail():
+    """Guards the latent step: at full rank the code reconstructs z exactly; at rank r the metric
+    error equals the sum of the dropped spectrum (so the planner's predictions are right)."""
+    _, wq, moment, x_aug = _random_problem()
+    rows = wq[:12]
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    metric = a @ a.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    full = lowrank.fit_low_rank(rows, moment, metric, 12)
+    assert torch.allclose(full.up @ full.down, rows, atol=1e-7)
+    for centered in (False, True):
+        fit = lowrank.fit_low_rank(rows, moment, metric, 5, centered=centered)
+        z = x_aug @ rows.T
+        zhat = x_aug @ (fit.up @ fit.down).T
+        err = z - zhat
+        if centered:
+            err = err - err.mean(0)
+        measured = float(torch.einsum("ti,ij,tj->", err, metric, err) / len(z))
+        assert measured == pytest.approx(float(fit.spectrum[5:].sum()), rel=1e-6)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(LatentKVError, match="llama, mistral, mixtral, qwen2"):
+        _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
+    """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
+    DeepSeek format and unknown settings all fail with a message naming the fix, writing nothing."""
+    src = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    with pytest.raises(LatentKVError, match="larger than possible"):
+        _convert(src, out, tmp_path, kv_lora_rank=4096, qk_rope_dim=16)
+    with pytest.raises(LatentKVError, match="even"):
+        _convert(src, out, tmp_path, kv_budget=0.5, qk_rope_dim=7)
+    with pytest.raises(LatentKVError, match="mixture of experts"):
+        _convert(tiny_model_dir("mixtral"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match="Unknown mla settings"):
+        _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
+    with pytest.raises(LatentKVError, match="Unknown conversion target"):
+        _convert(src, out, tmp_path, method="mqa", kv_budget=0.5)
+    assert not out.exists()
+
+
+def test_non_empty_output_is_refused_before_work(tiny_model_dir, tmp_path):
+    """Guards existing results: a non-empty output folder is refused (before calibration) unless overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LatentKVError, match="--overwrite"):
+        _convert(tiny_model_dir("llama"), out, tmp_path, kv_budget=0.5)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_calibration_cache_resumes_and_refuses_mismatch(tiny_model_dir, tmp_path):
+    """Guards resumability: a second run reuses the cached statistics (same result), and a cache
+    folder made with other settings is refused rather than silently reused."""
+    src = tiny_model_dir("llama")
+    cache = tmp_path / "cache"
+    opts = dict(source=str(src), method_options=dict(kv_budget=0.5))
+    calib = dict(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(cache))
+    convert(ConvertOptions(output=str(tmp_path / "a"), calib=CalibOptions(**calib), **opts))
+    layer_files = sorted(cache.glob("layer_*.pt"))
+    assert len(layer_files) == 2
+    stamp = [f.stat().st_mtime_ns for f in layer_files]
+    convert(ConvertOptions(output=str(tmp_path / "b"), calib=CalibOptions(**calib), **opts))
+    assert [f.stat().st_mtime_ns for f in layer_files] == stamp  # reused, not recomputed
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(LatentKVError, match="other settings"):
+        convert(ConvertOptions(output=str(tmp_path / "c"), calib=CalibOptions(**{**calib, "seq_len": 32}), **opts))
+
+
+def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
+    """Guards the streaming calibration: layer-by-layer second moments equal those of a hooked
+    full-model forward over the same windows."""
+    from latentkv.calibration.data import TextSource, token_windows
+    from latentkv.calibration.runner import LayerStream
+    from latentkv.calibration.stats import StatsCache
+    from latentkv.convert.pipeline import collect_stats
+    from latentkv.io.source import open_source
+
+    source = open_source(str(tiny_model_dir("qwen2")))
+    windows = token_windows(source.tokenizer(), TextSource(str(TINY_TEXT)), 4, 32, 0)
+    stream = LayerStream(source.config, source.weights)
+    stats = collect_stats(stream, windows, StatsCache(tmp_path / "c", {"k": 1}), CalibOptions(profile_samples=2))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"), dtype=torch.float32).eval()
+    seen = {}
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, inp, out, i=i: seen.setdefault(i, inp[0]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    for i, st in enumerate(stats):
+        x = seen[i].reshape(-1, seen[i].shape[-1]).double()
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        direct = x.T @ x / len(x)
+        assert torch.allclose(st.moment, direct, rtol=1e-4, atol=1e-5)
+        assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))

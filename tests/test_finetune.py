@@ -1,0 +1,167 @@
+"""Healing (`latentkv finetune`) on a tiny converted Llama: loss, merge, resume, refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from tiny_models import TINY_TEXT
+
+from latentkv.errors import LatentKVError
+from latentkv.finetune import FinetuneOptions, finetune, load_adapter
+from latentkv.finetune import targets as tg
+from latentkv.modeling import load_model
+
+
+@pytest.fixture(scope="module")
+def healing(tiny_model_dir, tmp_path_factory):
+    """A tiny Llama, its MLA conversion at 50% of the KV cache, and a short training text."""
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("heal")
+    source = tiny_model_dir("llama")
+    convert(ConvertOptions(
+        source=str(source), output=str(root / "mla"), method_options=dict(kv_budget=0.5),
+        calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(root / "cache")),
+    ))
+    # A damaged copy (noise on the latent up-projection) that distillation has something to repair.
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root / "mla", root / "damaged")
+    weights = load_file(str(root / "damaged" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name, w in weights.items():
+        if "kv_b_proj" in name:
+            w.add_(torch.randn(w.shape, generator=gen) * w.std())
+    save_file(weights, str(root / "damaged" / "model.safetensors"), metadata={"format": "pt"})
+    text = root / "train.txt"  # ~16 windows of 64 tokens: the same few batches every epoch
+    text.write_text(TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    return {"source": source, "model": root / "mla", "damaged": root / "damaged", "data": text, "root": root}
+
+
+def _opts(h, out, **kw) -> FinetuneOptions:
+    base = dict(model=str(h["model"]), output=str(h["root"] / out), data=str(h["data"]), teacher=str(h["source"]),
+                tokens=8 * 64 * 6, seq_len=64, batch_size=8, micro_batch_size=4, lr=3e-3, warmup=0.0,
+                eval_windows=0, log_every=1, checkpoint_every=0)
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_distillation_loss_falls(healing):
+    """Guards against a training step that does not train: wrong parameters frozen, the teacher's
+    distribution not reaching the loss, the optimizer or schedule not stepping. Also checks the
+    log file beside the output and the before/after table in the card."""
+    seen = []
+    r = finetune(_opts(healing, "falls", model=str(healing["damaged"]), mode="attention", lr=1e-3,
+                       tokens=8 * 64 * 8, eval_windows=2, eval_window=64,
+                       eval_text=str(healing["data"])),
+                 progress=lambda event, info: seen.append(info) if event == "step" else None)
+    kl = [s["kl"] for s in seen]
+    assert len(kl) == 8 and kl[0] > 0
+    assert sum(kl[-2:]) / 2 < 0.7 * kl[0], kl
+    assert r.after < r.before
+    assert r.output is not None and (r.output / "config.json").is_file()
+    assert "after healing" in (r.output / "README.md").read_text()
+    assert (healing["root"] / "falls.log").is_file()
+    assert not (healing["root"] / "falls.checkpoints").exists()
+
+
+def test_lora_merge_equals_adapter(healing):
+    """Guards against a merged model that differs from the adapter it came from (a LoRA delta on
+    kv_b_proj that the latent attention never applies, wrong scaling, names or dtypes in the merged
+    checkpoint) and against the adapter output not loading back."""
+    adapter = finetune(_opts(healing, "adapter", lr=1e-2)).output
+    merged = finetune(_opts(healing, "merged", lr=1e-2, merge=True)).output
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = load_model(healing["model"])(ids).logits
+        unmerged = load_adapter(healing["model"], adapter)(input_ids=ids).logits
+        folded = load_model(merged)(ids).logits
+    assert (unmerged - base).abs().max() > 1e-3  # the adapter changed the model
+    rel = (folded - unmerged).abs().max() / unmerged.abs().max()
+    assert rel < 1e-5, f"merged vs adapter: max rel {rel:.3g}"
+    kv_b = {k: v for k, v in _weights(adapter).items() if "kv_b_proj.lora_B" in k}
+    assert kv_b and all(v.abs().max() > 0 for v in kv_b.values())  # kv_b_proj's adapter trained
+    assert set(_weights(merged)) == set(_weights(healing["model"]))
+
+
+def test_resume_matches_uninterrupted_run(healing):
+    """Guards against a resume that restarts, repeats or skips data, loses the optimizer or
+    schedule state, or the random state of dropout: an interrupted and resumed run must end where
+    an uninterrupted one does."""
+    kw = dict(lr=1e-2, merge=True, lora_dropout=0.1, checkpoint_every=2, tokens=8 * 64 * 6)
+    full = finetune(_opts(healing, "straight", **kw))
+    first = finetune(_opts(healing, "resumed", stop_after_steps=3, **kw))
+    assert first.output is None and first.steps == 3
+    assert sorted(p.name for p in (healing["root"] / "resumed.checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    second = finetune(_opts(healing, "resumed", **kw))  # the same command again
+    assert second.resumed_from == 3 and second.steps == 6
+    a, b = _weights(full.output), _weights(second.output)
+    assert set(a) == set(b)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, f"resumed run differs from the uninterrupted one by {worst:.3g}"
+    finetune(_opts(healing, "changed", stop_after_steps=1, **kw))
+    with pytest.raises(LatentKVError, match="other settings"):  # a changed setting does not resume silently
+        finetune(_opts(healing, "changed", **{**kw, "lr": 5e-3}))
+
+
+def test_refuses_other_tokenizer_and_eval_text(healing, tmp_path):
+    """Guards against distilling across different vocabularies (token ids that mean different
+    things) and against training on the evaluation text: both refused with a clear error, before
+    any work, leaving no output."""
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(healing["source"], other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<only-in-the-teacher>"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(LatentKVError, match="another tokenizer"):
+        finetune(_opts(healing, "refused", teacher=str(other)))
+    with pytest.raises(LatentKVError, match="WikiText"):
+        finetune(_opts(healing, "refused", data=str(tmp_path / "wikitext-2-raw" / "wiki.test.raw")))
+    assert not (healing["root"] / "refused").exists()
+
+
+def test_target_table_and_latent_routing():
+    """Guards against LoRA landing on the wrong modules per format (DeepSeek names, MLP widening)
+    and against the kv_b_proj routing (needed for LoRA) changing the attention's numbers, for MLA
+    and for GLA with several latent heads."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    ds = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_routed_experts=2, num_experts_per_tok=1))
+    row = tg.targets_for(ds.config)
+    attn = {n.rsplit(".", 1)[-1] for n in tg.matching_modules(ds, tg.target_pattern(row, "attention"))}
+    assert attn == {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    wide = {n.rsplit(".", 1)[-1] for n in tg.matching_modules(ds, tg.target_pattern(row, "attention+mlp"))}
+    assert wide == attn | {"gate_proj", "up_proj", "down_proj"}
+
+    from latentkv.modeling.modeling_latentkv import LatentAttention, LatentKVConfig
+
+    for latent_heads in (1, 2):
+        spec = dict(kv_lora_rank=8, rope_dim=4, rope_inv_freq=[1.0, 0.1], qk_nope_head_dim=6, latent_heads=latent_heads)
+        cfg = LatentKVConfig(source_config=dict(model_type="llama", hidden_size=16, num_attention_heads=4,
+                                                num_hidden_layers=1, vocab_size=8),
+                             attention_layers=[spec], softmax_scale=0.3, v_head_dim=5)
+        layer = LatentAttention(cfg, 0)
+        c = torch.randn(2, 3, 8)
+        expected = layer.expand_latent(c)
+        tg.route_latent_expansion_through_modules(layer)
+        for got, want in zip(layer.expand_latent(c), expected):
+            assert torch.allclose(got, want, atol=1e-6), latent_heads
+    with pytest.raises(LatentKVError, match="formats"):
+        tg.targets_for(type("C", (), {"model_type": "llama"})())
