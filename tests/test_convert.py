@@ -267,3 +267,24 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
         direct = x.T @ x / len(x)
         assert torch.allclose(st.moment, direct, rtol=1e-4, atol=1e-5)
         assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
+
+
+def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_path):
+    """Guards the DeepSeek export: a stock DeepseekV3ForCausalLM (no remote code) whose latent
+    RMSNorm is bypassed computes exactly what the latentkv export with the same widths computes
+    (interleaved RoPE, folded softmax scale, weight layout), and with the fitted norm stays close."""
+    src = tiny_model_dir("llama")
+    options = dict(kv_lora_rank=40, qk_rope_dim=16)
+    _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", **options)
+    _convert(src, tmp_path / "lk", tmp_path, rope_frequency_grid=True, center=False, **options)
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
+    assert config["kv_lora_rank"] == 40 and config["qk_rope_head_dim"] == 16 and config["rope_interleave"]
+    ds = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    ref = _logits(load_model(tmp_path / "lk"), ids)
+    with_norm = _logits(ds, ids)
+    for layer in ds.model.layers:
+        layer.self_attn.kv_a_layernorm = torch.nn.Identity()
+    assert _rel(_logits(ds, ids), ref) < 1e-5
+    assert _rel(with_norm, ref) < 0.5

@@ -29,6 +29,7 @@ class LayerStats:
     moment: torch.Tensor  # [D+1, D+1] float64
     tokens: int
     distance: torch.Tensor | None = None  # [H, L] float64, rows sum to 1
+    samples: torch.Tensor | None = None  # [n, D] a strided subset of attention inputs (for non-linear fits)
 
     def check(self, layer: int) -> None:
         if not torch.isfinite(self.moment).all():
@@ -41,11 +42,13 @@ class LayerStats:
         out = {"moment": self.moment, "tokens": torch.tensor(self.tokens)}
         if self.distance is not None:
             out["distance"] = self.distance
+        if self.samples is not None:
+            out["samples"] = self.samples
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerStats":
-        return cls(moment=d["moment"], tokens=int(d["tokens"]), distance=d.get("distance"))
+        return cls(moment=d["moment"], tokens=int(d["tokens"]), distance=d.get("distance"), samples=d.get("samples"))
 
 
 class MomentAccumulator:

@@ -261,29 +261,37 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     copy_sidecars(source.folder, folder)
     kv = config.kv_values_per_token()
     src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
-    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg)}
-    write_recipe(folder, recipe)
-    from latentkv.convert.registry import PAPERS
+    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
+                load_hint="Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.")
+    return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
+                         seconds=0.0, layers=layer_rows)
 
+
+def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, extra_recipe=None, load_hint="") -> None:
+    """Recipe file and model card of a converted folder (shared by every output format)."""
+    from latentkv.convert.registry import PAPERS
+    from latentkv.io.card import write_model_card, write_recipe
+
+    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg), **(extra_recipe or {})}
+    write_recipe(folder, recipe)
+    name = _base_model_name(source)
     write_model_card(
         folder,
-        base_model=_base_model_name(source),
+        base_model=name,
         base_model_relation="finetune",
-        tags=["latentkv", method.name, "kv-cache-compression"],
+        tags=["latentkv", method.name, "kv-cache-compression", opts.format],
         command=opts.command or "latentkv convert",
         recipe=recipe,
         results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
                   "kept": f"{100 * kv / src_kv:.1f}%"}],
         papers=PAPERS.get(method.name, []),
-        title=f"{_base_model_name(source)} with {method.name.upper()} attention",
+        title=f"{name} with {method.name.upper()} attention ({opts.format} format)",
         description=(
             f"Attention rewritten by latentkv into {method.name.upper()} form: the cache holds "
-            f"{kv // geo.num_layers} values per token per layer on average, against {geo.kv_values_per_token_per_layer} in the source. "
-            "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`."
+            f"{kv / geo.num_layers:.0f} values per token per layer on average, against "
+            f"{geo.kv_values_per_token_per_layer} in the source. {load_hint}"
         ),
     )
-    return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
-                         seconds=0.0, layers=layer_rows)
 
 
 def _version() -> str:

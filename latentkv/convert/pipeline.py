@@ -30,6 +30,9 @@ from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
 
+# Attention inputs kept per layer for fits that moments cannot give (the DeepSeek latent norm).
+SAMPLE_TOKENS = 2048
+
 
 @dataclass
 class CalibOptions:
@@ -135,17 +138,20 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
         norm = layer.get_submodule(stream.arch.input_norm)
         if stats[i] is None or on_layer is not None:
             acc = MomentAccumulator(geo.hidden_size, stream.device)
-            profile = None
+            profile, samples = None, []
+            stride = max(1, hidden.shape[0] * hidden.shape[1] // SAMPLE_TOKENS)
             for bi, chunk in enumerate(stream.batches(hidden)):
                 x = norm(chunk)
                 acc.add(x)
+                samples.append(x.reshape(-1, x.shape[-1])[::stride].float().cpu())
                 if bi * stream.batch_size < calib.profile_samples:
                     q, k, scale = source_qk(layer, stream.arch, x[: calib.profile_samples - bi * stream.batch_size],
                                             pos_emb, geo.num_heads, geo.num_kv_heads, geo.head_dim)
                     p = attention_distance_profile(q, k, scale) * q.shape[0]
                     profile = p if profile is None else profile + p
             distance = profile / profile.sum(1, keepdim=True) if profile is not None else None
-            stats[i] = LayerStats(moment=acc.result(), tokens=acc.tokens, distance=distance)
+            stats[i] = LayerStats(moment=acc.result(), tokens=acc.tokens, distance=distance,
+                                  samples=torch.cat(samples)[:SAMPLE_TOKENS])
             stats[i].check(i)
             cache.save_layer(i, stats[i])
         if on_layer is not None:
@@ -170,6 +176,7 @@ def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential
         "dtype": opts.dtype,
         "profile_samples": opts.calib.profile_samples,
         "sequential": sequential_key,
+        "stats_version": 2,  # bump when LayerStats gains fields
     }
     import hashlib
 

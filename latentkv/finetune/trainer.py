@@ -132,12 +132,13 @@ class Trainer:
             self._optimizer_state = None
         self.fsdp = "FSDP" in str(acc.distributed_type)
         self.eval_model = self.model if self.fsdp else self.student
+        self.loss_fn = distillation_loss
         if self.opts.compile:
-            log.info("compiling the student%s with torch.compile (warm-up takes a while)",
-                     " and the teacher" if self.teacher is not None else "")
-            self.model = torch.compile(self.model)
-            if self.teacher is not None:
-                self.teacher = torch.compile(self.teacher)
+            # Regional compilation: every decoder layer has the same code, so one compilation serves
+            # all of them (tens of seconds, not minutes); the loss fuses its softmaxes over the vocabulary.
+            n = compile_layers(self.student) + (compile_layers(self.teacher) if self.teacher is not None else 0)
+            self.loss_fn = torch.compile(distillation_loss, dynamic=False)
+            log.info("compiling %d decoder layers and the loss with torch.compile", n)
 
     # --- pieces of a step ---------------------------------------------------------------------
     def _autocast(self):
@@ -158,7 +159,7 @@ class Trainer:
                     with torch.no_grad():
                         teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
                 logits = self.model(input_ids=ids, use_cache=False).logits
-                loss, parts = distillation_loss(logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight)
+                loss, parts = self.loss_fn(logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight)
             self.acc.backward(loss / self.plan.accum)
         parts["loss"] = loss.detach()
         return parts
@@ -257,7 +258,8 @@ class Trainer:
         local = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
         if mine.shape[0]:
             n = mine.shape[0] * (mine.shape[1] - 1)
-            local[0] = math.log(perplexity(model, mine, batch_size=4)) * n
+            with _eager():  # compiled layers would recompile for the evaluation's shapes
+                local[0] = math.log(perplexity(model, mine, batch_size=4)) * n
             local[1] = n
         total = self.acc.reduce(local, "sum")
         model.train(was_training)
@@ -293,3 +295,18 @@ class Trainer:
             }
             ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
         acc.wait_for_everyone()
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (the `layers` list of a HF causal LM)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                layer.compile(dynamic=False)
+            return len(module)
+    raise LatentKVError(f"{type(model).__name__} has no `layers` list to compile; run without --compile")
+
+
+def _eager():
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
