@@ -107,7 +107,7 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
 
 
 def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
-    from latentkv.convert.mla_method import write_cards
+    from latentkv.convert.mla_method import write_cards, write_globals, write_layer
     from latentkv.convert.pipeline import ConvertResult
     from latentkv.io.writer import ShardedWriter, copy_sidecars
 
@@ -134,20 +134,11 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
         attn, err = deepseek_attention({k: v for k, v in tensors.items()}, spec, geo.head_dim, geo.num_heads,
                                        x[:, :-1], stream.config.rms_norm_eps)
         errors.append(err)
-        prefix = arch.layer_key(i)
-        for name, t in stream.layer_state_dict(i).items():
-            if not name.startswith("self_attn."):
-                writer.add(prefix + name, t.to(save_dtype))
-        for name, t in attn.items():
-            writer.add(prefix + "self_attn." + name, t.to(save_dtype))
+        write_layer(stream, writer, i, attn, save_dtype)
         rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "latent_norm_rel_error": err})
         if progress is not None:
             progress(i)
-    for name in (arch.embed, arch.final_norm):
-        writer.add(name, stream.weights.get(name).to(save_dtype))
-    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
-    writer.close()
+    write_globals(stream, writer, save_dtype)
     config = deepseek_config(stream, rope_dim, rank, save_dtype)
     config.save_pretrained(folder)
     copy_sidecars(source.folder, folder)

@@ -139,8 +139,11 @@ class MLAMethod:
         per_layer_budget = int(round(cfg.kv_budget * source_kv))
         curves = []
         for i in range(geo.num_layers):
-            an = mla.analyse_layer(layer_inputs_from(stream, i, stats[i]), cfg)
-            curves.append(mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max)))
+            # The linear algebra runs in float64 on the conversion device (eigh of ~2x KV-dim matrices).
+            with torch.device(stream.device):
+                an = mla.analyse_layer(layer_inputs_from(stream, i, stats[i]), cfg)
+                curve = mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max))
+            curves.append({rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()})
         budgets = [per_layer_budget] * geo.num_layers
         choice = allocate(curves, budgets, per_layer_budget * geo.num_layers, cfg.latent_heads,
                           per_layer=cfg.allocation == "per-layer")
@@ -155,8 +158,9 @@ class MLAMethod:
         if i in plan.built:
             return plan.built[i]
         rope_dim, rank = plan.widths[i]
-        an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
-        return mla.build_layer(an, rope_dim, rank, cfg)
+        with torch.device(stream.device):
+            an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
+            return mla.build_layer(an, rope_dim, rank, cfg)
 
     def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig):
         tensors, spec = self.build(stream, i, stats, plan, cfg)
@@ -223,9 +227,28 @@ def attention_module(stream, i: int, tensors: dict, spec: dict):
     return module.to(stream.device).eval()
 
 
+def write_layer(stream, writer, i: int, attention: dict, save_dtype) -> None:
+    """One decoder layer under module names: the source's non-attention tensors, the new attention."""
+    prefix = stream.arch.layer_key(i)
+    for name, t in stream.layer_state_dict(i).items():
+        if not name.startswith("self_attn."):
+            writer.add(prefix + name, t.to(save_dtype))
+    for name, t in attention.items():
+        writer.add(prefix + "self_attn." + name, t.to(save_dtype))
+
+
+def write_globals(stream, writer, save_dtype) -> None:
+    """Embeddings, final norm and (untied) LM head, then the shard index."""
+    arch = stream.arch
+    for name in (arch.embed, arch.final_norm):
+        writer.add(name, stream.weights.get(name).to(save_dtype))
+    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
+        writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
+    writer.close()
+
+
 def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
     from latentkv.convert.pipeline import ConvertResult
-    from latentkv.io.card import write_model_card, write_recipe
     from latentkv.io.writer import ShardedWriter, copy_sidecars
     from latentkv.modeling import AUTO_MAP, MODELING_FILE
 
@@ -237,21 +260,12 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     for i in range(geo.num_layers):
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         specs.append(spec)
-        prefix = arch.layer_key(i)
-        for name, t in stream.layer_state_dict(i).items():
-            if not name.startswith("self_attn."):
-                writer.add(prefix + name, t.to(save_dtype))
-        for name, t in _filter_bias(tensors, config_probe).items():
-            writer.add(prefix + "self_attn." + name, t.to(save_dtype))
+        write_layer(stream, writer, i, _filter_bias(tensors, config_probe), save_dtype)
         layer_rows.append({"layer": i, "rope_dim": spec["rope_dim"], "kv_lora_rank": spec["kv_lora_rank"],
                            "predicted_error": plan.predicted_error[i]})
         if progress is not None:
             progress(i)
-    for name in (arch.embed, arch.final_norm):
-        writer.add(name, stream.weights.get(name).to(save_dtype))
-    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
-    writer.close()
+    write_globals(stream, writer, save_dtype)
     config = latent_config(stream, specs, method.name, o_bias=cfg.center)
     config.auto_map = AUTO_MAP
     config.architectures = ["LatentKVForCausalLM"]

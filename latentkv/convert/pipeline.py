@@ -95,7 +95,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
 
     def get(which, kind="weight"):
         name = arch.attn_weight(layer_idx, which, kind)
-        return w.get(name, dtype=torch.float64) if name in w else None
+        return w.get(name, dtype=torch.float64, device=stream.device) if name in w else None
 
     return LayerInputs(
         q=LayerInputs.augment(get("q"), get("q", "bias")),
@@ -103,9 +103,9 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
         v=LayerInputs.augment(get("v"), get("v", "bias")),
         o=get("o"),
         o_bias=get("o", "bias"),
-        moment=stats.moment.double(),
-        distance=stats.distance,
-        inv_freq=stream.inv_freq,
+        moment=stats.moment.to(stream.device, torch.float64),
+        distance=None if stats.distance is None else stats.distance.to(stream.device),
+        inv_freq=stream.inv_freq.to(stream.device),
         num_heads=geo.num_heads,
         num_kv_heads=geo.num_kv_heads,
         head_dim=geo.head_dim,

@@ -6,7 +6,8 @@
   with `weights_only=True`);
 - `state.json`: step, tokens, data position (sequences consumed), scheduler state, the settings the
   run must share to be resumed, and the random-number state.
-A checkpoint is built in a `.partial` folder and renamed when complete; only complete ones are read.
+A checkpoint is built in a `.partial` folder (every process writes its part, then the main process
+writes state.json last) and renamed when complete; only complete ones are ever read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -53,14 +53,6 @@ def check_resumable(path: Path, resume_key: dict) -> dict:
     return state
 
 
-def begin(root: Path, step: int) -> Path:
-    """A fresh partial folder for the checkpoint of `step` (main process)."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".step-{step:07d}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
 def write_trainable(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -80,7 +72,7 @@ def finish(tmp: Path, step: int, state: dict, keep: int) -> Path:
     os.rename(tmp, final)
     for old in _step_dirs(tmp.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in tmp.parent.glob(".step-*.partial-*"):
+    for stale in tmp.parent.glob(".step-*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     log.info("checkpoint: %s", final)
     return final

@@ -20,6 +20,7 @@ from latentkv.finetune import state as ckpt
 from latentkv.finetune.data import PackedSequences
 from latentkv.finetune.loss import distillation_loss
 from latentkv.finetune.options import FinetuneOptions
+from latentkv.finetune.speed import compile_layers
 
 log = logging.getLogger(__name__)
 
@@ -295,16 +296,6 @@ class Trainer:
             }
             ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
         acc.wait_for_everyone()
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """torch.compile each decoder layer in place (the `layers` list of a HF causal LM)."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
-            for layer in module:
-                layer.compile(dynamic=False)
-            return len(module)
-    raise LatentKVError(f"{type(model).__name__} has no `layers` list to compile; run without --compile")
 
 
 def _eager():

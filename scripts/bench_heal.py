@@ -1,0 +1,231 @@
+"""Healing benchmark (GPU): SmolLM2-135M -> MLA at 25% of its KV cache, then healed by distillation.
+
+    python scripts/bench_heal.py [--source FOLDER] [--corpora DIR] [--out-dir DIR] [--deadline S]
+
+1. the source's WikiText-2 perplexity (ASSETS.md protocol: 64 x 512-token windows, float32);
+2. `latentkv convert` to MLA at kv_budget 0.25, calibrated on Gutenberg (128 x 256 tokens): one-shot figure;
+3. per mode (`attention`: the converted attention's full weights; `lora`: peft adapters), one healing
+   run on Gutenberg with perplexity measured at 5M / 20M / 50M tokens of the same run, and its
+   steady-state tokens/s and MFU (formula printed with the table).
+A short probe run (its checkpoint is then resumed) measures the step time first; token targets that
+would not finish before `--deadline` seconds are dropped, largest first, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from latentkv.finetune import FinetuneOptions, finetune  # noqa: E402
+from latentkv.finetune.flops import FORMULA  # noqa: E402
+
+log = logging.getLogger("bench_heal")
+SOURCE_PPL_REFERENCE = 29.53  # ASSETS.md, same protocol
+OVERHEAD_S = 45.0  # per (re)started run: loading, tokenising, compiling, evaluating before/after, saving
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="SmolLM2-135M folder (default: latentkv.io.assets.smollm2_folder())")
+    p.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora"))
+    p.add_argument("--work", default="/tmp/bench_heal")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    p.add_argument("--name", default="heal_h100")
+    p.add_argument("--modes", default="attention,lora")
+    p.add_argument("--tokens", default="50e6,20e6", help="planned tokens per mode, in --modes order")
+    p.add_argument("--eval-at", default="5e6,20e6,50e6")
+    p.add_argument("--kv-budget", type=float, default=0.25)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--lr-attention", type=float, default=5e-4)
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--probe-steps", type=int, default=12)
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds from start for everything")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args()
+
+
+def _floats(text: str) -> list[int]:
+    return [int(float(t)) for t in text.split(",") if t]
+
+
+def source_perplexity(folder: Path, eval_text: Path, device: str) -> float:
+    from transformers import AutoTokenizer
+
+    from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
+    from latentkv.modeling import load_model
+
+    windows = eval_windows(AutoTokenizer.from_pretrained(str(folder)), PerplexityProtocol(text=str(eval_text)))
+    model = load_model(folder, dtype=torch.float32, device=device)
+    ppl = perplexity(model, windows)
+    del model
+    return ppl
+
+
+def convert_source(args, source: Path, work: Path) -> tuple[Path, float, dict]:
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+
+    out = work / f"mla{int(args.kv_budget * 100)}"
+    if (out / "config.json").is_file():
+        return out, 0.0, {}
+    t0 = time.perf_counter()
+    r = convert(ConvertOptions(
+        source=str(source), output=str(out), method_options=dict(kv_budget=args.kv_budget),
+        calib=CalibOptions(data=str(Path(args.corpora) / "gutenberg"), samples=args.calib_samples,
+                           seq_len=args.calib_seq_len, cache=str(work / "calib")),
+        device=args.device,
+    ))
+    return out, time.perf_counter() - t0, {"kv_values_per_token": r.kv_values_per_token,
+                                           "source_kv_values_per_token": r.source_kv_values_per_token}
+
+
+def plan_tokens(candidates: list[int], tps: float, seconds_left: float, done: int) -> int | None:
+    """The largest token target whose remaining steps fit in the time left."""
+    for t in sorted(candidates, reverse=True):
+        if (t - done) / tps + OVERHEAD_S <= seconds_left:
+            return t
+    return None
+
+
+def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, deadline: float,
+         reserve_s: float) -> dict:
+    """Probe, decide the token target that fits, then run it (resuming the probe where possible)."""
+    eval_at = [t for t in _floats(args.eval_at) if t <= planned]
+    lr = args.lr_attention if mode == "attention" else args.lr_lora
+    base = FinetuneOptions(
+        model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=str(Path(args.corpora) / "gutenberg"),
+        teacher=str(source), mode=mode, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
+        eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
+        log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
+        command=f"scripts/bench_heal.py --modes {mode}",
+    )
+    t0 = time.perf_counter()
+    probe = finetune(dataclasses.replace(base, stop_after_steps=args.probe_steps))
+    probe_s = time.perf_counter() - t0
+    tps = probe.tokens_per_s
+    left = deadline - time.perf_counter() - reserve_s
+    target = plan_tokens(eval_at or [planned], tps, left, probe.tokens)
+    log.info("%s probe: %d steps in %.0f s (with start-up and compilation), %.0f tokens/s steady, MFU %s; "
+             "%.0f s left for this mode -> %s tokens", mode, probe.steps, probe_s, tps,
+             f"{100 * probe.mfu:.1f}%" if probe.mfu else "n/a", left, target)
+    row = {"mode": mode, "lr": lr, "probe_seconds": probe_s, "probe_tokens_per_s": tps, "planned_tokens": planned}
+    if target is None:
+        row["note"] = "no token target fitted in the time left"
+        return row
+    opts = dataclasses.replace(base, log_every=25)
+    if target != planned:  # another schedule: a fresh run (the probe's checkpoint does not apply)
+        opts = dataclasses.replace(opts, tokens=target, eval_at=tuple(t for t in eval_at if t <= target),
+                                   output=str(work / f"{mode}-{target // 10**6}M"))
+        row["note"] = f"planned {planned / 1e6:.0f}M tokens did not fit the time left; ran {target / 1e6:.0f}M"
+    t0 = time.perf_counter()
+    r = finetune(opts)
+    row.update(
+        seconds=time.perf_counter() - t0, tokens=r.tokens, steps=r.steps, tokens_per_s=r.tokens_per_s,
+        flops_per_token=r.flops_per_token, mfu=r.mfu, trainable_params=r.trainable_params,
+        before=r.before, after=r.after, evals=r.evals, resumed_from=r.resumed_from,
+        teacher_perplexity=r.teacher_perplexity, lora_rank=args.lora_rank if mode == "lora" else None,
+    )
+    return row
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"# Healing SmolLM2-135M-Instruct after MLA conversion at {100 * result['kv_budget']:.0f}% of the KV cache",
+        "",
+        f"Device: {result['device']}. Perplexity: {result['protocol']}.",
+        f"Source (fp32): **{result['source_ppl']:.2f}** (ASSETS.md: {SOURCE_PPL_REFERENCE}); one-shot conversion: "
+        f"**{result['oneshot_ppl']:.2f}** (conversion {result['convert_seconds']:.0f} s).",
+        "",
+        "| mode | trained params | lr | tokens | WikiText-2 PPL | vs source | tokens/s | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| source | | | | {result['source_ppl']:.2f} | | | |",
+        f"| one-shot (0 tokens) | | | 0 | {result['oneshot_ppl']:.2f} | "
+        f"{100 * (result['oneshot_ppl'] / result['source_ppl'] - 1):+.1f}% | | |",
+    ]
+    for row in result["runs"]:
+        if "evals" not in row:
+            lines.append(f"| {row['mode']} | | | | | | {row.get('probe_tokens_per_s', 0):.0f} (probe) | | ")
+            continue
+        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "n/a"
+        for e in row["evals"]:
+            lines.append(
+                f"| {row['mode']} | {row['trainable_params'] / 1e6:.1f}M | {row['lr']:g} | {e['tokens'] / 1e6:.1f}M | "
+                f"{e['perplexity']:.2f} | {100 * (e['perplexity'] / result['source_ppl'] - 1):+.1f}% | "
+                f"{row['tokens_per_s']:,.0f} | {mfu} |"
+            )
+    lines += ["", f"MFU: {FORMULA}; peak 989 TFLOP/s (H100 SXM dense bf16). tokens/s: steady state "
+              "(the first steps after each start, with compilation, left out), all tokens of the packed sequences.",
+              "", "Settings: " + json.dumps(result["settings"])]
+    notes = [f"- {r['mode']}: {r['note']}" for r in result["runs"] if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+    deadline = t_start + args.deadline
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.source:
+        source = Path(args.source)
+    else:
+        from latentkv.io.assets import smollm2_folder
+
+        source = smollm2_folder()
+    eval_text = Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    src_ppl = source_perplexity(source, eval_text, args.device)
+    log.info("source perplexity %.3f", src_ppl)
+    model, convert_s, kv = convert_source(args, source, work)
+    oneshot = source_perplexity(model, eval_text, args.device)
+    log.info("one-shot perplexity %.3f (conversion %.0f s)", oneshot, convert_s)
+    from latentkv.eval.perplexity import PerplexityProtocol
+
+    result = {
+        "device": device, "kv_budget": args.kv_budget, "protocol": PerplexityProtocol(text=str(eval_text)).describe(),
+        "source_ppl": src_ppl, "oneshot_ppl": oneshot, "convert_seconds": convert_s, **kv, "runs": [],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out_dir", "name")},
+        "mfu_formula": FORMULA,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modes = args.modes.split(",")
+    planned = _floats(args.tokens)
+    for i, mode in enumerate(modes):
+        # Keep time for a short run (the smallest evaluation point) of every later mode.
+        later = len(modes) - i - 1
+        reserve = later * (OVERHEAD_S * 2 + min(_floats(args.eval_at)) / 3e5)
+        try:
+            row = heal(args, mode, planned[i], model, source, work, deadline, reserve)
+        except Exception as exc:  # one mode failing should not lose the other's figures
+            log.exception("%s failed", mode)
+            row = {"mode": mode, "note": f"failed: {type(exc).__name__}: {exc}"}
+        result["runs"].append(row)
+        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / f"{args.name}.md").write_text(report(result))
+    print(report(result))
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
