@@ -55,8 +55,9 @@ def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    files = [str(p) for p in sorted(calib.glob("*.txt"))] if calib.is_dir() else [str(calib)]
-    tok.train(files, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<pad>", "<s>", "</s>"],
+    files = sorted(calib.glob("*.txt")) if calib.is_dir() else [calib]
+    texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<pad>", "<s>", "</s>"],
                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
 
@@ -73,7 +74,7 @@ def main() -> None:
     work = Path(args.work)
     src = work / "llama3-8b-random"
     t0 = time.perf_counter()
-    if not (src / "config.json").exists():
+    if not (src / "tokenizer.json").exists():
         build_checkpoint(src, Path(args.calib), args.layers)
     print(f"built {src} in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(src), str(work / "out"), "--to", "mla", *args.extra,

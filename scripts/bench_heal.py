@@ -51,8 +51,8 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--lr-attention", type=float, default=5e-4)
-    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lr-attention", type=float, default=3e-4)
+    p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--probe-steps", type=int, default=12)
@@ -95,10 +95,10 @@ def convert_source(args, source: Path, work: Path) -> tuple[Path, float, dict]:
                                            "source_kv_values_per_token": r.source_kv_values_per_token}
 
 
-def plan_tokens(candidates: list[int], tps: float, seconds_left: float, done: int) -> int | None:
-    """The largest token target whose remaining steps fit in the time left."""
+def plan_tokens(candidates: list[int], tps: float, seconds_left: float, done: int, overhead: float) -> int | None:
+    """The largest token target whose remaining steps (10% margin) fit in the time left."""
     for t in sorted(candidates, reverse=True):
-        if (t - done) / tps + OVERHEAD_S <= seconds_left:
+        if 1.1 * (t - done) / tps + overhead <= seconds_left:
             return t
     return None
 
@@ -121,11 +121,14 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
     probe_s = time.perf_counter() - t0
     tps = probe.tokens_per_s
     left = deadline - time.perf_counter() - reserve_s
-    target = plan_tokens(eval_at or [planned], tps, left, probe.tokens)
+    # A restart costs what the probe spent beyond its steps (loading, compiling, evaluating), plus saving.
+    overhead = max(OVERHEAD_S, probe_s - probe.tokens / tps + 10)
+    target = plan_tokens(eval_at or [planned], tps, left, probe.tokens, overhead)
     log.info("%s probe: %d steps in %.0f s (with start-up and compilation), %.0f tokens/s steady, MFU %s; "
              "%.0f s left for this mode -> %s tokens", mode, probe.steps, probe_s, tps,
              f"{100 * probe.mfu:.1f}%" if probe.mfu else "n/a", left, target)
-    row = {"mode": mode, "lr": lr, "probe_seconds": probe_s, "probe_tokens_per_s": tps, "planned_tokens": planned}
+    row = {"mode": mode, "lr": lr, "probe_seconds": probe_s, "probe_tokens_per_s": tps, "planned_tokens": planned,
+           "probe_mfu": probe.mfu}
     if target is None:
         row["note"] = "no token target fitted in the time left"
         return row

@@ -62,7 +62,8 @@ def _triton_or_skip():
 def test_decode_check_passes(converted, method, backend):
     """Guards the absorbed paged path (W_UK folded into q, W_UV on the latent output, RoPE key in
     the cache row, page tables, chunked prefill with several query tokens, GLA head-to-latent
-    mapping): its logits at every position must equal one full forward in float32 (rel 1e-4),
+    mapping): its logits at every position must equal one full forward in float32 (rel 1e-4; 5e-3
+    for the kernel compiled on a GPU, whose float32 dots run in TF32),
     with identical greedy tokens, over 40 generated tokens crossing several 16-token pages."""
     if backend == "triton":
         _triton_or_skip()
@@ -73,8 +74,11 @@ def test_decode_check_passes(converted, method, backend):
                           max_prompt_tokens=12, num_splits=2 if backend == "triton" else None)
     assert report["passed"], report
     assert report["backend"] == backend
-    assert report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
-    assert report["hf_cache_first_divergence"] is None, report
+    if CUDA and backend == "triton":  # compiled: the kernel's float32 dots run in TF32
+        assert report["max_rel"] < 5e-3 and report["unexplained_mismatches"] == 0, report
+    else:
+        assert report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
+        assert report["hf_cache_first_divergence"] is None, report
     assert len(report["tokens"]) == 40 and report["prompt_tokens"] == 12
 
 
@@ -116,7 +120,8 @@ def test_batch_equals_single_prompts(converted):
     for i, p in enumerate(prompts):
         tokens, logits = generate_ids(model, [p], 12, **kw)
         assert tokens[0] == batch_tokens[i]
-        assert torch.allclose(logits[0], batch_logits[i], rtol=1e-5, atol=1e-5 * float(logits[0].abs().max()))
+        tol = 5e-3 if CUDA else 1e-5  # on a GPU: TF32 dots, and split counts that follow the batch size
+        assert torch.allclose(logits[0], batch_logits[i], rtol=tol, atol=tol * float(logits[0].abs().max()))
     gen = generate(model, tok, ["Hi", PROMPT], max_new_tokens=5, backend="reference", stop_at_eos=False)
     assert [len(t) for t in gen.token_ids] == [5, 5] and len(gen.texts) == 2 and gen.new_tokens == 10
 
@@ -173,3 +178,17 @@ def test_cache_errors(converted, tiny_model_dir):
     assert cache.free_pages() == 2
     with pytest.raises(LatentKVError, match="begin_step"):
         cache.latent_attention(model.model.layers[0].self_attn, None, None, None, None)
+
+
+def test_generate_cli_and_tensor_prompt(converted):
+    """Guards the entry points the CLI uses: `generate_cli` (folder -> texts) and `decode_check`
+    given a token tensor (as `latentkv eval --decode-check` passes an evaluation window)."""
+    from latentkv.eval.decode import decode_check, generate_cli
+
+    folder = converted("mla")
+    texts = generate_cli(str(folder), ["Hi", PROMPT], max_new_tokens=4, backend="reference", device=DEVICE)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    model, tok = _load(folder)
+    report = decode_check(model, tok, torch.arange(3, 40), num_tokens=4, backend="reference", max_prompt_tokens=16,
+                          hf_cache=False)
+    assert report["passed"] and report["prompt_tokens"] == 16, report

@@ -11,6 +11,7 @@ from tiny_models import TINY_TEXT
 from latentkv.errors import LatentKVError
 from latentkv.finetune import FinetuneOptions, finetune, load_adapter
 from latentkv.finetune import targets as tg
+from latentkv.finetune.speed import use_frequency_buffers
 from latentkv.modeling import load_model
 
 
@@ -135,9 +136,10 @@ def test_refuses_other_tokenizer_and_eval_text(healing, tmp_path):
 
 
 def test_target_table_and_latent_routing():
-    """Guards against LoRA landing on the wrong modules per format (DeepSeek names, MLP widening)
-    and against the kv_b_proj routing (needed for LoRA) changing the attention's numbers, for MLA
-    and for GLA with several latent heads."""
+    """Guards against LoRA landing on the wrong modules per format (DeepSeek names, MLP widening),
+    and against the two runtime adaptations of LatentAttention changing its numbers: kv_b_proj
+    called as a module (so LoRA applies; MLA and GLA) and RoPE frequencies read from a buffer (so
+    torch.compile does not recompile per layer). Fails if modeling_latentkv.py changes under them."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     ds = DeepseekV3ForCausalLM(DeepseekV3Config(
@@ -158,10 +160,13 @@ def test_target_table_and_latent_routing():
                                                 num_hidden_layers=1, vocab_size=8),
                              attention_layers=[spec], softmax_scale=0.3, v_head_dim=5)
         layer = LatentAttention(cfg, 0)
-        c = torch.randn(2, 3, 8)
-        expected = layer.expand_latent(c)
+        c, x = torch.randn(2, 3, 8), torch.randn(2, 5, 16)
+        pos = torch.arange(3, 8)[None].expand(2, 5)
+        expected, out = layer.expand_latent(c), layer(x, position_ids=pos)[0]
         tg.route_latent_expansion_through_modules(layer)
+        use_frequency_buffers(layer)
         for got, want in zip(layer.expand_latent(c), expected):
             assert torch.allclose(got, want, atol=1e-6), latent_heads
+        assert torch.allclose(layer(x, position_ids=pos)[0], out, atol=1e-6)
     with pytest.raises(LatentKVError, match="formats"):
         tg.targets_for(type("C", (), {"model_type": "llama"})())

@@ -253,7 +253,6 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     from latentkv.modeling import AUTO_MAP, MODELING_FILE
 
     geo = geometry_of(stream.config)
-    arch = stream.arch
     writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
     specs, layer_rows = [], []
     config_probe = latent_config(stream, [], method.name, o_bias=cfg.center)

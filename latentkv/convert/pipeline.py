@@ -26,7 +26,6 @@ from latentkv.calibration.stats import (
     default_cache_root,
     source_qk,
 )
-from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,22 @@ from latentkv.errors import LatentKVError
 log = logging.getLogger(__name__)
 
 
+_STREAMS: dict[tuple, torch.Tensor] = {}  # one process tokenises a text once (a probe, then the run)
+
+
+def _token_stream(tokenizer, source: TextSource) -> torch.Tensor:
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), source)
+    if key not in _STREAMS:
+        _STREAMS.clear()
+        _STREAMS[key] = tokenize_stream(tokenizer, load_texts(source))
+    return _STREAMS[key]
+
+
 class PackedSequences:
     """All `seq_len` windows of a text source; `batch(start, count)` -> [count, seq_len] token ids."""
 
     def __init__(self, tokenizer, source: TextSource, seq_len: int, seed: int):
-        tokens = tokenize_stream(tokenizer, load_texts(source))
+        tokens = _token_stream(tokenizer, source)
         available = tokens.numel() // seq_len
         if available < 1:
             raise LatentKVError(

@@ -93,8 +93,8 @@ class Trainer:
             list(self.trainable.values()), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
         )
         self.state = RunState()
-        self.timed_tokens = 0
-        self.timed_seconds = 0.0
+        self.timed_tokens = self.all_tokens = 0
+        self.timed_seconds = self.all_seconds = 0.0
 
     # --- set-up -------------------------------------------------------------------------------
     def resume_if_possible(self) -> None:
@@ -208,6 +208,8 @@ class Trainer:
             if st.step % opts.log_every == 0 or due_eval or due_ckpt or last:
                 now = self._sync()
                 seconds = now - mark
+                self.all_seconds += seconds
+                self.all_tokens += (st.step - mark_step) * plan.tokens_per_step
                 if mark_step - first >= min(TIMING_SKIP_STEPS, opts.log_every):
                     self.timed_seconds += seconds
                     self.timed_tokens += (st.step - mark_step) * plan.tokens_per_step
@@ -243,7 +245,10 @@ class Trainer:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else float("nan")
+        """Steady state; a run too short to leave out its warm-up steps counts them all."""
+        if self.timed_seconds > 0:
+            return self.timed_tokens / self.timed_seconds
+        return self.all_tokens / self.all_seconds if self.all_seconds > 0 else float("nan")
 
     # --- evaluation and checkpoints ------------------------------------------------------------
     def evaluate(self, model=None) -> float | None:
