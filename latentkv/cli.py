@@ -298,7 +298,8 @@ def eval_cmd(
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
     if "decode_check" in report:
-        Console().print(report["decode_check"])
+        check = {k: v for k, v in report["decode_check"].items() if not isinstance(v, (list, tuple))}
+        Console().print(check)
         if not report["decode_check"].get("passed", False):
             raise typer.Exit(code=1)
 
@@ -366,6 +367,55 @@ def generate(
 
     for text in _run(generate_cli, model, prompt, max_new_tokens=max_new_tokens, backend=backend, device=device, dtype=dtype):
         typer.echo(text)
+
+
+@app.command()
+def finetune(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Converted model folder (latentkv or deepseek format).")],
+    output: OutputArg,
+    teacher: Annotated[Optional[str], typer.Option(help="Model to distil from (usually the conversion's source).")] = None,
+    data: Annotated[str, typer.Option(help="Training text: file/folder or datasets name (WikiText refused).", rich_help_panel="Data")] = DEFAULT_CORPUS,
+    split: CalibSplit = "train",
+    text_field: TextField = "text",
+    mode: Annotated[str, typer.Option(help="lora (peft adapters) or attention (full weights of the new attention only).", rich_help_panel="Training")] = "lora",
+    target: Annotated[str, typer.Option(help="attention: latentkv format q_proj, kv_a_proj, kv_b_proj, o_proj (deepseek: q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj); attention+mlp adds the MLP.", rich_help_panel="Training")] = "attention",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel="Training")] = 32,
+    tokens: Annotated[int, typer.Option(help="Training tokens in all.", rich_help_panel="Training")] = 20_000_000,
+    seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.", rich_help_panel="Training")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step (all GPUs).", rich_help_panel="Training")] = 64,
+    micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one GPU.", rich_help_panel="Training")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-4 lora, 5e-5 attention).", rich_help_panel="Training")] = None,
+    warmup: Annotated[float, typer.Option(help="Warm-up fraction, then cosine decay.", rich_help_panel="Training")] = 0.05,
+    temperature: Annotated[float, typer.Option(help="KL temperature.", rich_help_panel="Training")] = 1.0,
+    lm_weight: Annotated[float, typer.Option(help="Weight of the LM loss against the KL to the teacher (0-1).", rich_help_panel="Training")] = 0.0,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.", rich_help_panel="Training")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile student and teacher.", rich_help_panel="Training")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel="Training")] = 500,
+    merge: Annotated[bool, typer.Option(help="Fold LoRA into the weights and write the model's own format.", rich_help_panel="Output")] = False,
+    eval_windows: EvalWindows = 64,
+    eval_at: Annotated[Optional[list[int]], typer.Option(help="Token counts at which to measure perplexity during training.", rich_help_panel="Evaluation")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), bf16 or fp32.", rich_help_panel="Runtime")] = "auto",
+    seed: CalibSeed = 0,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Heal a converted model: LoRA (or the new attention weights) distilled from the teacher.
+    Several GPUs: `accelerate launch -m latentkv.cli finetune ...` (same flags)."""
+    _setup_logging()
+    from latentkv.finetune.options import FinetuneOptions
+    from latentkv.finetune.pipeline import finetune as run_finetune
+
+    opts = _run(FinetuneOptions, model=model, output=str(output), teacher=teacher, data=data, split=split,
+                text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
+                batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
+                temperature=temperature, lm_weight=lm_weight, gradient_checkpointing=gradient_checkpointing,
+                compile=compile, checkpoint_every=checkpoint_every, merge=merge, eval_windows=eval_windows,
+                eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
+                trust_remote_code=trust_remote_code, command=_command_line(ctx))
+    result = _run(run_finetune, opts)
+    typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
+                           "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals}))
 
 
 @bench_app.command("quality")

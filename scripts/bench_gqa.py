@@ -39,6 +39,7 @@ VARIANTS = {
     "pca-contiguous": dict(method="pca", grouping="contiguous"),
     "meanpool": dict(method="meanpool", grouping="contiguous"),
     "pca-sequential": dict(method="pca", grouping="similarity", sequential=True),
+    "pca-query": dict(method="pca", grouping="similarity", key_weighting="query"),
 }
 
 
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--eval-text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--source-ppl", type=float, default=None, help="reuse a measured source PPL (one model only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_gqa", help="where converted models go")
     p.add_argument("--keep", action="store_true", help="keep the converted folders")
@@ -93,7 +95,7 @@ def run(args) -> list[dict]:
         targets = list(args.heads or []) + [max(1, round(G * f)) for f in (args.fractions or [])]
         windows = eval_windows(AutoTokenizer.from_pretrained(str(folder)), protocol)
         t0 = time.perf_counter()
-        source_ppl = _ppl(folder, windows, args.device)
+        source_ppl = args.source_ppl if args.source_ppl is not None else _ppl(folder, windows, args.device)
         name = "SmolLM2-135M-Instruct" if spec == "smollm2" else folder.name
         print(f"{name}: source PPL {source_ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         for n in targets:

@@ -41,7 +41,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "corpora" / "gutenberg"
 PRESETS = {
     # ~23 M parameters: 6 layers, 8 heads of 64, hidden 512, MHA (8 KV heads), tied embeddings.
     "default": dict(vocab=8192, layers=6, hidden=512, heads=8, intermediate=1408, seq_len=512, batch=32,
-                    lr=2e-3, epochs=6.0, time_budget=200.0, eval_every=100),
+                    lr=1.5e-3, epochs=10.0, time_budget=200.0, eval_every=100),
     # CPU smoke test: a tiny model on a slice of the text.
     "smoke": dict(vocab=512, layers=2, hidden=64, heads=4, intermediate=128, seq_len=128, batch=8,
                   lr=3e-3, epochs=1.0, time_budget=60.0, eval_every=10, max_steps=20, max_chars=400_000),
