@@ -385,7 +385,7 @@ def finetune(
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.", rich_help_panel="Training")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step (all GPUs).", rich_help_panel="Training")] = 64,
     micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one GPU.", rich_help_panel="Training")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-4 lora, 5e-5 attention).", rich_help_panel="Training")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-4 lora, 3e-4 attention).", rich_help_panel="Training")] = None,
     warmup: Annotated[float, typer.Option(help="Warm-up fraction, then cosine decay.", rich_help_panel="Training")] = 0.05,
     temperature: Annotated[float, typer.Option(help="KL temperature.", rich_help_panel="Training")] = 1.0,
     lm_weight: Annotated[float, typer.Option(help="Weight of the LM loss against the KL to the teacher (0-1).", rich_help_panel="Training")] = 0.0,

@@ -52,13 +52,107 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--lr-attention", type=float, default=3e-4)
-    p.add_argument("--lr-lora", type=float, default=5e-4)
+    p.add_argument("--lr-lora", type=float, default=1e-4)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--probe-steps", type=int, default=12)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds from start for everything")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--synthetic", action="store_true",
+                   help="throughput only: random weights of the same shapes, random tokens, a kernel profile")
+    p.add_argument("--variants", default="0,1,2,3", help="--synthetic: which step variants to time")
     return p.parse_args()
+
+
+# (rope_dim, kv_lora_rank) per layer of SmolLM2-135M converted at 25% (the H100 run of this script).
+SMOLLM2_25 = [(36, 60), (24, 72), (24, 72), (24, 72), (24, 72), (24, 72), (12, 84), (12, 84), (12, 84), (36, 60),
+              (24, 72), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72), (24, 72), (24, 72), (12, 84), (24, 72),
+              (12, 84), (12, 84), (24, 72), (12, 84), (12, 84), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72)]
+
+
+class RandomTokens:
+    """Stands in for PackedSequences: random ids of the right shape (throughput does not depend on them)."""
+
+    def __init__(self, vocab: int, seq_len: int):
+        self.vocab, self.seq_len = vocab, seq_len
+
+    def batch(self, start: int, count: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (count, self.seq_len), generator=torch.Generator().manual_seed(start))
+
+    def epochs(self, sequences: int) -> float:
+        return 0.0
+
+
+def synthetic(args) -> None:
+    """Tokens/s, MFU and a CUDA kernel profile of the healing step on SmolLM2-135M shapes."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from latentkv.finetune import targets as tg
+    from latentkv.finetune.flops import device_peak_flops, flops_per_token
+    from latentkv.finetune.trainer import StepPlan, Trainer
+    from latentkv.modeling.modeling_latentkv import LatentKVConfig, LatentKVForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, max_position_embeddings=8192)
+    inv = [100000.0 ** (-2 * j / 64) for j in range(32)]
+    specs = [dict(kv_lora_rank=r, rope_dim=d, rope_inv_freq=inv[: d // 2], qk_nope_head_dim=64, latent_heads=1)
+             for d, r in SMOLLM2_25]
+    source = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "dtype", "torch_dtype")}
+    acc = Accelerator(mixed_precision="no")
+    peak, name = device_peak_flops(acc.device)
+    rows = []
+    variants = [("attention, compiled, micro 16", "attention", True, 16),
+                ("attention, eager, micro 16", "attention", False, 16),
+                ("attention, compiled, micro 32", "attention", True, 32),
+                ("lora r64, compiled, micro 16", "lora", True, 16),
+                ("lora r64, eager, micro 16", "lora", False, 16)]
+    for i in [int(v) for v in args.variants.split(",")]:
+        label, mode, compile_, micro = variants[i]
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(cfg).to(acc.device).eval().requires_grad_(False)
+        student = LatentKVForCausalLM(LatentKVConfig(source_config=source, attention_layers=specs, softmax_scale=0.125,
+                                                     v_head_dim=64, o_bias=True))
+        row = tg.FORMAT_TARGETS["latentkv"]
+        if mode == "lora":
+            student, _ = tg.add_lora(student, row, "attention", 64, 64.0, 0.0)
+        else:
+            tg.freeze_all_but(student, row, "attention")
+        student = student.to(acc.device).train()
+        opts = FinetuneOptions(model="synthetic", output=str(Path(args.work) / "synthetic"), teacher="synthetic",
+                               mode=mode, tokens=10**9, seq_len=args.seq_len, batch_size=args.batch_size,
+                               micro_batch_size=micro, compile=compile_, eval_windows=0, log_every=5,
+                               checkpoint_every=0, stop_after_steps=15)
+        plan = StepPlan.make(opts, acc.num_processes)
+        trainer = Trainer(opts, acc, student, teacher, RandomTokens(49152, args.seq_len), plan, torch.bfloat16, None)
+        trainer.save_checkpoint = lambda: None
+        trainer.prepare()
+        t0 = time.perf_counter()
+        trainer.run()
+        fpt = flops_per_token(student, teacher)
+        tps = trainer.tokens_per_s
+        rows.append({"variant": label, "tokens_per_s": tps, "flops_per_token": fpt,
+                     "mfu": tps * fpt / peak if peak else None, "seconds": time.perf_counter() - t0,
+                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
+        log.info("%s", rows[-1])
+        if label.startswith("attention, compiled, micro 16") and acc.device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                trainer._step(100)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        del trainer, student, teacher
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    out = {"device": name, "formula": FORMULA, "rows": rows}
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"{args.name}_synthetic.json").write_text(json.dumps(out, indent=2) + "\n")
+    for r in rows:
+        print(f"{r['variant']:34s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {100 * (r['mfu'] or 0):5.1f}%  "
+              f"peak {r['peak_memory_gb']:.1f} GiB")
 
 
 def _floats(text: str) -> list[int]:
@@ -185,6 +279,8 @@ def report(result: dict) -> str:
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.synthetic:
+        return synthetic(args)
     t_start = time.perf_counter()
     deadline = t_start + args.deadline
     work = Path(args.work)

@@ -5,6 +5,7 @@
 #   scripts/device_heal.sh prepare   # here: split the SmolLM2 GGUF, copy the texts and the gguf wheel
 #   run(carry=[.heal_carry],  "bash scripts/device_heal.sh part1")   # there: keep half 1 in /tmp, GPU smoke test
 #   run(carry=[.heal_carry2], "bash scripts/device_heal.sh part2")   # there, within 30 s: join, dequantize, bench
+#   run("bash scripts/device_heal.sh part3")   # any time: step throughput on random weights + kernel profile
 #
 # .heal_carry/ and .heal_carry2/ are git-ignored (.git/info/exclude). part2 writes
 # heal_h100.{md,json}, the bench log and the runs' logs to $OUT.
@@ -92,6 +93,11 @@ part2)
     "${@:2}" 2>&1 | tee "$OUT/bench_heal.log"
   cp /tmp/bench_heal/*.log "$OUT/" 2>/dev/null || true
   ;;
+part3)
+  # throughput only (random weights of the same shapes; no files needed): tokens/s, MFU, kernel profile
+  export PYTHONPATH="$PWD"
+  python3 scripts/bench_heal.py --synthetic --out-dir "$OUT" --work /tmp/synthetic "${@:2}" 2>&1 | tee "$OUT/bench_heal_synthetic.log"
+  ;;
 *)
-  echo "usage: $0 prepare|part1|part2 [bench_heal.py options]"; exit 2 ;;
+  echo "usage: $0 prepare|part1|part2|part3 [bench_heal.py options]"; exit 2 ;;
 esac

@@ -6,7 +6,9 @@ tokenizer (`tokenizers`, vocab 8192) trained on the Gutenberg books, then a Llam
 many KV heads as query heads, trained from scratch in bf16 with AdamW and a cosine schedule. A
 held-out slice of the books (every 50th 4096-token block) is never trained on; the weights with
 the best held-out loss are kept. The output is a plain Hugging Face folder (safetensors,
-tokenizer, generation_config.json) that `AutoModelForCausalLM.from_pretrained` loads.
+tokenizer, generation_config.json) that `AutoModelForCausalLM.from_pretrained` loads, plus
+`data_split/{train,heldout}.txt` (the text trained on and the held-out text) and
+`training_report.json`.
 
 Never train on WikiText (it is the evaluation text). Outputs are produced, never committed.
 
@@ -89,8 +91,16 @@ def split_tokens(ids: torch.Tensor, block: int = 4096, every: int = 50) -> tuple
     n = ids.numel() // block
     blocks = ids[: n * block].view(n, block)
     is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[every // 2 :: every] = True
+    is_val[min(every // 2, n - 1) :: every] = True  # at least one held-out block
     return torch.cat([blocks[~is_val].flatten(), ids[n * block :]]), blocks[is_val].flatten()
+
+
+def write_split(tokenizer, train: torch.Tensor, val: torch.Tensor, folder: Path) -> None:
+    """The training and held-out text as files, so later steps can calibrate on text the model was
+    trained on and measure in-domain perplexity on text it never saw."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "heldout.txt").write_text(tokenizer.decode(val.tolist()), encoding="utf-8")
+    (folder / "train.txt").write_text(tokenizer.decode(train.tolist()), encoding="utf-8")
 
 
 def build_model(args, tokenizer):
@@ -138,6 +148,7 @@ def main(argv=None):
     tokenizer = train_tokenizer(texts, args.vocab, args.out)
     ids = tokenize_stream(tokenizer, texts)
     train, val = split_tokens(ids, block=min(4096, 8 * args.seq_len))
+    write_split(tokenizer, train, val, args.out / "data_split")
     log.info("tokenizer: vocab %d; %d training tokens, %d held-out (%.0f s)", len(tokenizer), train.numel(),
              val.numel(), time.perf_counter() - t_start)
 

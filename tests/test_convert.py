@@ -249,20 +249,14 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
 
     source = open_source(str(tiny_model_dir("qwen2")))
     windows = token_windows(source.tokenizer(), TextSource(str(TINY_TEXT)), 4, 32, 0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+        inputs = [layer.input_layernorm(hidden[i]) for i, layer in enumerate(model.model.layers)]
     stream = LayerStream(source.config, source.weights)
     stats = collect_stats(stream, windows, StatsCache(tmp_path / "c", {"k": 1}), CalibOptions(profile_samples=2))
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"), dtype=torch.float32).eval()
-    seen = {}
-    hooks = [
-        layer.self_attn.q_proj.register_forward_hook(lambda m, inp, out, i=i: seen.setdefault(i, inp[0]))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        model(windows)
-    for h in hooks:
-        h.remove()
     for i, st in enumerate(stats):
-        x = seen[i].reshape(-1, seen[i].shape[-1]).double()
+        x = inputs[i].reshape(-1, inputs[i].shape[-1]).double()
         x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
         direct = x.T @ x / len(x)
         assert torch.allclose(st.moment, direct, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -83,7 +84,11 @@ class GQAMethod:
     def moments(self, stream, i: int, stats, cfg: gqa.GQAConfig) -> gqa.LayerMoments:
         from latentkv.convert.pipeline import layer_inputs_from
 
-        return gqa.layer_moments(layer_inputs_from(stream, i, stats), cfg)
+        # The analysis is small float64 linear algebra: it runs on the CPU whatever device
+        # calibrated the statistics.
+        on_cpu = SimpleNamespace(arch=stream.arch, config=stream.config, weights=stream.weights,
+                                 device=torch.device("cpu"), inv_freq=stream.inv_freq.cpu())
+        return gqa.layer_moments(layer_inputs_from(on_cpu, i, stats), cfg)
 
     def build(self, stream, i: int, stats, plan: GQAPlan, cfg: gqa.GQAConfig) -> dict[str, torch.Tensor]:
         if i in plan.built:

@@ -35,14 +35,14 @@ class FinetuneOptions:
     mode: "lora" (peft adapters on the target modules) or "attention" (the target modules' full
         weights; the rest stays frozen). "attention" always writes full weights.
     target: "attention" (the converted attention's linears) or "attention+mlp" (the MLP's too).
-    lora_rank / lora_alpha / lora_dropout: the adapters' width (4..128), scale (usually 2 x rank)
-        and dropout (0..0.1).
+    lora_rank / lora_alpha / lora_dropout: the adapters' width (4..128), scale (None: alpha = rank,
+        so the update is scaled by 1) and dropout (0..0.1).
     tokens: training tokens in all (the global budget, summed over GPUs); 1e6..1e10 is sensible.
     seq_len: tokens per packed sequence (256..4096).
     batch_size: sequences per optimizer step, summed over GPUs (so runs on 1 or 8 GPUs match).
     micro_batch_size: sequences per forward pass on one GPU (None: the whole per-GPU share);
         lower it when memory runs out; gradients are accumulated up to `batch_size`.
-    lr: peak learning rate (None: 2e-4 for lora, 5e-5 for attention); warmup: fraction of the
+    lr: peak learning rate (None: 1e-4 for lora, 3e-4 for attention); warmup: fraction of the
         steps with a linear warm-up (0..0.2); then cosine decay down to lr x min_lr_ratio.
     weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
     temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
@@ -131,11 +131,13 @@ class FinetuneOptions:
         if not 0 <= self.lora_dropout < 1:
             raise LatentKVError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr is None:
-            self.lr = 2e-4 if self.mode == "lora" else 5e-5
+            # attention: 3e-4 was stable and still improving on SmolLM2-135M (benchmarks/heal_h100.md);
+            # lora: 5e-4 at scale alpha/r = 2 diverged there, so a 10x smaller effective step.
+            self.lr = 1e-4 if self.mode == "lora" else 3e-4
         if self.lr <= 0:
             raise LatentKVError(f"--lr must be > 0, got {self.lr}")
         if self.lora_alpha is None:
-            self.lora_alpha = 2.0 * self.lora_rank
+            self.lora_alpha = float(self.lora_rank)
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise LatentKVError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:

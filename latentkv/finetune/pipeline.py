@@ -164,8 +164,8 @@ def _accelerator(opts: FinetuneOptions):
     from accelerate import Accelerator
 
     kwargs = {"mixed_precision": "no"}  # autocast is applied by the trainer, so eval stays float32
-    if opts.device == "cpu":
-        kwargs["cpu"] = True
+    if opts.device == "cpu" or not torch.cuda.is_available():
+        kwargs["cpu"] = True  # also what makes several CPU processes (torchrun) one data-parallel group
     return Accelerator(**kwargs)
 
 

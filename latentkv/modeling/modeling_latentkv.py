@@ -134,6 +134,9 @@ class LatentAttention(nn.Module):
     def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
         b, s, _ = c.shape
+        if self.latent_heads == 1:  # through the module, so adapters on kv_b_proj (LoRA) take effect
+            return self.kv_b_proj(c).view(b, s, self.num_heads, -1).transpose(1, 2).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         heads_per_latent = self.num_heads // self.latent_heads
         c = c.view(b, s, self.latent_heads, self.latent_head_dim)
         w = self.kv_b_proj.weight.view(self.latent_heads, heads_per_latent, -1, self.latent_head_dim)
