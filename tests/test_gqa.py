@@ -19,10 +19,11 @@ from tiny_models import TINY_TEXT
 TOKENS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
-def _convert(source: Path, out: Path, tmp_path: Path, **options) -> Path:
+def _convert(source: Path, out: Path, tmp_path: Path, cache: bool = True, **options) -> Path:
+    folder = str(tmp_path / f"cache-{source.name}") if cache else None
     convert(ConvertOptions(
         source=str(source), output=str(out), method="gqa", method_options=options,
-        calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(tmp_path / f"cache-{source.name}")),
+        calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=folder),
     ))
     return out
 
@@ -56,6 +57,20 @@ def test_same_heads_reproduces_source(tiny_model_dir, tmp_path, arch, method):
     heads = json.loads((src / "config.json").read_text())["num_key_value_heads"]
     out = _convert(src, tmp_path / "out", tmp_path, num_kv_heads=heads, method=method)
     assert _rel(_logits(src), _logits(out)) < 1e-5
+
+
+def test_sequential_calibration_runs_converted_attention(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards sequential calibration: the converted attention module (the source's own class with
+    the new head count) must run inside the calibration pass; at full heads it changes nothing, and
+    with fewer heads the result is a valid model."""
+    # Both passes use the default cache root (an explicit --calib-cache folder is shared by both
+    # passes, which the pipeline refuses): keep it inside tmp_path.
+    monkeypatch.setenv("LATENTKV_CACHE", str(tmp_path / "lkv"))
+    src = tiny_model_dir("qwen2")
+    out = _convert(src, tmp_path / "out", tmp_path, cache=False, num_kv_heads=2, sequential=True)
+    assert _rel(_logits(src), _logits(out)) < 1e-5
+    fewer = _convert(src, tmp_path / "fewer", tmp_path, cache=False, num_kv_heads=1, sequential=True)
+    assert torch.isfinite(_logits(fewer)).all()
 
 
 def _copied_heads_source(tiny_model_dir, folder: Path, pattern: list[int]) -> Path:

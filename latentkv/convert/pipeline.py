@@ -180,7 +180,11 @@ def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential
     import hashlib
 
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(opts.calib.cache) if opts.calib.cache else default_cache_root() / key
+    if opts.calib.cache:
+        # The sequential pass has its own statistics: a sub-folder of the user's cache.
+        folder = Path(opts.calib.cache) / f"sequential-{key}" if sequential_key else Path(opts.calib.cache)
+    else:
+        folder = default_cache_root() / key
     return StatsCache(folder, fingerprint)
 
 
