@@ -167,33 +167,17 @@ def _write_config(src_folder, folder, num_kv_heads: int, save_dtype: torch.dtype
 
 
 def _write_card(method, cfg, opts, source, folder, kv: int, src_kv: int, src_heads: int) -> None:
-    from latentkv.convert.mla_method import _base_model_name, _version
-    from latentkv.convert.registry import PAPERS
-    from latentkv.io.card import write_model_card, write_recipe
+    from latentkv.convert.mla_method import _base_model_name, write_cards
 
-    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg)}
-    write_recipe(folder, recipe)
-    base = _base_model_name(source)
     how = ("mean-pooled K and V projections of each group (baseline)" if cfg.method == "meanpool" else
            "RoPE-commuting per-frequency complex PCA of each group's keys and W_O-metric PCA of its values, "
            "folded into W_Q and W_O")
-    try:
-        write_model_card(
-            folder,
-            base_model=base,
-            base_model_relation="finetune",
-            tags=["latentkv", method.name, "kv-cache-compression"],
-            command=opts.command or "latentkv convert",
-            recipe=recipe,
-            results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
-                      "kept": f"{100 * kv / src_kv:.1f}%"}],
-            papers=PAPERS.get(method.name, []),
-            title=f"{base} with {cfg.num_kv_heads} KV heads",
-            description=(
-                f"Each layer's {src_heads} KV heads merged into {cfg.num_kv_heads} by latentkv ({how}; "
-                f"{cfg.grouping} grouping). Same architecture and tensor names as the source, only "
-                "`num_key_value_heads` changed: load with plain `AutoModelForCausalLM.from_pretrained(path)`."
-            ),
-        )
-    except Exception as exc:  # the card is not essential: the weights and config are
-        log.warning("Could not write the model card in %s (%s); the model itself is complete", folder, exc)
+    write_cards(
+        method, cfg, opts, source, folder, None, kv, src_kv,
+        title=f"{_base_model_name(source)} with {cfg.num_kv_heads} KV heads",
+        description=(
+            f"Each layer's {src_heads} KV heads merged into {cfg.num_kv_heads} by latentkv ({how}; "
+            f"{cfg.grouping} grouping). Same architecture and tensor names as the source, only "
+            "`num_key_value_heads` changed: load with plain `AutoModelForCausalLM.from_pretrained(path)`."
+        ),
+    )

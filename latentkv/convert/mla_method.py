@@ -280,31 +280,36 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
                          seconds=0.0, layers=layer_rows)
 
 
-def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, extra_recipe=None, load_hint="") -> None:
-    """Recipe file and model card of a converted folder (shared by every output format)."""
+def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, extra_recipe=None, load_hint="",
+                title: str | None = None, description: str | None = None) -> None:
+    """Recipe file and model card of a converted folder (shared by every method and format).
+    The card is not essential: if it fails, the weights and config still stand."""
     from latentkv.convert.registry import PAPERS
     from latentkv.io.card import write_model_card, write_recipe
 
     recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg), **(extra_recipe or {})}
     write_recipe(folder, recipe)
     name = _base_model_name(source)
-    write_model_card(
-        folder,
-        base_model=name,
-        base_model_relation="finetune",
-        tags=["latentkv", method.name, "kv-cache-compression", opts.format],
-        command=opts.command or "latentkv convert",
-        recipe=recipe,
-        results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
-                  "kept": f"{100 * kv / src_kv:.1f}%"}],
-        papers=PAPERS.get(method.name, []),
-        title=f"{name} with {method.name.upper()} attention ({opts.format} format)",
-        description=(
-            f"Attention rewritten by latentkv into {method.name.upper()} form: the cache holds "
-            f"{kv / geo.num_layers:.0f} values per token per layer on average, against "
-            f"{geo.kv_values_per_token_per_layer} in the source. {load_hint}"
-        ),
-    )
+    try:
+        write_model_card(
+            folder,
+            base_model=name,
+            base_model_relation="finetune",
+            tags=["latentkv", method.name, "kv-cache-compression", opts.format],
+            command=opts.command or "latentkv convert",
+            recipe=recipe,
+            results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
+                      "kept": f"{100 * kv / src_kv:.1f}%"}],
+            papers=PAPERS.get(method.name, []),
+            title=title or f"{name} with {method.name.upper()} attention ({opts.format} format)",
+            description=description or (
+                f"Attention rewritten by latentkv into {method.name.upper()} form: the cache holds "
+                f"{kv / geo.num_layers:.0f} values per token per layer on average, against "
+                f"{geo.kv_values_per_token_per_layer} in the source. {load_hint}"
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - a failing card must not cost the user the converted model
+        log.warning("Could not write the model card in %s (%s); the model itself is complete", folder, exc)
 
 
 def _version() -> str:
