@@ -95,7 +95,7 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     q = torch.stack([interleave_rope(q[h], rope_dim) for h in range(num_heads)]).reshape(-1, q.shape[-1])
     q = q * math.sqrt((head_dim + rope_dim) / head_dim)  # DeepSeek scales scores by 1/sqrt(d_nope + d_R)
     kv_a = interleave_rope(tensors["kv_a_proj.weight"], rope_dim)
-    latent = samples.to(kv_a.dtype) @ kv_a[:rank].T
+    latent = samples.to(kv_a.device, kv_a.dtype) @ kv_a[:rank].T
     weight, err = latent_norm_weight(latent, eps)
     return {
         "q_proj.weight": q,
@@ -130,9 +130,8 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
             raise LatentKVError("The latent needs a bias here, which the DeepSeek format cannot hold; use --format latentkv")
         if stats[i].samples is None:
             raise LatentKVError("The calibration cache predates latent samples; pass a fresh --calib-cache")
-        x = torch.cat([stats[i].samples.double(), torch.ones(len(stats[i].samples), 1, dtype=torch.float64)], 1)
-        attn, err = deepseek_attention({k: v for k, v in tensors.items()}, spec, geo.head_dim, geo.num_heads,
-                                       x[:, :-1], stream.config.rms_norm_eps)
+        attn, err = deepseek_attention(tensors, spec, geo.head_dim, geo.num_heads,
+                                       stats[i].samples.double(), stream.config.rms_norm_eps)
         errors.append(err)
         write_layer(stream, writer, i, attn, save_dtype)
         rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "latent_norm_rel_error": err})
