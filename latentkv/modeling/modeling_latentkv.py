@@ -187,6 +187,10 @@ class LatentAttention(nn.Module):
         is_causal = mask is None and s > 1
         if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
+        pad = -query.shape[-1] % 8
+        if pad:  # fused SDPA kernels need head dims in multiples of 8; zero dims leave every score as is
+            query = torch.nn.functional.pad(query, (0, pad))
+            key = torch.nn.functional.pad(key, (0, pad))
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
         )
