@@ -122,6 +122,8 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
     stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
     if all(s is not None for s in stats) and on_layer is None:
         log.info("calibration statistics for all %d layers found in %s", n, cache.folder)
+        for i in range(n) if progress is not None else ():
+            progress(i)
         return stats  # type: ignore[return-value]
     start, hidden = 0, None
     resumed = cache.load_hidden() if on_layer is None else None
