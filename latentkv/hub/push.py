@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from latentkv.errors import LatentKVError
+from latentkv.errors import LatentKVError, installed_exceptions
 from latentkv.io.card import redact_secrets
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,8 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub import errors as hf_errors
 
     types: list[type[BaseException]] = [hf_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for mod, name in (("requests", "ConnectionError"), ("requests", "Timeout"),
-                      ("httpx", "TransportError"), ("httpx2", "TransportError")):
-        try:
-            cls = getattr(__import__(mod), name, None)
-        except ImportError:
-            continue
-        if cls is not None:
-            types.append(cls)
+    types += installed_exceptions((("requests", "ConnectionError"), ("requests", "Timeout"),
+                                   ("httpx", "TransportError"), ("httpx2", "TransportError")))
     return tuple(types)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentkv.errors import LatentKVError
+from latentkv.errors import LatentKVError, installed_exceptions
 from latentkv.io.card import redact_secrets
 from latentkv.io.lazy import LazyCheckpoint
 from latentkv.io.writer import SIDECAR_FILES, OutputFolder
@@ -238,14 +238,7 @@ def _hub_exceptions() -> tuple[type[BaseException], ...]:
         ConnectionError,
         TimeoutError,
     ]
-    # huggingface_hub's HTTP client changed over versions; catch whichever is installed.
-    for mod, name in (("requests", "RequestException"), ("httpx", "TransportError"), ("httpx2", "TransportError")):
-        try:
-            cls = getattr(__import__(mod), name, None)
-        except ImportError:
-            continue
-        if cls is not None:
-            types.append(cls)
+    types += installed_exceptions((("requests", "RequestException"), ("httpx", "TransportError"), ("httpx2", "TransportError")))
     return tuple(types)
 
 
