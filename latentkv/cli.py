@@ -127,7 +127,7 @@ def convert(
     ctx: typer.Context,
     source: SourceArg,
     output: OutputArg,
-    to: Annotated[str, typer.Option("--to", help="Target: mla, gla, gqa.")] = "mla",
+    to: Annotated[str, typer.Option("--to", help="Target: mla, gla (grouped latent), gta (GTA-T: tied K/V state per KV head), gqa.")] = "mla",
     kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA).", rich_help_panel="Method")] = None,
     kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer.", rich_help_panel="Method")] = None,
     qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
@@ -186,7 +186,7 @@ def convert(
         if value is not None:
             method_options[name] = value
     rope = pick("qk_rope_dim", qk_rope_dim)
-    if to in ("mla", "gla"):
+    if to in ("mla", "gla", "gta"):
         method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
         if pick("sequential", sequential):
             method_options["sequential"] = True

@@ -86,6 +86,7 @@ FRESH_PROCESS = textwrap.dedent(
 @pytest.mark.parametrize("arch,method,options", [
     ("qwen2", "mla", dict(kv_budget=0.5)),
     ("mixtral", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("llama", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with

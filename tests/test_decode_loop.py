@@ -17,13 +17,13 @@ from latentkv.errors import LatentKVError
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-METHODS = {"mla": dict(kv_budget=0.5), "gla": dict(kv_budget=0.5, latent_heads=2)}
+METHODS = {"mla": dict(kv_budget=0.5), "gla": dict(kv_budget=0.5, latent_heads=2), "gta": dict()}
 PROMPT = "To be, or not to be, that is the question"
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir, tmp_path_factory):
-    """Factory: converted("mla" | "gla") -> output folder (converted once per module)."""
+    """Factory: converted("mla" | "gla" | "gta") -> output folder (converted once per module)."""
     from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 
     built = {}
@@ -57,7 +57,7 @@ def _triton_or_skip():
         pytest.skip("triton was imported in compiled mode without a GPU; run with TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("method", ["mla", "gla"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_decode_check_passes(converted, method, backend):
     """Guards the absorbed paged path (W_UK folded into q, W_UV on the latent output, RoPE key in

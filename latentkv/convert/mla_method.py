@@ -7,6 +7,7 @@ and turns tensors into modules and files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from latentkv.errors import LatentKVError
 log = logging.getLogger(__name__)
 
 FORMATS = ("latentkv", "deepseek")
+LAYERS_FILE = "latentkv_layers.json"  # per-layer widths and fit figures of a conversion
 
 
 @dataclass
@@ -27,6 +29,7 @@ class MLAPlan:
     widths: list[tuple[int, int]]  # (rope_dim, kv_lora_rank) per layer
     predicted_error: list[float]
     built: dict = field(default_factory=dict)  # layer -> (tensors, spec), filled by sequential calibration
+    reports: dict = field(default_factory=dict)  # layer -> fit figures known only once the layer is built
 
     def key(self) -> list:
         return [list(w) for w in self.widths]
@@ -186,6 +189,53 @@ class GLAMethod(MLAMethod):
         return super().make_config(options, fmt)
 
 
+class GTAMethod(MLAMethod):
+    """GTA-T: one tied state per KV head plus a half-head-dim shared RoPE key (`convert.gta`)."""
+
+    name = "gta"
+
+    def make_config(self, options: dict, fmt: str):
+        from latentkv.convert.gta import GTAConfig
+
+        if fmt != "latentkv":
+            raise LatentKVError("GTA-T is written in the latentkv format only")
+        known = {f.name for f in dataclasses.fields(GTAConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LatentKVError(f"Unknown gta settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = dict(options)
+        if options.pop("qk_rope_dim", "auto") not in ("auto", None):
+            raise LatentKVError("--to gta has a fixed RoPE key of half the head dim; drop --qk-rope-dim")
+        return GTAConfig(**options)
+
+    def validate(self, config, arch, cfg, fmt: str) -> None:
+        geo = geometry_of(config)
+        if geo.head_dim % 4:
+            raise LatentKVError(f"GTA-T splits the head dim into RoPE pairs of halves; head dim {geo.head_dim} "
+                                "is not a multiple of 4")
+        cfg.latent_heads = geo.num_kv_heads
+        cfg.qk_rope_dim = geo.head_dim // 2
+
+    def plan(self, stream, stats, cfg, fmt: str) -> MLAPlan:
+        geo = geometry_of(stream.config)
+        width = (geo.head_dim // 2, geo.num_kv_heads * geo.head_dim)
+        return MLAPlan(widths=[width] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers)
+
+    def build(self, stream, i: int, stats, plan: MLAPlan, cfg):
+        from latentkv.convert import gta
+        from latentkv.convert.pipeline import layer_inputs_from
+
+        if i in plan.built:
+            return plan.built[i]
+        with torch.device(stream.device):
+            an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
+            tensors, spec, report = gta.build_gta_layer(an, cfg)
+        plan.reports[i] = report
+        log.info("layer %d: tied-state fit error keys %.3f, values %.3f (relative); RoPE de-rotation loss %.4g",
+                 i, report["key_rel_error"], report["value_rel_error"], report["rope_loss"])
+        return tensors, spec
+
+
 def latent_config(stream, specs: list[dict], method: str, o_bias: bool = False):
     """The LatentKVConfig of a converted model (also used for a single layer during calibration)."""
     from latentkv.modeling.modeling_latentkv import LatentKVConfig
@@ -261,7 +311,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
         specs.append(spec)
         write_layer(stream, writer, i, _filter_bias(tensors, config_probe), save_dtype)
         layer_rows.append({"layer": i, "rope_dim": spec["rope_dim"], "kv_lora_rank": spec["kv_lora_rank"],
-                           "predicted_error": plan.predicted_error[i]})
+                           "predicted_error": plan.predicted_error[i], **plan.reports.get(i, {})})
         if progress is not None:
             progress(i)
     write_globals(stream, writer, save_dtype)
@@ -272,6 +322,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     config.save_pretrained(folder)
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     copy_sidecars(source.folder, folder)
+    (folder / LAYERS_FILE).write_text(json.dumps(layer_rows, indent=1, default=float) + "\n")
     kv = config.kv_values_per_token()
     src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
     write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,

@@ -14,11 +14,13 @@ from latentkv.errors import LatentKVError
 METHODS: dict[str, str] = {
     "mla": "latentkv.convert.mla_method:MLAMethod",
     "gla": "latentkv.convert.mla_method:GLAMethod",
+    "gta": "latentkv.convert.mla_method:GTAMethod",
 }
 
 # Paper each method follows (cited by the model card).
 PAPERS: dict[str, list[str]] = {
     "mla": ["TransMLA (arXiv 2502.07864)", "MHA2MLA (arXiv 2502.14837)", "CARE (ICLR 2026)"],
+    "gta": ["Hardware-Efficient Attention for Fast Decoding, Zadouri, Strauss, Dao (arXiv 2505.21487)"],
     "gla": ["Hardware-Efficient Attention for Fast Decoding, Zadouri, Strauss, Dao (arXiv 2505.21487)"],
 }
 

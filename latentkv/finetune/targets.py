@@ -141,7 +141,7 @@ def route_latent_expansion_through_modules(model: torch.nn.Module) -> int:
     patched = 0
     for module in model.modules():
         patch = _LORA_PATCHES.get(type(module).__name__)
-        if patch is not None:
+        if patch is not None and not getattr(module, "tied", False):  # tied (GTA-T) layers have no kv_b_proj
             setattr(module, patch[0], types.MethodType(patch[1], module))
             patched += 1
     if patched:

@@ -14,6 +14,9 @@ equal heads) and a shared RoPE key of width `rope_dim`:
     k_nope_h, v_h = kv_b_proj(c_{latent head of h})_h
     score_h  = scale * (q_nope_h . k_nope_h + RoPE(q_rope_h) . RoPE(kr))
 
+A `tied` layer (GTA-T) has no kv_b_proj: each latent head is one state s of the value width, used
+whole as the value and whose first `qk_nope_head_dim` dims are the key's non-rotated part.
+
 RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout), so a converter can
 keep any subset of the source's frequencies. GQA-style targets do not use this file.
 """
@@ -34,7 +37,7 @@ class LatentKVConfig(PretrainedConfig):
 
     source_config: the source model's config as a dict (its `model_type` picks the architecture).
     attention_layers: one dict per decoder layer with `kv_lora_rank`, `rope_dim`, `rope_inv_freq`
-        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads` and `latent_bias`.
+        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias` and `tied` (GTA-T).
     softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
     """
 
@@ -100,6 +103,10 @@ class LatentAttention(nn.Module):
         self.latent_heads = int(spec.get("latent_heads", 1))
         self.v_head_dim = int(config.v_head_dim)
         self.latent_head_dim = self.kv_lora_rank // self.latent_heads
+        self.tied = bool(spec.get("tied", False))
+        if self.tied and (self.latent_head_dim != self.v_head_dim or self.qk_nope_head_dim > self.v_head_dim):
+            raise ValueError(f"layer {layer_idx}: a tied state must have the value width {self.v_head_dim}, "
+                             f"got {self.latent_head_dim} (key part {self.qk_nope_head_dim})")
         self.scaling = float(config.softmax_scale)
         self.rope_attention_scaling = float(config.rope_attention_scaling)
         self.is_causal = True
@@ -109,10 +116,11 @@ class LatentAttention(nn.Module):
         qk_head_dim = self.qk_nope_head_dim + self.rope_dim
         self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=config.q_bias)
         self.kv_a_proj = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bool(spec.get("latent_bias", False)))
-        # Each latent head expands into the k_nope and v of the query heads it serves.
-        self.kv_b_proj = nn.Linear(
-            self.latent_head_dim, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
-        )
+        if not self.tied:
+            # Each latent head expands into the k_nope and v of the query heads it serves.
+            self.kv_b_proj = nn.Linear(
+                self.latent_head_dim, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+            )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.o_bias)
         # Kept as a plain list, not a buffer: meta-device loading would leave a buffer uninitialised.
         self.rope_inv_freq = [float(f) for f in spec.get("rope_inv_freq", [])]
@@ -134,6 +142,11 @@ class LatentAttention(nn.Module):
     def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
         b, s, _ = c.shape
+        if self.tied:  # the state of each query head's group: whole as value, its head as key
+            state = c.view(b, s, self.latent_heads, 1, self.latent_head_dim)
+            state = state.expand(-1, -1, -1, self.num_heads // self.latent_heads, -1)
+            state = state.reshape(b, s, self.num_heads, self.latent_head_dim).transpose(1, 2)
+            return state[..., : self.qk_nope_head_dim], state
         if self.latent_heads == 1:  # through the module, so adapters on kv_b_proj (LoRA) take effect
             return self.kv_b_proj(c).view(b, s, self.num_heads, -1).transpose(1, 2).split(
                 [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -145,7 +158,12 @@ class LatentAttention(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_nope, r_c] and W_UV [H, d_v, r_c], views of kv_b_proj: k_nope_h = W_UK_h c and
-        v_h = W_UV_h c, c the latent head of query head h (h // (H // latent_heads))."""
+        v_h = W_UV_h c, c the latent head of query head h (h // (H // latent_heads)).
+        Tied: W_UK_h = [I 0] and W_UV_h = I."""
+        if self.tied:
+            eye = torch.eye(self.latent_head_dim, dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
+            eye = eye.expand(self.num_heads, -1, -1)
+            return eye[:, : self.qk_nope_head_dim], eye
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.latent_head_dim)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
