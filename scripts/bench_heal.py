@@ -45,7 +45,10 @@ def parse_args():
     p.add_argument("--modes", default="attention,lora")
     p.add_argument("--tokens", default="50e6,20e6", help="planned tokens per mode, in --modes order")
     p.add_argument("--eval-at", default="5e6,20e6,50e6")
-    p.add_argument("--kv-budget", type=float, default=0.25)
+    p.add_argument("--to", default="mla", choices=["mla", "gla", "gta"], help="conversion target")
+    p.add_argument("--kv-budget", type=float, default=0.25, help="mla/gla (gta has a fixed width)")
+    p.add_argument("--latent-heads", type=int, default=3, help="gla")
+    p.add_argument("--target", default="attention", help="what is trained: attention or attention+mlp")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -175,12 +178,12 @@ def source_perplexity(folder: Path, eval_text: Path, device: str) -> float:
 def convert_source(args, source: Path, work: Path) -> tuple[Path, float, dict]:
     from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 
-    out = work / f"mla{int(args.kv_budget * 100)}"
-    if (out / "config.json").is_file():
-        return out, 0.0, {}
+    options = {"mla": dict(kv_budget=args.kv_budget), "gla": dict(kv_budget=args.kv_budget, latent_heads=args.latent_heads),
+               "gta": {}}[args.to]
+    out = work / (args.to if args.to == "gta" else f"{args.to}{int(args.kv_budget * 100)}")
     t0 = time.perf_counter()
     r = convert(ConvertOptions(
-        source=str(source), output=str(out), method_options=dict(kv_budget=args.kv_budget),
+        source=str(source), output=str(out), method=args.to, method_options=options, overwrite=True,
         calib=CalibOptions(data=str(Path(args.corpora) / "gutenberg"), samples=args.calib_samples,
                            seq_len=args.calib_seq_len, cache=str(work / "calib")),
         device=args.device,
@@ -204,11 +207,11 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
     lr = args.lr_attention if mode == "attention" else args.lr_lora
     base = FinetuneOptions(
         model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=str(Path(args.corpora) / "gutenberg"),
-        teacher=str(source), mode=mode, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
+        teacher=str(source), mode=mode, target=args.target, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
         eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
         log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
-        command=f"scripts/bench_heal.py --modes {mode}",
+        command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target}",
     )
     t0 = time.perf_counter()
     probe = finetune(dataclasses.replace(base, stop_after_steps=args.probe_steps))
@@ -244,7 +247,8 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
 
 def report(result: dict) -> str:
     lines = [
-        f"# Healing SmolLM2-135M-Instruct after MLA conversion at {100 * result['kv_budget']:.0f}% of the KV cache",
+        f"# Healing SmolLM2-135M-Instruct after {result['to'].upper()} conversion at "
+        f"{100 * result['kv_values_per_token'] / result['source_kv_values_per_token']:.0f}% of the KV cache",
         "",
         f"Device: {result['device']}. Perplexity: {result['protocol']}.",
         f"Source (fp32): **{result['source_ppl']:.2f}** (ASSETS.md: {SOURCE_PPL_REFERENCE}); one-shot conversion: "
@@ -301,7 +305,7 @@ def main():
     from latentkv.eval.perplexity import PerplexityProtocol
 
     result = {
-        "device": device, "kv_budget": args.kv_budget, "protocol": PerplexityProtocol(text=str(eval_text)).describe(),
+        "device": device, "to": args.to, "kv_budget": args.kv_budget, "protocol": PerplexityProtocol(text=str(eval_text)).describe(),
         "source_ppl": src_ppl, "oneshot_ppl": oneshot, "convert_seconds": convert_s, **kv, "runs": [],
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out_dir", "name")},
         "mfu_formula": FORMULA,

@@ -7,6 +7,7 @@ conversion (each conversion runs in its own process so time and memory are its o
 
     python scripts/bench_quality.py                     # full method at 100/50/33/25% + DeepSeek format
     python scripts/bench_quality.py --ablations 0.5     # switch each piece off at 50%
+    python scripts/bench_quality.py --gla --gta --budgets 0.5 1/3 0.25   # GLA-3 and GTA-T rows
     python scripts/bench_quality.py --rows "mla:0.25:rope_loss_weight=0.3"   # any custom row
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GUTENBERG = ROOT.parent / "shared" / "corpora" / "gutenberg"
+DEVICE = "cpu"
 
 # name -> (format, method options added to the budget): each switches one piece of the method off.
 ABLATIONS = {
@@ -45,7 +47,7 @@ from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 res = convert(ConvertOptions(source=args["source"], output=args["output"], method=args["method"],
-    method_options=args["options"], format=args["format"], overwrite=True,
+    method_options=args["options"], format=args["format"], overwrite=True, device=args["device"],
     calib=CalibOptions(data=args["calib"], samples=args["samples"], seq_len=args["seq_len"], cache=args["cache"])))
 seconds = time.perf_counter() - t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -61,7 +63,8 @@ def convert_row(source, out, method, fmt, options, args, cache) -> dict:
         cache = str(Path(out).with_suffix(".calib"))
         subprocess.run(["rm", "-rf", cache], check=True)
     payload = json.dumps({"source": str(source), "output": str(out), "method": method, "format": fmt, "options": options,
-                          "calib": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "cache": cache})
+                          "calib": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "cache": cache,
+                          "device": args.device})
     subprocess.run([sys.executable, "-c", CHILD, payload, str(result_file), "", str(args.threads)], check=True)
     return json.loads(result_file.read_text())
 
@@ -69,16 +72,20 @@ def convert_row(source, out, method, fmt, options, args, cache) -> dict:
 def evaluate(folder, windows: int) -> float:
     from latentkv.eval.report import evaluate as run_eval
 
-    return run_eval(str(folder), windows=windows)["perplexity"]
+    return run_eval(str(folder), windows=windows, device=DEVICE)["perplexity"]
 
 
-def parse_rows(args) -> list[tuple[str, str, str, float, dict, bool]]:
-    """(name, method, format, budget, options, fresh calibration?)."""
+def parse_rows(args) -> list[tuple[str, str, str, float | None, dict, bool]]:
+    """(name, method, format, budget (None: the method's fixed width), options, fresh calibration?)."""
     rows = []
     for budget in args.budgets:
         rows.append((f"MLA {budget:.0%}", "mla", "latentkv", budget, {}, True))
         if args.deepseek:
             rows.append((f"MLA {budget:.0%} (deepseek format)", "mla", "deepseek", budget, {}, False))
+        if args.gla:  # SmolLM2 has 9 query heads: 3 latent heads of 3 query heads each
+            rows.append((f"GLA-3 {budget:.0%}", "gla", "latentkv", budget, {"latent_heads": 3}, False))
+    if args.gta:
+        rows.append(("GTA-T (3 tied states of 64 + RoPE 32)", "gta", "latentkv", None, {}, False))
     for budget in args.ablations:
         for name, (fmt, extra) in ABLATIONS.items():
             if name != "full method":
@@ -101,6 +108,9 @@ def main() -> None:
     p.add_argument("--source", default=None, help="SmolLM2 folder (default: built from the PyPI wheel, cached)")
     p.add_argument("--budgets", type=float, nargs="*", default=[1.0, 0.5, 1 / 3, 0.25])
     p.add_argument("--deepseek", action="store_true", help="also the stock DeepSeek-V3 format at each budget")
+    p.add_argument("--gla", action="store_true", help="also GLA with 3 latent heads at each budget")
+    p.add_argument("--gta", action="store_true", help="also GTA-T (fixed width: a tied state per KV head)")
+    p.add_argument("--device", default="cpu", help="conversion and evaluation device")
     p.add_argument("--ablations", type=float, nargs="*", default=[], help="budgets at which to switch each piece off")
     p.add_argument("--rows", nargs="*", default=[], help="extra rows METHOD:BUDGET[:k=v,k=v]")
     p.add_argument("--calib", default=str(GUTENBERG))
@@ -111,6 +121,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench_quality")
     p.add_argument("--json", default=None, help="append each row as a JSON line here")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
 
     import torch
 
@@ -127,8 +139,8 @@ def main() -> None:
     lines = [header, "|---|---|---|---|---|---|---|", f"| source | 384 | 100% | {source_ppl:.2f} | 1.00 | | |"]
     shared_cache = str(work / "shared.calib")
     for name, method, fmt, budget, extra, fresh in parse_rows(args):
-        out = work / f"{method}-{fmt}-{budget:.3f}-{abs(hash(json.dumps(extra, sort_keys=True))) % 10**8}"
-        options = {"kv_budget": budget, **extra}
+        out = work / f"{method}-{fmt}-{budget or 0:.3f}-{abs(hash(json.dumps(extra, sort_keys=True))) % 10**8}"
+        options = {**({} if budget is None else {"kv_budget": budget}), **extra}
         t0 = time.perf_counter()
         try:
             info = convert_row(source, out, method, fmt, options, args, None if fresh else shared_cache)

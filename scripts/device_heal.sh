@@ -6,6 +6,10 @@
 #   run(carry=[.heal_carry],  "bash scripts/device_heal.sh part1")   # there: keep half 1 in /tmp, GPU smoke test
 #   run(carry=[.heal_carry2], "bash scripts/device_heal.sh part2")   # there, within 30 s: join, dequantize, bench
 #   run("bash scripts/device_heal.sh part3")   # any time: step throughput on random weights + kernel profile
+#   run("bash scripts/device_heal.sh part2 python3 scripts/bench_quality.py --device cuda ...")  # part2 running
+#       another command than bench_heal.py once SmolLM2 is built
+#   run("bash scripts/device_heal.sh again python3 scripts/bench_heal.py --to gta ...")  # within 30 s of
+#       the last call: the same machine, SmolLM2 still built in /tmp
 #
 # .heal_carry/ and .heal_carry2/ are git-ignored (.git/info/exclude). part2 writes
 # heal_h100.{md,json}, the bench log and the runs' logs to $OUT.
@@ -19,7 +23,9 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
 setup_device() {
   # the gguf package (dequantizing needs it) and the texts where the code expects ../shared/corpora
   local carry=$1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$carry"/*.whl
+  if compgen -G "$carry/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$carry"/*.whl
+  fi
   export PYTHONPATH="$PWD:/tmp/site"
   if [ -d "$carry/corpora" ]; then mkdir -p "$STASH" && cp -r "$carry/corpora" "$STASH/"; fi
   mkdir -p ../shared && [ -e ../shared/corpora ] || ln -s "$STASH/corpora" ../shared/corpora
@@ -45,6 +51,7 @@ part1)
   setup_device .heal_carry
   cp .heal_carry/gguf.part1 "$STASH/"
   nvidia-smi --query-gpu=name,memory.total --format=csv
+  [ -n "${SKIP_SMOKE:-}" ] && exit 0
   python3 -c 'import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)'
   # GPU smoke test on a tiny converted model: both modes, compiled, bf16, resume and merge.
   TORCH_LOGS=recompiles python3 - <<'EOF'
@@ -87,10 +94,17 @@ part2)
   mkdir -p "$LATENTKV_CACHE/smollm2"
   cat "$STASH/gguf.part1" .heal_carry2/gguf.part2 > "$LATENTKV_CACHE/smollm2/$GGUF_NAME"
   python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())'
+  if [ "${2:-}" = python3 ]; then "${@:2}" 2>&1 | tee "$OUT/part2.log"; exit; fi
   left=$(( ${DEADLINE:-560} - SECONDS ))
   set -o pipefail
   TORCH_LOGS=recompiles python3 scripts/bench_heal.py --out-dir "$OUT" --work /tmp/bench_heal --deadline "$left" \
     "${@:2}" 2>&1 | tee "$OUT/bench_heal.log"
+  cp /tmp/bench_heal/*.log "$OUT/" 2>/dev/null || true
+  ;;
+again)
+  setup_device .heal_carry2
+  [ -f "$LATENTKV_CACHE/smollm2/$GGUF_NAME" ] || { echo "SmolLM2 is not built on this machine: run part1 and part2 first"; exit 3; }
+  "${@:2}" 2>&1 | tee "$OUT/again.log"
   cp /tmp/bench_heal/*.log "$OUT/" 2>/dev/null || true
   ;;
 part3)
@@ -99,5 +113,5 @@ part3)
   python3 scripts/bench_heal.py --synthetic --out-dir "$OUT" --work /tmp/synthetic "${@:2}" 2>&1 | tee "$OUT/bench_heal_synthetic.log"
   ;;
 *)
-  echo "usage: $0 prepare|part1|part2|part3 [bench_heal.py options]"; exit 2 ;;
+  echo "usage: $0 prepare|part1|part2|again|part3 [bench_heal.py options | command]"; exit 2 ;;
 esac
