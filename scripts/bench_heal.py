@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("--to", default="mla", choices=["mla", "gla", "gta"], help="conversion target")
     p.add_argument("--kv-budget", type=float, default=0.25, help="mla/gla (gta has a fixed width)")
     p.add_argument("--latent-heads", type=int, default=3, help="gla")
+    p.add_argument("--method-options", default="{}", help='more conversion settings as JSON, e.g. {"refit_output": true}')
     p.add_argument("--target", default="attention", help="what is trained: attention or attention+mlp")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -180,6 +181,7 @@ def convert_source(args, source: Path, work: Path) -> tuple[Path, float, dict]:
 
     options = {"mla": dict(kv_budget=args.kv_budget), "gla": dict(kv_budget=args.kv_budget, latent_heads=args.latent_heads),
                "gta": {}}[args.to]
+    options.update(json.loads(args.method_options))
     out = work / (args.to if args.to == "gta" else f"{args.to}{int(args.kv_budget * 100)}")
     t0 = time.perf_counter()
     r = convert(ConvertOptions(

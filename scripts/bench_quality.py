@@ -98,8 +98,9 @@ def parse_rows(args) -> list[tuple[str, str, str, float | None, dict, bool]]:
                 k, _, v = kv.partition("=")
                 options[k] = json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("true", "false") else (
                     v == "true" if v in ("true", "false") else v)
-        rows.append((f"{method} {float(budget):.0%} {settings}", method, options.pop("format", "latentkv"), float(budget),
-                     options, False))
+        budget = None if budget in ("", "-") else float(budget)  # "-": the method's fixed width (gta)
+        label = "" if budget is None else f" {budget:.0%}"
+        rows.append((f"{method}{label} {settings}", method, options.pop("format", "latentkv"), budget, options, False))
     return rows
 
 
@@ -112,7 +113,7 @@ def main() -> None:
     p.add_argument("--gta", action="store_true", help="also GTA-T (fixed width: a tied state per KV head)")
     p.add_argument("--device", default="cpu", help="conversion and evaluation device")
     p.add_argument("--ablations", type=float, nargs="*", default=[], help="budgets at which to switch each piece off")
-    p.add_argument("--rows", nargs="*", default=[], help="extra rows METHOD:BUDGET[:k=v,k=v]")
+    p.add_argument("--rows", nargs="*", default=[], help="extra rows METHOD:BUDGET[:k=v,k=v] (BUDGET - for gta)")
     p.add_argument("--calib", default=str(GUTENBERG))
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)

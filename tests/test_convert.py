@@ -130,6 +130,28 @@ def test_compression_degrades_gracefully(tiny_model_dir, tmp_path):
     assert errors[0] < errors[1] <= errors[2] * 1.5
 
 
+@pytest.mark.parametrize("method,options", [("mla", dict(kv_budget=0.5)), ("gta", dict())])
+def test_output_refit_is_exact_at_full_rank_and_helps_when_compressed(method, options, tiny_model_dir, tmp_path):
+    """Guards the o_proj refit (`convert.refit`): at full rank the regression returns the source's
+    output projection (logits unchanged); compressed, the refit layers' output error on the
+    calibration text is lower than the plain one-shot's, layer after layer compounded."""
+    from transformers import AutoTokenizer
+
+    from latentkv.calibration.data import TextSource, token_windows
+
+    src = tiny_model_dir("llama")
+    windows = token_windows(AutoTokenizer.from_pretrained(src), TextSource(str(TINY_TEXT)), 8, 64, 0)
+    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), windows)
+    full = _convert(src, tmp_path / "full", tmp_path, kv_budget=1.0, refit_output=True)
+    assert full.kv_values_per_token == full.source_kv_values_per_token
+    assert _rel(_logits(load_model(tmp_path / "full"), windows), ref) < 1e-4
+    _convert(src, tmp_path / "plain", tmp_path, method, **options)
+    _convert(src, tmp_path / "refit", tmp_path, method, refit_output=True, **options)
+    plain = _rel(_logits(load_model(tmp_path / "plain"), windows), ref)
+    refit = _rel(_logits(load_model(tmp_path / "refit"), windows), ref)
+    assert refit < plain, (refit, plain)
+
+
 def _random_problem(G=3, H=6, d=8, D=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4000, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)

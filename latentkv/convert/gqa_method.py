@@ -95,7 +95,7 @@ class GQAMethod:
             return plan.built[i]
         return gqa.build_layer(self.moments(stream, i, stats, cfg), plan.groups[i], cfg)
 
-    def sequential_module(self, stream, i, stats, plan: GQAPlan, cfg: gqa.GQAConfig):
+    def sequential_module(self, stream, i, stats, plan: GQAPlan, cfg: gqa.GQAConfig, source_attn=None, batches=None):
         """The converted attention of layer i: the source's attention class with fewer KV heads."""
         tensors = self.build(stream, i, stats, plan, cfg)
         plan.built[i] = tensors

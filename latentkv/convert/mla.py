@@ -45,6 +45,8 @@ class MLAConfig:
         measured best width on SmolLM2-135M at 50% and 33% (scripts/bench_quality.py --sweep).
     allocation: "per-layer" (one global budget, greedy over layers) or "uniform".
     sequential: take each layer's statistics from the output of the converted layers before it.
+    refit_output: re-solve each layer's o_proj by least squares so that the new attention's output
+        matches the source attention's on the converted prefix's activations (`convert.refit`).
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
@@ -62,6 +64,7 @@ class MLAConfig:
     rope_loss_weight: float = 0.15
     allocation: str = "uniform"
     sequential: bool = False
+    refit_output: bool = False
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
 

@@ -120,6 +120,9 @@ class MLAMethod:
                 )
             if cfg.latent_heads != 1:
                 raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
+            if cfg.refit_output:
+                raise LatentKVError("refit_output re-solves o_proj with a bias, which DeepSeek's o_proj lacks; "
+                                    "use --format latentkv for it")
         if geo.num_heads % cfg.latent_heads:
             raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
         max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
@@ -165,10 +168,25 @@ class MLAMethod:
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
             return mla.build_layer(an, rope_dim, rank, cfg)
 
-    def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig):
+    def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig, source_attn=None, batches=None):
+        """Layer i's new attention during the pass through the converted layers (kept for writing);
+        with `refit_output`, its o_proj re-solved against the source attention on these inputs."""
         tensors, spec = self.build(stream, i, stats, plan, cfg)
+        module = attention_module(stream, i, tensors, spec)
+        if cfg.refit_output:
+            from latentkv.convert.refit import refit_output_projection
+
+            weight, bias = refit_output_projection(module, source_attn, batches, with_bias=self.output_bias(cfg))
+            tensors = {**tensors, "o_proj.weight": weight.cpu()}
+            if bias is not None:
+                tensors["o_proj.bias"] = bias.cpu()
+            module = attention_module(stream, i, tensors, spec)
         plan.built[i] = (tensors, spec)
-        return attention_module(stream, i, tensors, spec)
+        return module
+
+    def output_bias(self, cfg) -> bool:
+        """Whether the written o_proj has a bias (the centred value mean or the refit's intercept)."""
+        return cfg.center or cfg.refit_output
 
     def write(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
         if opts.format == "deepseek":
@@ -305,7 +323,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     geo = geometry_of(stream.config)
     writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
     specs, layer_rows = [], []
-    config_probe = latent_config(stream, [], method.name, o_bias=cfg.center)
+    config_probe = latent_config(stream, [], method.name, o_bias=method.output_bias(cfg))
     for i in range(geo.num_layers):
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         specs.append(spec)
@@ -315,7 +333,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
         if progress is not None:
             progress(i)
     write_globals(stream, writer, save_dtype)
-    config = latent_config(stream, specs, method.name, o_bias=cfg.center)
+    config = latent_config(stream, specs, method.name, o_bias=method.output_bias(cfg))
     config.auto_map = AUTO_MAP
     config.architectures = ["LatentKVForCausalLM"]
     config.dtype = str(save_dtype).replace("torch.", "")

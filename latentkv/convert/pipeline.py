@@ -115,8 +115,9 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
 @torch.no_grad()
 def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache, calib: CalibOptions,
                   on_layer=None, progress=None) -> list[LayerStats]:
-    """Per-layer statistics, layer by layer. `on_layer(i, layer, stats)` may return a replacement
-    attention module, whose output then feeds the next layer (sequential calibration)."""
+    """Per-layer statistics, layer by layer. `on_layer(i, layer, stats, batches)` may return a
+    replacement attention module, whose output then feeds the next layer (sequential calibration);
+    `batches()` yields the layer's attention inputs (after its norm) with the position embeddings."""
     geo = geometry_of(stream.config)
     n = stream.num_layers
     stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
@@ -156,7 +157,11 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
             stats[i].check(i)
             cache.save_layer(i, stats[i])
         if on_layer is not None:
-            new_attn = on_layer(i, layer, stats[i])
+            def batches(norm=norm, hidden=hidden):
+                for chunk in stream.batches(hidden):
+                    yield norm(chunk), pos_emb
+
+            new_attn = on_layer(i, layer, stats[i], batches)
             if new_attn is not None:
                 layer.self_attn = new_attn.to(stream.device, stream.dtype)
         stream.run(layer, hidden, pos_emb)
@@ -212,12 +217,18 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     cache = _stats_cache(source, opts, windows, None)
     stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
     plan = method.plan(stream, stats, method_cfg, opts.format)
-    if getattr(method_cfg, "sequential", False):
+    sequential = getattr(method_cfg, "sequential", False)
+    if sequential or getattr(method_cfg, "refit_output", False):
+        # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
         seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": plan.key()})
         progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
-        stats = collect_stats(stream, windows, seq_cache, opts.calib,
-                              on_layer=lambda i, layer, st: method.sequential_module(stream, i, st, plan, method_cfg),
-                              progress=progress)
+        first_pass = stats
+        seq_stats = collect_stats(
+            stream, windows, seq_cache, opts.calib, progress=progress,
+            on_layer=lambda i, layer, st, batches: method.sequential_module(
+                stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
+        )
+        stats = seq_stats if sequential else first_pass
     save_dtype = _resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)
     with out:
         progress = progress_factory("writing", stream.num_layers) if progress_factory else None
