@@ -249,7 +249,13 @@ def _command_line(ctx) -> str:
 def _parse_value(text: str):
     import yaml
 
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _int_or_fail(value, flag: str) -> int:

@@ -54,6 +54,7 @@ class GTAConfig(mla.MLAConfig):
             raise LatentKVError("--to gta has fixed widths (one state of the head dim per KV head); drop "
                                 "--kv-lora-rank / --kv-budget")
         self.latent_metric = "whitened"
+        self._coerce_numbers()
         self.tie_key_weights = tuple(float(w) for w in self.tie_key_weights)
         if not self.tie_key_weights or min(self.tie_key_weights) < 0:
             raise LatentKVError("tie_key_weights must be a non-empty list of weights >= 0")

@@ -47,6 +47,8 @@ class MLAConfig:
     sequential: take each layer's statistics from the output of the converted layers before it.
     refit_output: re-solve each layer's o_proj by least squares so that the new attention's output
         matches the source attention's on the converted prefix's activations (`convert.refit`).
+    refit_ridge: the refit's shrinkage toward the one-shot o_proj, relative to the mean activation
+        energy (too small a value gives weights that break in bf16).
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
@@ -65,6 +67,7 @@ class MLAConfig:
     allocation: str = "uniform"
     sequential: bool = False
     refit_output: bool = False
+    refit_ridge: float = 1e-3
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
 
@@ -88,6 +91,14 @@ class MLAConfig:
                 raise LatentKVError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.latent_heads < 1:
             raise LatentKVError("--latent-heads must be >= 1")
+        self._coerce_numbers()
+
+    def _coerce_numbers(self) -> None:
+        for name in ("key_weight", "rope_loss_weight", "refit_ridge"):  # recipes may give "1e-3" as text
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise LatentKVError(f"{name} must be a number, got {getattr(self, name)!r}") from None
 
 
 @dataclass

@@ -176,7 +176,8 @@ class MLAMethod:
         if cfg.refit_output:
             from latentkv.convert.refit import refit_output_projection
 
-            weight, bias = refit_output_projection(module, source_attn, batches, with_bias=self.output_bias(cfg))
+            weight, bias = refit_output_projection(module, source_attn, batches, with_bias=self.output_bias(cfg),
+                                                   ridge=cfg.refit_ridge)
             tensors = {**tensors, "o_proj.weight": weight.cpu()}
             if bias is not None:
                 tensors["o_proj.bias"] = bias.cpu()

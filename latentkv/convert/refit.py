@@ -11,6 +11,11 @@ linear regression
 which needs only two accumulated moments. Run during the sequential pass, the inputs are those
 that the already-converted layers before produce, so each layer also absorbs what the previous
 ones changed. At full rank a = the source's per-head outputs and the solution is the source's W_O.
+
+The regression is ridge-regularised toward the one-shot projection P: [W_O | b] = P + (C - P G)
+(G + lambda I)^-1. Directions of a that the calibration text hardly excites keep P's weights
+instead of getting huge coefficients that cancel in float32 and blow up in bf16 (an unregularised
+refit of SmolLM2 at 25% read 100.9 PPL in float32 and diverged at once under bf16 autocast).
 """
 
 from __future__ import annotations
@@ -39,19 +44,22 @@ class OutputRefit:
         self.cross += (y.T @ a).double()
         self.tokens += a.shape[0]
 
-    def solve(self, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight [out, in], bias [out] or None); a small ridge, relative to the mean diagonal,
-        keeps directions the calibration text never excites at zero instead of at noise."""
-        gram = self.gram + ridge * self.gram.diagonal().mean() * torch.eye(
-            self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
-        sol = torch.linalg.solve(gram, self.cross.T).T
+    def solve(self, prior: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [out, in], bias [out] or None), shrunk toward `prior` ([out, in(+1)]) with
+        lambda = ridge x the mean diagonal of E[a~ a~^T]."""
+        gram = self.gram / self.tokens
+        cross = self.cross / self.tokens
+        prior = prior.to(gram)
+        lam = ridge * gram.diagonal().mean()
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        sol = prior + torch.linalg.solve(gram + lam * eye, (cross - prior @ gram).T).T
         return (sol[:, :-1], sol[:, -1]) if self.with_bias else (sol, None)
 
 
 @torch.no_grad()
 def refit_output_projection(new_attn: torch.nn.Module, source_attn: torch.nn.Module,
                             batches: Callable[[], Iterable[tuple[torch.Tensor, tuple]]], with_bias: bool,
-                            ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares o_proj of `new_attn` (a LatentAttention) against `source_attn` (the source's
     attention module) over `batches()`: (attention input after the layer norm, position embeddings)."""
     o_proj = new_attn.o_proj
@@ -68,4 +76,8 @@ def refit_output_projection(new_attn: torch.nn.Module, source_attn: torch.nn.Mod
             acc.add(captured["a"], y)
     finally:
         hook.remove()
-    return acc.solve(ridge)
+    prior = o_proj.weight.detach().double()
+    if with_bias:
+        bias = o_proj.bias.detach().double() if o_proj.bias is not None else torch.zeros(prior.shape[0], dtype=prior.dtype)
+        prior = torch.cat([prior, bias.to(prior.device)[:, None]], dim=1)
+    return acc.solve(prior, ridge)
