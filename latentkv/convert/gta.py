@@ -154,14 +154,7 @@ def build_gta_layer(an: mla.LayerAnalysis, cfg: GTAConfig) -> tuple[dict, dict]:
                 o_bias = o_bias + o[:, h * d:(h + 1) * d] @ (v_mean - fit.value_up @ state_mean)
     q_new = torch.cat(q_new)  # [H * d, D+1]
     kv_a = torch.cat([*states, rope_k])
-    latent_bias = bool(kv_a[:, -1].abs().max() > 0)
-    tensors = {"q_proj.weight": q_new[:, :-1], "kv_a_proj.weight": kv_a[:, :-1], "o_proj.weight": o_new}
-    if bool(q_new[:, -1].abs().max() > 0):
-        tensors["q_proj.bias"] = q_new[:, -1]
-    if latent_bias:
-        tensors["kv_a_proj.bias"] = kv_a[:, -1]
-    if inp.o_bias is not None or cfg.center:
-        tensors["o_proj.bias"] = o_bias
+    tensors, latent_bias = mla.attention_tensors(q_new, kv_a, o_new, o_bias, inp.o_bias is not None or cfg.center)
     spec = {
         "kv_lora_rank": G * d,
         "rope_dim": half,

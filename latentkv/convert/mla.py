@@ -290,19 +290,8 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
     kv_a = torch.cat([*downs, rope_k], dim=0)
     kv_b = torch.cat([k_up[:, :nope_dim], v_up], dim=1)  # [H, nope+d, r_c]
     kv_b = kv_b.view(cfg.latent_heads, heads_per_latent, nope_dim + d, per_rank).reshape(-1, per_rank)
-    latent_bias = bool(kv_a[:, -1].abs().max() > 0)
-    tensors = {
-        "q_proj.weight": q_new[:, :-1],
-        "kv_a_proj.weight": kv_a[:, :-1],
-        "kv_b_proj.weight": kv_b,
-        "o_proj.weight": inp.o.double(),
-    }
-    if bool(q_new[:, -1].abs().max() > 0):
-        tensors["q_proj.bias"] = q_new[:, -1]
-    if latent_bias:
-        tensors["kv_a_proj.bias"] = kv_a[:, -1]
-    if inp.o_bias is not None or cfg.center:
-        tensors["o_proj.bias"] = o_bias
+    tensors, latent_bias = attention_tensors(q_new, kv_a, inp.o.double(), o_bias, inp.o_bias is not None or cfg.center)
+    tensors["kv_b_proj.weight"] = kv_b
     spec = {
         "kv_lora_rank": rank,
         "rope_dim": rope_dim,
@@ -312,3 +301,18 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
         "latent_bias": latent_bias,
     }
     return tensors, spec
+
+
+def attention_tensors(q_aug: torch.Tensor, kv_a_aug: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor,
+                      with_o_bias: bool) -> tuple[dict, bool]:
+    """LatentAttention's q/kv_a/o tensors from augmented rows (last column = bias); a bias is
+    written only where it is non-zero (q, kv_a) or asked for (o). Returns (tensors, latent_bias)."""
+    latent_bias = bool(kv_a_aug[:, -1].abs().max() > 0)
+    tensors = {"q_proj.weight": q_aug[:, :-1], "kv_a_proj.weight": kv_a_aug[:, :-1], "o_proj.weight": o_weight}
+    if bool(q_aug[:, -1].abs().max() > 0):
+        tensors["q_proj.bias"] = q_aug[:, -1]
+    if latent_bias:
+        tensors["kv_a_proj.bias"] = kv_a_aug[:, -1]
+    if with_o_bias:
+        tensors["o_proj.bias"] = o_bias
+    return tensors, latent_bias
