@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from latentkv.calibration.runner import release_freed_memory
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -112,26 +114,55 @@ def _load_dataset(source: TextSource) -> list[str]:
     return [str(t) for t in ds[source.text_field]]
 
 
-def tokenize_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """Documents joined with EOS into one token stream (stopping once max_tokens are reached)."""
+def _chunks(text: str, lines: int = 2000) -> Iterator[str]:
+    """A document in pieces of whole lines, so memory stays flat on long documents."""
+    chunk: list[str] = []
+    for line in text.splitlines(keepends=True):
+        chunk.append(line)
+        if len(chunk) >= lines:
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)
+
+
+def tokenize_stream(tokenizer, texts: list[str], max_tokens: int | None = None,
+                    batch_chars: int = 1_000_000) -> torch.Tensor:
+    """Documents joined with EOS into one token stream (stopping once max_tokens are reached).
+
+    Pieces go to the tokenizer in batches of about `batch_chars` characters, which a fast
+    tokenizer encodes on all cores; the ids are the same as piece by piece.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    batch: list[str] = []
+    ends: list[bool] = []  # whether a piece is the last of its document (EOS follows)
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if batch:
+            for piece, end in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
+                ids.extend(piece)
+                if end and eos is not None:
+                    ids.append(eos)
+        batch.clear()
+        ends.clear()
+        size = 0
+
     for text in texts:
-        # Tokenize long documents in chunks of lines so memory stays flat.
-        chunk: list[str] = []
-        for line in text.splitlines(keepends=True):
-            chunk.append(line)
-            if len(chunk) >= 2000:
-                ids.extend(tokenizer("".join(chunk), add_special_tokens=False)["input_ids"])
-                chunk = []
+        pieces = list(_chunks(text)) or [""]
+        for n, piece in enumerate(pieces):
+            batch.append(piece)
+            ends.append(n == len(pieces) - 1)
+            size += len(piece)
+            if size >= batch_chars:
+                flush()
                 if max_tokens and len(ids) >= max_tokens:
                     return torch.tensor(ids[:max_tokens], dtype=torch.long)
-        if chunk:
-            ids.extend(tokenizer("".join(chunk), add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if max_tokens and len(ids) >= max_tokens:
-            return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    flush()
+    if max_tokens:
+        ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -160,6 +191,8 @@ def token_windows(tokenizer, source: TextSource, num_samples: int, seq_len: int,
         "calibration text: %s -> %d tokens, %d windows of %d (seed %d)",
         source.describe(), tokens.numel(), num_samples, seq_len, seed,
     )
+    del texts, tokens
+    release_freed_memory()  # the tokenizer's batch buffers: only the windows are kept
     return windows
 
 

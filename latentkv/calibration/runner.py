@@ -7,6 +7,9 @@ run over every calibration window, and dropped.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -17,6 +20,52 @@ from latentkv.arch import get_arch
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_MMAP_CEILING = 32 << 20  # glibc's adaptive mmap threshold never rises above this (64-bit)
+
+
+@contextlib.contextmanager
+def freed_memory_held(limit: int = 256 << 20) -> Iterator[None]:
+    """Within the block, let the C library keep up to `limit` bytes of freed heap for reuse.
+
+    Each batch of a layer pass frees and reallocates the same ~100 MB of temporaries. glibc hands
+    freed memory back to the OS once a little of it sits free at the top of the heap, and the next
+    batch faults it in again, zeroed: millions of page faults, seconds of system time. Blocks over
+    32 MB stay memory-mapped and still return at once. On leaving, the trim threshold goes back to
+    what glibc's own adaptive rule settles at and the held memory is handed back. A no-op outside glibc.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)  # also fixes the threshold glibc would adapt
+        mallopt(_M_TRIM_THRESHOLD, limit)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed tensors back to the OS now.
+
+    glibc keeps freed heap memory for reuse; after a phase with many large temporaries (batched
+    tokenization, a calibration pass) that can be hundreds of MB of resident memory that later
+    steps never reuse. A no-op where the C library has no `malloc_trim`.
+    """
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc_function(name: str):
+    try:
+        return getattr(ctypes.CDLL(None), name, None)  # the process's own C library
+    except (OSError, TypeError):  # no dlopen(NULL) on this platform
+        return None
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -110,14 +159,28 @@ class LayerStream:
         self.skeleton.model.layers[i] = self.skeleton.model.layers[i].to("meta")
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor, pos_emb) -> torch.Tensor:
-        """Apply a decoder layer to every window, in batches, in place."""
-        for start in range(0, hidden.shape[0], self.batch_size):
-            chunk = hidden[start : start + self.batch_size]
-            out = layer(chunk, attention_mask=None, position_embeddings=pos_emb)
-            hidden[start : start + self.batch_size] = out[0] if isinstance(out, tuple) else out
+    def run(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, observe=None) -> torch.Tensor:
+        """Apply a decoder layer to every window, in batches, in place.
+
+        `observe(x, first)`, if given, sees the attention input x (the input norm's output) of the
+        windows from `first` on during the same pass, so statistics cost no second pass.
+        """
+        first = 0
+        hook = None
+        if observe is not None:
+            norm = layer.get_submodule(self.arch.input_norm)
+            # Reads `first` when called: the batch now running.
+            hook = norm.register_forward_hook(lambda _module, _args, x: observe(x, first))
+        try:
+            for first, chunk in self.batches(hidden):
+                out = layer(chunk, attention_mask=None, position_embeddings=pos_emb)
+                hidden[first : first + chunk.shape[0]] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if hook is not None:
+                hook.remove()
         return hidden
 
-    def batches(self, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
-        for start in range(0, hidden.shape[0], self.batch_size):
-            yield hidden[start : start + self.batch_size]
+    def batches(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index of the first window, windows) per batch."""
+        for first in range(0, hidden.shape[0], self.batch_size):
+            yield first, hidden[first : first + self.batch_size]

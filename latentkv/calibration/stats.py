@@ -59,11 +59,12 @@ class MomentAccumulator:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        # Each batch's product in float32 (fast), the running sum in float64 (no drift over many batches).
-        flat = x.reshape(-1, x.shape[-1]).float()
+        # Each batch's products and column sums in float32 (fast), the running sum in float64 (no
+        # drift over many batches); the in-place adds promote without a float64 copy of the batch.
+        flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, D]
         n = flat.shape[0]
-        self.sum[:-1, :-1] += (flat.T @ flat).double()
-        col = flat.double().sum(0)
+        self.sum[:-1, :-1] += flat.T @ flat
+        col = flat.sum(0)
         self.sum[:-1, -1] += col
         self.sum[-1, :-1] += col
         self.sum[-1, -1] += n
@@ -90,11 +91,11 @@ def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
-    probs = scores.softmax(-1).double()  # [b, H, L, L]
+    mass = scores.softmax(-1).sum(0).double()  # [H, L, L]: summed over the b windows in float32
     t = torch.arange(L, device=q.device)
     dist = (t[:, None] - t[None, :]).clamp(min=0)  # [L, L]
     profile = torch.zeros(H, L, dtype=torch.float64, device=q.device)
-    profile.scatter_add_(1, dist.reshape(1, -1).expand(H, -1), probs.sum(0).reshape(H, -1))
+    profile.scatter_add_(1, dist.reshape(1, -1).expand(H, -1), mass.reshape(H, -1))
     return (profile / (b * L)).cpu()
 
 
@@ -111,6 +112,45 @@ def source_qk(layer, arch, x: torch.Tensor, pos_emb, num_heads: int, num_kv_head
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     return q, k, float(getattr(attn, "scaling", head_dim**-0.5))
+
+
+class StatsCollector:
+    """One layer's `LayerStats`, fed batch by batch with the layer's attention input.
+
+    The moment sees every token, the distance profile the first `profile_windows` windows, and the
+    kept samples are every `stride`-th token of the whole set (the same tokens whatever the batch).
+    """
+
+    def __init__(self, layer, arch, geo, pos_emb, *, windows: int, seq_len: int, profile_windows: int,
+                 sample_tokens: int, device):
+        self.layer, self.arch, self.geo, self.pos_emb = layer, arch, geo, pos_emb
+        self.seq_len, self.profile_windows, self.sample_tokens = seq_len, profile_windows, sample_tokens
+        self.stride = max(1, windows * seq_len // sample_tokens)
+        self.moment = MomentAccumulator(geo.hidden_size, device)
+        self.samples: list[torch.Tensor] = []
+        self.kept = 0
+        self.profile: torch.Tensor | None = None  # [H, L], summed over windows
+
+    def add(self, x: torch.Tensor, first: int) -> None:
+        """x: [b, L, D], the attention input (the input norm's output) of windows first .. first+b-1."""
+        self.moment.add(x)
+        if self.kept < self.sample_tokens:
+            offset = -first * self.seq_len % self.stride  # this batch's first token on the global stride
+            picked = x.reshape(-1, x.shape[-1])[offset :: self.stride][: self.sample_tokens - self.kept]
+            # A copy, not a view: a view would keep the whole batch alive.
+            self.samples.append(picked.to("cpu", torch.float32, copy=True))
+            self.kept += picked.shape[0]
+        if first < self.profile_windows:
+            geo = self.geo
+            q, k, scale = source_qk(self.layer, self.arch, x[: self.profile_windows - first], self.pos_emb,
+                                    geo.num_heads, geo.num_kv_heads, geo.head_dim)
+            p = attention_distance_profile(q, k, scale) * q.shape[0]
+            self.profile = p if self.profile is None else self.profile + p
+
+    def result(self) -> LayerStats:
+        distance = None if self.profile is None else self.profile / self.profile.sum(1, keepdim=True)
+        return LayerStats(moment=self.moment.result(), tokens=self.moment.tokens, distance=distance,
+                          samples=torch.cat(self.samples))
 
 
 class StatsCache:
@@ -146,7 +186,9 @@ class StatsCache:
         return self._layer_path(i).exists()
 
     def load_layer(self, i: int) -> LayerStats:
-        return LayerStats.from_dict(torch.load(self._layer_path(i), weights_only=True))
+        # Memory-mapped: tensors that are never read (the samples, outside the DeepSeek export) take
+        # no memory, and the rest is file cache the OS can drop.
+        return LayerStats.from_dict(torch.load(self._layer_path(i), weights_only=True, mmap=True))
 
     def save_layer(self, i: int, stats: LayerStats) -> None:
         path = self._layer_path(i)

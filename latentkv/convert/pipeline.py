@@ -16,15 +16,13 @@ import torch
 
 from latentkv.arch import geometry_of, get_arch
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
-from latentkv.calibration.runner import LayerStream, _resolve_dtype
+from latentkv.calibration.runner import LayerStream, _resolve_dtype, freed_memory_held
 from latentkv.calibration.stats import (
     LayerStats,
-    MomentAccumulator,
     StatsCache,
-    attention_distance_profile,
+    StatsCollector,
     checkpoint_fingerprint,
     default_cache_root,
-    source_qk,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,6 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
     """Per-layer statistics, layer by layer. `on_layer(i, layer, stats, batches)` may return a
     replacement attention module, whose output then feeds the next layer (sequential calibration);
     `batches()` yields the layer's attention inputs (after its norm) with the position embeddings."""
-    geo = geometry_of(stream.config)
     n = stream.num_layers
     stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
     if all(s is not None for s in stats) and on_layer is None:
@@ -135,41 +132,56 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
     if hidden is None:
         hidden = stream.embed(windows)
     pos_emb = stream.position_embeddings(windows.shape[1])
-    for i in range(start, n):
-        layer = stream.load_layer(i)
-        norm = layer.get_submodule(stream.arch.input_norm)
-        if stats[i] is None or on_layer is not None:
-            acc = MomentAccumulator(geo.hidden_size, stream.device)
-            profile, samples = None, []
-            stride = max(1, hidden.shape[0] * hidden.shape[1] // SAMPLE_TOKENS)
-            for bi, chunk in enumerate(stream.batches(hidden)):
-                x = norm(chunk)
-                acc.add(x)
-                samples.append(x.reshape(-1, x.shape[-1])[::stride].float().cpu())
-                if bi * stream.batch_size < calib.profile_samples:
-                    q, k, scale = source_qk(layer, stream.arch, x[: calib.profile_samples - bi * stream.batch_size],
-                                            pos_emb, geo.num_heads, geo.num_kv_heads, geo.head_dim)
-                    p = attention_distance_profile(q, k, scale) * q.shape[0]
-                    profile = p if profile is None else profile + p
-            distance = profile / profile.sum(1, keepdim=True) if profile is not None else None
-            stats[i] = LayerStats(moment=acc.result(), tokens=acc.tokens, distance=distance,
-                                  samples=torch.cat(samples)[:SAMPLE_TOKENS])
-            stats[i].check(i)
-            cache.save_layer(i, stats[i])
-        if on_layer is not None:
-            def batches(norm=norm, hidden=hidden):
-                for chunk in stream.batches(hidden):
-                    yield norm(chunk), pos_emb
-
-            new_attn = on_layer(i, layer, stats[i], batches)
-            if new_attn is not None:
-                layer.self_attn = new_attn.to(stream.device, stream.dtype)
-        stream.run(layer, hidden, pos_emb)
-        stream.release_layer(i)
-        cache.maybe_save_hidden(i + 1, hidden)
-        if progress is not None:
-            progress(i)
+    # The batches' temporaries are reused, not faulted in afresh; handed back at the end.
+    with freed_memory_held():
+        for i in range(start, n):
+            last = i == n - 1  # the last layer's output feeds no statistics: it is never computed
+            stats[i] = _layer_pass(stream, i, hidden, pos_emb, stats[i], cache, calib, on_layer, last)
+            if not last:
+                cache.maybe_save_hidden(i + 1, hidden)
+            if progress is not None:
+                progress(i)
     return stats  # type: ignore[return-value]
+
+
+def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stats: LayerStats | None,
+                cache: StatsCache, calib: CalibOptions, on_layer, last: bool) -> LayerStats:
+    """Layer i's statistics (computed unless cached) and, unless `last`, its output in `hidden`."""
+    layer = stream.load_layer(i)
+    norm = layer.get_submodule(stream.arch.input_norm)
+    collector = None
+    if stats is None or on_layer is not None:
+        collector = StatsCollector(layer, stream.arch, geometry_of(stream.config), pos_emb,
+                                   windows=hidden.shape[0], seq_len=hidden.shape[1],
+                                   profile_windows=calib.profile_samples, sample_tokens=SAMPLE_TOKENS,
+                                   device=stream.device)
+        if on_layer is not None or last:
+            # Statistics before the forward (sequential: they shape the replacement) or without one.
+            for first, chunk in stream.batches(hidden):
+                collector.add(norm(chunk), first)
+            stats, collector = _finish(i, collector, cache), None
+    if on_layer is not None:
+        def batches():
+            for _, chunk in stream.batches(hidden):
+                yield norm(chunk), pos_emb
+
+        new_attn = on_layer(i, layer, stats, batches)
+        if new_attn is not None:
+            layer.self_attn = new_attn.to(stream.device, stream.dtype)
+    if not last:
+        # One pass: the layer's forward, with the statistics taken from its attention input.
+        stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None)
+        if collector is not None:
+            stats = _finish(i, collector, cache)
+    stream.release_layer(i)
+    return stats
+
+
+def _finish(i: int, collector: StatsCollector, cache: StatsCache) -> LayerStats:
+    stats = collector.result()
+    stats.check(i)
+    cache.save_layer(i, stats)
+    return cache.load_layer(i)  # memory-mapped: what later steps never read takes no memory
 
 
 def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential_key: dict | None) -> StatsCache:
