@@ -305,3 +305,9 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
         layer.self_attn.kv_a_layernorm = torch.nn.Identity()
     assert _rel(_logits(ds, ids), ref) < 1e-5
     assert _rel(with_norm, ref) < 0.5
+    # `latentkv eval` reads the format: the latent and RoPE key per layer, as the cache holds them.
+    from latentkv.eval.report import evaluate
+
+    report = evaluate(str(tmp_path / "ds"), eval_text=str(TINY_TEXT), window=16, windows=2)
+    assert report["kv_values_per_token"] == (40 + 16) * config["num_hidden_layers"]
+    assert math.isfinite(report["perplexity"])

@@ -18,10 +18,19 @@ def _open(spec: str, gguf_file, trust_remote_code: bool):
     return open_source(spec, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
+# Formats whose transformers modeling may cache more than a serving engine does (some transformers
+# versions' DeepseekV3Attention cache decompressed per-head keys and values; vLLM/SGLang the latent).
+EXPANDED_IN_TRANSFORMERS = {"deepseek_v3"}
+
+
 def declared_kv_values(config) -> tuple[int, int]:
-    """(values per token summed over layers, number of layers) from a config."""
+    """(values per token summed over layers, number of layers) from a config, as a runtime that
+    caches what the architecture defines holds them (the latent and RoPE key for DeepSeek-V3)."""
     if getattr(config, "model_type", None) == "latentkv":
         return config.kv_values_per_token(), len(config.attention_layers)
+    if getattr(config, "model_type", None) == "deepseek_v3":
+        layers = config.num_hidden_layers
+        return (config.kv_lora_rank + config.qk_rope_head_dim) * layers, layers
     from latentkv.arch import geometry_of
 
     geo = geometry_of(config)
@@ -70,7 +79,8 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     seconds = time.perf_counter() - t0
     values, layers = declared_kv_values(model.config)
     measured = measured_kv_values(model)
-    if measured != values:
+    expanded = measured != values and model.config.model_type in EXPANDED_IN_TRANSFORMERS
+    if measured != values and not expanded:
         raise LatentKVError(
             f"The model's cache holds {measured} values per token but its config declares {values}; "
             "the checkpoint's modeling code and config disagree"
@@ -88,6 +98,10 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         "cache_dtype": str(torch_dtype).replace("torch.", ""),
         "eval_seconds": round(seconds, 1),
     }
+    if expanded:
+        report["transformers_cache_values_per_token"] = measured
+        report["note"] = (f"transformers' {type(model).__name__} caches decompressed keys and values ({measured} values per "
+                          "token); vLLM and SGLang cache the latent and RoPE key counted above")
     if decode_check:
         from latentkv.eval.decode import decode_check as run_check
 
