@@ -286,25 +286,49 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
         assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
 
 
+def test_norm_ballast_steadies_the_latent_rms():
+    """A latent whose per-token RMS varies (chi-distributed) gets a near-constant scale once one
+    ballast dim reads a direction of the input with a steady projection; held-out error drops."""
+    from latentkv.convert.export_deepseek import fit_norm_ballast
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 24, generator=g, dtype=torch.float64)
+    x[:, 0] = 3.0 + 0.01 * x[:, 0]  # like the steady channels of real attention inputs
+    latent_rows = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    latent_rows[:, 0] = 0
+    rows, weight, plain, err = fit_norm_ballast(x, latent_rows, dims=1, eps=1e-6)
+    assert rows.shape == (1, 24) and weight.shape == (6,)
+    assert plain > 0.01 and err < 0.1 * plain
+    none, _, plain0, err0 = fit_norm_ballast(x, latent_rows, dims=0, eps=1e-6)
+    assert none.shape == (0, 24) and err0 == plain0 and math.isclose(plain0, plain, rel_tol=1e-3)
+
+
 def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_path):
     """Guards the DeepSeek export: a stock DeepseekV3ForCausalLM (no remote code) whose latent
     RMSNorm is bypassed computes exactly what the latentkv export with the same widths computes
     (interleaved RoPE, folded softmax scale, weight layout), and with the fitted norm stays close."""
     src = tiny_model_dir("llama")
-    options = dict(kv_lora_rank=40, qk_rope_dim=16)
-    _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", **options)
-    _convert(src, tmp_path / "lk", tmp_path, rope_frequency_grid=True, center=False, **options)
+    # kv_lora_rank 40 in the DeepSeek format = 39 fitted latent dims + 1 norm ballast dim.
+    _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", kv_lora_rank=40, qk_rope_dim=16)
+    _convert(src, tmp_path / "plain", tmp_path, fmt="deepseek", kv_lora_rank=39, qk_rope_dim=16, norm_ballast=0)
+    _convert(src, tmp_path / "lk", tmp_path, rope_frequency_grid=True, center=False, kv_lora_rank=39, qk_rope_dim=16)
     config = json.loads((tmp_path / "ds" / "config.json").read_text())
     assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
     assert config["kv_lora_rank"] == 40 and config["qk_rope_head_dim"] == 16 and config["rope_interleave"]
-    ds = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
     ref = _logits(load_model(tmp_path / "lk"), ids)
-    with_norm = _logits(ds, ids)
-    for layer in ds.model.layers:
-        layer.self_attn.kv_a_layernorm = torch.nn.Identity()
-    assert _rel(_logits(ds, ids), ref) < 1e-5
-    assert _rel(with_norm, ref) < 0.5
+    errors = {}
+    for name in ("ds", "plain"):
+        ds = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+        errors[name] = _rel(_logits(ds, ids), ref)
+        for layer in ds.model.layers:
+            layer.self_attn.kv_a_layernorm = torch.nn.Identity()
+        assert _rel(_logits(ds, ids), ref) < 1e-5  # the ballast reaches no key or value
+    assert errors["ds"] < 0.5
+    import yaml
+
+    norm = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["deepseek_latent_norm_rel_error"]
+    assert norm["norm_ballast"] == 1 and norm["mean"] <= norm["mean_without_ballast"]
     # `latentkv eval` reads the format: the latent and RoPE key per layer, as the cache holds them.
     from latentkv.eval.report import evaluate
 

@@ -52,6 +52,8 @@ class MLAConfig:
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
+    norm_ballast: DeepSeek format only: latent dims (out of kv_lora_rank) that carry no key or
+        value but steady the latent RMSNorm's per-token scale (`export_deepseek.fit_norm_ballast`).
     """
 
     kv_lora_rank: int | None = None
@@ -70,6 +72,7 @@ class MLAConfig:
     refit_ridge: float = 1e-3
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
+    norm_ballast: int = 1
 
     def __post_init__(self):
         if (self.kv_lora_rank is None) == (self.kv_budget is None):
@@ -91,6 +94,9 @@ class MLAConfig:
                 raise LatentKVError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.latent_heads < 1:
             raise LatentKVError("--latent-heads must be >= 1")
+        if int(self.norm_ballast) < 0:
+            raise LatentKVError(f"norm_ballast must be >= 0, got {self.norm_ballast}")
+        self.norm_ballast = int(self.norm_ballast)
         self._coerce_numbers()
 
     def _coerce_numbers(self) -> None:

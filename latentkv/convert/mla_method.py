@@ -133,6 +133,18 @@ class MLAMethod:
             )
 
     def plan(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
+        plan = self._plan_widths(stream, stats, cfg, fmt)
+        if fmt == "deepseek" and cfg.norm_ballast:
+            # The cached latent keeps its width; `norm_ballast` of its dims steady the RMSNorm instead
+            # of carrying keys and values (export_deepseek), so the fit gets that many fewer.
+            rope_dim, rank = plan.widths[0]
+            if rank <= cfg.norm_ballast:
+                raise LatentKVError(f"kv_lora_rank {rank} leaves no latent dims next to norm_ballast "
+                                    f"{cfg.norm_ballast}; raise the rank or use --set norm_ballast=0")
+            plan.widths = [(rd, r - cfg.norm_ballast) for rd, r in plan.widths]
+        return plan
+
+    def _plan_widths(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         from latentkv.convert.pipeline import layer_inputs_from
 
         geo = geometry_of(stream.config)
@@ -174,14 +186,16 @@ class MLAMethod:
         tensors, spec = self.build(stream, i, stats, plan, cfg)
         module = attention_module(stream, i, tensors, spec)
         if cfg.refit_output:
-            from latentkv.convert.refit import refit_output_projection
+            from latentkv.convert.refit import ReplayedAttention, refit_output_projection
 
-            weight, bias = refit_output_projection(module, source_attn, batches, with_bias=self.output_bias(cfg),
-                                                   ridge=cfg.refit_ridge)
+            weight, bias, recorded = refit_output_projection(module, source_attn, batches,
+                                                             with_bias=self.output_bias(cfg), ridge=cfg.refit_ridge)
             tensors = {**tensors, "o_proj.weight": weight.cpu()}
             if bias is not None:
                 tensors["o_proj.bias"] = bias.cpu()
-            module = attention_module(stream, i, tensors, spec)
+            plan.built[i] = (tensors, spec)
+            # The layer's forward reuses the per-head outputs just computed, through the new o_proj.
+            return ReplayedAttention(attention_module(stream, i, tensors, spec).o_proj, recorded)
         plan.built[i] = (tensors, spec)
         return module
 

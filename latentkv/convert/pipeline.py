@@ -112,10 +112,12 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
 
 @torch.no_grad()
 def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache, calib: CalibOptions,
-                  on_layer=None, progress=None) -> list[LayerStats]:
+                  on_layer=None, progress=None, collect: bool = True) -> list[LayerStats]:
     """Per-layer statistics, layer by layer. `on_layer(i, layer, stats, batches)` may return a
     replacement attention module, whose output then feeds the next layer (sequential calibration);
-    `batches()` yields the layer's attention inputs (after its norm) with the position embeddings."""
+    `batches()` yields the layer's attention inputs (after its norm) with the position embeddings.
+    With `collect=False` (a pass for `on_layer` alone, e.g. the output refit) nothing is measured
+    and the list holds None."""
     n = stream.num_layers
     stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
     if all(s is not None for s in stats) and on_layer is None:
@@ -136,8 +138,8 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
     with freed_memory_held():
         for i in range(start, n):
             last = i == n - 1  # the last layer's output feeds no statistics: it is never computed
-            stats[i] = _layer_pass(stream, i, hidden, pos_emb, stats[i], cache, calib, on_layer, last)
-            if not last:
+            stats[i] = _layer_pass(stream, i, hidden, pos_emb, stats[i], cache, calib, on_layer, last, collect)
+            if not last and on_layer is None:  # a pass through converted layers is never resumed
                 cache.maybe_save_hidden(i + 1, hidden)
             if progress is not None:
                 progress(i)
@@ -145,12 +147,12 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
 
 
 def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stats: LayerStats | None,
-                cache: StatsCache, calib: CalibOptions, on_layer, last: bool) -> LayerStats:
+                cache: StatsCache, calib: CalibOptions, on_layer, last: bool, collect: bool = True) -> LayerStats:
     """Layer i's statistics (computed unless cached) and, unless `last`, its output in `hidden`."""
     layer = stream.load_layer(i)
     norm = layer.get_submodule(stream.arch.input_norm)
     collector = None
-    if stats is None or on_layer is not None:
+    if collect and (stats is None or on_layer is not None):
         collector = StatsCollector(layer, stream.arch, geometry_of(stream.config), pos_emb,
                                    windows=hidden.shape[0], seq_len=hidden.shape[1],
                                    profile_windows=calib.profile_samples, sample_tokens=SAMPLE_TOKENS,
@@ -239,6 +241,7 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
             stream, windows, seq_cache, opts.calib, progress=progress,
             on_layer=lambda i, layer, st, batches: method.sequential_module(
                 stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
+            collect=sequential,
         )
         stats = seq_stats if sequential else first_pass
     save_dtype = _resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)

@@ -57,28 +57,47 @@ class OutputRefit:
         return (sol[:, :-1], sol[:, -1]) if self.with_bias else (sol, None)
 
 
+class ReplayedAttention(torch.nn.Module):
+    """Stands in for a refitted attention during the layer's forward over the same batches: its
+    o_proj applied to the per-head outputs recorded while refitting, so the attention itself is
+    not computed a second time. Each call takes the next recorded batch."""
+
+    def __init__(self, o_proj: torch.nn.Module, recorded: list[torch.Tensor]):
+        super().__init__()
+        self.o_proj = o_proj
+        self.recorded = iter(recorded)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        heads = next(self.recorded)
+        if heads.shape[:-1] != hidden_states.shape[:-1]:
+            raise RuntimeError("ReplayedAttention got batches other than the recorded ones")
+        return self.o_proj(heads), None
+
+
 @torch.no_grad()
 def refit_output_projection(new_attn: torch.nn.Module, source_attn: torch.nn.Module,
                             batches: Callable[[], Iterable[tuple[torch.Tensor, tuple]]], with_bias: bool,
-                            ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            ridge: float = 1e-3):
     """Least-squares o_proj of `new_attn` (a LatentAttention) against `source_attn` (the source's
-    attention module) over `batches()`: (attention input after the layer norm, position embeddings)."""
+    attention module) over `batches()`: (attention input after the layer norm, position embeddings).
+    Returns (weight [out, in], bias [out] or None, the per-head outputs of each batch)."""
     o_proj = new_attn.o_proj
     acc = None
-    captured = {}
-    hook = o_proj.register_forward_hook(lambda m, inputs, out: captured.__setitem__("a", inputs[0]))
+    recorded: list[torch.Tensor] = []
+    hook = o_proj.register_forward_hook(lambda m, inputs, out: recorded.append(inputs[0]))
     try:
         for x, pos_emb in batches():
             positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
             new_attn(x, position_ids=positions)
             y = source_attn(x, position_embeddings=pos_emb, attention_mask=None)[0]
             if acc is None:
-                acc = OutputRefit(captured["a"].shape[-1], y.shape[-1], with_bias, x.device)
-            acc.add(captured["a"], y)
+                acc = OutputRefit(recorded[-1].shape[-1], y.shape[-1], with_bias, x.device)
+            acc.add(recorded[-1], y)
     finally:
         hook.remove()
     prior = o_proj.weight.detach().double()
     if with_bias:
         bias = o_proj.bias.detach().double() if o_proj.bias is not None else torch.zeros(prior.shape[0], dtype=prior.dtype)
         prior = torch.cat([prior, bias.to(prior.device)[:, None]], dim=1)
-    return acc.solve(prior, ridge)
+    weight, bias = acc.solve(prior, ridge)
+    return weight, bias, recorded
