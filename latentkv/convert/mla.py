@@ -49,6 +49,7 @@ class MLAConfig:
         matches the source attention's on the converted prefix's activations (`convert.refit`).
     refit_ridge: the refit's shrinkage toward the one-shot o_proj, relative to the mean activation
         energy (too small a value gives weights that break in bf16).
+    refit_bias: let the refit add an o_proj bias (its intercept); the DeepSeek export turns it off.
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
@@ -70,6 +71,7 @@ class MLAConfig:
     sequential: bool = False
     refit_output: bool = False
     refit_ridge: float = 1e-3
+    refit_bias: bool = True
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
     norm_ballast: int = 1

@@ -94,6 +94,7 @@ class MLAMethod:
             options["rope_frequency_grid"] = True
             options["allocation"] = "uniform"
             options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
+            options["refit_bias"] = False  # nor the refit's intercept
         return mla.MLAConfig(**options)
 
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
@@ -120,9 +121,6 @@ class MLAMethod:
                 )
             if cfg.latent_heads != 1:
                 raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
-            if cfg.refit_output:
-                raise LatentKVError("refit_output re-solves o_proj with a bias, which DeepSeek's o_proj lacks; "
-                                    "use --format latentkv for it")
         if geo.num_heads % cfg.latent_heads:
             raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
         max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
@@ -201,7 +199,7 @@ class MLAMethod:
 
     def output_bias(self, cfg) -> bool:
         """Whether the written o_proj has a bias (the centred value mean or the refit's intercept)."""
-        return cfg.center or cfg.refit_output
+        return cfg.center or (cfg.refit_output and cfg.refit_bias)
 
     def write(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
         if opts.format == "deepseek":
