@@ -56,6 +56,23 @@ def metric_spectrum(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tens
     return sigma.flip(0).clamp_min(0), V.flip(1), root, inv_root
 
 
+def metric_spectrum_values(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor, centered: bool = False):
+    """The sigma of `metric_spectrum` alone (descending), for the planner's error curves: with
+    M = L L^T, L^T C L is orthogonally similar to M^1/2 C M^1/2, so one Cholesky and one
+    eigenvalue-only solve replace two full eigen-decompositions."""
+    m = 0.5 * (metric + metric.T)
+    floor = 1e-9 * m.diagonal().abs().max().clamp_min(1e-300)
+    chol, info = torch.linalg.cholesky_ex(m + floor * torch.eye(len(m), dtype=m.dtype, device=m.device))
+    if int(info):
+        return metric_spectrum(rows, moment, metric, centered)[0]
+    cov = rows @ moment @ rows.T
+    if centered:
+        mean = rows @ moment[:, -1]
+        cov = cov - torch.outer(mean, mean)
+    target = chol.T @ cov @ chol
+    return torch.linalg.eigvalsh(0.5 * (target + target.T)).flip(0).clamp_min(0)
+
+
 def fit_low_rank(rows: torch.Tensor, moment: torch.Tensor, metric: torch.Tensor, rank: int,
                  centered: bool = False) -> LowRankFit:
     sigma, V, root, inv_root = metric_spectrum(rows, moment, metric, centered)

@@ -50,6 +50,8 @@ class MLAConfig:
     refit_ridge: the refit's shrinkage toward the one-shot o_proj, relative to the mean activation
         energy (too small a value gives weights that break in bf16).
     refit_bias: let the refit add an o_proj bias (its intercept); the DeepSeek export turns it off.
+    refit_windows: calibration windows the refit pass runs on (the first N; default all): the
+        pass costs about one forward of the model over them.
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
@@ -72,6 +74,7 @@ class MLAConfig:
     refit_output: bool = False
     refit_ridge: float = 1e-3
     refit_bias: bool = True
+    refit_windows: int | None = None
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
     norm_ballast: int = 1
@@ -96,6 +99,8 @@ class MLAConfig:
                 raise LatentKVError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.latent_heads < 1:
             raise LatentKVError("--latent-heads must be >= 1")
+        if self.refit_windows is not None and int(self.refit_windows) < 1:
+            raise LatentKVError(f"refit_windows must be >= 1, got {self.refit_windows}")
         if int(self.norm_ballast) < 0:
             raise LatentKVError(f"norm_ballast must be >= 0, got {self.norm_ballast}")
         self.norm_ballast = int(self.norm_ballast)
@@ -239,7 +244,7 @@ def error_curve(an: LayerAnalysis, cfg: MLAConfig, rope_dims: list[int]) -> dict
         spectra = []
         for heads in _head_groups(an, cfg.latent_heads):
             rows, metric, *_ = _latent_problem(an, nope, heads, cfg)
-            sigma, *_ = lowrank.metric_spectrum(rows, an.inputs.moment, metric, cfg.center)
+            sigma = lowrank.metric_spectrum_values(rows, an.inputs.moment, metric, cfg.center)
             spectra.append(sigma)
         out[rope_dim] = (rot, spectra)
     return out

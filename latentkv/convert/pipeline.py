@@ -237,8 +237,10 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": plan.key()})
         progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
         first_pass = stats
+        # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
+        pass_windows = windows if sequential else windows[: getattr(method_cfg, "refit_windows", None) or len(windows)]
         seq_stats = collect_stats(
-            stream, windows, seq_cache, opts.calib, progress=progress,
+            stream, pass_windows, seq_cache, opts.calib, progress=progress,
             on_layer=lambda i, layer, st, batches: method.sequential_module(
                 stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
             collect=sequential,

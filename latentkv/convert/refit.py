@@ -21,6 +21,7 @@ of the mean activation energy it reads 101.4 and heals normally (benchmarks/heal
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -65,10 +66,10 @@ class ReplayedAttention(torch.nn.Module):
     def __init__(self, o_proj: torch.nn.Module, recorded: list[torch.Tensor]):
         super().__init__()
         self.o_proj = o_proj
-        self.recorded = iter(recorded)
+        self.recorded = deque(recorded)  # popped as used: the layer's pass frees them as it goes
 
     def forward(self, hidden_states, *args, **kwargs):
-        heads = next(self.recorded)
+        heads = self.recorded.popleft()
         if heads.shape[:-1] != hidden_states.shape[:-1]:
             raise RuntimeError("ReplayedAttention got batches other than the recorded ones")
         return self.o_proj(heads), None
