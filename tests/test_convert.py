@@ -165,6 +165,33 @@ def test_output_refit_is_exact_at_full_rank_and_helps_when_compressed(method, fm
     assert refit < plain, (refit, plain)
 
 
+def test_one_pass_sequential_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards sequential calibration in one pass (`plan_in_pass`): with fixed widths it builds the
+    same model as the two-pass route (source statistics for the plan, then the converted pass); with
+    a budget each layer's width is chosen from its own sequential statistics, the budget is kept,
+    and sequential + refit beats the plain one-shot on the calibration text."""
+    from transformers import AutoTokenizer
+
+    from latentkv.calibration.data import TextSource, token_windows
+    from latentkv.convert.mla_method import MLAMethod
+
+    src = tiny_model_dir("llama")
+    windows = token_windows(AutoTokenizer.from_pretrained(src), TextSource(str(TINY_TEXT)), 8, 64, 0)
+    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), windows)
+    fixed = dict(kv_lora_rank=24, qk_rope_dim=16, sequential=True, refit_output=True)
+    _convert(src, tmp_path / "one", tmp_path, **fixed)
+    budget = _convert(src, tmp_path / "budget", tmp_path, kv_budget=0.5, sequential=True, refit_output=True)
+    _convert(src, tmp_path / "plain", tmp_path, kv_budget=0.5)
+    monkeypatch.setattr(MLAMethod, "plan_in_pass", None)  # the two-pass route
+    _convert(src, tmp_path / "two", tmp_path, **fixed)
+    one = _logits(load_model(tmp_path / "one"), windows)
+    assert _rel(one, _logits(load_model(tmp_path / "two"), windows)) < 1e-5
+    assert budget.kv_values_per_token == budget.source_kv_values_per_token // 2
+    seq = _rel(_logits(load_model(tmp_path / "budget"), windows), ref)
+    plain = _rel(_logits(load_model(tmp_path / "plain"), windows), ref)
+    assert seq < plain, (seq, plain)
+
+
 def _random_problem(G=3, H=6, d=8, D=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4000, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)

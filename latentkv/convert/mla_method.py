@@ -30,6 +30,7 @@ class MLAPlan:
     predicted_error: list[float]
     built: dict = field(default_factory=dict)  # layer -> (tensors, spec), filled by sequential calibration
     reports: dict = field(default_factory=dict)  # layer -> fit figures known only once the layer is built
+    fmt: str = "latentkv"  # output format, for widths chosen during the pass (`plan_in_pass`)
 
     def key(self) -> list:
         return [list(w) for w in self.widths]
@@ -131,42 +132,74 @@ class MLAMethod:
             )
 
     def plan(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
-        plan = self._plan_widths(stream, stats, cfg, fmt)
+        geo = geometry_of(stream.config)
+        if cfg.kv_lora_rank is not None:
+            return self._reserve_ballast(self._fixed_plan(geo, cfg, fmt), cfg, fmt)
+        curves = [self._layer_curve(stream, i, stats[i], cfg, fmt) for i in range(geo.num_layers)]
+        budget = self._layer_budget(geo, cfg)
+        choice = allocate(curves, [budget] * geo.num_layers, budget * geo.num_layers, cfg.latent_heads,
+                          per_layer=cfg.allocation == "per-layer")
+        for i, (err, rd, r) in enumerate(choice):
+            log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
+        plan = MLAPlan(widths=[(rd, r) for _, rd, r in choice], predicted_error=[c[0] for c in choice])
+        return self._reserve_ballast(plan, cfg, fmt)
+
+    def plan_in_pass(self, stream, cfg: mla.MLAConfig, fmt: str) -> MLAPlan | None:
+        """For sequential calibration in one pass: a plan whose widths `sequential_module` picks
+        layer by layer from the statistics the converted layers before produce. Only where a layer's
+        width depends on its own statistics alone (uniform allocation); None otherwise."""
+        geo = geometry_of(stream.config)
+        if cfg.kv_lora_rank is not None:
+            return self._reserve_ballast(self._fixed_plan(geo, cfg, fmt), cfg, fmt)
+        if cfg.allocation != "uniform":
+            return None
+        return MLAPlan(widths=[None] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers, fmt=fmt)
+
+    def _choose_in_pass(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig) -> None:
+        geo = geometry_of(stream.config)
+        best = mla.best_split(self._layer_curve(stream, i, stats, cfg, plan.fmt), self._layer_budget(geo, cfg),
+                              cfg.latent_heads)
+        if best is None:
+            raise LatentKVError(f"No feasible RoPE/latent split for layer {i} at this budget; raise --kv-budget")
+        err, rd, r = best
+        log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
+        one = self._reserve_ballast(MLAPlan(widths=[(rd, r)], predicted_error=[err]), cfg, plan.fmt)
+        plan.widths[i], plan.predicted_error[i] = one.widths[0], err
+
+    def _fixed_plan(self, geo, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
+        rope_dim = min(64, self._max_rope(geo, fmt)) if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim
+        return MLAPlan(widths=[(rope_dim, cfg.kv_lora_rank)] * geo.num_layers,
+                       predicted_error=[float("nan")] * geo.num_layers)
+
+    @staticmethod
+    def _max_rope(geo, fmt: str) -> int:
+        return geo.head_dim if fmt == "deepseek" else geo.num_kv_heads * geo.head_dim
+
+    @staticmethod
+    def _layer_budget(geo, cfg: mla.MLAConfig) -> int:
+        return int(round(cfg.kv_budget * geo.kv_values_per_token_per_layer))
+
+    def _layer_curve(self, stream, i: int, stats, cfg: mla.MLAConfig, fmt: str) -> dict:
+        from latentkv.convert.pipeline import layer_inputs_from
+
+        fmt_max = self._max_rope(geometry_of(stream.config), fmt)
+        # The linear algebra runs in float64 on the conversion device (eigh of ~2x KV-dim matrices).
+        with torch.device(stream.device):
+            an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
+            curve = mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max))
+        return {rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()}
+
+    @staticmethod
+    def _reserve_ballast(plan: MLAPlan, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         if fmt == "deepseek" and cfg.norm_ballast:
             # The cached latent keeps its width; `norm_ballast` of its dims steady the RMSNorm instead
             # of carrying keys and values (export_deepseek), so the fit gets that many fewer.
-            rope_dim, rank = plan.widths[0]
+            rank = min(r for _, r in plan.widths)
             if rank <= cfg.norm_ballast:
                 raise LatentKVError(f"kv_lora_rank {rank} leaves no latent dims next to norm_ballast "
                                     f"{cfg.norm_ballast}; raise the rank or use --set norm_ballast=0")
             plan.widths = [(rd, r - cfg.norm_ballast) for rd, r in plan.widths]
         return plan
-
-    def _plan_widths(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
-        from latentkv.convert.pipeline import layer_inputs_from
-
-        geo = geometry_of(stream.config)
-        source_kv = geo.kv_values_per_token_per_layer
-        fmt_max = geo.head_dim if fmt == "deepseek" else geo.num_kv_heads * geo.head_dim
-        if cfg.kv_lora_rank is not None:
-            rope_dim = min(64, fmt_max) if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim
-            widths = [(rope_dim, cfg.kv_lora_rank)] * geo.num_layers
-            return MLAPlan(widths=widths, predicted_error=[float("nan")] * geo.num_layers)
-        per_layer_budget = int(round(cfg.kv_budget * source_kv))
-        curves = []
-        for i in range(geo.num_layers):
-            # The linear algebra runs in float64 on the conversion device (eigh of ~2x KV-dim matrices).
-            with torch.device(stream.device):
-                an = mla.analyse_layer(layer_inputs_from(stream, i, stats[i]), cfg)
-                curve = mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max))
-            curves.append({rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()})
-        budgets = [per_layer_budget] * geo.num_layers
-        choice = allocate(curves, budgets, per_layer_budget * geo.num_layers, cfg.latent_heads,
-                          per_layer=cfg.allocation == "per-layer")
-        widths = [(rd, r) for _, rd, r in choice]
-        for i, (err, rd, r) in enumerate(choice):
-            log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
-        return MLAPlan(widths=widths, predicted_error=[c[0] for c in choice])
 
     def build(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig):
         from latentkv.convert.pipeline import layer_inputs_from
@@ -181,6 +214,8 @@ class MLAMethod:
     def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig, source_attn=None, batches=None):
         """Layer i's new attention during the pass through the converted layers (kept for writing);
         with `refit_output`, its o_proj re-solved against the source attention on these inputs."""
+        if plan.widths[i] is None:  # one-pass sequential calibration: this layer's width from its statistics
+            self._choose_in_pass(stream, i, stats, plan, cfg)
         tensors, spec = self.build(stream, i, stats, plan, cfg)
         module = attention_module(stream, i, tensors, spec)
         if cfg.refit_output:
@@ -251,6 +286,9 @@ class GTAMethod(MLAMethod):
         geo = geometry_of(stream.config)
         width = (geo.head_dim // 2, geo.num_kv_heads * geo.head_dim)
         return MLAPlan(widths=[width] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers)
+
+    def plan_in_pass(self, stream, cfg, fmt: str) -> MLAPlan:
+        return self.plan(stream, None, cfg, fmt)  # fixed widths
 
     def build(self, stream, i: int, stats, plan: MLAPlan, cfg):
         from latentkv.convert import gta

@@ -227,25 +227,39 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         opts.calib.samples, opts.calib.seq_len, opts.calib.seed,
     )
     stream = LayerStream(source.config, source.weights, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size)
-    progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
-    cache = _stats_cache(source, opts, windows, None)
-    stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
-    plan = method.plan(stream, stats, method_cfg, opts.format)
     sequential = getattr(method_cfg, "sequential", False)
-    if sequential or getattr(method_cfg, "refit_output", False):
-        # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
-        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": plan.key()})
-        progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
-        first_pass = stats
-        # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
-        pass_windows = windows if sequential else windows[: getattr(method_cfg, "refit_windows", None) or len(windows)]
-        seq_stats = collect_stats(
-            stream, pass_windows, seq_cache, opts.calib, progress=progress,
+    in_pass = getattr(method, "plan_in_pass", None)
+    plan = in_pass(stream, method_cfg, opts.format) if sequential and in_pass is not None else None
+    if plan is not None:
+        # One pass: each layer's statistics come from the converted layers before it, and its
+        # width and replacement (and refit) are made from them before the pass moves on.
+        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": "in-pass"})
+        progress = progress_factory("calibrating (sequential)", stream.num_layers) if progress_factory else None
+        stats = collect_stats(
+            stream, windows, seq_cache, opts.calib, progress=progress,
             on_layer=lambda i, layer, st, batches: method.sequential_module(
-                stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
-            collect=sequential,
+                stream, i, st, plan, method_cfg, layer.self_attn, batches),
         )
-        stats = seq_stats if sequential else first_pass
+    else:
+        progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
+        cache = _stats_cache(source, opts, windows, None)
+        stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
+        plan = method.plan(stream, stats, method_cfg, opts.format)
+        if sequential or getattr(method_cfg, "refit_output", False):
+            # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
+            seq_cache = _stats_cache(source, opts, windows,
+                                     {"method": opts.method, **opts.method_options, "plan": plan.key()})
+            progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
+            first_pass = stats
+            # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
+            pass_windows = windows if sequential else windows[: getattr(method_cfg, "refit_windows", None) or len(windows)]
+            seq_stats = collect_stats(
+                stream, pass_windows, seq_cache, opts.calib, progress=progress,
+                on_layer=lambda i, layer, st, batches: method.sequential_module(
+                    stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
+                collect=sequential,
+            )
+            stats = seq_stats if sequential else first_pass
     save_dtype = _resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)
     with out:
         progress = progress_factory("writing", stream.num_layers) if progress_factory else None
