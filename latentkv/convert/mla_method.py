@@ -135,8 +135,10 @@ class MLAMethod:
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
             return self._reserve_ballast(self._fixed_plan(geo, cfg, fmt), cfg, fmt)
-        curves = [self._layer_curve(stream, i, stats[i], cfg, fmt) for i in range(geo.num_layers)]
         budget = self._layer_budget(geo, cfg)
+        # Uniform: no layer can hold a RoPE key wider than its own budget, so wider ones are not scored.
+        widest = budget if cfg.allocation == "uniform" else None
+        curves = [self._layer_curve(stream, i, stats[i], cfg, fmt, widest) for i in range(geo.num_layers)]
         choice = allocate(curves, [budget] * geo.num_layers, budget * geo.num_layers, cfg.latent_heads,
                           per_layer=cfg.allocation == "per-layer")
         for i, (err, rd, r) in enumerate(choice):
@@ -157,8 +159,8 @@ class MLAMethod:
 
     def _choose_in_pass(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig) -> None:
         geo = geometry_of(stream.config)
-        best = mla.best_split(self._layer_curve(stream, i, stats, cfg, plan.fmt), self._layer_budget(geo, cfg),
-                              cfg.latent_heads)
+        budget = self._layer_budget(geo, cfg)
+        best = mla.best_split(self._layer_curve(stream, i, stats, cfg, plan.fmt, budget), budget, cfg.latent_heads)
         if best is None:
             raise LatentKVError(f"No feasible RoPE/latent split for layer {i} at this budget; raise --kv-budget")
         err, rd, r = best
@@ -179,14 +181,18 @@ class MLAMethod:
     def _layer_budget(geo, cfg: mla.MLAConfig) -> int:
         return int(round(cfg.kv_budget * geo.kv_values_per_token_per_layer))
 
-    def _layer_curve(self, stream, i: int, stats, cfg: mla.MLAConfig, fmt: str) -> dict:
+    def _layer_curve(self, stream, i: int, stats, cfg: mla.MLAConfig, fmt: str, widest: int | None = None) -> dict:
+        """Predicted error per RoPE width of layer i (widths up to `widest`, if given)."""
         from latentkv.convert.pipeline import layer_inputs_from
 
         fmt_max = self._max_rope(geometry_of(stream.config), fmt)
         # The linear algebra runs in float64 on the conversion device (eigh of ~2x KV-dim matrices).
         with torch.device(stream.device):
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
-            curve = mla.error_curve(an, cfg, mla.rope_dim_candidates(an, cfg, fmt_max))
+            candidates = mla.rope_dim_candidates(an, cfg, fmt_max)
+            if widest is not None:
+                candidates = [rd for rd in candidates if rd <= widest] or candidates[:1]
+            curve = mla.error_curve(an, cfg, candidates)
         return {rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()}
 
     @staticmethod
@@ -226,10 +232,10 @@ class MLAMethod:
             tensors = {**tensors, "o_proj.weight": weight.cpu()}
             if bias is not None:
                 tensors["o_proj.bias"] = bias.cpu()
-            plan.built[i] = (tensors, spec)
+            plan.built[i] = (_kept(tensors), spec)
             # The layer's forward reuses the per-head outputs just computed, through the new o_proj.
             return ReplayedAttention(attention_module(stream, i, tensors, spec).o_proj, recorded)
-        plan.built[i] = (tensors, spec)
+        plan.built[i] = (_kept(tensors), spec)
         return module
 
     def output_bias(self, cfg) -> bool:
@@ -333,6 +339,12 @@ def _filter_bias(tensors: dict, config) -> dict:
     if not config.o_bias:
         out.pop("o_proj.bias", None)
     return out
+
+
+def _kept(tensors: dict) -> dict:
+    """A built layer held until writing, in float32: the fit works in float64, but every layer is
+    held at once and the checkpoint is written in float32 or narrower."""
+    return {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
 
 
 def attention_module(stream, i: int, tensors: dict, spec: dict):
