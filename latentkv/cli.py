@@ -134,7 +134,7 @@ def convert(
     latent_heads: Annotated[Optional[int], typer.Option(help="GLA latent heads (must divide the query heads).", rich_help_panel="Method")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option(help="GQA target: KV heads to keep.", rich_help_panel="Method")] = None,
     method_option: Annotated[Optional[list[str]], typer.Option("--set", help="Extra method setting KEY=VALUE (e.g. --set rope_mix=real); repeatable.", rich_help_panel="Method")] = None,
-    sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it.", rich_help_panel="Method")] = False,
+    sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
     format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
     calib_data: CalibData = DEFAULT_CORPUS,
