@@ -66,9 +66,10 @@ def fit_norm_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, dims: int,
     fit_x, test_x = inputs[:cut], inputs[cut:]
     fit_c, test_c = fit_x @ latent_rows.T, test_x @ latent_rows.T
     none = torch.zeros(dims, inputs.shape[1], dtype=inputs.dtype)
-    base_err = _norm_fit(test_c, test_x @ none.T, eps, _norm_fit(fit_c, fit_x @ none.T, eps)[1])[0].item()
+    base_weight = _norm_fit(fit_c, fit_x @ none.T, eps)[1]
+    base_err = _norm_fit(test_c, test_x @ none.T, eps, base_weight)[0].item()
     if dims == 0:
-        return none, _norm_fit(fit_c, fit_x @ none.T, eps)[1], base_err, base_err
+        return none, base_weight, base_err, base_err
     start = torch.linalg.eigh(fit_x.T @ fit_x / len(fit_x))[1][:, -dims:].T
     scale = (fit_c.pow(2).sum(1).mean() * 4 / dims / (fit_x @ start.T).pow(2).mean(0)).sqrt()
     rows = (start * scale[:, None]).clone().requires_grad_(True)
@@ -86,7 +87,7 @@ def fit_norm_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, dims: int,
     weight = _norm_fit(fit_c, fit_x @ rows.T, eps)[1]
     err = _norm_fit(test_c, test_x @ rows.T, eps, weight)[0].item()
     if err >= base_err:
-        return none, _norm_fit(fit_c, fit_x @ none.T, eps)[1], base_err, base_err
+        return none, base_weight, base_err, base_err
     return rows, weight, base_err, err
 
 
