@@ -382,4 +382,7 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
 
     report = evaluate(str(tmp_path / "ds"), eval_text=str(TINY_TEXT), window=16, windows=2)
     assert report["kv_values_per_token"] == (40 + 16) * config["num_hidden_layers"]
+    from latentkv.eval.report import inspect_model
+
+    assert inspect_model(str(tmp_path / "ds"))["architecture"]["RoPE + latent per layer"] == "16+40"
     assert math.isfinite(report["perplexity"])

@@ -128,6 +128,18 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
             },
             "targets": [],
         }
+    if getattr(config, "model_type", None) == "deepseek_v3":  # e.g. a `--format deepseek` output
+        values, layers = declared_kv_values(config)
+        return {
+            "architecture": {
+                "model_type": "deepseek_v3",
+                "layers": layers,
+                "query heads": config.num_attention_heads,
+                "KV values per token (all layers)": values,
+                "RoPE + latent per layer": f"{config.qk_rope_head_dim}+{config.kv_lora_rank}",
+            },
+            "targets": [],
+        }
     arch = get_arch(config)
     geo = geometry_of(config)
     G, d, L = geo.num_kv_heads, geo.head_dim, geo.num_layers
