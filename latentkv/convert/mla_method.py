@@ -134,7 +134,7 @@ class MLAMethod:
     def plan(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
-            return self._reserve_ballast(self._fixed_plan(geo, cfg, fmt), cfg, fmt)
+            return self._fixed_plan(geo, cfg, fmt)
         budget = self._layer_budget(geo, cfg)
         # Uniform: no layer can hold a RoPE key wider than its own budget, so wider ones are not scored.
         widest = budget if cfg.allocation == "uniform" else None
@@ -143,8 +143,8 @@ class MLAMethod:
                           per_layer=cfg.allocation == "per-layer")
         for i, (err, rd, r) in enumerate(choice):
             log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
-        plan = MLAPlan(widths=[(rd, r) for _, rd, r in choice], predicted_error=[c[0] for c in choice])
-        return self._reserve_ballast(plan, cfg, fmt)
+        return MLAPlan(widths=self._reserve_ballast([(rd, r) for _, rd, r in choice], cfg, fmt),
+                       predicted_error=[c[0] for c in choice])
 
     def plan_in_pass(self, stream, cfg: mla.MLAConfig, fmt: str) -> MLAPlan | None:
         """For sequential calibration in one pass: a plan whose widths `sequential_module` picks
@@ -152,7 +152,7 @@ class MLAMethod:
         width depends on its own statistics alone (uniform allocation); None otherwise."""
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
-            return self._reserve_ballast(self._fixed_plan(geo, cfg, fmt), cfg, fmt)
+            return self._fixed_plan(geo, cfg, fmt)
         if cfg.allocation != "uniform":
             return None
         return MLAPlan(widths=[None] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers, fmt=fmt)
@@ -165,12 +165,11 @@ class MLAMethod:
             raise LatentKVError(f"No feasible RoPE/latent split for layer {i} at this budget; raise --kv-budget")
         err, rd, r = best
         log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
-        one = self._reserve_ballast(MLAPlan(widths=[(rd, r)], predicted_error=[err]), cfg, plan.fmt)
-        plan.widths[i], plan.predicted_error[i] = one.widths[0], err
+        plan.widths[i], plan.predicted_error[i] = self._reserve_ballast([(rd, r)], cfg, plan.fmt)[0], err
 
     def _fixed_plan(self, geo, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         rope_dim = min(64, self._max_rope(geo, fmt)) if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim
-        return MLAPlan(widths=[(rope_dim, cfg.kv_lora_rank)] * geo.num_layers,
+        return MLAPlan(widths=self._reserve_ballast([(rope_dim, cfg.kv_lora_rank)] * geo.num_layers, cfg, fmt),
                        predicted_error=[float("nan")] * geo.num_layers)
 
     @staticmethod
@@ -196,16 +195,17 @@ class MLAMethod:
         return {rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()}
 
     @staticmethod
-    def _reserve_ballast(plan: MLAPlan, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
-        if fmt == "deepseek" and cfg.norm_ballast:
-            # The cached latent keeps its width; `norm_ballast` of its dims steady the RMSNorm instead
-            # of carrying keys and values (export_deepseek), so the fit gets that many fewer.
-            rank = min(r for _, r in plan.widths)
-            if rank <= cfg.norm_ballast:
-                raise LatentKVError(f"kv_lora_rank {rank} leaves no latent dims next to norm_ballast "
-                                    f"{cfg.norm_ballast}; raise the rank or use --set norm_ballast=0")
-            plan.widths = [(rd, r - cfg.norm_ballast) for rd, r in plan.widths]
-        return plan
+    def _reserve_ballast(widths: list[tuple[int, int]], cfg: mla.MLAConfig, fmt: str) -> list[tuple[int, int]]:
+        """(RoPE, latent) widths -> the widths the fit gets: in the DeepSeek format the cached latent
+        keeps its width, but `norm_ballast` of its dims steady the RMSNorm instead of carrying keys
+        and values (export_deepseek)."""
+        if fmt != "deepseek" or not cfg.norm_ballast:
+            return widths
+        rank = min(r for _, r in widths)
+        if rank <= cfg.norm_ballast:
+            raise LatentKVError(f"kv_lora_rank {rank} leaves no latent dims next to norm_ballast "
+                                f"{cfg.norm_ballast}; raise the rank or use --set norm_ballast=0")
+        return [(rd, r - cfg.norm_ballast) for rd, r in widths]
 
     def build(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig):
         from latentkv.convert.pipeline import layer_inputs_from
