@@ -376,6 +376,41 @@ def generate(
 
 
 @app.command()
+def sample(
+    teacher: SourceArg,
+    output: Annotated[Path, typer.Argument(help="JSONL file to write ({\"text\": ...} per document).")],
+    tokens: Annotated[int, typer.Option(help="Tokens to sample in all.")] = 5_000_000,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sampled row (cut into documents at EOS).")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Rows sampled together.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (1 = the teacher's own distribution).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (round r of rows draws from seed and r).")] = 0,
+    device: Device = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Runtime")] = "auto",
+    gguf_file: GgufFile = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.", rich_help_panel="Output")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Sample training text from the teacher, for `latentkv finetune --data` (resumable: rerun the
+    same command to continue)."""
+    _setup_logging()
+    from rich.console import Console
+
+    from latentkv.finetune.teacher_text import SampleOptions, sample_teacher_text
+
+    opts = _run(SampleOptions, teacher=teacher, output=str(output), tokens=tokens, seq_len=seq_len,
+                batch_size=batch_size, temperature=temperature, seed=seed, device=device, dtype=dtype,
+                overwrite=overwrite, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    factory = _progress_factory(Console(stderr=True))
+    advance = factory("sampling rounds", opts.rounds)
+    try:
+        result = _run(sample_teacher_text, opts, progress=lambda done, total: advance(done))
+    finally:
+        factory.stop()
+    typer.echo(json.dumps({"output": str(result.output), "tokens": result.tokens, "documents": result.documents,
+                           "tokens_per_s": round(result.tokens_per_s)}))
+
+
+@app.command()
 def finetune(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Converted model folder (latentkv or deepseek format).")],

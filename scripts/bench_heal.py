@@ -49,6 +49,11 @@ def parse_args():
     p.add_argument("--kv-budget", type=float, default=0.25, help="mla/gla (gta has a fixed width)")
     p.add_argument("--latent-heads", type=int, default=3, help="gla")
     p.add_argument("--method-options", default="{}", help='more conversion settings as JSON, e.g. {"refit_output": true}')
+    p.add_argument("--data", default="gutenberg", choices=["gutenberg", "teacher"],
+                   help="training text: the Gutenberg books, or text sampled from the source (`latentkv sample`)")
+    p.add_argument("--sample-tokens", type=float, default=10e6, help="--data teacher: tokens to sample")
+    p.add_argument("--sample-file", help="--data teacher: JSONL to reuse or write (default WORK/teacher-<N>M.jsonl)")
+    p.add_argument("--sample-batch", type=int, default=1024, help="--data teacher: rows sampled together")
     p.add_argument("--target", default="attention", help="what is trained: attention or attention+mlp")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -202,18 +207,33 @@ def plan_tokens(candidates: list[int], tps: float, seconds_left: float, done: in
     return None
 
 
+def training_text(args, source: Path, work: Path) -> tuple[str, dict]:
+    """The --data choice as a path, and what making it cost (sampling from the source)."""
+    if args.data == "gutenberg":
+        return str(Path(args.corpora) / "gutenberg"), {}
+    from latentkv.finetune.teacher_text import SampleOptions, sample_teacher_text
+
+    path = Path(args.sample_file or work / f"teacher-{args.sample_tokens / 1e6:g}M.jsonl")
+    if path.exists():
+        return str(path), {"sample_file": str(path), "sampled_now": False}
+    r = sample_teacher_text(SampleOptions(teacher=str(source), output=str(path), tokens=int(args.sample_tokens),
+                                          seq_len=args.seq_len, batch_size=args.sample_batch, device=args.device))
+    return str(path), {"sample_file": str(path), "sampled_now": True, "sample_tokens": r.tokens,
+                       "sample_documents": r.documents, "sample_seconds": r.seconds, "sample_tokens_per_s": r.tokens_per_s}
+
+
 def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, deadline: float,
-         reserve_s: float) -> dict:
+         reserve_s: float, data: str) -> dict:
     """Probe, decide the token target that fits, then run it (resuming the probe where possible)."""
     eval_at = [t for t in _floats(args.eval_at) if t <= planned]
     lr = args.lr_attention if mode == "attention" else args.lr_lora
     base = FinetuneOptions(
-        model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=str(Path(args.corpora) / "gutenberg"),
+        model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=data,
         teacher=str(source), mode=mode, target=args.target, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
         eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
         log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
-        command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target}",
+        command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target} --data {args.data}",
     )
     t0 = time.perf_counter()
     probe = finetune(dataclasses.replace(base, stop_after_steps=args.probe_steps))
@@ -247,6 +267,17 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
     return row
 
 
+def _describe_data(result: dict) -> str:
+    info = result.get("data_info") or {}
+    if not info:
+        return f"{result.get('data', 'Gutenberg')} (the 13 Gutenberg books, 1.57M tokens)"
+    text = f"{info['sample_file']}: sampled from the source at temperature 1 (`latentkv sample`)"
+    if info.get("sampled_now"):
+        text += (f", {info['sample_tokens'] / 1e6:.1f}M tokens in {info['sample_documents']:,} documents, "
+                 f"{info['sample_seconds']:.0f} s ({info['sample_tokens_per_s']:,.0f} tokens/s)")
+    return text
+
+
 def report(result: dict) -> str:
     lines = [
         f"# Healing SmolLM2-135M-Instruct after {result['to'].upper()} conversion at "
@@ -255,6 +286,7 @@ def report(result: dict) -> str:
         f"Device: {result['device']}. Perplexity: {result['protocol']}.",
         f"Source (fp32): **{result['source_ppl']:.2f}** (ASSETS.md: {SOURCE_PPL_REFERENCE}); one-shot conversion: "
         f"**{result['oneshot_ppl']:.2f}** (conversion {result['convert_seconds']:.0f} s).",
+        f"Training text: {_describe_data(result)}.",
         "",
         "| mode | trained params | lr | tokens | WikiText-2 PPL | vs source | tokens/s | MFU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -306,7 +338,10 @@ def main():
     log.info("one-shot perplexity %.3f (conversion %.0f s)", oneshot, convert_s)
     from latentkv.eval.perplexity import PerplexityProtocol
 
+    data, data_info = training_text(args, source, work)
+    log.info("training text: %s %s", data, data_info)
     result = {
+        "data": data, "data_info": data_info,
         "device": device, "to": args.to, "kv_budget": args.kv_budget, "protocol": PerplexityProtocol(text=str(eval_text)).describe(),
         "source_ppl": src_ppl, "oneshot_ppl": oneshot, "convert_seconds": convert_s, **kv, "runs": [],
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out_dir", "name")},
@@ -321,7 +356,7 @@ def main():
         later = len(modes) - i - 1
         reserve = later * (OVERHEAD_S * 2 + min(_floats(args.eval_at)) / 3e5)
         try:
-            row = heal(args, mode, planned[i], model, source, work, deadline, reserve)
+            row = heal(args, mode, planned[i], model, source, work, deadline, reserve, data)
         except Exception as exc:  # one mode failing should not lose the other's figures
             log.exception("%s failed", mode)
             row = {"mode": mode, "note": f"failed: {type(exc).__name__}: {exc}"}

@@ -334,6 +334,30 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
         assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
 
 
+def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):
+    """Guards the DeepSeek format's one RoPE width under --kv-budget: `shared_split` picks the width
+    with the least summed per-layer relative error (not the first, not one layer's favourite), and
+    a budget conversion writes that one width for every layer, within the budget."""
+    from latentkv.convert.mla_method import shared_split
+
+    def curve(errors_at_rank):  # {rope_dim: (rotation loss, [spectrum])}: error = rot + spectrum tail
+        return {rd: (rot, [torch.tensor(tail, dtype=torch.float64)]) for rd, (rot, tail) in errors_at_rank.items()}
+
+    # Budget 4: rope 0 -> rank 4, rope 2 -> rank 2. Layer A prefers rope 0 a little; layer B needs rope 2.
+    a = curve({0: (1.0, [4, 3, 2, 1]), 2: (0.0, [4, 3, 1.5, 1])})  # errors 1.0 vs 2.5... relative 0.4 vs 1
+    b = curve({0: (9.0, [4, 3, 2, 1]), 2: (0.0, [4, 3, 1, 1])})  # errors 9.0 vs 2.0: relative 1 vs 0.22
+    choice = shared_split([a, b], 4, 1)
+    assert [(rd, r) for _, rd, r in choice] == [(2, 2), (2, 2)]
+    assert [(rd, r) for _, rd, r in shared_split([a, a], 4, 1)] == [(0, 4), (0, 4)]
+
+    src = tiny_model_dir("llama")
+    r = _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", kv_budget=0.5)
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    per_layer = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    assert 0 < config["qk_rope_head_dim"] <= 16 and r.kv_values_per_token == per_layer * config["num_hidden_layers"]
+    assert per_layer <= 0.5 * r.source_kv_values_per_token / config["num_hidden_layers"]
+
+
 def test_norm_ballast_steadies_the_latent_rms():
     """A latent whose per-token RMS varies (chi-distributed) gets a near-constant scale once one
     ballast dim reads a direction of the input with a steady projection; held-out error drops."""
@@ -354,12 +378,22 @@ def test_norm_ballast_steadies_the_latent_rms():
 def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_path):
     """Guards the DeepSeek export: a stock DeepseekV3ForCausalLM (no remote code) whose latent
     RMSNorm is bypassed computes exactly what the latentkv export with the same widths computes
-    (interleaved RoPE, folded softmax scale, weight layout), and with the fitted norm stays close."""
+    (interleaved RoPE on the rewritten theta, folded softmax scale, weight layout), and with the
+    fitted norm stays close."""
     src = tiny_model_dir("llama")
     # kv_lora_rank 40 in the DeepSeek format = 39 fitted latent dims + 1 norm ballast dim.
     _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", kv_lora_rank=40, qk_rope_dim=16)
     _convert(src, tmp_path / "plain", tmp_path, fmt="deepseek", kv_lora_rank=39, qk_rope_dim=16, norm_ballast=0)
     _convert(src, tmp_path / "lk", tmp_path, rope_frequency_grid=True, center=False, kv_lora_rank=39, qk_rope_dim=16)
+    # A RoPE key narrower than the head (8 of 16 dims): on source pairs 0-3 (step 1, theta' =
+    # theta^(1/2)) or 0, 2, 4, 6 (step 2, theta kept): the rewritten theta lands on those pairs.
+    for step in (1, 2):
+        _convert(src, tmp_path / f"ds-step{step}", tmp_path, fmt="deepseek", kv_lora_rank=39, qk_rope_dim=8,
+                 rope_grid_step=step, norm_ballast=0)
+        _convert(src, tmp_path / f"lk-step{step}", tmp_path, rope_frequency_grid=True, center=False, kv_lora_rank=39,
+                 qk_rope_dim=8, rope_grid_step=step)
+    with pytest.raises(LatentKVError, match="rope_grid_step <= 2"):
+        _convert(src, tmp_path / "bad", tmp_path, fmt="deepseek", kv_lora_rank=39, qk_rope_dim=8, rope_grid_step=3)
     config = json.loads((tmp_path / "ds" / "config.json").read_text())
     assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
     assert config["kv_lora_rank"] == 40 and config["qk_rope_head_dim"] == 16 and config["rope_interleave"]
@@ -373,6 +407,13 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
             layer.self_attn.kv_a_layernorm = torch.nn.Identity()
         assert _rel(_logits(ds, ids), ref) < 1e-5  # the ballast reaches no key or value
     assert errors["ds"] < 0.5
+    theta = config["rope_parameters"]["rope_theta"]  # a RoPE key as wide as the head: the source's theta
+    for step in (1, 2):
+        narrow = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"ds-step{step}", dtype=torch.float32).eval()
+        assert math.isclose(narrow.config.rope_parameters["rope_theta"], theta ** (step * 8 / 16))
+        for layer in narrow.model.layers:
+            layer.self_attn.kv_a_layernorm = torch.nn.Identity()
+        assert _rel(_logits(narrow, ids), _logits(load_model(tmp_path / f"lk-step{step}"), ids)) < 1e-5
     import yaml
 
     norm = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["deepseek_latent_norm_rel_error"]

@@ -170,3 +170,55 @@ def test_target_table_and_latent_routing():
         assert torch.allclose(layer(x, position_ids=pos)[0], out, atol=1e-6)
     with pytest.raises(LatentKVError, match="formats"):
         tg.targets_for(type("C", (), {"model_type": "llama"})())
+
+
+def test_teacher_samples_are_seeded_resumable_training_text(healing, tmp_path, monkeypatch):
+    """Guards `latentkv sample`: rows are the teacher's own continuations (each sampled token has
+    probability > 0 under it), the same seed gives the same file, a run stopped after one round
+    continues to the same file, and the file trains through --data like any other text."""
+    import json
+
+    from latentkv.finetune import teacher_text as tt
+
+    def opts(out, **kw):
+        return tt.SampleOptions(teacher=str(healing["source"]), output=str(tmp_path / out), tokens=3 * 4 * 24,
+                                seq_len=24, batch_size=4, **kw)
+
+    first = tt.sample_teacher_text(opts("a.jsonl"))
+    assert first.tokens == 3 * 4 * 24 and first.documents >= 12
+    text = first.output.read_text(encoding="utf-8")
+    assert text == tt.sample_teacher_text(opts("b.jsonl")).output.read_text(encoding="utf-8")
+    assert text != tt.sample_teacher_text(opts("c.jsonl", seed=1)).output.read_text(encoding="utf-8")
+    assert all(json.loads(line)["text"] for line in text.splitlines())
+    with pytest.raises(LatentKVError, match="--overwrite"):
+        tt.sample_teacher_text(opts("a.jsonl"))
+
+    real_round, calls = tt.sample_round, []
+
+    def stop_after_one(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_round(*args, **kw)
+
+    monkeypatch.setattr(tt, "sample_round", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        tt.sample_teacher_text(opts("d.jsonl"))
+    monkeypatch.setattr(tt, "sample_round", real_round)
+    seen = []
+    resumed = tt.sample_teacher_text(opts("d.jsonl"), progress=lambda done, total: seen.append(done))
+    assert resumed.output.read_text(encoding="utf-8") == text and seen == [1, 2, 3]
+
+    # The cached sampling loop continues the sequence the teacher sees: near temperature 0 it is
+    # the greedy continuation computed by full forward passes without a cache.
+    model = load_model(healing["source"]).eval()
+    rows = tt.sample_round(model, 0, 2, 12, 1e-4, torch.Generator().manual_seed(5), torch.device("cpu"))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(rows, ids[:, 1:])
+    assert tt.split_documents([5, 0, 0, 7, 8, 0, 9], 0) == [[5], [7, 8], [9]]
+
+    r = finetune(_opts(healing, "on-samples", data=str(first.output), mode="attention", tokens=8 * 24 * 2, seq_len=24))
+    assert r.steps == 2 and r.output is not None

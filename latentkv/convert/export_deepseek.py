@@ -2,7 +2,9 @@
 
 Facts this format imposes (DESIGN.md section 3), and what we do about each:
 - One `kv_lora_rank` and `qk_rope_head_dim` for all layers, the RoPE key on DeepSeek's own
-  frequency grid base^(-2i/d_R): the planner is run with uniform widths and that grid.
+  frequency grid theta'^(-2i/d_R): theta' is rewritten so that the grid lands on source pairs
+  0, s, 2s, ... (`rope_grid_step`, default 1: the fastest pairs); the planner is run with uniform
+  widths and that grid.
 - RoPE is interleaved (`rope_interleave`): rotated dims are permuted from the half-split layout.
 - Scores are scaled by 1/sqrt(d_nope + d_R): the difference to the source's 1/sqrt(d) goes into q.
 - `kv_a_proj_with_mqa` and `o_proj` carry no bias (vLLM/SGLang build them without): sources with
@@ -91,12 +93,15 @@ def fit_norm_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, dims: int,
     return rows, weight, base_err, err
 
 
-def deepseek_config(stream, rope_dim: int, rank: int, save_dtype):
+def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype):
     from transformers import DeepseekV3Config
 
     src = stream.config
     geo = geometry_of(src)
-    rope_parameters = dict(getattr(src, "rope_parameters", None) or {"rope_type": "default", "rope_theta": geo.rope_theta})
+    rope_parameters = dict(getattr(src, "rope_parameters", None) or {"rope_type": "default"})
+    # theta'^(-2i/d_R) = theta^(-2 s i / d): pair i of the d_R-dim key turns at source pair s*i's rate.
+    # Scaled RoPE types (llama3, linear, yarn) map each frequency by its wavelength, so they agree too.
+    rope_parameters["rope_theta"] = geo.rope_theta ** (grid_step * rope_dim / geo.head_dim) if rope_dim else geo.rope_theta
     config = DeepseekV3Config(
         vocab_size=src.vocab_size,
         hidden_size=geo.hidden_size,
@@ -191,7 +196,7 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
         if progress is not None:
             progress(i)
     write_globals(stream, writer, save_dtype)
-    config = deepseek_config(stream, rope_dim, rank, save_dtype)
+    config = deepseek_config(stream, rope_dim, rank, cfg.rope_grid_step, save_dtype)
     config.save_pretrained(folder)
     copy_sidecars(source.folder, folder)
     kv = (rank + rope_dim) * geo.num_layers

@@ -55,6 +55,12 @@ class MLAConfig:
     center: fit the latent to centred keys and values; the key mean only shifts each query's
         scores equally (dropped) and the value mean goes into the output bias (needs an o_proj bias,
         so the DeepSeek export turns this off).
+    rope_grid_step: DeepSeek format only: the RoPE key's pairs are source frequency pairs 0, s, 2s,
+        ... (written as rope_theta' = theta^(s d_R / d), so DeepSeek's theta'^(-2i/d_R) lands on them).
+        1 keeps the highest frequencies side by side, which is where the rotation matters: a slow
+        pair turns little over the distances a head attends to, so the shrink constant stands in
+        for it in the latent (on SmolLM2-135M the latentkv format's free choice keeps pairs 0-17).
+        d / d_R spreads the pairs over the whole band (the source's own grid thinned).
     norm_ballast: DeepSeek format only: latent dims (out of kv_lora_rank) that carry no key or
         value but steady the latent RMSNorm's per-token scale (`export_deepseek.fit_norm_ballast`).
     """
@@ -77,6 +83,7 @@ class MLAConfig:
     refit_windows: int | None = None
     center: bool = True
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
+    rope_grid_step: int = 1
     norm_ballast: int = 1
 
     def __post_init__(self):
@@ -104,6 +111,9 @@ class MLAConfig:
         if int(self.norm_ballast) < 0:
             raise LatentKVError(f"norm_ballast must be >= 0, got {self.norm_ballast}")
         self.norm_ballast = int(self.norm_ballast)
+        if int(self.rope_grid_step) < 1:
+            raise LatentKVError(f"rope_grid_step must be >= 1, got {self.rope_grid_step}")
+        self.rope_grid_step = int(self.rope_grid_step)
         self._coerce_numbers()
 
     def _coerce_numbers(self) -> None:
@@ -179,8 +189,7 @@ def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
 def _rope_split(an: LayerAnalysis, rope_dim: int, cfg: MLAConfig):
     P = an.inputs.head_dim // 2
     if cfg.rope_frequency_grid:
-        stride = an.inputs.head_dim // rope_dim if rope_dim else 0
-        allowed = list(range(0, P, stride))[: rope_dim // 2] if rope_dim else []
+        allowed = grid_pairs(rope_dim, cfg.rope_grid_step)
         kept = rope.select_rope_components(an.rot_loss, rope_dim // 2, allowed)
     else:
         kept = rope.select_rope_components(an.rot_loss, rope_dim // 2)
@@ -188,6 +197,11 @@ def _rope_split(an: LayerAnalysis, rope_dim: int, cfg: MLAConfig):
     G = an.inputs.num_kv_heads
     nope = [(j, m) for j in range(P) for m in range(G) if (j, m) not in kept_set]
     return kept, nope
+
+
+def grid_pairs(rope_dim: int, step: int) -> list[int]:
+    """Source frequency pairs a DeepSeek RoPE key of width rope_dim holds on a grid of this step."""
+    return list(range(0, step * (rope_dim // 2), step))
 
 
 def _head_groups(an: LayerAnalysis, latent_heads: int) -> list[torch.Tensor]:
@@ -232,7 +246,10 @@ def rope_dim_candidates(an: LayerAnalysis, cfg: MLAConfig, fmt_max: int) -> list
         return [int(cfg.qk_rope_dim)]
     total = min(an.inputs.num_kv_heads * an.inputs.head_dim, fmt_max)
     step = max(2, 2 * round(total / 32))
-    return sorted(set(list(range(0, total + 1, step)) + [total]))
+    widths = sorted(set(list(range(0, total + 1, step)) + [total]))
+    if cfg.rope_frequency_grid:  # a DeepSeek RoPE key: not empty, and its grid within the source's pairs
+        widths = [rd for rd in widths if rd and grid_pairs(rd, cfg.rope_grid_step)[-1] < an.inputs.head_dim // 2]
+    return widths
 
 
 def error_curve(an: LayerAnalysis, cfg: MLAConfig, rope_dims: list[int]) -> dict[int, tuple[float, list[torch.Tensor]]]:

@@ -79,6 +79,27 @@ def allocate(curves: list[dict], budgets: list[int], total: int, latent_heads: i
     return [tables[i][current[i]] for i in range(len(tables))]
 
 
+def shared_split(curves: list[dict], budget: int, latent_heads: int) -> list[tuple]:
+    """One (RoPE, latent) split for every layer (the DeepSeek format has one of each): the RoPE
+    width with the least summed error, each layer's errors taken relative to its worst width so
+    that every layer counts alike (as `allocate` compares layers)."""
+    per_width: dict[int, list] = {}
+    for curve in curves:
+        splits = {rd: mla.best_split({rd: entry}, budget, latent_heads) for rd, entry in curve.items()}
+        splits = {rd: sp for rd, sp in splits.items() if sp is not None}
+        scale = max([sp[0] for sp in splits.values()] + [1e-30])
+        for rd, sp in splits.items():
+            per_width.setdefault(rd, []).append((sp[0] / scale, sp))
+    feasible = {rd: rows for rd, rows in per_width.items() if len(rows) == len(curves)}
+    if not feasible:
+        raise LatentKVError(f"No RoPE/latent split fits {budget} values per token in every layer; raise --kv-budget")
+    totals = {rd: sum(rel for rel, _ in rows) for rd, rows in feasible.items()}
+    for rd in sorted(totals):
+        log.info("shared RoPE width %d: summed relative error %.4g", rd, totals[rd])
+    best = min(totals, key=totals.get)
+    return [sp for _, sp in feasible[best]]
+
+
 class MLAMethod:
     name = "mla"
     config_cls = mla.MLAConfig
@@ -107,19 +128,26 @@ class MLAMethod:
                     f"--format deepseek needs a dense MLP in every layer; {arch.model_type} is a mixture of experts. "
                     "Use --format latentkv for this model."
                 )
-            if cfg.qk_rope_dim == "auto":  # DeepSeek's own choice, within the source head dim
+            if cfg.qk_rope_dim == "auto" and cfg.kv_lora_rank is not None:  # DeepSeek's own, within the head dim
                 cfg.qk_rope_dim = min(64, geo.head_dim)
         if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > total_key:
             raise LatentKVError(
                 f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
                 f"{geo.head_dim} = {total_key}); use at most {total_key}"
             )
-        if fmt == "deepseek":
-            if cfg.qk_rope_dim > geo.head_dim or (cfg.qk_rope_dim and geo.head_dim % cfg.qk_rope_dim):
+        if fmt == "deepseek" and cfg.qk_rope_dim != "auto":
+            if cfg.qk_rope_dim > geo.head_dim:
                 raise LatentKVError(
-                    f"--format deepseek needs --qk-rope-dim dividing the head dim {geo.head_dim} (e.g. {geo.head_dim} or "
-                    f"{geo.head_dim // 2}), got {cfg.qk_rope_dim}"
+                    f"--format deepseek needs --qk-rope-dim at most the head dim {geo.head_dim}, got {cfg.qk_rope_dim}"
                 )
+            pairs = mla.grid_pairs(cfg.qk_rope_dim, cfg.rope_grid_step)
+            if pairs and pairs[-1] >= geo.head_dim // 2:
+                widest = (geo.head_dim // 2 - 1) // max(cfg.qk_rope_dim // 2 - 1, 1)
+                raise LatentKVError(
+                    f"rope_grid_step {cfg.rope_grid_step} puts a {cfg.qk_rope_dim}-dim RoPE key past the source's "
+                    f"{geo.head_dim // 2} frequencies; use rope_grid_step <= {widest}"
+                )
+        if fmt == "deepseek":
             if cfg.latent_heads != 1:
                 raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
         if geo.num_heads % cfg.latent_heads:
@@ -139,8 +167,11 @@ class MLAMethod:
         # Uniform: no layer can hold a RoPE key wider than its own budget, so wider ones are not scored.
         widest = budget if cfg.allocation == "uniform" else None
         curves = [self._layer_curve(stream, i, stats[i], cfg, fmt, widest) for i in range(geo.num_layers)]
-        choice = allocate(curves, [budget] * geo.num_layers, budget * geo.num_layers, cfg.latent_heads,
-                          per_layer=cfg.allocation == "per-layer")
+        if fmt == "deepseek":
+            choice = shared_split(curves, budget, cfg.latent_heads)
+        else:
+            choice = allocate(curves, [budget] * geo.num_layers, budget * geo.num_layers, cfg.latent_heads,
+                              per_layer=cfg.allocation == "per-layer")
         for i, (err, rd, r) in enumerate(choice):
             log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
         return MLAPlan(widths=self._reserve_ballast([(rd, r) for _, rd, r in choice], cfg, fmt),
@@ -153,7 +184,7 @@ class MLAMethod:
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
             return self._fixed_plan(geo, cfg, fmt)
-        if cfg.allocation != "uniform":
+        if cfg.allocation != "uniform" or fmt == "deepseek":  # DeepSeek: one width, from every layer's curve
             return None
         return MLAPlan(widths=[None] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers, fmt=fmt)
 

@@ -1,0 +1,171 @@
+"""Training text sampled from the teacher: distillation data when the pretraining corpus is not at hand.
+
+Healing fits the student's next-token distribution to the teacher's on some text, and it learns
+the teacher only where that text goes. A small local corpus (the 13 Gutenberg books: 1.6M tokens
+of 19th-century prose) is 13 epochs of one style at 20M training tokens. Text sampled from the
+teacher at temperature 1 is the teacher's own distribution: every sequence is new, and it visits
+what the teacher knows in the proportions the teacher gives it, which is what the KL is taken
+over. Each row starts from the document separator that training streams use (the tokenizer's
+EOS), so rows are like fresh documents; a row runs on through any EOS it samples and is cut
+there into documents.
+
+Output: a JSONL file of {"text": document} rows, read by `--data` like any other. Rounds of
+`batch_size` rows are seeded by (seed, round), so a stopped run continues where it was and the
+same settings give the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleOptions:
+    teacher: str  # folder, .gguf file or Hub id
+    output: str  # .jsonl file
+    tokens: int = 5_000_000
+    seq_len: int = 1024  # sampled tokens per row
+    batch_size: int = 512  # rows per round
+    temperature: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"  # bf16 on GPU, float32 on CPU
+    overwrite: bool = False
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not str(self.output).endswith(".jsonl"):
+            raise LatentKVError(f"The output is a JSONL file; name it *.jsonl (got {self.output})")
+        for name in ("tokens", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
+
+    @property
+    def rounds(self) -> int:
+        return -(-int(self.tokens) // (self.batch_size * self.seq_len))
+
+    def resume_key(self) -> dict:
+        """What must match for a partial file to be continued."""
+        keep = ("teacher", "seq_len", "batch_size", "temperature", "seed", "dtype")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class SampleResult:
+    output: Path
+    tokens: int
+    documents: int
+    seconds: float
+    tokens_per_s: float
+
+
+def split_documents(row: list[int], separator: int | None) -> list[list[int]]:
+    """A sampled row cut at the separator token into its documents (empty pieces dropped)."""
+    docs, current = [], []
+    for t in row:
+        if separator is not None and t == separator:
+            if current:
+                docs.append(current)
+            current = []
+        else:
+            current.append(t)
+    if current:
+        docs.append(current)
+    return docs
+
+
+@torch.inference_mode()
+def sample_round(model, start_token: int, rows: int, length: int, temperature: float, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """`rows` sequences of `length` tokens sampled after `start_token` (KV cache, no stopping): [rows, length]."""
+    ids = torch.full((rows, 1), start_token, dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True)
+    sampled = torch.empty(rows, length, dtype=torch.long, device=device)
+    for t in range(length):
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        sampled[:, t] = nxt[:, 0]
+        if t + 1 < length:
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return sampled
+
+
+def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
+    """Write opts.tokens sampled tokens as documents to opts.output (resumable; the file appears when done).
+
+    progress(done_rounds, rounds) is called after each round.
+    """
+    from latentkv.io.source import open_source
+    from latentkv.modeling import load_model
+
+    out = Path(opts.output).expanduser()
+    if out.exists() and not opts.overwrite:
+        raise LatentKVError(f"{out} exists; pass --overwrite to replace it or choose another file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, meta_path = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    done, keep_bytes = 0, 0
+    if partial.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == opts.resume_key():
+            done, keep_bytes = int(meta["rounds"]), int(meta["bytes"])
+            log.info("continuing %s after round %d of %d", partial, done, opts.rounds)
+        else:
+            log.info("a partial file from other settings is replaced: %s", partial)
+    partial.touch()
+    with open(partial, "r+b") as fh:  # only the rounds the meta file vouches for (a killed run leaves a torn tail)
+        fh.truncate(keep_bytes)
+
+    source = open_source(opts.teacher, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+    tokenizer = source.tokenizer()
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if start is None:
+        raise LatentKVError(f"The tokenizer of {opts.teacher} has neither an EOS nor a BOS token to start rows from")
+    device = torch.device(opts.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(opts.dtype)
+    if dtype is None:
+        raise LatentKVError(f"--dtype must be auto, float32, bfloat16 or float16, got {opts.dtype!r}")
+    model = load_model(source.folder, dtype=dtype, device=str(device), trust_remote_code=opts.trust_remote_code).eval()
+
+    if progress is not None:
+        for r in range(done):  # rounds already in the partial file
+            progress(r + 1, opts.rounds)
+    t0, new_tokens = time.perf_counter(), 0
+    for r in range(done, opts.rounds):
+        rows = min(opts.batch_size, -(-(int(opts.tokens) - r * opts.batch_size * opts.seq_len) // opts.seq_len))
+        gen = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + r)
+        sampled = sample_round(model, start, rows, opts.seq_len, opts.temperature, gen, device).tolist()
+        lines = []
+        for row in sampled:
+            for doc in split_documents(row, start):
+                lines.append(json.dumps({"text": tokenizer.decode(doc)}, ensure_ascii=False))
+        with open(partial, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        new_tokens += rows * opts.seq_len
+        meta_path.write_text(json.dumps({"key": opts.resume_key(), "rounds": r + 1, "bytes": partial.stat().st_size}))
+        log.info("round %d/%d: %d rows x %d tokens, %.0f tokens/s", r + 1, opts.rounds, rows, opts.seq_len,
+                 new_tokens / (time.perf_counter() - t0))
+        if progress is not None:
+            progress(r + 1, opts.rounds)
+    os.replace(partial, out)
+    meta_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    with open(out, encoding="utf-8") as fh:
+        documents = sum(1 for _ in fh)
+    total = -(-int(opts.tokens) // opts.seq_len) * opts.seq_len
+    return SampleResult(output=out, tokens=total, documents=documents, seconds=seconds,
+                        tokens_per_s=new_tokens / seconds if seconds > 0 else float("nan"))
