@@ -426,7 +426,7 @@ def finetune(
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.", rich_help_panel="Training")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step (all GPUs).", rich_help_panel="Training")] = 64,
     micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one GPU.", rich_help_panel="Training")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-4 lora, 3e-4 attention).", rich_help_panel="Training")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-4).", rich_help_panel="Training")] = None,
     warmup: Annotated[float, typer.Option(help="Warm-up fraction, then cosine decay.", rich_help_panel="Training")] = 0.05,
     temperature: Annotated[float, typer.Option(help="KL temperature.", rich_help_panel="Training")] = 1.0,
     lm_weight: Annotated[float, typer.Option(help="Weight of the LM loss against the KL to the teacher (0-1).", rich_help_panel="Training")] = 0.0,
@@ -455,8 +455,13 @@ def finetune(
                 eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
                 trust_remote_code=trust_remote_code, command=_command_line(ctx))
     result = _run(run_finetune, opts)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes (accelerate launch): the main one reports
+        return
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
-                           "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals}))
+                           "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals,
+                           "before": result.before, "after": result.after}))
 
 
 @bench_app.command("quality")

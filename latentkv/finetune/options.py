@@ -42,7 +42,7 @@ class FinetuneOptions:
     batch_size: sequences per optimizer step, summed over GPUs (so runs on 1 or 8 GPUs match).
     micro_batch_size: sequences per forward pass on one GPU (None: the whole per-GPU share);
         lower it when memory runs out; gradients are accumulated up to `batch_size`.
-    lr: peak learning rate (None: 1e-4 for lora, 3e-4 for attention); warmup: fraction of the
+    lr: peak learning rate (None: 1e-4); warmup: fraction of the
         steps with a linear warm-up (0..0.2); then cosine decay down to lr x min_lr_ratio.
     weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
     temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
@@ -131,9 +131,10 @@ class FinetuneOptions:
         if not 0 <= self.lora_dropout < 1:
             raise LatentKVError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr is None:
-            # attention: 3e-4 was stable and still improving on SmolLM2-135M (benchmarks/heal_h100.md);
-            # lora: 5e-4 at scale alpha/r = 2 diverged there, so a 10x smaller effective step.
-            self.lr = 1e-4 if self.mode == "lora" else 3e-4
+            # attention: 3e-4 made a short run (3M tokens) worse than the one-shot model on SmolLM2-135M
+            # (158.69 -> 697), 1e-4 healed it (-> 65.3) and at 20M tokens costs ~2% against 3e-4
+            # (benchmarks/heal_multi_gpu.md); lora: 5e-4 at scale alpha/r = 2 diverged there.
+            self.lr = 1e-4
         if self.lr <= 0:
             raise LatentKVError(f"--lr must be > 0, got {self.lr}")
         if self.lora_alpha is None:

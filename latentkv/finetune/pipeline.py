@@ -161,8 +161,17 @@ def load_adapter(model: str | Path, adapter: str | Path, device: str = "cpu"):
 # --- helpers ----------------------------------------------------------------------------------
 
 def _accelerator(opts: FinetuneOptions):
+    import os
+
     from accelerate import Accelerator
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and \
+            os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true"):
+        # With this on (accelerate's default), transformers loads real weights on local rank 0 only
+        # and leaves the others for FSDP to broadcast at wrapping; the teacher is never wrapped, so
+        # it would stay empty on every other rank (measured: PPL 2752 before training on 2 GPUs).
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        log.info("FSDP: every process loads the student and the teacher itself (cpu_ram_efficient_loading off)")
     kwargs = {"mixed_precision": "no"}  # autocast is applied by the trainer, so eval stays float32
     if opts.device == "cpu" or not torch.cuda.is_available():
         kwargs["cpu"] = True  # also what makes several CPU processes (torchrun) one data-parallel group
