@@ -82,7 +82,7 @@ class MLAConfig:
     refit_bias: bool = True
     refit_windows: int | None = None
     center: bool = True
-    rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on base^(-2i/d_R)
+    rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on `grid_pairs`
     rope_grid_step: int = 1
     norm_ballast: int = 1
 
@@ -204,6 +204,11 @@ def grid_pairs(rope_dim: int, step: int) -> list[int]:
     return list(range(0, step * (rope_dim // 2), step))
 
 
+def grid_fits(rope_dim: int, step: int, head_dim: int) -> bool:
+    """Whether that grid stays within the source's head_dim / 2 frequency pairs."""
+    return step * (rope_dim // 2 - 1) < head_dim // 2
+
+
 def _head_groups(an: LayerAnalysis, latent_heads: int) -> list[torch.Tensor]:
     H = an.inputs.num_heads
     if H % latent_heads:
@@ -248,7 +253,7 @@ def rope_dim_candidates(an: LayerAnalysis, cfg: MLAConfig, fmt_max: int) -> list
     step = max(2, 2 * round(total / 32))
     widths = sorted(set(list(range(0, total + 1, step)) + [total]))
     if cfg.rope_frequency_grid:  # a DeepSeek RoPE key: not empty, and its grid within the source's pairs
-        widths = [rd for rd in widths if rd and grid_pairs(rd, cfg.rope_grid_step)[-1] < an.inputs.head_dim // 2]
+        widths = [rd for rd in widths if rd and grid_fits(rd, cfg.rope_grid_step, an.inputs.head_dim)]
     return widths
 
 

@@ -140,8 +140,7 @@ class MLAMethod:
                 raise LatentKVError(
                     f"--format deepseek needs --qk-rope-dim at most the head dim {geo.head_dim}, got {cfg.qk_rope_dim}"
                 )
-            pairs = mla.grid_pairs(cfg.qk_rope_dim, cfg.rope_grid_step)
-            if pairs and pairs[-1] >= geo.head_dim // 2:
+            if not mla.grid_fits(cfg.qk_rope_dim, cfg.rope_grid_step, geo.head_dim):
                 widest = (geo.head_dim // 2 - 1) // max(cfg.qk_rope_dim // 2 - 1, 1)
                 raise LatentKVError(
                     f"rope_grid_step {cfg.rope_grid_step} puts a {cfg.qk_rope_dim}-dim RoPE key past the source's "
