@@ -356,6 +356,16 @@ def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):
     per_layer = config["kv_lora_rank"] + config["qk_rope_head_dim"]
     assert 0 < config["qk_rope_head_dim"] <= 16 and r.kv_values_per_token == per_layer * config["num_hidden_layers"]
     assert per_layer <= 0.5 * r.source_kv_values_per_token / config["num_hidden_layers"]
+    # --sequential: the shared width needs every layer's curve (a source pass first); a width given
+    # on the command line leaves one pass.
+    from types import SimpleNamespace
+
+    from latentkv.convert.mla_method import MLAMethod
+
+    stream = SimpleNamespace(config=transformers.AutoConfig.from_pretrained(src))
+    method = MLAMethod()
+    assert method.plan_in_pass(stream, method.make_config(dict(kv_budget=0.5), "deepseek"), "deepseek") is None
+    assert method.plan_in_pass(stream, method.make_config(dict(kv_budget=0.5, qk_rope_dim=8), "deepseek"), "deepseek")
 
 
 def test_norm_ballast_steadies_the_latent_rms():

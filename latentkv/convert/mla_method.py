@@ -183,8 +183,8 @@ class MLAMethod:
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
             return self._fixed_plan(geo, cfg, fmt)
-        if cfg.allocation != "uniform" or fmt == "deepseek":  # DeepSeek: one width, from every layer's curve
-            return None
+        if cfg.allocation != "uniform" or (fmt == "deepseek" and cfg.qk_rope_dim == "auto"):
+            return None  # DeepSeek's one RoPE width is chosen from every layer's curve: a source pass first
         return MLAPlan(widths=[None] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers, fmt=fmt)
 
     def _choose_in_pass(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig) -> None:
