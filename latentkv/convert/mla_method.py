@@ -135,20 +135,19 @@ class MLAMethod:
                 f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
                 f"{geo.head_dim} = {total_key}); use at most {total_key}"
             )
-        if fmt == "deepseek" and cfg.qk_rope_dim != "auto":
-            if cfg.qk_rope_dim > geo.head_dim:
+        if fmt == "deepseek":
+            if cfg.latent_heads != 1:
+                raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
+            if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > geo.head_dim:
                 raise LatentKVError(
                     f"--format deepseek needs --qk-rope-dim at most the head dim {geo.head_dim}, got {cfg.qk_rope_dim}"
                 )
-            if not mla.grid_fits(cfg.qk_rope_dim, cfg.rope_grid_step, geo.head_dim):
+            if cfg.qk_rope_dim != "auto" and not mla.grid_fits(cfg.qk_rope_dim, cfg.rope_grid_step, geo.head_dim):
                 widest = (geo.head_dim // 2 - 1) // max(cfg.qk_rope_dim // 2 - 1, 1)
                 raise LatentKVError(
                     f"rope_grid_step {cfg.rope_grid_step} puts a {cfg.qk_rope_dim}-dim RoPE key past the source's "
                     f"{geo.head_dim // 2} frequencies; use rope_grid_step <= {widest}"
                 )
-        if fmt == "deepseek":
-            if cfg.latent_heads != 1:
-                raise LatentKVError("--format deepseek holds one latent head; use --format latentkv for GLA")
         if geo.num_heads % cfg.latent_heads:
             raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
         max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from latentkv.calibration.runner import _resolve_dtype
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,10 @@ def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     if start is None:
         raise LatentKVError(f"The tokenizer of {opts.teacher} has neither an EOS nor a BOS token to start rows from")
     device = torch.device(opts.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(opts.dtype)
-    if dtype is None:
-        raise LatentKVError(f"--dtype must be auto, float32, bfloat16 or float16, got {opts.dtype!r}")
+    if opts.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _resolve_dtype(opts.dtype)
     model = load_model(source.folder, dtype=dtype, device=str(device), trust_remote_code=opts.trust_remote_code).eval()
 
     if progress is not None:
