@@ -16,6 +16,7 @@ same settings give the same file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,19 +90,41 @@ def split_documents(row: list[int], separator: int | None) -> list[list[int]]:
     return docs
 
 
+def decode_attention_backends(device: torch.device):
+    """SDPA backends for a decode loop: cuDNN's spends ~2 ms of host time per call (measured on an
+    H100, torch 2.11), and a decode loop calls it once per layer per token with a new key length,
+    which left the GPU idle most of the time; flash and memory-efficient kernels launch in microseconds."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from softmax(logits / temperature): [rows, vocab] -> [rows, 1].
+
+    argmax(p / E) with E ~ Exp(1) i.i.d. picks i with probability p_i (the exponential race), the
+    same law as torch.multinomial without its host synchronisation and its ~10 ms per 1024 x 49k draw.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
 @torch.inference_mode()
 def sample_round(model, start_token: int, rows: int, length: int, temperature: float, generator: torch.Generator,
                  device: torch.device) -> torch.Tensor:
     """`rows` sequences of `length` tokens sampled after `start_token` (KV cache, no stopping): [rows, length]."""
     ids = torch.full((rows, 1), start_token, dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True)
     sampled = torch.empty(rows, length, dtype=torch.long, device=device)
-    for t in range(length):
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        sampled[:, t] = nxt[:, 0]
-        if t + 1 < length:
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    with decode_attention_backends(device):
+        out = model(input_ids=ids, use_cache=True)
+        for t in range(length):
+            nxt = sample_next(out.logits[:, -1], temperature, generator)
+            sampled[:, t] = nxt[:, 0]
+            if t + 1 < length:
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     return sampled
 
 
