@@ -10,6 +10,9 @@
 #       another command than bench_heal.py once SmolLM2 is built
 #   run("bash scripts/device_heal.sh again python3 scripts/bench_heal.py --to gta ...")  # within 30 s of
 #       the last call: the same machine, SmolLM2 still built in /tmp
+#   run(carry=[.heal_carry3], "bash scripts/device_heal.sh stash .heal_carry3")  # between part1 and part2:
+#       more files for /tmp (a sampled-text file from scripts/device_sample.sh as NAME.xz.partNN pieces is
+#       joined and unpacked to /tmp/NAME by part2 and again)
 #
 # .heal_carry/ and .heal_carry2/ are git-ignored (.git/info/exclude). part2 writes
 # heal_h100.{md,json}, the bench log and the runs' logs to $OUT.
@@ -29,6 +32,16 @@ setup_device() {
   export PYTHONPATH="$PWD:/tmp/site"
   if [ -d "$carry/corpora" ]; then mkdir -p "$STASH" && cp -r "$carry/corpora" "$STASH/"; fi
   mkdir -p ../shared && [ -e ../shared/corpora ] || ln -s "$STASH/corpora" ../shared/corpora
+}
+
+unstash_samples() {
+  local first name
+  for first in "$STASH"/*.xz.part00; do
+    [ -e "$first" ] || continue
+    name=$(basename "${first%.xz.part00}")
+    [ -f "/tmp/$name" ] || cat "${first%00}"* | xz -d > "/tmp/$name"
+    ls -la "/tmp/$name"
+  done
 }
 
 case "${1:-}" in
@@ -94,6 +107,7 @@ part2)
   mkdir -p "$LATENTKV_CACHE/smollm2"
   cat "$STASH/gguf.part1" .heal_carry2/gguf.part2 > "$LATENTKV_CACHE/smollm2/$GGUF_NAME"
   python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())'
+  unstash_samples
   if [ "${2:-}" = python3 ]; then "${@:2}" 2>&1 | tee "$OUT/part2.log"; exit; fi
   left=$(( ${DEADLINE:-560} - SECONDS ))
   set -o pipefail
@@ -104,8 +118,12 @@ part2)
 again)
   setup_device .heal_carry2
   [ -f "$LATENTKV_CACHE/smollm2/$GGUF_NAME" ] || { echo "SmolLM2 is not built on this machine: run part1 and part2 first"; exit 3; }
+  unstash_samples
   "${@:2}" 2>&1 | tee "$OUT/again.log"
   cp /tmp/bench_heal/*.log "$OUT/" 2>/dev/null || true
+  ;;
+stash)
+  mkdir -p "$STASH" && cp "${2:?the carried folder}"/* "$STASH/" && ls -la "$STASH"
   ;;
 part3)
   # throughput only (random weights of the same shapes; no files needed): tokens/s, MFU, kernel profile
@@ -113,5 +131,5 @@ part3)
   python3 scripts/bench_heal.py --synthetic --out-dir "$OUT" --work /tmp/synthetic "${@:2}" 2>&1 | tee "$OUT/bench_heal_synthetic.log"
   ;;
 *)
-  echo "usage: $0 prepare|part1|part2|again|part3 [bench_heal.py options | command]"; exit 2 ;;
+  echo "usage: $0 prepare|part1|stash|part2|again|part3 [bench_heal.py options | command]"; exit 2 ;;
 esac
