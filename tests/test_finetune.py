@@ -77,6 +77,27 @@ def test_distillation_loss_falls(healing):
     assert not (healing["root"] / "falls.checkpoints").exists()
 
 
+def test_hidden_state_term(healing):
+    """Guards --hidden-weight: the term is 0 for the teacher's own states and the relative error
+    otherwise, it trains (the damaged copy's hidden-state error and KL both fall), and it refuses
+    to run without a teacher."""
+    from latentkv.finetune.loss import hidden_state_loss
+
+    t = (torch.randn(2, 5, 8), 3 * torch.randn(2, 5, 8))
+    assert hidden_state_loss(t, t) == 0
+    s = (t[0] + 0.1 * t[0], t[1])  # layer 1 off by 10%: 0.01 relative squared error, layer 2 exact
+    assert torch.isclose(hidden_state_loss(s, t), torch.tensor(0.005))
+
+    seen = []
+    finetune(_opts(healing, "hidden", model=str(healing["damaged"]), mode="attention", lr=1e-3, hidden_weight=1.0,
+                   tokens=8 * 64 * 8), progress=lambda event, info: seen.append(info) if event == "step" else None)
+    hidden, kl = [x["hidden"] for x in seen], [x["kl"] for x in seen]
+    assert hidden[0] > 0 and sum(hidden[-2:]) / 2 < 0.7 * hidden[0], hidden
+    assert sum(kl[-2:]) / 2 < 0.7 * kl[0], kl
+    with pytest.raises(LatentKVError, match="--teacher"):
+        _opts(healing, "hidden-no-teacher", teacher=None, hidden_weight=1.0)
+
+
 def test_lora_merge_equals_adapter(healing):
     """Guards against a merged model that differs from the adapter it came from (a LoRA delta on
     kv_b_proj that the latent attention never applies, wrong scaling, names or dtypes in the merged

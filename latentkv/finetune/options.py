@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 _RESUME_KEYS = (
     "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
     "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
-    "max_grad_norm", "temperature", "lm_weight", "seed", "precision",
+    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "seed", "precision",
 )
 
 
@@ -47,6 +47,8 @@ class FinetuneOptions:
     weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
     temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
     lm_weight: loss = (1 - lm_weight) * KL(teacher || student) + lm_weight * next-token CE (0..1).
+    hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
+        (relative squared error, mean over layers; 0 = off). Needs a teacher of the same depth and width.
     precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
     gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
     compile: torch.compile the student and teacher (faster steps after a warm-up of tens of seconds).
@@ -82,6 +84,7 @@ class FinetuneOptions:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     lm_weight: float = 0.0
+    hidden_weight: float = 0.0
     seed: int = 0
     precision: str = "auto"
     device: str | None = None
@@ -122,6 +125,10 @@ class FinetuneOptions:
         if self.teacher is None and self.lm_weight < 1:
             # Without a teacher the only loss there is is the LM loss.
             self.lm_weight = 1.0
+        if self.hidden_weight < 0:
+            raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
+        if self.hidden_weight > 0 and self.teacher is None:
+            raise LatentKVError("--hidden-weight matches the teacher's hidden states: pass --teacher too")
         if self.temperature <= 0:
             raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 <= self.warmup < 1:

@@ -48,6 +48,8 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
         autocast = _autocast_dtype(opts, acc.device)
         student = build_student(opts, model_dir, row).to(acc.device)
         teacher = _load_teacher(teacher_dir, acc.device) if teacher_dir else None
+        if opts.hidden_weight > 0:
+            check_same_residual_stream(student.config, teacher.config, opts.teacher)
         eval_windows = _eval_windows(opts, tokenizer)
         trainer = Trainer(opts, acc, student, teacher, data, plan, autocast, eval_windows, progress)
         _log_plan(opts, plan, data, trainer, student, teacher)
@@ -223,6 +225,17 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
         )
 
 
+def check_same_residual_stream(student_cfg, teacher_cfg, teacher_name: str) -> None:
+    """--hidden-weight compares layer l of the student with layer l of the teacher."""
+    shape = lambda c: (getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None))  # noqa: E731
+    if shape(student_cfg) != shape(teacher_cfg):
+        raise LatentKVError(
+            f"--hidden-weight needs a teacher with the student's layers and width; the student has "
+            f"{shape(student_cfg)} (layers, hidden size), {teacher_name} has {shape(teacher_cfg)}. "
+            "Pass as --teacher the model the student was converted from, or drop --hidden-weight"
+        )
+
+
 def _teacher_dir(opts: FinetuneOptions, student_tok) -> Path:
     from latentkv.io.source import open_source
 
@@ -277,7 +290,8 @@ def _log_plan(opts, plan: StepPlan, data: PackedSequences, trainer: Trainer, stu
         plan.total_steps, opts.batch_size, opts.seq_len, plan.world, plan.accum, plan.micro,
         data.epochs(plan.total_steps * opts.batch_size), n_train / 1e6, n_all / 1e6, opts.mode, opts.target,
         opts.lr, plan.warmup_steps, opts.min_lr_ratio,
-        f"distilling from {opts.teacher} at T={opts.temperature}, LM weight {opts.lm_weight}" if teacher is not None
+        f"distilling from {opts.teacher} at T={opts.temperature}, LM weight {opts.lm_weight}, hidden-state weight "
+        f"{opts.hidden_weight}" if teacher is not None
         else "LM loss only (no teacher)",
     )
 

@@ -95,7 +95,7 @@ def write_card(dst: Path, opts, result_rows: list[dict], adapter: bool, tokens: 
         recipe = {**recipe, "finetune": opts.recipe()}
         write_recipe(dst, recipe)
         mode = "LoRA adapter" if adapter else ("LoRA, merged" if opts.mode == "lora" else "attention weights")
-        teacher = f"distilled from `{opts.teacher}` (KL, T={opts.temperature}, LM weight {opts.lm_weight})" \
+        teacher = f"distilled from `{opts.teacher}` (KL, T={opts.temperature}, LM weight {opts.lm_weight}, hidden-state weight {opts.hidden_weight})" \
             if opts.teacher else "trained on the LM loss"
         write_model_card(
             dst,

@@ -155,12 +155,16 @@ class Trainer:
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
         with ctx:
             with self._autocast():
-                teacher_logits = None
+                hidden = self.opts.hidden_weight > 0
+                teacher_logits, teacher_hidden = None, ()
                 if self.teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                loss, parts = self.loss_fn(logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight)
+                        t_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                    teacher_logits, teacher_hidden = t_out.logits, (t_out.hidden_states[1:] if hidden else ())
+                out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                loss, parts = self.loss_fn(out.logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight,
+                                           out.hidden_states[1:] if hidden else (), teacher_hidden,
+                                           self.opts.hidden_weight)
             self.acc.backward(loss / self.plan.accum)
         parts["loss"] = loss.detach()
         return parts
