@@ -18,7 +18,7 @@ from latentkv.errors import LatentKVError
 from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
-ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha"]
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
@@ -97,6 +97,7 @@ FRESH_PROCESS = textwrap.dedent(
     ("qwen2", "mla", dict(kv_budget=0.5)),
     ("mixtral", "gla", dict(kv_budget=0.5, latent_heads=2)),
     ("llama", "gta", dict()),
+    ("gemma", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
@@ -264,7 +265,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
     """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
-    DeepSeek format and unknown settings all fail with a message naming the fix, writing nothing."""
+    DeepSeek format (and Gemma's norms there) and unknown settings all fail with a message naming the fix, writing nothing."""
     src = tiny_model_dir("llama")
     out = tmp_path / "out"
     with pytest.raises(LatentKVError, match="larger than possible"):
@@ -273,6 +274,8 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(src, out, tmp_path, kv_budget=0.5, qk_rope_dim=7)
     with pytest.raises(LatentKVError, match="mixture of experts"):
         _convert(tiny_model_dir("mixtral"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match=r"cannot hold gemma: its RMSNorms scale by \(1 \+ w\)"):
+        _convert(tiny_model_dir("gemma"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match="Unknown mla settings"):
         _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
     with pytest.raises(LatentKVError, match="Unknown conversion target"):

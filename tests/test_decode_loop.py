@@ -23,21 +23,21 @@ PROMPT = "To be, or not to be, that is the question"
 
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir, tmp_path_factory):
-    """Factory: converted("mla" | "gla" | "gta") -> output folder (converted once per module)."""
+    """Factory: converted("mla" | "gla" | "gta", arch="llama") -> output folder (converted once per module)."""
     from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 
     built = {}
 
-    def make(method: str):
-        if method not in built:
-            root = tmp_path_factory.mktemp(f"decode_{method}")
+    def make(method: str, arch: str = "llama"):
+        if (method, arch) not in built:
+            root = tmp_path_factory.mktemp(f"decode_{method}_{arch}")
             convert(ConvertOptions(
-                source=str(tiny_model_dir("llama")), output=str(root / "out"), method=method,
+                source=str(tiny_model_dir(arch)), output=str(root / "out"), method=method,
                 method_options=METHODS[method],
                 calib=CalibOptions(data=str(tiny_models.TINY_TEXT), samples=8, seq_len=64, cache=str(root / "cache")),
             ))  # fmt: skip
-            built[method] = root / "out"
-        return built[method]
+            built[method, arch] = root / "out"
+        return built[method, arch]
 
     return make
 
@@ -80,6 +80,18 @@ def test_decode_check_passes(converted, method, backend):
         assert report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
         assert report["hf_cache_first_divergence"] is None, report
     assert len(report["tokens"]) == 40 and report["prompt_tokens"] == 12
+
+
+def test_decode_check_gemma_embedding_scale(converted):
+    """Guards Gemma in the loop that calls embeddings, layers and norm itself: its sqrt(hidden)
+    embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms must come
+    along, or every logit differs from the full forward."""
+    from latentkv.eval.decode import decode_check
+
+    model, tok = _load(converted("mla", "gemma"))
+    report = decode_check(model, tok, PROMPT, num_tokens=24, backend="reference", page_size=16, prefill_chunk=8,
+                          max_prompt_tokens=12)
+    assert report["passed"] and report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
 
 
 def test_decode_check_bfloat16(converted):

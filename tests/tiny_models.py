@@ -46,6 +46,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict()),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gemma": ("GemmaConfig", dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
 }
 
 

@@ -31,8 +31,8 @@ class ArchSpec:
     # Per-head RMSNorm on q and k before RoPE (Qwen3). Conversions need it linear, so it is refused.
     qk_norm: bool = False
     moe: bool = False
-    # The DeepSeek export needs a dense MLP with these three projections.
-    mlp_names: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    # Why DeepseekV3 (and so --format deepseek) cannot hold the rest of this architecture; "" if it can.
+    deepseek_refusal: str = ""
     # How transformers' in-memory module names differ from the names on disk (within one layer):
     # plain renames (disk -> module), and expert tensors that transformers stacks on load
     # (module name -> (per-expert disk names with {e}, concat dim within an expert)).
@@ -60,10 +60,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llama", qkv_bias="attention_bias", o_bias="attention_bias"),
         ArchSpec("mistral"),
         ArchSpec("qwen2", qkv_bias=True),
+        # Gemma: GeGLU MLP, (1 + w) RMSNorms and the sqrt(hidden) embedding scale live outside attention,
+        # in transformers' own modules that the converted model keeps (the scale inside embed_tokens).
+        ArchSpec("gemma", qkv_bias="attention_bias", o_bias="attention_bias",
+                 deepseek_refusal="its RMSNorms scale by (1 + w) and its embeddings by sqrt(hidden size)"),
         ArchSpec(
             "mixtral",
             moe=True,
-            mlp_names=(),
+            deepseek_refusal="it is a mixture of experts (the DeepSeek export keeps a dense MLP in every layer)",
             disk_renames=(("block_sparse_moe.", "mlp."),),
             expert_stacks=(
                 ("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight")),

@@ -123,9 +123,9 @@ class MLAMethod:
         geo = geometry_of(config)
         total_key = geo.num_kv_heads * geo.head_dim
         if fmt == "deepseek":
-            if arch.moe:
+            if arch.deepseek_refusal:
                 raise LatentKVError(
-                    f"--format deepseek needs a dense MLP in every layer; {arch.model_type} is a mixture of experts. "
+                    f"--format deepseek cannot hold {arch.model_type}: {arch.deepseek_refusal}. "
                     "Use --format latentkv for this model."
                 )
             if cfg.qk_rope_dim == "auto" and cfg.kv_lora_rank is not None:  # DeepSeek's own, within the head dim
