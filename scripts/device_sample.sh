@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# on the device, after part2 built SmolLM2: sample N tokens to /tmp/teacher-20M.jsonl, then compress it into $OUT
+# On a lent GPU, after `device_heal.sh part2` built SmolLM2: sample TOKENS teacher tokens (default 20M) to
+# /tmp/teacher-<N>M.jsonl and put it, xz-compressed in 15 MB pieces, in $OUT (what comes back is limited
+# to 16 MiB a file). Carry the pieces in later and `device_heal.sh stash` + part2/again unpack them.
+#   run("bash scripts/device_heal.sh again bash scripts/device_sample.sh")
 set -euo pipefail
+TOKENS=${TOKENS:-20000000}
+NAME="teacher-$((TOKENS / 1000000))M.jsonl"
 SRC=$(python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())')
-python3 - "$SRC" <<'PY'
-import logging, sys, time
+python3 - "$SRC" "/tmp/$NAME" "$TOKENS" <<'PY'
+import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 from latentkv.finetune.teacher_text import SampleOptions, sample_teacher_text
-r = sample_teacher_text(SampleOptions(teacher=sys.argv[1], output="/tmp/teacher-20M.jsonl", tokens=20_000_000,
-                                      batch_size=2048, device="cuda"))
-print(r)
+print(sample_teacher_text(SampleOptions(teacher=sys.argv[1], output=sys.argv[2], tokens=int(sys.argv[3]),
+                                        batch_size=2048, device="cuda")))
 PY
-ls -la /tmp/teacher-20M.jsonl
-xz -T16 -6 -k -c /tmp/teacher-20M.jsonl > /tmp/teacher-20M.jsonl.xz
-ls -la /tmp/teacher-20M.jsonl.xz
-split -b 15M -d /tmp/teacher-20M.jsonl.xz "$OUT/teacher-20M.jsonl.xz.part"
+xz -T16 -6 -k -c "/tmp/$NAME" > "/tmp/$NAME.xz"
+ls -la "/tmp/$NAME" "/tmp/$NAME.xz"
+split -b 15M -d "/tmp/$NAME.xz" "$OUT/$NAME.xz.part"
 ls -la "$OUT"
