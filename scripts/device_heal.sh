@@ -6,7 +6,7 @@
 #   run(carry=[.heal_carry],  "bash scripts/device_heal.sh part1")   # there: keep half 1 in /tmp, GPU smoke test
 #   run(carry=[.heal_carry2], "bash scripts/device_heal.sh part2")   # there, within 30 s: join, dequantize, bench
 #   run("bash scripts/device_heal.sh part3")   # any time: step throughput on random weights + kernel profile
-#   run("bash scripts/device_heal.sh part2 python3 scripts/bench_quality.py --device cuda ...")  # part2 running
+#   run("bash scripts/device_heal.sh part2 python3 scripts/bench_quality.py --device cuda ...")  # part2 running (python3 or bash)
 #       another command than bench_heal.py once SmolLM2 is built
 #   run("bash scripts/device_heal.sh again python3 scripts/bench_heal.py --to gta ...")  # within 30 s of
 #       the last call: the same machine, SmolLM2 still built in /tmp
@@ -108,7 +108,7 @@ part2)
   cat "$STASH/gguf.part1" .heal_carry2/gguf.part2 > "$LATENTKV_CACHE/smollm2/$GGUF_NAME"
   python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())'
   unstash_samples
-  if [ "${2:-}" = python3 ]; then "${@:2}" 2>&1 | tee "$OUT/part2.log"; exit; fi
+  if [ "${2:-}" = python3 ] || [ "${2:-}" = bash ]; then "${@:2}" 2>&1 | tee "$OUT/part2.log"; exit; fi
   left=$(( ${DEADLINE:-560} - SECONDS ))
   set -o pipefail
   TORCH_LOGS=recompiles python3 scripts/bench_heal.py --out-dir "$OUT" --work /tmp/bench_heal --deadline "$left" \
