@@ -18,7 +18,7 @@ from latentkv.errors import LatentKVError
 from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
-ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma"]
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
@@ -98,6 +98,7 @@ FRESH_PROCESS = textwrap.dedent(
     ("mixtral", "gla", dict(kv_budget=0.5, latent_heads=2)),
     ("llama", "gta", dict()),
     ("gemma", "gta", dict()),
+    ("phi3", "mla", dict(kv_budget=0.5)),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
@@ -258,14 +259,14 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(LatentKVError, match="llama, mistral, mixtral, qwen2"):
+    with pytest.raises(LatentKVError, match="gemma, llama, mistral, mixtral, phi3, qwen2"):
         _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
     assert not (tmp_path / "out").exists()
 
 
 def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
     """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
-    DeepSeek format (and Gemma's norms there) and unknown settings all fail with a message naming the fix, writing nothing."""
+    DeepSeek format (and Gemma's norms, Phi-3's fused MLP there), RoPE on part of a head and unknown settings all fail with a message naming the fix, writing nothing."""
     src = tiny_model_dir("llama")
     out = tmp_path / "out"
     with pytest.raises(LatentKVError, match="larger than possible"):
@@ -276,6 +277,10 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(tiny_model_dir("mixtral"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match=r"cannot hold gemma: its RMSNorms scale by \(1 \+ w\)"):
         _convert(tiny_model_dir("gemma"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match="cannot hold phi3: its MLP fuses"):
+        _convert(tiny_model_dir("phi3"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match="partial_rotary_factor 0.5"):
+        _convert(tiny_model_dir("phi3-partial"), out, tmp_path, kv_budget=0.5)
     with pytest.raises(LatentKVError, match="Unknown mla settings"):
         _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
     with pytest.raises(LatentKVError, match="Unknown conversion target"):

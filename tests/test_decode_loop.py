@@ -82,13 +82,14 @@ def test_decode_check_passes(converted, method, backend):
     assert len(report["tokens"]) == 40 and report["prompt_tokens"] == 12
 
 
-def test_decode_check_gemma_embedding_scale(converted):
-    """Guards Gemma in the loop that calls embeddings, layers and norm itself: its sqrt(hidden)
-    embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms must come
-    along, or every logit differs from the full forward."""
+@pytest.mark.parametrize("arch", ["gemma", "phi3"])
+def test_decode_check_other_architectures(converted, arch):
+    """Guards the loop that calls embeddings, layers and norm itself on other decoder layers: Gemma's
+    sqrt(hidden) embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms,
+    Phi-3's layer around a converted fused-QKV attention; else the logits differ from the full forward."""
     from latentkv.eval.decode import decode_check
 
-    model, tok = _load(converted("mla", "gemma"))
+    model, tok = _load(converted("mla", arch))
     report = decode_check(model, tok, PROMPT, num_tokens=24, backend="reference", page_size=16, prefill_chunk=8,
                           max_prompt_tokens=12)
     assert report["passed"] and report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report

@@ -48,7 +48,7 @@ def _disk_names(folder: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "llama-mha", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "llama-mha", "gemma", "phi3"])
 @pytest.mark.parametrize("method", ["pca", "meanpool"])
 def test_same_heads_reproduces_source(tiny_model_dir, tmp_path, arch, method):
     """Guards the whole rewrite (pair layout, conj(B) on the queries, W_O folding, bias columns,
@@ -112,7 +112,7 @@ def test_similarity_grouping_finds_copied_heads(tiny_model_dir, tmp_path):
     assert _rel(_logits(src), _logits(plain)) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "gemma", "phi3"])
 def test_fewer_heads_output_is_plain_source_architecture(tiny_model_dir, tmp_path, arch):
     """Guards the output contract: same model_type and tensor names as the source on disk (mixtral's
     disk names differ from module names), only num_key_value_heads changed, sidecars byte for byte,

@@ -46,6 +46,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict()),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "phi3": ("Phi3Config", dict()),  # fused qkv_proj and gate_up_proj
+    "phi3-partial": ("Phi3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5})),
     "gemma": ("GemmaConfig", dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
 }
 

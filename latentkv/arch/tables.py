@@ -31,6 +31,9 @@ class ArchSpec:
     # Per-head RMSNorm on q and k before RoPE (Qwen3). Conversions need it linear, so it is refused.
     qk_norm: bool = False
     moe: bool = False
+    # One fused [q; k; v] projection (Phi-3): its module name within the layer; the q/k/v names above
+    # then stand for row slices of it (`qkv_rows`), the o name stays a module of its own.
+    fused_qkv: str = ""
     # Why DeepseekV3 (and so --format deepseek) cannot hold the rest of this architecture; "" if it can.
     deepseek_refusal: str = ""
     # How transformers' in-memory module names differ from the names on disk (within one layer):
@@ -43,6 +46,41 @@ class ArchSpec:
         """Full tensor name of one attention projection (`which` in q, k, v, o)."""
         module = getattr(self, f"{which}_proj")
         return f"{self.layer_prefix.format(i=layer)}.{module}.{kind}"
+
+    def qkv_rows(self, geo: "AttentionGeometry") -> dict[str, slice]:
+        """Rows of q, k and v in a fused [q; k; v] projection."""
+        q, kv = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim
+        return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+
+    def read_projection(self, weights, layer: int, which: str, kind: str, geo: "AttentionGeometry", **kw):
+        """One projection's weight or bias from a checkpoint's tensors (a slice of the fused one where
+        there is one); None if the checkpoint has none."""
+        if self.fused_qkv and which != "o":
+            name = f"{self.layer_prefix.format(i=layer)}.{self.fused_qkv}.{kind}"
+            return weights.get(name, **kw)[self.qkv_rows(geo)[which]] if name in weights else None
+        name = self.attn_weight(layer, which, kind)
+        return weights.get(name, **kw) if name in weights else None
+
+    def attention_tensors(self, tensors: dict) -> dict:
+        """New projection tensors keyed "q_proj.weight", ..., "o_proj.bias" -> keyed by their names within
+        a decoder layer ("self_attn.q_proj.weight", ...), q/k/v concatenated where this architecture fuses them."""
+        import torch
+
+        out = {}
+        for kind in ("weight", "bias"):
+            separate = ("o",) if self.fused_qkv else ("q", "k", "v", "o")
+            if self.fused_qkv and f"q_proj.{kind}" in tensors:
+                out[f"{self.fused_qkv}.{kind}"] = torch.cat([tensors[f"{w}_proj.{kind}"] for w in "qkv"])
+            for w in separate:
+                if f"{w}_proj.{kind}" in tensors:
+                    out[f"{getattr(self, f'{w}_proj')}.{kind}"] = tensors[f"{w}_proj.{kind}"]
+        return out
+
+    def project(self, layer_module, x, which: str, geo: "AttentionGeometry"):
+        """One projection of a source decoder layer applied to x (the attention input)."""
+        if self.fused_qkv:
+            return layer_module.get_submodule(self.fused_qkv)(x)[..., self.qkv_rows(geo)[which]]
+        return layer_module.get_submodule(getattr(self, f"{which}_proj"))(x)
 
     def layer_key(self, layer: int) -> str:
         return self.layer_prefix.format(i=layer) + "."
@@ -64,6 +102,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # in transformers' own modules that the converted model keeps (the scale inside embed_tokens).
         ArchSpec("gemma", qkv_bias="attention_bias", o_bias="attention_bias",
                  deepseek_refusal="its RMSNorms scale by (1 + w) and its embeddings by sqrt(hidden size)"),
+        ArchSpec("phi3", fused_qkv="self_attn.qkv_proj",
+                 deepseek_refusal="its MLP fuses the gate and up projections (gate_up_proj)"),
         ArchSpec(
             "mixtral",
             moe=True,
@@ -119,6 +159,14 @@ def _rope_theta(config) -> float:
 
 def geometry_of(config) -> AttentionGeometry:
     get_arch(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) if isinstance(
+        params, dict) else getattr(config, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise LatentKVError(
+            f"RoPE on part of each head (partial_rotary_factor {partial}) is not supported yet; the conversions "
+            "need every key dim in a rotating pair"
+        )
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -101,12 +101,13 @@ def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -
 
 def source_qk(layer, arch, x: torch.Tensor, pos_emb, num_heads: int, num_kv_heads: int, head_dim: int):
     """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
-    attn = layer.get_submodule(arch.q_proj.rsplit(".", 1)[0])
-    q_proj = layer.get_submodule(arch.q_proj)
-    k_proj = layer.get_submodule(arch.k_proj)
+    from latentkv.arch.tables import AttentionGeometry
+
+    attn = layer.get_submodule(arch.o_proj.rsplit(".", 1)[0])
+    geo = AttentionGeometry(x.shape[-1], num_heads, num_kv_heads, head_dim, 0, 0.0)
     b, L, _ = x.shape
-    q = q_proj(x).view(b, L, num_heads, head_dim).transpose(1, 2)
-    k = k_proj(x).view(b, L, num_kv_heads, head_dim).transpose(1, 2)
+    q = arch.project(layer, x, "q", geo).reshape(b, L, num_heads, head_dim).transpose(1, 2)
+    k = arch.project(layer, x, "k", geo).reshape(b, L, num_kv_heads, head_dim).transpose(1, 2)
     cos, sin = pos_emb
     cos, sin = cos[:, None], sin[:, None]
     q = q * cos + _rotate_half(q) * sin

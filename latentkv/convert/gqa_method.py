@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 # The output is always the source's own architecture; "latentkv" (the CLI default) means the same here.
 FORMATS = ("latentkv", "source")
-PROJECTIONS = ("q", "k", "v", "o")
 
 
 @dataclass
@@ -104,7 +103,9 @@ class GQAMethod:
         source_attn = stream.skeleton.model.layers[i].self_attn
         module = type(source_attn)(config, i)
         own = set(module.state_dict())
-        state = {k: v.to(stream.dtype) for k, v in tensors.items() if k in own}
+        attn = stream.arch.o_proj.rsplit(".", 1)[0] + "."  # the attention module's name within the layer
+        named = {k.removeprefix(attn): v for k, v in stream.arch.attention_tensors(tensors).items()}
+        state = {k: v.to(stream.dtype) for k, v in named.items() if k in own}
         module.load_state_dict(state, strict=True)
         return module.to(stream.device).eval()
 
@@ -120,13 +121,9 @@ class GQAMethod:
         layer_rows = []
         for i in range(geo.num_layers):
             tensors = self.build(stream, i, stats[i], plan, cfg)
-            new = {}
-            for which in PROJECTIONS:
-                for kind in ("weight", "bias"):
-                    name = arch.attn_weight(i, which, kind)
-                    if name in weights:  # keep exactly the tensors the source has
-                        new[name] = tensors[f"{which}_proj.{kind}"]
             prefix = arch.layer_key(i)
+            new = {prefix + rel: t for rel, t in arch.attention_tensors(tensors).items()
+                   if prefix + rel in weights}  # keep exactly the tensors the source has
             for name in names:
                 if name.startswith(prefix):
                     t = new[name] if name in new else weights.get(name)

@@ -91,8 +91,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
     geo = geometry_of(cfg)
 
     def get(which, kind="weight"):
-        name = arch.attn_weight(layer_idx, which, kind)
-        return w.get(name, dtype=torch.float64, device=stream.device) if name in w else None
+        return arch.read_projection(w, layer_idx, which, kind, geo, dtype=torch.float64, device=stream.device)
 
     return LayerInputs(
         q=LayerInputs.augment(get("q"), get("q", "bias")),

@@ -30,7 +30,7 @@ class FormatTargets:
     """
 
     attention: tuple[str, ...]
-    mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    mlp: tuple[str, ...] = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")  # gate_up_proj: Phi-3
     extra: tuple[str, ...] = ()
 
 
