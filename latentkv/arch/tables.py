@@ -159,9 +159,9 @@ def _rope_theta(config) -> float:
 
 def geometry_of(config) -> AttentionGeometry:
     get_arch(config)
-    params = getattr(config, "rope_parameters", None) or {}
-    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) if isinstance(
-        params, dict) else getattr(config, "partial_rotary_factor", None)
+    params = getattr(config, "rope_parameters", None)
+    partial = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    partial = partial if partial is not None else getattr(config, "partial_rotary_factor", None)
     if partial not in (None, 1, 1.0):
         raise LatentKVError(
             f"RoPE on part of each head (partial_rotary_factor {partial}) is not supported yet; the conversions "

@@ -99,20 +99,17 @@ def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -
     return (profile / (b * L)).cpu()
 
 
-def source_qk(layer, arch, x: torch.Tensor, pos_emb, num_heads: int, num_kv_heads: int, head_dim: int):
+def source_qk(layer, arch, x: torch.Tensor, pos_emb, geo):
     """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
-    from latentkv.arch.tables import AttentionGeometry
-
     attn = layer.get_submodule(arch.o_proj.rsplit(".", 1)[0])
-    geo = AttentionGeometry(x.shape[-1], num_heads, num_kv_heads, head_dim, 0, 0.0)
     b, L, _ = x.shape
-    q = arch.project(layer, x, "q", geo).reshape(b, L, num_heads, head_dim).transpose(1, 2)
-    k = arch.project(layer, x, "k", geo).reshape(b, L, num_kv_heads, head_dim).transpose(1, 2)
+    q = arch.project(layer, x, "q", geo).reshape(b, L, geo.num_heads, geo.head_dim).transpose(1, 2)
+    k = arch.project(layer, x, "k", geo).reshape(b, L, geo.num_kv_heads, geo.head_dim).transpose(1, 2)
     cos, sin = pos_emb
     cos, sin = cos[:, None], sin[:, None]
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    return q, k, float(getattr(attn, "scaling", head_dim**-0.5))
+    return q, k, float(getattr(attn, "scaling", geo.head_dim**-0.5))
 
 
 class StatsCollector:
@@ -142,9 +139,7 @@ class StatsCollector:
             self.samples.append(picked.to("cpu", torch.float32, copy=True))
             self.kept += picked.shape[0]
         if first < self.profile_windows:
-            geo = self.geo
-            q, k, scale = source_qk(self.layer, self.arch, x[: self.profile_windows - first], self.pos_emb,
-                                    geo.num_heads, geo.num_kv_heads, geo.head_dim)
+            q, k, scale = source_qk(self.layer, self.arch, x[: self.profile_windows - first], self.pos_emb, self.geo)
             p = attention_distance_profile(q, k, scale) * q.shape[0]
             self.profile = p if self.profile is None else self.profile + p
 
