@@ -62,6 +62,7 @@ def parse_args():
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--lr-attention", type=float, default=3e-4)
     p.add_argument("--lr-lora", type=float, default=1e-4)
+    p.add_argument("--mlp-lr-scale", type=float, default=1.0, help="MLP lr as a fraction of the lr (finetune --mlp-lr-scale)")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state match (finetune --hidden-weight)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -232,7 +233,7 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
         model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=data,
         teacher=str(source), mode=mode, target=args.target, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
-        hidden_weight=args.hidden_weight, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
+        hidden_weight=args.hidden_weight, mlp_lr_scale=args.mlp_lr_scale, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
         log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
         command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target} --data {args.data}",
     )

@@ -98,6 +98,25 @@ def test_hidden_state_term(healing):
         _opts(healing, "hidden-no-teacher", teacher=None, hidden_weight=1.0)
 
 
+def test_mlp_lr_scale_groups(healing):
+    """Guards --mlp-lr-scale: the MLP's parameters (and only they) get lr x scale, the schedule
+    scales both groups alike, and a scale outside (0, 1] is refused."""
+    from latentkv.finetune.trainer import param_groups
+
+    model = load_model(healing["model"])
+    tg.freeze_all_but(model, tg.FORMAT_TARGETS["latentkv"], "attention+mlp")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = param_groups(trainable, _opts(healing, "groups", lr=3e-4, mlp_lr_scale=0.25, target="attention+mlp"))
+    mlp_ids = {id(p) for n, p in trainable.items() if ".mlp." in n}
+    assert [g["lr"] for g in groups] == [3e-4, 3e-4 * 0.25]
+    assert {id(p) for p in groups[1]["params"]} == mlp_ids and mlp_ids
+    assert not mlp_ids & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    for bad in (0.0, 1.5):
+        with pytest.raises(LatentKVError, match="--mlp-lr-scale"):
+            _opts(healing, "bad-scale", mlp_lr_scale=bad)
+
+
 def test_lora_merge_equals_adapter(healing):
     """Guards against a merged model that differs from the adapter it came from (a LoRA delta on
     kv_b_proj that the latent attention never applies, wrong scaling, names or dtypes in the merged

@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 _RESUME_KEYS = (
     "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
     "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
-    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "seed", "precision",
+    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "mlp_lr_scale", "seed", "precision",
 )
 
 
@@ -44,6 +44,8 @@ class FinetuneOptions:
         lower it when memory runs out; gradients are accumulated up to `batch_size`.
     lr: peak learning rate (None: 1e-4); warmup: fraction of the
         steps with a linear warm-up (0..0.2); then cosine decay down to lr x min_lr_ratio.
+    mlp_lr_scale: with `target="attention+mlp"`, the MLP's learning rate as a fraction of `lr` (0..1]:
+        the MLP keeps the source's weights and needs a smaller step than the new attention.
     weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
     temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
     lm_weight: loss = (1 - lm_weight) * KL(teacher || student) + lm_weight * next-token CE (0..1).
@@ -86,6 +88,7 @@ class FinetuneOptions:
     temperature: float = 1.0
     lm_weight: float = 0.0
     hidden_weight: float = 0.0
+    mlp_lr_scale: float = 1.0
     seed: int = 0
     precision: str = "auto"
     device: str | None = None
@@ -130,6 +133,8 @@ class FinetuneOptions:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         if self.hidden_weight > 0 and self.teacher is None:
             raise LatentKVError("--hidden-weight matches the teacher's hidden states: pass --teacher too")
+        if not 0 < self.mlp_lr_scale <= 1:
+            raise LatentKVError(f"--mlp-lr-scale is a fraction of --lr in (0, 1], got {self.mlp_lr_scale}")
         if self.temperature <= 0:
             raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 <= self.warmup < 1:
@@ -174,8 +179,9 @@ class FinetuneOptions:
         """The settings a checkpoint must share with this run to be resumed."""
         d = asdict(self)
         key = {k: d[k] for k in _RESUME_KEYS}
-        if not key["hidden_weight"]:  # added later: checkpoints written before it had it off
-            del key["hidden_weight"]
+        for name, default in (("hidden_weight", 0.0), ("mlp_lr_scale", 1.0)):
+            if key[name] == default:  # added later: checkpoints written before it had the default
+                del key[name]
         return key
 
     def recipe(self) -> dict:

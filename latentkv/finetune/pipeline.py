@@ -286,10 +286,10 @@ def _log_plan(opts, plan: StepPlan, data: PackedSequences, trainer: Trainer, stu
     n_all = sum(p.numel() for p in student.parameters())
     log.info(
         "%d steps of %d sequences x %d tokens (%d processes x %d micro-batches of %d), %.2f epochs of the data; "
-        "training %.2fM of %.1fM parameters (%s, %s); lr %.3g, warm-up %d steps, cosine to x%.2f; %s",
+        "training %.2fM of %.1fM parameters (%s, %s); lr %.3g (MLP x%.2g), warm-up %d steps, cosine to x%.2f; %s",
         plan.total_steps, opts.batch_size, opts.seq_len, plan.world, plan.accum, plan.micro,
         data.epochs(plan.total_steps * opts.batch_size), n_train / 1e6, n_all / 1e6, opts.mode, opts.target,
-        opts.lr, plan.warmup_steps, opts.min_lr_ratio,
+        opts.lr, opts.mlp_lr_scale, plan.warmup_steps, opts.min_lr_ratio,
         f"distilling from {opts.teacher} at T={opts.temperature}, LM weight {opts.lm_weight}, hidden-state weight "
         f"{opts.hidden_weight}" if teacher is not None
         else "LM loss only (no teacher)",

@@ -76,6 +76,16 @@ class RunState:
     resumed_from: int | None = None
 
 
+def param_groups(trainable: dict[str, torch.nn.Parameter], opts: FinetuneOptions) -> list[dict]:
+    """The new attention at `lr`; the MLP (source weights, or LoRA on them) at `lr x mlp_lr_scale`."""
+    mlp = [p for n, p in trainable.items() if ".mlp." in n]
+    rest = [p for n, p in trainable.items() if ".mlp." not in n]
+    groups = [{"params": rest, "lr": opts.lr}]
+    if mlp:
+        groups.append({"params": mlp, "lr": opts.lr * opts.mlp_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
 class Trainer:
     def __init__(self, opts: FinetuneOptions, accelerator, student, teacher, data: PackedSequences,
                  plan: StepPlan, autocast_dtype: torch.dtype | None, eval_windows: torch.Tensor | None,
@@ -90,7 +100,7 @@ class Trainer:
         if not self.trainable:
             raise LatentKVError("Nothing to train: no parameter requires a gradient")
         self.optimizer = torch.optim.AdamW(
-            list(self.trainable.values()), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
+            param_groups(self.trainable, opts), betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
         )
         self.state = RunState()
         self.timed_tokens = self.all_tokens = 0
