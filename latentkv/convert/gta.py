@@ -129,7 +129,8 @@ def build_gta_layer(an: mla.LayerAnalysis, cfg: GTAConfig) -> tuple[dict, dict]:
     half = d // 2
     kept, nope = mla._rope_split(an, half, cfg)
     rope_k = rope.real_key_rows(rope.component_rows(an.basis, an.zk, kept), "half")  # [d/2, D+1]
-    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half")
+    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half",
+                                 inp.rotary)
     q_rows = inp.q.view(H, d, -1)
     o = inp.o.double()
     o_bias = inp.o_bias.double() if inp.o_bias is not None else torch.zeros(o.shape[0], dtype=torch.float64)
