@@ -18,7 +18,8 @@ from latentkv.errors import LatentKVError
 from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
-ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "phi3-partial",
+         "gpt_neox", "gpt_neox-serial"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
@@ -99,6 +100,9 @@ FRESH_PROCESS = textwrap.dedent(
     ("llama", "gta", dict()),
     ("gemma", "gta", dict()),
     ("phi3", "mla", dict(kv_budget=0.5)),
+    ("gpt_neox", "mla", dict(kv_budget=0.5)),
+    ("gpt_neox-serial", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("phi3-partial", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
@@ -259,14 +263,16 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(LatentKVError, match="gemma, llama, mistral, mixtral, phi3, qwen2"):
+    with pytest.raises(LatentKVError, match="gemma, gpt_neox, llama, mistral, mixtral, phi3, qwen2"):
         _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
     assert not (tmp_path / "out").exists()
 
 
 def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
     """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
-    DeepSeek format (and Gemma's norms, Phi-3's fused MLP there), RoPE on part of a head and unknown settings all fail with a message naming the fix, writing nothing."""
+    DeepSeek format (and Gemma's norms, Phi-3's fused MLP, GPT-NeoX's parallel residual and LayerNorm
+    biases there), GPT-NeoX to fewer KV heads and unknown settings all fail with a message naming the
+    fix, writing nothing."""
     src = tiny_model_dir("llama")
     out = tmp_path / "out"
     with pytest.raises(LatentKVError, match="larger than possible"):
@@ -279,13 +285,43 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(tiny_model_dir("gemma"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match="cannot hold phi3: its MLP fuses"):
         _convert(tiny_model_dir("phi3"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
-    with pytest.raises(LatentKVError, match="partial_rotary_factor 0.5"):
-        _convert(tiny_model_dir("phi3-partial"), out, tmp_path, kv_budget=0.5)
+    with pytest.raises(LatentKVError, match="cannot hold gpt_neox: its layers may add attention and MLP in parallel"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match="cannot write gpt_neox with fewer KV heads: GPTNeoXAttention has one fused"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, method="gqa", num_kv_heads=2)
+    with pytest.raises(LatentKVError, match="rotated key dims"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, kv_budget=0.5, qk_rope_dim=18)
     with pytest.raises(LatentKVError, match="Unknown mla settings"):
         _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
     with pytest.raises(LatentKVError, match="Unknown conversion target"):
         _convert(src, out, tmp_path, method="mqa", kv_budget=0.5)
     assert not out.exists()
+
+
+def test_partial_rotary_geometry_and_gta_refusal():
+    """Guards partial rotary's geometry (rotary_dim as transformers computes it, from rope_parameters
+    or GPT-NeoX's rotary_pct; an odd count refused) and GTA-T's refusal where the rotated key dims
+    cannot fill its RoPE key of half the head dim."""
+    from latentkv.arch import geometry_of, get_arch
+    from latentkv.convert.registry import get_method
+
+    small = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=64)
+
+    def phi3(partial, kv_heads=2):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+        return transformers.Phi3Config(**small, num_key_value_heads=kv_heads, rope_parameters=rope)
+
+    assert geometry_of(phi3(0.25)).rotary_dim == 4 and geometry_of(phi3(1.0)).rotary_dim == 16
+    neox = geometry_of(transformers.GPTNeoXConfig(**small, rotary_pct=0.5))
+    assert (neox.rotary_dim, neox.head_dim, neox.num_kv_heads) == (8, 16, 4)
+    with pytest.raises(LatentKVError, match="rotates 5 dims; RoPE needs an even number"):
+        geometry_of(phi3(0.3125))
+    gta = get_method("gta")
+    config = phi3(0.25, kv_heads=1)  # 1 KV head x 4 rotated dims < the 8-dim RoPE key
+    with pytest.raises(LatentKVError, match="RoPE turns only 1 x 4 key dims"):
+        gta.validate(config, get_arch(config), gta.make_config({}, "latentkv"), "latentkv")
+    config = phi3(0.25)  # 2 x 4 fills it
+    gta.validate(config, get_arch(config), gta.make_config({}, "latentkv"), "latentkv")
 
 
 def test_non_empty_output_is_refused_before_work(tiny_model_dir, tmp_path):
