@@ -287,7 +287,7 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(tiny_model_dir("phi3"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match="cannot hold gpt_neox: its layers may add attention and MLP in parallel"):
         _convert(tiny_model_dir("gpt_neox"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
-    with pytest.raises(LatentKVError, match="cannot write gpt_neox with fewer KV heads: GPTNeoXAttention has one fused"):
+    with pytest.raises(LatentKVError, match="cannot write gpt_neox with fewer KV heads: GPTNeoXAttention has one"):
         _convert(tiny_model_dir("gpt_neox"), out, tmp_path, method="gqa", num_kv_heads=2)
     with pytest.raises(LatentKVError, match="rotated key dims"):
         _convert(tiny_model_dir("gpt_neox"), out, tmp_path, kv_budget=0.5, qk_rope_dim=18)

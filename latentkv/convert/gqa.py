@@ -124,7 +124,8 @@ def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
     k_pass = rope.passed_rows(inp.k, G, d, rd).reshape(-1, S.shape[0])  # [G*p, D+1]
     q_pass = rope.passed_rows(inp.q, H, d, rd)  # [H, p, D+1]
     q_pass_gram = (weight[:, None, None] * (q_pass @ S @ q_pass.transpose(1, 2))).view(G, n, d - rd, d - rd).sum(1)
-    return LayerMoments(inp, k_pair_cov, q_energy * weight[None, :], v_moment, o_gram, k_pass @ S @ k_pass.T, q_pass_gram)
+    return LayerMoments(inp, k_pair_cov, q_energy * weight[None, :], v_moment, o_gram, k_pass @ S @ k_pass.T,
+                        q_pass_gram)
 
 
 def _heads_of(groups: list[int], n: int) -> torch.Tensor:

@@ -29,6 +29,11 @@ The fit (no training; it needs healing afterwards), reusing the MLA machinery of
    of the value mean goes into the output bias.
 The layer's fit error (key and value parts relative to their total energy, in the same metrics)
 is reported per layer.
+
+Partial rotary (RoPE on the first rotary_dim dims of each head): the source's never-rotated key
+dims join the de-rotated ones among the keys that the state's first half serves (they lose nothing
+to de-rotation); the RoPE key keeps its d/2 dims, filled from rotating components only, so GTA-T
+needs G x rotary_dim >= d/2 (`GTAMethod.validate` refuses the rest).
 """
 
 from __future__ import annotations

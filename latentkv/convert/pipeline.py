@@ -256,7 +256,8 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
             seq_stats = collect_stats(
                 stream, pass_windows, seq_cache, opts.calib, progress=progress,
                 on_layer=lambda i, layer, st, batches: method.sequential_module(
-                    stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.get_submodule(stream.arch.attention), batches),
+                    stream, i, st if sequential else first_pass[i], plan, method_cfg,
+                    layer.get_submodule(stream.arch.attention), batches),
                 collect=sequential,
             )
             stats = seq_stats if sequential else first_pass

@@ -6,7 +6,8 @@ It imports only torch and transformers.
 
 The model is the source architecture (built by transformers from `config.source_config`: its
 embeddings, norms, MLP or MoE, residual layout, and its own cache/mask handling) with every layer's
-attention (`self_attn`, or the name in `config.source_modules`) replaced by `LatentAttention`, which caches per token only a latent `c` (width r, split into `latent_heads`
+attention (`self_attn`, or the name in `config.source_modules`) replaced by `LatentAttention`,
+which caches per token only a latent `c` (width r, split into `latent_heads`
 equal heads) and a shared RoPE key of width `rope_dim`:
 
     q_h      = q_proj(x)_h = [q_nope_h (d_nope) | q_rope_h (rope_dim)]
