@@ -378,6 +378,35 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
         assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3-partial", "gpt_neox"])
+def test_distance_profile_equals_source_attention(tiny_model_dir, arch):
+    """Guards the RoPE that calibration applies (`stats.source_qk`, fused q/k/v rows included): the
+    attention-distance profile must equal the one read off the source's own attention probabilities,
+    with RoPE on part of each head as well as on all of it; else the RoPE shrink is measured on
+    wrong scores (or, for partial rotary, the shapes do not even broadcast)."""
+    from latentkv.arch import geometry_of, get_arch
+    from latentkv.calibration.data import TextSource, token_windows
+    from latentkv.calibration.stats import attention_distance_profile, source_qk
+
+    folder = tiny_model_dir(arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64,
+                                                              attn_implementation="eager").eval()
+    windows = token_windows(transformers.AutoTokenizer.from_pretrained(folder), TextSource(str(TINY_TEXT)), 2, 24, 0)
+    spec, geo = get_arch(model.config), geometry_of(model.config)
+    decoder = getattr(model, spec.base_model)
+    with torch.no_grad():
+        out = model(windows, output_attentions=True, output_hidden_states=True)
+        pos_emb = decoder.rotary_emb(out.hidden_states[0], torch.arange(24)[None])
+        t = torch.arange(24)
+        distance = (t[:, None] - t[None, :]).clamp(min=0).flatten()
+        for i, layer in enumerate(decoder.layers):
+            x = layer.get_submodule(spec.input_norm)(out.hidden_states[i])
+            got = attention_distance_profile(*source_qk(layer, spec, x, pos_emb, geo))
+            mass = out.attentions[i].sum(0).reshape(geo.num_heads, -1)  # [H, L*L], summed over windows
+            expected = torch.zeros(geo.num_heads, 24, dtype=torch.float64).index_add_(1, distance, mass) / (2 * 24)
+            assert torch.allclose(got, expected, atol=1e-6), (i, float((got - expected).abs().max()))
+
+
 def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):
     """Guards the DeepSeek format's one RoPE width under --kv-budget: `shared_split` picks the width
     with the least summed per-layer relative error (not the first, not one layer's favourite), and
