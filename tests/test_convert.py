@@ -18,7 +18,8 @@ from latentkv.errors import LatentKVError
 from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
-ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "phi3-partial",
+         "gpt_neox", "gpt_neox-serial"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
@@ -99,6 +100,9 @@ FRESH_PROCESS = textwrap.dedent(
     ("llama", "gta", dict()),
     ("gemma", "gta", dict()),
     ("phi3", "mla", dict(kv_budget=0.5)),
+    ("gpt_neox", "mla", dict(kv_budget=0.5)),
+    ("gpt_neox-serial", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("phi3-partial", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
@@ -259,14 +263,16 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(LatentKVError, match="gemma, llama, mistral, mixtral, phi3, qwen2"):
+    with pytest.raises(LatentKVError, match="gemma, gpt_neox, llama, mistral, mixtral, phi3, qwen2"):
         _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
     assert not (tmp_path / "out").exists()
 
 
 def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
     """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
-    DeepSeek format (and Gemma's norms, Phi-3's fused MLP there), RoPE on part of a head and unknown settings all fail with a message naming the fix, writing nothing."""
+    DeepSeek format (and Gemma's norms, Phi-3's fused MLP, GPT-NeoX's parallel residual and LayerNorm
+    biases there), GPT-NeoX to fewer KV heads and unknown settings all fail with a message naming the
+    fix, writing nothing."""
     src = tiny_model_dir("llama")
     out = tmp_path / "out"
     with pytest.raises(LatentKVError, match="larger than possible"):
@@ -279,13 +285,43 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(tiny_model_dir("gemma"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match="cannot hold phi3: its MLP fuses"):
         _convert(tiny_model_dir("phi3"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
-    with pytest.raises(LatentKVError, match="partial_rotary_factor 0.5"):
-        _convert(tiny_model_dir("phi3-partial"), out, tmp_path, kv_budget=0.5)
+    with pytest.raises(LatentKVError, match="cannot hold gpt_neox: its layers may add attention and MLP in parallel"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
+    with pytest.raises(LatentKVError, match="cannot write gpt_neox with fewer KV heads: GPTNeoXAttention has one"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, method="gqa", num_kv_heads=2)
+    with pytest.raises(LatentKVError, match="rotated key dims"):
+        _convert(tiny_model_dir("gpt_neox"), out, tmp_path, kv_budget=0.5, qk_rope_dim=18)
     with pytest.raises(LatentKVError, match="Unknown mla settings"):
         _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
     with pytest.raises(LatentKVError, match="Unknown conversion target"):
         _convert(src, out, tmp_path, method="mqa", kv_budget=0.5)
     assert not out.exists()
+
+
+def test_partial_rotary_geometry_and_gta_refusal():
+    """Guards partial rotary's geometry (rotary_dim as transformers computes it, from rope_parameters
+    or GPT-NeoX's rotary_pct; an odd count refused) and GTA-T's refusal where the rotated key dims
+    cannot fill its RoPE key of half the head dim."""
+    from latentkv.arch import geometry_of, get_arch
+    from latentkv.convert.registry import get_method
+
+    small = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=64)
+
+    def phi3(partial, kv_heads=2):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+        return transformers.Phi3Config(**small, num_key_value_heads=kv_heads, rope_parameters=rope)
+
+    assert geometry_of(phi3(0.25)).rotary_dim == 4 and geometry_of(phi3(1.0)).rotary_dim == 16
+    neox = geometry_of(transformers.GPTNeoXConfig(**small, rotary_pct=0.5))
+    assert (neox.rotary_dim, neox.head_dim, neox.num_kv_heads) == (8, 16, 4)
+    with pytest.raises(LatentKVError, match="rotates 5 dims; RoPE needs an even number"):
+        geometry_of(phi3(0.3125))
+    gta = get_method("gta")
+    config = phi3(0.25, kv_heads=1)  # 1 KV head x 4 rotated dims < the 8-dim RoPE key
+    with pytest.raises(LatentKVError, match="RoPE turns only 1 x 4 key dims"):
+        gta.validate(config, get_arch(config), gta.make_config({}, "latentkv"), "latentkv")
+    config = phi3(0.25)  # 2 x 4 fills it
+    gta.validate(config, get_arch(config), gta.make_config({}, "latentkv"), "latentkv")
 
 
 def test_non_empty_output_is_refused_before_work(tiny_model_dir, tmp_path):
@@ -340,6 +376,35 @@ def test_statistics_equal_direct_computation(tiny_model_dir, tmp_path):
         direct = x.T @ x / len(x)
         assert torch.allclose(st.moment, direct, rtol=1e-4, atol=1e-5)
         assert st.distance.shape == (4, 32) and torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3-partial", "gpt_neox"])
+def test_distance_profile_equals_source_attention(tiny_model_dir, arch):
+    """Guards the RoPE that calibration applies (`stats.source_qk`, fused q/k/v rows included): the
+    attention-distance profile must equal the one read off the source's own attention probabilities,
+    with RoPE on part of each head as well as on all of it; else the RoPE shrink is measured on
+    wrong scores (or, for partial rotary, the shapes do not even broadcast)."""
+    from latentkv.arch import geometry_of, get_arch
+    from latentkv.calibration.data import TextSource, token_windows
+    from latentkv.calibration.stats import attention_distance_profile, source_qk
+
+    folder = tiny_model_dir(arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64,
+                                                              attn_implementation="eager").eval()
+    windows = token_windows(transformers.AutoTokenizer.from_pretrained(folder), TextSource(str(TINY_TEXT)), 2, 24, 0)
+    spec, geo = get_arch(model.config), geometry_of(model.config)
+    decoder = getattr(model, spec.base_model)
+    with torch.no_grad():
+        out = model(windows, output_attentions=True, output_hidden_states=True)
+        pos_emb = decoder.rotary_emb(out.hidden_states[0], torch.arange(24)[None])
+        t = torch.arange(24)
+        distance = (t[:, None] - t[None, :]).clamp(min=0).flatten()
+        for i, layer in enumerate(decoder.layers):
+            x = layer.get_submodule(spec.input_norm)(out.hidden_states[i])
+            got = attention_distance_profile(*source_qk(layer, spec, x, pos_emb, geo))
+            mass = out.attentions[i].sum(0).reshape(geo.num_heads, -1)  # [H, L*L], summed over windows
+            expected = torch.zeros(geo.num_heads, 24, dtype=torch.float64).index_add_(1, distance, mass) / (2 * 24)
+            assert torch.allclose(got, expected, atol=1e-6), (i, float((got - expected).abs().max()))
 
 
 def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):

@@ -82,15 +82,21 @@ def test_decode_check_passes(converted, method, backend):
     assert len(report["tokens"]) == 40 and report["prompt_tokens"] == 12
 
 
-@pytest.mark.parametrize("arch", ["gemma", "phi3"])
-def test_decode_check_other_architectures(converted, arch):
+@pytest.mark.parametrize("arch,backend", [("gemma", "reference"), ("phi3", "reference"), ("gpt_neox", "triton"),
+                                          ("gpt_neox-serial", "reference"), ("phi3-partial", "triton")])
+def test_decode_check_other_architectures(converted, arch, backend):
     """Guards the loop that calls embeddings, layers and norm itself on other decoder layers: Gemma's
     sqrt(hidden) embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms,
-    Phi-3's layer around a converted fused-QKV attention; else the logits differ from the full forward."""
+    Phi-3's layer around a converted fused-QKV attention, GPT-NeoX's decoder under its own names
+    (gpt_neox.embed_in, final_layer_norm, `attention`, parallel or serial residual) and partial rotary
+    (RoPE keys of widths that are no power of two, through the kernel); else the logits differ from
+    the full forward."""
     from latentkv.eval.decode import decode_check
 
+    if backend == "triton":
+        _triton_or_skip()
     model, tok = _load(converted("mla", arch))
-    report = decode_check(model, tok, PROMPT, num_tokens=24, backend="reference", page_size=16, prefill_chunk=8,
+    report = decode_check(model, tok, PROMPT, num_tokens=24, backend=backend, page_size=16, prefill_chunk=8,
                           max_prompt_tokens=12)
     assert report["passed"] and report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
 

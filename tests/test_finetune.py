@@ -175,6 +175,29 @@ def test_refuses_other_tokenizer_and_eval_text(healing, tmp_path):
     assert not (healing["root"] / "refused").exists()
 
 
+def test_targets_follow_the_source_module_names():
+    """Guards LoRA / full-weight targets on a converted GPT-NeoX: its layers hold the attention as
+    `attention` (named in the config's source_modules) and the MLP as dense_h_to_4h / dense_4h_to_h,
+    so a pattern fixed to `self_attn` would find nothing there and the run would be refused."""
+    from transformers import GPTNeoXConfig
+
+    from latentkv.arch import get_arch
+    from latentkv.modeling.modeling_latentkv import LatentKVConfig, LatentKVForCausalLM
+
+    source = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=2, rotary_pct=0.25)
+    spec = dict(kv_lora_rank=8, rope_dim=4, rope_inv_freq=[1.0, 0.1], qk_nope_head_dim=16, latent_heads=1)
+    cfg = LatentKVConfig(source_config=source.to_dict(), attention_layers=[spec], softmax_scale=0.25, v_head_dim=16,
+                         source_modules=get_arch(source).module_names())
+    model = LatentKVForCausalLM(cfg)
+    row = tg.targets_for(cfg)
+    names = tg.matching_modules(model, tg.target_pattern(row, "attention+mlp", tg.attention_name(model)))
+    assert {n.split(".", 3)[3] for n in names} == {
+        "attention.q_proj", "attention.kv_a_proj", "attention.kv_b_proj", "attention.o_proj",
+        "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}
+    assert all(n.startswith("gpt_neox.layers.0.") for n in names)
+
+
 def test_target_table_and_latent_routing():
     """Guards against LoRA landing on the wrong modules per format (DeepSeek names, MLP widening),
     and against the two runtime adaptations of LatentAttention changing its numbers: kv_b_proj

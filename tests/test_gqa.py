@@ -48,7 +48,7 @@ def _disk_names(folder: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "llama-mha", "gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "llama-mha", "gemma", "phi3", "phi3-partial"])
 @pytest.mark.parametrize("method", ["pca", "meanpool"])
 def test_same_heads_reproduces_source(tiny_model_dir, tmp_path, arch, method):
     """Guards the whole rewrite (pair layout, conj(B) on the queries, W_O folding, bias columns,
@@ -73,31 +73,40 @@ def test_sequential_calibration_runs_converted_attention(tiny_model_dir, tmp_pat
     assert torch.isfinite(_logits(fewer)).all()
 
 
-def _copied_heads_source(tiny_model_dir, folder: Path, pattern: list[int]) -> Path:
-    """llama-mha with KV head g a copy of head pattern[g] (keys, values and their rows)."""
+def _copied_heads_source(tiny_model_dir, folder: Path, pattern: list[int], arch: str = "llama-mha") -> Path:
+    """A tiny model with KV head g a copy of head pattern[g] (key and value rows, in fused q/k/v too)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
 
-    src = tiny_model_dir("llama-mha")
+    from latentkv.arch import geometry_of, get_arch
+
+    src = tiny_model_dir(arch)
     shutil.copytree(src, folder)
+    config = AutoConfig.from_pretrained(src)
+    spec, geo = get_arch(config), geometry_of(config)
     state = load_file(str(folder / "model.safetensors"))
-    d = 16
     for name, t in state.items():
-        if name.endswith(("k_proj.weight", "v_proj.weight")):
-            rows = t.view(4, d, -1).clone()
-            state[name] = rows[pattern].reshape(t.shape).contiguous()
+        for which in "kv":
+            rows_of = spec.qkv_rows(geo)[which] if spec.fused_qkv else slice(None)
+            if name.endswith(f"{spec.fused_qkv or getattr(spec, which + '_proj')}.weight"):
+                rows = t[rows_of].view(geo.num_kv_heads, geo.head_dim, -1)
+                t[rows_of] = rows[pattern].reshape(-1, t.shape[1])
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
+@pytest.mark.parametrize("arch,pattern", [("llama-mha", [0, 0, 2, 2]), ("phi3-partial", [1, 1])])
 @pytest.mark.parametrize("method", ["pca", "meanpool"])
-def test_merging_copied_heads_is_exact_contiguous(tiny_model_dir, tmp_path, method):
+def test_merging_copied_heads_is_exact_contiguous(tiny_model_dir, tmp_path, method, arch, pattern):
     """Guards the merge itself: KV heads that are exact copies within contiguous groups must merge
-    with no error (both the PCA merge and mean-pooling), and the output declares 2 KV heads."""
-    src = _copied_heads_source(tiny_model_dir, tmp_path / "copies", [0, 0, 2, 2])
-    out = _convert(src, tmp_path / "out", tmp_path, num_kv_heads=2, method=method, grouping="contiguous")
-    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    with no error (both the PCA merge and mean-pooling; with partial rotary, the rotated dims by
+    complex PCA and the never-rotated ones by their own PCA), and the output declares the new count."""
+    src = _copied_heads_source(tiny_model_dir, tmp_path / "copies", pattern, arch)
+    heads = len(set(pattern))
+    out = _convert(src, tmp_path / "out", tmp_path, num_kv_heads=heads, method=method, grouping="contiguous")
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == heads
     assert _rel(_logits(src), _logits(out)) < 1e-5
 
 
@@ -112,7 +121,7 @@ def test_similarity_grouping_finds_copied_heads(tiny_model_dir, tmp_path):
     assert _rel(_logits(src), _logits(plain)) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mixtral", "gemma", "phi3", "phi3-partial"])
 def test_fewer_heads_output_is_plain_source_architecture(tiny_model_dir, tmp_path, arch):
     """Guards the output contract: same model_type and tensor names as the source on disk (mixtral's
     disk names differ from module names), only num_key_value_heads changed, sidecars byte for byte,

@@ -50,6 +50,14 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "phi3-partial": ("Phi3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                           "partial_rotary_factor": 0.5})),
     "gemma": ("GemmaConfig", dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # GPT-NeoX (Pythia): MHA, fused per-head query_key_value, biases, LayerNorms; no head_dim or
+    # num_key_value_heads in its config (None drops a common key). RoPE on 1/4 (Pythia) or 1/2 of each head.
+    "gpt_neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, head_dim=None, use_parallel_residual=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.25})),
+    "gpt_neox-serial": ("GPTNeoXConfig", dict(num_key_value_heads=None, head_dim=None, use_parallel_residual=False,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.5})),
 }
 
 
@@ -75,7 +83,7 @@ def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32
     from transformers import GenerationConfig
 
     cls_name, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    config = getattr(transformers, cls_name)(**{k: v for k, v in {**_COMMON, **extra}.items() if v is not None})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Biases are zero-initialised by HF; make them matter so bias handling is really tested.

@@ -31,11 +31,19 @@ class ArchSpec:
     # Per-head RMSNorm on q and k before RoPE (Qwen3). Conversions need it linear, so it is refused.
     qk_norm: bool = False
     moe: bool = False
-    # One fused [q; k; v] projection (Phi-3): its module name within the layer; the q/k/v names above
-    # then stand for row slices of it (`qkv_rows`), the o name stays a module of its own.
+    # One fused q/k/v projection: its module name within the layer; the q/k/v names above then stand
+    # for rows of it (`qkv_rows`), the o name stays a module of its own. Its row layout: "blocked"
+    # ([q; k; v], Phi-3) or "per_head" ([q_h; k_h; v_h] for each head h in turn, GPT-NeoX: MHA only).
     fused_qkv: str = ""
+    fused_qkv_layout: str = "blocked"
+    # The LM head's module name in transformers' CausalLM (`lm_head` above is its name on disk).
+    lm_head_module: str = "lm_head"
+    # The keyword under which the decoder layer hands its attention the KV cache.
+    cache_argument: str = "past_key_values"
     # Why DeepseekV3 (and so --format deepseek) cannot hold the rest of this architecture; "" if it can.
     deepseek_refusal: str = ""
+    # Why `--to gqa` (the source's own architecture with fewer KV heads) cannot be written; "" if it can.
+    gqa_refusal: str = ""
     # How transformers' in-memory module names differ from the names on disk (within one layer):
     # plain renames (disk -> module), and expert tensors that transformers stacks on load
     # (module name -> (per-expert disk names with {e}, concat dim within an expert)).
@@ -47,8 +55,32 @@ class ArchSpec:
         module = getattr(self, f"{which}_proj")
         return f"{self.layer_prefix.format(i=layer)}.{module}.{kind}"
 
-    def qkv_rows(self, geo: "AttentionGeometry") -> dict[str, slice]:
-        """Rows of q, k and v in a fused [q; k; v] projection."""
+    @property
+    def base_model(self) -> str:
+        """Attribute of the CausalLM holding the decoder (`model`, `gpt_neox`)."""
+        return self.layer_prefix.rsplit(".layers.", 1)[0]
+
+    @property
+    def attention(self) -> str:
+        """Attribute of a decoder layer holding its attention (`self_attn`, `attention`)."""
+        return self.o_proj.rsplit(".", 1)[0]
+
+    def module_names(self) -> dict[str, str]:
+        """Where the converted model's modeling code finds the source's parts (it sees no table)."""
+        within = len(self.base_model) + 1
+        return {"base_model": self.base_model, "attention": self.attention, "lm_head": self.lm_head_module,
+                "embed": self.embed[within:].removesuffix(".weight"),
+                "final_norm": self.final_norm[within:].removesuffix(".weight"),
+                "cache_argument": self.cache_argument}
+
+    def qkv_rows(self, geo: "AttentionGeometry") -> dict:
+        """Rows of q, k and v in the fused projection: slices (blocked) or index tensors (per head)."""
+        if self.fused_qkv_layout == "per_head":
+            import torch
+
+            d = geo.head_dim
+            per_head = torch.arange(geo.num_heads)[:, None] * 3 * d + torch.arange(d)[None, :]  # [H, d]
+            return {w: (per_head + i * d).flatten() for i, w in enumerate("qkv")}
         q, kv = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim
         return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
 
@@ -104,6 +136,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  deepseek_refusal="its RMSNorms scale by (1 + w) and its embeddings by sqrt(hidden size)"),
         ArchSpec("phi3", fused_qkv="self_attn.qkv_proj",
                  deepseek_refusal="its MLP fuses the gate and up projections (gate_up_proj)"),
+        # GPT-NeoX / Pythia: parallel residual (or not), LayerNorms with biases and RoPE on the first
+        # rotary_pct of each head live in transformers' own layer, which the converted model keeps.
+        ArchSpec("gpt_neox", layer_prefix="gpt_neox.layers.{i}", q_proj="attention.q_proj", k_proj="attention.k_proj",
+                 v_proj="attention.v_proj", o_proj="attention.dense", fused_qkv="attention.query_key_value",
+                 fused_qkv_layout="per_head", embed="gpt_neox.embed_in.weight",
+                 final_norm="gpt_neox.final_layer_norm.weight", lm_head="embed_out.weight",
+                 qkv_bias="attention_bias", o_bias="attention_bias", cache_argument="layer_past",
+                 deepseek_refusal="its layers may add attention and MLP in parallel and its LayerNorms have biases",
+                 gqa_refusal="GPTNeoXAttention has one fused query_key_value for as many KV heads as query "
+                             "heads (no num_key_value_heads setting)"),
         ArchSpec(
             "mixtral",
             moe=True,
@@ -140,6 +182,13 @@ class AttentionGeometry:
     head_dim: int
     num_layers: int
     rope_theta: float
+    # RoPE turns the first rotary_dim dims of each q/k head (half-split layout within them); the
+    # other head_dim - rotary_dim are never rotated (partial_rotary_factor < 1: GPT-NeoX, Phi-4-mini).
+    rotary_dim: int = 0
+
+    def __post_init__(self):
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
 
     @property
     def group_size(self) -> int:
@@ -162,14 +211,13 @@ def geometry_of(config) -> AttentionGeometry:
     params = getattr(config, "rope_parameters", None)
     partial = params.get("partial_rotary_factor") if isinstance(params, dict) else None
     partial = partial if partial is not None else getattr(config, "partial_rotary_factor", None)
-    if partial not in (None, 1, 1.0):
-        raise LatentKVError(
-            f"RoPE on part of each head (partial_rotary_factor {partial}) is not supported yet; the conversions "
-            "need every key dim in a rotating pair"
-        )
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rotary_dim = int(head_dim * (1.0 if partial is None else float(partial)))  # as transformers computes it
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise LatentKVError(f"partial_rotary_factor {partial} of head dim {head_dim} rotates {rotary_dim} dims; "
+                            "RoPE needs an even number of them (at least 2)")
     return AttentionGeometry(
         hidden_size=config.hidden_size,
         num_heads=heads,
@@ -177,4 +225,5 @@ def geometry_of(config) -> AttentionGeometry:
         head_dim=head_dim,
         num_layers=config.num_hidden_layers,
         rope_theta=_rope_theta(config),
+        rotary_dim=rotary_dim,
     )

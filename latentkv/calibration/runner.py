@@ -94,7 +94,8 @@ class LayerStream:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         # Rotary buffers are computed at construction: build this one for real.
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=config).to(self.device)
+        self.decoder = getattr(self.skeleton, self.arch.base_model)  # `model`, `gpt_neox`: holds the layers
+        self.rotary = type(self.decoder.rotary_emb)(config=config).to(self.device)
         self.num_layers = config.num_hidden_layers
 
     @property
@@ -140,7 +141,7 @@ class LayerStream:
         return out
 
     def load_layer(self, i: int) -> nn.Module:
-        layer = self.skeleton.model.layers[i]
+        layer = self.decoder.layers[i]
         layer = layer.to_empty(device=self.device)
         state = self.layer_state_dict(i)
         missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
@@ -156,7 +157,7 @@ class LayerStream:
 
     def release_layer(self, i: int) -> None:
         # Back to meta so the weights are freed.
-        self.skeleton.model.layers[i] = self.skeleton.model.layers[i].to("meta")
+        self.decoder.layers[i] = self.decoder.layers[i].to("meta")
 
     @torch.no_grad()
     def run(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, observe=None) -> torch.Tensor:

@@ -101,14 +101,15 @@ def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -
 
 def source_qk(layer, arch, x: torch.Tensor, pos_emb, geo):
     """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
-    attn = layer.get_submodule(arch.o_proj.rsplit(".", 1)[0])
+    attn = layer.get_submodule(arch.attention)
     b, L, _ = x.shape
     q = arch.project(layer, x, "q", geo).reshape(b, L, geo.num_heads, geo.head_dim).transpose(1, 2)
     k = arch.project(layer, x, "k", geo).reshape(b, L, geo.num_kv_heads, geo.head_dim).transpose(1, 2)
-    cos, sin = pos_emb
+    cos, sin = pos_emb  # [b, L, rotary_dim]: RoPE turns the first rotary_dim dims of each head
     cos, sin = cos[:, None], sin[:, None]
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    rd = geo.rotary_dim
+    q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
+    k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
     return q, k, float(getattr(attn, "scaling", geo.head_dim**-0.5))
 
 

@@ -13,6 +13,9 @@ new KV head that every query head of its members reads (DESIGN.md section 2, "MH
    groups of sum_h W_O,h^T W_O,h, `lowrank.fit_low_rank`) at rank d; the reconstruction maps fold
    into W_O (W_O,h <- W_O,h U_g). Fitted uncentred: the augmented moment treats the value bias
    exactly and the source has no o_proj bias to take a value mean.
+   Partial rotary (RoPE on the first rotary_dim dims of each head): steps 1 covers the rotated dims;
+   the never-rotated key dims merge like values, by PCA at their own width under the query metric
+   (sum over the reading query heads of E[q q^T] on those dims), the maps folded into W_Q.
 3. Grouping: which heads merge is free (query heads move with their W_O columns), so groups are
    chosen to minimise the predicted loss of 1 + 2 (greedy, then pairwise swaps).
 `method="meanpool"` is the usual uptraining start (mean of the merged K and V projections), kept
@@ -91,6 +94,8 @@ class LayerMoments:
     q_energy: torch.Tensor  # [P, H] E|z^q_{h,j}|^2, times each head's weight (key_weighting)
     v_moment: torch.Tensor  # [G*d, G*d] E[v v^T] (uncentred, bias included)
     o_gram: torch.Tensor  # [G, d, d] sum over the query heads of group g of W_O,h^T W_O,h
+    k_pass_moment: torch.Tensor  # [G*p, G*p] E[k k^T] of the never-rotated key dims (p = d - rotary_dim)
+    q_pass_gram: torch.Tensor  # [G, p, p] sum over group g's query heads of weight_h E[q q^T] on those dims
 
     @property
     def heads_per_group(self) -> int:
@@ -98,12 +103,12 @@ class LayerMoments:
 
 
 def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
-    H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
+    H, G, d, rd = inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rotary
     n = H // G
     S = inp.moment
-    k_pair_cov = rope.pair_covariance(inp.k @ S @ inp.k.T, G, d)
+    k_pair_cov = rope.pair_covariance(inp.k @ S @ inp.k.T, G, d, rd)
     q_diag = ((inp.q @ S) * inp.q).sum(1).view(H, d)  # E[q_{h,i}^2]
-    q_energy = (q_diag[:, : d // 2] + q_diag[:, d // 2 :]).T.contiguous()  # [P, H]
+    q_energy = (q_diag[:, : rd // 2] + q_diag[:, rd // 2 : rd]).T.contiguous()  # [P, H]
     v_moment = inp.v @ S @ inp.v.T
     o_heads = inp.o.double().view(-1, H, d).transpose(0, 1)  # [H, D, d]
     o_gram = torch.einsum("hDi,hDj->hij", o_heads, o_heads).view(G, n, d, d).sum(1)
@@ -116,7 +121,11 @@ def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
     weight = cfg.key_weight * inp.scale**2 * spread.clamp_min(0)
     if cfg.key_weighting == "query":
         weight = torch.full_like(weight, float(weight.mean()))
-    return LayerMoments(inp, k_pair_cov, q_energy * weight[None, :], v_moment, o_gram)
+    k_pass = rope.passed_rows(inp.k, G, d, rd).reshape(-1, S.shape[0])  # [G*p, D+1]
+    q_pass = rope.passed_rows(inp.q, H, d, rd)  # [H, p, D+1]
+    q_pass_gram = (weight[:, None, None] * (q_pass @ S @ q_pass.transpose(1, 2))).view(G, n, d - rd, d - rd).sum(1)
+    return LayerMoments(inp, k_pair_cov, q_energy * weight[None, :], v_moment, o_gram, k_pass @ S @ k_pass.T,
+                        q_pass_gram)
 
 
 def _heads_of(groups: list[int], n: int) -> torch.Tensor:
@@ -154,10 +163,21 @@ def value_loss(lm: LayerMoments, members: list[int]) -> float:
     return float(sigma[d:].sum())
 
 
+def pass_loss(lm: LayerMoments, members: list[int]) -> float:
+    """Score error of the PCA of the merged heads' never-rotated key dims at their own width (0 if none)."""
+    p = lm.inputs.head_dim - lm.inputs.rotary
+    if not p:
+        return 0.0
+    idx = torch.cat([torch.arange(g * p, (g + 1) * p) for g in members])
+    eye = torch.eye(idx.numel(), dtype=torch.float64)
+    sigma, *_ = lowrank.metric_spectrum(eye, lm.k_pass_moment[idx][:, idx], torch.block_diag(*lm.q_pass_gram[members]))
+    return float(sigma[p:].sum())
+
+
 def group_cost(lm: LayerMoments, members: list[int]) -> float:
     if len(members) == 1:
         return 0.0
-    return key_fit(lm, members)[1] + value_loss(lm, members)
+    return key_fit(lm, members)[1] + pass_loss(lm, members) + value_loss(lm, members)
 
 
 def choose_groups(num_heads: int, size: int, cost, swap_rounds: int = 4) -> list[list[int]]:
@@ -232,8 +252,8 @@ def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> di
     """New attention tensors, float64, under projection names ("q_proj.weight", ..., biases
     as "q_proj.bias" etc. always present; the writer keeps those the source has)."""
     inp = lm.inputs
-    H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
-    n, P = lm.heads_per_group, d // 2
+    H, G, d, rd = inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rotary
+    n, P, p = lm.heads_per_group, rd // 2, d - rd
     q_rows = inp.q.view(H, d, -1)
     o = inp.o.double()
     q_new, k_new, v_new, o_new = [], [], [], []
@@ -248,11 +268,20 @@ def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> di
         # Keys: top complex component of every pair; the queries take conj(B[j, g, 0]).
         basis, _ = key_fit(lm, members)
         comps = [(j, 0) for j in range(P)]
-        zk = rope.complex_pairs(inp.k, G, d)[members]  # [m, P, D+1]
-        k_new.append(rope.real_key_rows(rope.component_rows(basis, zk, comps), "half"))  # [d, D+1]
+        zk = rope.complex_pairs(inp.k, G, d, rd)[members]  # [m, P, D+1]
+        k_rot = rope.real_key_rows(rope.component_rows(basis, zk, comps), "half")  # [rd, D+1]
         local = torch.arange(len(members)).repeat_interleave(n)
-        q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half")  # [m*n, d, d]
-        q_new.append(q_map @ q_rows[heads])
+        q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half", rd)  # [m*n, rd, d]
+        q_rot = q_map @ q_rows[heads]
+        if p:  # never-rotated key dims: PCA at width p under the query metric; head h reads U_g^T q_h
+            k_pass = rope.passed_rows(inp.k, G, d, rd)[members].reshape(len(members) * p, -1)
+            fit = lowrank.fit_low_rank(k_pass, inp.moment, torch.block_diag(*lm.q_pass_gram[members]), p)
+            up = fit.up.view(len(members), p, p)[local]  # [m*n, p (source dims), p (new dims)]
+            k_new.append(torch.cat([k_rot, fit.down]))
+            q_new.append(torch.cat([q_rot, up.transpose(1, 2) @ q_rows[heads][:, rd:]], dim=1))
+        else:
+            k_new.append(k_rot)
+            q_new.append(q_rot)
         # Values: rank-d PCA under the W_O metric; reconstruction folded into W_O.
         rows = inp.v.view(G, d, -1)[members].reshape(len(members) * d, -1)
         fit = lowrank.fit_low_rank(rows, inp.moment, value_metric(lm, members), d)

@@ -65,6 +65,9 @@ class GQAMethod:
             )
         if geo.head_dim % 2:
             raise LatentKVError(f"The head dim {geo.head_dim} is odd; RoPE pairs need an even head dim")
+        if arch.gqa_refusal:
+            raise LatentKVError(f"--to gqa cannot write {arch.model_type} with fewer KV heads: {arch.gqa_refusal}. "
+                                "Use --to mla or --to gla for this model.")
         if arch.rope_layout != "half":
             raise LatentKVError(f"--to gqa supports the half-split RoPE layout only; {arch.model_type} uses {arch.rope_layout}")
 
@@ -100,10 +103,10 @@ class GQAMethod:
         plan.built[i] = tensors
         config = copy.deepcopy(stream.config)
         config.num_key_value_heads = cfg.num_kv_heads
-        source_attn = stream.skeleton.model.layers[i].self_attn
+        source_attn = stream.decoder.layers[i].get_submodule(stream.arch.attention)
         module = type(source_attn)(config, i)
         own = set(module.state_dict())
-        attn = stream.arch.o_proj.rsplit(".", 1)[0] + "."  # the attention module's name within the layer
+        attn = stream.arch.attention + "."
         named = {k.removeprefix(attn): v for k, v in stream.arch.attention_tensors(tensors).items()}
         state = {k: v.to(stream.dtype) for k, v in named.items() if k in own}
         module.load_state_dict(state, strict=True)

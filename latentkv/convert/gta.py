@@ -29,6 +29,11 @@ The fit (no training; it needs healing afterwards), reusing the MLA machinery of
    of the value mean goes into the output bias.
 The layer's fit error (key and value parts relative to their total energy, in the same metrics)
 is reported per layer.
+
+Partial rotary (RoPE on the first rotary_dim dims of each head): the source's never-rotated key
+dims join the de-rotated ones among the keys that the state's first half serves (they lose nothing
+to de-rotation); the RoPE key keeps its d/2 dims, filled from rotating components only, so GTA-T
+needs G x rotary_dim >= d/2 (`GTAMethod.validate` refuses the rest).
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ def build_gta_layer(an: mla.LayerAnalysis, cfg: GTAConfig) -> tuple[dict, dict]:
     half = d // 2
     kept, nope = mla._rope_split(an, half, cfg)
     rope_k = rope.real_key_rows(rope.component_rows(an.basis, an.zk, kept), "half")  # [d/2, D+1]
-    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half")
+    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half",
+                                 inp.rotary)
     q_rows = inp.q.view(H, d, -1)
     o = inp.o.double()
     o_bias = inp.o_bias.double() if inp.o_bias is not None else torch.zeros(o.shape[0], dtype=torch.float64)

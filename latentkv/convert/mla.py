@@ -140,6 +140,11 @@ class LayerInputs:
     num_kv_heads: int
     head_dim: int
     scale: float
+    rotary_dim: int | None = None  # RoPE turns the first rotary_dim dims of each head (None: all)
+
+    @property
+    def rotary(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @staticmethod
     def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -164,17 +169,17 @@ class LayerAnalysis:
 
 
 def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
-    H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
+    H, G, d, rd = inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rotary
     group_of_head = torch.arange(H) // (H // G)
-    zk = rope.complex_pairs(inp.k, G, d)
-    zq = rope.complex_pairs(inp.q, H, d)
+    zk = rope.complex_pairs(inp.k, G, d, rd)
+    zq = rope.complex_pairs(inp.q, H, d, rd)
     basis = rope.key_basis(zk, zq, inp.moment, group_of_head, cfg.rope_mix, cfg.query_weighted)
     measured = rope.rotation_shrink(inp.distance, inp.inv_freq, H)
     shrink = measured if cfg.shrink else rope.rotation_shrink(None, inp.inv_freq, H)
     q_rows = inp.q.view(H, d, -1)
     q_cov = q_rows @ inp.moment @ q_rows.transpose(1, 2)
     q_energy = q_cov.diagonal(dim1=1, dim2=2)
-    q_energy = q_energy[:, : d // 2] + q_energy[:, d // 2 :]  # E|z^q_{h,j}|^2: [H, P]
+    q_energy = q_energy[:, : rd // 2] + q_energy[:, rd // 2 : rd]  # E|z^q_{h,j}|^2: [H, P]
     # How much a score error of head h moves the layer output: spread of its values through W_O.
     v_rows = inp.v.view(G, d, -1)
     mean = v_rows @ inp.moment[:, -1]  # [G, d]
@@ -187,7 +192,7 @@ def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
 
 
 def _rope_split(an: LayerAnalysis, rope_dim: int, cfg: MLAConfig):
-    P = an.inputs.head_dim // 2
+    P = an.inputs.rotary // 2
     if cfg.rope_frequency_grid:
         allowed = grid_pairs(rope_dim, cfg.rope_grid_step)
         kept = rope.select_rope_components(an.rot_loss, rope_dim // 2, allowed)
@@ -218,13 +223,22 @@ def _head_groups(an: LayerAnalysis, latent_heads: int) -> list[torch.Tensor]:
 
 
 def _latent_problem(an: LayerAnalysis, nope, heads: torch.Tensor, cfg: MLAConfig):
-    """Rows T of z = [k_nope; v of the groups these heads read] and the metric of each coordinate."""
+    """Rows T of z = [k_nope; v of the groups these heads read] and the metric of each coordinate.
+    k_nope: the de-rotated key components, then (partial rotary) the never-rotated dims of the groups
+    these heads read, as they are: nope_q maps each source query head onto these rows."""
     inp = an.inputs
-    d, G = inp.head_dim, inp.num_kv_heads
+    d, G, rd = inp.head_dim, inp.num_kv_heads, inp.rotary
     groups = torch.unique(an.group_of_head[heads])
     k_rows = rope.real_key_rows(rope.component_rows(an.basis, an.zk, nope), "pairs")  # [n_k, D+1]
     coeff = rope.query_coefficients(an.basis, nope, an.group_of_head, an.shrink)  # [H, n]
-    nope_q = rope.real_query_map(coeff, nope, d, "pairs")  # [H, n_k, d]
+    nope_q = rope.real_query_map(coeff, nope, d, "pairs", rd)  # [H, n_k, d]
+    if rd < d:  # no rotation to lose: query head h reads its own group's dims rd.. with its own dims rd..
+        passed = rope.passed_rows(inp.k, G, d, rd)[groups]  # [g, d - rd, D+1]
+        reads = (an.group_of_head[:, None] == groups[None, :]).double()  # [H, g]
+        pass_q = torch.zeros(inp.num_heads, len(groups), d - rd, d, dtype=torch.float64)
+        pass_q[..., rd:] = reads[:, :, None, None] * torch.eye(d - rd, dtype=torch.float64)
+        k_rows = torch.cat([k_rows, passed.reshape(-1, passed.shape[-1])])
+        nope_q = torch.cat([nope_q, pass_q.view(inp.num_heads, -1, d)], dim=1)
     v_rows = inp.v.view(G, d, -1)[groups].reshape(-1, inp.v.shape[1])
     rows = torch.cat([k_rows, v_rows], dim=0)
     n_k = k_rows.shape[0]
@@ -249,7 +263,7 @@ def _latent_problem(an: LayerAnalysis, nope, heads: torch.Tensor, cfg: MLAConfig
 def rope_dim_candidates(an: LayerAnalysis, cfg: MLAConfig, fmt_max: int) -> list[int]:
     if cfg.qk_rope_dim != "auto":
         return [int(cfg.qk_rope_dim)]
-    total = min(an.inputs.num_kv_heads * an.inputs.head_dim, fmt_max)
+    total = min(an.inputs.num_kv_heads * an.inputs.rotary, fmt_max)
     step = max(2, 2 * round(total / 32))
     widths = sorted(set(list(range(0, total + 1, step)) + [total]))
     if cfg.rope_frequency_grid:  # a DeepSeek RoPE key: not empty, and its grid within the source's pairs
@@ -295,7 +309,8 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
     kept, nope = _rope_split(an, rope_dim, cfg)
     # Cached RoPE key and the queries that read it.
     rope_k = rope.real_key_rows(rope.component_rows(an.basis, an.zk, kept), "half")  # [d_R, D+1]
-    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half")
+    rope_q = rope.real_query_map(rope.query_coefficients(an.basis, kept, an.group_of_head), kept, d, "half",
+                                 inp.rotary)
     inv_freq = [float(inp.inv_freq[j]) for j, _ in kept]
     heads_per_latent = H // cfg.latent_heads
     per_rank = rank // cfg.latent_heads
@@ -318,8 +333,7 @@ def build_layer(an: LayerAnalysis, rope_dim: int, rank: int, cfg: MLAConfig) -> 
             if cfg.center:  # what the latent misses of the value mean, delivered through the output bias
                 v_miss = z_mean[n_k + g_index * d : n_k + (g_index + 1) * d] - v_up[h] @ c_mean
                 o_bias = o_bias + inp.o.double()[:, h * d : (h + 1) * d] @ v_miss
-    n_k = 2 * len(nope)
-    nope_dim = d if n_k else 0
+    nope_dim = d if nope or inp.rotary < d else 0  # no non-rotated key at all: queries keep no nope part
     q_rows = inp.q.view(H, d, -1)
     q_new = torch.cat([q_rows[:, :nope_dim], rope_q @ q_rows], dim=1).reshape(H * (nope_dim + rope_dim), -1)
     kv_a = torch.cat([*downs, rope_k], dim=0)

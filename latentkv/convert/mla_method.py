@@ -122,18 +122,24 @@ class MLAMethod:
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
         geo = geometry_of(config)
         total_key = geo.num_kv_heads * geo.head_dim
+        rotated = geo.num_kv_heads * geo.rotary_dim
         if fmt == "deepseek":
             if arch.deepseek_refusal:
                 raise LatentKVError(
                     f"--format deepseek cannot hold {arch.model_type}: {arch.deepseek_refusal}. "
                     "Use --format latentkv for this model."
                 )
+            if geo.rotary_dim < geo.head_dim:
+                raise LatentKVError(
+                    f"--format deepseek is not written for RoPE on part of each head ({geo.rotary_dim} of "
+                    f"{geo.head_dim} dims); use --format latentkv for this model."
+                )
             if cfg.qk_rope_dim == "auto" and cfg.kv_lora_rank is not None:  # DeepSeek's own, within the head dim
                 cfg.qk_rope_dim = min(64, geo.head_dim)
-        if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > total_key:
+        if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > rotated:
             raise LatentKVError(
-                f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's key dims ({geo.num_kv_heads} KV heads x "
-                f"{geo.head_dim} = {total_key}); use at most {total_key}"
+                f"--qk-rope-dim {cfg.qk_rope_dim} exceeds the source's rotated key dims ({geo.num_kv_heads} KV heads x "
+                f"{geo.rotary_dim} = {rotated}); use at most {rotated}"
             )
         if fmt == "deepseek":
             if cfg.latent_heads != 1:
@@ -203,7 +209,7 @@ class MLAMethod:
 
     @staticmethod
     def _max_rope(geo, fmt: str) -> int:
-        return geo.head_dim if fmt == "deepseek" else geo.num_kv_heads * geo.head_dim
+        return geo.rotary_dim if fmt == "deepseek" else geo.num_kv_heads * geo.rotary_dim
 
     @staticmethod
     def _layer_budget(geo, cfg: mla.MLAConfig) -> int:
@@ -314,6 +320,13 @@ class GTAMethod(MLAMethod):
         if geo.head_dim % 4:
             raise LatentKVError(f"GTA-T splits the head dim into RoPE pairs of halves; head dim {geo.head_dim} "
                                 "is not a multiple of 4")
+        if geo.num_kv_heads * geo.rotary_dim < geo.head_dim // 2:
+            # The never-rotated dims join the tied state like de-rotated ones; but the RoPE key of d/2
+            # must be filled with rotating components, and the source has fewer.
+            raise LatentKVError(
+                f"GTA-T's RoPE key has half the head dim ({geo.head_dim // 2}), but RoPE turns only "
+                f"{geo.num_kv_heads} x {geo.rotary_dim} key dims of this model; use --to mla or --to gla"
+            )
         cfg.latent_heads = geo.num_kv_heads
         cfg.qk_rope_dim = geo.head_dim // 2
 
@@ -357,6 +370,7 @@ def latent_config(stream, specs: list[dict], method: str, o_bias: bool = False):
         q_bias=stream.arch.has_bias(stream.config, "q"),
         o_bias=o_bias or stream.arch.has_bias(stream.config, "o"),
         method=method,
+        source_modules=stream.arch.module_names(),
     )
 
 
@@ -389,21 +403,24 @@ def attention_module(stream, i: int, tensors: dict, spec: dict):
 
 def write_layer(stream, writer, i: int, attention: dict, save_dtype) -> None:
     """One decoder layer under module names: the source's non-attention tensors, the new attention."""
-    prefix = stream.arch.layer_key(i)
+    prefix, attn = stream.arch.layer_key(i), stream.arch.attention + "."
     for name, t in stream.layer_state_dict(i).items():
-        if not name.startswith("self_attn."):
+        if not name.startswith(attn):
             writer.add(prefix + name, t.to(save_dtype))
     for name, t in attention.items():
-        writer.add(prefix + "self_attn." + name, t.to(save_dtype))
+        writer.add(prefix + attn + name, t.to(save_dtype))
 
 
 def write_globals(stream, writer, save_dtype) -> None:
-    """Embeddings, final norm and (untied) LM head, then the shard index."""
+    """Embeddings, final norm (and its bias, a LayerNorm's) and (untied) LM head under its module
+    name, then the shard index."""
     arch = stream.arch
-    for name in (arch.embed, arch.final_norm):
-        writer.add(name, stream.weights.get(name).to(save_dtype))
+    norm_bias = arch.final_norm.removesuffix("weight") + "bias"
+    for name in (arch.embed, arch.final_norm, norm_bias):
+        if name != norm_bias or name in stream.weights:
+            writer.add(name, stream.weights.get(name).to(save_dtype))
     if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(arch.lm_head, stream.weights.get(arch.lm_head).to(save_dtype))
+        writer.add(f"{arch.lm_head_module}.weight", stream.weights.get(arch.lm_head).to(save_dtype))
     writer.close()
 
 

@@ -106,6 +106,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
         num_kv_heads=geo.num_kv_heads,
         head_dim=geo.head_dim,
         scale=geo.head_dim**-0.5,
+        rotary_dim=geo.rotary_dim,
     )
 
 
@@ -168,7 +169,7 @@ def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stat
 
         new_attn = on_layer(i, layer, stats, batches)
         if new_attn is not None:
-            layer.self_attn = new_attn.to(stream.device, stream.dtype)
+            setattr(layer, stream.arch.attention, new_attn.to(stream.device, stream.dtype))
     if not last:
         # One pass: the layer's forward, with the statistics taken from its attention input.
         stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None)
@@ -237,7 +238,7 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         stats = collect_stats(
             stream, windows, seq_cache, opts.calib, progress=progress,
             on_layer=lambda i, layer, st, batches: method.sequential_module(
-                stream, i, st, plan, method_cfg, layer.self_attn, batches),
+                stream, i, st, plan, method_cfg, layer.get_submodule(stream.arch.attention), batches),
         )
     else:
         progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
@@ -255,7 +256,8 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
             seq_stats = collect_stats(
                 stream, pass_windows, seq_cache, opts.calib, progress=progress,
                 on_layer=lambda i, layer, st, batches: method.sequential_module(
-                    stream, i, st if sequential else first_pass[i], plan, method_cfg, layer.self_attn, batches),
+                    stream, i, st if sequential else first_pass[i], plan, method_cfg,
+                    layer.get_submodule(stream.arch.attention), batches),
                 collect=sequential,
             )
             stats = seq_stats if sequential else first_pass

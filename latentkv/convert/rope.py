@@ -14,6 +14,10 @@ that matters for scores into few components:
 A component that keeps its rotation goes into the cached RoPE key; one that loses it is used as a
 position-independent key, with the query scaled by c = E[e^{i theta Delta}] over the distances the
 head attends to (the least-squares constant for the dropped rotation).
+
+Partial rotary (`rotary_dim` < d: GPT-NeoX, Phi-4-mini): RoPE turns only the first rotary_dim dims
+of each head (pairs j and j + rotary_dim/2); the functions below then see only those dims, and the
+rest of each head is position-free already, handled by the callers like any non-rotated key.
 """
 
 from __future__ import annotations
@@ -25,21 +29,28 @@ import torch
 EPS = 1e-10
 
 
-def complex_pairs(w_aug: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Rows of a projection as complex pair rows: [heads, d/2, D+1] complex128."""
-    half = head_dim // 2
+def complex_pairs(w_aug: torch.Tensor, heads: int, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Rotated rows of a projection as complex pair rows: [heads, rotary_dim/2, D+1] complex128."""
+    rotary_dim = rotary_dim or head_dim
+    half = rotary_dim // 2
     w = w_aug.double().view(heads, head_dim, -1)
-    return torch.complex(w[:, :half], w[:, half:])
+    return torch.complex(w[:, :half], w[:, half:rotary_dim])
 
 
-def pair_covariance(cov: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+def passed_rows(w_aug: torch.Tensor, heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """The never-rotated rows of each head: [heads, head_dim - rotary_dim, D+1]."""
+    return w_aug.view(heads, head_dim, -1)[:, rotary_dim:]
+
+
+def pair_covariance(cov: torch.Tensor, heads: int, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
     """E[z z^H] per frequency pair from the real covariance of `heads` heads' rows: [P, heads, heads].
 
     cov: [heads*d, heads*d] = T S T^T of real rows T (half-split layout); the same numbers as
     `_sandwich(complex_pairs(T))` without a (D+1)^2 product per subset of heads.
     """
-    half = head_dim // 2
-    c = cov.double().view(heads, head_dim, heads, head_dim)
+    rotary_dim = rotary_dim or head_dim
+    half = rotary_dim // 2
+    c = cov.double().view(heads, head_dim, heads, head_dim)[:, :rotary_dim, :, :rotary_dim]
     a = c[:, :half, :, :half].diagonal(dim1=1, dim2=3)  # E[a_g a_h]: [G, G, P]
     b = c[:, half:, :, half:].diagonal(dim1=1, dim2=3)  # E[b_g b_h]
     ba = c[:, half:, :, :half].diagonal(dim1=1, dim2=3)  # E[b_g a_h]
@@ -187,14 +198,16 @@ def query_coefficients(basis: KeyBasis, comps: list[tuple[int, int]], group_of_h
     return a
 
 
-def real_query_map(coeff: torch.Tensor, comps: list[tuple[int, int]], head_dim: int, layout: str) -> torch.Tensor:
+def real_query_map(coeff: torch.Tensor, comps: list[tuple[int, int]], head_dim: int, layout: str,
+                   rotary_dim: int | None = None) -> torch.Tensor:
     """Real maps from a source query head (d dims) to component coordinates: [H, 2n, d].
 
     layout "half": rows [re_0..re_{n-1}, im_0..im_{n-1}] (a RoPE key in HF's half-split layout);
     "pairs": rows [re_0, im_0, re_1, im_1, ...] (non-rotated keys, order is free).
+    Pair j of the query is its dims j and j + rotary_dim/2 (rotary_dim: all d unless partial).
     """
     H, n = coeff.shape
-    half = head_dim // 2
+    half = (rotary_dim or head_dim) // 2
     out = torch.zeros(H, 2 * n, head_dim, dtype=torch.float64)
     for idx, (j, _) in enumerate(comps):
         ar, ai = coeff[:, idx].real, coeff[:, idx].imag

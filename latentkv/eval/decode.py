@@ -218,9 +218,9 @@ class PagedLatentCache:
 
 def latent_attentions(model) -> list:
     """The LatentAttention modules of a latentkv model, in layer order (error for other models)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    attns = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    names = getattr(model.config, "source_modules", None)
+    layers = getattr(model.get_decoder(), "layers", None) if names else None
+    attns = [getattr(layer, names["attention"], None) for layer in layers] if layers is not None else []
     if not attns or not all(hasattr(a, "absorbed_weights") for a in attns):
         raise LatentKVError(
             f"{type(model).__name__} has no latent attention; the decode loop runs models converted to the "
@@ -235,23 +235,22 @@ def latent_attentions(model) -> list:
 @torch.no_grad()
 def forward_step(model, cache: PagedLatentCache, seqs: list[int], input_ids: torch.Tensor, last_only: bool = False):
     """input_ids [len(seqs), n] appended to ``seqs``; returns logits [b, n or 1, vocab] (float32)."""
-    inner = model.model
     positions = cache.begin_step(seqs, input_ids.shape[1])
     try:
-        hidden = inner.embed_tokens(input_ids.to(cache.device))
-        for layer in inner.layers:
+        hidden = model.get_input_embeddings()(input_ids.to(cache.device))
+        for layer in model.get_decoder().layers:
             hidden = layer(
                 hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
                 position_embeddings=None,
             )  # fmt: skip
             if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
                 hidden = hidden[0]
-        hidden = inner.norm(hidden[:, -1:] if last_only else hidden)
+        hidden = model.get_final_norm()(hidden[:, -1:] if last_only else hidden)
     except BaseException:
         cache.abort_step()
         raise
     cache.end_step()
-    return model.lm_head(hidden).float()
+    return model.get_output_embeddings()(hidden).float()
 
 
 def prefill(model, cache: PagedLatentCache, seq: int, ids: list[int], chunk: int, all_logits: bool = False):

@@ -153,13 +153,14 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
         "query heads": geo.num_heads,
         "KV heads": G,
         "head dim": d,
-        "RoPE": f"theta {geo.rope_theta:g}, {(getattr(config, 'rope_parameters', None) or {}).get('rope_type', 'default')}",
+        "RoPE": f"theta {geo.rope_theta:g}, {(getattr(config, 'rope_parameters', None) or {}).get('rope_type', 'default')}"
+                + (f", first {geo.rotary_dim} of {d} dims per head" if geo.rotary_dim < d else ""),
         "q/k/v bias": arch.has_bias(config, "q"),
         "mixture of experts": arch.moe,
     }
     rows = [("source (GQA)" if G < geo.num_heads else "source (MHA)", f"K and V: 2 x {G} x {d}", src)]
     for n in range(G - 1, 0, -1):
-        if G % n == 0:
+        if G % n == 0 and not arch.gqa_refusal:
             rows.append((f"gqa --num-kv-heads {n}", f"2 x {n} x {d}", 2 * n * d))
     for frac in (0.5, 1 / 3, 0.25):
         v = int(round(frac * src))

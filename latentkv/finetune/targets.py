@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class FormatTargets:
     """The trainable modules of one checkpoint format.
 
-    attention: linears inside each layer's `self_attn` (names that are absent are skipped, so
+    attention: linears inside each layer's attention (`self_attn`, or the source's name for it in a
+        latentkv config's `source_modules`; names that are absent are skipped, so
         optional ones such as DeepSeek's q_a_proj / q_b_proj can be listed).
     mlp: linears inside each layer's `mlp`.
     extra: small tensors trained in full in both modes (peft `modules_to_save` under LoRA), such as
@@ -30,7 +31,8 @@ class FormatTargets:
     """
 
     attention: tuple[str, ...]
-    mlp: tuple[str, ...] = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")  # gate_up_proj: Phi-3
+    # gate_up_proj: Phi-3; dense_h_to_4h / dense_4h_to_h: GPT-NeoX
+    mlp: tuple[str, ...] = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h")
     extra: tuple[str, ...] = ()
 
 
@@ -56,12 +58,17 @@ def targets_for(config) -> FormatTargets:
     return row
 
 
-def target_pattern(row: FormatTargets, target: str) -> str:
+def target_pattern(row: FormatTargets, target: str, attention: str = "self_attn") -> str:
     """A regex over full module names (peft's `target_modules` as a string): whole-name match."""
-    groups = [rf"self_attn\.({'|'.join(row.attention)})"]
+    groups = [rf"{re.escape(attention)}\.({'|'.join(row.attention)})"]
     if target == "attention+mlp":
         groups.append(rf"mlp\.({'|'.join(row.mlp)})")
     return rf".*\.layers\.\d+\.({'|'.join(groups)})"
+
+
+def attention_name(model: torch.nn.Module) -> str:
+    """A layer's attention attribute in this model (a latentkv model of GPT-NeoX: `attention`)."""
+    return (getattr(model.config, "source_modules", None) or {}).get("attention", "self_attn")
 
 
 def matching_modules(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -79,7 +86,7 @@ def _check_found(model, names: list[str], pattern: str, target: str) -> None:
 
 def freeze_all_but(model: torch.nn.Module, row: FormatTargets, target: str) -> list[str]:
     """`--mode attention`: train the target modules' full weights (and the `extra` tensors) only."""
-    pattern = target_pattern(row, target)
+    pattern = target_pattern(row, target, attention_name(model))
     names = matching_modules(model, pattern)
     _check_found(model, names, pattern, target)
     model.requires_grad_(False)
@@ -95,7 +102,7 @@ def add_lora(model: torch.nn.Module, row: FormatTargets, target: str, rank: int,
     """`--mode lora`: peft LoRA adapters on the target modules; everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
-    pattern = target_pattern(row, target)
+    pattern = target_pattern(row, target, attention_name(model))
     names = matching_modules(model, pattern)
     _check_found(model, names, pattern, target)
     route_latent_expansion_through_modules(model)

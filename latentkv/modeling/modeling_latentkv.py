@@ -5,8 +5,9 @@ This file is copied next to converted weights and registered through `auto_map`,
 It imports only torch and transformers.
 
 The model is the source architecture (built by transformers from `config.source_config`: its
-embeddings, norms, MLP or MoE, and its own cache/mask handling) with every `self_attn` replaced by
-`LatentAttention`, which caches per token only a latent `c` (width r, split into `latent_heads`
+embeddings, norms, MLP or MoE, residual layout, and its own cache/mask handling) with every layer's
+attention (`self_attn`, or the name in `config.source_modules`) replaced by `LatentAttention`,
+which caches per token only a latent `c` (width r, split into `latent_heads`
 equal heads) and a shared RoPE key of width `rope_dim`:
 
     q_h      = q_proj(x)_h = [q_nope_h (d_nope) | q_rope_h (rope_dim)]
@@ -39,6 +40,9 @@ class LatentKVConfig(PretrainedConfig):
     attention_layers: one dict per decoder layer with `kv_lora_rank`, `rope_dim`, `rope_inv_freq`
         (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias` and `tied` (GTA-T).
     softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
+    source_modules: where the source CausalLM keeps its parts: `base_model` (attribute holding the
+        decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder), and
+        `cache_argument` (the keyword a layer passes its cache under). Llama's names by default.
     """
 
     model_type = "latentkv"
@@ -53,6 +57,7 @@ class LatentKVConfig(PretrainedConfig):
         q_bias: bool = False,
         o_bias: bool = False,
         method: str = "mla",
+        source_modules: dict | None = None,
         **kwargs,
     ):
         self.source_config = dict(source_config or {})
@@ -63,6 +68,7 @@ class LatentKVConfig(PretrainedConfig):
         self.q_bias = q_bias
         self.o_bias = o_bias
         self.method = method
+        self.source_modules = {**SOURCE_MODULES, **(source_modules or {})}
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key in self.source_config:
                 kwargs.setdefault(key, self.source_config[key])
@@ -82,6 +88,10 @@ class LatentKVConfig(PretrainedConfig):
     def kv_values_per_token(self) -> int:
         """Values the cache holds per token, summed over layers."""
         return sum(layer["kv_lora_rank"] + layer["rope_dim"] for layer in self.attention_layers)
+
+
+SOURCE_MODULES = {"base_model": "model", "attention": "self_attn", "lm_head": "lm_head", "embed": "embed_tokens",
+                  "final_norm": "norm", "cache_argument": "past_key_values"}
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +188,8 @@ class LatentAttention(nn.Module):
         **kwargs,
     ):
         b, s, _ = hidden_states.shape
+        if past_key_values is None:  # a layer that passes its cache under another name (GPT-NeoX: layer_past)
+            past_key_values = kwargs.get(self.config.source_modules["cache_argument"])
         if position_ids is None:
             start = 0 if cache_position is None else int(cache_position[0])
             if cache_position is None and past_key_values is not None:
@@ -225,26 +237,35 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LatentKVConfig):
         super().__init__(config)
+        names = config.source_modules
         source = AutoModelForCausalLM.from_config(config.build_source_config())
-        self.model = source.model
-        self.lm_head = source.lm_head
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn = LatentAttention(config, i)
+        # Under the source's own attribute names, so the weights keep the source's tensor names.
+        setattr(self, names["base_model"], getattr(source, names["base_model"]))
+        setattr(self, names["lm_head"], getattr(source, names["lm_head"]))
+        for i, layer in enumerate(self.get_decoder().layers):
+            setattr(layer, names["attention"], LatentAttention(config, i))
         if config.tie_word_embeddings:
-            self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+            self._tied_weights_keys = {f"{names['lm_head']}.weight": f"{names['base_model']}.{names['embed']}.weight"}
         self.post_init()
 
+    def get_decoder(self):
+        """The source's decoder (embeddings, layers, final norm)."""
+        return getattr(self, self.config.source_modules["base_model"])
+
+    def get_final_norm(self):
+        return getattr(self.get_decoder(), self.config.source_modules["final_norm"])
+
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return getattr(self.get_decoder(), self.config.source_modules["embed"])
 
     def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
+        setattr(self.get_decoder(), self.config.source_modules["embed"], value)
 
     def get_output_embeddings(self):
-        return self.lm_head
+        return getattr(self, self.config.source_modules["lm_head"])
 
     def set_output_embeddings(self, value):
-        self.lm_head = value
+        setattr(self, self.config.source_modules["lm_head"], value)
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -270,7 +291,7 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        outputs = self.model(
+        outputs = self.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -281,7 +302,7 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.get_output_embeddings()(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
