@@ -214,18 +214,35 @@ def contiguous_groups(num_kv_heads: int, target: int) -> list[list[int]]:
     return [list(range(c * m, (c + 1) * m)) for c in range(target)]
 
 
-def layer_groups(lm: LayerMoments, cfg: GQAConfig) -> tuple[list[list[int]], float, float]:
-    """(groups, predicted loss, predicted loss of contiguous groups) for one layer."""
+def layer_groups(lm: LayerMoments, cfg: GQAConfig, cost_of=group_cost) -> tuple[list[list[int]], float, float]:
+    """(groups, predicted loss, predicted loss of contiguous groups) for one layer; `cost_of(lm,
+    members)` scores one group (default: key and value loss of merging its heads)."""
     G = lm.inputs.num_kv_heads
     plain = contiguous_groups(G, cfg.num_kv_heads)
-    plain_cost = sum(group_cost(lm, g) for g in plain)
+    plain_cost = sum(cost_of(lm, g) for g in plain)
     if cfg.grouping == "contiguous":
         return plain, plain_cost, plain_cost
-    groups = choose_groups(G, G // cfg.num_kv_heads, lambda g: group_cost(lm, g), cfg.swap_rounds)
-    cost = sum(group_cost(lm, g) for g in groups)
+    groups = choose_groups(G, G // cfg.num_kv_heads, lambda g: cost_of(lm, g), cfg.swap_rounds)
+    cost = sum(cost_of(lm, g) for g in groups)
     if cost > plain_cost:  # the heuristic search should never lose to index order; keep the better
         groups, cost = plain, plain_cost
     return groups, cost, plain_cost
+
+
+def merged_key(lm: LayerMoments, members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RoPE key head for the merged source KV heads `members` (step 1): its augmented rows
+    [d, D+1] (half-split layout) and the maps [m*n, d, d] that turn each reading query head's
+    source query into its query for that key (query heads in `_heads_of(members)` order)."""
+    inp = lm.inputs
+    G, d, n = inp.num_kv_heads, inp.head_dim, lm.heads_per_group
+    # The top complex component of every pair; the queries take conj(B[j, g, 0]).
+    basis, _ = key_fit(lm, members)
+    comps = [(j, 0) for j in range(d // 2)]
+    zk = rope.complex_pairs(inp.k, G, d)[members]  # [m, P, D+1]
+    k_rows = rope.real_key_rows(rope.component_rows(basis, zk, comps), "half")  # [d, D+1]
+    local = torch.arange(len(members)).repeat_interleave(n)
+    q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half")  # [m*n, d, d]
+    return k_rows, q_map
 
 
 def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> dict[str, torch.Tensor]:
@@ -233,7 +250,7 @@ def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> di
     as "q_proj.bias" etc. always present; the writer keeps those the source has)."""
     inp = lm.inputs
     H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
-    n, P = lm.heads_per_group, d // 2
+    n = lm.heads_per_group
     q_rows = inp.q.view(H, d, -1)
     o = inp.o.double()
     q_new, k_new, v_new, o_new = [], [], [], []
@@ -245,13 +262,8 @@ def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> di
             q_new.append(q_rows[heads])
             o_new.extend(o[:, h * d : (h + 1) * d] for h in heads.tolist())
             continue
-        # Keys: top complex component of every pair; the queries take conj(B[j, g, 0]).
-        basis, _ = key_fit(lm, members)
-        comps = [(j, 0) for j in range(P)]
-        zk = rope.complex_pairs(inp.k, G, d)[members]  # [m, P, D+1]
-        k_new.append(rope.real_key_rows(rope.component_rows(basis, zk, comps), "half"))  # [d, D+1]
-        local = torch.arange(len(members)).repeat_interleave(n)
-        q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half")  # [m*n, d, d]
+        k_rows, q_map = merged_key(lm, members)
+        k_new.append(k_rows)
         q_new.append(q_map @ q_rows[heads])
         # Values: rank-d PCA under the W_O metric; reconstruction folded into W_O.
         rows = inp.v.view(G, d, -1)[members].reshape(len(members) * d, -1)
