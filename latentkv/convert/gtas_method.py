@@ -7,9 +7,7 @@ The tensors come from `convert.gtas`; the statistics and the grouping search are
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
 
 from latentkv.arch import geometry_of
 from latentkv.convert import gqa, gtas
@@ -27,7 +25,6 @@ class GTASMethod(GQAMethod):
         if fmt != "latentkv":
             raise LatentKVError("GTA-S is written in the latentkv format only; drop --format or use --format latentkv")
         known = {f.name for f in dataclasses.fields(gtas.GTASConfig)}
-        options = {k: v for k, v in options.items() if not (k == "qk_rope_dim" and v in ("auto", None))}
         unknown = sorted(set(options) - known)
         if unknown:
             raise LatentKVError(f"Unknown gta-s settings: {', '.join(unknown)}; known: {', '.join(sorted(known))} "
@@ -66,11 +63,10 @@ class GTASMethod(GQAMethod):
         raise LatentKVError("--to gta-s has no sequential calibration yet; drop --sequential")
 
     def write(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
-        from latentkv.convert.mla_method import (LAYERS_FILE, _filter_bias, latent_config, write_cards, write_globals,
-                                                 write_layer)
+        from latentkv.convert.mla_method import (_filter_bias, finish_latentkv_folder, latent_config, write_cards,
+                                                 write_globals, write_layer)
         from latentkv.convert.pipeline import ConvertResult
-        from latentkv.io.writer import ShardedWriter, copy_sidecars
-        from latentkv.modeling import AUTO_MAP, MODELING_FILE
+        from latentkv.io.writer import ShardedWriter
 
         geo = geometry_of(stream.config)
         o_bias = cfg.center or stream.arch.has_bias(stream.config, "o")
@@ -89,14 +85,7 @@ class GTASMethod(GQAMethod):
             if progress is not None:
                 progress(i)
         write_globals(stream, writer, save_dtype)
-        config = latent_config(stream, specs, self.name, o_bias=o_bias)
-        config.auto_map = AUTO_MAP
-        config.architectures = ["LatentKVForCausalLM"]
-        config.dtype = str(save_dtype).replace("torch.", "")
-        config.save_pretrained(folder)
-        shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
-        copy_sidecars(source.folder, folder)
-        (folder / LAYERS_FILE).write_text(json.dumps(layer_rows, indent=1, default=float) + "\n")
+        config = finish_latentkv_folder(stream, specs, self.name, o_bias, source, folder, save_dtype, layer_rows)
         kv = config.kv_values_per_token()
         src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
         write_cards(

@@ -98,6 +98,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _sdpa_mask(attention_mask, key_len: int, query_len: int, dtype: torch.dtype):
+    """The model's mask cut to the cached keys, in SDPA's terms: (mask or None, is_causal)."""
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, :key_len]
+    is_causal = mask is None and query_len > 1
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != dtype:
+        mask = mask.to(dtype)
+    return mask, is_causal
+
+
 class LatentAttention(nn.Module):
     """MLA / GLA attention that caches only the latent and the shared RoPE key."""
 
@@ -208,12 +219,7 @@ class LatentAttention(nn.Module):
         k_nope, value = self.expand_latent(latent[:, 0])
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
-        mask = attention_mask
-        if mask is not None and mask.dim() == 4:
-            mask = mask[:, :, :, : key.shape[-2]]
-        is_causal = mask is None and s > 1
-        if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
-            mask = mask.to(query.dtype)
+        mask, is_causal = _sdpa_mask(attention_mask, key.shape[-2], s, query.dtype)
         pad = -query.shape[-1] % 8
         if pad:  # fused SDPA kernels need head dims in multiples of 8; zero dims leave every score as is
             query = torch.nn.functional.pad(query, (0, pad))
@@ -279,12 +285,7 @@ class GroupedLatentAttention(nn.Module):
             k, latent = past_key_values.update(k, latent, self.layer_idx)
         key = k.repeat_interleave(self.num_heads // self.map_heads, dim=1)  # [b, H, t, d]
         value = latent.expand(-1, self.num_heads, -1, -1)  # [b, H, t, r]
-        mask = attention_mask
-        if mask is not None and mask.dim() == 4:
-            mask = mask[:, :, :, : key.shape[-2]]
-        is_causal = mask is None and s > 1
-        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)
+        mask, is_causal = _sdpa_mask(attention_mask, key.shape[-2], s, q.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
             q, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
         )  # [b, H, s, r]
