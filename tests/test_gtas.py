@@ -30,6 +30,8 @@ CASES = {
     "qwen2-full": ("qwen2", {}, 2, 32),  # q/k/v biases
     "mixtral-full": ("mixtral", {}, 2, 32),
     "mha-full": ("llama-mha", {}, 4, 64),
+    "llama3-scaled-full": ("llama3-scaled", {}, 2, 32),  # Llama-3 RoPE scaling through the source's rotary
+    "gemma-full": ("gemma", {}, 2, 32),
     "llama-shared": ("llama", {"map_heads": 1, "kv_lora_rank": 20}, 1, 20),
     "qwen2-budget": ("qwen2", {"map_heads": 1, "kv_budget": 0.5}, 1, 16),  # 0.5 x 64 = 32 = 16 + 16
     "mha-shared": ("llama-mha", {"map_heads": 2, "kv_lora_rank": 40}, 2, 40),
