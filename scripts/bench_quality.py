@@ -8,6 +8,7 @@ conversion (each conversion runs in its own process so time and memory are its o
     python scripts/bench_quality.py                     # full method at 100/50/33/25% + DeepSeek format
     python scripts/bench_quality.py --ablations 0.5     # switch each piece off at 50%
     python scripts/bench_quality.py --gla --gta --budgets 0.5 1/3 0.25   # GLA-3 and GTA-T rows
+    python scripts/bench_quality.py --budgets --gtas                     # GTA-S rows only
     python scripts/bench_quality.py --rows "mla:0.25:rope_loss_weight=0.3"   # any custom row
 """
 
@@ -86,6 +87,10 @@ def parse_rows(args) -> list[tuple[str, str, str, float | None, dict, bool]]:
             rows.append((f"GLA-3 {budget:.0%}", "gla", "latentkv", budget, {"latent_heads": 3}, False))
     if args.gta:
         rows.append(("GTA-T (3 tied states of 64 + RoPE 32)", "gta", "latentkv", None, {}, False))
+    if args.gtas:  # GTA-S: map heads x 64 + value latent; the exact start, then GTA-T's and MLA 50%'s cache
+        for maps, latent in ((3, 192), (1, 160), (1, 128), (3, 32)):
+            rows.append((f"GTA-S ({maps} map head{'s' if maps > 1 else ''} of 64 + value latent {latent})", "gta-s",
+                         "latentkv", None, {"map_heads": maps, "kv_lora_rank": latent}, False))
     for budget in args.ablations:
         for name, (fmt, extra) in ABLATIONS.items():
             if name != "full method":
@@ -111,6 +116,7 @@ def main() -> None:
     p.add_argument("--deepseek", action="store_true", help="also the stock DeepSeek-V3 format at each budget")
     p.add_argument("--gla", action="store_true", help="also GLA with 3 latent heads at each budget")
     p.add_argument("--gta", action="store_true", help="also GTA-T (fixed width: a tied state per KV head)")
+    p.add_argument("--gtas", action="store_true", help="also GTA-S: full start, and shared maps at 58%% / 50%%")
     p.add_argument("--device", default="cpu", help="conversion and evaluation device")
     p.add_argument("--ablations", type=float, nargs="*", default=[], help="budgets at which to switch each piece off")
     p.add_argument("--rows", nargs="*", default=[], help="extra rows METHOD:BUDGET[:k=v,k=v] (BUDGET - for gta)")

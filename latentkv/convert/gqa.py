@@ -234,26 +234,52 @@ def contiguous_groups(num_kv_heads: int, target: int) -> list[list[int]]:
     return [list(range(c * m, (c + 1) * m)) for c in range(target)]
 
 
-def layer_groups(lm: LayerMoments, cfg: GQAConfig) -> tuple[list[list[int]], float, float]:
-    """(groups, predicted loss, predicted loss of contiguous groups) for one layer."""
+def layer_groups(lm: LayerMoments, cfg: GQAConfig, cost_of=group_cost) -> tuple[list[list[int]], float, float]:
+    """(groups, predicted loss, predicted loss of contiguous groups) for one layer; `cost_of(lm,
+    members)` scores one group (default: key and value loss of merging its heads)."""
     G = lm.inputs.num_kv_heads
     plain = contiguous_groups(G, cfg.num_kv_heads)
-    plain_cost = sum(group_cost(lm, g) for g in plain)
+    plain_cost = sum(cost_of(lm, g) for g in plain)
     if cfg.grouping == "contiguous":
         return plain, plain_cost, plain_cost
-    groups = choose_groups(G, G // cfg.num_kv_heads, lambda g: group_cost(lm, g), cfg.swap_rounds)
-    cost = sum(group_cost(lm, g) for g in groups)
+    groups = choose_groups(G, G // cfg.num_kv_heads, lambda g: cost_of(lm, g), cfg.swap_rounds)
+    cost = sum(cost_of(lm, g) for g in groups)
     if cost > plain_cost:  # the heuristic search should never lose to index order; keep the better
         groups, cost = plain, plain_cost
     return groups, cost, plain_cost
+
+
+def merged_key(lm: LayerMoments, members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One key head for the merged source KV heads `members` (step 1): its augmented rows [d, D+1]
+    (rotated dims in half-split layout first, then the never-rotated ones) and the maps [m*n, d, d]
+    that turn each reading query head's source query into its query for that key (query heads in
+    `_heads_of(members)` order)."""
+    inp = lm.inputs
+    G, d, rd, n = inp.num_kv_heads, inp.head_dim, inp.rotary, lm.heads_per_group
+    p = d - rd
+    # Rotated dims: the top complex component of every pair; the queries take conj(B[j, g, 0]).
+    basis, _ = key_fit(lm, members)
+    comps = [(j, 0) for j in range(rd // 2)]
+    zk = rope.complex_pairs(inp.k, G, d, rd)[members]  # [m, P, D+1]
+    k_rows = rope.real_key_rows(rope.component_rows(basis, zk, comps), "half")  # [rd, D+1]
+    local = torch.arange(len(members)).repeat_interleave(n)
+    q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half", rd)  # [m*n, rd, d]
+    if not p:
+        return k_rows, q_map
+    # Never-rotated key dims: PCA at width p under the query metric; head h reads U_g^T q_h there.
+    k_pass = rope.passed_rows(inp.k, G, d, rd)[members].reshape(len(members) * p, -1)
+    fit = lowrank.fit_low_rank(k_pass, inp.moment, torch.block_diag(*lm.q_pass_gram[members]), p)
+    up = fit.up.view(len(members), p, p)[local]  # [m*n, p (source dims), p (new dims)]
+    pass_map = torch.cat([up.new_zeros(len(local), p, rd), up.transpose(1, 2)], dim=2)  # [m*n, p, d]
+    return torch.cat([k_rows, fit.down]), torch.cat([q_map, pass_map], dim=1)
 
 
 def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> dict[str, torch.Tensor]:
     """New attention tensors, float64, under projection names ("q_proj.weight", ..., biases
     as "q_proj.bias" etc. always present; the writer keeps those the source has)."""
     inp = lm.inputs
-    H, G, d, rd = inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rotary
-    n, P, p = lm.heads_per_group, rd // 2, d - rd
+    H, G, d = inp.num_heads, inp.num_kv_heads, inp.head_dim
+    n = lm.heads_per_group
     q_rows = inp.q.view(H, d, -1)
     o = inp.o.double()
     q_new, k_new, v_new, o_new = [], [], [], []
@@ -265,23 +291,9 @@ def build_layer(lm: LayerMoments, groups: list[list[int]], cfg: GQAConfig) -> di
             q_new.append(q_rows[heads])
             o_new.extend(o[:, h * d : (h + 1) * d] for h in heads.tolist())
             continue
-        # Keys: top complex component of every pair; the queries take conj(B[j, g, 0]).
-        basis, _ = key_fit(lm, members)
-        comps = [(j, 0) for j in range(P)]
-        zk = rope.complex_pairs(inp.k, G, d, rd)[members]  # [m, P, D+1]
-        k_rot = rope.real_key_rows(rope.component_rows(basis, zk, comps), "half")  # [rd, D+1]
-        local = torch.arange(len(members)).repeat_interleave(n)
-        q_map = rope.real_query_map(rope.query_coefficients(basis, comps, local), comps, d, "half", rd)  # [m*n, rd, d]
-        q_rot = q_map @ q_rows[heads]
-        if p:  # never-rotated key dims: PCA at width p under the query metric; head h reads U_g^T q_h
-            k_pass = rope.passed_rows(inp.k, G, d, rd)[members].reshape(len(members) * p, -1)
-            fit = lowrank.fit_low_rank(k_pass, inp.moment, torch.block_diag(*lm.q_pass_gram[members]), p)
-            up = fit.up.view(len(members), p, p)[local]  # [m*n, p (source dims), p (new dims)]
-            k_new.append(torch.cat([k_rot, fit.down]))
-            q_new.append(torch.cat([q_rot, up.transpose(1, 2) @ q_rows[heads][:, rd:]], dim=1))
-        else:
-            k_new.append(k_rot)
-            q_new.append(q_rot)
+        k_rows, q_map = merged_key(lm, members)
+        k_new.append(k_rows)
+        q_new.append(q_map @ q_rows[heads])
         # Values: rank-d PCA under the W_O metric; reconstruction folded into W_O.
         rows = inp.v.view(G, d, -1)[members].reshape(len(members) * d, -1)
         fit = lowrank.fit_low_rank(rows, inp.moment, value_metric(lm, members), d)

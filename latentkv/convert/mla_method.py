@@ -426,8 +426,7 @@ def write_globals(stream, writer, save_dtype) -> None:
 
 def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
     from latentkv.convert.pipeline import ConvertResult
-    from latentkv.io.writer import ShardedWriter, copy_sidecars
-    from latentkv.modeling import AUTO_MAP, MODELING_FILE
+    from latentkv.io.writer import ShardedWriter
 
     geo = geometry_of(stream.config)
     writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
@@ -442,7 +441,24 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
         if progress is not None:
             progress(i)
     write_globals(stream, writer, save_dtype)
-    config = latent_config(stream, specs, method.name, o_bias=method.output_bias(cfg))
+    config = finish_latentkv_folder(stream, specs, method.name, method.output_bias(cfg), source, folder, save_dtype,
+                                    layer_rows)
+    kv = config.kv_values_per_token()
+    src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
+    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
+                load_hint="Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.")
+    return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
+                         seconds=0.0, layers=layer_rows)
+
+
+def finish_latentkv_folder(stream, specs: list[dict], method_name: str, o_bias: bool, source, folder, save_dtype,
+                           layer_rows: list[dict]):
+    """After the weights: the config (auto_map to the copied modeling file), the source's sidecar
+    files and the per-layer rows of a latentkv folder. Returns the config."""
+    from latentkv.io.writer import copy_sidecars
+    from latentkv.modeling import AUTO_MAP, MODELING_FILE
+
+    config = latent_config(stream, specs, method_name, o_bias=o_bias)
     config.auto_map = AUTO_MAP
     config.architectures = ["LatentKVForCausalLM"]
     config.dtype = str(save_dtype).replace("torch.", "")
@@ -450,12 +466,7 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     copy_sidecars(source.folder, folder)
     (folder / LAYERS_FILE).write_text(json.dumps(layer_rows, indent=1, default=float) + "\n")
-    kv = config.kv_values_per_token()
-    src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
-    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
-                load_hint="Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.")
-    return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
-                         seconds=0.0, layers=layer_rows)
+    return config
 
 
 def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, extra_recipe=None, load_hint="",

@@ -221,6 +221,11 @@ def latent_attentions(model) -> list:
     names = getattr(model.config, "source_modules", None)
     layers = getattr(model.get_decoder(), "layers", None) if names else None
     attns = [getattr(layer, names["attention"], None) for layer in layers] if layers is not None else []
+    if any(type(a).__name__ == "GroupedLatentAttention" for a in attns):
+        raise LatentKVError(
+            "GTA-S models are not run by latentkv's paged decode loop (it serves MLA, GLA and GTA-T); generate "
+            "with transformers (model.generate, its own cache holds the map keys and value latent)."
+        )
     if not attns or not all(hasattr(a, "absorbed_weights") for a in attns):
         raise LatentKVError(
             f"{type(model).__name__} has no latent attention; the decode loop runs models converted to the "

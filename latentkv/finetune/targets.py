@@ -37,8 +37,10 @@ class FormatTargets:
 
 
 FORMAT_TARGETS: dict[str, FormatTargets] = {
-    # model_type -> targets. latentkv: LatentAttention of modeling_latentkv.py.
-    "latentkv": FormatTargets(attention=("q_proj", "kv_a_proj", "kv_b_proj", "o_proj")),
+    # model_type -> targets. latentkv: LatentAttention of modeling_latentkv.py, and GTA-S's
+    # GroupedLatentAttention (map keys k_proj, value latent c_proj, its gated decoder v_up_proj / g_proj).
+    "latentkv": FormatTargets(attention=("q_proj", "kv_a_proj", "kv_b_proj", "o_proj",
+                                         "k_proj", "c_proj", "v_up_proj", "g_proj")),
     # Stock transformers DeepseekV3ForCausalLM written by `--format deepseek`.
     "deepseek_v3": FormatTargets(
         attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
@@ -138,8 +140,19 @@ def _expand_latent_via_module(self, c: torch.Tensor):
     return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
 
+def _decode_values_via_module(self, out: torch.Tensor) -> torch.Tensor:
+    """GTA-S: out [b, s, H, r] -> [b, s, H, d] calling `self.v_up_proj` (every head's rows on every
+    head's attention output, then each head's own block)."""
+    b, s, heads, _ = out.shape
+    full = self.v_up_proj(out).view(b, s, heads, heads, -1)  # [b, s, output of head, rows of head, d]
+    return torch.diagonal(full, dim1=2, dim2=3).permute(0, 1, 3, 2)
+
+
 # class name -> patch applied to every module of that class before LoRA is added.
-_LORA_PATCHES = {"LatentAttention": ("expand_latent", _expand_latent_via_module)}
+_LORA_PATCHES = {
+    "LatentAttention": ("expand_latent", _expand_latent_via_module),
+    "GroupedLatentAttention": ("decode_values", _decode_values_via_module),
+}
 
 
 def route_latent_expansion_through_modules(model: torch.nn.Module) -> int:
@@ -152,6 +165,6 @@ def route_latent_expansion_through_modules(model: torch.nn.Module) -> int:
             setattr(module, patch[0], types.MethodType(patch[1], module))
             patched += 1
     if patched:
-        log.info("routing the latent expansion of %d attention layers through kv_b_proj so LoRA applies to it",
-                 patched)
+        log.info("routing the latent expansion of %d attention layers through kv_b_proj / v_up_proj so LoRA "
+                 "applies to it", patched)
     return patched

@@ -20,6 +20,13 @@ whole as the value and whose first `qk_nope_head_dim` dims are the key's non-rot
 
 RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout), so a converter can
 keep any subset of the source's frequencies. GQA-style targets do not use this file.
+
+A layer whose spec has `kind: "gta-s"` is a `GroupedLatentAttention` (GTA-S, arXiv 2506.17286):
+`map_heads` RoPE key heads (the source's own rotary embedding) give the attention maps, and a
+value latent c is cached beside them; each head decodes its attention output over c through a
+per-head up-projection and a sigmoid gate of the current token:
+
+    out_h = sigmoid(g_proj(x)_h) * (W_up,h . sum_s a_h,s c_s),   o = o_proj([out_1 .. out_H])
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ class LatentKVConfig(PretrainedConfig):
 
     source_config: the source model's config as a dict (its `model_type` picks the architecture).
     attention_layers: one dict per decoder layer with `kv_lora_rank`, `rope_dim`, `rope_inv_freq`
-        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias` and `tied` (GTA-T).
+        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias` and `tied` (GTA-T);
+        or, for GTA-S, `kind: "gta-s"`, `map_heads`, `kv_lora_rank` (value latent), `rope_dim`
+        (= map_heads x head dim, the cached rotated keys), `key_bias` and `latent_bias`.
     softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
     source_modules: where the source CausalLM keeps its parts: `base_model` (attribute holding the
         decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder), and
@@ -97,6 +106,17 @@ SOURCE_MODULES = {"base_model": "model", "attention": "self_attn", "lm_head": "l
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sdpa_mask(attention_mask, key_len: int, query_len: int, dtype: torch.dtype):
+    """The model's mask cut to the cached keys, in SDPA's terms: (mask or None, is_causal)."""
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, :key_len]
+    is_causal = mask is None and query_len > 1
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != dtype:
+        mask = mask.to(dtype)
+    return mask, is_causal
 
 
 class LatentAttention(nn.Module):
@@ -211,12 +231,7 @@ class LatentAttention(nn.Module):
         k_nope, value = self.expand_latent(latent[:, 0])
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
-        mask = attention_mask
-        if mask is not None and mask.dim() == 4:
-            mask = mask[:, :, :, : key.shape[-2]]
-        is_causal = mask is None and s > 1
-        if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
-            mask = mask.to(query.dtype)
+        mask, is_causal = _sdpa_mask(attention_mask, key.shape[-2], s, query.dtype)
         pad = -query.shape[-1] % 8
         if pad:  # fused SDPA kernels need head dims in multiples of 8; zero dims leave every score as is
             query = torch.nn.functional.pad(query, (0, pad))
@@ -228,12 +243,82 @@ class LatentAttention(nn.Module):
         return self.o_proj(out), None
 
 
+class GroupedLatentAttention(nn.Module):
+    """GTA-S attention: caches `map_heads` RoPE keys and one value latent per token."""
+
+    def __init__(self, config: LatentKVConfig, layer_idx: int):
+        super().__init__()
+        spec = config.attention_layers[layer_idx]
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = int(config.v_head_dim)
+        self.map_heads = int(spec["map_heads"])
+        self.kv_lora_rank = int(spec["kv_lora_rank"])
+        if self.num_heads % self.map_heads or int(spec["rope_dim"]) != self.map_heads * self.head_dim:
+            raise ValueError(f"layer {layer_idx}: {self.map_heads} map heads do not fit {self.num_heads} query heads "
+                             f"of {self.head_dim} (rope_dim {spec['rope_dim']})")
+        self.scaling = float(config.softmax_scale)
+        self.is_causal = True
+        self.config = config
+        hidden, width = config.hidden_size, self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, width, bias=config.q_bias)
+        self.k_proj = nn.Linear(hidden, self.map_heads * self.head_dim, bias=bool(spec.get("key_bias", False)))
+        self.c_proj = nn.Linear(hidden, self.kv_lora_rank, bias=bool(spec.get("latent_bias", False)))
+        self.v_up_proj = nn.Linear(self.kv_lora_rank, width, bias=False)  # W_up,h = rows of head h
+        self.g_proj = nn.Linear(hidden, width, bias=True)
+        self.o_proj = nn.Linear(width, hidden, bias=config.o_bias)
+
+    def decode_values(self, out: torch.Tensor) -> torch.Tensor:
+        """out: [b, s, H, r] attention over the latent -> [b, s, H, d], each head through its W_up,h."""
+        w = self.v_up_proj.weight.view(self.num_heads, self.head_dim, self.kv_lora_rank)
+        return torch.einsum("bshr,hdr->bshd", out, w)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        if past_key_values is None:  # a layer that passes its cache under another name (GPT-NeoX: layer_past)
+            past_key_values = kwargs.get(self.config.source_modules["cache_argument"])
+        if position_embeddings is None:
+            raise ValueError("GroupedLatentAttention needs the decoder layer's position_embeddings (cos, sin)")
+        if hasattr(past_key_values, "latent_attention"):
+            raise ValueError("GTA-S layers run with transformers' caches; latentkv's paged latent cache "
+                             "supports MLA, GLA and GTA-T")
+        b, s, _ = hidden_states.shape
+        cos, sin = (t[:, None] for t in position_embeddings)  # [b, 1, s, d]
+        q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, s, self.map_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        latent = self.c_proj(hidden_states)[:, None]  # [b, 1, s, r]: one "head" so the HF cache stores it as is
+        if past_key_values is not None:
+            k, latent = past_key_values.update(k, latent, self.layer_idx)
+        key = k.repeat_interleave(self.num_heads // self.map_heads, dim=1)  # [b, H, t, d]
+        value = latent.expand(-1, self.num_heads, -1, -1)  # [b, H, t, r]
+        mask, is_causal = _sdpa_mask(attention_mask, key.shape[-2], s, q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
+        )  # [b, H, s, r]
+        up = self.decode_values(out.transpose(1, 2))  # [b, s, H, d]
+        gate = torch.sigmoid(self.g_proj(hidden_states)).view(b, s, self.num_heads, self.head_dim)
+        return self.o_proj((gate * up).reshape(b, s, self.num_heads * self.head_dim)), None
+
+
+def attention_class(spec: dict) -> type:
+    """The attention module of one layer's spec."""
+    return GroupedLatentAttention if spec.get("kind") == "gta-s" else LatentAttention
+
+
 class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LatentKVConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["LatentAttention"]
+    _no_split_modules = ["LatentAttention", "GroupedLatentAttention"]
 
     def __init__(self, config: LatentKVConfig):
         super().__init__(config)
@@ -243,7 +328,7 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         setattr(self, names["base_model"], getattr(source, names["base_model"]))
         setattr(self, names["lm_head"], getattr(source, names["lm_head"]))
         for i, layer in enumerate(self.get_decoder().layers):
-            setattr(layer, names["attention"], LatentAttention(config, i))
+            setattr(layer, names["attention"], attention_class(config.attention_layers[i])(config, i))
         if config.tie_word_embeddings:
             self._tied_weights_keys = {f"{names['lm_head']}.weight": f"{names['base_model']}.{names['embed']}.weight"}
         self.post_init()
