@@ -279,7 +279,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Evaluation")] = 4,
     decode_check: Annotated[bool, typer.Option(help="Also check that our paged-kernel decode loop equals the HF forward pass (latentkv format).", rich_help_panel="Evaluation")] = False,
     decode_tokens: Annotated[int, typer.Option(help="Tokens for --decode-check.", rich_help_panel="Evaluation")] = 256,
-    sparse: Annotated[Optional[str], typer.Option(help="Also decode teacher-forced with a sparse KV policy: dense, window, last-step, oracle, predictor; compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
+    sparse: Annotated[Optional[str], typer.Option(help="Also decode --decode-tokens teacher-forced after an --eval-window-token prompt with a sparse KV policy (dense, window, last-step, oracle, predictor), compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
     sparse_budget: Annotated[str, typer.Option(help="Blocks per step: a fraction (0.25, 25%) or a count (16).", rich_help_panel="Sparse decode")] = "0.25",
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
@@ -293,17 +293,19 @@ def eval_cmd(
     _setup_logging()
     from latentkv.eval.report import evaluate
 
-    report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
-                  windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens)
-    if sparse:
+    if sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval
 
         cfg = _run(lambda: SparseConfig(sparse, budget=parse_budget(sparse_budget), track_recall=True,
                                         predictor=str(predictor) if predictor else None))
+    report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
+                  windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens)
+    if sparse:
         report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
-                                tokens=decode_tokens, page_size=page_size, device=device, dtype=dtype)
+                                tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,
+                                dtype=dtype)
     if as_json:
         typer.echo(json.dumps(report, indent=None, default=str))
         return

@@ -38,7 +38,7 @@ def contexts(tokenizer, path: Path, count: int, length: int, skip: int) -> list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--predictor", required=True)
+    ap.add_argument("--predictor", help="AttentionPredictor folder (needed for the predictor policy)")
     ap.add_argument("--out", default="benchmarks/sparsity_cpu")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=256)
@@ -55,13 +55,13 @@ def main() -> None:
 
     from latentkv.modeling import load_model
     from latentkv.sparsity import SparseConfig
-    from latentkv.sparsity.evaluate import compare_logits, teacher_forced
+    from latentkv.sparsity.evaluate import compare_logits, decode_after, prefilled
     from latentkv.sparsity.predictor import load_predictor
 
     torch.manual_seed(0)
     model = load_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    predictor = load_predictor(args.predictor)
+    predictor = load_predictor(args.predictor) if args.predictor else None
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")
     runs = [(p, b) for b in budgets for p in policies]
@@ -70,14 +70,16 @@ def main() -> None:
     for text, path in TEXTS.items():
         for ci, ids in enumerate(contexts(tokenizer, path, args.contexts, args.prompt + args.tokens, args.skip)):
             targets = torch.tensor(ids[args.prompt :])
-            dense, _ = teacher_forced(model, ids, args.prompt, SparseConfig("dense"), page_size=args.page_size)
+            start = prefilled(model, ids, args.prompt, page_size=args.page_size,
+                              keep_history=predictor.config.history if predictor is not None else 1)
+            dense, _ = decode_after(model, start, ids, args.prompt, SparseConfig("dense"))
             rows.append({"text": text, "context": ci, "policy": "dense", "budget": 1.0,
                          **compare_logits(dense, dense, targets), "attention_recall": 1.0, "blocks_attended_fraction": 1.0})
             for policy, budget in tqdm(runs, desc=f"{text} #{ci}", file=sys.stderr):
                 cfg = SparseConfig(policy, budget=budget, track_recall=True, refresh=args.refresh,
                                    predictor=args.predictor if policy == "predictor" else None)
-                logits, stats = teacher_forced(model, ids, args.prompt, cfg, page_size=args.page_size,
-                                               predictor=predictor if policy == "predictor" else None)
+                logits, stats = decode_after(model, start, ids, args.prompt, cfg,
+                                             predictor=predictor if policy == "predictor" else None)
                 rows.append({"text": text, "context": ci, "policy": policy, "budget": budget,
                              **compare_logits(dense, logits, targets), **stats})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

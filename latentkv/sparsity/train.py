@@ -151,7 +151,7 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
         if step % log_every == 0 or step == steps:
             with torch.no_grad():
                 val_loss = float(_loss(model, val[0], val[1], val[2]))
