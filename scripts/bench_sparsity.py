@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--refresh", type=int, default=1)
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of each text (headers)")
+    ap.add_argument("--include", action="append", default=[],
+                    help="JSON of an earlier run (same texts and contexts) whose rows join the table; repeatable")
     args = ap.parse_args()
 
     from tqdm import tqdm
@@ -84,9 +86,20 @@ def main() -> None:
                              **compare_logits(dense, logits, targets), **stats})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
+    command = "PYTHONPATH=. python " + shlex.join(sys.argv)
+    commands = [(command, seconds)]
+    for path in args.include:  # earlier runs: their rows (dense ones are the same numbers; keep one)
+        earlier = json.loads(Path(path).read_text())
+        commands.append((earlier["command"], earlier["seconds"]))
+        seen = {(r["text"], r["context"], r["policy"], r["budget"]) for r in rows}
+        rows += [r for r in earlier["rows"] if (r["text"], r["context"], r["policy"], r["budget"]) not in seen]
+        for p in dict.fromkeys(r["policy"] for r in earlier["rows"]):
+            if p not in policies and p != "dense":
+                policies.append(p)
 
     # mean over contexts per (text, policy, budget)
-    keys = sorted({(r["text"], r["budget"], r["policy"]) for r in rows}, key=lambda k: (k[0], -k[1], policies.index(k[2]) if k[2] in policies else -1))
+    order = ["dense", *policies]
+    keys = sorted({(r["text"], r["budget"], r["policy"]) for r in rows}, key=lambda k: (k[0], -k[1], order.index(k[2])))
     table = []
     for text, budget, policy in keys:
         sel = [r for r in rows if (r["text"], r["budget"], r["policy"]) == (text, budget, policy)]
@@ -97,12 +110,11 @@ def main() -> None:
                       "perplexity": __import__("math").exp(mean("nll"))})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "PYTHONPATH=. python " + shlex.join(sys.argv)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows,
-                                                    "table": table}, indent=1))
+                                                    "table": table, "commands": commands}, indent=1))
     lines = [
         "# Sparse decode policies on CPU (SmolLM2-135M converted to MLA)", "",
-        f"Command: `{command}` ({seconds:.0f} s on 2 shared CPU cores).", "",
+        *[f"Command: `{c}` ({t:.0f} s on 2 shared CPU cores)." for c, t in commands], "",
         f"Each text: {args.contexts} contexts of {args.prompt} prompt tokens (dense prefill) + {args.tokens} "
         f"teacher-forced decode steps; pages (blocks) of {args.page_size} tokens; the sink block and the current "
         f"block always kept; history refreshed densely every {args.refresh} step(s). Recall: true attention mass "

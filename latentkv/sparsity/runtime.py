@@ -19,7 +19,9 @@ cost a second pass over just the attended pages. A refresh costs a dense QK pass
 memory-bound GPU that is the read of the whole cache the sparse step avoids, so ``refresh`` trades
 history quality against speed. The predictor's forecast for step t reads only steps < t, so it can
 be computed while step t - 1 finishes (the paper's cross-token prefetch); here it runs at the start
-of step t, which gives the same blocks.
+of step t, which gives the same blocks. The choice runs on the host, per sequence and layer (a
+small loop; on a GPU it costs a sync per layer -- a batched device-side top-k and the masses from
+per-page log-sum-exps written by the kernel would remove both; not done here).
 """
 
 from __future__ import annotations
