@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--refresh", type=int, default=1)
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of each text (headers)")
+    ap.add_argument("--texts", default=",".join(TEXTS), help="which of the texts to run")
     ap.add_argument("--include", action="append", default=[],
                     help="JSON of an earlier run (same texts and contexts) whose rows join the table; repeatable")
     args = ap.parse_args()
@@ -69,7 +70,8 @@ def main() -> None:
     runs = [(p, b) for b in budgets for p in policies]
     rows = []
     t0 = time.perf_counter()
-    for text, path in TEXTS.items():
+    for text in args.texts.split(","):
+        path = TEXTS[text]
         for ci, ids in enumerate(contexts(tokenizer, path, args.contexts, args.prompt + args.tokens, args.skip)):
             targets = torch.tensor(ids[args.prompt :])
             start = prefilled(model, ids, args.prompt, page_size=args.page_size,

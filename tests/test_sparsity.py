@@ -276,6 +276,20 @@ def test_sparse_decode_hook_triton_equals_reference(tiny_mla):
     assert stats["blocks_attended_fraction"] == pytest.approx(3 / 7, abs=0.06) and 0 < stats["attention_recall"] < 1
 
 
+def test_recall_tracking_is_a_pure_observer(tiny_mla):
+    """Guards the measurement: computing the true masses for recall must not leak into the history
+    (with refresh > 1 the history between refreshes holds only the attended blocks' masses), so the
+    decoded logits are identical with and without tracking, and differ from refreshing every step."""
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    runs = {}
+    for refresh, track in ((3, False), (3, True), (1, False)):
+        cfg = SparseConfig("last-step", budget=3, refresh=refresh, track_recall=track)
+        runs[refresh, track], _ = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16)
+    assert torch.equal(runs[3, False], runs[3, True])
+    assert not torch.equal(runs[3, False], runs[1, False])
+
+
 def test_predictor_page_size_mismatch(tmp_path):
     """Guards a silent misuse: a predictor trained on blocks of 16 refuses a cache of pages of 8."""
     with pytest.raises(LatentKVError, match="--page-size 16"):

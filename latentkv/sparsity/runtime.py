@@ -144,13 +144,13 @@ class SparseAttention:
                 scores = policy_scores(cfg, n, self.history.get((seq, layer)), true, self.predictor)
                 ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
             if want_history:
-                if true is None:  # masses over the attended blocks only
+                if refresh or k >= n:
+                    row_masses = true
+                else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
                     part = block_masses(q[row].cpu(), paged_rows(kv, *reduced_pages(pages, ids, length, size)).cpu(),
                                         **geometry)[0]
-                    true_or_part = torch.zeros(part.shape[0], n).index_copy_(1, ids, part)
-                else:
-                    true_or_part = true
-                self._push(seq, layer, true_or_part[None])
+                    row_masses = torch.zeros(part.shape[0], n).index_copy_(1, ids, part)
+                self._push(seq, layer, row_masses[None])
             self._record(layer, ids, n, true)
             self.last_choice[seq, layer] = ids
             chosen, new_len = reduced_pages(pages, ids, length, size)
