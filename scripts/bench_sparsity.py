@@ -57,7 +57,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from latentkv.modeling import load_model
-    from latentkv.sparsity import SparseConfig
+    from latentkv.sparsity import POLICIES, SparseConfig
     from latentkv.sparsity.evaluate import compare_logits, decode_after, prefilled
     from latentkv.sparsity.predictor import load_predictor
 
@@ -100,7 +100,7 @@ def main() -> None:
                 policies.append(p)
 
     # mean over contexts per (text, policy, budget)
-    order = ["dense", *policies]
+    order = ["dense", *[p for p in POLICIES if p != "dense"]]
     keys = sorted({(r["text"], r["budget"], r["policy"]) for r in rows}, key=lambda k: (k[0], -k[1], order.index(k[2])))
     table = []
     for text, budget, policy in keys:
