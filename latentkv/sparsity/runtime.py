@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentkv.errors import LatentKVError
 from latentkv.sparsity.masses import block_masses, paged_rows
 from latentkv.sparsity.policies import SparseConfig, choose_blocks, policy_scores
 
@@ -70,8 +71,6 @@ class SparseAttention:
     """
 
     def __init__(self, config: SparseConfig, page_size: int, predictor=None, keep_history: int | None = -1):
-        from latentkv.errors import LatentKVError
-
         if config.policy == "predictor":
             if predictor is None:
                 raise LatentKVError("the predictor policy needs a loaded AttentionPredictor.")
