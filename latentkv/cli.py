@@ -21,6 +21,9 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks (quality on CPU, decode kernels on a GPU).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+predictor_app = typer.Typer(help="AttentionPredictor: a learned choice of the KV blocks each decode step reads.",
+                            no_args_is_help=True)
+app.add_typer(predictor_app, name="predictor")
 
 DEFAULT_CORPUS = str(Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "gutenberg")
 
@@ -276,6 +279,10 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Evaluation")] = 4,
     decode_check: Annotated[bool, typer.Option(help="Also check that our paged-kernel decode loop equals the HF forward pass (latentkv format).", rich_help_panel="Evaluation")] = False,
     decode_tokens: Annotated[int, typer.Option(help="Tokens for --decode-check.", rich_help_panel="Evaluation")] = 256,
+    sparse: Annotated[Optional[str], typer.Option(help="Also decode --decode-tokens teacher-forced after an --eval-window-token prompt with a sparse KV policy (dense, window, last-step, oracle, predictor), compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
+    sparse_budget: Annotated[str, typer.Option(help="Blocks per step: a fraction (0.25, 25%) or a count (16).", rich_help_panel="Sparse decode")] = "0.25",
+    predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
+    page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -286,9 +293,19 @@ def eval_cmd(
     _setup_logging()
     from latentkv.eval.report import evaluate
 
+    if sparse:  # settings checked before the perplexity run
+        from latentkv.sparsity import SparseConfig, parse_budget
+        from latentkv.sparsity.evaluate import sparse_eval
+
+        cfg = _run(lambda: SparseConfig(sparse, budget=parse_budget(sparse_budget), track_recall=True,
+                                        predictor=str(predictor) if predictor else None))
     report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
                   windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
                   trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens)
+    if sparse:
+        report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
+                                tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,
+                                dtype=dtype)
     if as_json:
         typer.echo(json.dumps(report, indent=None, default=str))
         return
@@ -303,6 +320,8 @@ def eval_cmd(
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if "sparse" in report:
+        Console().print(report["sparse"])
     if "decode_check" in report:
         check = {k: v for k, v in report["decode_check"].items() if not isinstance(v, (list, tuple))}
         Console().print(check)
@@ -465,6 +484,36 @@ def finetune(
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
                            "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals,
                            "before": result.before, "after": result.after}))
+
+
+@predictor_app.command("train")
+def predictor_train(
+    model: Annotated[str, typer.Argument(help="Converted model folder (latentkv format, MLA or GLA).")],
+    out: Annotated[Path, typer.Option(help="Folder for attention_predictor.safetensors + .json.")],
+    data: Annotated[str, typer.Option(help="Training text, file or folder (WikiText refused).")] = DEFAULT_CORPUS,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="File name under --data to hold out; repeatable.")] = None,
+    windows: Annotated[int, typer.Option(help="Text windows to collect attention from (10% validate).")] = 24,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
+    page_size: Annotated[int, typer.Option(help="Tokens per block (= the decode cache's page size).")] = 16,
+    history: Annotated[int, typer.Option(help="Steps of history the predictor reads.")] = 16,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    seed: CalibSeed = 0,
+    overwrite: Overwrite = False,
+):
+    """Collect MODEL's block-pooled attention on --data and train an AttentionPredictor."""
+    _setup_logging(verbose=True)
+    from rich.console import Console
+
+    from latentkv.sparsity.train import TrainOptions, train_predictor
+
+    opts = _run(TrainOptions, model=model, out=str(out), data=data, exclude=tuple(exclude or ()), windows=windows,
+                seq_len=seq_len, page_size=page_size, history=history, steps=steps, seed=seed, overwrite=overwrite)
+    factory = _progress_factory(Console(stderr=True))
+    try:
+        result = _run(train_predictor, opts, progress_factory=factory)
+    finally:
+        factory.stop()
+    typer.echo(json.dumps(result))
 
 
 @bench_app.command("quality")

@@ -80,6 +80,7 @@ class PagedLatentCache:
         self._lens: dict[int, int] = {}  # sequence id -> tokens written
         self._next_id = 0
         self._step: dict | None = None
+        self.sparsity = None  # a latentkv.sparsity.SparseAttention: decode steps attend to chosen pages only
 
     @classmethod
     def for_model(
@@ -207,10 +208,13 @@ class PagedLatentCache:
         w_uk, w_uv = module.absorbed_weights()  # [H, d_nope, r_c], [H, d_v, r_c]
         q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
         q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [b, s, H, r_c + rope_dim]
+        table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
+        if self.sparsity is not None:  # a reduced block table of the chosen pages (exact attention over them)
+            table, lens, max_len = self.sparsity.select(module, q, kv, step)
         out = decode_attention(
-            q, kv, step["block_table"], step["seq_lens"],
+            q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
-            num_splits=self.num_splits, backend=self.backend, max_seq_len=step["max_len"],
+            num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len,
         )  # [b, s, H, r_c]  # fmt: skip
         v = torch.einsum("bshr,hvr->bshv", out.to(w_uv.dtype), w_uv)  # [b, s, H, d_v]
         return v.reshape(b, s, heads * module.v_head_dim)

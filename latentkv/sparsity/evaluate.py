@@ -1,0 +1,111 @@
+"""What a sparse policy does to the model: teacher-forced decoding against dense decoding.
+
+A text of ``prompt + n`` tokens: the prompt is prefilled densely, then the next ``n`` tokens are
+fed one per step (teacher forcing: the true text, not the model's choices), each step attending
+through the paged cache under the policy. Compared with the same run under the dense policy:
+top-1 agreement, KL(dense || sparse) of the next-token distributions, perplexity of the n
+continuation tokens, and the attention recall (true mass inside the chosen blocks, mean over
+layers, latent heads and steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from latentkv.sparsity.policies import SparseConfig
+
+
+@torch.no_grad()
+def prefilled(model, ids: list[int], prompt_len: int, *, page_size: int = 16, keep_history: int = 64,
+              backend: str = "reference", prefill_chunk: int = 128):
+    """The dense prefill of ids[:prompt_len], shared by the policies that decode after it:
+    (cache with its recorded history of ``keep_history`` steps, sequence id, last logits)."""
+    from latentkv.eval.decode import PagedLatentCache, prefill
+    from latentkv.sparsity.runtime import SparseAttention
+
+    cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size, backend=backend)
+    cache.sparsity = SparseAttention(SparseConfig("dense"), page_size, keep_history=keep_history)
+    seq = cache.add_sequence()
+    return cache, seq, prefill(model, cache, seq, ids[:prompt_len], prefill_chunk).cpu()
+
+
+@torch.no_grad()
+def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseConfig, *, predictor=None):
+    """Teacher-forced decode of ids[prompt_len:] from a copy of ``start`` (from ``prefilled``) under
+    ``config``: logits [len(ids) - prompt_len, vocab] predicting ids[prompt_len:] (float32, CPU)
+    and the policy's ``SparseStats`` summary."""
+    import copy
+
+    from latentkv.eval.decode import forward_step
+    from latentkv.sparsity.runtime import SparseAttention
+
+    base, seq, first = start
+    cache = copy.deepcopy(base)
+    sparsity = SparseAttention(config, cache.page_size, predictor)
+    keep = sparsity.keep_history
+    if keep:
+        sparsity.history = {k: v[:, -keep:].clone() for k, v in base.sparsity.history.items()}
+    cache.sparsity = sparsity
+    rows = [first]
+    for t in range(prompt_len, len(ids) - 1):
+        rows.append(forward_step(model, cache, [seq], torch.tensor([[ids[t]]]))[0, -1].cpu())
+    return torch.stack(rows), sparsity.stats.summary()
+
+
+def teacher_forced(model, ids: list[int], prompt_len: int, config: SparseConfig, *, page_size: int = 16,
+                   predictor=None, backend: str = "reference", prefill_chunk: int = 128):
+    """Prefill ids[:prompt_len] densely, then decode the rest under ``config`` (``decode_after``)."""
+    start = prefilled(model, ids, prompt_len, page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
+                      keep_history=predictor.config.history if predictor is not None else 1)
+    return decode_after(model, start, ids, prompt_len, config, predictor=predictor)
+
+
+def compare_logits(dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor) -> dict:
+    """dense / sparse logits [n, V], targets [n]: agreement, KL(dense || sparse), perplexity."""
+    logp_d, logp_s = torch.log_softmax(dense.float(), -1), torch.log_softmax(sparse.float(), -1)
+    kl = (logp_d.exp() * (logp_d - logp_s)).sum(-1)
+    nll = -logp_s.gather(1, targets[:, None])[:, 0]
+    return {
+        "top1_agreement": float((dense.argmax(-1) == sparse.argmax(-1)).float().mean()),
+        "kl_to_dense": float(kl.mean()),
+        "nll": float(nll.mean()),
+        "perplexity": math.exp(float(nll.mean())),
+        "tokens": int(targets.numel()),
+    }
+
+
+def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None = None, tokens: int = 256,
+                prompt_tokens: int = 1024, page_size: int = 16, device: str = "cpu", dtype: str = "float32") -> dict:
+    """`latentkv eval --sparse`: the first prompt_tokens + tokens tokens of the evaluation text,
+    decoded teacher-forced under ``config`` and densely; returns the comparison."""
+    from pathlib import Path
+
+    from latentkv.calibration.runner import _resolve_dtype
+    from latentkv.eval.decode import latent_attentions
+    from latentkv.eval.perplexity import DEFAULT_EVAL_TEXT
+    from latentkv.io.source import open_source
+    from latentkv.modeling import load_model
+    from latentkv.errors import LatentKVError
+    from latentkv.sparsity.predictor import load_predictor
+
+    predictor = load_predictor(config.predictor) if config.policy == "predictor" else None
+    source = open_source(model_path)
+    model = load_model(source.folder, dtype=_resolve_dtype(dtype), device=device)
+    latent_attentions(model)
+    path = Path(eval_text or DEFAULT_EVAL_TEXT)
+    if not path.exists():
+        raise LatentKVError(f"evaluation text {path} not found; pass --eval-text.")
+    ids = source.tokenizer()(path.read_text(encoding="utf-8")[:2_000_000], add_special_tokens=False)["input_ids"]
+    ids = ids[: prompt_tokens + tokens]
+    if len(ids) < prompt_tokens + 2:
+        raise LatentKVError(f"{path} has only {len(ids)} tokens; lower the prompt or use a longer text.")
+    start = prefilled(model, ids, prompt_tokens, page_size=page_size,
+                      keep_history=predictor.config.history if predictor is not None else 1)
+    dense, _ = decode_after(model, start, ids, prompt_tokens, SparseConfig("dense"))
+    sparse, stats = decode_after(model, start, ids, prompt_tokens, config, predictor=predictor)
+    targets = torch.tensor(ids[prompt_tokens:])
+    return {"policy": config.policy, "budget": config.budget, "page_size": page_size, "prompt_tokens": prompt_tokens,
+            "dense_perplexity": compare_logits(dense, dense, targets)["perplexity"],
+            **compare_logits(dense, sparse, targets), **stats}

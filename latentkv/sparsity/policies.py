@@ -1,0 +1,142 @@
+"""Which KV blocks (cache pages) a decode step attends to: the budget, the forced blocks, the policies.
+
+Every policy scores the blocks of one (sequence, layer); ``choose_blocks`` keeps the forced blocks
+(the first ``sink_blocks`` -- attention sinks -- and the last ``local_blocks``, which include the
+block holding the current token) and fills the rest of the budget with the best-scored blocks.
+
+| policy | score of a block | needs |
+| --- | --- | --- |
+| dense | (all blocks kept) | nothing |
+| window | recency (StreamingLLM: sinks + the most recent blocks) | nothing |
+| last-step | its attention mass at the previous step | the history |
+| oracle | its attention mass at this step (the upper bound; costs a dense QK pass) | this step's masses |
+| predictor | the AttentionPredictor's forecast from the last T steps | the history + a trained predictor |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+POLICIES = ("dense", "window", "last-step", "oracle", "predictor")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How sparse decode picks blocks.
+
+    policy: one of POLICIES.
+    budget: blocks attended per step: a fraction of the sequence's blocks in (0, 1) (rounded up),
+        or a whole number of blocks >= 1 (a float like 16.0 counts as blocks). Never fewer than the
+        forced blocks; a sequence with fewer blocks than the budget attends to all of them.
+    sink_blocks / local_blocks: always kept: the first blocks, and the last blocks (the last one
+        holds the current token). 1 / 1 by default (the sink and the current block).
+    refresh: the history row of a step is the full (dense) block masses every ``refresh`` decode
+        steps and the masses over the attended blocks otherwise (zero elsewhere), as in the paper's
+        "calibration" steps. 1 = a dense QK pass every step (exact history).
+    predictor: folder of a trained AttentionPredictor (policy "predictor").
+    track_recall: also compute this step's true masses to record the attention recall (cost: a
+        dense QK pass per step; for measurement).
+    """
+
+    policy: str = "dense"
+    budget: float = 0.25
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    refresh: int = 1
+    predictor: str | None = None
+    track_recall: bool = False
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise LatentKVError(f"unknown sparse policy {self.policy!r}; choose one of {', '.join(POLICIES)}.")
+        if not isinstance(self.budget, (int, float)) or not self.budget > 0 or not math.isfinite(self.budget):
+            raise LatentKVError(
+                f"sparse budget must be a fraction of the blocks in (0, 1) or a block count >= 1; got {self.budget!r}."
+            )
+        if self.budget >= 1 and self.budget != int(self.budget):
+            raise LatentKVError(f"a sparse budget >= 1 counts blocks and must be whole; got {self.budget}.")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise LatentKVError(
+                f"sink_blocks must be >= 0 and local_blocks >= 1 (the current block); got {self.sink_blocks}, "
+                f"{self.local_blocks}."
+            )
+        if self.budget >= 1 and self.budget < self.sink_blocks + self.local_blocks:
+            raise LatentKVError(
+                f"a budget of {int(self.budget)} blocks cannot hold the {self.sink_blocks} sink + "
+                f"{self.local_blocks} local blocks that are always kept; raise --sparse-budget."
+            )
+        if self.refresh < 1:
+            raise LatentKVError(f"refresh must be >= 1 decode steps; got {self.refresh}.")
+        if self.policy == "predictor" and not self.predictor:
+            raise LatentKVError("the predictor policy needs a trained predictor: pass --predictor FOLDER "
+                                "(made by `latentkv predictor train`).")
+
+    def blocks_for(self, n_blocks: int) -> int:
+        """Blocks attended by a sequence of ``n_blocks`` blocks (all of them for dense)."""
+        if self.policy == "dense":
+            return n_blocks
+        k = int(self.budget) if self.budget >= 1 else math.ceil(self.budget * n_blocks)
+        return min(n_blocks, max(k, self.sink_blocks + self.local_blocks))
+
+    @property
+    def needs_history(self) -> bool:
+        return self.policy in ("last-step", "predictor")
+
+
+def parse_budget(text: str | float) -> float:
+    """CLI budget: '0.25' or '25%' (a fraction) or '16' (blocks)."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise LatentKVError(f"--sparse-budget {text!r}: give a fraction (0.25 or 25%) or a block count (16).") from None
+    return value
+
+
+def forced_blocks(n_blocks: int, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Ids of the always-kept blocks: the first ``sink_blocks`` and the last ``local_blocks``."""
+    ids = set(range(min(sink_blocks, n_blocks))) | set(range(max(0, n_blocks - local_blocks), n_blocks))
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def choose_blocks(scores: torch.Tensor, k: int, sink_blocks: int = 1, local_blocks: int = 1) -> torch.Tensor:
+    """Ascending ids of the ``k`` blocks to attend: the forced blocks, then the top scores.
+
+    scores: [n_blocks] (any real values; higher = keep). Ties go to the lower id (topk's order is
+    not specified, so a stable sort decides). The last id is always the current block.
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return torch.arange(n)
+    s = scores.detach().float().clone()
+    s[forced_blocks(n, sink_blocks, local_blocks)] = float("inf")
+    order = torch.sort(-s, stable=True).indices
+    return order[:k].sort().values
+
+
+def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | None, current: torch.Tensor | None,
+                  predictor=None) -> torch.Tensor:
+    """Scores [n_blocks] of one (sequence, layer).
+
+    history: [latent_heads, t, n_blocks] block masses of the last t steps (t may be 0);
+    current: [latent_heads, n_blocks] this step's masses (oracle only); predictor: an
+    AttentionPredictor (policy "predictor"). Without history yet, last-step and predictor score
+    by recency (the window policy).
+    """
+    recency = torch.arange(n_blocks, dtype=torch.float32)
+    if config.policy in ("dense", "window"):
+        return recency
+    if config.policy == "oracle":
+        if current is None:
+            raise LatentKVError("the oracle policy needs this step's block masses.")
+        return current.float().mean(0)
+    if history is None or history.shape[1] == 0:
+        return recency
+    if config.policy == "last-step":
+        return history[:, -1].float().mean(0)
+    return predictor.predict(history).mean(0)  # [latent_heads, n] probabilities -> [n]

@@ -1,0 +1,182 @@
+"""Sparse decode through the paged latent cache: each decode step attends only to chosen pages.
+
+``SparseAttention`` is attached to a ``PagedLatentCache`` (``cache.sparsity = ...``); the cache's
+attention hook asks it, per layer, for the block table and lengths to attend with. For a decode
+step (one query token) it picks ``k`` blocks per sequence and returns a reduced block table of
+their page ids in ascending order -- the block of the current token last -- with length
+
+    (k - 1) * page_size + (tokens in the current block)
+
+Every block but the current one is full, so the kernel reads exactly the chosen pages, and since
+the cached RoPE key is already rotated at its true position, the result is exact attention over
+the chosen tokens (no kernel change; the kernel's causal rule "key <= length - 1" holds for the
+compacted positions too). Prefill chunks (several query tokens) attend densely.
+
+The history each policy reads is one row of block masses per step (``masses.block_masses``, a
+PyTorch pass over the cached rows): the full masses on "refresh" steps (every ``refresh`` decode
+steps, and during prefill), else the masses over the attended blocks only (zero elsewhere), which
+cost a second pass over just the attended pages. A refresh costs a dense QK pass (no PV) -- on a
+memory-bound GPU that is the read of the whole cache the sparse step avoids, so ``refresh`` trades
+history quality against speed. The predictor's forecast for step t reads only steps < t, so it can
+be computed while step t - 1 finishes (the paper's cross-token prefetch); here it runs at the start
+of step t, which gives the same blocks. The choice runs on the host, per sequence and layer (a
+small loop; on a GPU it costs a sync per layer -- a batched device-side top-k and the masses from
+per-page log-sum-exps written by the kernel would remove both; not done here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from latentkv.errors import LatentKVError
+from latentkv.sparsity.masses import block_masses, paged_rows
+from latentkv.sparsity.policies import SparseConfig, choose_blocks, policy_scores
+
+
+def reduced_pages(pages: torch.Tensor, ids: torch.Tensor, length: int, page_size: int) -> tuple[torch.Tensor, int]:
+    """The pages of blocks ``ids`` (ascending, the sequence's last block last) of a sequence of
+    ``length`` tokens whose pages are ``pages``, and the length to attend with: every chosen block
+    is full except the last, which holds ``length - (n - 1) * page_size`` tokens."""
+    n = pages.shape[0]
+    return pages[ids], (len(ids) - 1) * page_size + length - (n - 1) * page_size
+
+
+@dataclass
+class SparseStats:
+    """Running totals over decode steps x layers x sequences."""
+
+    decisions: int = 0
+    blocks_attended: int = 0
+    blocks_total: int = 0
+    recall_sum: float = 0.0  # sum of the true mass inside the chosen blocks (track_recall)
+    recall_count: int = 0
+    per_layer_recall: dict = field(default_factory=dict)  # layer -> [sum, count]
+
+    def summary(self) -> dict:
+        return {
+            "decisions": self.decisions,
+            "blocks_attended_fraction": self.blocks_attended / max(1, self.blocks_total),
+            "attention_recall": self.recall_sum / self.recall_count if self.recall_count else None,
+        }
+
+
+class SparseAttention:
+    """Block choice and attention history for every (sequence, layer) of one paged cache.
+
+    config: the policy and budget; page_size: the cache's; predictor: an AttentionPredictor for
+    policy "predictor"; keep_history: rows of history kept per (sequence, layer) (None: all, for
+    collecting training data; default: what the policy reads).
+    """
+
+    def __init__(self, config: SparseConfig, page_size: int, predictor=None, keep_history: int | None = -1):
+        if config.policy == "predictor":
+            if predictor is None:
+                raise LatentKVError("the predictor policy needs a loaded AttentionPredictor.")
+            if predictor.config.page_size != page_size:
+                raise LatentKVError(
+                    f"the predictor was trained on blocks of {predictor.config.page_size} tokens but the cache pages "
+                    f"hold {page_size}; decode with --page-size {predictor.config.page_size}."
+                )
+        self.config = config
+        self.page_size = page_size
+        self.predictor = predictor
+        if keep_history == -1:
+            keep_history = predictor.config.history if predictor is not None else (1 if config.needs_history else 0)
+        self.keep_history = keep_history
+        self.history: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> [latent_heads, t, n_blocks]
+        self.steps: dict[int, int] = {}  # seq -> decode steps begun
+        self.stats = SparseStats()
+        self.last_choice: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> chosen block ids
+
+    # history -------------------------------------------------------------------------------
+    def _push(self, seq: int, layer: int, rows: torch.Tensor) -> None:
+        """rows: [s, latent_heads, n] masses of s new steps (n may exceed the stored width)."""
+        if self.keep_history == 0:
+            return
+        rows = rows.transpose(0, 1)  # [latent_heads, s, n]
+        old = self.history.get((seq, layer))
+        if old is not None:
+            old = torch.nn.functional.pad(old, (0, rows.shape[-1] - old.shape[-1]))  # new blocks: empty so far
+            rows = torch.cat([old, rows], dim=1)
+        if self.keep_history is not None:
+            rows = rows[:, -self.keep_history :]
+        self.history[seq, layer] = rows
+
+    # the hook PagedLatentCache calls --------------------------------------------------------
+    def select(self, module, q: torch.Tensor, kv: torch.Tensor, step: dict):
+        """q [b, s, H, r_c + rope_dim] (cache dtype), kv [num_pages, page_size, width] (this step's
+        rows written) -> (block_table [b, k_max] int32, seq_lens [b] int32, max_len) to attend with."""
+        cfg, size = self.config, self.page_size
+        layer = module.layer_idx
+        b, s = q.shape[:2]
+        table = step["block_table"].cpu()
+        lens = step["seq_lens"].cpu().tolist()
+        geometry = dict(latent_heads=module.latent_heads, rope_dim=module.rope_dim, scale=module.scaling, page_size=size)
+        want_history = self.keep_history != 0
+        if s > 1:  # prefill chunk: dense; the history gets the masses of the tokens it keeps
+            if want_history:
+                take = s if self.keep_history is None else min(s, self.keep_history)
+                for row, seq in enumerate(step["seqs"]):
+                    n = -(-lens[row] // size)
+                    rows = paged_rows(kv, table[row, :n], lens[row])
+                    self._push(seq, layer, block_masses(q[row, -take:].cpu(), rows.cpu(), **geometry))
+            return step["block_table"], step["seq_lens"], step["max_len"]
+
+        chosen_rows, new_lens = [], []
+        for row, seq in enumerate(step["seqs"]):
+            if layer == 0:
+                self.steps[seq] = self.steps.get(seq, 0) + 1
+            length = lens[row]
+            n = -(-length // size)
+            pages = table[row, :n]
+            k = cfg.blocks_for(n)
+            refresh = self.steps.get(seq, 1) % cfg.refresh == 0
+            need_true = cfg.policy == "oracle" or cfg.track_recall or (want_history and (refresh or k >= n))
+            true = None
+            if need_true:
+                true = block_masses(q[row].cpu(), paged_rows(kv, pages, length).cpu(), **geometry)[0]  # [lh, n]
+            if k >= n:
+                ids = torch.arange(n)
+            else:
+                scores = policy_scores(cfg, n, self.history.get((seq, layer)), true, self.predictor)
+                ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
+            if want_history:
+                if refresh or k >= n:
+                    row_masses = true
+                else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
+                    part = block_masses(q[row].cpu(), paged_rows(kv, *reduced_pages(pages, ids, length, size)).cpu(),
+                                        **geometry)[0]
+                    row_masses = torch.zeros(part.shape[0], n).index_copy_(1, ids, part)
+                self._push(seq, layer, row_masses[None])
+            self._record(layer, ids, n, true)
+            self.last_choice[seq, layer] = ids
+            chosen, new_len = reduced_pages(pages, ids, length, size)
+            chosen_rows.append(chosen)
+            new_lens.append(new_len)
+        k_max = max(len(r) for r in chosen_rows)
+        reduced = torch.zeros(b, k_max, dtype=torch.int32)
+        for row, pages in enumerate(chosen_rows):
+            reduced[row, : len(pages)] = pages
+        dev = step["block_table"].device
+        return reduced.to(dev), torch.tensor(new_lens, dtype=torch.int32).to(dev), max(new_lens)
+
+    def _record(self, layer: int, ids: torch.Tensor, n: int, true: torch.Tensor | None) -> None:
+        st = self.stats
+        st.decisions += 1
+        st.blocks_attended += len(ids)
+        st.blocks_total += n
+        if true is not None and self.config.track_recall:
+            recall = float(true[:, ids].sum(-1).mean())
+            st.recall_sum += recall
+            st.recall_count += 1
+            acc = st.per_layer_recall.setdefault(layer, [0.0, 0])
+            acc[0] += recall
+            acc[1] += 1
+
+    def forget(self, seq: int) -> None:
+        """Drop a finished sequence's state."""
+        for key in [k for k in self.history if k[0] == seq]:
+            del self.history[key]
+        self.steps.pop(seq, None)

@@ -1,0 +1,207 @@
+"""Train an AttentionPredictor on a model's own attention: collect, fit, save.
+
+1. collect: windows of training text go through the model's paged decode path (one dense prefill
+   per window) with a recording ``SparseAttention``; every token's block masses per (layer, latent
+   head) make one map ``M [L, n_blocks]`` (row t: the masses of query t; blocks after t are 0).
+2. fit: a sample is (history M[t-T : t], target M[t]) for a random t >= T; the loss is the
+   cross-entropy between the target masses and softmax(logits) over the blocks a policy actually
+   ranks (not the forced sink / current blocks), i.e. a smooth surrogate of the attention recall of
+   top-k. Validation windows report the recall at a budget for the predictor and for last-step.
+3. save: ``attention_predictor.safetensors`` + ``attention_predictor.json`` (config + training facts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from latentkv.errors import LatentKVError
+from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig, save_predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """model: a latentkv-format MLA/GLA folder; out: predictor folder; data: training text (folder
+    or file; WikiText refused); exclude: file names under ``data`` left out (held out for
+    evaluation); windows / seq_len: collected windows (10% go to validation); steps / batch_size / lr:
+    Adam on the predictor; budget: fraction of blocks at which validation recall is reported."""
+
+    model: str
+    out: str
+    data: str
+    exclude: tuple[str, ...] = ()
+    windows: int = 24
+    seq_len: int = 1024
+    page_size: int = 16
+    history: int = 16
+    channels: int = 8
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    budget: float = 0.25
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.windows < 2:
+            raise LatentKVError("--windows must be >= 2 (one at least for validation).")
+        if self.seq_len < 4 * self.page_size or self.seq_len <= self.history + 1:
+            raise LatentKVError(f"--seq-len {self.seq_len} is too short for pages of {self.page_size} and a "
+                                f"history of {self.history}; use >= {max(4 * self.page_size, self.history + 2)}.")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise LatentKVError("--steps, --batch-size and --lr must be positive.")
+
+
+def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
+    """[windows, seq_len] token ids from ``data`` (a folder of .txt/.jsonl/.parquet, or one file)."""
+    from latentkv.calibration.data import TEXT_SUFFIXES, TextSource, load_texts, sample_windows, tokenize_stream
+
+    path = Path(data).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.name not in exclude)
+        if not files:
+            raise LatentKVError(f"no text files left under {path} after excluding {', '.join(exclude)}.")
+        texts = [t for f in files for t in load_texts(TextSource(str(f)))]
+    else:
+        texts = load_texts(TextSource(data))
+    return sample_windows(tokenize_stream(tokenizer, texts), windows, seq_len, seed)
+
+
+@torch.no_grad()
+def collect_maps(model, windows: torch.Tensor, page_size: int, progress=None) -> list[torch.Tensor]:
+    """Block-mass maps [L, n_blocks] (float16) of every (window, layer, latent head)."""
+    from latentkv.eval.decode import PagedLatentCache, prefill
+    from latentkv.sparsity.policies import SparseConfig
+    from latentkv.sparsity.runtime import SparseAttention
+
+    maps = []
+    for i, ids in enumerate(windows.tolist()):
+        cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size,
+                                           backend="reference")
+        cache.sparsity = SparseAttention(SparseConfig("dense"), page_size, keep_history=None)
+        seq = cache.add_sequence()
+        prefill(model, cache, seq, ids, chunk=256)
+        for (s, layer), hist in sorted(cache.sparsity.history.items()):
+            maps.extend(h.half() for h in hist)  # [L, n] per latent head
+        if progress is not None:
+            progress(i)
+    return maps
+
+
+def _samples(maps: list[torch.Tensor], count: int, history: int, page_size: int, gen: torch.Generator):
+    """count random (features source, target, rankable mask): x masses [B, T, N], y [B, N], mask [B, N]."""
+    pick = torch.randint(len(maps), (count,), generator=gen)
+    length, n_max = maps[0].shape
+    t = torch.randint(history, length, (count,), generator=gen)
+    x = torch.stack([maps[m][s - history : s] for m, s in zip(pick.tolist(), t.tolist())]).float()
+    y = torch.stack([maps[m][s] for m, s in zip(pick.tolist(), t.tolist())]).float()
+    n_exist = t // page_size + 1  # blocks that exist at step t
+    blocks = torch.arange(n_max)[None]
+    rankable = (blocks >= 1) & (blocks < n_exist[:, None] - 1)  # not the sink, not the current block
+    return x, y, rankable, n_exist
+
+
+def _loss(model: AttentionPredictor, x, y, rankable) -> torch.Tensor:
+    logits = model(model.feature(x)).masked_fill(~rankable, float("-inf"))
+    target = y * rankable
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.log_softmax(logits, -1).masked_fill(~rankable, 0.0)
+    return -(target * logp).sum(-1).mean()
+
+
+@torch.no_grad()
+def recall_at(scores: torch.Tensor, y: torch.Tensor, n_exist: torch.Tensor, budget: float) -> float:
+    """Mean true mass inside the blocks the policy keeps (sink + current + top scores) at ``budget``."""
+    from latentkv.sparsity.policies import SparseConfig, choose_blocks
+
+    cfg = SparseConfig("window", budget=budget)
+    total = 0.0
+    for row in range(y.shape[0]):
+        n = int(n_exist[row])
+        ids = choose_blocks(scores[row, :n], cfg.blocks_for(n))
+        total += float(y[row, ids].sum() / y[row, :n].sum().clamp_min(1e-12))
+    return total / y.shape[0]
+
+
+def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: PredictorConfig, *, steps: int,
+        batch_size: int, lr: float, budget: float, seed: int, progress=None) -> tuple[AttentionPredictor, dict]:
+    """Train on ``maps``; report validation loss and recall (predictor and last-step) at ``budget``."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = AttentionPredictor(config)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps))))
+    val = _samples(val_maps, 2048, config.history, config.page_size, torch.Generator().manual_seed(seed + 1))
+    log_every = max(1, steps // 10)
+    history = []
+    for step in range(1, steps + 1):
+        x, y, rankable, _ = _samples(maps, batch_size, config.history, config.page_size, gen)
+        loss = _loss(model, x, y, rankable)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, float(loss.detach()))
+        if step % log_every == 0 or step == steps:
+            with torch.no_grad():
+                val_loss = float(_loss(model, val[0], val[1], val[2]))
+            history.append({"step": step, "train_loss": float(loss.detach()), "val_loss": val_loss})
+            log.info("step %d: train loss %.4f, validation loss %.4f", step, float(loss.detach()), val_loss)
+    model.eval()
+    x, y, _, n_exist = val
+    with torch.no_grad():
+        pred = model(model.feature(x))
+    report = {
+        "val_samples": int(y.shape[0]),
+        "val_loss": history[-1]["val_loss"],
+        "val_recall_predictor": recall_at(pred, y, n_exist, budget),
+        "val_recall_last_step": recall_at(x[:, -1], y, n_exist, budget),
+        "val_recall_budget": budget,
+        "loss_curve": history,
+    }
+    return model, report
+
+
+def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
+    """`latentkv predictor train`: collect maps from ``opts.model`` on ``opts.data``, fit, save."""
+    from latentkv.eval.decode import latent_attentions
+    from latentkv.io.source import open_source
+    from latentkv.modeling import load_model
+
+    out = Path(opts.out)
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise LatentKVError(f"{out} is not empty; pass --overwrite or choose another --out.")
+    t0 = time.perf_counter()
+    source = open_source(opts.model)
+    model = load_model(source.folder)
+    latent_attentions(model)  # a clear error for models without latent attention
+    windows = training_windows(source.tokenizer(), opts.data, opts.exclude, opts.windows, opts.seq_len, opts.seed)
+    n_val = max(1, opts.windows // 10)
+    advance = progress_factory("collecting attention", opts.windows) if progress_factory else None
+    maps = collect_maps(model, windows, opts.page_size, progress=advance)
+    per_window = len(maps) // opts.windows
+    train_maps, val_maps = maps[: -n_val * per_window], maps[-n_val * per_window :]
+    log.info("collected %d maps of %s (%d validation) in %.0f s", len(maps), tuple(maps[0].shape), len(val_maps),
+             time.perf_counter() - t0)
+    config = PredictorConfig(history=opts.history, channels=opts.channels, page_size=opts.page_size)
+    advance = progress_factory("training", opts.steps) if progress_factory else None
+    predictor, report = fit(train_maps, val_maps, config, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+                            budget=opts.budget, seed=opts.seed,
+                            progress=(lambda step, loss: advance(step)) if advance else None)
+    report = {**report, "seconds": time.perf_counter() - t0, "parameters": sum(p.numel() for p in predictor.parameters())}
+    extra = {"trained_on": {**asdict(opts), "maps": len(train_maps)}, "report": report}
+    save_predictor(predictor, out, extra=json.loads(json.dumps(extra, default=str)))
+    log.info("validation recall at %.0f%% of blocks: predictor %.4f, last-step %.4f", 100 * opts.budget,
+             report["val_recall_predictor"], report["val_recall_last_step"])
+    return {"out": str(out), **{k: v for k, v in report.items() if k != "loss_curve"}}
+
