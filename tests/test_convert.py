@@ -18,7 +18,7 @@ from latentkv.errors import LatentKVError
 from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
-ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "qwen3", "qwen3-moe"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),

@@ -102,7 +102,7 @@ def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
     n = H // G
     S = inp.moment
     k_pair_cov = rope.pair_covariance(inp.k @ S @ inp.k.T, G, d)
-    q_diag = ((inp.q @ S) * inp.q).sum(1).view(H, d)  # E[q_{h,i}^2]
+    q_diag = ((inp.q @ inp.query_moment) * inp.q).sum(1).view(H, d)  # E[q_{h,i}^2]
     q_energy = (q_diag[:, : d // 2] + q_diag[:, d // 2 :]).T.contiguous()  # [P, H]
     v_moment = inp.v @ S @ inp.v.T
     o_heads = inp.o.double().view(-1, H, d).transpose(0, 1)  # [H, D, d]

@@ -55,6 +55,12 @@ class GQAMethod:
         return gqa.GQAConfig(**options)
 
     def validate(self, config, arch, cfg: gqa.GQAConfig, fmt: str) -> None:
+        if arch.qk_norm:
+            raise LatentKVError(
+                f"--to gqa cannot merge the key heads of {arch.model_type}: it RMS-normalises every key head (k_norm) "
+                "before RoPE, so a mix of its heads is no key head of the same architecture. Use --to mla or --to gla "
+                "(they keep the norms; exact at full rank, written in the latentkv format)"
+            )
         geo = geometry_of(config)
         G = geo.num_kv_heads
         if cfg.num_kv_heads > G or G % cfg.num_kv_heads:
