@@ -82,11 +82,12 @@ def test_decode_check_passes(converted, method, backend):
     assert len(report["tokens"]) == 40 and report["prompt_tokens"] == 12
 
 
-@pytest.mark.parametrize("arch", ["gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["gemma", "phi3", "qwen3"])
 def test_decode_check_other_architectures(converted, arch):
     """Guards the loop that calls embeddings, layers and norm itself on other decoder layers: Gemma's
     sqrt(hidden) embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms,
-    Phi-3's layer around a converted fused-QKV attention; else the logits differ from the full forward."""
+    Phi-3's layer around a converted fused-QKV attention, Qwen3's qk_norm layers (the latent read from
+    the normalised keys, the query map after q_norm); else the logits differ from the full forward."""
     from latentkv.eval.decode import decode_check
 
     model, tok = _load(converted("mla", arch))
