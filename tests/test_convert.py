@@ -99,7 +99,7 @@ FRESH_PROCESS = textwrap.dedent(
     ("llama", "gta", dict()),
     ("gemma", "gta", dict()),
     ("phi3", "mla", dict(kv_budget=0.5)),
-    ("qwen3", "mla", dict(kv_budget=0.5)),
+    ("qwen3", "mla", dict(kv_budget=0.5, sequential=True, refit_output=True)),
     ("qwen3-moe", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
