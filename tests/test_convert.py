@@ -19,7 +19,7 @@ from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
 ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "phi3-partial",
-         "gpt_neox", "gpt_neox-serial"]
+         "gpt_neox", "gpt_neox-serial", "qwen3", "qwen3-moe"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
@@ -103,6 +103,8 @@ FRESH_PROCESS = textwrap.dedent(
     ("gpt_neox", "mla", dict(kv_budget=0.5)),
     ("gpt_neox-serial", "gla", dict(kv_budget=0.5, latent_heads=2)),
     ("phi3-partial", "gta", dict()),
+    ("qwen3", "mla", dict(kv_budget=0.5, sequential=True, refit_output=True)),
+    ("qwen3-moe", "gta", dict()),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
@@ -129,10 +131,11 @@ def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_mo
     assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir(arch) / "tokenizer.json").read_bytes()
 
 
-def test_compression_degrades_gracefully(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compression_degrades_gracefully(arch, tiny_model_dir, tmp_path):
     """Guards the rank cut: fewer cached values give a larger but finite error, never NaN, and the
-    widths written to the config are the ones the cache holds."""
-    src = tiny_model_dir("llama")
+    widths written to the config are the ones the cache holds (Qwen3: a latent of the normalised keys)."""
+    src = tiny_model_dir(arch)
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
     ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
     errors = []
@@ -271,8 +274,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
     """Guards user-input validation: ranks past the key/value span, odd RoPE widths, MoE in the
     DeepSeek format (and Gemma's norms, Phi-3's fused MLP, GPT-NeoX's parallel residual and LayerNorm
-    biases there), GPT-NeoX to fewer KV heads and unknown settings all fail with a message naming the
-    fix, writing nothing."""
+    biases, Qwen3's QK norms there), GPT-NeoX to fewer KV heads and unknown settings all fail with a
+    message naming the fix, writing nothing."""
     src = tiny_model_dir("llama")
     out = tmp_path / "out"
     with pytest.raises(LatentKVError, match="larger than possible"):
@@ -291,6 +294,8 @@ def test_impossible_settings_are_refused(tiny_model_dir, tmp_path):
         _convert(tiny_model_dir("gpt_neox"), out, tmp_path, method="gqa", num_kv_heads=2)
     with pytest.raises(LatentKVError, match="rotated key dims"):
         _convert(tiny_model_dir("gpt_neox"), out, tmp_path, kv_budget=0.5, qk_rope_dim=18)
+    with pytest.raises(LatentKVError, match="cannot hold qwen3: its attention RMS-normalises .* --format latentkv"):
+        _convert(tiny_model_dir("qwen3"), out, tmp_path, fmt="deepseek", kv_lora_rank=16)
     with pytest.raises(LatentKVError, match="Unknown mla settings"):
         _convert(src, out, tmp_path, kv_budget=0.5, rope_mixx="real")
     with pytest.raises(LatentKVError, match="Unknown conversion target"):
@@ -405,6 +410,43 @@ def test_distance_profile_equals_source_attention(tiny_model_dir, arch):
             mass = out.attentions[i].sum(0).reshape(geo.num_heads, -1)  # [H, L*L], summed over windows
             expected = torch.zeros(geo.num_heads, 24, dtype=torch.float64).index_add_(1, distance, mass) / (2 * 24)
             assert torch.allclose(got, expected, atol=1e-6), (i, float((got - expected).abs().max()))
+
+
+def test_qk_norm_statistics_equal_hooked_forward(tiny_model_dir, tmp_path):
+    """Guards the QK-norm calibration (Qwen3): the streamed moments are those of what transformers'
+    own forward computes after k_norm / v_proj (keys and values) and after q_norm (queries), so the
+    latent reads exactly what the source attention reads; the distance profile is of normalised q, k."""
+    from latentkv.calibration.data import TextSource, token_windows
+    from latentkv.calibration.runner import LayerStream
+    from latentkv.calibration.stats import StatsCache
+    from latentkv.convert.pipeline import collect_stats
+    from latentkv.io.source import open_source
+
+    src = tiny_model_dir("qwen3")
+    source = open_source(str(src))
+    windows = token_windows(source.tokenizer(), TextSource(str(TINY_TEXT)), 4, 32, 0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    seen: dict = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_norm", "k_norm", "v_proj"):
+            layer.self_attn.get_submodule(name).register_forward_hook(
+                lambda _m, _a, out, key=(i, name): seen.__setitem__(key, out.flatten(-2) if out.dim() == 4 else out))
+    with torch.no_grad():
+        model(windows)
+
+    def moment(t):
+        x = t.reshape(-1, t.shape[-1]).double()
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        return x.T @ x / len(x)
+
+    stream = LayerStream(source.config, source.weights)
+    stats = collect_stats(stream, windows, StatsCache(tmp_path / "c", {"k": 1}), CalibOptions(profile_samples=2))
+    for i, st in enumerate(stats):
+        kv = torch.cat([seen[i, "k_norm"], seen[i, "v_proj"]], dim=-1)
+        assert st.moment.shape == (2 * 2 * 16 + 1,) * 2 and st.q_moment.shape == (4 * 16 + 1,) * 2
+        assert torch.allclose(st.moment, moment(kv), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(st.q_moment, moment(seen[i, "q_norm"]), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(st.distance.sum(1), torch.ones(4, dtype=torch.float64))
 
 
 def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):

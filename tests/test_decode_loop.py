@@ -83,13 +83,15 @@ def test_decode_check_passes(converted, method, backend):
 
 
 @pytest.mark.parametrize("arch,backend", [("gemma", "reference"), ("phi3", "reference"), ("gpt_neox", "triton"),
-                                          ("gpt_neox-serial", "reference"), ("phi3-partial", "triton")])
+                                          ("gpt_neox-serial", "reference"), ("phi3-partial", "triton"),
+                                          ("qwen3", "reference")])
 def test_decode_check_other_architectures(converted, arch, backend):
     """Guards the loop that calls embeddings, layers and norm itself on other decoder layers: Gemma's
     sqrt(hidden) embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms,
     Phi-3's layer around a converted fused-QKV attention, GPT-NeoX's decoder under its own names
     (gpt_neox.embed_in, final_layer_norm, `attention`, parallel or serial residual) and partial rotary
-    (RoPE keys of widths that are no power of two, through the kernel); else the logits differ from
+    (RoPE keys of widths that are no power of two, through the kernel), Qwen3's qk_norm layers (the
+    latent read from the normalised keys, the query map after q_norm); else the logits differ from
     the full forward."""
     from latentkv.eval.decode import decode_check
 

@@ -200,6 +200,7 @@ def test_targets_follow_the_source_module_names():
 
 def test_target_table_and_latent_routing():
     """Guards against LoRA landing on the wrong modules per format (DeepSeek names, MLP widening),
+    and against a Qwen3 (qk_norm) layer's k/v projections and per-head query map left frozen,
     and against the two runtime adaptations of LatentAttention changing its numbers: kv_b_proj
     called as a module (so LoRA applies; MLA and GLA) and RoPE frequencies read from a buffer (so
     torch.compile does not recompile per layer). Fails if modeling_latentkv.py changes under them."""
@@ -217,12 +218,24 @@ def test_target_table_and_latent_routing():
 
     from latentkv.modeling.modeling_latentkv import LatentAttention, LatentKVConfig
 
-    for latent_heads in (1, 2):
+    for latent_heads, qk_norm in ((1, False), (2, False), (1, True)):
         spec = dict(kv_lora_rank=8, rope_dim=4, rope_inv_freq=[1.0, 0.1], qk_nope_head_dim=6, latent_heads=latent_heads)
+        if qk_norm:  # a Qwen3 layer: the source's q/k/v projections and norms kept, a per-head query map
+            spec.update(qk_norm=True, qk_norm_eps=1e-6)
         cfg = LatentKVConfig(source_config=dict(model_type="llama", hidden_size=16, num_attention_heads=4,
-                                                num_hidden_layers=1, vocab_size=8),
+                                                num_key_value_heads=2, num_hidden_layers=1, vocab_size=8),
                              attention_layers=[spec], softmax_scale=0.3, v_head_dim=5)
         layer = LatentAttention(cfg, 0)
+        if qk_norm:  # --mode attention trains its linears and the per-head query map, not the norms
+            torch.nn.init.normal_(layer.q_head_proj.weight)
+            model = torch.nn.Module()
+            model.model = torch.nn.Module()
+            model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+            model.model.layers[0].self_attn = layer
+            trained = tg.freeze_all_but(model, tg.targets_for(cfg), "attention")
+            assert {n.rsplit(".", 1)[-1] for n in trained} == {"q_proj", "k_proj", "v_proj", "kv_a_proj", "kv_b_proj", "o_proj"}
+            assert layer.q_head_proj.weight.requires_grad and not layer.k_norm.weight.requires_grad
+            layer.requires_grad_(False)
         c, x = torch.randn(2, 3, 8), torch.randn(2, 5, 16)
         pos = torch.arange(3, 8)[None].expand(2, 5)
         expected, out = layer.expand_latent(c), layer(x, position_ids=pos)[0]

@@ -176,6 +176,16 @@ def test_bad_head_counts_are_refused(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_qk_norm_source_is_refused(tiny_model_dir, tmp_path):
+    """Guards the QK-norm refusal: merging Qwen3's normalised key heads is no linear mix, so --to gqa
+    (and its mean-pooling baseline) refuses before any work, naming the targets that work, and
+    writes nothing."""
+    for method in ("pca", "meanpool"):
+        with pytest.raises(LatentKVError, match="RMS-normalises every key head.*--to mla or --to gla"):
+            _convert(tiny_model_dir("qwen3"), tmp_path / "out", tmp_path, num_kv_heads=1, method=method)
+    assert not (tmp_path / "out").exists()
+
+
 def test_key_loss_matches_direct_score_error():
     """Guards the statistics shortcut and the grouping's key-loss formula: the basis built from the
     layer's precomputed pair covariances must equal rope.key_basis on the rows, and the predicted

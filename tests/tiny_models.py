@@ -58,6 +58,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt_neox-serial": ("GPTNeoXConfig", dict(num_key_value_heads=None, head_dim=None, use_parallel_residual=False,
                                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                "partial_rotary_factor": 0.5})),
+    "qwen3": ("Qwen3Config", dict()),  # per-head q_norm / k_norm before RoPE
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         attention_bias=True)),
 }
 
 
@@ -91,6 +94,8 @@ def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.5)
+            elif pname.endswith(("q_norm.weight", "k_norm.weight")):  # per-head norms (Qwen3): not all ones
+                p.uniform_(0.5, 1.5)
             elif p.dim() == 2:
                 p.normal_(0.0, 0.08)
     model.eval()

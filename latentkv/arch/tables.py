@@ -28,8 +28,11 @@ class ArchSpec:
     o_bias: bool | str = False
     # "half": HF rotate_half layout, pair j is dims (j, j + d/2). "interleaved": pair j is (2j, 2j+1).
     rope_layout: str = "half"
-    # Per-head RMSNorm on q and k before RoPE (Qwen3). Conversions need it linear, so it is refused.
-    qk_norm: bool = False
+    # Per-head RMSNorm on q and k before RoPE (Qwen3): module names within the layer, "" if none.
+    # The key is then not linear in x: the conversion reads the normalised keys and values instead
+    # (`project_normed`), and the converted layer keeps these norms and the source's q/k/v projections.
+    q_norm: str = ""
+    k_norm: str = ""
     moe: bool = False
     # One fused q/k/v projection: its module name within the layer; the q/k/v names above then stand
     # for rows of it (`qkv_rows`), the o name stays a module of its own. Its row layout: "blocked"
@@ -114,6 +117,20 @@ class ArchSpec:
             return layer_module.get_submodule(self.fused_qkv)(x)[..., self.qkv_rows(geo)[which]]
         return layer_module.get_submodule(getattr(self, f"{which}_proj"))(x)
 
+    @property
+    def qk_norm(self) -> bool:
+        return bool(self.k_norm)
+
+    def project_normed(self, layer_module, x, which: str, geo: "AttentionGeometry"):
+        """q, k or v as the attention reads them before RoPE: the projection, then the per-head norm
+        where this architecture has one ([..., heads * d])."""
+        out = self.project(layer_module, x, which, geo)
+        norm = {"q": self.q_norm, "k": self.k_norm}.get(which, "")
+        if not norm:
+            return out
+        heads = out.shape[-1] // geo.head_dim
+        return layer_module.get_submodule(norm)(out.unflatten(-1, (heads, geo.head_dim))).flatten(-2)
+
     def layer_key(self, layer: int) -> str:
         return self.layer_prefix.format(i=layer) + "."
 
@@ -123,6 +140,11 @@ class ArchSpec:
             return bool(getattr(config, flag, False))
         return bool(flag)
 
+
+QK_NORM_REFUSAL = ("its attention RMS-normalises every query and key head (q_norm/k_norm) before RoPE, which "
+                   "DeepseekV3's attention has no place for")
+QK_NORM_GQA_REFUSAL = ("it RMS-normalises every key head (k_norm) before RoPE, so a mix of its heads is no key head "
+                       "of the same architecture (MLA and GLA keep the norms; exact at full rank, latentkv format)")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
@@ -146,6 +168,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  deepseek_refusal="its layers may add attention and MLP in parallel and its LayerNorms have biases",
                  gqa_refusal="GPTNeoXAttention has one fused query_key_value for as many KV heads as query "
                              "heads (no num_key_value_heads setting)"),
+        ArchSpec("qwen3", qkv_bias="attention_bias", o_bias="attention_bias", q_norm="self_attn.q_norm",
+                 k_norm="self_attn.k_norm", deepseek_refusal=QK_NORM_REFUSAL,
+                 gqa_refusal=QK_NORM_GQA_REFUSAL),
+        ArchSpec("qwen3_moe", qkv_bias="attention_bias", o_bias="attention_bias", q_norm="self_attn.q_norm",
+                 k_norm="self_attn.k_norm", moe=True, deepseek_refusal=QK_NORM_REFUSAL,
+                 expert_stacks=(
+                     ("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+                     ("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj.weight",)),
+                 )),
         ArchSpec(
             "mixtral",
             moe=True,

@@ -5,6 +5,11 @@ For each decoder layer we keep:
   The appended 1 makes every bias an ordinary column, so biased projections need no special case.
 - `distance`: per query head, the mean attention mass at each query-key distance (from a few
   windows), which says how far RoPE rotates the pairs that the head really compares.
+
+Where the keys are not linear in x (a per-head norm on q and k before RoPE, Qwen3), the converted
+attention reads the source's normalised keys and values y = [k_norm(k(x)); v(x)] instead of x, and the
+queries after their norm: `moment` is then E[y_aug y_aug^T] and `q_moment` E[q_aug q_aug^T] of the
+normalised queries (the same accumulator, the same float64 sums).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ class LayerStats:
     tokens: int
     distance: torch.Tensor | None = None  # [H, L] float64, rows sum to 1
     samples: torch.Tensor | None = None  # [n, D] a strided subset of attention inputs (for non-linear fits)
+    q_moment: torch.Tensor | None = None  # [H*d+1, H*d+1] float64, normalised queries (QK-norm sources only)
 
     def check(self, layer: int) -> None:
-        if not torch.isfinite(self.moment).all():
+        if not all(torch.isfinite(m).all() for m in (self.moment, self.q_moment) if m is not None):
             raise LatentKVError(
                 f"Calibration statistics of layer {layer} contain NaN/Inf: the model overflows in this dtype "
                 "on this text. Use --dtype float32, or check the checkpoint for corrupt weights."
@@ -44,11 +50,14 @@ class LayerStats:
             out["distance"] = self.distance
         if self.samples is not None:
             out["samples"] = self.samples
+        if self.q_moment is not None:
+            out["q_moment"] = self.q_moment
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerStats":
-        return cls(moment=d["moment"], tokens=int(d["tokens"]), distance=d.get("distance"), samples=d.get("samples"))
+        return cls(moment=d["moment"], tokens=int(d["tokens"]), distance=d.get("distance"), samples=d.get("samples"),
+                   q_moment=d.get("q_moment"))
 
 
 class MomentAccumulator:
@@ -103,8 +112,8 @@ def source_qk(layer, arch, x: torch.Tensor, pos_emb, geo):
     """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
     attn = layer.get_submodule(arch.attention)
     b, L, _ = x.shape
-    q = arch.project(layer, x, "q", geo).reshape(b, L, geo.num_heads, geo.head_dim).transpose(1, 2)
-    k = arch.project(layer, x, "k", geo).reshape(b, L, geo.num_kv_heads, geo.head_dim).transpose(1, 2)
+    q = arch.project_normed(layer, x, "q", geo).reshape(b, L, geo.num_heads, geo.head_dim).transpose(1, 2)
+    k = arch.project_normed(layer, x, "k", geo).reshape(b, L, geo.num_kv_heads, geo.head_dim).transpose(1, 2)
     cos, sin = pos_emb  # [b, L, rotary_dim]: RoPE turns the first rotary_dim dims of each head
     cos, sin = cos[:, None], sin[:, None]
     rd = geo.rotary_dim
@@ -118,6 +127,8 @@ class StatsCollector:
 
     The moment sees every token, the distance profile the first `profile_windows` windows, and the
     kept samples are every `stride`-th token of the whole set (the same tokens whatever the batch).
+    With a QK-norm source the moments are of the normalised keys and values and of the normalised
+    queries (module docstring); the samples stay attention inputs.
     """
 
     def __init__(self, layer, arch, geo, pos_emb, *, windows: int, seq_len: int, profile_windows: int,
@@ -125,14 +136,21 @@ class StatsCollector:
         self.layer, self.arch, self.geo, self.pos_emb = layer, arch, geo, pos_emb
         self.seq_len, self.profile_windows, self.sample_tokens = seq_len, profile_windows, sample_tokens
         self.stride = max(1, windows * seq_len // sample_tokens)
-        self.moment = MomentAccumulator(geo.hidden_size, device)
+        kv_dim = 2 * geo.num_kv_heads * geo.head_dim
+        self.moment = MomentAccumulator(kv_dim if arch.qk_norm else geo.hidden_size, device)
+        self.q_moment = MomentAccumulator(geo.num_heads * geo.head_dim, device) if arch.qk_norm else None
         self.samples: list[torch.Tensor] = []
         self.kept = 0
         self.profile: torch.Tensor | None = None  # [H, L], summed over windows
 
     def add(self, x: torch.Tensor, first: int) -> None:
         """x: [b, L, D], the attention input (the input norm's output) of windows first .. first+b-1."""
-        self.moment.add(x)
+        if self.q_moment is None:
+            self.moment.add(x)
+        else:
+            arch, layer, geo = self.arch, self.layer, self.geo
+            self.moment.add(torch.cat([arch.project_normed(layer, x, w, geo) for w in ("k", "v")], dim=-1))
+            self.q_moment.add(arch.project_normed(layer, x, "q", geo))
         if self.kept < self.sample_tokens:
             offset = -first * self.seq_len % self.stride  # this batch's first token on the global stride
             picked = x.reshape(-1, x.shape[-1])[offset :: self.stride][: self.sample_tokens - self.kept]
@@ -147,7 +165,8 @@ class StatsCollector:
     def result(self) -> LayerStats:
         distance = None if self.profile is None else self.profile / self.profile.sum(1, keepdim=True)
         return LayerStats(moment=self.moment.result(), tokens=self.moment.tokens, distance=distance,
-                          samples=torch.cat(self.samples))
+                          samples=torch.cat(self.samples),
+                          q_moment=None if self.q_moment is None else self.q_moment.result())
 
 
 class StatsCache:

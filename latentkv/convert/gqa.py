@@ -107,7 +107,7 @@ def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
     n = H // G
     S = inp.moment
     k_pair_cov = rope.pair_covariance(inp.k @ S @ inp.k.T, G, d, rd)
-    q_diag = ((inp.q @ S) * inp.q).sum(1).view(H, d)  # E[q_{h,i}^2]
+    q_diag = ((inp.q @ inp.query_moment) * inp.q).sum(1).view(H, d)  # E[q_{h,i}^2]
     q_energy = (q_diag[:, : rd // 2] + q_diag[:, rd // 2 : rd]).T.contiguous()  # [P, H]
     v_moment = inp.v @ S @ inp.v.T
     o_heads = inp.o.double().view(-1, H, d).transpose(0, 1)  # [H, D, d]
@@ -123,7 +123,7 @@ def layer_moments(inp: LayerInputs, cfg: GQAConfig) -> LayerMoments:
         weight = torch.full_like(weight, float(weight.mean()))
     k_pass = rope.passed_rows(inp.k, G, d, rd).reshape(-1, S.shape[0])  # [G*p, D+1]
     q_pass = rope.passed_rows(inp.q, H, d, rd)  # [H, p, D+1]
-    q_pass_gram = (weight[:, None, None] * (q_pass @ S @ q_pass.transpose(1, 2))).view(G, n, d - rd, d - rd).sum(1)
+    q_pass_gram = (weight[:, None, None] * (q_pass @ inp.query_moment @ q_pass.transpose(1, 2))).view(G, n, d - rd, d - rd).sum(1)
     return LayerMoments(inp, k_pair_cov, q_energy * weight[None, :], v_moment, o_gram, k_pass @ S @ k_pass.T,
                         q_pass_gram)
 

@@ -35,6 +35,10 @@ class GTASMethod(GQAMethod):
         geo = geometry_of(config)
         if geo.head_dim % 2:
             raise LatentKVError(f"The head dim {geo.head_dim} is odd; RoPE pairs need an even head dim")
+        if arch.qk_norm:
+            raise LatentKVError(
+                f"--to gta-s cannot merge the key heads of {arch.model_type}: it RMS-normalises every query and key "
+                "head (q_norm/k_norm) before RoPE. Use --to mla, gla or gta for this model")
         if geo.rotary_dim != geo.head_dim:
             raise LatentKVError(
                 f"--to gta-s needs RoPE on whole heads; {arch.model_type} rotates {geo.rotary_dim} of {geo.head_dim} "

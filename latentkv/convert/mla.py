@@ -126,7 +126,13 @@ class MLAConfig:
 
 @dataclass
 class LayerInputs:
-    """One source attention block in float64 with biases as a last column."""
+    """One source attention block in float64 with biases as a last column.
+
+    The rows of k and v act on the space whose second moment is `moment` (the attention input x,
+    or for a QK-norm source the normalised keys and values, where k and v are 0/1 selections); the
+    rows of q act on the space of `query_moment` (the same one unless `q_moment` is given: the
+    normalised queries of a QK-norm source). Everything downstream reads only these.
+    """
 
     q: torch.Tensor  # [H*d, D+1]
     k: torch.Tensor  # [G*d, D+1]
@@ -141,10 +147,15 @@ class LayerInputs:
     head_dim: int
     scale: float
     rotary_dim: int | None = None  # RoPE turns the first rotary_dim dims of each head (None: all)
+    q_moment: torch.Tensor | None = None  # [F_q+1, F_q+1] when q reads another space than k and v
 
     @property
     def rotary(self) -> int:
         return self.rotary_dim or self.head_dim
+
+    @property
+    def query_moment(self) -> torch.Tensor:
+        return self.moment if self.q_moment is None else self.q_moment
 
     @staticmethod
     def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -173,11 +184,11 @@ def analyse_layer(inp: LayerInputs, cfg: MLAConfig) -> LayerAnalysis:
     group_of_head = torch.arange(H) // (H // G)
     zk = rope.complex_pairs(inp.k, G, d, rd)
     zq = rope.complex_pairs(inp.q, H, d, rd)
-    basis = rope.key_basis(zk, zq, inp.moment, group_of_head, cfg.rope_mix, cfg.query_weighted)
+    basis = rope.key_basis(zk, zq, inp.moment, group_of_head, cfg.rope_mix, cfg.query_weighted, inp.query_moment)
     measured = rope.rotation_shrink(inp.distance, inp.inv_freq, H)
     shrink = measured if cfg.shrink else rope.rotation_shrink(None, inp.inv_freq, H)
     q_rows = inp.q.view(H, d, -1)
-    q_cov = q_rows @ inp.moment @ q_rows.transpose(1, 2)
+    q_cov = q_rows @ inp.query_moment @ q_rows.transpose(1, 2)
     q_energy = q_cov.diagonal(dim1=1, dim2=2)
     q_energy = q_energy[:, : rd // 2] + q_energy[:, rd // 2 : rd]  # E|z^q_{h,j}|^2: [H, P]
     # How much a score error of head h moves the layer output: spread of its values through W_O.

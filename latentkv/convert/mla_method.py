@@ -16,6 +16,7 @@ import torch
 
 from latentkv.arch import geometry_of
 from latentkv.convert import mla
+from latentkv.convert.qk_norm import with_source_projections
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class MLAMethod:
         rope_dim, rank = plan.widths[i]
         with torch.device(stream.device):
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
-            return mla.build_layer(an, rope_dim, rank, cfg)
+            return with_source_projections(stream, i, *mla.build_layer(an, rope_dim, rank, cfg))
 
     def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig, source_attn=None, batches=None):
         """Layer i's new attention during the pass through the converted layers (kept for writing);
@@ -347,6 +348,7 @@ class GTAMethod(MLAMethod):
         with torch.device(stream.device):
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
             tensors, spec, report = gta.build_gta_layer(an, cfg)
+            tensors, spec = with_source_projections(stream, i, tensors, spec)
         plan.reports[i] = report
         log.info("layer %d: tied-state fit error keys %.3f, values %.3f (relative); RoPE de-rotation loss %.4g",
                  i, report["key_rel_error"], report["value_rel_error"], report["rope_loss"])

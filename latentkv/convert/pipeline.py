@@ -84,7 +84,13 @@ class ConvertResult:
 
 
 def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
-    """The source attention block of one layer as float64 augmented matrices."""
+    """The source attention block of one layer as float64 augmented matrices.
+
+    This is where statistics and weights become key/value/query covariances. With a per-head QK
+    norm (Qwen3) the keys are not linear in x: the statistics are then of the normalised keys and
+    values y = [k; v] and of the normalised queries (`StatsCollector`), and the rows below are the
+    0/1 selections W_K = [I 0], W_V = [0 I], W_Q = I on those spaces, so every method downstream
+    runs unchanged and its new projections read y and the normalised queries (`convert.qk_norm`)."""
     from latentkv.convert.mla import LayerInputs
 
     arch, cfg, w = stream.arch, stream.config, stream.weights
@@ -93,10 +99,17 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
     def get(which, kind="weight"):
         return arch.read_projection(w, layer_idx, which, kind, geo, dtype=torch.float64, device=stream.device)
 
+    if arch.qk_norm:
+        kv, qd = geo.num_kv_heads * geo.head_dim, geo.num_heads * geo.head_dim
+        eye = torch.eye(2 * kv, dtype=torch.float64, device=stream.device)
+        q, k, v = (LayerInputs.augment(rows, None) for rows in
+                   (torch.eye(qd, dtype=torch.float64, device=stream.device), eye[:kv], eye[kv:]))
+    else:
+        q, k, v = (LayerInputs.augment(get(x), get(x, "bias")) for x in "qkv")
     return LayerInputs(
-        q=LayerInputs.augment(get("q"), get("q", "bias")),
-        k=LayerInputs.augment(get("k"), get("k", "bias")),
-        v=LayerInputs.augment(get("v"), get("v", "bias")),
+        q=q,
+        k=k,
+        v=v,
         o=get("o"),
         o_bias=get("o", "bias"),
         moment=stats.moment.to(stream.device, torch.float64),
@@ -107,6 +120,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
         head_dim=geo.head_dim,
         scale=geo.head_dim**-0.5,
         rotary_dim=geo.rotary_dim,
+        q_moment=None if stats.q_moment is None else stats.q_moment.to(stream.device, torch.float64),
     )
 
 

@@ -81,14 +81,17 @@ def key_basis(
     group_of_head: torch.Tensor,
     mix: str = "complex",
     query_weighted: bool = True,
+    q_moment: torch.Tensor | None = None,
 ) -> KeyBasis:
-    """Choose the per-frequency basis. zk: [G, P, D+1], zq: [H, P, D+1] complex rows.
+    """Choose the per-frequency basis. zk: [G, P, D+1], zq: [H, P, D_q+1] complex rows; q_moment the
+    second moment the query rows act on where it is not the keys' (`moment`).
 
     mix: "complex" (complex PCA, the general RoPE-commuting mix), "real" (one real orthogonal
     mix per frequency, as RoRoPE/TransMLA), or "none" (keep the source heads as they are).
     """
     cov = _sandwich(zk.transpose(0, 1), moment)  # [P, G, G]
-    q_energy = _sandwich(zq.transpose(0, 1), moment).diagonal(dim1=-2, dim2=-1).real  # [P, H]
+    q_moment = moment if q_moment is None else q_moment
+    q_energy = _sandwich(zq.transpose(0, 1), q_moment).diagonal(dim1=-2, dim2=-1).real  # [P, H]
     return basis_from_covariance(cov, q_energy, group_of_head, mix, query_weighted)
 
 

@@ -157,6 +157,7 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
                 + (f", first {geo.rotary_dim} of {d} dims per head" if geo.rotary_dim < d else ""),
         "q/k/v bias": arch.has_bias(config, "q"),
         "mixture of experts": arch.moe,
+        "per-head q/k norm": arch.qk_norm,
     }
     rows = [("source (GQA)" if G < geo.num_heads else "source (MHA)", f"K and V: 2 x {G} x {d}", src)]
     for n in range(G - 1, 0, -1):
@@ -168,7 +169,8 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
     if geo.num_heads % 2 == 0 or geo.num_heads % 3 == 0:
         hc = 2 if geo.num_heads % 2 == 0 else 3
         rows.append((f"gla --latent-heads {hc} --kv-budget 0.5", f"{hc} latent heads + RoPE key", int(round(src / 2))))
-    rows.append(("mla --format deepseek --kv-lora-rank 4d", f"{4 * d} + {min(64, d)}", 4 * d + min(64, d)))
+    if not arch.deepseek_refusal:
+        rows.append(("mla --format deepseek --kv-lora-rank 4d", f"{4 * d} + {min(64, d)}", 4 * d + min(64, d)))
     targets = [
         {"target": t, "what": w, "values": v, "percent": 100 * v / src, "bytes_bf16_all_layers": 2 * v * L}
         for t, w, v in rows

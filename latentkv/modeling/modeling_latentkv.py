@@ -18,6 +18,14 @@ equal heads) and a shared RoPE key of width `rope_dim`:
 A `tied` layer (GTA-T) has no kv_b_proj: each latent head is one state s of the value width, used
 whole as the value and whose first `qk_nope_head_dim` dims are the key's non-rotated part.
 
+A `qk_norm` layer (a source that RMS-normalises each query and key head before RoPE, Qwen3) keeps
+the source's q_proj, k_proj, v_proj, q_norm and k_norm: its keys are not linear in x, so the cache
+is linear in y = [k_norm(k_proj(x)); v_proj(x)] instead, and each query head reads its own
+normalised source query through a per-head map:
+
+    q_h      = q_head_proj_h(q_norm(q_proj(x)_h))
+    [c | kr] = kv_a_proj(y)
+
 RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout), so a converter can
 keep any subset of the source's frequencies. GQA-style targets do not use this file.
 
@@ -45,9 +53,11 @@ class LatentKVConfig(PretrainedConfig):
 
     source_config: the source model's config as a dict (its `model_type` picks the architecture).
     attention_layers: one dict per decoder layer with `kv_lora_rank`, `rope_dim`, `rope_inv_freq`
-        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias` and `tied` (GTA-T);
+        (rope_dim/2 floats), `qk_nope_head_dim`, `latent_heads`, `latent_bias`, `tied` (GTA-T) and
+        `qk_norm` (with `qk_norm_eps`: the layer keeps the source's projections and per-head norms);
         or, for GTA-S, `kind: "gta-s"`, `map_heads`, `kv_lora_rank` (value latent), `rope_dim`
         (= map_heads x head dim, the cached rotated keys), `key_bias` and `latent_bias`.
+    q_bias: whether the source's q/k/v projections have biases (kept where the layer keeps them).
     softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
     source_modules: where the source CausalLM keeps its parts: `base_model` (attribute holding the
         decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder), and
@@ -119,6 +129,32 @@ def _sdpa_mask(attention_mask, key_len: int, query_len: int, dtype: torch.dtype)
     return mask, is_causal
 
 
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim (one head), computed in float32 as transformers' Qwen3RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class HeadwiseLinear(nn.Module):
+    """One linear map per head: [..., heads, in] -> [..., heads, out]; weight [heads, out, in]."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...hi,hoi->...ho", x, self.weight)
+
+
 class LatentAttention(nn.Module):
     """MLA / GLA attention that caches only the latent and the shared RoPE key."""
 
@@ -144,8 +180,22 @@ class LatentAttention(nn.Module):
         self.config = config
         hidden = config.hidden_size
         qk_head_dim = self.qk_nope_head_dim + self.rope_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=config.q_bias)
-        self.kv_a_proj = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bool(spec.get("latent_bias", False)))
+        self.qk_norm = bool(spec.get("qk_norm", False))
+        kv_in = hidden
+        if self.qk_norm:
+            d = self.v_head_dim  # the source's head dim
+            self.num_source_kv_heads = int(config.source_config.get("num_key_value_heads") or self.num_heads)
+            kv_width = self.num_source_kv_heads * d
+            self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.q_bias)
+            self.k_proj = nn.Linear(hidden, kv_width, bias=config.q_bias)
+            self.v_proj = nn.Linear(hidden, kv_width, bias=config.q_bias)
+            self.q_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
+            self.k_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
+            self.q_head_proj = HeadwiseLinear(self.num_heads, d, qk_head_dim)
+            kv_in = 2 * kv_width
+        else:
+            self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=config.q_bias)
+        self.kv_a_proj = nn.Linear(kv_in, self.kv_lora_rank + self.rope_dim, bias=bool(spec.get("latent_bias", False)))
         if not self.tied:
             # Each latent head expands into the k_nope and v of the query heads it serves.
             self.kv_b_proj = nn.Linear(
@@ -168,6 +218,22 @@ class LatentAttention(nn.Module):
         cos = (emb.cos() * self.rope_attention_scaling).to(x.dtype)
         sin = (emb.sin() * self.rope_attention_scaling).to(x.dtype)
         return x * cos + _rotate_half(x) * sin
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [b, s, hidden] -> [b, H, s, d_nope + rope_dim]."""
+        b, s, _ = x.shape
+        if self.qk_norm:
+            q = self.q_head_proj(self.q_norm(self.q_proj(x).view(b, s, self.num_heads, -1)))
+        else:
+            q = self.q_proj(x).view(b, s, self.num_heads, -1)
+        return q.transpose(1, 2)
+
+    def latent_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What kv_a_proj reads: x, or for a qk_norm layer y = [k_norm(k_proj(x)); v_proj(x)]."""
+        if not self.qk_norm:
+            return x
+        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_source_kv_heads, -1))).flatten(-2)
+        return torch.cat([k, self.v_proj(x)], dim=-1)
 
     def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
@@ -215,9 +281,8 @@ class LatentAttention(nn.Module):
             if cache_position is None and past_key_values is not None:
                 start = past_key_values.get_seq_length(self.layer_idx)
             position_ids = torch.arange(start, start + s, device=hidden_states.device)[None].expand(b, s)
-        q = self.q_proj(hidden_states).view(b, s, self.num_heads, -1).transpose(1, 2)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_nope, q_rope = self.queries(hidden_states).split([self.qk_nope_head_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj(self.latent_inputs(hidden_states)).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = self._rope(k_rope[:, None], position_ids)  # [b, 1, s, rope_dim]
         q_rope = self._rope(q_rope, position_ids)
         if hasattr(past_key_values, "latent_attention"):
