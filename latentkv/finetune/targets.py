@@ -72,7 +72,7 @@ def target_pattern(row: FormatTargets, target: str, attention: str = "self_attn"
 
 def attention_name(model: torch.nn.Module) -> str:
     """A layer's attention attribute in this model (a latentkv model of GPT-NeoX: `attention`)."""
-    return (getattr(model.config, "source_modules", None) or {}).get("attention", "self_attn")
+    return (getattr(getattr(model, "config", None), "source_modules", None) or {}).get("attention", "self_attn")
 
 
 def matching_modules(model: torch.nn.Module, pattern: str) -> list[str]:
