@@ -100,7 +100,11 @@ def test_decode_check_other_architectures(converted, arch, backend):
     model, tok = _load(converted("mla", arch))
     report = decode_check(model, tok, PROMPT, num_tokens=24, backend=backend, page_size=16, prefill_chunk=8,
                           max_prompt_tokens=12)
-    assert report["passed"] and report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
+    assert report["passed"], report
+    if CUDA and backend == "triton":  # compiled: the kernel's float32 dots run in TF32
+        assert report["max_rel"] < 5e-3 and report["unexplained_mismatches"] == 0, report
+    else:
+        assert report["max_rel"] < 1e-4 and report["token_mismatches"] == 0, report
 
 
 def test_decode_check_bfloat16(converted):

@@ -20,6 +20,10 @@ from latentkv.sparsity.policies import forced_blocks, policy_scores
 from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig, load_predictor, save_predictor
 from latentkv.sparsity.runtime import reduced_pages
 
+CUDA = torch.cuda.is_available()
+# Compiled on a GPU, the kernel's float32 dots run in TF32 (tests/test_kernels.py: the same tolerances).
+KERNEL_RTOL = 5e-3 if CUDA else 1e-4
+
 # ---------------------------------------------------------------------------------------------
 # policies
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +207,16 @@ def test_sparse_kernel_equals_masked_reference(case, backend):
     table = torch.zeros(len(lens), max(len(p) for p in reduced), dtype=torch.int32)
     for b, p in enumerate(reduced):
         table[b, : len(p)] = p
-    out = decode_attention(q, kv, table, torch.tensor(new_lens, dtype=torch.int32), latent_heads=lh, rope_dim=rope,
-                           softmax_scale=1 / math.sqrt(r_c + rope), backend=backend, num_splits=2)
+    dev = "cuda" if CUDA and backend == "triton" else "cpu"  # compiled Triton reads CUDA tensors only
+    out = decode_attention(q.to(dev), kv.to(dev), table.to(dev), torch.tensor(new_lens, dtype=torch.int32, device=dev),
+                           latent_heads=lh, rope_dim=rope, softmax_scale=1 / math.sqrt(r_c + rope), backend=backend,
+                           num_splits=2).cpu()
     from latentkv.kernels.compare import assert_close
 
     ref = torch.stack(refs)[:, None]
-    assert_close(out.double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4, max_cos_diff=1e-9, name=case)
+    tf32 = dev == "cuda"
+    assert_close(out.double(), ref, atol=(5e-3 if tf32 else 1e-5) * float(ref.abs().max()), rtol=5e-3 if tf32 else 1e-4,
+                 max_cos_diff=1e-5 if tf32 else 1e-9, name=case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +276,15 @@ def test_sparse_decode_hook_triton_equals_reference(tiny_mla):
     from latentkv.sparsity.evaluate import teacher_forced
 
     cfg = SparseConfig("last-step", budget=3, track_recall=True)
-    ref, stats = teacher_forced(tiny_mla, IDS[:53], 45, cfg, page_size=8, prefill_chunk=16)
-    tri, _ = teacher_forced(tiny_mla, IDS[:53], 45, cfg, page_size=8, prefill_chunk=16, backend="triton")
-    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    model = tiny_mla
+    if CUDA:  # compiled Triton reads CUDA tensors only; the reference runs on the same device
+        import copy
+
+        model = copy.deepcopy(tiny_mla).cuda()
+    ref, stats = teacher_forced(model, IDS[:53], 45, cfg, page_size=8, prefill_chunk=16)
+    tri, _ = teacher_forced(model, IDS[:53], 45, cfg, page_size=8, prefill_chunk=16, backend="triton")
+    torch.testing.assert_close(tri, ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * float(ref.abs().max()))
+    ref = ref.cpu()
     dense = _plain_decode(tiny_mla, IDS[:53], 45, 8)
     assert not torch.allclose(ref, dense)
     assert stats["blocks_attended_fraction"] == pytest.approx(3 / 7, abs=0.06) and 0 < stats["attention_recall"] < 1
