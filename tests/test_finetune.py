@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import TINY_TEXT
+from tiny_models import TINY_TEXT, damaged_copy, short_training_text
 
 from latentkv.errors import LatentKVError
 from latentkv.finetune import FinetuneOptions, finetune, load_adapter
@@ -26,19 +26,9 @@ def healing(tiny_model_dir, tmp_path_factory):
         source=str(source), output=str(root / "mla"), method_options=dict(kv_budget=0.5),
         calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(root / "cache")),
     ))
-    # A damaged copy (noise on the latent up-projection) that distillation has something to repair.
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(root / "mla", root / "damaged")
-    weights = load_file(str(root / "damaged" / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for name, w in weights.items():
-        if "kv_b_proj" in name:
-            w.add_(torch.randn(w.shape, generator=gen) * w.std())
-    save_file(weights, str(root / "damaged" / "model.safetensors"), metadata={"format": "pt"})
-    text = root / "train.txt"  # ~16 windows of 64 tokens: the same few batches every epoch
-    text.write_text(TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return {"source": source, "model": root / "mla", "damaged": root / "damaged", "data": text, "root": root}
+    damaged = damaged_copy(root / "mla", root / "damaged", "kv_b_proj")  # noise on the latent up-projection
+    return {"source": source, "model": root / "mla", "damaged": damaged, "data": short_training_text(root),
+            "root": root}
 
 
 def _opts(h, out, **kw) -> FinetuneOptions:

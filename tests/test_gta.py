@@ -115,21 +115,9 @@ def test_gta_heals(gta_model, tiny_model_dir, tmp_path):
     model keeps the tied layout and equals the adapter."""
     from latentkv.finetune import FinetuneOptions, finetune, load_adapter
 
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     _, converted = gta_model
-    out = tmp_path / "damaged"  # noise on the tied states, so distillation has something to repair
-    shutil.copytree(converted, out)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for name, w in weights.items():
-        if "kv_a_proj.weight" in name:
-            w.add_(torch.randn(w.shape, generator=gen) * w.std())
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    text = tmp_path / "train.txt"
-    text.write_text(tiny_models.TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    out = tiny_models.damaged_copy(converted, tmp_path / "damaged", "kv_a_proj.weight")  # noise on the tied states
+    text = tiny_models.short_training_text(tmp_path)
     base = dict(model=str(out), data=str(text), teacher=str(tiny_model_dir("llama")), tokens=8 * 64 * 6, seq_len=64,
                 batch_size=8, micro_batch_size=8, lr=3e-3, warmup=0.0, eval_windows=0, log_every=1, checkpoint_every=0)
     seen = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from test_convert import FRESH_PROCESS
-from tiny_models import TINY_TEXT
+from tiny_models import TINY_TEXT, damaged_copy, short_training_text
 
 from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 from latentkv.errors import LatentKVError
@@ -225,21 +225,13 @@ def test_gtas_heals(converted, tiny_model_dir, tmp_path):
     """Guards `latentkv finetune` on GTA-S (it needs healing): LoRA lands on the map keys, the
     latent, the up-projection and the gate, distillation lowers the loss, and the merged model equals
     the adapter (so the adapter on v_up_proj is applied, not bypassed by the einsum)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from latentkv.finetune import FinetuneOptions, finetune, load_adapter
 
     _, converted_out = converted("llama-shared")
-    out = tmp_path / "damaged"  # noise on the latent, so distillation has something to repair
-    shutil.copytree(converted_out, out)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for name, w in weights.items():
-        if "c_proj.weight" in name:
-            w.add_(torch.randn(w.shape, generator=gen) * w.std())
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    text = tmp_path / "train.txt"
-    text.write_text(TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    out = damaged_copy(converted_out, tmp_path / "damaged", "c_proj.weight")  # noise on the latent
+    text = short_training_text(tmp_path)
     base = dict(model=str(out), data=str(text), teacher=str(tiny_model_dir("llama")), tokens=8 * 64 * 6, seq_len=64,
                 batch_size=8, micro_batch_size=8, lr=3e-3, warmup=0.0, eval_windows=0, log_every=1, checkpoint_every=0)
     seen = []

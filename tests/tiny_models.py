@@ -104,3 +104,27 @@ def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=16).save_pretrained(folder)
     build_tokenizer(folder)
     return model
+
+
+def damaged_copy(model_dir: Path, out: Path, tensor_part: str, seed: int = 0) -> Path:
+    """A copy of a converted model with noise (one weight std) on every tensor whose name contains
+    `tensor_part`, so that distillation from the source has something to repair."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, w in weights.items():
+        if tensor_part in name:
+            w.add_(torch.randn(w.shape, generator=gen) * w.std())
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def short_training_text(folder: Path) -> Path:
+    """~16 windows of 64 tokens of TINY_TEXT: the same few batches every epoch of a healing test."""
+    text = folder / "train.txt"
+    text.write_text(TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    return text
