@@ -45,7 +45,8 @@ def parse_args():
     p.add_argument("--modes", default="attention,lora")
     p.add_argument("--tokens", default="50e6,20e6", help="planned tokens per mode, in --modes order")
     p.add_argument("--eval-at", default="5e6,20e6,50e6")
-    p.add_argument("--to", default="mla", choices=["mla", "gla", "gta"], help="conversion target")
+    p.add_argument("--to", default="mla", choices=["mla", "gla", "gta", "gta-s"],
+                   help="conversion target (gta-s: widths through --method-options, e.g. {\"map_heads\": 1, \"kv_lora_rank\": 160})")
     p.add_argument("--kv-budget", type=float, default=0.25, help="mla/gla (gta has a fixed width)")
     p.add_argument("--latent-heads", type=int, default=3, help="gla")
     p.add_argument("--method-options", default="{}", help='more conversion settings as JSON, e.g. {"refit_output": true}')
@@ -187,9 +188,9 @@ def convert_source(args, source: Path, work: Path) -> tuple[Path, float, dict]:
     from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 
     options = {"mla": dict(kv_budget=args.kv_budget), "gla": dict(kv_budget=args.kv_budget, latent_heads=args.latent_heads),
-               "gta": {}}[args.to]
+               "gta": {}, "gta-s": {}}[args.to]
     options.update(json.loads(args.method_options))
-    out = work / (args.to if args.to == "gta" else f"{args.to}{int(args.kv_budget * 100)}")
+    out = work / (args.to if args.to.startswith("gta") else f"{args.to}{int(args.kv_budget * 100)}")
     t0 = time.perf_counter()
     r = convert(ConvertOptions(
         source=str(source), output=str(out), method=args.to, method_options=options, overwrite=True,
