@@ -94,6 +94,21 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
+def reload_in_fresh_process(out, tmp_path) -> tuple[float, int]:
+    """Loads `out` in a fresh Python with latentkv blocked: (relative difference of its logits from
+    latentkv's loader on the same ids, values per token its HF cache holds)."""
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = torch.load(tmp_path / "logits.pt").double()
+    cache_values = json.loads(proc.stdout.strip().splitlines()[-1])["cache_values_per_token"]
+    return _rel(fresh, _logits(load_model(out), ids)), cache_values
+
+
 @pytest.mark.parametrize("arch,method,options", [
     ("qwen2", "mla", dict(kv_budget=0.5)),
     ("mixtral", "gla", dict(kv_budget=0.5, latent_heads=2)),
@@ -112,17 +127,8 @@ def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_mo
     latent and RoPE key (what the config declares)."""
     out = tmp_path / "out"
     result = _convert(tiny_model_dir(arch), out, tmp_path, method, **options)
-    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
-    torch.save(ids, tmp_path / "ids.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fresh = torch.load(tmp_path / "logits.pt").double()
-    here = _logits(load_model(out), ids)
-    assert _rel(fresh, here) < 1e-6
-    cache_values = json.loads(proc.stdout.strip().splitlines()[-1])["cache_values_per_token"]
+    rel, cache_values = reload_in_fresh_process(out, tmp_path)
+    assert rel < 1e-6
     assert cache_values == result.kv_values_per_token < result.source_kv_values_per_token
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_latentkv.LatentKVForCausalLM"

@@ -113,22 +113,9 @@ def test_gta_heals(gta_model, tiny_model_dir, tmp_path):
     """Guards `latentkv finetune` on GTA-T (the issue: it needs healing): LoRA lands on q_proj,
     kv_a_proj and o_proj (there is no kv_b_proj), distillation lowers the loss, and the merged
     model keeps the tied layout and equals the adapter."""
-    from latentkv.finetune import FinetuneOptions, finetune, load_adapter
-
     _, converted = gta_model
     out = tiny_models.damaged_copy(converted, tmp_path / "damaged", "kv_a_proj.weight")  # noise on the tied states
-    text = tiny_models.short_training_text(tmp_path)
-    base = dict(model=str(out), data=str(text), teacher=str(tiny_model_dir("llama")), tokens=8 * 64 * 6, seq_len=64,
-                batch_size=8, micro_batch_size=8, lr=3e-3, warmup=0.0, eval_windows=0, log_every=1, checkpoint_every=0)
-    seen = []
-    adapter = finetune(FinetuneOptions(output=str(tmp_path / "adapter"), **base),
-                       progress=lambda event, info: seen.append(info["kl"]) if event == "step" else None).output
-    assert sum(seen[-2:]) / 2 < 0.8 * seen[0], seen
-    merged = finetune(FinetuneOptions(output=str(tmp_path / "merged"), merge=True, **base)).output
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        unmerged = load_adapter(out, adapter)(input_ids=ids).logits
-        folded_model = load_model(merged)
-        folded = folded_model(ids).logits
-    assert folded_model.model.layers[0].self_attn.tied
-    assert (folded - unmerged).abs().max() / unmerged.abs().max() < 1e-5
+    _, merged, kl, rel = tiny_models.heal_adapter_and_merged(out, tiny_model_dir("llama"), tmp_path)
+    assert sum(kl[-2:]) / 2 < 0.8 * kl[0], kl
+    assert load_model(merged).model.layers[0].self_attn.tied
+    assert rel < 1e-5

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
-from test_convert import FRESH_PROCESS
-from tiny_models import TINY_TEXT, damaged_copy, short_training_text
+from test_convert import _logits, _rel, reload_in_fresh_process
+from tiny_models import TINY_TEXT, damaged_copy, heal_adapter_and_merged
 
 from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
 from latentkv.errors import LatentKVError
@@ -59,15 +57,6 @@ def converted(tiny_model_dir, tmp_path_factory):
         return done[key]
 
     return make
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.double()
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _source_logits(folder, ids):
@@ -168,16 +157,8 @@ def test_reload_in_fresh_process_without_latentkv(case, converted, tmp_path):
     with trust_remote_code, computes the same logits as the in-memory model, and its HF cache holds
     the map keys and value latent the config declares."""
     result, out = converted(case)
-    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
-    torch.save(ids, tmp_path / "ids.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fresh = torch.load(tmp_path / "logits.pt").double()
-    assert _rel(fresh, _logits(load_model(out), ids)) < 1e-6
-    cache_values = json.loads(proc.stdout.strip().splitlines()[-1])["cache_values_per_token"]
+    rel, cache_values = reload_in_fresh_process(out, tmp_path)
+    assert rel < 1e-6
     assert cache_values == result.kv_values_per_token < result.source_kv_values_per_token
 
 
@@ -227,27 +208,15 @@ def test_gtas_heals(converted, tiny_model_dir, tmp_path):
     the adapter (so the adapter on v_up_proj is applied, not bypassed by the einsum)."""
     from safetensors.torch import load_file
 
-    from latentkv.finetune import FinetuneOptions, finetune, load_adapter
-
     _, converted_out = converted("llama-shared")
     out = damaged_copy(converted_out, tmp_path / "damaged", "c_proj.weight")  # noise on the latent
-    text = short_training_text(tmp_path)
-    base = dict(model=str(out), data=str(text), teacher=str(tiny_model_dir("llama")), tokens=8 * 64 * 6, seq_len=64,
-                batch_size=8, micro_batch_size=8, lr=3e-3, warmup=0.0, eval_windows=0, log_every=1, checkpoint_every=0)
-    seen = []
-    adapter = finetune(FinetuneOptions(output=str(tmp_path / "adapter"), **base),
-                       progress=lambda event, info: seen.append(info["kl"]) if event == "step" else None).output
-    assert sum(seen[-2:]) / 2 < 0.8 * seen[0], seen
+    adapter, _, kl, rel = heal_adapter_and_merged(out, tiny_model_dir("llama"), tmp_path)
+    assert sum(kl[-2:]) / 2 < 0.8 * kl[0], kl
     trained = {k for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()
                if "lora_B" in k and v.abs().max() > 0}
     for module in ("k_proj", "c_proj", "v_up_proj", "g_proj"):
         assert any(f"self_attn.{module}." in k for k in trained), module
-    merged = finetune(FinetuneOptions(output=str(tmp_path / "merged"), merge=True, **base)).output
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        unmerged = load_adapter(out, adapter)(input_ids=ids).logits
-        folded = load_model(merged)(ids).logits
-    assert (folded - unmerged).abs().max() / unmerged.abs().max() < 1e-5
+    assert rel < 1e-5
 
 
 REFUSALS = [

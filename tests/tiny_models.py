@@ -128,3 +128,24 @@ def short_training_text(folder: Path) -> Path:
     text = folder / "train.txt"
     text.write_text(TINY_TEXT.read_text(encoding="utf-8")[:4000], encoding="utf-8")
     return text
+
+
+def heal_adapter_and_merged(model_dir: Path, teacher_dir: Path, tmp_path: Path) -> tuple[Path, Path, list, float]:
+    """LoRA healing of a (damaged) converted model on `short_training_text`, distilled from
+    `teacher_dir`: the adapter alone, then the same run merged. Returns (adapter folder, merged
+    folder, the adapter run's KL per step, max |merged - adapter| / max |adapter| over the logits)."""
+    from latentkv.finetune import FinetuneOptions, finetune, load_adapter
+    from latentkv.modeling import load_model
+
+    base = dict(model=str(model_dir), data=str(short_training_text(tmp_path)), teacher=str(teacher_dir),
+                tokens=8 * 64 * 6, seq_len=64, batch_size=8, micro_batch_size=8, lr=3e-3, warmup=0.0,
+                eval_windows=0, log_every=1, checkpoint_every=0)
+    kl = []
+    adapter = finetune(FinetuneOptions(output=str(tmp_path / "adapter"), **base),
+                       progress=lambda event, info: kl.append(info["kl"]) if event == "step" else None).output
+    merged = finetune(FinetuneOptions(output=str(tmp_path / "merged"), merge=True, **base)).output
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = load_adapter(model_dir, adapter)(input_ids=ids).logits
+        folded = load_model(merged)(ids).logits
+    return adapter, merged, kl, float((folded - unmerged).abs().max() / unmerged.abs().max())
