@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="try candidate block sizes and splits, keep the best")
     p.add_argument("--sweep-set", choices=["wide", "narrow"], default="wide", help="which candidate list to sweep")
     p.add_argument("--jobs", type=int, default=8, help="processes compiling sweep candidates")
+    p.add_argument("--compare-triton", action="store_true",
+                   help="where the default is the Gluon wgmma kernel, also time the Triton kernel's default config")
     p.add_argument("--repeat", type=int, default=1, help="time each final row this many times (spread)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--md", type=Path, default=None)
@@ -144,6 +146,16 @@ def main(argv=None):
             key = name if args.repeat == 1 else f"{name}#{rep + 1}"
             results[key] = r
             log(f"[{key}] FINAL {json.dumps(r, default=str)}")
+            if args.compare_triton and cfg is None and r["config"].get("kernel") == "wgmma":
+                s = kw
+                hc = s.get("latent_heads", 1)
+                triton_cfg = md.default_config(s["query_len"] * s["heads"] // hc, s["latent_rank"] // hc,
+                                               s["rope_dim"], dtype)  # fmt: skip
+                rt = bench.run_decode_bench(**kw, source_geometry=None, config=triton_cfg, num_splits=args.num_splits,
+                                            split_only=True)  # fmt: skip
+                rt["speedup_vs_triton_kernel"] = rt["time_us"] / r["time_us"]
+                results[key + "-triton"] = rt
+                log(f"[{key}-triton] FINAL {json.dumps(rt, default=str)}")
 
     table = ["| row | config | splits | time us (events) | time us (graph) | split kernel alone us | cache GB | "
              "% copy bw | TFLOP/s | source SDPA us (backend) | speedup |", "|" + "---|" * 11]  # fmt: skip
@@ -155,7 +167,7 @@ def main(argv=None):
         so_s = f"{r['time_us_split_only']:.1f}" if "time_us_split_only" in r else "-"
         src_s = f"{src['best_us']:.1f} ({src['best_backend']})" if src.get("best_us") else "-"
         spd_s = f"{r['speedup_vs_source']:.2f}x" if "speedup_vs_source" in r else "-"
-        kvm = (" kvM" if c.get("kv_on_m") else "") + (" fused" if c.get("fuse_combine") else "") + (
+        kvm = (" gluon-wgmma" if c.get("kernel") == "wgmma" else "") + (" kvM" if c.get("kv_on_m") else "") + (" fused" if c.get("fuse_combine") else "") + (
             f" maxnreg{c['maxnreg']}" if c.get("maxnreg") else ""
         )
         table.append(

@@ -142,6 +142,22 @@ if CUDA:  # model-sized shapes where the kernels are compiled
             "gpu-gla2-fused-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, 3, DecodeConfig(128, 32, 8, 5, fuse_combine=True)),
         }
     )
+if CUDA and torch.cuda.get_device_capability()[0] == 9:  # the Gluon wgmma kernel (Hopper only)
+    W = md.WGMMA_CONFIG
+    CASES.update(
+        {
+            "wgmma-mla128-splits3-tails": ((1, 63, 64, 65, 4099), 1, 128, 1, 512, 64, 64, BF16, 3, W),
+            "wgmma-mla128-direct": ((2, 1000, 3001), 1, 128, 1, 512, 64, 64, BF16, 1, W),
+            "wgmma-mla64-sq2-fp16-page32": ((5, 1000, 2047), 2, 64, 1, 512, 64, 32, FP16, None, W),
+            "wgmma-mla128-page16-sq4": ((4, 333, 1025), 4, 32, 1, 512, 64, 16, BF16, 2, W),
+            "wgmma-mla128-page128": ((130, 3000), 1, 128, 1, 512, 64, 128, BF16, 2, W),
+            "wgmma-mla96-rows-padded": ((7, 2000), 1, 96, 1, 512, 64, 64, BF16, 2, W),
+            "wgmma-rc256-norope": ((9, 1500), 1, 64, 1, 256, 0, 64, BF16, 2, W),
+            "wgmma-rc128-rope32": ((3, 777), 2, 64, 1, 128, 32, 64, FP16, 1, W),
+            "wgmma-mla128-peaky-scores": ((2, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, 5, W),
+            "wgmma-empty-splits": ((1, 9, 70), 1, 64, 1, 512, 64, 64, BF16, 6, W),
+        }
+    )
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -160,6 +176,19 @@ def test_kernel_matches_reference(case_id):
     ref = md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw)
     assert out.dtype == dtype and out.shape == (len(lens), sq, heads, r_c)
     check(out, ref, dtype, f"{case_id} seed={seed}")
+
+
+def test_wgmma_config_refused_where_it_cannot_run():
+    """Guards the dispatch: asking for the Gluon wgmma kernel where it cannot run (CPU, GLA, too
+    few query rows, float32) is a clear error, not a crash inside the compiler."""
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(5, 40), sq=1, heads=4, latent_heads=2, r_c=32, rope=16, page=16, dtype=FP32, seed=0
+    )
+    with pytest.raises(LatentKVError, match="wgmma decode kernel needs"):
+        md.mla_decode(q, kv, table, seq_lens, latent_heads=2, rope_dim=16, softmax_scale=scale, config=md.WGMMA_CONFIG)
+    with pytest.raises(LatentKVError, match="must be 'triton' or 'wgmma'"):
+        md.mla_decode(q, kv, table, seq_lens, latent_heads=2, rope_dim=16, softmax_scale=scale,
+                      config=DecodeConfig(16, 16, 4, 2, kernel="cutlass"))  # fmt: skip
 
 
 def test_fused_combine_repeats():

@@ -160,7 +160,7 @@ def run_decode_bench(
     scale = 1.0 / math.sqrt(r_c + rope_dim)
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=scale)
     rows = query_len * heads // latent_heads
-    cfg = config or md.default_config(rows, r_c, rope_dim, dtype)
+    cfg = md.choose_config(q, kv, latent_heads, rope_dim, config)
     splits = num_splits
     if splits is None:
         n_hblocks = math.ceil(rows / cfg.block_m)

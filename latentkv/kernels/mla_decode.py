@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DecodeConfig",
+    "WGMMA_CONFIG",
+    "choose_config",
     "choose_num_splits",
     "decode_attention",
     "default_config",
@@ -348,6 +350,11 @@ class DecodeConfig:
     fuse_combine: bool = False
     maxnreg: int | None = None
     ctas_per_sm: int = 1
+    kernel: str = "triton"  # "wgmma": the Gluon Hopper kernel (mla_decode_wgmma; fixed 64 x 64 tiles, 8 warps)
+
+
+# The Gluon kernel's only configuration (block sizes are fixed by its layouts; see its module).
+WGMMA_CONFIG = DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, kernel="wgmma")
 
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -457,6 +464,29 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype) -> De
     return DecodeConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
+def choose_config(q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None) -> DecodeConfig:
+    """The split kernel's configuration for this call: ``config`` if given (checked), else the
+    Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
+    once instead of once per warpgroup), else ``default_config``."""
+    from latentkv.kernels import mla_decode_wgmma
+
+    supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim)
+    if config is None:
+        if supported:
+            return WGMMA_CONFIG
+        rows = q.shape[1] * (q.shape[2] // latent_heads)
+        return default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype)
+    if config.kernel == "wgmma" and not supported:
+        raise LatentKVError(
+            "the wgmma decode kernel needs a Hopper GPU, MLA (latent_heads=1) with >= 64 query rows, bf16/fp16, "
+            "power-of-2 widths and pages of >= 16 rows laid out contiguously; leave config=None to get the "
+            "Triton kernel."
+        )
+    if config.kernel not in ("triton", "wgmma"):
+        raise LatentKVError(f"DecodeConfig.kernel must be 'triton' or 'wgmma'; got {config.kernel!r}.")
+    return config
+
+
 def choose_num_splits(
     programs_per_split: int, max_len: int, sm_count: int, block_n: int, *, ctas_per_sm: int = 1
 ) -> int:
@@ -558,7 +588,7 @@ def mla_decode(
 
     hg = heads // latent_heads
     rows = sq * hg
-    cfg = config or default_config(rows, r_c, rope_dim, q.dtype)
+    cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config)
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
     n_hblocks = -(-rows // cfg.block_m)
@@ -596,21 +626,29 @@ def mla_decode(
     extra = {} if (cfg.maxnreg is None or interpret) else {"maxnreg": cfg.maxnreg}
     grid = (latent_heads * n_hblocks, num_splits, batch)
     split_kernel, combine_kernel = _kernels()
-    LAST_COMPILED["split"] = split_kernel[grid](
-        q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv_cache.stride(0), kv_cache.stride(1),
-        block_table.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        float(softmax_scale) * _LOG2E,
-        num_splits,
-        SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
-        PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
-        UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
-        KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
-    )  # fmt: skip
+    if cfg.kernel == "wgmma":
+        from latentkv.kernels import mla_decode_wgmma
+
+        LAST_COMPILED["split"] = mla_decode_wgmma.launch(
+            q, kv_cache, block_table, seq_lens, out, o_part, lse_part,
+            rope_dim=rope_dim, softmax_scale=softmax_scale, num_splits=num_splits,
+        )  # fmt: skip
+    else:
+        LAST_COMPILED["split"] = split_kernel[grid](
+            q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem,
+            q.stride(0), q.stride(1), q.stride(2),
+            kv_cache.stride(0), kv_cache.stride(1),
+            block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            float(softmax_scale) * _LOG2E,
+            num_splits,
+            SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
+            PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
+            UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
+            KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
         combine_kernel[(batch * sq * heads,)](
             o_part, lse_part, out,
