@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="try candidate block sizes and splits, keep the best")
     p.add_argument("--sweep-set", choices=["wide", "narrow"], default="wide", help="which candidate list to sweep")
     p.add_argument("--jobs", type=int, default=8, help="processes compiling sweep candidates")
+    p.add_argument("--kernel", choices=["auto", "triton", "wgmma"], default="auto",
+                   help="auto: the launcher's choice; triton / wgmma: force that kernel (its default block sizes)")
     p.add_argument("--compare-triton", action="store_true",
                    help="where the default is the Gluon wgmma kernel, also time the Triton kernel's default config")
     p.add_argument("--repeat", type=int, default=1, help="time each final row this many times (spread)")
@@ -136,6 +138,11 @@ def main(argv=None):
     results = {}
     for name, kw, with_src in rows:
         cfg, splits = None, args.num_splits
+        if args.kernel == "wgmma":
+            cfg = md.WGMMA_CONFIG
+        elif args.kernel == "triton":
+            hc = kw.get("latent_heads", 1)
+            cfg = md.default_config(kw["query_len"] * kw["heads"] // hc, kw["latent_rank"] // hc, kw["rope_dim"], dtype)
         if args.sweep:
             cfg, best_splits = sweep_row(name, {k: v for k, v in kw.items() if k not in ("dtype", "page_size")},
                                          args.jobs, log, args.sweep_set)  # fmt: skip

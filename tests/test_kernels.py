@@ -156,6 +156,8 @@ if CUDA and torch.cuda.get_device_capability()[0] == 9:  # the Gluon wgmma kerne
             "wgmma-rc128-rope32": ((3, 777), 2, 64, 1, 128, 32, 64, FP16, 1, W),
             "wgmma-mla128-peaky-scores": ((2, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, 5, W),
             "wgmma-empty-splits": ((1, 9, 70), 1, 64, 1, 512, 64, 64, BF16, 6, W),
+            "wgmma-mla32-rows-padded": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, 4, W),
+            "wgmma-mla16-rows-padded-fp16": ((5, 300), 1, 16, 1, 512, 64, 32, FP16, 2, W),
         }
     )
 

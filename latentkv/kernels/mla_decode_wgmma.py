@@ -20,9 +20,10 @@ TFLOP/s"). Gluon lets the kernel choose the layouts itself:
   products back to back.
 
 Scope: MLA only (one latent head), r_c a power of 2 in 64..512, rope_dim 0 or a power of 2 >= 16
-(64 in DeepSeek/FlashMLA), bf16 / fp16, >= 64 query rows per program, pages that are a power of 2
->= 16 rows and contiguous in memory, CUDA capability 9.x. ``wgmma_supported`` says whether a call
-qualifies; ``mla_decode`` uses this kernel only then and otherwise the Triton kernel. The output
+(64 in DeepSeek/FlashMLA), bf16 / fp16, pages that are a power of 2 >= 16 rows and contiguous in
+memory, CUDA capability 9.x. ``wgmma_supported`` says whether a call qualifies; ``mla_decode``
+picks this kernel by default where it also has >= 64 query rows (fewer rows pad the wgmma's
+M = 64), and otherwise the Triton kernel. The output
 contract (direct output, or float32 partials + log2-domain LSE merged by the same combine kernel)
 is the Triton kernel's. Rows past the sequence's end inside the last tile hold whatever the page
 held; they are zeroed in shared memory before use, since ``0 * NaN`` would poison the PV product.
@@ -255,7 +256,6 @@ def wgmma_supported(q: torch.Tensor, kv_cache: torch.Tensor, latent_heads: int, 
     return (
         pow2(r_c) and 64 <= r_c <= 512
         and (rope_dim == 0 or (pow2(rope_dim) and 16 <= rope_dim <= 128))
-        and q.shape[1] * q.shape[2] >= BLOCK_M
         and pow2(page_size) and page_size >= 16
         and kv_cache.stride(2) == 1 and kv_cache.stride(0) == page_size * kv_cache.stride(1)
         and (kv_cache.stride(1) * kv_cache.element_size()) % 16 == 0
