@@ -17,7 +17,8 @@ from latentkv.errors import LatentKVError
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-METHODS = {"mla": dict(kv_budget=0.5), "gla": dict(kv_budget=0.5, latent_heads=2), "gta": dict()}
+METHODS = {"mla": dict(kv_budget=0.5), "gla": dict(kv_budget=0.5, latent_heads=2), "gta": dict(),
+           "gta-s": dict(map_heads=2)}
 PROMPT = "To be, or not to be, that is the question"
 
 
@@ -62,7 +63,8 @@ def _triton_or_skip():
 def test_decode_check_passes(converted, method, backend):
     """Guards the absorbed paged path (W_UK folded into q, W_UV on the latent output, RoPE key in
     the cache row, page tables, chunked prefill with several query tokens, GLA head-to-latent
-    mapping): its logits at every position must equal one full forward in float32 (rel 1e-4; 5e-3
+    mapping; GTA-S: map keys in the row's key slots, each query head zero outside its map head's
+    slot, the gated per-head decoder after the kernel): its logits at every position must equal one full forward in float32 (rel 1e-4; 5e-3
     for the kernel compiled on a GPU, whose float32 dots run in TF32),
     with identical greedy tokens, over 40 generated tokens crossing several 16-token pages."""
     if backend == "triton":

@@ -181,15 +181,28 @@ class PagedLatentCache:
 
     # the hook LatentAttention calls --------------------------------------------------------
     def latent_attention(self, module, q_nope, q_rope, latent, k_rope, position_ids=None) -> torch.Tensor:
-        """Append this step's rows to layer ``module.layer_idx`` and attend (absorbed form).
+        """MLA / GLA / GTA-T layers: append this step's rows and attend in the absorbed form.
 
         q_nope [b, H, s, d_nope], q_rope [b, H, s, rope_dim] (rotated), latent [b, s, r],
         k_rope [b, 1, s, rope_dim] (rotated); returns [b, s, H * d_v] (before o_proj).
         """
+        w_uk, w_uv = module.absorbed_weights()  # [H, d_nope, r_c], [H, d_v, r_c]
+        q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
+        q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # [b, s, H, r_c + rope_dim]
+        out = self.attend_latent(module, q, torch.cat([latent, k_rope[:, 0]], dim=-1), position_ids=position_ids)
+        v = torch.einsum("bshr,hvr->bshv", out.to(w_uv.dtype), w_uv)  # [b, s, H, d_v]
+        b, s, heads = v.shape[:3]
+        return v.reshape(b, s, heads * module.v_head_dim)
+
+    def attend_latent(self, module, q, rows, position_ids=None) -> torch.Tensor:
+        """Append ``rows`` [b, s, width] (this step's cache rows of layer ``module.layer_idx``) and
+        attend with the absorbed queries q [b, s, H, r_c + rope_dim]; returns [b, s, H, r_c] in the
+        cache dtype. ``module`` gives layer_idx, kv_lora_rank, rope_dim, latent_heads and scaling
+        (MLA, GLA, GTA-T and GTA-S layers all reduce to this call)."""
         step = self._step
         if step is None:
             raise LatentKVError("PagedLatentCache: call begin_step(...) before running the layers.")
-        b, heads, s, _ = q_nope.shape
+        b, s = q.shape[:2]
         if b != len(step["seqs"]) or s != step["num_new"]:
             raise LatentKVError(
                 f"layer {module.layer_idx} got {b} x {s} tokens but the step was begun for "
@@ -200,24 +213,18 @@ class PagedLatentCache:
                 raise LatentKVError("position_ids differ from the positions begin_step(...) returned; pass those.")
         kv = self.pages[module.layer_idx]  # [num_pages, page_size, r + rope_dim]
         width = kv.shape[-1]
-        if width != module.kv_lora_rank + module.rope_dim:
+        if width != module.kv_lora_rank + module.rope_dim or rows.shape[-1] != width:
             raise LatentKVError(f"layer {module.layer_idx}: cache width {width} does not fit the module.")
-        rows = torch.cat([latent, k_rope[:, 0]], dim=-1).reshape(b * s, width)
-        kv.view(-1, width).index_copy_(0, step["rows"], rows.to(kv.dtype))
-
-        w_uk, w_uv = module.absorbed_weights()  # [H, d_nope, r_c], [H, d_v, r_c]
-        q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
-        q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [b, s, H, r_c + rope_dim]
+        kv.view(-1, width).index_copy_(0, step["rows"], rows.reshape(b * s, width).to(kv.dtype))
+        q = q.to(kv.dtype)
         table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
         if self.sparsity is not None:  # a reduced block table of the chosen pages (exact attention over them)
             table, lens, max_len = self.sparsity.select(module, q, kv, step)
-        out = decode_attention(
+        return decode_attention(
             q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
             num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len,
         )  # [b, s, H, r_c]  # fmt: skip
-        v = torch.einsum("bshr,hvr->bshv", out.to(w_uv.dtype), w_uv)  # [b, s, H, d_v]
-        return v.reshape(b, s, heads * module.v_head_dim)
 
 
 def latent_attentions(model) -> list:
@@ -225,17 +232,20 @@ def latent_attentions(model) -> list:
     names = getattr(model.config, "source_modules", None)
     layers = getattr(model.get_decoder(), "layers", None) if names else None
     attns = [getattr(layer, names["attention"], None) for layer in layers] if layers is not None else []
-    if any(type(a).__name__ == "GroupedLatentAttention" for a in attns):
-        raise LatentKVError(
-            "GTA-S models are not run by latentkv's paged decode loop (it serves MLA, GLA and GTA-T); generate "
-            "with transformers (model.generate, its own cache holds the map keys and value latent)."
-        )
-    if not attns or not all(hasattr(a, "absorbed_weights") for a in attns):
+    # MLA / GLA / GTA-T layers absorb their up-projections; GTA-S layers cache [c | map keys] (the
+    # modeling file of a checkpoint converted before GTA-S decoded here lacks rope_dim on them)
+    if not attns or not all(hasattr(a, "absorbed_weights") or hasattr(a, "rope_dim") for a in attns):
         raise LatentKVError(
             f"{type(model).__name__} has no latent attention; the decode loop runs models converted to the "
             "latentkv format with MLA or GLA (latentkv convert --format latentkv)."
         )
     return attns
+
+
+def _has_gtas(model) -> bool:
+    names = getattr(model.config, "source_modules", None) or {}
+    layers = getattr(model.get_decoder(), "layers", [])
+    return any(hasattr(getattr(layer, names.get("attention", "self_attn"), None), "map_heads") for layer in layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,10 +257,13 @@ def forward_step(model, cache: PagedLatentCache, seqs: list[int], input_ids: tor
     positions = cache.begin_step(seqs, input_ids.shape[1])
     try:
         hidden = model.get_input_embeddings()(input_ids.to(cache.device))
+        # GTA-S layers rotate with the decoder's shared (cos, sin); MLA / GLA / GTA-T layers rotate themselves
+        rotary = getattr(model.get_decoder(), "rotary_emb", None) if _has_gtas(model) else None
+        pos_emb = rotary(hidden, positions) if rotary is not None else None
         for layer in model.get_decoder().layers:
             hidden = layer(
                 hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
-                position_embeddings=None,
+                position_embeddings=pos_emb,
             )  # fmt: skip
             if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
                 hidden = hidden[0]

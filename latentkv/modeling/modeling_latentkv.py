@@ -319,6 +319,9 @@ class GroupedLatentAttention(nn.Module):
         self.head_dim = int(config.v_head_dim)
         self.map_heads = int(spec["map_heads"])
         self.kv_lora_rank = int(spec["kv_lora_rank"])
+        # as a paged latent cache sees the layer: rows [c | k_0 .. k_{m-1}], one latent head
+        self.rope_dim = self.map_heads * self.head_dim
+        self.latent_heads = 1
         if self.num_heads % self.map_heads or int(spec["rope_dim"]) != self.map_heads * self.head_dim:
             raise ValueError(f"layer {layer_idx}: {self.map_heads} map heads do not fit {self.num_heads} query heads "
                              f"of {self.head_dim} (rope_dim {spec['rope_dim']})")
@@ -350,9 +353,6 @@ class GroupedLatentAttention(nn.Module):
             past_key_values = kwargs.get(self.config.source_modules["cache_argument"])
         if position_embeddings is None:
             raise ValueError("GroupedLatentAttention needs the decoder layer's position_embeddings (cos, sin)")
-        if hasattr(past_key_values, "latent_attention"):
-            raise ValueError("GTA-S layers run with transformers' caches; latentkv's paged latent cache "
-                             "supports MLA, GLA and GTA-T")
         b, s, _ = hidden_states.shape
         cos, sin = (t[:, None] for t in position_embeddings)  # [b, 1, s, d]
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
@@ -360,6 +360,26 @@ class GroupedLatentAttention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         latent = self.c_proj(hidden_states)[:, None]  # [b, 1, s, r]: one "head" so the HF cache stores it as is
+        if hasattr(past_key_values, "attend_latent"):
+            # latentkv's paged latent cache: rows [c | k_0 .. k_{m-1}]; query head h carries its
+            # map head's slot and zeros elsewhere, so its score is exactly q_h . k_{g(h)} and its
+            # output the attention-weighted latent (the MLA decode kernel, unchanged)
+            rows = torch.cat([latent[:, 0], k.transpose(1, 2).reshape(b, s, self.rope_dim)], dim=-1)
+            slot = torch.eye(self.map_heads, dtype=q.dtype, device=q.device).repeat_interleave(
+                self.num_heads // self.map_heads, dim=0)  # [H, m]: head h -> its map head
+            q_key = (q.transpose(1, 2)[:, :, :, None, :] * slot[None, None, :, :, None]).flatten(3)  # [b, s, H, m*d]
+            q_full = torch.cat([q_key.new_zeros(b, s, self.num_heads, self.kv_lora_rank), q_key], dim=-1)
+            out = past_key_values.attend_latent(self, q_full, rows, position_ids=kwargs.get("position_ids"))
+            out = out.to(q.dtype)  # [b, s, H, r]
+        else:
+            out = self._attend(q, k, latent, attention_mask, past_key_values)
+        up = self.decode_values(out)  # [b, s, H, d]
+        gate = torch.sigmoid(self.g_proj(hidden_states)).view(b, s, self.num_heads, self.head_dim)
+        return self.o_proj((gate * up).reshape(b, s, self.num_heads * self.head_dim)), None
+
+    def _attend(self, q, k, latent, attention_mask, past_key_values):
+        """SDPA over transformers' cache: q [b, H, s, d], k [b, m, s, d], latent [b, 1, s, r] -> [b, s, H, r]."""
+        s = q.shape[2]
         if past_key_values is not None:
             k, latent = past_key_values.update(k, latent, self.layer_idx)
         key = k.repeat_interleave(self.num_heads // self.map_heads, dim=1)  # [b, H, t, d]
@@ -368,9 +388,7 @@ class GroupedLatentAttention(nn.Module):
         out = torch.nn.functional.scaled_dot_product_attention(
             q, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
         )  # [b, H, s, r]
-        up = self.decode_values(out.transpose(1, 2))  # [b, s, H, d]
-        gate = torch.sigmoid(self.g_proj(hidden_states)).view(b, s, self.num_heads, self.head_dim)
-        return self.o_proj((gate * up).reshape(b, s, self.num_heads * self.head_dim)), None
+        return out.transpose(1, 2)
 
 
 def attention_class(spec: dict) -> type:
