@@ -158,6 +158,9 @@ if CUDA and torch.cuda.get_device_capability()[0] == 9:  # the Gluon wgmma kerne
             "wgmma-empty-splits": ((1, 9, 70), 1, 64, 1, 512, 64, 64, BF16, 6, W),
             "wgmma-mla32-rows-padded": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, 4, W),
             "wgmma-mla16-rows-padded-fp16": ((5, 300), 1, 16, 1, 512, 64, 32, FP16, 2, W),
+            "wgmma-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, None, W),
+            "wgmma-gla3-h96-sq3-splits": ((3, 700, 1777), 3, 96, 3, 128, 64, 32, BF16, 2, W),
+            "wgmma-gla2-fp16-page16": ((1, 65, 999), 1, 64, 2, 256, 32, 16, FP16, 3, W),
         }
     )
 

@@ -473,13 +473,13 @@ def choose_config(q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeC
     supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim)
     rows = q.shape[1] * (q.shape[2] // latent_heads)
     if config is None:
-        if supported and rows >= WGMMA_CONFIG.block_m:
+        if supported and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
             return WGMMA_CONFIG
         return default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype)
     if config.kernel == "wgmma" and not supported:
         raise LatentKVError(
-            "the wgmma decode kernel needs a Hopper GPU, MLA (latent_heads=1), bf16/fp16, power-of-2 widths "
-            "and pages of >= 16 rows laid out contiguously; leave config=None to get the Triton kernel."
+            "the wgmma decode kernel needs a Hopper GPU, bf16/fp16, power-of-2 latent and RoPE widths and pages "
+            "of >= 16 rows laid out contiguously; leave config=None to get the Triton kernel."
         )
     if config.kernel not in ("triton", "wgmma"):
         raise LatentKVError(f"DecodeConfig.kernel must be 'triton' or 'wgmma'; got {config.kernel!r}.")

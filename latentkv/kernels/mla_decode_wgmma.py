@@ -19,7 +19,7 @@ TFLOP/s"). Gluon lets the kernel choose the layouts itself:
 - ``S_t`` is issued while ``PV_{t-1}`` still runs (both async), so the tensor cores see the two
   products back to back.
 
-Scope: MLA only (one latent head), r_c a power of 2 in 64..512, rope_dim 0 or a power of 2 >= 16
+Scope: MLA and GLA (latent head c's tiles are its own r_c columns plus the shared RoPE key), r_c a power of 2 in 64..512, rope_dim 0 or a power of 2 >= 16
 (64 in DeepSeek/FlashMLA), bf16 / fp16, pages that are a power of 2 >= 16 rows and contiguous in
 memory, CUDA capability 9.x. ``wgmma_supported`` says whether a call qualifies; ``mla_decode``
 picks this kernel by default where it also has >= 64 query rows (fewer rows pad the wgmma's
@@ -39,7 +39,15 @@ __all__ = ["launch", "wgmma_supported"]
 
 BLOCK_M = 64  # query rows per program: one wgmma M tile
 BLOCK_N = 64  # cache rows per tile
-NUM_STAGES = 2  # tiles in the shared-memory ring (q + 2 tiles + P = 221 KB at r_c 512 + 64)
+SMEM_BUDGET = 220 * 1024  # of the 227 KB a program may use (the rest: barriers, reduction scratch)
+MAX_STAGES = 4  # tiles in the shared-memory ring: 2 at r_c 512 + 64 (q + 2 tiles + P = 221 KB), more when narrower
+
+
+def num_stages(r_c: int, rope_dim: int) -> int:
+    width = r_c + max(rope_dim, 16)
+    tile = BLOCK_N * width * 2
+    free = SMEM_BUDGET - BLOCK_M * width * 2 - BLOCK_M * BLOCK_N * 2  # minus q and P
+    return max(2, min(MAX_STAGES, free // tile))
 
 _JIT: dict[str, object] = {}
 
@@ -60,7 +68,7 @@ def _build():
     )
 
     @gluon.jit
-    def _load_tile(lat_desc, pe_desc, bar, lat_buf, pe_buf, bt_row, start_n, last_page,
+    def _load_tile(lat_desc, pe_desc, bar, lat_buf, pe_buf, bt_row, start_n, last_page, lat_col,
                    PAGE_SIZE: gl.constexpr, COPY_ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                    ROPE_DIM: gl.constexpr, pred):  # fmt: skip
         nbytes: gl.constexpr = BLOCK_N * (lat_desc.block_type.shape[1] + ROPE_DIM) * lat_desc.dtype.primitive_bitwidth // 8
@@ -70,7 +78,8 @@ def _build():
             # pages past the sequence's last one are clamped to it (their rows are zeroed later)
             page = gl.load(bt_row + gl.minimum(pos // PAGE_SIZE, last_page), mask=pred, other=0)
             row = page.to(gl.int32) * PAGE_SIZE + pos % PAGE_SIZE
-            tma.async_copy_global_to_shared(lat_desc, [row, 0], bar, lat_buf.slice(j * COPY_ROWS, COPY_ROWS), pred=pred)
+            tma.async_copy_global_to_shared(lat_desc, [row, lat_col], bar, lat_buf.slice(j * COPY_ROWS, COPY_ROWS),
+                                            pred=pred)
             if ROPE_DIM > 0:
                 tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, pe_buf.slice(j * COPY_ROWS, COPY_ROWS), pred=pred)
 
@@ -88,8 +97,8 @@ def _build():
     @gluon.jit
     def _mla_decode_wgmma_kernel(
         Q,  # [B, SQ, H, R_C + ROPE_DIM]
-        lat_desc,  # TMA descriptor over the cache rows [num_pages * PAGE_SIZE, width], block [COPY_ROWS, R_C]
-        pe_desc,  # same rows, columns R_C.., block [COPY_ROWS, ROPE_DIM] (unused if ROPE_DIM == 0)
+        lat_desc,  # TMA descriptor over the cache rows' latent columns [num_pages * PAGE_SIZE, LATENT_HEADS * R_C], block [COPY_ROWS, R_C]
+        pe_desc,  # same rows, the RoPE columns, block [COPY_ROWS, ROPE_DIM] (unused if ROPE_DIM == 0)
         BLOCK_TABLE,  # [B, max_pages] int32
         SEQ_LENS,  # [B] int32
         OUT,  # [B, SQ, H, R_C] (DIRECT)
@@ -98,11 +107,13 @@ def _build():
         stride_qb, stride_qs, stride_qh, stride_btb, stride_ob, stride_os, stride_oh,
         qk_scale,  # softmax_scale * log2(e)
         num_splits,
-        SQ: gl.constexpr, H: gl.constexpr, R_C: gl.constexpr, ROPE_DIM: gl.constexpr,
+        SQ: gl.constexpr, H: gl.constexpr, HG: gl.constexpr, R_C: gl.constexpr, ROPE_DIM: gl.constexpr,
         PAGE_SIZE: gl.constexpr, COPY_ROWS: gl.constexpr, DIRECT: gl.constexpr, NUM_HBLOCKS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
-        hb = gl.program_id(0)
+        pid_hc = gl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
+        c = pid_hc // NUM_HBLOCKS
+        hb = pid_hc % NUM_HBLOCKS
         pid_s = gl.program_id(1)
         pid_b = gl.program_id(2)
         dtype: gl.constexpr = lat_desc.dtype
@@ -124,10 +135,10 @@ def _build():
             swizzle_byte_width=128 if BLOCK_N * 2 >= 128 else BLOCK_N * 2, element_bitwidth=16, rank=2
         )
 
-        # ---- query block -> shared memory (rows = (token, head) pairs, token-major) ----
+        # ---- query block -> shared memory (rows = (token, head of latent head c) pairs, token-major) ----
         rows_ld = hb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-        row_ok_ld = rows_ld < SQ * H
-        q_row = Q + pid_b.to(gl.int64) * stride_qb + (rows_ld // H) * stride_qs + (rows_ld % H) * stride_qh
+        row_ok_ld = rows_ld < SQ * HG
+        q_row = Q + pid_b.to(gl.int64) * stride_qb + (rows_ld // HG) * stride_qs + (c * HG + rows_ld % HG) * stride_qh
         cols = gl.arange(0, R_C, layout=gl.SliceLayout(0, ld_layout))
         q_lat = gl.load(q_row[:, None] + cols[None, :], mask=row_ok_ld[:, None], other=0.0)
         q_lat_s = gl.allocate_shared_memory(dtype, [BLOCK_M, R_C], q_lat_sl, q_lat)
@@ -155,10 +166,11 @@ def _build():
         gl.thread_barrier()
         for i in gl.static_range(NUM_STAGES):
             _load_tile(lat_desc, pe_desc, bars.index(i), lat_bufs.index(i), pe_bufs.index(i), bt_row,
-                       start + i * BLOCK_N, last_page, PAGE_SIZE, COPY_ROWS, BLOCK_N, ROPE_DIM, i < n_tiles)  # fmt: skip
+                       start + i * BLOCK_N, last_page, c * R_C, PAGE_SIZE, COPY_ROWS, BLOCK_N, ROPE_DIM,
+                       i < n_tiles)  # fmt: skip
 
         rows = hb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        last = gl.minimum(seq_len - SQ + rows // H, end - 1)  # last key each row may see
+        last = gl.minimum(seq_len - SQ + rows // HG, end - 1)  # last key each row may see
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         # an async-wgmma accumulator from the start: the loop carries PV_t in flight to iteration t+1
@@ -189,8 +201,8 @@ def _build():
             if t >= 1:
                 prev = (t - 1) % NUM_STAGES
                 _load_tile(lat_desc, pe_desc, bars.index(prev), lat_bufs.index(prev), pe_bufs.index(prev), bt_row,
-                           start_n + (NUM_STAGES - 1) * BLOCK_N, last_page, PAGE_SIZE, COPY_ROWS, BLOCK_N, ROPE_DIM,
-                           t - 1 + NUM_STAGES < n_tiles)  # fmt: skip
+                           start_n + (NUM_STAGES - 1) * BLOCK_N, last_page, c * R_C, PAGE_SIZE, COPY_ROWS, BLOCK_N,
+                           ROPE_DIM, t - 1 + NUM_STAGES < n_tiles)  # fmt: skip
 
             s = s * qk_scale
             s = gl.where((start_n + keys)[None, :] <= last[:, None], s, float("-inf"))
@@ -214,10 +226,10 @@ def _build():
         l_safe = gl.where(l_o > 0.0, l_o, 1.0)
         out = acc / l_safe[:, None]
         rows_o = hb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        row_ok = rows_o < SQ * H
+        row_ok = rows_o < SQ * HG
         cols_o = gl.arange(0, R_C, layout=gl.SliceLayout(0, o_layout))
-        tok = rows_o // H
-        head = rows_o % H
+        tok = rows_o // HG
+        head = c * HG + rows_o % HG
         if DIRECT:
             o_row = OUT + pid_b.to(gl.int64) * stride_ob + tok * stride_os + head * stride_oh
             gl.store(o_row[:, None] + cols_o[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -244,7 +256,7 @@ def _has_gluon() -> bool:
 
 def wgmma_supported(q: torch.Tensor, kv_cache: torch.Tensor, latent_heads: int, rope_dim: int) -> bool:
     """Whether ``launch`` can run this call (see the module docstring's scope)."""
-    if q.device.type != "cuda" or latent_heads != 1 or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     if not _has_gluon():
         return False
@@ -272,22 +284,25 @@ def launch(q, kv_cache, block_table, seq_lens, out, o_part, lse_part, *, rope_di
     batch, sq, heads, width = q.shape
     r_c = width - rope_dim
     num_pages, page_size, cache_width = kv_cache.shape
+    latent_heads = (cache_width - rope_dim) // r_c
     copy_rows = min(page_size, BLOCK_N)
     gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     rows2d = kv_cache.view(num_pages * page_size, cache_width) if kv_cache.is_contiguous() else kv_cache.flatten(0, 1)
     lat_layout = gl.NVMMASharedLayout.get_default_for([copy_rows, r_c], gl_dtype)
-    lat_desc = TensorDescriptor(rows2d, [rows2d.shape[0], r_c], [rows2d.stride(0), 1], [copy_rows, r_c], lat_layout)
+    lat_desc = TensorDescriptor(rows2d, [rows2d.shape[0], latent_heads * r_c], [rows2d.stride(0), 1], [copy_rows, r_c],
+                                lat_layout)  # fmt: skip
     dr = rope_dim if rope_dim > 0 else 16
-    pe_base = rows2d[:, r_c:] if rope_dim > 0 else rows2d
+    pe_base = rows2d[:, latent_heads * r_c :] if rope_dim > 0 else rows2d
     pe_layout = gl.NVMMASharedLayout.get_default_for([copy_rows, dr], gl_dtype)
     pe_desc = TensorDescriptor(pe_base, [rows2d.shape[0], dr], [rows2d.stride(0), 1], [copy_rows, dr], pe_layout)
-    n_hblocks = -(-(sq * heads) // BLOCK_M)
-    return kernel[(n_hblocks, num_splits, batch)](
+    hg = heads // latent_heads
+    n_hblocks = -(-(sq * hg) // BLOCK_M)
+    return kernel[(latent_heads * n_hblocks, num_splits, batch)](
         q, lat_desc, pe_desc, block_table, seq_lens, out, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         float(softmax_scale) * 1.4426950408889634, num_splits,
-        SQ=sq, H=heads, R_C=r_c, ROPE_DIM=rope_dim, PAGE_SIZE=page_size, COPY_ROWS=copy_rows,
+        SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, PAGE_SIZE=page_size, COPY_ROWS=copy_rows,
         DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        NUM_STAGES=NUM_STAGES, num_warps=8,
+        NUM_STAGES=num_stages(r_c, rope_dim), num_warps=8,
     )  # fmt: skip
