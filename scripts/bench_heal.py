@@ -73,6 +73,8 @@ def parse_args():
     p.add_argument("--synthetic", action="store_true",
                    help="throughput only: random weights of the same shapes, random tokens, a kernel profile")
     p.add_argument("--variants", default="0,1,2,3", help="--synthetic: which step variants to time")
+    p.add_argument("--geometry", default="smollm2-135m", choices=["smollm2-135m", "llama-1b"],
+                   help="--synthetic: model shape (llama-1b: what the same loop reaches at a wider model)")
     return p.parse_args()
 
 
@@ -80,6 +82,16 @@ def parse_args():
 SMOLLM2_25 = [(36, 60), (24, 72), (24, 72), (24, 72), (24, 72), (24, 72), (12, 84), (12, 84), (12, 84), (36, 60),
               (24, 72), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72), (24, 72), (24, 72), (12, 84), (24, 72),
               (12, 84), (12, 84), (24, 72), (12, 84), (12, 84), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72)]
+
+# --synthetic shapes: (LlamaConfig fields, per-layer (rope_dim, kv_lora_rank) of an MLA at 25% of the KV cache).
+# llama-1b: Llama-3.2-1B's geometry (hidden 2048, 32 / 8 heads of 64, 16 layers, vocab 128256); its 25%
+# MLA keeps 64 RoPE + 192 latent of the 1024 K/V values a token and layer.
+SYNTHETIC_GEOMETRIES = {
+    "smollm2-135m": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3), SMOLLM2_25),
+    "llama-1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8), [(64, 192)] * 16),
+}
 
 
 class RandomTokens:
@@ -96,7 +108,7 @@ class RandomTokens:
 
 
 def synthetic(args) -> None:
-    """Tokens/s, MFU and a CUDA kernel profile of the healing step on SmolLM2-135M shapes."""
+    """Tokens/s, MFU and a CUDA kernel profile of the healing step on SmolLM2-135M shapes (or --geometry)."""
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,12 +117,12 @@ def synthetic(args) -> None:
     from latentkv.finetune.trainer import StepPlan, Trainer
     from latentkv.modeling.modeling_latentkv import LatentKVConfig, LatentKVForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, max_position_embeddings=8192)
+    shape, layers_25 = SYNTHETIC_GEOMETRIES[args.geometry]
+    cfg = LlamaConfig(**shape, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
     inv = [100000.0 ** (-2 * j / 64) for j in range(32)]
     specs = [dict(kv_lora_rank=r, rope_dim=d, rope_inv_freq=inv[: d // 2], qk_nope_head_dim=64, latent_heads=1)
-             for d, r in SMOLLM2_25]
+             for d, r in layers_25]
     source = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "dtype", "torch_dtype")}
     acc = Accelerator(mixed_precision="no")
     peak, name = device_peak_flops(acc.device)
@@ -137,7 +149,7 @@ def synthetic(args) -> None:
                                micro_batch_size=micro, compile=compile_, eval_windows=0, log_every=5,
                                checkpoint_every=0, stop_after_steps=15)
         plan = StepPlan.make(opts, acc.num_processes)
-        trainer = Trainer(opts, acc, student, teacher, RandomTokens(49152, args.seq_len), plan, torch.bfloat16, None)
+        trainer = Trainer(opts, acc, student, teacher, RandomTokens(cfg.vocab_size, args.seq_len), plan, torch.bfloat16, None)
         trainer.save_checkpoint = lambda: None
         trainer.prepare()
         t0 = time.perf_counter()
@@ -161,7 +173,7 @@ def synthetic(args) -> None:
             torch.cuda.reset_peak_memory_stats()
     out = {"device": name, "formula": FORMULA, "rows": rows}
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.out_dir) / f"{args.name}_synthetic.json").write_text(json.dumps(out, indent=2) + "\n")
+    (Path(args.out_dir) / f"{args.name}_synthetic_{args.geometry}.json").write_text(json.dumps(out, indent=2) + "\n")
     for r in rows:
         print(f"{r['variant']:34s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {100 * (r['mfu'] or 0):5.1f}%  "
               f"peak {r['peak_memory_gb']:.1f} GiB")
