@@ -209,13 +209,18 @@ class PagedLatentCache:
         q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
         q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [b, s, H, r_c + rope_dim]
         table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
+        masses = False
         if self.sparsity is not None:  # a reduced block table of the chosen pages (exact attention over them)
             table, lens, max_len = self.sparsity.select(module, q, kv, step)
+            masses = self.sparsity.wants_masses  # the policy's history comes from this attention pass
         out = decode_attention(
             q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
-            num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len,
+            num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len, return_masses=masses,
         )  # [b, s, H, r_c]  # fmt: skip
+        if masses:
+            out, page_masses = out
+            self.sparsity.record(module.layer_idx, page_masses)
         v = torch.einsum("bshr,hvr->bshv", out.to(w_uv.dtype), w_uv)  # [b, s, H, d_v]
         return v.reshape(b, s, heads * module.v_head_dim)
 
