@@ -228,10 +228,10 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             # log2 of each chunk's sum of exp2(score), relative to the running max m_use: the
             # masses kernel normalises them with the row's final log-sum-exp afterwards
             if BLOCK_N == CHUNK:  # the tile is the chunk: its sum is the one the softmax took
-                c_lse = tl.where(p_sum > 0.0, m_use + tl.log2(p_sum), float("-inf"))
+                c_lse = tl.where(p_sum > 0.0, m_use + tl.log2(tl.where(p_sum > 0.0, p_sum, 1.0)), float("-inf"))
                 tl.store(lse_rows + (start_n // CHUNK) * (SQ * H), c_lse, mask=row_ok)
             else:
-                c_lse = tl.where(c_sum > 0.0, m_use[:, None] + tl.log2(c_sum), float("-inf"))
+                c_lse = tl.where(c_sum > 0.0, m_use[:, None] + tl.log2(tl.where(c_sum > 0.0, c_sum, 1.0)), float("-inf"))
                 chunk = start_n // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
                 tl.store(
                     lse_rows[:, None] + chunk[None, :] * (SQ * H),
@@ -372,7 +372,7 @@ def _mla_decode_masses_kernel(  # triton.jit applied by _kernels()
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         den = den * tl.exp2(m - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
         m = m_new
-    lse = tl.where(den > 0.0, m + tl.log2(den), 0.0)
+    lse = tl.where(den > 0.0, m + tl.log2(tl.where(den > 0.0, den, 1.0)), 0.0)
     # pass 2: normalise, average over the heads, pool the chunks of each page; every column written
     out = MASSES + pid.to(tl.int64) * max_pages
     for p0 in range(0, max_pages, BLOCK_P):
