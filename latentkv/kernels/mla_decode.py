@@ -33,8 +33,7 @@ import importlib.util
 import logging
 import math
 import os
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -228,10 +227,12 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             # log2 of each chunk's sum of exp2(score), relative to the running max m_use: the
             # masses kernel normalises them with the row's final log-sum-exp afterwards
             if BLOCK_N == CHUNK:  # the tile is the chunk: its sum is the one the softmax took
-                c_lse = tl.where(p_sum > 0.0, m_use + tl.log2(tl.where(p_sum > 0.0, p_sum, 1.0)), float("-inf"))
+                seen = p_sum > 0.0  # else no visible key in the chunk: -inf (log2 of a dummy 1)
+                c_lse = tl.where(seen, m_use + tl.log2(tl.where(seen, p_sum, 1.0)), float("-inf"))
                 tl.store(lse_rows + (start_n // CHUNK) * (SQ * H), c_lse, mask=row_ok)
             else:
-                c_lse = tl.where(c_sum > 0.0, m_use[:, None] + tl.log2(tl.where(c_sum > 0.0, c_sum, 1.0)), float("-inf"))
+                seen = c_sum > 0.0
+                c_lse = tl.where(seen, m_use[:, None] + tl.log2(tl.where(seen, c_sum, 1.0)), float("-inf"))
                 chunk = start_n // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
                 tl.store(
                     lse_rows[:, None] + chunk[None, :] * (SQ * H),
@@ -552,7 +553,7 @@ def _masses_config(cfg: DecodeConfig, page_size: int, *, explicit: bool) -> Deco
         )
     log.info("decode masses: block_n %d -> %d so that tiles do not straddle pages of %d", cfg.block_n, fits[0],
              page_size)
-    return dataclasses.replace(cfg, block_n=fits[0])
+    return replace(cfg, block_n=fits[0])
 
 
 def choose_num_splits(
@@ -779,7 +780,8 @@ def mla_decode_reference(
     hg = heads // latent_heads
     width = kv_cache.shape[2]
     out = torch.empty((batch, sq, heads, r_c), dtype=torch.float32, device=q.device)
-    masses = torch.zeros((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
+    if return_masses:
+        masses = torch.zeros((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
     lens = seq_lens.tolist()
     for b in range(batch):
         length = int(lens[b])
