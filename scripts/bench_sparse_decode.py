@@ -129,8 +129,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{name}: masses differ from the reference: {check.report()}")
         for masses_on in (False, True):
             us = time_us(lambda m=masses_on: run(m), args)
+            compiled = md.LAST_COMPILED.get("split")  # the split kernel of the last call (registers, spills)
             rows.append({"case": name, "pages_fraction": k / table.shape[1], "pages_per_seq": k, "masses": masses_on,
-                         "time_us": us})
+                         "time_us": us, "n_regs": getattr(compiled, "n_regs", None),
+                         "n_spills": getattr(compiled, "n_spills", None)})
         print(f"{name}: {k} of {table.shape[1]} pages per sequence, masses check {check.report()}", file=sys.stderr)
 
     dense_us = rows[0]["time_us"]
@@ -144,11 +146,11 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     print(f"{result['device']}; {result['shape']}")
-    print("| case | pages per sequence | masses | time (us) | vs dense (masses off) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| case | pages per sequence | masses | time (us) | vs dense (masses off) | split kernel regs / spills |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['case']} | {r['pages_per_seq']} ({r['pages_fraction']:.3f}) | {'on' if r['masses'] else 'off'} | "
-              f"{r['time_us']:.1f} | {r['vs_dense']:.3f} |")
+              f"{r['time_us']:.1f} | {r['vs_dense']:.3f} | {r['n_regs']} / {r['n_spills']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -99,6 +99,7 @@ def test_last_step_follows_previous_masses():
     (dict(policy="predictor"), "--predictor"),
     (dict(local_blocks=0), "local_blocks"),
     (dict(refresh=0), "refresh"),
+    (dict(history_masses="kernel"), "history_masses"),
 ])
 def test_bad_configs_raise(kwargs, match):
     """Guards user mistakes: each bad setting is a LatentKVError naming what to change, not an assert

@@ -853,7 +853,8 @@ def decode_attention(
     """Decode attention through the Triton kernel or the reference.
 
     backend="auto" takes the Triton kernel for CUDA tensors when triton imports, else the
-    reference; "triton" / "reference" force one (tests, debugging).
+    reference; "triton" / "reference" force one (tests, debugging). Keyword arguments go to the
+    backend (``max_seq_len``, ``config``, ``return_masses``: then returns (output, per-page masses)).
     """
     if backend not in _BACKENDS:
         raise LatentKVError(f"unknown decode backend {backend!r}; choose one of {', '.join(_BACKENDS)}.")
