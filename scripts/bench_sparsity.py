@@ -47,6 +47,11 @@ def main() -> None:
     ap.add_argument("--policies", default="window,last-step,oracle,predictor")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--refresh", type=int, default=1)
+    ap.add_argument("--dense-refresh", action="store_true", help="refresh steps attend to every block (SparseConfig)")
+    ap.add_argument("--history-masses", default="decode", choices=("decode", "separate"),
+                    help="masses of the attended blocks from the attention pass or a second PyTorch pass (SparseConfig)")
+    ap.add_argument("--backend", default="reference", choices=("reference", "triton"),
+                    help="decode attention backend (triton on the CPU needs TRITON_INTERPRET=1; slow)")
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of each text (headers)")
     ap.add_argument("--texts", default=",".join(TEXTS), help="which of the texts to run")
     ap.add_argument("--include", action="append", default=[],
@@ -74,13 +79,14 @@ def main() -> None:
         path = TEXTS[text]
         for ci, ids in enumerate(contexts(tokenizer, path, args.contexts, args.prompt + args.tokens, args.skip)):
             targets = torch.tensor(ids[args.prompt :])
-            start = prefilled(model, ids, args.prompt, page_size=args.page_size,
+            start = prefilled(model, ids, args.prompt, page_size=args.page_size, backend=args.backend,
                               keep_history=predictor.config.history if predictor is not None else 1)
             dense, _ = decode_after(model, start, ids, args.prompt, SparseConfig("dense"))
             rows.append({"text": text, "context": ci, "policy": "dense", "budget": 1.0,
                          **compare_logits(dense, dense, targets), "attention_recall": 1.0, "blocks_attended_fraction": 1.0})
             for policy, budget in tqdm(runs, desc=f"{text} #{ci}", file=sys.stderr):
                 cfg = SparseConfig(policy, budget=budget, track_recall=True, refresh=args.refresh,
+                                   dense_refresh=args.dense_refresh, history_masses=args.history_masses,
                                    predictor=args.predictor if policy == "predictor" else None)
                 logits, stats = decode_after(model, start, ids, args.prompt, cfg,
                                              predictor=predictor if policy == "predictor" else None)
@@ -119,7 +125,10 @@ def main() -> None:
         *[f"Command: `{c}` ({t:.0f} s on 2 shared CPU cores)." for c, t in commands], "",
         f"Each text: {args.contexts} contexts of {args.prompt} prompt tokens (dense prefill) + {args.tokens} "
         f"teacher-forced decode steps; pages (blocks) of {args.page_size} tokens; the sink block and the current "
-        f"block always kept; history refreshed densely every {args.refresh} step(s). Recall: true attention mass "
+        f"block always kept; history refreshed densely every {args.refresh} step(s)"
+        f"{' (refresh steps attend to every block)' if args.dense_refresh else ''}; masses of the attended blocks "
+        f"from {'the attention pass' if args.history_masses == 'decode' else 'a second PyTorch pass'} "
+        f"({args.backend} backend). Recall: true attention mass "
         "inside the chosen blocks (mean over layers, latent heads, steps); agreement / KL against dense decoding "
         "of the same context; perplexity of the decoded continuation tokens.", "",
         "| text | budget | policy | blocks attended | attention recall | top-1 agreement | KL(dense‖sparse) | perplexity |",

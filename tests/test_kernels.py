@@ -323,3 +323,109 @@ def test_write_paged_rejects_out_of_range():
     table = torch.tensor([[0, 1]], dtype=torch.int32)
     with pytest.raises(LatentKVError, match="block table capacity"):
         md.write_paged(kv, table, torch.tensor([[8]]), torch.ones(1, 1, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# per-page attention masses (return_masses): the history of sparse decode
+# --------------------------------------------------------------------------------------------
+# id: (lens, Sq, H, latent_heads, r_c, rope, page, dtype, num_splits, config)
+MASSES_CASES = {
+    "mla-sq1-len1-odd-direct": ((1, 17, 40), 1, 4, 1, 32, 16, 16, FP32, 1, SMALL),  # tile = page
+    "mla-sq2-splits3-bf16": ((2, 33, 70), 2, 4, 1, 32, 16, 16, BF16, 3, SMALL),
+    "mla-sq1-page8-two-pages-per-tile": ((1, 13, 37), 1, 4, 1, 32, 16, 8, FP16, 2, DecodeConfig(16, 16, 4, 2)),
+    "mla-sq2-page8-four-pages-per-tile": ((2, 29, 50), 2, 4, 1, 32, 16, 8, FP32, 2, DecodeConfig(16, 32, 4, 2)),
+    "mla-sq1-page64-four-tiles-per-page": ((1, 63, 150), 1, 4, 1, 32, 16, 64, BF16, 3, SMALL),
+    "mla-page48-three-tiles-per-page": ((5, 100), 1, 4, 1, 32, 16, 48, FP32, 2, None),  # default tile shrunk to 16
+    "mla-norope-empty-splits": ((1, 9), 1, 4, 1, 32, 0, 16, FP32, 5, SMALL),
+    "gla2-sq1-splits2": ((1, 23, 50), 1, 4, 2, 16, 16, 16, BF16, 2, None),
+    "gla2-sq2-direct-fp16": ((2, 31, 47), 2, 8, 2, 32, 16, 16, FP16, 1, SMALL),
+    "gla3-sq2-page8-splits3": ((3, 41), 2, 6, 3, 16, 16, 8, FP32, 3, DecodeConfig(16, 16, 4, 2)),
+    "gla2-kv-on-m-page8": ((4, 29, 50), 2, 4, 2, 16, 16, 8, FP32, 2, DecodeConfig(16, 32, 4, 2, kv_on_m=True)),
+    "mla-kv-on-m-sq1": ((1, 33, 70), 1, 4, 1, 32, 16, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    "mla-fused-combine-sq2": ((2, 33, 70), 2, 4, 1, 32, 16, 16, FP32, 3, DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
+    "mla-sq2-peaky-scores": ((2, 45, 61), 2, 4, 1, 32, 16, 16, BF16, 2, SMALL),
+}
+if CUDA:
+    MASSES_CASES.update({
+        "gpu-mla32-deepseek": ((1, 777, 2048, 4099), 1, 32, 1, 512, 64, 64, BF16, None, None),
+        "gpu-mla32-split4-page16": ((1, 777, 4099), 1, 32, 1, 512, 64, 16, BF16, 4, None),
+        "gpu-mla128-sq2": ((5, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, None, None),
+        "gpu-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, None, None),
+    })
+
+
+@pytest.mark.parametrize("case_id", list(MASSES_CASES))
+def test_kernel_masses_match_block_masses(case_id):
+    """Guards the per-page masses the sparse history reads from the kernel: for every sequence
+    they equal ``sparsity.masses.block_masses`` over its pages (and the reference's return_masses)
+    -- MLA and GLA, odd lengths, length 1, partly filled pages, pages smaller / larger than a
+    tile, split-KV with empty splits, Sq > 1 (causal), both MMA orientations, fused combine; table
+    columns past a sequence's length are exactly 0; the output is bit-identical to the call
+    without masses (the flag must not change attention; where the default tile must shrink to fit
+    the pages, equal to the reference). Unowned cache rows hold NaN and the
+    masses buffers are NaN-poisoned, so a wrong read or an unwritten column shows up."""
+    from latentkv.sparsity.masses import block_masses, paged_rows
+
+    lens, sq, heads, hc, r_c, rope, page, dtype, splits, config = MASSES_CASES[case_id]
+    seed = random.SystemRandom().randrange(2**31)
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=lens, sq=sq, heads=heads, latent_heads=hc, r_c=r_c, rope=rope, page=page, dtype=dtype, seed=seed,
+        q_scale=8.0 if "peaky" in case_id else 1.0,
+    )
+    kw = dict(latent_heads=hc, rope_dim=rope, softmax_scale=scale, num_splits=splits, config=config)
+    plain = md.mla_decode(q, kv, table, seq_lens, **kw)
+    out, masses = md.mla_decode(q, kv, table, seq_lens, return_masses=True, _poison=True, **kw)
+    cfg = config or md.default_config(sq * heads // hc, r_c, rope, dtype)
+    if md._masses_config(cfg, page, explicit=False) == cfg:
+        assert torch.equal(out, plain), f"{case_id}: return_masses changed the attention output"
+    else:  # the default tile was shrunk to fit the pages: other tiles, same attention up to rounding
+        check(out, md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw), dtype, case_id)
+    assert masses.shape == (len(lens), sq, hc, table.shape[1]) and masses.dtype == torch.float32
+    _, ref = md.mla_decode_reference(q, kv, table, seq_lens, return_masses=True, **kw)
+    atol = 2e-3 if (CUDA and dtype == FP32) else 1e-5  # compiled fp32 dots run in TF32
+    for b, length in enumerate(lens):
+        n = math.ceil(length / page)
+        want = block_masses(q[b].cpu(), paged_rows(kv, table[b, :n], length).cpu(), latent_heads=hc, rope_dim=rope,
+                            scale=scale, page_size=page)  # [Sq, hc, n]
+        name = f"{case_id} seq {b} (length {length}) seed={seed}"
+        cmp_mod.assert_close(masses[b, :, :, :n], want, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name=name)
+        assert torch.equal(ref[b, :, :, :n].cpu(), want), f"{name}: reference masses != block_masses"
+        assert not masses[b, :, :, n:].any(), f"{name}: columns past the length are not 0"
+
+
+def test_masses_page_size_errors():
+    """Guards the one shape return_masses cannot serve: pages whose size neither divides nor is a
+    multiple of a tile (24 tokens; or an explicit config's tile of 32 with pages of 48) are a clear
+    LatentKVError naming the fix, never wrong masses; masses off, the same inputs decode as before."""
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(5, 50), sq=1, heads=4, latent_heads=1, r_c=32, rope=16, page=24, dtype=FP32, seed=4
+    )
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale)
+    with pytest.raises(LatentKVError, match="divide one another"):
+        md.mla_decode(q, kv, table, seq_lens, return_masses=True, **kw)
+    md.mla_decode(q, kv, table, seq_lens, **kw)
+    q, kv, table, seq_lens, scale = make_case(
+        batch_lens=(5, 50), sq=1, heads=4, latent_heads=1, r_c=32, rope=16, page=48, dtype=FP32, seed=4
+    )
+    with pytest.raises(LatentKVError, match="divide one another"):
+        md.mla_decode(q, kv, table, seq_lens, return_masses=True, config=DecodeConfig(16, 32, 4, 2), **kw)
+
+
+def test_bench_sparse_decode_smoke(capsys):
+    """Guards the GPU timing script the lead runs (scripts/bench_sparse_decode.py): in --smoke mode
+    (tiny sizes, interpreted or compiled) it runs end to end, checks masses-on == masses-off output
+    and the masses against the reference, and reports dense and every sparse fraction with masses
+    off and on, the dense row at ratio 1."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sparse_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke"])
+    cases = [(r["case"], r["masses"]) for r in result["rows"]]
+    assert cases == [(c, m) for c in ("dense", "sparse 0.25", "sparse 0.125") for m in (False, True)]
+    assert result["rows"][0]["vs_dense"] == 1.0 and all(r["time_us"] > 0 for r in result["rows"])
+    assert [r["pages_per_seq"] for r in result["rows"][::2]] == [9, 3, 2]
+    assert "| sparse 0.125 |" in capsys.readouterr().out

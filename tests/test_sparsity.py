@@ -99,6 +99,7 @@ def test_last_step_follows_previous_masses():
     (dict(policy="predictor"), "--predictor"),
     (dict(local_blocks=0), "local_blocks"),
     (dict(refresh=0), "refresh"),
+    (dict(history_masses="kernel"), "history_masses"),
 ])
 def test_bad_configs_raise(kwargs, match):
     """Guards user mistakes: each bad setting is a LatentKVError naming what to change, not an assert
@@ -302,6 +303,106 @@ def test_recall_tracking_is_a_pure_observer(tiny_mla):
         runs[refresh, track], _ = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16)
     assert torch.equal(runs[3, False], runs[3, True])
     assert not torch.equal(runs[3, False], runs[1, False])
+
+
+HISTORY_CASES = {  # name: SparseConfig kwargs (decoded over IDS[:53]: 45 prompt tokens, 7 steps, pages of 8)
+    "last-step-refresh3": dict(policy="last-step", budget=3, refresh=3, track_recall=True),
+    "predictor-refresh2": dict(policy="predictor", budget=3, refresh=2, predictor="random", track_recall=True),
+    "last-step-dense-refresh3": dict(policy="last-step", budget=3, refresh=3, dense_refresh=True, track_recall=True),
+}
+
+
+def _random_predictor():
+    g = torch.Generator().manual_seed(5)
+    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+_RECORD = SparseAttention._record
+
+
+def _decode_recording_choices(model, cfg, backend, monkeypatch):
+    """teacher_forced over IDS[:53] -> (logits, stats, [(layer, chosen block ids)] in decision order)."""
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    choices = []
+    record = _RECORD  # the unpatched method (a second call must not wrap the first call's spy)
+
+    def spy(self, layer, ids, n, true):
+        choices.append((layer, ids.tolist()))
+        return record(self, layer, ids, n, true)
+
+    monkeypatch.setattr(SparseAttention, "_record", spy)
+    predictor = _random_predictor() if cfg.policy == "predictor" else None
+    logits, stats = teacher_forced(model, IDS[:53], 45, cfg, page_size=8, prefill_chunk=16, backend=backend,
+                                   predictor=predictor)
+    return logits, stats, choices
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", sorted(HISTORY_CASES))
+def test_decode_masses_same_choices_as_separate_pass(tiny_mla, case, backend, monkeypatch):
+    """Guards the history taken from the attention pass (history_masses="decode": the Triton
+    kernel's per-page masses, or the reference backend's probabilities) against the PyTorch second
+    pass it replaces: the same block choice at every (step, layer), the same recall statistics and
+    the same logits (the output does not depend on the flag), for last-step and a predictor, with
+    refresh > 1 (so steps between refreshes take the attended pages' masses) and with dense refresh
+    steps. A mis-normalised, mis-indexed (table column vs block id) or stale masses row changes
+    the choices."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = tiny_mla
+    if CUDA and backend == "triton":
+        import copy
+
+        model = copy.deepcopy(tiny_mla).cuda()
+    runs = {}
+    for source in ("decode", "separate"):
+        cfg = SparseConfig(**HISTORY_CASES[case], history_masses=source)
+        runs[source] = _decode_recording_choices(model, cfg, backend, monkeypatch)
+    (lg_d, st_d, ch_d), (lg_s, st_s, ch_s) = runs["decode"], runs["separate"]
+    assert len(ch_d) == 7 * len(model.model.layers) and ch_d == ch_s
+    assert any(len(ids) < 7 for _, ids in ch_d)  # some steps were sparse
+    assert st_d["blocks_attended_fraction"] == st_s["blocks_attended_fraction"]
+    assert st_d["attention_recall"] == pytest.approx(st_s["attention_recall"], rel=1e-6)
+    torch.testing.assert_close(lg_d, lg_s, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_history_needs_no_separate_pass(tiny_mla, monkeypatch):
+    """Guards the point of the kernel masses: with history_masses="decode" and dense refresh steps,
+    prefill and decode never call the PyTorch masses pass (block_masses), yet the history is filled
+    (every (sequence, layer) has rows, each a distribution over the blocks, zero on blocks not
+    attended); the separate-pass reference does call it."""
+    import latentkv.sparsity.runtime as runtime
+    from latentkv.sparsity.evaluate import decode_after, prefilled
+
+    calls = []
+    real = runtime.block_masses
+    monkeypatch.setattr(runtime, "block_masses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    start = prefilled(tiny_mla, IDS[:53], 45, page_size=8, keep_history=4)
+    assert not calls and len(start[0].sparsity.history) == len(tiny_mla.model.layers)
+    captured = {}
+    init = SparseAttention.__init__
+
+    def keep(self, *a, **k):
+        init(self, *a, **k)
+        captured["sparsity"] = self
+
+    monkeypatch.setattr(SparseAttention, "__init__", keep)
+    cfg = SparseConfig("last-step", budget=3, refresh=3, dense_refresh=True)
+    decode_after(tiny_mla, start, IDS[:53], 45, cfg)
+    assert not calls
+    history = captured["sparsity"].history
+    assert len(history) == len(tiny_mla.model.layers)
+    for rows in history.values():  # [latent_heads, t, n_blocks]
+        torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:2]))
+        assert (rows[:, -1] == 0).any()  # the last step was sparse: unattended blocks hold 0
+    decode_after(tiny_mla, start, IDS[:53], 45, SparseConfig("last-step", budget=3, refresh=3,
+                                                              history_masses="separate"))
+    assert calls
 
 
 def test_predictor_page_size_mismatch(tmp_path):

@@ -116,11 +116,14 @@ class PagedLatentCache:
     def free_pages(self) -> int:
         return len(self._free)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens already cached, for callers that pass no position_ids (sequences of one length only)."""
+    def _current_step(self) -> dict:
         if self._step is None:
             raise LatentKVError("PagedLatentCache: call begin_step(...) before running the layers.")
-        starts = set(self._step["starts"])
+        return self._step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens already cached, for callers that pass no position_ids (sequences of one length only)."""
+        starts = set(self._current_step()["starts"])
         if len(starts) != 1:
             raise LatentKVError("sequences of different lengths: pass position_ids from begin_step(...).")
         return starts.pop()
@@ -186,6 +189,7 @@ class PagedLatentCache:
         q_nope [b, H, s, d_nope], q_rope [b, H, s, rope_dim] (rotated), latent [b, s, r],
         k_rope [b, 1, s, rope_dim] (rotated); returns [b, s, H * d_v] (before o_proj).
         """
+        self._current_step()  # the clear error before any work
         w_uk, w_uv = module.absorbed_weights()  # [H, d_nope, r_c], [H, d_v, r_c]
         q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)
         q = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # [b, s, H, r_c + rope_dim]
@@ -199,9 +203,7 @@ class PagedLatentCache:
         attend with the absorbed queries q [b, s, H, r_c + rope_dim]; returns [b, s, H, r_c] in the
         cache dtype. ``module`` gives layer_idx, kv_lora_rank, rope_dim, latent_heads and scaling
         (MLA, GLA, GTA-T and GTA-S layers all reduce to this call)."""
-        step = self._step
-        if step is None:
-            raise LatentKVError("PagedLatentCache: call begin_step(...) before running the layers.")
+        step = self._current_step()
         b, s = q.shape[:2]
         if b != len(step["seqs"]) or s != step["num_new"]:
             raise LatentKVError(
@@ -218,13 +220,19 @@ class PagedLatentCache:
         kv.view(-1, width).index_copy_(0, step["rows"], rows.reshape(b * s, width).to(kv.dtype))
         q = q.to(kv.dtype)
         table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
+        masses = False
         if self.sparsity is not None:  # a reduced block table of the chosen pages (exact attention over them)
             table, lens, max_len = self.sparsity.select(module, q, kv, step)
-        return decode_attention(
+            masses = self.sparsity.wants_masses  # the policy's history comes from this attention pass
+        out = decode_attention(
             q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
-            num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len,
+            num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len, return_masses=masses,
         )  # [b, s, H, r_c]  # fmt: skip
+        if masses:
+            out, page_masses = out
+            self.sparsity.record(module.layer_idx, page_masses)
+        return out
 
 
 def latent_attentions(model) -> list:

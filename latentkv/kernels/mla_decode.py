@@ -33,7 +33,7 @@ import importlib.util
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -77,6 +77,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     O_PART,  # [B, SQ, H, num_splits, R_C] float32 (written unless DIRECT)
     LSE_PART,  # [B, SQ, H, num_splits] float32, log2 domain
     SEMAPHORE,  # [B * LATENT_HEADS * NUM_HBLOCKS] int32 zeros (FUSE_COMBINE only; left at zero)
+    CHUNK_LSE,  # [B, n_chunks, SQ, H] float32, log2 domain (MASSES only): log2 sum_t exp2(s(t)) per chunk
     stride_qb,
     stride_qs,
     stride_qh,
@@ -88,6 +89,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     stride_oh,
     qk_scale,  # softmax_scale * log2(e)
     num_splits,  # runtime: changing the split count does not recompile
+    n_chunks,  # block table columns * PAGE_SIZE // CHUNK (MASSES only)
     SQ: tl.constexpr,
     H: tl.constexpr,
     HG: tl.constexpr,  # query heads per latent head
@@ -104,6 +106,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
     KV_ON_M: tl.constexpr,  # put cache rows on the MMA's M side (few query rows per latent head)
     FUSE_COMBINE: tl.constexpr,  # the last split to finish merges the partials (no second launch)
+    MASSES: tl.constexpr,  # also write CHUNK_LSE (per-page attention masses; off: the kernel is unchanged)
+    CHUNK: tl.constexpr,  # tokens per CHUNK_LSE entry: min(BLOCK_N, PAGE_SIZE), one divides the other
 ):
     pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
     pid_s = tl.program_id(1)
@@ -153,6 +157,9 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     bt_row = BLOCK_TABLE + pid_b.to(tl.int64) * stride_btb
     lat_cols = c * R_C + offs_r
+    if MASSES:
+        # [B, n_chunks, SQ, H]: the rows of one chunk are adjacent, so the stores coalesce
+        lse_rows = CHUNK_LSE + pid_b.to(tl.int64) * n_chunks * (SQ * H) + tok * H + head  # [BLOCK_M]
 
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -188,7 +195,11 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
+            p_sum = tl.sum(p, 0)
+            l_i = l_i * alpha + p_sum
+            if MASSES:
+                if BLOCK_N != CHUNK:  # several pages per tile: [BLOCK_M, BLOCK_N // CHUNK] page sums
+                    c_sum = tl.trans(tl.sum(tl.reshape(p, [BLOCK_N // CHUNK, CHUNK, BLOCK_M]), 1))
             acc = acc * alpha[None, :]
             p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
             if UPCAST_DOT:
@@ -204,12 +215,32 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p_sum = tl.sum(p, 1)
+            l_i = l_i * alpha + p_sum
+            if MASSES:
+                if BLOCK_N != CHUNK:
+                    c_sum = tl.sum(tl.reshape(p, [BLOCK_M, BLOCK_N // CHUNK, CHUNK]), 2)
             acc = acc * alpha[:, None]
             p_d = p.to(kv.dtype)
             if UPCAST_DOT:
                 p_d = p_d.to(tl.float32)
             acc = tl.dot(p_d, kv_d, acc)
+        if MASSES:
+            # log2 of each chunk's sum of exp2(score), relative to the running max m_use: the
+            # masses kernel normalises them with the row's final log-sum-exp afterwards
+            if BLOCK_N == CHUNK:  # the tile is the chunk: its sum is the one the softmax took
+                seen = p_sum > 0.0  # else no visible key in the chunk: -inf (log2 of a dummy 1)
+                c_lse = tl.where(seen, m_use + tl.log2(tl.where(seen, p_sum, 1.0)), float("-inf"))
+                tl.store(lse_rows + (start_n // CHUNK) * (SQ * H), c_lse, mask=row_ok)
+            else:
+                seen = c_sum > 0.0
+                c_lse = tl.where(seen, m_use[:, None] + tl.log2(tl.where(seen, c_sum, 1.0)), float("-inf"))
+                chunk = start_n // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
+                tl.store(
+                    lse_rows[:, None] + chunk[None, :] * (SQ * H),
+                    c_lse,
+                    mask=row_ok[:, None] & (chunk < n_chunks)[None, :],  # the last tile may pass the table
+                )
         m_i = m_new
 
     if KV_ON_M:
@@ -307,6 +338,57 @@ def _mla_decode_combine_kernel(  # triton.jit applied by _kernels()
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=r_ok)
 
 
+def _mla_decode_masses_kernel(  # triton.jit applied by _kernels()
+    CHUNK_LSE,  # [B, n_chunks, SQ, H] float32, log2 domain (written by the split kernel)
+    SEQ_LENS,  # [B] int32
+    MASSES,  # [B, SQ, LATENT_HEADS, max_pages] float32
+    n_chunks,
+    max_pages,
+    SQ: tl.constexpr,
+    H: tl.constexpr,
+    HG: tl.constexpr,
+    LATENT_HEADS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS_PER_PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # >= HG, power of 2
+    BLOCK_C: tl.constexpr,  # chunks per iteration of the first pass
+    BLOCK_P: tl.constexpr,  # pages per iteration of the second pass
+):
+    """masses[b, tok, c, j] = mean over the query heads h of latent head c of
+    sum_{chunks of page j} exp2(chunk_lse - lse_h), lse_h = log2 sum_{all chunks} exp2(chunk_lse)."""
+    pid = tl.program_id(0)  # one (batch, token, latent head)
+    b = pid // (SQ * LATENT_HEADS)
+    tok = (pid // LATENT_HEADS) % SQ
+    c = pid % LATENT_HEADS
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HG
+    rows = CHUNK_LSE + b.to(tl.int64) * n_chunks * (SQ * H) + tok * H + c * HG + offs_h  # [BLOCK_H]
+    n_valid = tl.cdiv(tl.load(SEQ_LENS + b), CHUNK)  # chunks past the length were never written
+    # pass 1: each head's log-sum-exp over every chunk (online, as the softmax)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for c0 in range(0, n_valid, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(rows[:, None] + ch[None, :] * (SQ * H), mask=h_ok[:, None] & (ch < n_valid)[None, :],
+                    other=float("-inf"))  # [BLOCK_H, BLOCK_C]
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        den = den * tl.exp2(m - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
+        m = m_new
+    lse = tl.where(den > 0.0, m + tl.log2(tl.where(den > 0.0, den, 1.0)), 0.0)
+    # pass 2: normalise, average over the heads, pool the chunks of each page; every column written
+    out = MASSES + pid.to(tl.int64) * max_pages
+    for p0 in range(0, max_pages, BLOCK_P):
+        page = p0 + tl.arange(0, BLOCK_P)
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for k in tl.static_range(CHUNKS_PER_PAGE):
+            ch = page * CHUNKS_PER_PAGE + k
+            x = tl.load(rows[:, None] + ch[None, :] * (SQ * H), mask=h_ok[:, None] & (ch < n_valid)[None, :],
+                        other=float("-inf"))  # [BLOCK_H, BLOCK_P]
+            acc += tl.sum(tl.exp2(x - lse[:, None]), 0)
+        tl.store(out + page, acc / HG, mask=page < max_pages)
+
+
 _JIT: dict[str, object] = {}
 
 
@@ -320,6 +402,7 @@ def _kernels():
         triton, tl = _triton, _tl
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
+        _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
     return _JIT["split"], _JIT["combine"]
 
 
@@ -464,13 +547,16 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype) -> De
     return DecodeConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
-def choose_config(q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None) -> DecodeConfig:
+def choose_config(
+    q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False
+) -> DecodeConfig:
     """The split kernel's configuration for this call: ``config`` if given (checked), else the
     Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
-    once instead of once per warpgroup), else ``default_config``."""
+    once instead of once per warpgroup), else ``default_config``. Per-page masses
+    (``need_masses``) come from the Triton kernel only."""
     from latentkv.kernels import mla_decode_wgmma
 
-    supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim)
+    supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim) and not need_masses
     rows = q.shape[1] * (q.shape[2] // latent_heads)
     if config is None:
         if supported and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
@@ -479,11 +565,28 @@ def choose_config(q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeC
     if config.kernel == "wgmma" and not supported:
         raise LatentKVError(
             "the wgmma decode kernel needs a Hopper GPU, bf16/fp16, power-of-2 latent and RoPE widths and pages "
-            "of >= 16 rows laid out contiguously; leave config=None to get the Triton kernel."
+            "of >= 16 rows laid out contiguously, and does not write per-page masses (return_masses); leave "
+            "config=None to get the Triton kernel."
         )
     if config.kernel not in ("triton", "wgmma"):
         raise LatentKVError(f"DecodeConfig.kernel must be 'triton' or 'wgmma'; got {config.kernel!r}.")
     return config
+
+
+def _masses_config(cfg: DecodeConfig, page_size: int, *, explicit: bool) -> DecodeConfig:
+    """The config with a tile size that fits the page size for ``return_masses``: every chunk of
+    ``min(block_n, page_size)`` tokens must lie in one page, so one of the two divides the other."""
+    if page_size % cfg.block_n == 0 or cfg.block_n % page_size == 0:
+        return cfg
+    fits = [n for n in (64, 32, 16) if n < cfg.block_n and page_size % n == 0]
+    if explicit or not fits:
+        raise LatentKVError(
+            f"return_masses needs the page size and the tile size block_n to divide one another; got page_size "
+            f"{page_size}, block_n {cfg.block_n}. Use a power-of-2 page size (16, 64) or a matching config."
+        )
+    log.info("decode masses: block_n %d -> %d so that tiles do not straddle pages of %d", cfg.block_n, fits[0],
+             page_size)
+    return replace(cfg, block_n=fits[0])
 
 
 def choose_num_splits(
@@ -550,9 +653,10 @@ def mla_decode(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    return_masses: bool = False,
     _poison: bool = False,
     _skip_combine: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA / GLA decode attention through the Triton kernels.
 
     q:           [B, Sq, H, r_c + rope_dim]  latent part first, rotated RoPE part last
@@ -566,6 +670,15 @@ def mla_decode(
                  is on the CPU, else the block table's capacity (no device sync).
     out:         optional output buffer [B, Sq, H, r_c] in q's dtype.
     config:      block sizes override (tuning and tests); None picks ``default_config``.
+    return_masses: also return the attention masses per page of the block table,
+                 [B, Sq, latent_heads, max_pages] float32: for latent head c, the probability its
+                 query heads put on the tokens of table column j, summed over the tokens, averaged
+                 over the heads (0 for columns past a sequence's length; ``mla_decode_reference``
+                 and ``latentkv.sparsity.masses.block_masses`` compute the same). The split kernel
+                 writes per chunk of ``min(block_n, page_size)`` tokens the log2-sum-exp2 of its
+                 scores (~4 bytes per chunk and query head) and a small kernel normalises them.
+                 Needs ``page_size`` and ``block_n`` to divide one another; off, the split kernel
+                 is compiled without it (same code, same registers as before).
     _poison / _skip_combine: tests fill outputs and workspaces with NaN before launch; the bench
                  times the split kernel alone.
     """
@@ -587,7 +700,9 @@ def mla_decode(
 
     hg = heads // latent_heads
     rows = sq * hg
-    cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config)
+    cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses)
+    if return_masses:
+        cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
     n_hblocks = -(-rows // cfg.block_m)
@@ -620,6 +735,17 @@ def mla_decode(
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
 
+    if return_masses:
+        chunk = min(cfg.block_n, page_size)
+        n_chunks = block_table.shape[1] * page_size // chunk
+        chunk_lse = torch.empty((batch, n_chunks, sq, heads), dtype=torch.float32, device=q.device)
+        masses = torch.empty((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
+        if _poison:
+            chunk_lse.fill_(float("nan"))
+            masses.fill_(float("nan"))
+    else:
+        chunk, n_chunks, chunk_lse = cfg.block_n, 0, seq_lens  # unused by the kernel
+
     fuse = cfg.fuse_combine and num_splits > 1
     sem = _semaphores(q.device, batch * latent_heads * n_hblocks) if fuse else seq_lens
     extra = {} if (cfg.maxnreg is None or interpret) else {"maxnreg": cfg.maxnreg}
@@ -634,18 +760,18 @@ def mla_decode(
         )  # fmt: skip
     else:
         LAST_COMPILED["split"] = split_kernel[grid](
-            q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem,
+            q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem, chunk_lse,
             q.stride(0), q.stride(1), q.stride(2),
             kv_cache.stride(0), kv_cache.stride(1),
             block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             float(softmax_scale) * _LOG2E,
-            num_splits,
+            num_splits, n_chunks,
             SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
             PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
-            KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse,
+            KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -657,7 +783,15 @@ def mla_decode(
             BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_R=block_r,
             num_warps=4 if block_r >= 256 else 2,
         )  # fmt: skip
-    return out
+    if not return_masses:
+        return out
+    _JIT["masses"][(batch * sq * latent_heads,)](
+        chunk_lse, seq_lens, masses, n_chunks, block_table.shape[1],
+        SQ=sq, H=heads, HG=hg, LATENT_HEADS=latent_heads, CHUNK=chunk, CHUNKS_PER_PAGE=page_size // chunk,
+        BLOCK_H=max(2, _next_pow2(hg)), BLOCK_C=max(2, min(128, _next_pow2(n_chunks))),
+        BLOCK_P=max(2, min(128, _next_pow2(block_table.shape[1]))), num_warps=4,
+    )  # fmt: skip
+    return out, masses
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,16 +808,21 @@ def mla_decode_reference(
     softmax_scale: float,
     num_splits: int | None = None,  # accepted for a drop-in signature; the reference never splits
     out_dtype: torch.dtype | None = None,
+    return_masses: bool = False,
     **_unused,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch MLA / GLA decode: gathers each sequence's pages, float32 math.
 
-    Returns [B, Sq, H, r_c] in ``out_dtype`` (default: q's dtype).
+    Returns [B, Sq, H, r_c] in ``out_dtype`` (default: q's dtype); with ``return_masses`` also the
+    per-page masses [B, Sq, latent_heads, max_pages] float32 (see ``mla_decode``), from the same
+    probabilities.
     """
     batch, sq, heads, r_c, page_size = _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim)
     hg = heads // latent_heads
     width = kv_cache.shape[2]
     out = torch.empty((batch, sq, heads, r_c), dtype=torch.float32, device=q.device)
+    if return_masses:
+        masses = torch.zeros((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
     lens = seq_lens.tolist()
     for b in range(batch):
         length = int(lens[b])
@@ -694,20 +833,42 @@ def mla_decode_reference(
             )
         pages = block_table[b, : -(-length // page_size)].long()
         rows = kv_cache[pages].reshape(-1, width)[:length].float()  # [L, width]
-        k_pe = rows[:, latent_heads * r_c :]  # [L, rope_dim]
-        qb = q[b].float()  # [Sq, H, r_c + rope_dim]
-        pos = length - sq + torch.arange(sq, device=q.device)  # position of each new token
-        visible = torch.arange(length, device=q.device)[None, :] <= pos[:, None]  # [Sq, L]
-        for c in range(latent_heads):
-            lat = rows[:, c * r_c : (c + 1) * r_c]  # [L, r_c]
-            qc = qb[:, c * hg : (c + 1) * hg]  # [Sq, hg, r_c + rope_dim]
-            s = torch.einsum("shr,lr->shl", qc[..., :r_c], lat)
-            if rope_dim:
-                s = s + torch.einsum("shd,ld->shl", qc[..., r_c:], k_pe)
-            s = (s * softmax_scale).masked_fill(~visible[:, None, :], float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, lat)
-    return out.to(out_dtype or q.dtype)
+        for c, p in attention_probs(q[b], rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale):
+            out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, rows[:, c * r_c : (c + 1) * r_c])
+            if return_masses:
+                masses[b, :, c, : len(pages)] = pool_pages(p, page_size)
+    out = out.to(out_dtype or q.dtype)
+    return (out, masses) if return_masses else out
+
+
+def attention_probs(q: torch.Tensor, rows: torch.Tensor, *, latent_heads: int, rope_dim: int, scale: float):
+    """Yields (latent head c, softmax probabilities [s, H // latent_heads, L] of its query heads), float32.
+
+    q [s, H, r_c + rope_dim] (the s newest tokens of one sequence), rows [L, latent_heads * r_c +
+    rope_dim] (its cache rows in order, the s new ones last); query token i sees rows 0 .. L - s + i.
+    """
+    s, heads, q_width = q.shape
+    length = rows.shape[0]
+    r_c = q_width - rope_dim
+    hg = heads // latent_heads
+    rows, qf = rows.float(), q.float()
+    k_pe = rows[:, latent_heads * r_c :]  # [L, rope_dim]
+    pos = length - s + torch.arange(s, device=q.device)  # position of each new token
+    visible = torch.arange(length, device=q.device)[None, :] <= pos[:, None]  # [s, L]
+    for c in range(latent_heads):
+        qc = qf[:, c * hg : (c + 1) * hg]  # [s, hg, r_c + rope_dim]
+        scores = torch.einsum("shr,lr->shl", qc[..., :r_c], rows[:, c * r_c : (c + 1) * r_c])
+        if rope_dim:
+            scores = scores + torch.einsum("shd,ld->shl", qc[..., r_c:], k_pe)
+        yield c, torch.softmax((scores * scale).masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
+
+
+def pool_pages(p: torch.Tensor, page_size: int) -> torch.Tensor:
+    """p [s, hg, L] probabilities -> [s, ceil(L / page_size)]: summed over each page's tokens,
+    averaged over the heads."""
+    s, hg, length = p.shape
+    n = -(-length // page_size)
+    return torch.nn.functional.pad(p, (0, n * page_size - length)).view(s, hg, n, page_size).sum(-1).mean(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,7 +894,8 @@ def decode_attention(
     """Decode attention through the Triton kernel or the reference.
 
     backend="auto" takes the Triton kernel for CUDA tensors when triton imports, else the
-    reference; "triton" / "reference" force one (tests, debugging).
+    reference; "triton" / "reference" force one (tests, debugging). Keyword arguments go to the
+    backend (``max_seq_len``, ``config``, ``return_masses``: then returns (output, per-page masses)).
     """
     if backend not in _BACKENDS:
         raise LatentKVError(f"unknown decode backend {backend!r}; choose one of {', '.join(_BACKENDS)}.")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from latentkv.kernels.mla_decode import attention_probs, pool_pages
+
 
 def block_masses(
     q: torch.Tensor,
@@ -24,25 +26,12 @@ def block_masses(
 ) -> torch.Tensor:
     """q [s, H, r_c + rope_dim] (the s newest tokens of the sequence), rows [L, latent_heads * r_c
     + rope_dim] (every cached row, in order, the s new ones last) -> masses [s, latent_heads,
-    ceil(L / page_size)] (float32; query token i sees rows 0 .. L - s + i)."""
-    s, heads, width = q.shape
-    length = rows.shape[0]
-    r_c = width - rope_dim
-    hg = heads // latent_heads
-    n_blocks = -(-length // page_size)
-    rows = rows.float()
-    qf = q.float()
-    visible = torch.arange(length)[None, :] <= (length - s + torch.arange(s))[:, None]  # [s, L]
-    out = torch.empty(s, latent_heads, n_blocks)
-    k_pe = rows[:, latent_heads * r_c :]
-    for c in range(latent_heads):
-        qc = qf[:, c * hg : (c + 1) * hg]  # [s, hg, r_c + rope_dim]
-        scores = torch.einsum("shr,lr->shl", qc[..., :r_c], rows[:, c * r_c : (c + 1) * r_c])
-        if rope_dim:
-            scores = scores + torch.einsum("shd,ld->shl", qc[..., r_c:], k_pe)
-        p = torch.softmax((scores * scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)  # [s, hg, L]
-        p = torch.nn.functional.pad(p, (0, n_blocks * page_size - length))
-        out[:, c] = p.view(s, hg, n_blocks, page_size).sum(-1).mean(1)
+    ceil(L / page_size)] (float32; query token i sees rows 0 .. L - s + i). The probabilities are
+    the decode reference's (``attention_probs``), so these equal its ``return_masses`` output."""
+    n_blocks = -(-rows.shape[0] // page_size)
+    out = torch.empty(q.shape[0], latent_heads, n_blocks)
+    for c, p in attention_probs(q, rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=scale):
+        out[:, c] = pool_pages(p, page_size)
     return out
 
 

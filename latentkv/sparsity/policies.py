@@ -23,6 +23,7 @@ import torch
 from latentkv.errors import LatentKVError
 
 POLICIES = ("dense", "window", "last-step", "oracle", "predictor")
+HISTORY_MASSES = ("decode", "separate")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class SparseConfig:
     refresh: the history row of a step is the full (dense) block masses every ``refresh`` decode
         steps and the masses over the attended blocks otherwise (zero elsewhere), as in the paper's
         "calibration" steps. 1 = a dense QK pass every step (exact history).
+    dense_refresh: a refresh step attends to every block (its output is dense attention), so its
+        full masses come from that same attention pass; False: it attends to the chosen blocks
+        and the full masses cost a separate dense QK pass.
+    history_masses: where the masses of the attended blocks come from. "decode": the decode
+        attention itself returns them (``return_masses``: per-page log-sum-exps written by the
+        Triton kernel, or the reference backend's probabilities), so only a refresh step without
+        ``dense_refresh`` (and oracle / track_recall) needs a separate pass; "separate": a second
+        PyTorch pass over the attended pages (``masses.block_masses``, the reference).
     predictor: folder of a trained AttentionPredictor (policy "predictor").
     track_recall: also compute this step's true masses to record the attention recall (cost: a
         dense QK pass per step; for measurement).
@@ -50,6 +59,8 @@ class SparseConfig:
     refresh: int = 1
     predictor: str | None = None
     track_recall: bool = False
+    dense_refresh: bool = False
+    history_masses: str = "decode"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -70,6 +81,8 @@ class SparseConfig:
                 f"a budget of {int(self.budget)} blocks cannot hold the {self.sink_blocks} sink + "
                 f"{self.local_blocks} local blocks that are always kept; raise --sparse-budget."
             )
+        if self.history_masses not in HISTORY_MASSES:
+            raise LatentKVError(f"history_masses must be one of {', '.join(HISTORY_MASSES)}; got {self.history_masses!r}.")
         if self.refresh < 1:
             raise LatentKVError(f"refresh must be >= 1 decode steps; got {self.refresh}.")
         if self.policy == "predictor" and not self.predictor:

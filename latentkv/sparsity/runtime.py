@@ -12,16 +12,25 @@ the cached RoPE key is already rotated at its true position, the result is exact
 the chosen tokens (no kernel change; the kernel's causal rule "key <= length - 1" holds for the
 compacted positions too). Prefill chunks (several query tokens) attend densely.
 
-The history each policy reads is one row of block masses per step (``masses.block_masses``, a
-PyTorch pass over the cached rows): the full masses on "refresh" steps (every ``refresh`` decode
-steps, and during prefill), else the masses over the attended blocks only (zero elsewhere), which
-cost a second pass over just the attended pages. A refresh costs a dense QK pass (no PV) -- on a
-memory-bound GPU that is the read of the whole cache the sparse step avoids, so ``refresh`` trades
-history quality against speed. The predictor's forecast for step t reads only steps < t, so it can
-be computed while step t - 1 finishes (the paper's cross-token prefetch); here it runs at the start
-of step t, which gives the same blocks. The choice runs on the host, per sequence and layer (a
-small loop; on a GPU it costs a sync per layer -- a batched device-side top-k and the masses from
-per-page log-sum-exps written by the kernel would remove both; not done here).
+The history each policy reads is one row of block masses per step: the full masses on "refresh"
+steps (every ``refresh`` decode steps, and during prefill), else the masses over the attended
+blocks only (zero elsewhere). With ``history_masses="decode"`` (default) the attention pass itself
+returns them (``decode_attention(..., return_masses=True)``: the Triton split kernel writes the
+log2-sum-exp2 of each page's scores and a small kernel normalises them with each row's final
+log-sum-exp; the reference backend pools its own probabilities), so ``select`` leaves the history
+row pending and ``record`` fills it after the attention -- no step re-reads the cache for its
+history, except a refresh step that attends sparsely (``dense_refresh=False``), which needs the
+full masses from a separate dense QK pass (``masses.block_masses``; on a memory-bound GPU the read
+of the whole cache the sparse step avoids). With ``dense_refresh=True`` a refresh step attends to
+every block and takes its full masses from that same pass: then no step needs a separate pass
+(the refresh step's output is then dense attention, unlike the separate-pass history). The oracle
+policy and ``track_recall`` still compute this step's full masses in PyTorch (measurement tools).
+``history_masses="separate"`` keeps the second PyTorch pass over the attended pages (the
+reference the kernel's masses are tested against). The predictor's forecast for step t reads
+only steps < t, so it can be computed while step t - 1 finishes (the paper's cross-token
+prefetch); here it runs at the start of step t, which gives the same blocks. The choice runs on
+the host, per sequence and layer (a small loop; on a GPU it costs a sync per layer -- a batched
+device-side top-k would remove it; not done here).
 """
 
 from __future__ import annotations
@@ -89,6 +98,7 @@ class SparseAttention:
         self.steps: dict[int, int] = {}  # seq -> decode steps begun
         self.stats = SparseStats()
         self.last_choice: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> chosen block ids
+        self._pending: list[tuple] = []  # history rows waiting for this layer's attention masses (record)
 
     # history -------------------------------------------------------------------------------
     def _push(self, seq: int, layer: int, rows: torch.Tensor) -> None:
@@ -104,10 +114,11 @@ class SparseAttention:
             rows = rows[:, -self.keep_history :]
         self.history[seq, layer] = rows
 
-    # the hook PagedLatentCache calls --------------------------------------------------------
+    # the hooks PagedLatentCache calls --------------------------------------------------------
     def select(self, module, q: torch.Tensor, kv: torch.Tensor, step: dict):
         """q [b, s, H, r_c + rope_dim] (cache dtype), kv [num_pages, page_size, width] (this step's
-        rows written) -> (block_table [b, k_max] int32, seq_lens [b] int32, max_len) to attend with."""
+        rows written) -> (block_table [b, k_max] int32, seq_lens [b] int32, max_len) to attend with.
+        When ``wants_masses`` is then true, pass the attention's ``return_masses`` output to ``record``."""
         cfg, size = self.config, self.page_size
         layer = module.layer_idx
         b, s = q.shape[:2]
@@ -115,13 +126,18 @@ class SparseAttention:
         lens = step["seq_lens"].cpu().tolist()
         geometry = dict(latent_heads=module.latent_heads, rope_dim=module.rope_dim, scale=module.scaling, page_size=size)
         want_history = self.keep_history != 0
+        from_decode = want_history and cfg.history_masses == "decode"
+        self._pending = []  # (batch row, seq, attended block ids, n_blocks, query tokens kept): filled by record()
         if s > 1:  # prefill chunk: dense; the history gets the masses of the tokens it keeps
             if want_history:
                 take = s if self.keep_history is None else min(s, self.keep_history)
                 for row, seq in enumerate(step["seqs"]):
                     n = -(-lens[row] // size)
-                    rows = paged_rows(kv, table[row, :n], lens[row])
-                    self._push(seq, layer, block_masses(q[row, -take:].cpu(), rows.cpu(), **geometry))
+                    if from_decode:
+                        self._pending.append((row, seq, torch.arange(n), n, take))
+                    else:
+                        rows = paged_rows(kv, table[row, :n], lens[row])
+                        self._push(seq, layer, block_masses(q[row, -take:].cpu(), rows.cpu(), **geometry))
             return step["block_table"], step["seq_lens"], step["max_len"]
 
         chosen_rows, new_lens = [], []
@@ -133,23 +149,26 @@ class SparseAttention:
             pages = table[row, :n]
             k = cfg.blocks_for(n)
             refresh = self.steps.get(seq, 1) % cfg.refresh == 0
-            need_true = cfg.policy == "oracle" or cfg.track_recall or (want_history and (refresh or k >= n))
+            attend_all = k >= n or (refresh and cfg.dense_refresh)
+            full_history = want_history and (refresh or attend_all)  # the history row covers every block
+            need_true = cfg.policy == "oracle" or cfg.track_recall or (full_history and not (from_decode and attend_all))
             true = None
             if need_true:
                 true = block_masses(q[row].cpu(), paged_rows(kv, pages, length).cpu(), **geometry)[0]  # [lh, n]
-            if k >= n:
+            if attend_all:
                 ids = torch.arange(n)
             else:
                 scores = policy_scores(cfg, n, self.history.get((seq, layer)), true, self.predictor)
                 ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
             if want_history:
-                if refresh or k >= n:
-                    row_masses = true
+                if from_decode and (attend_all or not full_history):  # the attention pass gives this row
+                    self._pending.append((row, seq, ids, n, 1))
+                elif full_history:
+                    self._push(seq, layer, true[None])
                 else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
                     part = block_masses(q[row].cpu(), paged_rows(kv, *reduced_pages(pages, ids, length, size)).cpu(),
                                         **geometry)[0]
-                    row_masses = torch.zeros(part.shape[0], n).index_copy_(1, ids, part)
-                self._push(seq, layer, row_masses[None])
+                    self._push(seq, layer, torch.zeros(part.shape[0], n).index_copy_(1, ids, part)[None])
             self._record(layer, ids, n, true)
             self.last_choice[seq, layer] = ids
             chosen, new_len = reduced_pages(pages, ids, length, size)
@@ -161,6 +180,23 @@ class SparseAttention:
             reduced[row, : len(pages)] = pages
         dev = step["block_table"].device
         return reduced.to(dev), torch.tensor(new_lens, dtype=torch.int32).to(dev), max(new_lens)
+
+    @property
+    def wants_masses(self) -> bool:
+        """Whether the history of the last ``select`` waits for the attention's per-page masses."""
+        return bool(self._pending)
+
+    def record(self, layer: int, masses: torch.Tensor) -> None:
+        """masses [b, s, latent_heads, table columns]: the ``return_masses`` output of the attention
+        run with the block table ``select`` returned (column j = the j-th attended block); pushes the
+        history rows ``select`` left pending (zero for blocks not attended)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        masses = masses.float().cpu()
+        for row, seq, ids, n, take in pending:
+            part = masses[row, -take:, :, : len(ids)]  # [take, lh, len(ids)]
+            self._push(seq, layer, torch.zeros(*part.shape[:2], n).index_copy_(2, ids, part))
 
     def _record(self, layer: int, ids: torch.Tensor, n: int, true: torch.Tensor | None) -> None:
         st = self.stats
