@@ -79,7 +79,23 @@ def time_us(fn, args) -> float:
         from latentkv.kernels.bench import _do_bench
 
         return _do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms) * 1e3
+    return host_us(fn, args)
+
+
+def graph_us(fn, args) -> float | None:
+    """GPU time without the host's launch cost: the call replayed from a CUDA graph (median)."""
+    if not torch.cuda.is_available() or args.smoke:
+        return None
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")) * 1e3
+
+
+def host_us(fn, args) -> float:
+    """Median wall time of one call on the host (on a GPU: the launch cost while the queue is not full)."""
     fn()
+    if torch.cuda.is_available() and not args.smoke:
+        torch.cuda.synchronize()
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
@@ -97,7 +113,7 @@ def main(argv=None) -> dict:
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         raise SystemExit("no CUDA GPU: run with --smoke (and TRITON_INTERPRET=1) to check the script on the CPU.")
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --smoke on a GPU: tiny sizes, compiled
     dtype = DTYPES[args.dtype]
     q, kv, table, seq_lens, r_c = bench.make_paged_inputs(
         heads=args.heads, latent_rank=args.latent_rank, rope_dim=args.rope_dim, batch=args.batch,
@@ -115,8 +131,12 @@ def main(argv=None) -> dict:
     for name, fraction, t, lens, k in cases:
         max_len = k * args.page_size  # what the runtime passes: the split choice follows the attended length
 
-        def run(masses, t=t, lens=lens, max_len=max_len):
-            return md.mla_decode(q, kv, t, lens, max_seq_len=max_len, return_masses=masses, **kw)
+        # one kernel for both (a masses call runs the Triton kernel; on Hopper the default for many
+        # heads would otherwise be the Gluon kernel, which writes no masses)
+        cfg = md.choose_config(q, kv, args.latent_heads, args.rope_dim, need_masses=True)
+
+        def run(masses, t=t, lens=lens, max_len=max_len, cfg=cfg):
+            return md.mla_decode(q, kv, t, lens, max_seq_len=max_len, return_masses=masses, config=cfg, **kw)
 
         out_off = run(False)
         out_on, masses = run(True)
@@ -129,15 +149,18 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{name}: masses differ from the reference: {check.report()}")
         for masses_on in (False, True):
             us = time_us(lambda m=masses_on: run(m), args)
+            gus = graph_us(lambda m=masses_on: run(m), args)
+            hus = host_us(lambda m=masses_on: run(m), args) if cuda else None
             compiled = md.LAST_COMPILED.get("split")  # the split kernel of the last call (registers, spills)
             rows.append({"case": name, "pages_fraction": k / table.shape[1], "pages_per_seq": k, "masses": masses_on,
-                         "time_us": us, "n_regs": getattr(compiled, "n_regs", None),
+                         "time_us": us, "graph_us": gus, "host_us": hus, "n_regs": getattr(compiled, "n_regs", None),
                          "n_spills": getattr(compiled, "n_spills", None)})
         print(f"{name}: {k} of {table.shape[1]} pages per sequence, masses check {check.report()}", file=sys.stderr)
 
-    dense_us = rows[0]["time_us"]
+    dense_us, dense_graph = rows[0]["time_us"], rows[0]["graph_us"]
     for r in rows:
         r["vs_dense"] = r["time_us"] / dense_us
+        r["graph_vs_dense"] = r["graph_us"] / dense_graph if dense_graph else None
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET smoke run; times are not GPU times)",
         "shape": {k: getattr(args, k) for k in ("batch", "context", "heads", "latent_rank", "latent_heads", "rope_dim",
@@ -146,11 +169,14 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     print(f"{result['device']}; {result['shape']}")
-    print("| case | pages per sequence | masses | time (us) | vs dense (masses off) | split kernel regs / spills |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    print("| case | pages per sequence | masses | time (us, events) | vs dense | time (us, CUDA graph) | vs dense | "
+          "host us / call | split kernel regs / spills |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['case']} | {r['pages_per_seq']} ({r['pages_fraction']:.3f}) | {'on' if r['masses'] else 'off'} | "
-              f"{r['time_us']:.1f} | {r['vs_dense']:.3f} | {r['n_regs']} / {r['n_spills']} |")
+              f"{r['time_us']:.1f} | {r['vs_dense']:.3f} | {fmt(r['graph_us'], '.1f')} | "
+              f"{fmt(r['graph_vs_dense'], '.3f')} | {fmt(r['host_us'], '.1f')} | {r['n_regs']} / {r['n_spills']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
