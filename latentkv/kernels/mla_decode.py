@@ -29,6 +29,7 @@ Order in this file (Triton tutorial order): kernels, launcher, reference, facade
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -547,6 +548,9 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype) -> De
     return DecodeConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
+_AUTO_CONFIGS: dict[tuple, DecodeConfig] = {}
+
+
 def choose_config(
     q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False
 ) -> DecodeConfig:
@@ -556,12 +560,20 @@ def choose_config(
     (``need_masses``) come from the Triton kernel only."""
     from latentkv.kernels import mla_decode_wgmma
 
+    if config is None:  # the automatic choice depends only on these (cached: it runs on every launch)
+        key = (q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], kv_cache.shape[1], kv_cache.stride(),
+               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses)  # fmt: skip
+        cfg = _AUTO_CONFIGS.get(key)
+        if cfg is None:
+            rows = q.shape[1] * (q.shape[2] // latent_heads)
+            wgmma = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim) and not need_masses
+            if wgmma and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
+                cfg = WGMMA_CONFIG
+            else:
+                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype)
+            _AUTO_CONFIGS[key] = cfg
+        return cfg
     supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim) and not need_masses
-    rows = q.shape[1] * (q.shape[2] // latent_heads)
-    if config is None:
-        if supported and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
-            return WGMMA_CONFIG
-        return default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype)
     if config.kernel == "wgmma" and not supported:
         raise LatentKVError(
             "the wgmma decode kernel needs a Hopper GPU, bf16/fp16, power-of-2 latent and RoPE widths and pages "
@@ -589,6 +601,7 @@ def _masses_config(cfg: DecodeConfig, page_size: int, *, explicit: bool) -> Deco
     return replace(cfg, block_n=fits[0])
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch with a handful of distinct arguments
 def choose_num_splits(
     programs_per_split: int, max_len: int, sm_count: int, block_n: int, *, ctas_per_sm: int = 1
 ) -> int:

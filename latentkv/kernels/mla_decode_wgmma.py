@@ -244,6 +244,14 @@ def _build():
     return _mla_decode_wgmma_kernel
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("capability", index)
+    if key not in _JIT:
+        _JIT[key] = torch.cuda.get_device_capability(index)
+    return _JIT[key]
+
+
 def _has_gluon() -> bool:
     # checked only for CUDA tensors: find_spec of a submodule imports triton (see mla_decode's note)
     if "gluon" not in _JIT:
@@ -256,7 +264,7 @@ def _has_gluon() -> bool:
 
 def wgmma_supported(q: torch.Tensor, kv_cache: torch.Tensor, latent_heads: int, rope_dim: int) -> bool:
     """Whether ``launch`` can run this call (see the module docstring's scope)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
     if not _has_gluon():
         return False
