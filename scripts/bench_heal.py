@@ -73,25 +73,10 @@ def parse_args():
     p.add_argument("--synthetic", action="store_true",
                    help="throughput only: random weights of the same shapes, random tokens, a kernel profile")
     p.add_argument("--variants", default="0,1,2,3", help="--synthetic: which step variants to time")
-    p.add_argument("--geometry", default="smollm2-135m", choices=["smollm2-135m", "llama-1b"],
+    p.add_argument("--geometry", default="smollm2-135m", choices=["smollm2-135m", "llama-1b"],  # synthetic.GEOMETRIES
                    help="--synthetic: model shape (llama-1b: what the same loop reaches at a wider model)")
     return p.parse_args()
 
-
-# (rope_dim, kv_lora_rank) per layer of SmolLM2-135M converted at 25% (the H100 run of this script).
-SMOLLM2_25 = [(36, 60), (24, 72), (24, 72), (24, 72), (24, 72), (24, 72), (12, 84), (12, 84), (12, 84), (36, 60),
-              (24, 72), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72), (24, 72), (24, 72), (12, 84), (24, 72),
-              (12, 84), (12, 84), (24, 72), (12, 84), (12, 84), (24, 72), (24, 72), (36, 60), (12, 84), (24, 72)]
-
-# --synthetic shapes: (LlamaConfig fields, per-layer (rope_dim, kv_lora_rank) of an MLA at 25% of the KV cache).
-# llama-1b: Llama-3.2-1B's geometry (hidden 2048, 32 / 8 heads of 64, 16 layers, vocab 128256); its 25%
-# MLA keeps 64 RoPE + 192 latent of the 1024 K/V values a token and layer.
-SYNTHETIC_GEOMETRIES = {
-    "smollm2-135m": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3), SMOLLM2_25),
-    "llama-1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8), [(64, 192)] * 16),
-}
 
 
 class RandomTokens:
@@ -110,20 +95,13 @@ class RandomTokens:
 def synthetic(args) -> None:
     """Tokens/s, MFU and a CUDA kernel profile of the healing step on SmolLM2-135M shapes (or --geometry)."""
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from latentkv.finetune import targets as tg
     from latentkv.finetune.flops import device_peak_flops, flops_per_token
     from latentkv.finetune.trainer import StepPlan, Trainer
-    from latentkv.modeling.modeling_latentkv import LatentKVConfig, LatentKVForCausalLM
+    from latentkv.modeling import synthetic as syn
 
-    shape, layers_25 = SYNTHETIC_GEOMETRIES[args.geometry]
-    cfg = LlamaConfig(**shape, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
-                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
-    inv = [100000.0 ** (-2 * j / 64) for j in range(32)]
-    specs = [dict(kv_lora_rank=r, rope_dim=d, rope_inv_freq=inv[: d // 2], qk_nope_head_dim=64, latent_heads=1)
-             for d, r in layers_25]
-    source = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "dtype", "torch_dtype")}
+    cfg = syn.source_config(args.geometry)
     acc = Accelerator(mixed_precision="no")
     peak, name = device_peak_flops(acc.device)
     rows = []
@@ -135,9 +113,8 @@ def synthetic(args) -> None:
     for i in [int(v) for v in args.variants.split(",")]:
         label, mode, compile_, micro = variants[i]
         torch.manual_seed(0)
-        teacher = LlamaForCausalLM(cfg).to(acc.device).eval().requires_grad_(False)
-        student = LatentKVForCausalLM(LatentKVConfig(source_config=source, attention_layers=specs, softmax_scale=0.125,
-                                                     v_head_dim=64, o_bias=True))
+        teacher, student = syn.pair(args.geometry)
+        teacher = teacher.to(acc.device).eval().requires_grad_(False)
         row = tg.FORMAT_TARGETS["latentkv"]
         if mode == "lora":
             student, _ = tg.add_lora(student, row, "attention", 64, 64.0, 0.0)

@@ -259,29 +259,99 @@ def _has_gtas(model) -> bool:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+def _run_layers(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """Embeddings, every decoder layer over the paged cache (a step begun), norm and LM head:
+    input_ids [b, n] -> logits [b, n or 1, vocab] (float32)."""
+    hidden = model.get_input_embeddings()(input_ids)
+    # GTA-S layers rotate with the decoder's shared (cos, sin); MLA / GLA / GTA-T layers rotate themselves
+    rotary = getattr(model.get_decoder(), "rotary_emb", None) if _has_gtas(model) else None
+    pos_emb = rotary(hidden, positions) if rotary is not None else None
+    for layer in model.get_decoder().layers:
+        hidden = layer(
+            hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
+            position_embeddings=pos_emb,
+        )  # fmt: skip
+        if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
+            hidden = hidden[0]
+    hidden = model.get_final_norm()(hidden[:, -1:] if last_only else hidden)
+    return model.get_output_embeddings()(hidden).float()
+
+
 @torch.no_grad()
 def forward_step(model, cache: PagedLatentCache, seqs: list[int], input_ids: torch.Tensor, last_only: bool = False):
     """input_ids [len(seqs), n] appended to ``seqs``; returns logits [b, n or 1, vocab] (float32)."""
     positions = cache.begin_step(seqs, input_ids.shape[1])
     try:
-        hidden = model.get_input_embeddings()(input_ids.to(cache.device))
-        # GTA-S layers rotate with the decoder's shared (cos, sin); MLA / GLA / GTA-T layers rotate themselves
-        rotary = getattr(model.get_decoder(), "rotary_emb", None) if _has_gtas(model) else None
-        pos_emb = rotary(hidden, positions) if rotary is not None else None
-        for layer in model.get_decoder().layers:
-            hidden = layer(
-                hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
-                position_embeddings=pos_emb,
-            )  # fmt: skip
-            if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
-                hidden = hidden[0]
-        hidden = model.get_final_norm()(hidden[:, -1:] if last_only else hidden)
+        logits = _run_layers(model, cache, input_ids.to(cache.device), positions, last_only)
     except BaseException:
         cache.abort_step()
         raise
     cache.end_step()
-    return model.get_output_embeddings()(hidden).float()
+    return logits
 
+
+class CapturedDecodeStep:
+    """One decode step (one new token for each of ``batch`` sequences) replayed from a CUDA graph.
+
+    A decode step of a small model is bound by the host's launches (hundreds per step); the graph
+    replays them at once. It reads static device buffers -- token ids, positions, the cache rows to
+    write, block table and lengths -- that each call refreshes from the cache's page bookkeeping.
+    The kernel reads the lengths on the device and its split count is fixed at capture from
+    ``max_pages`` (the block table's width), so one graph serves every length up to it. Capture
+    writes the cache rows the static buffers point at (page 0), so build it before any sequence
+    holds data. Returns logits [batch, 1, vocab] in a buffer the next call overwrites.
+    """
+
+    def __init__(self, model, cache: PagedLatentCache, batch: int, max_pages: int):
+        if cache.device.type != "cuda" or cache.sparsity is not None:
+            raise LatentKVError("a captured decode step needs a CUDA cache without sparse decode.")
+        dev = cache.device
+        self.model, self.cache, self.batch = model, cache, batch
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.static = {
+            "seqs": list(range(batch)), "starts": [0] * batch, "num_new": 1, "max_len": max_pages * cache.page_size,
+            "positions": torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            "rows": torch.zeros(batch, dtype=torch.long, device=dev),
+            "block_table": torch.zeros(batch, max_pages, dtype=torch.int32, device=dev),
+            "seq_lens": torch.ones(batch, dtype=torch.int32, device=dev),
+        }  # fmt: skip
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        cache._step = self.static
+        try:
+            with torch.no_grad():
+                with torch.cuda.stream(side):  # warm-up: compiles the kernels, settles the allocator
+                    for _ in range(2):
+                        self._body()
+                torch.cuda.current_stream(dev).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._body()
+        finally:
+            cache._step = None
+
+    def _body(self) -> torch.Tensor:
+        return _run_layers(self.model, self.cache, self.ids, self.static["positions"], last_only=False)
+
+    def __call__(self, seqs: list[int], input_ids: torch.Tensor) -> torch.Tensor:
+        if len(seqs) != self.batch or input_ids.shape != (self.batch, 1):
+            raise LatentKVError(f"the captured step decodes {self.batch} sequences x 1 token; got {len(seqs)}.")
+        self.cache.begin_step(seqs, 1)
+        try:
+            step = self.cache._current_step()
+            width = step["block_table"].shape[1]
+            if width > self.static["block_table"].shape[1]:
+                raise LatentKVError("a sequence outgrew the captured block table; capture with more max_pages.")
+            for key in ("positions", "rows", "seq_lens"):
+                self.static[key].copy_(step[key])
+            self.static["block_table"][:, :width].copy_(step["block_table"])
+            self.ids.copy_(input_ids)
+            self.graph.replay()
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        self.cache.end_step()
+        return self.logits
 
 def prefill(model, cache: PagedLatentCache, seq: int, ids: list[int], chunk: int, all_logits: bool = False):
     """Feed a prompt in chunks of ``chunk`` query tokens; returns the logits of its last token
@@ -320,6 +390,7 @@ def generate_ids(
     eos_token_id: int | list[int] | None = None,
     return_logits: bool = False,
     num_splits: int | None = None,
+    cuda_graph: bool = True,
 ):
     """Greedy decoding of token-id prompts (any lengths) through the paged cache.
 
@@ -327,6 +398,8 @@ def generate_ids(
     kernel), then all sequences decode together, one token per step, each at its own length; a
     sequence stops after an EOS token. Returns the new tokens per prompt, and with
     ``return_logits`` the logits [n_new, vocab] (float32, CPU) that chose each of them.
+    ``cuda_graph``: on a GPU (Triton kernel, no sparse decode) decode steps of the full batch replay
+    one captured CUDA graph (``CapturedDecodeStep``); steps after some sequences stopped run eagerly.
     """
     model.eval()
     latent_attentions(model)
@@ -338,6 +411,10 @@ def generate_ids(
     cache = PagedLatentCache.for_model(
         model, max_seqs=len(prompts), max_seq_len=longest, page_size=page_size, backend=backend, num_splits=num_splits
     )
+    graphed = None
+    if cuda_graph and cache.device.type == "cuda" and backend != "reference" and max_new_tokens > 1:
+        # captured before any sequence holds data: capture writes the rows the static buffers name
+        graphed = CapturedDecodeStep(model, cache, len(prompts), max_pages=math.ceil(longest / page_size))
     seqs = [cache.add_sequence() for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     logits_out: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -360,7 +437,10 @@ def generate_ids(
             break
         active = [i for _, i in still]
         ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long)
-        step_logits = forward_step(model, cache, [seqs[i] for i in active], ids)[:, -1]
+        if graphed is not None and len(active) == graphed.batch:
+            step_logits = graphed([seqs[i] for i in active], ids.to(cache.device))[:, -1]
+        else:
+            step_logits = forward_step(model, cache, [seqs[i] for i in active], ids)[:, -1]
     if return_logits:
         return tokens, [torch.stack(x) for x in logits_out]
     return tokens
