@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: profile the graphed latentkv run (host vs GPU time, top ops)")
     return p.parse_args(argv)
 
 
@@ -76,6 +78,15 @@ def main(argv=None) -> dict:
         generate_ids(student, prompts.tolist(), n, backend="triton", page_size=args.page_size,
                      prefill_chunk=args.prompt, cuda_graph=graph)  # fmt: skip
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        latentkv(8, True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            latentkv(args.new_tokens, True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        return {}
     layers = source.config.num_hidden_layers
     src_bytes = layers * 2 * source.config.num_key_value_heads * 64 * 2
     mla_bytes = sum(a["kv_lora_rank"] + a["rope_dim"] for a in student.config.attention_layers) * 2
