@@ -222,20 +222,24 @@ def test_generate_cli_and_tensor_prompt(converted):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", ["mla", "gla", "gta-s"])
-def test_cuda_graph_generation_equals_eager(converted, method):
+@pytest.mark.parametrize("method,arch", [("mla", "llama"), ("gla", "llama"), ("gta-s", "llama"), ("gta", "llama"),
+                                         ("mla", "gpt_neox"), ("mla", "qwen3"), ("mla", "gemma"), ("mla", "phi3")])
+def test_cuda_graph_generation_equals_eager(converted, method, arch, caplog):
     """Guards the captured decode step (CapturedDecodeStep): replaying one CUDA graph per step,
     its static buffers refreshed from the page bookkeeping and its split count fixed at capture,
     must give the eager loop's tokens and (up to TF32 rounding) logits for prompts of different
-    lengths whose sequences cross several pages; a stale table, position or row buffer shows up
-    as different tokens."""
+    lengths whose sequences cross several pages, for every latent layer kind and the other decoder
+    layers (GPT-NeoX, Qwen3's qk_norm, Gemma, Phi-3); a stale table, position or row buffer, or a
+    value read on the host at capture time, shows up as different tokens."""
     _triton_or_skip()
     from latentkv.eval.decode import generate_ids
 
-    model, tok = _load(converted(method))
+    model, tok = _load(converted(method, arch))
     prompts = [tok(PROMPT).input_ids[:n] for n in (3, 11, 7)]
     kw = dict(backend="triton", page_size=16, return_logits=True)
-    graph_tokens, graph_logits = generate_ids(model, prompts, 30, cuda_graph=True, **kw)
+    with caplog.at_level("WARNING", logger="latentkv.eval.decode"):
+        graph_tokens, graph_logits = generate_ids(model, prompts, 30, cuda_graph=True, **kw)
+    assert "capture of the decode step failed" not in caplog.text  # the graph ran, not the eager fallback
     eager_tokens, eager_logits = generate_ids(model, prompts, 30, cuda_graph=False, **kw)
     assert graph_tokens == eager_tokens
     for g, e in zip(graph_logits, eager_logits):

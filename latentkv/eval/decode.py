@@ -414,7 +414,10 @@ def generate_ids(
     graphed = None
     if cuda_graph and cache.device.type == "cuda" and backend != "reference" and max_new_tokens > 1:
         # captured before any sequence holds data: capture writes the rows the static buffers name
-        graphed = CapturedDecodeStep(model, cache, len(prompts), max_pages=math.ceil(longest / page_size))
+        try:
+            graphed = CapturedDecodeStep(model, cache, len(prompts), max_pages=math.ceil(longest / page_size))
+        except RuntimeError as exc:  # an op of this model that a graph cannot hold: decode eagerly
+            log.warning("CUDA-graph capture of the decode step failed (%s); decoding eagerly.", str(exc)[:200])
     seqs = [cache.add_sequence() for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     logits_out: list[list[torch.Tensor]] = [[] for _ in prompts]
