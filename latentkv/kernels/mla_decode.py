@@ -573,8 +573,8 @@ def choose_config(
                 cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype)
             _AUTO_CONFIGS[key] = cfg
         return cfg
-    supported = mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads, rope_dim) and not need_masses
-    if config.kernel == "wgmma" and not supported:
+    if config.kernel == "wgmma" and (need_masses or not mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads,
+                                                                                         rope_dim)):
         raise LatentKVError(
             "the wgmma decode kernel needs a Hopper GPU, bf16/fp16, power-of-2 latent and RoPE widths and pages "
             "of >= 16 rows laid out contiguously, and does not write per-page masses (return_masses); leave "

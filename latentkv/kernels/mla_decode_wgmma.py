@@ -244,12 +244,14 @@ def _build():
     return _mla_decode_wgmma_kernel
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = ("capability", index)
-    if key not in _JIT:
-        _JIT[key] = torch.cuda.get_device_capability(index)
-    return _JIT[key]
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def _has_gluon() -> bool:
