@@ -113,6 +113,12 @@ def sweep_row(name, kw, jobs, log, which="wide"):
     return best[1], best[2]
 
 
+def triton_default(kw: dict):
+    """The Triton kernel's default block sizes for a row's shape (run_decode_bench keyword arguments)."""
+    hc = kw.get("latent_heads", 1)
+    return md.default_config(kw["query_len"] * kw["heads"] // hc, kw["latent_rank"] // hc, kw["rope_dim"], kw["dtype"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -141,8 +147,7 @@ def main(argv=None):
         if args.kernel == "wgmma":
             cfg = md.WGMMA_CONFIG
         elif args.kernel == "triton":
-            hc = kw.get("latent_heads", 1)
-            cfg = md.default_config(kw["query_len"] * kw["heads"] // hc, kw["latent_rank"] // hc, kw["rope_dim"], dtype)
+            cfg = triton_default(kw)
         if args.sweep:
             cfg, best_splits = sweep_row(name, {k: v for k, v in kw.items() if k not in ("dtype", "page_size")},
                                          args.jobs, log, args.sweep_set)  # fmt: skip
@@ -154,12 +159,8 @@ def main(argv=None):
             results[key] = r
             log(f"[{key}] FINAL {json.dumps(r, default=str)}")
             if args.compare_triton and cfg is None and r["config"].get("kernel") == "wgmma":
-                s = kw
-                hc = s.get("latent_heads", 1)
-                triton_cfg = md.default_config(s["query_len"] * s["heads"] // hc, s["latent_rank"] // hc,
-                                               s["rope_dim"], dtype)  # fmt: skip
-                rt = bench.run_decode_bench(**kw, source_geometry=None, config=triton_cfg, num_splits=args.num_splits,
-                                            split_only=True)  # fmt: skip
+                rt = bench.run_decode_bench(**kw, source_geometry=None, config=triton_default(kw),
+                                            num_splits=args.num_splits, split_only=True)  # fmt: skip
                 rt["speedup_vs_triton_kernel"] = rt["time_us"] / r["time_us"]
                 results[key + "-triton"] = rt
                 log(f"[{key}-triton] FINAL {json.dumps(rt, default=str)}")

@@ -14,17 +14,18 @@ TFLOP/s"). Gluon lets the kernel choose the layouts itself:
   warpgroup w owns output columns ``w * R_C/2 ...`` and reads all of P (FlashMLA's split of the
   512-wide accumulator over two warpgroups, without warp specialisation);
 - each latent tile arrives once by TMA (one copy per page, or per BLOCK_N rows of a larger page)
-  into a 2-stage ring and serves as key and value; the next tile's copy is issued as soon as
+  into a ring of 2-4 stages (``num_stages``: as many as shared memory holds) and serves as key and
+  value; the next tile's copy is issued as soon as
   both warpgroups have finished the previous tile's PV product;
 - ``S_t`` is issued while ``PV_{t-1}`` still runs (both async), so the tensor cores see the two
   products back to back.
 
-Scope: MLA and GLA (latent head c's tiles are its own r_c columns plus the shared RoPE key), r_c a power of 2 in 64..512, rope_dim 0 or a power of 2 >= 16
-(64 in DeepSeek/FlashMLA), bf16 / fp16, pages that are a power of 2 >= 16 rows and contiguous in
-memory, CUDA capability 9.x. ``wgmma_supported`` says whether a call qualifies; ``mla_decode``
-picks this kernel by default where it also has >= 64 query rows (fewer rows pad the wgmma's
-M = 64), and otherwise the Triton kernel. The output
-contract (direct output, or float32 partials + log2-domain LSE merged by the same combine kernel)
+Scope: MLA and GLA (latent head c's tiles are its own r_c columns plus the shared RoPE key), r_c
+a power of 2 in 64..512, rope_dim 0 or a power of 2 >= 16 (64 in DeepSeek/FlashMLA), bf16 / fp16,
+pages that are a power of 2 >= 16 rows and contiguous in memory, CUDA capability 9.x.
+``wgmma_supported`` says whether a call qualifies; ``mla_decode.choose_config`` picks this kernel by
+default for MLA with >= 64 query rows (fewer rows pad the wgmma's M = 64; GLA measured faster on the
+Triton kernel), and otherwise the Triton kernel. The output contract (direct output, or float32 partials + log2-domain LSE merged by the same combine kernel)
 is the Triton kernel's. Rows past the sequence's end inside the last tile hold whatever the page
 held; they are zeroed in shared memory before use, since ``0 * NaN`` would poison the PV product.
 """
