@@ -451,6 +451,8 @@ def finetune(
     lm_weight: Annotated[float, typer.Option(help="Weight of the LM loss against the KL to the teacher (0-1).", rich_help_panel="Training")] = 0.0,
     hidden_weight: Annotated[float, typer.Option(help="Weight of matching every layer's hidden state to the teacher's (0 = off).", rich_help_panel="Training")] = 0.0,
     mlp_lr_scale: Annotated[float, typer.Option(help="With --target attention+mlp: the MLP's learning rate as a fraction of --lr.", rich_help_panel="Training")] = 1.0,
+    transfer_tokens: Annotated[int, typer.Option(help="Tokens of --tokens spent first on attention transfer (each attention layer trained alone toward the teacher's output; 0 = off).", rich_help_panel="Training")] = 0,
+    transfer_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the attention-transfer phase (default: --lr).", rich_help_panel="Training")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.", rich_help_panel="Training")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile student and teacher.", rich_help_panel="Training")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel="Training")] = 500,
@@ -472,7 +474,8 @@ def finetune(
                 text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
                 batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
                 temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
-                mlp_lr_scale=mlp_lr_scale, gradient_checkpointing=gradient_checkpointing,
+                mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
+                gradient_checkpointing=gradient_checkpointing,
                 compile=compile, checkpoint_every=checkpoint_every, merge=merge, eval_windows=eval_windows,
                 eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
                 trust_remote_code=trust_remote_code, command=_command_line(ctx))

@@ -65,6 +65,8 @@ def parse_args():
     p.add_argument("--lr-lora", type=float, default=1e-4)
     p.add_argument("--mlp-lr-scale", type=float, default=1.0, help="MLP lr as a fraction of the lr (finetune --mlp-lr-scale)")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state match (finetune --hidden-weight)")
+    p.add_argument("--transfer-tokens", type=float, default=0, help="tokens of attention transfer first (finetune --transfer-tokens)")
+    p.add_argument("--transfer-lr", type=float, help="its peak lr (finetune --transfer-lr; default the mode's lr)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--probe-steps", type=int, default=12)
@@ -217,13 +219,17 @@ def training_text(args, source: Path, work: Path) -> tuple[str, dict]:
 def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, deadline: float,
          reserve_s: float, data: str) -> dict:
     """Probe, decide the token target that fits, then run it (resuming the probe where possible)."""
-    eval_at = [t for t in _floats(args.eval_at) if t <= planned]
+    # an evaluation where attention transfer hands over to the KL phase shows what each phase gave
+    step_tokens = args.batch_size * args.seq_len
+    handover = {round(args.transfer_tokens / step_tokens) * step_tokens} if args.transfer_tokens else set()
+    eval_at = sorted({t for t in _floats(args.eval_at) if t <= planned} | handover)
     lr = args.lr_attention if mode == "attention" else args.lr_lora
     base = FinetuneOptions(
         model=str(model), output=str(work / f"{mode}-{planned // 10**6}M"), data=data,
         teacher=str(source), mode=mode, target=args.target, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
-        hidden_weight=args.hidden_weight, mlp_lr_scale=args.mlp_lr_scale, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
+        hidden_weight=args.hidden_weight, mlp_lr_scale=args.mlp_lr_scale, transfer_tokens=int(args.transfer_tokens),
+        transfer_lr=args.transfer_lr, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
         log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
         command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target} --data {args.data}",
     )

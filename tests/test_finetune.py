@@ -306,3 +306,62 @@ def test_sample_next_draws_from_the_tempered_softmax():
         stderr = (law * (1 - law) / n).sqrt()
         assert freq[3] == 0
         assert ((freq - law).abs() <= 4 * stderr + 1e-12).all(), (temperature, freq, law)
+
+
+@pytest.mark.parametrize("arch,to", [("llama", "mla"), ("gpt_neox", "gta")])
+def test_attention_transfer_is_exact_at_full_rank(arch, to, tiny_model_dir, tmp_path):
+    """Guards the transfer phase's plumbing: the student's attention, called with the arguments the
+    teacher's attention received (forward hooks), must give the teacher's output exactly when the
+    conversion is exact (full rank), on a pre-norm Llama and on GPT-NeoX's parallel residual
+    layers (other module names, fused QKV), and give a nonzero loss once the weights change."""
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+    from latentkv.finetune.transfer import AttentionTransfer
+
+    source = tiny_model_dir(arch)
+    method = dict(kv_budget=1.0) if to == "mla" else {}
+    convert(ConvertOptions(source=str(source), output=str(tmp_path / to), method=to, method_options=method,
+                           calib=CalibOptions(data=str(TINY_TEXT), samples=4, seq_len=32, cache=str(tmp_path / "c"))))
+    student, teacher = load_model(tmp_path / to), load_model(source)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    transfer = AttentionTransfer(student, teacher)
+    loss, parts = transfer.loss(ids)
+    assert len(transfer.student_attention) == teacher.config.num_hidden_layers
+    if to == "mla":
+        assert float(loss.detach()) < 1e-10, float(loss.detach())
+        with torch.no_grad():
+            transfer.student_attention[0].o_proj.weight.mul_(1.1)  # 10% off in one of the layers
+        loss, _ = transfer.loss(ids)
+        assert float(parts["transfer"]) == pytest.approx(0.01 / len(transfer.student_attention), rel=1e-3)
+    else:  # GTA-T is not exact; the loss is the relative error of its one-shot fit, and it has a gradient
+        assert 0 < float(loss) < 1
+        loss.backward()
+        assert transfer.student_attention[0].kv_a_proj.weight.grad.abs().max() > 0
+    assert teacher.model if arch == "llama" else teacher.gpt_neox  # the hooks left the teacher as it was
+    assert not any(m._forward_hooks for m in transfer.teacher_attention)
+
+
+def test_attention_transfer_phase(healing):
+    """Guards the two-phase run: the transfer loss falls during its steps, the KL phase follows with
+    its own warm-up and decay (the schedule is per phase), and the combined run still heals; a
+    transfer budget that leaves no KL step, or one without a teacher, is refused."""
+    from latentkv.finetune.trainer import StepPlan
+
+    seen = []
+    opts = _opts(healing, "transfer", model=str(healing["damaged"]), mode="attention", lr=1e-3, transfer_lr=3e-3,
+                 tokens=8 * 64 * 12, transfer_tokens=8 * 64 * 6, warmup=0.34, eval_windows=2, eval_window=64,
+                 eval_text=str(healing["data"]))
+    plan = StepPlan.make(opts, 1)
+    assert (plan.transfer_steps, plan.total_steps) == (6, 12)
+    factors = [plan.lr_factor(s, 0.1) for s in range(12)]
+    assert factors[0] == pytest.approx(3 * 0.5) and max(factors[:6]) == pytest.approx(3.0)  # 2 warm-up steps of 6
+    assert factors[5] == pytest.approx(3 * 0.1) and factors[6] == pytest.approx(0.5) and factors[11] == pytest.approx(0.1)
+    r = finetune(opts, progress=lambda event, info: seen.append(info) if event == "step" else None)
+    transfer = [s["transfer"] for s in seen if "transfer" in s]
+    kl = [s["kl"] for s in seen if "kl" in s]
+    assert len(transfer) == 6 and len(kl) == 6
+    assert transfer[0] > 0 and transfer[-1] < 0.7 * transfer[0], transfer
+    assert r.after < r.before
+    for bad, match in ((dict(transfer_tokens=8 * 64 * 12), "--transfer-tokens"),
+                       (dict(transfer_tokens=64, teacher=None), "--teacher")):
+        with pytest.raises(LatentKVError, match=match):
+            _opts(healing, "bad-transfer", tokens=8 * 64 * 12, **bad)

@@ -52,7 +52,8 @@ def distillation_loss(
 
 
 def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers of the relative squared error of the student's hidden states to the teacher's."""
+    """Mean over layers of the relative squared error of the student's per-layer tensors to the
+    teacher's (hidden states here; attention outputs in the attention-transfer phase)."""
     ratios = [
         (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
         for s, t in zip(student, teacher, strict=True)

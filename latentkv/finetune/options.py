@@ -18,7 +18,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 _RESUME_KEYS = (
     "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
     "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
-    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "mlp_lr_scale", "seed", "precision",
+    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "transfer_tokens", "transfer_lr", "mlp_lr_scale",
+    "seed", "precision",
 )
 
 
@@ -49,6 +50,12 @@ class FinetuneOptions:
     weight_decay, max_grad_norm: AdamW decay of the trained weights; gradient clipping (0 = off).
     temperature: softening of both distributions in the KL term (1..4; the KL is scaled by T^2).
     lm_weight: loss = (1 - lm_weight) * KL(teacher || student) + lm_weight * next-token CE (0..1).
+    transfer_tokens: tokens of the `tokens` budget spent first on attention transfer (0 = off): every
+        converted attention layer trained alone to give the teacher's attention output from the
+        teacher's input to that layer (latentkv/finetune/transfer.py); the KL phase takes the rest.
+        Needs a teacher with the student's layers.
+    transfer_lr: peak learning rate of the transfer phase (None: the same as `lr`); it has its own
+        warm-up and cosine decay, and the optimizer's moments restart when the KL phase begins.
     hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
         (relative squared error, mean over layers; 0 = off). Needs a teacher of the same depth and width.
         On GTA-T from SmolLM2 (20M tokens) a weight of 10 ended worse than the KL alone (README).
@@ -88,6 +95,8 @@ class FinetuneOptions:
     temperature: float = 1.0
     lm_weight: float = 0.0
     hidden_weight: float = 0.0
+    transfer_tokens: int = 0
+    transfer_lr: float | None = None
     mlp_lr_scale: float = 1.0
     seed: int = 0
     precision: str = "auto"
@@ -133,6 +142,14 @@ class FinetuneOptions:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         if self.hidden_weight > 0 and self.teacher is None:
             raise LatentKVError("--hidden-weight matches the teacher's hidden states: pass --teacher too")
+        self.transfer_tokens = int(self.transfer_tokens)
+        if not 0 <= self.transfer_tokens < self.tokens:
+            raise LatentKVError(f"--transfer-tokens is the part of --tokens ({self.tokens}) spent on attention transfer "
+                                f"first; it must be in [0, {self.tokens}), got {self.transfer_tokens}")
+        if self.transfer_tokens and self.teacher is None:
+            raise LatentKVError("--transfer-tokens trains each attention layer toward the teacher's: pass --teacher too")
+        if self.transfer_lr is not None and self.transfer_lr <= 0:
+            raise LatentKVError(f"--transfer-lr must be > 0, got {self.transfer_lr}")
         if not 0 < self.mlp_lr_scale <= 1:
             raise LatentKVError(f"--mlp-lr-scale is a fraction of --lr in (0, 1], got {self.mlp_lr_scale}")
         if self.temperature <= 0:
@@ -150,6 +167,8 @@ class FinetuneOptions:
             self.lr = 1e-4
         if self.lr <= 0:
             raise LatentKVError(f"--lr must be > 0, got {self.lr}")
+        if self.transfer_lr is None:
+            self.transfer_lr = self.lr
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -179,9 +198,11 @@ class FinetuneOptions:
         """The settings a checkpoint must share with this run to be resumed."""
         d = asdict(self)
         key = {k: d[k] for k in _RESUME_KEYS}
-        for name, default in (("hidden_weight", 0.0), ("mlp_lr_scale", 1.0)):
+        for name, default in (("hidden_weight", 0.0), ("mlp_lr_scale", 1.0), ("transfer_tokens", 0)):
             if key[name] == default:  # added later: checkpoints written before it had the default
                 del key[name]
+        if not self.transfer_tokens:
+            del key["transfer_lr"]
         return key
 
     def recipe(self) -> dict:

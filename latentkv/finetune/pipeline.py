@@ -294,6 +294,11 @@ def _log_plan(opts, plan: StepPlan, data: PackedSequences, trainer: Trainer, stu
         f"{opts.hidden_weight}" if teacher is not None
         else "LM loss only (no teacher)",
     )
+    if plan.transfer_steps:
+        log.info("attention transfer first: %d steps (%.3gM tokens) at lr %.3g, each attention layer toward the "
+                 "teacher's output from the teacher's input; then %d KL steps", plan.transfer_steps,
+                 plan.transfer_steps * plan.tokens_per_step / 1e6, opts.transfer_lr,
+                 plan.total_steps - plan.transfer_steps)
 
 
 @contextlib.contextmanager

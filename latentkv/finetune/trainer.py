@@ -30,15 +30,22 @@ TIMING_SKIP_STEPS = 5
 
 @dataclass
 class StepPlan:
-    """How a global batch splits over processes and micro-batches, and how many steps there are."""
+    """How a global batch splits over processes and micro-batches, and how many steps there are.
+
+    The first `transfer_steps` steps (if any) are the attention-transfer phase, at `transfer_lr_ratio`
+    x the KL phase's learning rate; each phase has its own warm-up and cosine decay.
+    """
 
     world: int
     per_process: int
     micro: int
     accum: int
     total_steps: int
-    warmup_steps: int
+    warmup_steps: int  # of the KL phase
     tokens_per_step: int
+    transfer_steps: int = 0
+    transfer_warmup_steps: int = 0
+    transfer_lr_ratio: float = 1.0
 
     @classmethod
     def make(cls, opts: FinetuneOptions, world: int) -> "StepPlan":
@@ -56,15 +63,33 @@ class StepPlan:
             )
         tokens_per_step = opts.batch_size * opts.seq_len
         total = max(1, math.ceil(opts.tokens / tokens_per_step))
-        return cls(world, per, micro, per // micro, total, int(round(opts.warmup * total)), tokens_per_step)
+        transfer = int(round(opts.transfer_tokens / tokens_per_step))
+        if opts.transfer_tokens and not 0 < transfer < total:
+            raise LatentKVError(
+                f"--transfer-tokens {opts.transfer_tokens} makes {transfer} of the run's {total} steps of "
+                f"{tokens_per_step} tokens; give it at least one step and leave at least one for the KL phase"
+            )
+        return cls(world, per, micro, per // micro, total, int(round(opts.warmup * (total - transfer))),
+                   tokens_per_step, transfer, int(round(opts.warmup * transfer)), opts.transfer_lr / opts.lr)
+
+    def in_transfer(self, step: int) -> bool:
+        return step < self.transfer_steps
 
     def lr_factor(self, step: int, min_ratio: float) -> float:
-        """Linear warm-up to 1, then cosine decay to `min_ratio` at the last step."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps - 1)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        """Per phase: linear warm-up to 1, then cosine decay to `min_ratio` at the phase's last step."""
+        if self.in_transfer(step):
+            return self.transfer_lr_ratio * _warmup_cosine(step, self.transfer_steps, self.transfer_warmup_steps,
+                                                           min_ratio)
+        return _warmup_cosine(step - self.transfer_steps, self.total_steps - self.transfer_steps, self.warmup_steps,
+                              min_ratio)
+
+
+def _warmup_cosine(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -102,6 +127,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.trainable, opts), betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
         )
+        self.transfer = None
+        if plan.transfer_steps:
+            from latentkv.finetune.transfer import AttentionTransfer
+
+            self.transfer = AttentionTransfer(student, teacher)
         self.state = RunState()
         self.timed_tokens = self.all_tokens = 0
         self.timed_seconds = self.all_seconds = 0.0
@@ -142,6 +172,9 @@ class Trainer:
             self.scheduler.load_state_dict(self._scheduler_state)
             self._optimizer_state = None
         self.fsdp = "FSDP" in str(acc.distributed_type)
+        if self.fsdp and self.transfer is not None:
+            raise LatentKVError("--transfer-tokens calls each attention module outside the FSDP-wrapped model, which "
+                                "holds only a shard of its weights; run it data parallel (no FSDP) or drop it")
         self.eval_model = self.model if self.fsdp else self.student
         self.loss_fn = distillation_loss
         if self.opts.compile:
@@ -179,13 +212,33 @@ class Trainer:
         parts["loss"] = loss.detach()
         return parts
 
+    def _transfer_micro_step(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The attention modules are called outside the (DDP-wrapped) model, whose gradient hooks must
+        # stay idle (no_sync); _step averages the gradients over the processes itself. Eager: the
+        # teacher's attention calls are read by forward hooks, which compiled layers would not run.
+        with self.acc.no_sync(self.model), _eager():
+            with self._autocast():
+                loss, parts = self.transfer.loss(ids)
+            self.acc.backward(loss / self.plan.accum)
+        parts["loss"] = loss.detach()
+        return parts
+
     def _step(self, step: int) -> dict[str, torch.Tensor]:
         rows = self._local_rows(step).to(self.acc.device)
+        transfer = self.plan.in_transfer(step)
+        if step == self.plan.transfer_steps > 0:
+            # The KL phase starts from fresh moments: the transfer loss's gradients have another scale.
+            _inner(self.optimizer).state.clear()
         sums: dict[str, torch.Tensor] = {}
         for k in range(self.plan.accum):
             ids = rows[k * self.plan.micro : (k + 1) * self.plan.micro]
-            for name, value in self._micro_step(ids, sync=k == self.plan.accum - 1).items():
+            parts = self._transfer_micro_step(ids) if transfer else self._micro_step(ids, sync=k == self.plan.accum - 1)
+            for name, value in parts.items():
                 sums[name] = sums.get(name, 0) + value / self.plan.accum
+        if transfer and self.acc.num_processes > 1:
+            for p in self.trainable.values():
+                if p.grad is not None:
+                    p.grad.copy_(self.acc.reduce(p.grad, "mean"))
         if self.opts.max_grad_norm > 0:
             sums["grad_norm"] = self.acc.clip_grad_norm_(list(self.trainable.values()), self.opts.max_grad_norm)
         self.optimizer.step()
@@ -219,12 +272,14 @@ class Trainer:
             due_eval = bool(pending) and tokens >= pending[0]
             due_ckpt = (opts.checkpoint_every and st.step % opts.checkpoint_every == 0 and st.step < plan.total_steps)
             last = st.step == stop_at
-            if st.step % opts.log_every == 0 or due_eval or due_ckpt or last:
+            phase_end = st.step == plan.transfer_steps > 0  # so no logged window mixes the two losses
+            if st.step % opts.log_every == 0 or due_eval or due_ckpt or last or phase_end:
                 now = self._sync()
                 seconds = now - mark
                 self.all_seconds += seconds
                 self.all_tokens += (st.step - mark_step) * plan.tokens_per_step
-                if mark_step - first >= min(TIMING_SKIP_STEPS, opts.log_every):
+                # the KL phase alone is timed (the transfer phase runs other, eager work)
+                if mark_step - max(first, plan.transfer_steps) >= min(TIMING_SKIP_STEPS, opts.log_every):
                     self.timed_seconds += seconds
                     self.timed_tokens += (st.step - mark_step) * plan.tokens_per_step
                 metrics = {k: float(self.acc.reduce(torch.as_tensor(v, device=self.acc.device).float(), "mean"))
@@ -234,7 +289,7 @@ class Trainer:
                                tokens_per_s=(st.step - mark_step) * plan.tokens_per_step / max(seconds, 1e-9))
                 log.info("step %d/%d  tokens %.3gM  loss %.4f%s  lr %.3g  %.0f tokens/s", st.step, plan.total_steps,
                          tokens / 1e6, metrics.get("loss", float("nan")),
-                         "".join(f"  {k} {metrics[k]:.4f}" for k in ("kl", "lm") if k in metrics),
+                         "".join(f"  {k} {metrics[k]:.4f}" for k in ("transfer", "kl", "lm", "hidden") if k in metrics),
                          metrics["lr"], metrics["tokens_per_s"])
                 if self.progress:
                     self.progress("step", metrics)
@@ -315,6 +370,11 @@ class Trainer:
             }
             ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
         acc.wait_for_everyone()
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _eager():
