@@ -252,7 +252,8 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
     opts = dataclasses.replace(base, log_every=25)
     if target != planned:  # another schedule: a fresh run (the probe's checkpoint does not apply)
         opts = dataclasses.replace(opts, tokens=target, eval_at=tuple(t for t in eval_at if t <= target),
-                                   output=str(work / f"{mode}-{target // 10**6}M"))
+                                   output=str(work / f"{mode}-{target // 10**6}M"),
+                                   transfer_tokens=int(opts.transfer_tokens * target / planned))  # the same share
         row["note"] = f"planned {planned / 1e6:.0f}M tokens did not fit the time left; ran {target / 1e6:.0f}M"
     t0 = time.perf_counter()
     r = finetune(opts)
