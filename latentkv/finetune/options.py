@@ -53,7 +53,8 @@ class FinetuneOptions:
     transfer_tokens: tokens of the `tokens` budget spent first on attention transfer (0 = off): every
         converted attention layer trained alone to give the teacher's attention output from the
         teacher's input to that layer (latentkv/finetune/transfer.py); the KL phase takes the rest.
-        Needs a teacher with the student's layers.
+        Needs a teacher with the student's layers. On SmolLM2 (20M tokens in all) 4M of transfer
+        ended no better than the KL alone (GTA-T 34.02 vs 33.81; benchmarks/heal_transfer_h100.md).
     transfer_lr: peak learning rate of the transfer phase (None: the same as `lr`); it has its own
         warm-up and cosine decay, and the optimizer's moments restart when the KL phase begins.
     hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
