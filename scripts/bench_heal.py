@@ -67,6 +67,8 @@ def parse_args():
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state match (finetune --hidden-weight)")
     p.add_argument("--transfer-tokens", type=float, default=0, help="tokens of attention transfer first (finetune --transfer-tokens)")
     p.add_argument("--transfer-lr", type=float, help="its peak lr (finetune --transfer-lr; default the mode's lr)")
+    p.add_argument("--anneal-rank", type=int, help="latent width kept (finetune --anneal-rank; convert wider)")
+    p.add_argument("--anneal-tokens", type=float, help="tokens over which the extra latent dims fade (finetune --anneal-tokens)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--probe-steps", type=int, default=12)
@@ -229,7 +231,8 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
         teacher=str(source), mode=mode, target=args.target, lora_rank=args.lora_rank, tokens=planned, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=lr, compile=args.compile,
         hidden_weight=args.hidden_weight, mlp_lr_scale=args.mlp_lr_scale, transfer_tokens=int(args.transfer_tokens),
-        transfer_lr=args.transfer_lr, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
+        transfer_lr=args.transfer_lr, anneal_rank=args.anneal_rank,
+        anneal_tokens=int(args.anneal_tokens) if args.anneal_tokens else None, eval_text=str(Path(args.corpora) / "wikitext-2-raw" / "wiki.test.raw"), eval_at=tuple(eval_at),
         log_every=args.probe_steps // 3, checkpoint_every=0, overwrite=True,
         command=f"scripts/bench_heal.py --to {args.to} --modes {mode} --target {args.target} --data {args.data}",
     )
@@ -253,7 +256,8 @@ def heal(args, mode: str, planned: int, model: Path, source: Path, work: Path, d
     if target != planned:  # another schedule: a fresh run (the probe's checkpoint does not apply)
         opts = dataclasses.replace(opts, tokens=target, eval_at=tuple(t for t in eval_at if t <= target),
                                    output=str(work / f"{mode}-{target // 10**6}M"),
-                                   transfer_tokens=int(opts.transfer_tokens * target / planned))  # the same share
+                                   transfer_tokens=int(opts.transfer_tokens * target / planned),  # the same share
+                                   anneal_tokens=int(opts.anneal_tokens * target / planned) if opts.anneal_tokens else None)
         row["note"] = f"planned {planned / 1e6:.0f}M tokens did not fit the time left; ran {target / 1e6:.0f}M"
     t0 = time.perf_counter()
     r = finetune(opts)

@@ -365,3 +365,45 @@ def test_attention_transfer_phase(healing):
                        (dict(transfer_tokens=64, teacher=None), "--teacher")):
         with pytest.raises(LatentKVError, match=match):
             _opts(healing, "bad-transfer", tokens=8 * 64 * 12, **bad)
+
+
+def test_latent_annealing_narrows_the_written_model(healing, tmp_path):
+    """Guards --anneal-rank: the faded latent rows are exactly zero once the fade is over, the
+    written model has the narrower latent (config and tensors), dropping the zero dimensions changes
+    no logit, and the perplexity measured at the end of training is the written model's own; other
+    layer kinds and LoRA are refused."""
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+    from latentkv.eval.perplexity import perplexity
+    from latentkv.finetune.anneal import narrow_latent
+
+    wide = tmp_path / "wide"
+    convert(ConvertOptions(source=str(healing["source"]), output=str(wide), method_options=dict(kv_budget=0.5, qk_rope_dim=8),
+                           calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64, cache=str(tmp_path / "c"))))
+    model = load_model(wide)
+    assert {spec["kv_lora_rank"] for spec in model.config.attention_layers} == {24}
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_proj.weight[12:24] = 0
+            if layer.self_attn.kv_a_proj.bias is not None:
+                layer.self_attn.kv_a_proj.bias[12:24] = 0
+        zeroed = model(ids).logits
+        narrow_latent(model, 12)
+        narrowed = model(ids).logits
+    assert torch.allclose(zeroed, narrowed, atol=1e-6, rtol=0)
+
+    opts = _opts(healing, "annealed", model=str(wide), mode="attention", lr=1e-3, tokens=8 * 64 * 8, anneal_rank=12,
+                 anneal_tokens=8 * 64 * 4, eval_windows=2, eval_window=64, eval_text=str(healing["data"]))
+    r = finetune(opts)
+    out = load_model(r.output)
+    assert {spec["kv_lora_rank"] for spec in out.config.attention_layers} == {12}
+    assert out.model.layers[0].self_attn.kv_a_proj.weight.shape[0] == 12 + 8
+    assert out.model.layers[0].self_attn.kv_b_proj.weight.shape[1] == 12
+    from latentkv.finetune.pipeline import _eval_windows, _tokenizer
+
+    windows = _eval_windows(opts, _tokenizer(healing["model"], False))  # the run's own evaluation windows
+    assert perplexity(out, windows) == pytest.approx(r.after, rel=1e-4)
+    with pytest.raises(LatentKVError, match="--mode attention"):
+        _opts(healing, "bad-anneal", anneal_rank=12)
+    with pytest.raises(LatentKVError, match="--anneal-rank"):
+        _opts(healing, "bad-anneal", mode="attention", anneal_tokens=64)

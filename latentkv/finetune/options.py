@@ -18,7 +18,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 _RESUME_KEYS = (
     "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
     "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
-    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "transfer_tokens", "transfer_lr", "mlp_lr_scale",
+    "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "transfer_tokens", "transfer_lr", "anneal_rank",
+    "anneal_tokens", "mlp_lr_scale",
     "seed", "precision",
 )
 
@@ -57,6 +58,11 @@ class FinetuneOptions:
         ended no better than the KL alone (GTA-T 34.02 vs 33.81; benchmarks/heal_transfer_h100.md).
     transfer_lr: peak learning rate of the transfer phase (None: the same as `lr`); it has its own
         warm-up and cosine decay, and the optimizer's moments restart when the KL phase begins.
+    anneal_rank: MLA only (mode "attention"): the latent width the written model keeps. The model
+        comes converted at a larger rank with the same RoPE key (e.g. `--kv-budget 0.5 --set
+        qk_rope_dim=24`); latent dimensions past `anneal_rank` fade linearly to zero over the first
+        `anneal_tokens` tokens (None: half of `tokens`) and are dropped from the output
+        (latentkv/finetune/anneal.py).
     hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
         (relative squared error, mean over layers; 0 = off). Needs a teacher of the same depth and width.
         On GTA-T from SmolLM2 (20M tokens) a weight of 10 ended worse than the KL alone (README).
@@ -96,6 +102,8 @@ class FinetuneOptions:
     temperature: float = 1.0
     lm_weight: float = 0.0
     hidden_weight: float = 0.0
+    anneal_rank: int | None = None
+    anneal_tokens: int | None = None
     transfer_tokens: int = 0
     transfer_lr: float | None = None
     mlp_lr_scale: float = 1.0
@@ -149,6 +157,15 @@ class FinetuneOptions:
                                 f"first; it must be in [0, {self.tokens}), got {self.transfer_tokens}")
         if self.transfer_tokens and self.teacher is None:
             raise LatentKVError("--transfer-tokens trains each attention layer toward the teacher's: pass --teacher too")
+        if self.anneal_rank is not None:
+            if self.anneal_rank < 1 or self.mode != "attention":
+                raise LatentKVError(f"--anneal-rank must be >= 1 and needs --mode attention (the latent's own weights "
+                                    f"fade), got {self.anneal_rank} with --mode {self.mode}")
+            self.anneal_tokens = int(self.anneal_tokens if self.anneal_tokens is not None else self.tokens // 2)
+            if not 0 < self.anneal_tokens <= self.tokens:
+                raise LatentKVError(f"--anneal-tokens must be in (0, --tokens], got {self.anneal_tokens}")
+        elif self.anneal_tokens is not None:
+            raise LatentKVError("--anneal-tokens sets how fast --anneal-rank narrows the latent: pass --anneal-rank too")
         if self.transfer_lr is not None and self.transfer_lr <= 0:
             raise LatentKVError(f"--transfer-lr must be > 0, got {self.transfer_lr}")
         if not 0 < self.mlp_lr_scale <= 1:
@@ -199,7 +216,8 @@ class FinetuneOptions:
         """The settings a checkpoint must share with this run to be resumed."""
         d = asdict(self)
         key = {k: d[k] for k in _RESUME_KEYS}
-        for name, default in (("hidden_weight", 0.0), ("mlp_lr_scale", 1.0), ("transfer_tokens", 0)):
+        for name, default in (("hidden_weight", 0.0), ("mlp_lr_scale", 1.0), ("transfer_tokens", 0),
+                              ("anneal_rank", None), ("anneal_tokens", None)):
             if key[name] == default:  # added later: checkpoints written before it had the default
                 del key[name]
         if not self.transfer_tokens:

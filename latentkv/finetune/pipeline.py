@@ -124,6 +124,10 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
     with torch.no_grad():
         for name, t in trained.items():
             params[name].copy_(t.to("cpu", params[name].dtype))
+    if opts.anneal_rank is not None:  # the faded latent dimensions are zero: dropping them changes nothing
+        from latentkv.finetune.anneal import narrow_latent
+
+        narrow_latent(model, opts.anneal_rank)
     from latentkv.eval.perplexity import PerplexityProtocol
 
     protocol = PerplexityProtocol(**_protocol_kwargs(opts)).describe()
@@ -136,6 +140,10 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
             model = model.merge_and_unload()
         save_dtype = _resolve(opts.save_dtype)
         write_full_model(model, model_dir, dst, save_dtype, opts.max_shard_size)
+        if opts.anneal_rank is not None:
+            config = json.loads((dst / "config.json").read_text())
+            config["attention_layers"] = model.config.attention_layers
+            (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_card(dst, opts, rows, adapter, result.tokens, model_dir)
     (dst / "latentkv_finetune.json").write_text(json.dumps({
         "tokens": result.tokens, "steps": result.steps, "tokens_per_s": result.tokens_per_s,

@@ -72,6 +72,10 @@ class StepPlan:
         return cls(world, per, micro, per // micro, total, int(round(opts.warmup * (total - transfer))),
                    tokens_per_step, transfer, int(round(opts.warmup * transfer)), opts.transfer_lr / opts.lr)
 
+    def steps_for(self, tokens: int) -> int:
+        """Optimizer steps that `tokens` training tokens take (at least one)."""
+        return max(1, int(round(tokens / self.tokens_per_step)))
+
     def in_transfer(self, step: int) -> bool:
         return step < self.transfer_steps
 
@@ -132,6 +136,11 @@ class Trainer:
             from latentkv.finetune.transfer import AttentionTransfer
 
             self.transfer = AttentionTransfer(student, teacher)
+        self.anneal = None
+        if opts.anneal_rank is not None:
+            from latentkv.finetune.anneal import LatentAnneal
+
+            self.anneal = LatentAnneal(student, opts.anneal_rank, plan.steps_for(opts.anneal_tokens))
         self.state = RunState()
         self.timed_tokens = self.all_tokens = 0
         self.timed_seconds = self.all_seconds = 0.0
@@ -175,6 +184,9 @@ class Trainer:
         if self.fsdp and self.transfer is not None:
             raise LatentKVError("--transfer-tokens calls each attention module outside the FSDP-wrapped model, which "
                                 "holds only a shard of its weights; run it data parallel (no FSDP) or drop it")
+        if self.fsdp and self.anneal is not None:
+            raise LatentKVError("--anneal-rank scales latent rows of the whole weights, which FSDP shards; run it "
+                                "data parallel (no FSDP) or drop it")
         self.eval_model = self.model if self.fsdp else self.student
         self.loss_fn = distillation_loss
         if self.opts.compile:
@@ -242,6 +254,8 @@ class Trainer:
         if self.opts.max_grad_norm > 0:
             sums["grad_norm"] = self.acc.clip_grad_norm_(list(self.trainable.values()), self.opts.max_grad_norm)
         self.optimizer.step()
+        if self.anneal is not None:
+            self.anneal.after_step(step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums
