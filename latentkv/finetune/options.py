@@ -62,7 +62,8 @@ class FinetuneOptions:
         comes converted at a larger rank with the same RoPE key (e.g. `--kv-budget 0.5 --set
         qk_rope_dim=24`); latent dimensions past `anneal_rank` fade linearly to zero over the first
         `anneal_tokens` tokens (None: half of `tokens`) and are dropped from the output
-        (latentkv/finetune/anneal.py).
+        (latentkv/finetune/anneal.py). On SmolLM2, 50% -> 25% over 8M of 20M tokens ended where a
+        direct 25% conversion did (46.01 vs 45.74; benchmarks/heal_anneal_h100.md).
     hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
         (relative squared error, mean over layers; 0 = off). Needs a teacher of the same depth and width.
         On GTA-T from SmolLM2 (20M tokens) a weight of 10 ended worse than the KL alone (README).
