@@ -230,7 +230,8 @@ def test_cuda_graph_generation_equals_eager(converted, method, arch, caplog):
     must give the eager loop's tokens and (up to TF32 rounding) logits for prompts of different
     lengths whose sequences cross several pages, for every latent layer kind and the other decoder
     layers (GPT-NeoX, Qwen3's qk_norm, Gemma, Phi-3); a stale table, position or row buffer, or a
-    value read on the host at capture time, shows up as different tokens."""
+    value read on the host at capture time, shows up as different tokens. With an EOS that stops one
+    sequence mid-way, the step the graph launched before the host saw that token must be dropped."""
     _triton_or_skip()
     from latentkv.eval.decode import generate_ids
 
@@ -244,3 +245,8 @@ def test_cuda_graph_generation_equals_eager(converted, method, arch, caplog):
     assert graph_tokens == eager_tokens
     for g, e in zip(graph_logits, eager_logits):
         assert float((g - e).abs().max() / e.abs().max()) < 5e-3
+    # sequences that stop at an EOS while the graph has already launched the next step
+    eos = eager_tokens[1][9]
+    stopped = generate_ids(model, prompts, 30, cuda_graph=True, eos_token_id=eos, **kw)[0]
+    assert stopped == generate_ids(model, prompts, 30, cuda_graph=False, eos_token_id=eos, **kw)[0]
+    assert len(stopped[1]) == eager_tokens[1].index(eos) + 1 < 30

@@ -153,18 +153,24 @@ class PagedLatentCache:
         positions = torch.tensor(starts)[:, None] + torch.arange(num_new)[None, :]  # [b, num_new]
         # flat row index of every new token in a [num_pages * page_size, width] view
         rows = torch.gather(table.long(), 1, positions // self.page_size) * self.page_size + positions % self.page_size
-        dev = self.device
         self._step = {
             "seqs": list(seqs),
             "starts": starts,
             "num_new": num_new,
             "max_len": max(ends),
-            "positions": positions.to(dev),
-            "rows": rows.reshape(-1).to(dev),
-            "block_table": table.to(dev),
-            "seq_lens": torch.tensor(ends, dtype=torch.int32).to(dev),
+            "positions": self._to_device(positions),
+            "rows": self._to_device(rows.reshape(-1)),
+            "block_table": self._to_device(table),
+            "seq_lens": self._to_device(torch.tensor(ends, dtype=torch.int32)),
         }
         return self._step["positions"]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # On a GPU through pinned memory without a host sync, so the host can prepare the next step
+        # while the GPU still runs this one (the pinned block is not reused before its copy is done).
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def end_step(self) -> None:
         """Commit the step: every layer has written its rows."""
@@ -399,7 +405,8 @@ def generate_ids(
     sequence stops after an EOS token. Returns the new tokens per prompt, and with
     ``return_logits`` the logits [n_new, vocab] (float32, CPU) that chose each of them.
     ``cuda_graph``: on a GPU (Triton kernel, no sparse decode) decode steps of the full batch replay
-    one captured CUDA graph (``CapturedDecodeStep``); steps after some sequences stopped run eagerly.
+    one captured CUDA graph (``CapturedDecodeStep``), each launched before the previous step's tokens
+    are read on the host (no host sync per step); steps after some sequences stopped run eagerly.
     """
     model.eval()
     latent_attentions(model)
@@ -427,23 +434,36 @@ def generate_ids(
         nxt.append(logits)
     active = list(range(len(prompts)))
     step_logits = torch.stack(nxt)  # [b, vocab]
+    chosen_dev = step_logits.argmax(-1)
     while True:
-        chosen = step_logits.argmax(-1).tolist()
+        # All sequences decode in step, so they hold the same number of tokens. While the full batch
+        # runs on the graph, the next step is launched before this step's tokens reach the host (its
+        # input ids stay on the GPU): the host reads them and checks EOS while the GPU runs ahead. A
+        # sequence that just stopped was computed one step too far; that step's row is dropped.
+        ahead = None
+        if graphed is not None and len(active) == graphed.batch and len(tokens[active[0]]) + 1 < max_new_tokens:
+            kept_logits = step_logits.cpu() if return_logits else None  # before the replay overwrites it
+            ahead = graphed([seqs[i] for i in active], chosen_dev[:, None])[:, -1]
+        else:
+            kept_logits = step_logits.cpu() if return_logits else None
+        chosen = chosen_dev.tolist()
         still = []
         for row, i in enumerate(active):
             tokens[i].append(chosen[row])
             if return_logits:
-                logits_out[i].append(step_logits[row].cpu())
+                logits_out[i].append(kept_logits[row])
             if chosen[row] not in eos and len(tokens[i]) < max_new_tokens:
                 still.append((row, i))
         if not still:
             break
+        rows = [row for row, _ in still]
         active = [i for _, i in still]
-        ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long)
-        if graphed is not None and len(active) == graphed.batch:
-            step_logits = graphed([seqs[i] for i in active], ids.to(cache.device))[:, -1]
+        if ahead is not None:
+            step_logits = ahead if len(rows) == len(chosen) else ahead[rows]
         else:
+            ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long)
             step_logits = forward_step(model, cache, [seqs[i] for i in active], ids)[:, -1]
+        chosen_dev = step_logits.argmax(-1)
     if return_logits:
         return tokens, [torch.stack(x) for x in logits_out]
     return tokens
