@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--static-source", action="store_true",
+                   help="also time the source with transformers' static cache (which compiles its decoding step)")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: profile the graphed latentkv run (host vs GPU time, top ops)")
     return p.parse_args(argv)
@@ -74,6 +76,11 @@ def main(argv=None) -> dict:
             source.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                             attention_mask=torch.ones_like(prompts), pad_token_id=0)  # fmt: skip
 
+    def hf_static(n):
+        with torch.no_grad():
+            source.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                            attention_mask=torch.ones_like(prompts), pad_token_id=0)  # fmt: skip
+
     def latentkv(n, graph):
         generate_ids(student, prompts.tolist(), n, backend="triton", page_size=args.page_size,
                      prefill_chunk=args.prompt, cuda_graph=graph)  # fmt: skip
@@ -96,6 +103,9 @@ def main(argv=None) -> dict:
         "MLA 25%, latentkv paged cache, CUDA graph": per_step_ms(lambda n: latentkv(n, True), args.new_tokens,
                                                                 args.repeat),
     }  # fmt: skip
+    if args.static_source:
+        rows["source, transformers generate (static cache, compiled by transformers)"] = per_step_ms(
+            hf_static, args.new_tokens, args.repeat)
     base = rows["source, transformers generate (DynamicCache, SDPA)"]
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "geometry": args.geometry,
