@@ -440,12 +440,10 @@ def generate_ids(
         # runs on the graph, the next step is launched before this step's tokens reach the host (its
         # input ids stay on the GPU): the host reads them and checks EOS while the GPU runs ahead. A
         # sequence that just stopped was computed one step too far; that step's row is dropped.
+        kept_logits = step_logits.cpu() if return_logits else None  # before a replay overwrites them
         ahead = None
         if graphed is not None and len(active) == graphed.batch and len(tokens[active[0]]) + 1 < max_new_tokens:
-            kept_logits = step_logits.cpu() if return_logits else None  # before the replay overwrites it
             ahead = graphed([seqs[i] for i in active], chosen_dev[:, None])[:, -1]
-        else:
-            kept_logits = step_logits.cpu() if return_logits else None
         chosen = chosen_dev.tolist()
         still = []
         for row, i in enumerate(active):

@@ -19,8 +19,7 @@ _RESUME_KEYS = (
     "model", "data", "split", "text_field", "teacher", "mode", "target", "lora_rank", "lora_alpha",
     "lora_dropout", "tokens", "seq_len", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay",
     "max_grad_norm", "temperature", "lm_weight", "hidden_weight", "transfer_tokens", "transfer_lr", "anneal_rank",
-    "anneal_tokens", "mlp_lr_scale",
-    "seed", "precision",
+    "anneal_tokens", "mlp_lr_scale", "seed", "precision",
 )
 
 
