@@ -50,7 +50,7 @@ CalibCache = Annotated[
                                  rich_help_panel="Calibration")
 ]
 TextField = Annotated[str, typer.Option(help="Text column/field in .jsonl/.parquet/datasets.", rich_help_panel="Calibration")]
-EvalText = Annotated[Optional[Path], typer.Option(help="Evaluation text (default: WikiText-2 test).", rich_help_panel="Evaluation")]
+EvalText = Annotated[Optional[Path], typer.Option(help="Evaluation text: .txt/.raw, or .jsonl of {\"text\": ...} rows (default: WikiText-2 test).", rich_help_panel="Evaluation")]
 EvalWindow = Annotated[int, typer.Option(help="Tokens per evaluation window.", rich_help_panel="Evaluation")]
 EvalWindows = Annotated[int, typer.Option(help="Number of evaluation windows.", rich_help_panel="Evaluation")]
 
@@ -283,13 +283,14 @@ def eval_cmd(
     sparse_budget: Annotated[str, typer.Option(help="Blocks per step: a fraction (0.25, 25%) or a count (16).", rich_help_panel="Sparse decode")] = "0.25",
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
+    source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Perplexity (ASSETS.md protocol) and KV cache bytes of MODEL."""
+    """Perplexity (ASSETS.md protocol) and KV cache bytes of MODEL; with --source, its agreement with the source."""
     _setup_logging()
     from latentkv.eval.report import evaluate
 
@@ -301,7 +302,8 @@ def eval_cmd(
                                         predictor=str(predictor) if predictor else None))
     report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
                   windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens)
+                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens,
+                  source=source)
     if sparse:
         report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
                                 tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,
@@ -320,6 +322,8 @@ def eval_cmd(
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if "agreement" in report:
+        Console().print(report["agreement"])
     if "sparse" in report:
         Console().print(report["sparse"])
     if "decode_check" in report:

@@ -45,6 +45,45 @@ def test_convert_eval_inspect_roundtrip(tiny_model_dir, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["architecture"]["model_type"] == "latentkv"
 
 
+def test_eval_agreement_with_source(tiny_model_dir, tmp_path):
+    """Guards `eval --source`: a model agrees with itself exactly (KL 0, top-1 1), a compressed conversion
+    differs (KL > 0) on the very windows its perplexity is taken on, and a source with another
+    vocabulary is refused (token ids would mean different things)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tiny_model_dir("llama")
+    out = tmp_path / "mla"
+    res = runner.invoke(app, ["convert", str(src), str(out), "--to", "mla", "--kv-budget", "0.5", "--calib-data",
+                              str(TINY_TEXT), "--calib-samples", "8", "--calib-seq-len", "64",
+                              "--calib-cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    window = ["--json", "--eval-text", str(TINY_TEXT), "--eval-windows", "3", "--eval-window", "64", "--batch-size", "2"]
+
+    def agreement(model, source):
+        res = runner.invoke(app, ["eval", str(model), "--source", str(source), *window])
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        return report, report["agreement"]
+
+    report, same = agreement(src, src)
+    assert abs(same["kl_to_source"]) < 1e-6 and same["top1_agreement"] == 1.0 and same["tokens"] == 3 * 63
+    assert same["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
+    report, converted = agreement(out, src)
+    assert converted["kl_to_source"] > 1e-4 and converted["top1_agreement"] < 1.0
+    assert converted["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)
+    assert converted["source_perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
+
+    other = tmp_path / "other-source"
+    shutil.copytree(src, other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<only-in-the-source>"])
+    tok.save_pretrained(str(other))
+    res = runner.invoke(app, ["eval", str(out), "--source", str(other), *window])
+    assert res.exit_code == 2 and "another tokenizer" in res.output and "Traceback" not in res.output
+
+
 def test_recipe_file_and_unknown_keys(tiny_model_dir, tmp_path):
     """Guards --recipe: its settings are used, and an unknown key is refused with the known ones listed."""
     recipe = tmp_path / "r.yaml"

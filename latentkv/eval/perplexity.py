@@ -24,11 +24,21 @@ class PerplexityProtocol:
         return f"{Path(self.text).name}, {self.windows} x {self.window}-token windows, PPL = exp(mean NLL)"
 
 
+def read_eval_text(path: Path) -> str:
+    """A .txt/.raw file as it is; a .jsonl file (e.g. `latentkv sample` output) as its "text" fields
+    joined by blank lines."""
+    if path.suffix == ".jsonl":
+        import json
+
+        return "\n\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return path.read_text(encoding="utf-8")
+
+
 def eval_windows(tokenizer, protocol: PerplexityProtocol) -> torch.Tensor:
     path = Path(protocol.text)
     if not path.exists():
-        raise LatentKVError(f"Evaluation text {path} not found; pass --eval-text with a .txt/.raw file")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        raise LatentKVError(f"Evaluation text {path} not found; pass --eval-text with a .txt/.raw/.jsonl file")
+    ids = tokenizer(read_eval_text(path), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.numel() // protocol.window
     if n < protocol.windows:
         raise LatentKVError(f"{path} gives only {n} windows of {protocol.window} tokens; lower --eval-windows")

@@ -63,15 +63,17 @@ def _cache_takes_config() -> bool:
 
 
 def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4, device="cpu", dtype="float32",
-             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256) -> dict:
+             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None) -> dict:
+    """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
+    (KL(source || model) per token and top-1 agreement on the same windows)."""
     from latentkv.calibration.runner import _resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
     from latentkv.modeling import load_model
 
-    source = _open(spec, gguf_file, trust_remote_code)
+    opened = _open(spec, gguf_file, trust_remote_code)
     torch_dtype = _resolve_dtype(dtype)
-    model = load_model(source.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = source.tokenizer()
+    model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
     ids = eval_windows(tokenizer, protocol)
     t0 = time.perf_counter()
@@ -102,11 +104,27 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         report["transformers_cache_values_per_token"] = measured
         report["note"] = (f"transformers' {type(model).__name__} caches decompressed keys and values ({measured} values per "
                           "token); vLLM and SGLang cache the latent and RoPE key counted above")
+    if source is not None:
+        report["agreement"] = source_agreement(model, tokenizer, source, ids, batch_size=batch_size, device=device,
+                                               dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if decode_check:
         from latentkv.eval.decode import decode_check as run_check
 
         report["decode_check"] = run_check(model, tokenizer, ids[0], num_tokens=decode_tokens)
     return report
+
+
+def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_size: int, device, dtype,
+                     trust_remote_code: bool) -> dict:
+    """`latentkv eval --source`: the source model run over the same windows as ``model``."""
+    from latentkv.eval.agreement import agreement
+    from latentkv.finetune.pipeline import check_same_tokenizer
+    from latentkv.modeling import load_model
+
+    reference = _open(source, None, trust_remote_code)
+    check_same_tokenizer(tokenizer, reference.tokenizer(), source, role="--source")
+    ref_model = load_model(reference.folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size)}
 
 
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:

@@ -219,17 +219,17 @@ def _tokenizer(folder: Path, trust_remote_code: bool):
                             "tokenizer files into it") from exc
 
 
-def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
-    """Distillation compares distributions token by token: the vocabularies must be identical."""
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str, role: str = "--teacher") -> None:
+    """Distillation (and agreement) compares distributions token by token: the vocabularies must be identical."""
     s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s != t:
         only_s = sorted(set(s) - set(t))[:3]
         only_t = sorted(set(t) - set(s))[:3]
         moved = sorted(k for k in set(s) & set(t) if s[k] != t[k])[:3]
         raise LatentKVError(
-            f"The teacher {teacher_name} has another tokenizer than the student ({len(t)} vs {len(s)} tokens; "
-            f"only in the student: {only_s}, only in the teacher: {only_t}, other ids: {moved}); "
-            "pass as --teacher the model the student was converted from"
+            f"The {role} model {teacher_name} has another tokenizer than the converted model ({len(t)} vs {len(s)} "
+            f"tokens; only in the converted model: {only_s}, only in {teacher_name}: {only_t}, other ids: {moved}); "
+            f"pass as {role} the model it was converted from"
         )
 
 

@@ -10,8 +10,6 @@ layers, latent heads and steps).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from latentkv.sparsity.policies import SparseConfig
@@ -64,16 +62,11 @@ def teacher_forced(model, ids: list[int], prompt_len: int, config: SparseConfig,
 
 def compare_logits(dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor) -> dict:
     """dense / sparse logits [n, V], targets [n]: agreement, KL(dense || sparse), perplexity."""
-    logp_d, logp_s = torch.log_softmax(dense.float(), -1), torch.log_softmax(sparse.float(), -1)
-    kl = (logp_d.exp() * (logp_d - logp_s)).sum(-1)
-    nll = -logp_s.gather(1, targets[:, None])[:, 0]
-    return {
-        "top1_agreement": float((dense.argmax(-1) == sparse.argmax(-1)).float().mean()),
-        "kl_to_dense": float(kl.mean()),
-        "nll": float(nll.mean()),
-        "perplexity": math.exp(float(nll.mean())),
-        "tokens": int(targets.numel()),
-    }
+    from latentkv.eval.agreement import compare_logits as compare
+
+    r = compare(dense, sparse, targets)
+    r["kl_to_dense"] = r.pop("kl")
+    return r
 
 
 def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None = None, tokens: int = 256,
@@ -84,7 +77,7 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
 
     from latentkv.calibration.runner import _resolve_dtype
     from latentkv.eval.decode import latent_attentions
-    from latentkv.eval.perplexity import DEFAULT_EVAL_TEXT
+    from latentkv.eval.perplexity import DEFAULT_EVAL_TEXT, read_eval_text
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
     from latentkv.errors import LatentKVError
@@ -97,7 +90,7 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
     path = Path(eval_text or DEFAULT_EVAL_TEXT)
     if not path.exists():
         raise LatentKVError(f"evaluation text {path} not found; pass --eval-text.")
-    ids = source.tokenizer()(path.read_text(encoding="utf-8")[:2_000_000], add_special_tokens=False)["input_ids"]
+    ids = source.tokenizer()(read_eval_text(path)[:2_000_000], add_special_tokens=False)["input_ids"]
     ids = ids[: prompt_tokens + tokens]
     if len(ids) < prompt_tokens + 2:
         raise LatentKVError(f"{path} has only {len(ids)} tokens; lower the prompt or use a longer text.")
