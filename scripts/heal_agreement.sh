@@ -9,14 +9,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SAMPLES=${1:-/tmp/teacher-10M.jsonl}
 HELDOUT=${2:-/tmp/heldout.jsonl}
+RUNS=${RUNS:-gta mla25}  # which students to heal and compare
 common="--modes attention --tokens 20e6 --eval-at 5e6,20e6 --data teacher --sample-file $SAMPLES --deadline ${HEAL_DEADLINE:-400}"
-bash scripts/heal_parallel.sh \
-  gta "--to gta --method-options {\"refit_output\":true} --target attention+mlp $common" \
-  mla25 "--to mla --kv-budget 0.25 --target attention $common"
+declare -A ARGS=(
+  [gta]="--to gta --method-options {\"refit_output\":true} --target attention+mlp $common"
+  [mla25]="--to mla --kv-budget 0.25 --target attention $common")
+runs=() models=()
+for r in $RUNS; do
+  runs+=("$r" "${ARGS[$r]}")
+  models+=("$r-oneshot=/tmp/bench_heal_$r/$r" "$r-healed=/tmp/bench_heal_$r/attention-20M")
+done
+bash scripts/heal_parallel.sh "${runs[@]}"
 SRC=$(python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())')
 C=../shared/corpora
 python3 scripts/agreement_by_text.py --source "$SRC" \
-  --models gta-oneshot=/tmp/bench_heal_gta/gta gta-healed=/tmp/bench_heal_gta/attention-20M \
-           mla25-oneshot=/tmp/bench_heal_mla25/mla25 mla25-healed=/tmp/bench_heal_mla25/attention-20M \
+  --models "${models[@]}" \
   --texts wikitext=$C/wikitext-2-raw/wiki.test.raw samples=$HELDOUT gutenberg=$C/gutenberg/austen-emma.txt \
   --out "$OUT/agreement.md" 2>&1 | grep -v "it/s"

@@ -28,9 +28,9 @@ def read_eval_text(path: Path) -> str:
     """A .txt/.raw file as it is; a .jsonl file (e.g. `latentkv sample` output) as its "text" fields
     joined by blank lines."""
     if path.suffix == ".jsonl":
-        import json
+        from latentkv.calibration.data import _read_jsonl
 
-        return "\n\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        return "\n\n".join(_read_jsonl(path, "text"))
     return path.read_text(encoding="utf-8")
 
 
