@@ -75,6 +75,14 @@ def test_eval_agreement_with_source(tiny_model_dir, tmp_path):
     assert converted["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)
     assert converted["source_perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
 
+    # samples written by `latentkv sample` evaluate as text; a JSON string may hold U+2028 (not a row break)
+    rows = [{"text": line + "\u2028" + line} for line in TINY_TEXT.read_text().splitlines() if line.strip()][:400]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    res = runner.invoke(app, ["eval", str(out), "--source", str(src), *window[:2], str(samples), *window[3:]])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["agreement"]["kl_to_source"] > 0
+
     other = tmp_path / "other-source"
     shutil.copytree(src, other)
     tok = AutoTokenizer.from_pretrained(str(other))
