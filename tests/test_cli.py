@@ -72,7 +72,11 @@ def test_eval_agreement_with_source(tiny_model_dir, tmp_path):
     assert same["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
     report, converted = agreement(out, src)
     assert converted["kl_to_source"] > 1e-4 and converted["top1_agreement"] < 1.0
-    assert converted["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)
+    res = runner.invoke(app, ["eval", str(out), *window])  # the plain perplexity path, no source
+    assert res.exit_code == 0, res.output
+    plain = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "agreement" not in plain
+    assert converted["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5) == report["perplexity"]
     assert converted["source_perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
 
     # samples written by `latentkv sample` evaluate as text; a JSON string may hold U+2028 (not a row break)

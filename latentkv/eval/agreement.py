@@ -37,9 +37,9 @@ def agreement(model, reference, windows: torch.Tensor, batch_size: int = 4) -> d
     ref_device = next(reference.parameters()).device
     sums = {"kl": 0.0, "top1_agreement": 0.0, "nll": 0.0, "reference_nll": 0.0}
     tokens = 0
+    vocab = model.config.vocab_size
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]
-        vocab = model.config.vocab_size
         # the last position has no target; logits beyond the tokenizer's vocabulary (padding rows) are dropped
         cand = model(batch.to(device), use_cache=False).logits[:, :-1, :vocab].reshape(-1, vocab)
         ref = reference(batch.to(ref_device), use_cache=False).logits[:, :-1, :vocab].reshape(-1, vocab).to(cand.device)

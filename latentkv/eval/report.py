@@ -76,8 +76,14 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
     ids = eval_windows(tokenizer, protocol)
+    agreement = None
     t0 = time.perf_counter()
-    ppl = perplexity(model, ids, batch_size=batch_size)
+    if source is None:
+        ppl = perplexity(model, ids, batch_size=batch_size)
+    else:  # the model's perplexity comes from the same forward passes as its agreement with the source
+        agreement = source_agreement(model, tokenizer, source, ids, batch_size=batch_size, device=device,
+                                     dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        ppl = agreement["perplexity"]
     seconds = time.perf_counter() - t0
     values, layers = declared_kv_values(model.config)
     measured = measured_kv_values(model)
@@ -104,9 +110,8 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         report["transformers_cache_values_per_token"] = measured
         report["note"] = (f"transformers' {type(model).__name__} caches decompressed keys and values ({measured} values per "
                           "token); vLLM and SGLang cache the latent and RoPE key counted above")
-    if source is not None:
-        report["agreement"] = source_agreement(model, tokenizer, source, ids, batch_size=batch_size, device=device,
-                                               dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if agreement is not None:
+        report["agreement"] = agreement
     if decode_check:
         from latentkv.eval.decode import decode_check as run_check
 
