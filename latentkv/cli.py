@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from latentkv.data import DEFAULT_CALIBRATION
+
 app = typer.Typer(
     name="latentkv",
     help="Rewrite the attention of a trained LLM so its KV cache is a fraction of the original.",
@@ -25,7 +27,7 @@ predictor_app = typer.Typer(help="AttentionPredictor: a learned choice of the KV
                             no_args_is_help=True)
 app.add_typer(predictor_app, name="predictor")
 
-DEFAULT_CORPUS = str(Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "gutenberg")
+DEFAULT_CORPUS = DEFAULT_CALIBRATION  # the Gutenberg books shipped in latentkv/data
 
 # Shared options: one definition each, so a flag means the same in every command.
 SourceArg = Annotated[str, typer.Argument(help="Local HF folder, .gguf file, or Hub id.")]

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import CORPORA, TINY_CONFIGS, build_tiny_model  # noqa: E402
+from tiny_models import TINY_CONFIGS, build_tiny_model  # noqa: E402
 
 ARCH_CASES = ["llama", "mistral", "qwen2", "mixtral"]
 
@@ -38,11 +38,6 @@ def tiny_model_dir(tiny_root):
         return built[name]
 
     return make
-
-
-@pytest.fixture(scope="session")
-def corpora() -> Path:
-    return CORPORA
 
 
 @pytest.fixture(scope="session")

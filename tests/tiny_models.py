@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
-TINY_TEXT = CORPORA / "tinyshakespeare" / "input.txt"
+# Tiny Shakespeare (public domain; tests/fixtures/README.md): small, fast text for the tiny models.
+TINY_TEXT = Path(__file__).resolve().parent / "fixtures" / "tinyshakespeare.txt"
 
 VOCAB = 256
 

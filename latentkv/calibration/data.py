@@ -1,4 +1,5 @@
-"""Calibration and training text: local files/folders (.txt, .jsonl, .parquet) or a `datasets` name.
+"""Calibration and training text: local files/folders (.txt, .jsonl, .parquet; .txt and .jsonl also
+gzip-compressed) or a `datasets` name.
 
 `sample_windows` turns text into a fixed number of token windows with a seed; the same function
 feeds calibration and fine-tuning, so sample limits mean the same thing everywhere.
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 
 from latentkv.calibration.runner import release_freed_memory
+from latentkv.data import DEFAULT_CALIBRATION, logical_suffix, open_text, read_text, resolve_text
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-# Never calibrate or train on the evaluation text (ASSETS.md).
+# Never calibrate or train on the evaluation text (docs/evaluation.md).
 EVAL_ONLY_MARKERS = ("wikitext", "wiki.test")
 
 
@@ -34,12 +36,12 @@ class TextSource:
     text_field: str = "text"
 
     def describe(self) -> str:
-        return self.spec if Path(self.spec).exists() else f"{self.spec} [{self.split}]"
+        return self.spec if Path(resolve_text(self.spec)).exists() else f"{self.spec} [{self.split}]"
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
+def read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -64,11 +66,12 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, field)
-    if path.suffix == ".parquet":
+    suffix = logical_suffix(path)
+    if suffix == ".txt":
+        return [read_text(path, errors="replace")]
+    if suffix == ".jsonl":
+        return read_jsonl(path, field)
+    if suffix == ".parquet":
         return _read_parquet(path, field)
     raise LatentKVError(f"Unsupported text file {path}; use one of {', '.join(TEXT_SUFFIXES)}")
 
@@ -78,13 +81,13 @@ def load_texts(source: TextSource, *, allow_eval_text: bool = False) -> list[str
     if not allow_eval_text and any(m in source.spec.lower() for m in EVAL_ONLY_MARKERS):
         raise LatentKVError(
             f"{source.spec} looks like WikiText, the evaluation text; calibrate or train on other text "
-            "(for example ../shared/corpora/gutenberg)"
+            f"(for example the default, {DEFAULT_CALIBRATION})"
         )
-    path = Path(source.spec).expanduser()
+    path = Path(resolve_text(source.spec)).expanduser()
     if path.is_file():
         return _read_file(path, source.text_field)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if logical_suffix(p) in TEXT_SUFFIXES and p.is_file())
         if not files:
             raise LatentKVError(f"No {', '.join(TEXT_SUFFIXES)} files under {path}")
         texts: list[str] = []

@@ -16,6 +16,7 @@ import torch
 
 from latentkv.arch import geometry_of, get_arch
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
+from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.calibration.runner import LayerStream, _resolve_dtype, freed_memory_held
 from latentkv.calibration.stats import (
     LayerStats,
@@ -35,7 +36,7 @@ SAMPLE_TOKENS = 2048
 class CalibOptions:
     """Calibration data and how much of it: shared by every command that calibrates."""
 
-    data: str = "../shared/corpora/gutenberg"
+    data: str = DEFAULT_CALIBRATION
     split: str = "train"
     text_field: str = "text"
     samples: int = 128

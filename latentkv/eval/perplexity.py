@@ -1,4 +1,4 @@
-"""Perplexity with the project's protocol (ASSETS.md): the text joined as in the file, tokenized
+"""Perplexity with the project's protocol (docs/evaluation.md): the text joined as in the file, tokenized
 once, cut into non-overlapping windows; PPL = exp(mean NLL over every predicted token)."""
 
 from __future__ import annotations
@@ -11,31 +11,32 @@ import torch
 
 from latentkv.errors import LatentKVError
 
-DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
+from latentkv.data import DEFAULT_EVAL as DEFAULT_EVAL_TEXT
+from latentkv.data import logical_name, logical_suffix, read_text, resolve_text
 
 
 @dataclass(frozen=True)
 class PerplexityProtocol:
-    text: str = str(DEFAULT_EVAL_TEXT)
+    text: str = DEFAULT_EVAL_TEXT
     window: int = 512
     windows: int = 64
 
     def describe(self) -> str:
-        return f"{Path(self.text).name}, {self.windows} x {self.window}-token windows, PPL = exp(mean NLL)"
+        return f"{logical_name(resolve_text(self.text))}, {self.windows} x {self.window}-token windows, PPL = exp(mean NLL)"
 
 
 def read_eval_text(path: Path) -> str:
     """A .txt/.raw file as it is; a .jsonl file (e.g. `latentkv sample` output) as its "text" fields
     joined by blank lines."""
-    if path.suffix == ".jsonl":
-        from latentkv.calibration.data import _read_jsonl
+    if logical_suffix(path) == ".jsonl":
+        from latentkv.calibration.data import read_jsonl
 
-        return "\n\n".join(_read_jsonl(path, "text"))
-    return path.read_text(encoding="utf-8")
+        return "\n\n".join(read_jsonl(path, "text"))
+    return read_text(path)
 
 
 def eval_windows(tokenizer, protocol: PerplexityProtocol) -> torch.Tensor:
-    path = Path(protocol.text)
+    path = Path(resolve_text(protocol.text))
     if not path.exists():
         raise LatentKVError(f"Evaluation text {path} not found; pass --eval-text with a .txt/.raw/.jsonl file")
     ids = tokenizer(read_eval_text(path), add_special_tokens=False, return_tensors="pt")["input_ids"][0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.errors import LatentKVError
 
 MODES = ("lora", "attention")
@@ -81,7 +82,7 @@ class FinetuneOptions:
 
     model: str
     output: str
-    data: str = "../shared/corpora/gutenberg"
+    data: str = DEFAULT_CALIBRATION
     split: str = "train"
     text_field: str = "text"
     teacher: str | None = None

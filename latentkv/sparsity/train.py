@@ -63,10 +63,12 @@ class TrainOptions:
 def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
     """[windows, seq_len] token ids from ``data`` (a folder of .txt/.jsonl/.parquet, or one file)."""
     from latentkv.calibration.data import TEXT_SUFFIXES, TextSource, load_texts, sample_windows, tokenize_stream
+    from latentkv.data import logical_name, logical_suffix, resolve_text
 
-    path = Path(data).expanduser()
+    path = Path(resolve_text(data)).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.name not in exclude)
+        files = sorted(p for p in path.rglob("*") if logical_suffix(p) in TEXT_SUFFIXES
+                       and p.name not in exclude and logical_name(p) not in exclude)
         if not files:
             raise LatentKVError(f"no text files left under {path} after excluding {', '.join(exclude)}.")
         texts = [t for f in files for t in load_texts(TextSource(str(f)))]
