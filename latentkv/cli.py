@@ -292,7 +292,7 @@ def eval_cmd(
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Perplexity (ASSETS.md protocol) and KV cache bytes of MODEL; with --source, its agreement with the source."""
+    """Perplexity (the protocol of docs/evaluation.md) and KV cache bytes of MODEL; with --source, its agreement with the source."""
     _setup_logging()
     from latentkv.eval.report import evaluate
 
