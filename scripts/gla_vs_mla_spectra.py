@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from latentkv.data import CALIBRATION_TEXT, read_text
 from latentkv.io.assets import smollm2_folder
 if any(a in ("-h", "--help") for a in sys.argv[1:]):
-    raise SystemExit(__doc__)
+    print(__doc__)
+    raise SystemExit(0)
 src = smollm2_folder()
 tok = AutoTokenizer.from_pretrained(src); model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 text = "".join(read_text(f, errors="replace") for f in sorted(CALIBRATION_TEXT.glob("*.txt.gz")))

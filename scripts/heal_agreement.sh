@@ -6,29 +6,29 @@
 # samples but not on WikiText is short of data diversity; one that disagrees everywhere is short of
 # capacity or training.
 #
-#   bash scripts/heal_agreement.sh SOURCE CONVERTED OUT [TOKENS]
-#   GPUS=8 bash scripts/heal_agreement.sh SOURCE CONVERTED OUT   # healing data parallel on 8 GPUs
+#   bash scripts/heal_agreement.sh SOURCE CONVERTED DEST [TOKENS]
+#   GPUS=8 bash scripts/heal_agreement.sh SOURCE CONVERTED DEST  # healing data parallel on 8 GPUs
 #
-# SOURCE: the model CONVERTED was made from (`latentkv convert SOURCE CONVERTED ...`); OUT: a folder
-# for the sampled text, the healed model and OUT/agreement.md. TOKENS: healing tokens (20M).
+# SOURCE: the model CONVERTED was made from (`latentkv convert SOURCE CONVERTED ...`); DEST: a folder
+# for the sampled text, the healed model and DEST/agreement.md. TOKENS: healing tokens (20M).
 # Environment: GPUS (1), SAMPLE_TOKENS (10000000), HELDOUT_TOKENS (262144), DEVICE (cuda),
 # FINETUNE_ARGS (more `latentkv finetune` flags, e.g. "--target attention+mlp --lr 3e-4"), PYTHON.
 set -euo pipefail
-usage="usage: bash scripts/heal_agreement.sh SOURCE CONVERTED OUT [TOKENS]"
+usage="usage: bash scripts/heal_agreement.sh SOURCE CONVERTED DEST [TOKENS]"
 SOURCE=${1:?$usage}
 CONVERTED=${2:?$usage}
-OUT=${3:?$usage}
+DEST=${3:?$usage}
 TOKENS=${4:-20000000}
 GPUS=${GPUS:-1}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$OUT"
+mkdir -p "$DEST"
 
 # Training text sampled from the source, and a held-out sample drawn with another seed.
-[ -f "$OUT/samples.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$OUT/samples.jsonl" \
+[ -f "$DEST/samples.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$DEST/samples.jsonl" \
   --tokens "${SAMPLE_TOKENS:-10000000}" --device "$DEVICE"
-[ -f "$OUT/heldout.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$OUT/heldout.jsonl" \
+[ -f "$DEST/heldout.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$DEST/heldout.jsonl" \
   --tokens "${HELDOUT_TOKENS:-262144}" --seed 1 --device "$DEVICE"
 
 if [ "$GPUS" -gt 1 ]; then
@@ -37,11 +37,11 @@ else
   launch=("$PY" -m latentkv.cli)
 fi
 # shellcheck disable=SC2086
-"${launch[@]}" finetune "$CONVERTED" "$OUT/healed" --teacher "$SOURCE" --data "$OUT/samples.jsonl" \
+"${launch[@]}" finetune "$CONVERTED" "$DEST/healed" --teacher "$SOURCE" --data "$DEST/samples.jsonl" \
   --mode attention --tokens "$TOKENS" --compile --overwrite ${FINETUNE_ARGS:-}
 
 BOOK=$("$PY" -c 'from latentkv.data import CALIBRATION_TEXT; print(CALIBRATION_TEXT / "austen-emma.txt.gz")')
 "$PY" "$HERE/agreement_by_text.py" --source "$SOURCE" --device "$DEVICE" \
-  --models one-shot="$CONVERTED" healed="$OUT/healed" \
-  --texts wikitext2-test=latentkv:wikitext2-test samples="$OUT/heldout.jsonl" gutenberg="$BOOK" \
-  --out "$OUT/agreement.md"
+  --models one-shot="$CONVERTED" healed="$DEST/healed" \
+  --texts wikitext2-test=latentkv:wikitext2-test samples="$DEST/heldout.jsonl" gutenberg="$BOOK" \
+  --out "$DEST/agreement.md"
