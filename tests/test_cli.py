@@ -121,3 +121,25 @@ def test_bad_input_gives_one_line_error(argv, message):
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     assert message in res.output.lower()
+
+
+def test_convert_defaults_to_mla_at_half_the_cache(tiny_model_dir, tmp_path):
+    """Guards the default a user expects: `convert SOURCE OUTPUT` with no method option converts to
+    MLA at 50% of the KV cache with the shipped calibration text (no sibling folder, no flags)."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", str(tiny_model_dir("llama")), str(out), "--calib-samples", "8",
+                              "--calib-seq-len", "64", "--calib-cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "mla"
+    source_values = 2 * 2 * 16  # tiny llama: 2 KV heads of 16, keys and values
+    assert sum(l["kv_lora_rank"] + l["rope_dim"] for l in config["attention_layers"]) == 2 * source_values // 2
+    assert "kv_budget: 0.5" in (out / "latentkv_recipe.yaml").read_text()
+
+
+def test_version_flag():
+    """Guards `latentkv --version` (the installed package's version, one line)."""
+    from latentkv import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"latentkv {__version__}"
