@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=64, help="WikiText-2 windows of 512 tokens (protocol: 64)")
+    p.add_argument("--source-ppl", type=float, default=None,
+                   help="the source's perplexity, measured before with the same --windows (skips measuring it again)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/bench_quality")
     p.add_argument("--json", default=None, help="append each row as a JSON line here")
@@ -143,8 +145,9 @@ def main() -> None:
     source = Path(args.source) if args.source else smollm2_folder()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    source_ppl = evaluate(source, args.windows)
-    print(f"source SmolLM2-135M-Instruct: WikiText-2 PPL {source_ppl:.2f} ({args.windows} x 512 tokens)", flush=True)
+    source_ppl = args.source_ppl if args.source_ppl is not None else evaluate(source, args.windows)
+    print(f"source SmolLM2-135M-Instruct: WikiText-2 PPL {source_ppl:.2f} ({args.windows} x 512 tokens"
+          f"{', given' if args.source_ppl is not None else ''})", flush=True)
     header = "| row | KV values / token / layer | % of source KV | WikiText-2 PPL | x source | convert time | peak RSS |"
     lines = [header, "|---|---|---|---|---|---|---|", f"| source | 384 | 100% | {source_ppl:.2f} | 1.00 | | |"]
     shared_cache = str(work / "shared.calib")
