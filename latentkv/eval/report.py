@@ -40,41 +40,42 @@ def declared_kv_values(config) -> tuple[int, int]:
 @torch.no_grad()
 def measured_kv_values(model, tokens: int = 16) -> int:
     """Values per token that the model's HF cache really holds (summed over layers)."""
-    from latentkv.modeling import cached_forward, new_dynamic_cache
+    from latentkv.eval.quantized_cache import cache_slot_shapes
 
-    device = next(model.parameters()).device
-    ids = torch.arange(1, tokens + 1, device=device)[None] % model.config.vocab_size
-    cache = new_dynamic_cache(model.config)
-    cached_forward(model, ids, cache)
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None and t.numel():
-                total += t.numel() // t.shape[0] // t.shape[-2]
-    return total
+    return sum(h * w for slots in cache_slot_shapes(model, tokens) for h, w in filter(None, slots))
 
 
 def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4, device="cpu", dtype="float32",
-             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None) -> dict:
+             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None,
+             kv_cache=None, kv_cache_rope=None, kv_cache_chunk=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
-    (KL(source || model) per token and top-1 agreement on the same windows)."""
+    (KL(source || model) per token and top-1 agreement on the same windows). With ``kv_cache`` (a
+    format spec, see latentkv.eval.quantized_cache.parse_cache_formats) the windows are run through a
+    cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's."""
     from latentkv.calibration.runner import _resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
     from latentkv.modeling import load_model
 
     opened = _open(spec, gguf_file, trust_remote_code)
     torch_dtype = _resolve_dtype(dtype)
+    formats = cache_formats_of(opened.config, kv_cache, kv_cache_rope, kv_cache_chunk)
     model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
     ids = eval_windows(tokenizer, protocol)
+    logits_of, chunk = None, None
+    if formats is not None:
+        from latentkv.eval.quantized_cache import default_chunk, quantized_logits
+
+        chunk = kv_cache_chunk or default_chunk(formats, window)
+        logits_of = lambda batch: quantized_logits(model, batch, formats, chunk)  # noqa: E731
     agreement = None
     t0 = time.perf_counter()
     if source is None:
-        ppl = perplexity(model, ids, batch_size=batch_size)
+        ppl = perplexity(model, ids, batch_size=batch_size, logits_of=logits_of)
     else:  # the model's perplexity comes from the same forward passes as its agreement with the source
         agreement = source_agreement(model, tokenizer, source, ids, batch_size=batch_size, device=device,
-                                     dtype=torch_dtype, trust_remote_code=trust_remote_code)
+                                     dtype=torch_dtype, trust_remote_code=trust_remote_code, logits_of=logits_of)
         ppl = agreement["perplexity"]
     seconds = time.perf_counter() - t0
     values, layers = declared_kv_values(model.config)
@@ -98,6 +99,17 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         "cache_dtype": str(torch_dtype).replace("torch.", ""),
         "eval_seconds": round(seconds, 1),
     }
+    if formats is not None:
+        from latentkv.eval.quantized_cache import cache_bytes, describe_formats
+
+        stored = cache_bytes(model, formats)
+        report.update({
+            "kv_bytes_per_token": stored.per_token,
+            "kv_bytes_per_token_per_layer": stored.per_token_per_layer,
+            "kv_bytes_by_part": stored.by_part,
+            "cache_dtype": describe_formats(formats),
+            "kv_cache_chunk": chunk,
+        })
     if expanded:
         report["transformers_cache_values_per_token"] = measured
         report["note"] = (f"transformers' {type(model).__name__} caches decompressed keys and values ({measured} values per "
@@ -111,8 +123,23 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     return report
 
 
+def cache_formats_of(config, kv_cache, kv_cache_rope, kv_cache_chunk):
+    """The format per cached part that `--kv-cache` / `--kv-cache-rope` ask for (None: the model's dtype),
+    checked against what the model caches before anything is loaded."""
+    if kv_cache is None:
+        if kv_cache_rope is not None or kv_cache_chunk is not None:
+            raise LatentKVError("--kv-cache-rope and --kv-cache-chunk refine --kv-cache; add --kv-cache FORMAT")
+        return None
+    from latentkv.eval.quantized_cache import cache_parts, parse_cache_formats
+
+    if kv_cache_chunk is not None and kv_cache_chunk < 1:
+        raise LatentKVError(f"--kv-cache-chunk must be a positive number of tokens, got {kv_cache_chunk}")
+    parts = tuple(dict.fromkeys(p for layer in cache_parts(config) for p in layer))
+    return parse_cache_formats(kv_cache, parts, rope=kv_cache_rope)
+
+
 def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_size: int, device, dtype,
-                     trust_remote_code: bool) -> dict:
+                     trust_remote_code: bool, logits_of=None) -> dict:
     """`latentkv eval --source`: the source model run over the same windows as ``model``."""
     from latentkv.eval.agreement import agreement
     from latentkv.finetune.pipeline import check_same_tokenizer
@@ -121,7 +148,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
     reference = _open(source, None, trust_remote_code)
     check_same_tokenizer(tokenizer, reference.tokenizer(), source, role="--source")
     ref_model = load_model(reference.folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size)}
+    return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size, logits_of=logits_of)}
 
 
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:
