@@ -299,6 +299,10 @@ def eval_cmd(
     _setup_logging()
     from latentkv.eval.report import evaluate
 
+    if kv_cache and (sparse or decode_check):  # those decode with the paged cache, which keeps the model's dtype
+        from latentkv.errors import LatentKVError
+
+        _fail(LatentKVError("--kv-cache applies to the perplexity pass only; run --sparse / --decode-check without it"))
     if sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval

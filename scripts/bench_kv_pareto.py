@@ -77,6 +77,7 @@ def parse_args(argv=None):
                         "size) is faster but lets a chunk's queries read their own group already quantized")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.md, PREFIX.json, PREFIX.png")
+    p.add_argument("--report-only", action="store_true", help="rewrite PREFIX.md and PREFIX.png from PREFIX.json")
     return p.parse_args(argv)
 
 
@@ -188,7 +189,7 @@ def write_markdown(path: Path, rows, meta) -> None:
     for r in sorted(rows, key=lambda r: (r["family"] != "quantization only", r["model"], -r["kv_bytes_per_token_per_layer"])):
         lines.append(f"| {r['model']} | {r['format']} | {r['cache']} | {r['kv_bytes_per_token_per_layer']:.1f} | "
                      f"{100 * r['kv_bytes_per_token_per_layer'] / source_bytes:.1f}% | {fmt_ppl(r['perplexity'])} | "
-                     f"{r['kl_to_source']:.4f} | {r['top1_agreement']:.3f} |")
+                     f"{r['kl_to_source']:.3g} | {r['top1_agreement']:.3f} |")
     lines += ["", "## Frontiers", "",
               "At each byte level some row reaches (up to the source's bf16 cache): the lowest perplexity of each "
               f"family within it. Source bf16 = {source_bytes:.0f} B; 1/6 of it = {source_bytes / 6:.0f} B.", "",
@@ -225,9 +226,10 @@ def plot(path: Path, rows, meta) -> None:
         pts = [r for r in rows if r["model"] == model]
         ax.scatter([r["kv_bytes_per_token_per_layer"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
                    s=36, color=colors[pts[0]["family"]], alpha=0.75, label=model, zorder=3)
-        for r in pts:
+        for i, r in enumerate(sorted(pts, key=lambda r: r["kv_bytes_per_token_per_layer"])):
+            # neighbours by bytes alternate above and below their marker, so close labels do not overlap
             ax.annotate(r["format"], (r["kv_bytes_per_token_per_layer"], r["perplexity"]), fontsize=6.5,
-                        xytext=(4, 3), textcoords="offset points", color="0.25")
+                        xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points", color="0.25")
     for family, color in colors.items():
         f = frontier([r for r in rows if r["family"] == family])
         if f:
@@ -245,7 +247,7 @@ def plot(path: Path, rows, meta) -> None:
     ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("KV cache bytes per token per layer (codes + scales), log")
     ax.set_ylabel("WikiText-2 perplexity, log")
-    ax.set_title(f"{meta['model_name']}: quantized cache vs MLA latent (x cache format)\n{meta['protocol']}",
+    ax.set_title(f"{meta['model_name']}: quantized cache vs MLA latent x cache format\n{meta['protocol']}, fp32",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper right")
@@ -256,6 +258,10 @@ def plot(path: Path, rows, meta) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report_only:
+        recorded = json.loads(args.out.with_suffix(".json").read_text())
+        write_outputs(args.out, recorded["rows"], recorded["meta"])
+        return
     if args.source is None:
         from latentkv.io.assets import smollm2_folder
 
@@ -326,8 +332,12 @@ def save(args, rows, model_name, protocol, source_ppl, json_path) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    write_markdown(args.out.with_suffix(".md"), rows, meta)
-    plot(args.out.with_suffix(".png"), rows, meta)
+    write_outputs(args.out, rows, meta)
+
+
+def write_outputs(out: Path, rows, meta) -> None:
+    write_markdown(out.with_suffix(".md"), rows, meta)
+    plot(out.with_suffix(".png"), rows, meta)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,7 @@ def test_eval_kv_cache_cli(tiny_mla):
     for args, message in [((src, "--kv-cache-rope", "bf16", "--kv-cache", "int4"), "--kv-cache-rope is for latentkv"),
                           ((mla, "--kv-cache", "keys=int4"), "caches latent and rope"),
                           ((src, "--kv-cache", "int5"), "Unknown KV cache encoding"),
-                          ((src, "--kv-cache-chunk", "4"), "add --kv-cache")]:
+                          ((src, "--kv-cache-chunk", "4"), "add --kv-cache"),
+                          ((mla, "--kv-cache", "int4", "--decode-check"), "perplexity pass only")]:
         res = runner.invoke(app, ["eval", *map(str, args)])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
