@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -50,13 +51,18 @@ SOURCE_FORMATS = {
     "int2 KIVI": "keys=int2/channel32,values=int2/g32",
 }
 # A latentkv model: the latent's format, the RoPE key in bf16 (as FlashMLA stores DeepSeek's), or both quantized.
+# A one-shot latent has outlier channels (per-channel spread of 30x or more, values past fp8's 448), so
+# scaled fp8 and per-channel (KIVI-style) integer groups are listed beside the per-token ones.
 LATENT_FORMATS = {
     "bf16": "bf16",
     "fp8_e4m3 + bf16 RoPE": "latent=fp8_e4m3,rope=bf16",
+    "fp8_e4m3/g128 + bf16 RoPE": "latent=fp8_e4m3/g128,rope=bf16",
     "int8/head + bf16 RoPE": "latent=int8/head,rope=bf16",
     "int4/g32 + bf16 RoPE": "latent=int4/g32,rope=bf16",
+    "int4 KIVI + bf16 RoPE": "latent=int4/channel32,rope=bf16",
     "int4/g32": "int4/g32",
     "int2/g32 + bf16 RoPE": "latent=int2/g32,rope=bf16",
+    "int2 KIVI + bf16 RoPE": "latent=int2/channel32,rope=bf16",
 }
 
 
@@ -180,7 +186,7 @@ def write_markdown(path: Path, rows, meta) -> None:
         "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA rows: one-shot "
         f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
         f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "
-        "of 32 tokens (the unfinished group unquantized), evaluated "
+        "of 32 tokens, a KIVI latent likewise per latent channel (the unfinished group unquantized), evaluated "
         f"{meta['channel_chunk_note']}.",
         "",
         "| model | cache format | stored as | KV B / token / layer | of source bf16 | PPL | KL to source | top-1 |",
@@ -217,29 +223,35 @@ def plot(path: Path, rows, meta) -> None:
     except ImportError as exc:
         raise LatentKVError("The Pareto plot needs matplotlib: pip install 'latentkv[bench]'") from exc
     source_bytes = meta["source_bf16_bytes_per_token_per_layer"]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=130)
+    # a row far off (a broken format) would squash the rest: the axis stops at 12x the source's perplexity
+    # and such a row sits on the top edge with its value in the label
+    top = min(max(r["perplexity"] for r in rows) * 1.15, 12 * meta["source_perplexity"])
+    shown = lambda r: min(r["perplexity"], top / 1.08)  # noqa: E731
     markers = {}
     for r in rows:
         markers.setdefault(r["model"], "os^Dvp"[len(markers) % 6])
     colors = {"quantization only": "tab:orange", "latentkv": "tab:blue"}
     for model, marker in markers.items():
         pts = [r for r in rows if r["model"] == model]
-        ax.scatter([r["kv_bytes_per_token_per_layer"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
+        ax.scatter([r["kv_bytes_per_token_per_layer"] for r in pts], [shown(r) for r in pts], marker=marker,
                    s=36, color=colors[pts[0]["family"]], alpha=0.75, label=model, zorder=3)
-        for i, r in enumerate(sorted(pts, key=lambda r: r["kv_bytes_per_token_per_layer"])):
-            # neighbours by bytes alternate above and below their marker, so close labels do not overlap
-            ax.annotate(r["format"], (r["kv_bytes_per_token_per_layer"], r["perplexity"]), fontsize=6.5,
-                        xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points", color="0.25")
+    # neighbours by bytes take turns above and below their marker, so close labels do not overlap
+    for i, r in enumerate(sorted(rows, key=lambda r: (r["kv_bytes_per_token_per_layer"], r["perplexity"]))):
+        text = r["format"] if r["perplexity"] < top / 1.08 else f"{r['format']} (PPL {r['perplexity']:.3g}, off scale)"
+        ax.annotate(text, (r["kv_bytes_per_token_per_layer"], shown(r)), fontsize=6,
+                    xytext=(3, (5, -9, 12, -16)[i % 4]), textcoords="offset points", color="0.25")
     for family, color in colors.items():
         f = frontier([r for r in rows if r["family"] == family])
         if f:
             xs = [r["kv_bytes_per_token_per_layer"] for r in f]
-            ys = [r["perplexity"] for r in f]
+            ys = [shown(r) for r in f]
             ax.step(xs, ys, where="post", color=color, lw=1.6, label=f"{family} frontier", zorder=2)
     ax.axvline(source_bytes / 6, color="0.5", ls="--", lw=0.9, label="1/6 of source bf16 bytes")
     ax.axhline(meta["source_perplexity"], color="0.5", ls=":", lw=0.9, label="source fp32 PPL")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_ylim(min(r["perplexity"] for r in rows) * 0.85, top)
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plain)
@@ -281,11 +293,14 @@ def main(argv=None) -> None:
     protocol = PerplexityProtocol(window=args.eval_window, windows=args.eval_windows)
     windows = eval_windows(AutoTokenizer.from_pretrained(str(source)), protocol)
     json_path = args.out.with_suffix(".json")
-    done = {}
+    done, commands = {}, []
     if json_path.is_file():
         previous = json.loads(json_path.read_text())
         if previous["meta"]["protocol"] == protocol.describe():
             done = {(r["model"], r["format"]): r for r in previous["rows"]}
+            commands = previous["meta"].get("commands", [])
+    command = "python " + " ".join(["scripts/bench_kv_pareto.py", *map(shlex.quote, sys.argv[1:])])
+    commands = [*commands, command] if command not in commands else commands
     rows = list(done.values())
 
     src_model = load_model(source, dtype=torch.float32, device=args.device)
@@ -309,11 +324,11 @@ def main(argv=None) -> None:
                                                                               args.channel_chunk)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-            save(args, rows, model_name, protocol, source_ppl, json_path)
-    save(args, rows, model_name, protocol, source_ppl, json_path)
+            save(args, rows, model_name, protocol, source_ppl, json_path, commands)
+    save(args, rows, model_name, protocol, source_ppl, json_path, commands)
 
 
-def save(args, rows, model_name, protocol, source_ppl, json_path) -> None:
+def save(args, rows, model_name, protocol, source_ppl, json_path, commands) -> None:
     source_bf16 = [r for r in rows if r["model"] == "source" and r["format"] == "bf16"]
     if not source_bf16:
         return
@@ -328,7 +343,7 @@ def save(args, rows, model_name, protocol, source_ppl, json_path) -> None:
                                "group quantized, which a decode loop would still hold unquantized: slightly pessimistic)"),
         "calib_samples": args.calib_samples,
         "calib_seq_len": args.calib_seq_len,
-        "commands": ["python " + " ".join(["scripts/bench_kv_pareto.py", *sys.argv[1:]])],
+        "commands": commands,  # every run whose rows are in the file (a run reuses the rows already there)
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
