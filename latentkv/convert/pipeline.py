@@ -236,7 +236,8 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
     arch = get_arch(source.config)
     method.validate(source.config, arch, method_cfg, opts.format)
-    out = OutputFolder(opts.output, overwrite=opts.overwrite)  # refuses a non-empty folder before any work
+    # Refuses, before any work, an output that is the source (or holds it) or a folder it may not replace.
+    out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.source, source.folder, opts.calib.data))
     windows = token_windows(
         source.tokenizer(), TextSource(opts.calib.data, opts.calib.split, opts.calib.text_field),
         opts.calib.samples, opts.calib.seq_len, opts.calib.seed,

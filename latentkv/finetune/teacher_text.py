@@ -128,6 +128,21 @@ def sample_round(model, start_token: int, rows: int, length: int, temperature: f
     return sampled
 
 
+def is_sampled_text(path: Path) -> bool:
+    """True if `path` looks like what `sample_teacher_text` writes: JSON lines of exactly {"text": str}."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh):
+                if n >= 3:
+                    break
+                row = json.loads(line)
+                if not (isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str)):
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     """Write opts.tokens sampled tokens as documents to opts.output (resumable; the file appears when done).
 
@@ -136,9 +151,10 @@ def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
+    from latentkv.io.writer import check_output_file
+
     out = Path(opts.output).expanduser()
-    if out.exists() and not opts.overwrite:
-        raise LatentKVError(f"{out} exists; pass --overwrite to replace it or choose another file")
+    check_output_file(out, opts.overwrite, sources=(opts.teacher,), is_ours=is_sampled_text)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial, meta_path = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     done, keep_bytes = 0, 0

@@ -180,9 +180,9 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
-    out = Path(opts.out)
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise LatentKVError(f"{out} is not empty; pass --overwrite or choose another --out.")
+    from latentkv.io.writer import OutputFolder
+
+    out = OutputFolder(opts.out, overwrite=opts.overwrite, sources=(opts.model, opts.data))  # checked before any work
     t0 = time.perf_counter()
     source = open_source(opts.model)
     model = load_model(source.folder)
@@ -202,8 +202,9 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
                             progress=(lambda step, loss: advance(step)) if advance else None)
     report = {**report, "seconds": time.perf_counter() - t0, "parameters": sum(p.numel() for p in predictor.parameters())}
     extra = {"trained_on": {**asdict(opts), "maps": len(train_maps)}, "report": report}
-    save_predictor(predictor, out, extra=json.loads(json.dumps(extra, default=str)))
+    with out:
+        save_predictor(predictor, out.tmp, extra=json.loads(json.dumps(extra, default=str)))
     log.info("validation recall at %.0f%% of blocks: predictor %.4f, last-step %.4f", 100 * opts.budget,
              report["val_recall_predictor"], report["val_recall_last_step"])
-    return {"out": str(out), **{k: v for k, v in report.items() if k != "loss_curve"}}
+    return {"out": str(out.path), **{k: v for k, v in report.items() if k != "loss_curve"}}
 
