@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from latentkv.calibration.runner import _resolve_dtype
+from latentkv.calibration.runner import resolve_dtype
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     if opts.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        dtype = _resolve_dtype(opts.dtype)
+        dtype = resolve_dtype(opts.dtype)
     model = load_model(source.folder, dtype=dtype, device=str(device), trust_remote_code=opts.trust_remote_code).eval()
 
     if progress is not None:
