@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from latentkv.modeling import cached_forward, output_cache
+
 
 def smollm2_shaped(device):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,7 +31,7 @@ def plain_round(model, start_token, rows, length, temperature, generator, device
         nxt = torch.multinomial(torch.softmax(out.logits[:, -1].float() / temperature, -1), 1, generator=generator)
         sampled[:, t] = nxt[:, 0]
         if t + 1 < length:
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = cached_forward(model, nxt, output_cache(out))
     return sampled
 
 

@@ -171,16 +171,16 @@ def test_eos_stops_one_sequence(converted):
 def test_dynamic_cache_path_unchanged(converted):
     """Guards the hook's isolation: with transformers' DynamicCache (no `latent_attention`), the
     model's incremental decode still equals its full forward."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     model, _ = _load(converted("mla"))
     ids = torch.tensor([[5, 77, 31, 200, 9, 14, 150, 3, 99, 42, 61, 8]], device=DEVICE)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
-        parts = [model(ids[:, :7], past_key_values=cache, use_cache=True).logits]
+        cache = new_dynamic_cache(model.config)
+        parts = [cached_forward(model, ids[:, :7], cache).logits]
         for t in range(7, ids.shape[1]):
-            parts.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            parts.append(cached_forward(model, ids[:, t : t + 1], cache).logits)
     inc = torch.cat(parts, dim=1)
     assert torch.allclose(inc, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
 

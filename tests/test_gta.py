@@ -63,7 +63,7 @@ def test_gta_shapes_cache_and_report(gta_model):
     """Guards the GTA-T geometry: a state of the head dim per KV head plus a half-head-dim RoPE key
     in the cache (and in the HF cache at generation), no kv_b_proj, q/o of the source's shapes, and
     the per-layer fit errors written beside the weights."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     result, out = gta_model
     G, d, H, L = 2, 16, 4, 2  # tiny_models geometry
@@ -73,10 +73,10 @@ def test_gta_shapes_cache_and_report(gta_model):
     assert attn.tied and not hasattr(attn, "kv_b_proj")
     assert attn.q_proj.weight.shape == (H * d, 64) and attn.o_proj.weight.shape == (64, H * d)
     assert attn.kv_a_proj.weight.shape == (G * d + d // 2, 64)
-    cache = DynamicCache(config=model.config)
+    cache = new_dynamic_cache(model.config)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        cached_forward(model, ids, cache)
     stored = sum(t.shape[-1] for layer in cache.layers for t in (layer.keys, layer.values))
     assert stored == result.kv_values_per_token
     rows = json.loads((out / "latentkv_layers.json").read_text())

@@ -84,7 +84,7 @@ def test_cache_geometry_and_kv_accounting(case, converted):
     the config, in the HF cache at generation, and in `latentkv eval`'s KV bytes (which refuses a
     config that disagrees with the cache); modules have the declared shapes; the gate starts at 0
     (sigmoid 1/2); a compressed setting is smaller than the source by exactly what it drops."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     from latentkv.eval.report import evaluate
 
@@ -100,10 +100,10 @@ def test_cache_geometry_and_kv_accounting(case, converted):
     assert attn.k_proj.weight.shape == (k * D_HEAD, 64) and attn.c_proj.weight.shape == (r, 64)
     assert attn.v_up_proj.weight.shape == (heads * D_HEAD, r) and attn.g_proj.weight.shape == (heads * D_HEAD, 64)
     assert float(attn.g_proj.weight.detach().abs().max()) == 0 == float(attn.g_proj.bias.detach().abs().max())
-    cache = DynamicCache(config=model.config)
+    cache = new_dynamic_cache(model.config)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        cached_forward(model, ids, cache)
     stored = sum(t.shape[1] * t.shape[-1] for layer in cache.layers for t in (layer.keys, layer.values))
     assert stored == result.kv_values_per_token
     report = evaluate(str(out), eval_text=str(TINY_TEXT), window=32, windows=2, batch_size=2)
@@ -165,16 +165,16 @@ def test_reload_in_fresh_process_without_latentkv(case, converted, tmp_path):
 def test_incremental_decode_equals_full_forward(converted):
     """Guards the cached path: logits of tokens fed one at a time through the HF cache (map keys
     rotated at their positions, latent appended) equal those of one full forward."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     _, out = converted("llama-shared")
     model = load_model(out)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
     full = _logits(model, ids)
-    cache = DynamicCache(config=model.config)
+    cache = new_dynamic_cache(model.config)
     with torch.no_grad():
-        first = model(ids[:, :5], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 12)]
+        first = cached_forward(model, ids[:, :5], cache).logits
+        steps = [cached_forward(model, ids[:, t:t + 1], cache).logits for t in range(5, 12)]
     stepwise = torch.cat([first, *steps], dim=1).double()
     assert _rel(stepwise, full) < 1e-5
 

@@ -41,8 +41,6 @@ class ArchSpec:
     fused_qkv_layout: str = "blocked"
     # The LM head's module name in transformers' CausalLM (`lm_head` above is its name on disk).
     lm_head_module: str = "lm_head"
-    # The keyword under which the decoder layer hands its attention the KV cache.
-    cache_argument: str = "past_key_values"
     # Why DeepseekV3 (and so --format deepseek) cannot hold the rest of this architecture; "" if it can.
     deepseek_refusal: str = ""
     # Why `--to gqa` (the source's own architecture with fewer KV heads) cannot be written; "" if it can.
@@ -73,8 +71,7 @@ class ArchSpec:
         within = len(self.base_model) + 1
         return {"base_model": self.base_model, "attention": self.attention, "lm_head": self.lm_head_module,
                 "embed": self.embed[within:].removesuffix(".weight"),
-                "final_norm": self.final_norm[within:].removesuffix(".weight"),
-                "cache_argument": self.cache_argument}
+                "final_norm": self.final_norm[within:].removesuffix(".weight")}
 
     def qkv_rows(self, geo: "AttentionGeometry") -> dict:
         """Rows of q, k and v in the fused projection: slices (blocked) or index tensors (per head)."""
@@ -164,7 +161,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  v_proj="attention.v_proj", o_proj="attention.dense", fused_qkv="attention.query_key_value",
                  fused_qkv_layout="per_head", embed="gpt_neox.embed_in.weight",
                  final_norm="gpt_neox.final_layer_norm.weight", lm_head="embed_out.weight",
-                 qkv_bias="attention_bias", o_bias="attention_bias", cache_argument="layer_past",
+                 qkv_bias="attention_bias", o_bias="attention_bias",
                  deepseek_refusal="its layers may add attention and MLP in parallel and its LayerNorms have biases",
                  gqa_refusal="GPTNeoXAttention has one fused query_key_value for as many KV heads as query "
                              "heads (no num_key_value_heads setting)"),

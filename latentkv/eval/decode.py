@@ -2,7 +2,7 @@
 
 `PagedLatentCache` holds, per layer, pages of ``[c | RoPE(k_rope)]`` rows (width
 ``kv_lora_rank + rope_dim``, the model dtype) and one block table per sequence; sequences of a batch
-have their own lengths. Passed as ``past_key_values`` to the decoder layers, it takes over
+have their own lengths. Passed as the decoder layers' cache argument, it takes over
 `LatentAttention` through the module's duck-typed hook (``latent_attention``): it appends the new
 rows to the pages and attends in the absorbed form
 
@@ -29,6 +29,7 @@ import torch
 from latentkv.errors import LatentKVError
 from latentkv.kernels.compare import compare
 from latentkv.kernels.mla_decode import decode_attention
+from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class PagedLatentCache:
     backend: "auto" | "triton" | "reference" (``latentkv.kernels.decode_attention``).
 
     Use: ``seq = cache.add_sequence()``; per forward step ``positions = cache.begin_step(seqs, n)``,
-    run the layers with ``past_key_values=cache, position_ids=positions``, then ``cache.end_step()``.
+    run the layers with the cache and ``position_ids=positions``, then ``cache.end_step()``.
     """
 
     def __init__(
@@ -272,10 +273,12 @@ def _run_layers(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, 
     # GTA-S layers rotate with the decoder's shared (cos, sin); MLA / GLA / GTA-T layers rotate themselves
     rotary = getattr(model.get_decoder(), "rotary_emb", None) if _has_gtas(model) else None
     pos_emb = rotary(hidden, positions) if rotary is not None else None
-    for layer in model.get_decoder().layers:
+    layers = model.get_decoder().layers
+    cache_kw = {cache_keyword(type(layers[0]).forward): cache}  # the name depends on the transformers version
+    for layer in layers:
         hidden = layer(
-            hidden, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
-            position_embeddings=pos_emb,
+            hidden, attention_mask=None, position_ids=positions, use_cache=True, position_embeddings=pos_emb,
+            **cache_kw,
         )  # fmt: skip
         if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
             hidden = hidden[0]
@@ -551,14 +554,14 @@ def generate_cli(
 @torch.no_grad()
 def hf_cache_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """Greedy tokens through the model's own forward with transformers' DynamicCache (no EOS stop)."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    cache = new_dynamic_cache(model.config)
     ids = torch.tensor([prompt], device=device)
     out = []
     for _ in range(num_tokens):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = cached_forward(model, ids, cache).logits[0, -1]
         out.append(int(logits.argmax()))
         ids = torch.tensor([[out[-1]]], device=device)
     return out

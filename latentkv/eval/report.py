@@ -40,26 +40,18 @@ def declared_kv_values(config) -> tuple[int, int]:
 @torch.no_grad()
 def measured_kv_values(model, tokens: int = 16) -> int:
     """Values per token that the model's HF cache really holds (summed over layers)."""
-    from transformers import DynamicCache
+    from latentkv.modeling import cached_forward, new_dynamic_cache
 
     device = next(model.parameters()).device
     ids = torch.arange(1, tokens + 1, device=device)[None] % model.config.vocab_size
-    cache = DynamicCache(config=model.config) if _cache_takes_config() else DynamicCache()
-    model(ids, past_key_values=cache, use_cache=True)
+    cache = new_dynamic_cache(model.config)
+    cached_forward(model, ids, cache)
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if t is not None and t.numel():
                 total += t.numel() // t.shape[0] // t.shape[-2]
     return total
-
-
-def _cache_takes_config() -> bool:
-    import inspect
-
-    from transformers import DynamicCache
-
-    return "config" in inspect.signature(DynamicCache.__init__).parameters
 
 
 def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4, device="cpu", dtype="float32",

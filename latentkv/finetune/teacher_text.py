@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from latentkv.calibration.runner import resolve_dtype
+from latentkv.modeling import cached_forward, output_cache
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def sample_round(model, start_token: int, rows: int, length: int, temperature: f
             nxt = sample_next(out.logits[:, -1], temperature, generator)
             sampled[:, t] = nxt[:, 0]
             if t + 1 < length:
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = cached_forward(model, nxt, output_cache(out))
     return sampled
 
 

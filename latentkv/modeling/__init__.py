@@ -48,3 +48,28 @@ def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bo
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     return model.to(device).eval()
+
+
+def new_dynamic_cache(config):
+    """transformers' DynamicCache for a model of `config` (older versions take no config)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    takes_config = "config" in inspect.signature(DynamicCache.__init__).parameters
+    return DynamicCache(config=config) if takes_config else DynamicCache()
+
+
+def cached_forward(model, input_ids, cache, **kwargs):
+    """`model(input_ids, use_cache=True)` with `cache` handed over under the keyword the model's forward
+    takes (transformers renamed `past_key_values` to `cache`); returns the model's output."""
+    from latentkv.modeling.modeling_latentkv import cache_keyword
+
+    return model(input_ids, use_cache=True, **{cache_keyword(model.forward): cache}, **kwargs)
+
+
+def output_cache(outputs):
+    """The cache a model output carries, under whichever field name this transformers version uses."""
+    from latentkv.modeling.modeling_latentkv import output_cache as field
+
+    return field(outputs)

@@ -39,6 +39,7 @@ per-head up-projection and a sigmoid gate of the current token:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -60,8 +61,8 @@ class LatentKVConfig(PretrainedConfig):
     q_bias: whether the source's q/k/v projections have biases (kept where the layer keeps them).
     softmax_scale, rope_attention_scaling: taken from the source so scores are unchanged.
     source_modules: where the source CausalLM keeps its parts: `base_model` (attribute holding the
-        decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder), and
-        `cache_argument` (the keyword a layer passes its cache under). Llama's names by default.
+        decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder).
+        Llama's names by default.
     """
 
     model_type = "latentkv"
@@ -110,7 +111,40 @@ class LatentKVConfig(PretrainedConfig):
 
 
 SOURCE_MODULES = {"base_model": "model", "attention": "self_attn", "lm_head": "lm_head", "embed": "embed_tokens",
-                  "final_norm": "norm", "cache_argument": "past_key_values"}
+                  "final_norm": "norm"}
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` (and
+# GPT-NeoX layers take `layer_past`). A checkpoint carrying this file is loaded with whatever version
+# the user has, so every cache hand-over goes through the helpers below, never through one fixed name.
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
+CACHE_OUTPUT_FIELD = (
+    "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+)
+
+
+def cache_keyword(forward) -> str:
+    """The keyword under which `forward` (a model's, decoder's or layer's forward) takes the KV cache."""
+    params = inspect.signature(forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    return CACHE_OUTPUT_FIELD
+
+
+def output_cache(outputs):
+    """The cache a model output carries, under this transformers version's field name."""
+    return getattr(outputs, CACHE_OUTPUT_FIELD, None)
+
+
+def passed_cache(kwargs: dict, *given):
+    """The cache a layer was handed: the first of `given` that is set, else any cache keyword in kwargs."""
+    for value in given:
+        if value is not None:
+            return value
+    for name in CACHE_KEYWORDS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -268,14 +302,13 @@ class LatentAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings=None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         position_ids: torch.Tensor | None = None,
         cache_position: torch.Tensor | None = None,
         **kwargs,
     ):
         b, s, _ = hidden_states.shape
-        if past_key_values is None:  # a layer that passes its cache under another name (GPT-NeoX: layer_past)
-            past_key_values = kwargs.get(self.config.source_modules["cache_argument"])
+        past_key_values = passed_cache(kwargs, cache)
         if position_ids is None:
             start = 0 if cache_position is None else int(cache_position[0])
             if cache_position is None and past_key_values is not None:
@@ -346,11 +379,10 @@ class GroupedLatentAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings=None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ):
-        if past_key_values is None:  # a layer that passes its cache under another name (GPT-NeoX: layer_past)
-            past_key_values = kwargs.get(self.config.source_modules["cache_argument"])
+        past_key_values = passed_cache(kwargs, cache)
         if position_embeddings is None:
             raise ValueError("GroupedLatentAttention needs the decoder layer's position_embeddings (cos, sin)")
         b, s, _ = hidden_states.shape
@@ -452,20 +484,23 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ):
-        outputs = self.get_decoder()(
+        decoder = self.get_decoder()
+        given = passed_cache({}, cache, past_key_values)
+        outputs = decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{cache_keyword(decoder.forward): given},
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -477,9 +512,9 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_OUTPUT_FIELD: output_cache(outputs)},
         )
 
 
