@@ -117,14 +117,20 @@ def _load_recipe(path: Path | None) -> dict:
         raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
     if not isinstance(data, dict):
         raise LatentKVError(f"Recipe {path} must be a YAML mapping of settings")
-    return data
+    from latentkv.typed import check_types
+
+    return check_types(data, RECIPE_TYPES, f"Recipe {path}")
 
 
-RECIPE_KEYS = {
-    "to", "kv_lora_rank", "kv_budget", "qk_rope_dim", "latent_heads", "num_kv_heads", "format", "device", "dtype",
-    "calib_data", "calib_split", "calib_samples", "calib_seq_len", "calib_seed", "method_options", "max_shard_size",
-    "save_dtype", "sequential", "grouping", "method",
+# What a convert recipe may set, and the type of each (None: may be left empty).
+RECIPE_TYPES: dict = {
+    "to": str, "kv_lora_rank": (int, None), "kv_budget": (float, None), "qk_rope_dim": (int, str),
+    "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
+    "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
+    "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
+    "grouping": (str, None), "method": str,
 }
+RECIPE_KEYS = set(RECIPE_TYPES)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from latentkv.arch import geometry_of
 from latentkv.convert import mla
 from latentkv.convert.qk_norm import with_source_projections
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MLAMethod:
             options["allocation"] = "uniform"
             options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
             options["refit_bias"] = False  # nor the refit's intercept
-        return mla.MLAConfig(**options)
+        return mla.MLAConfig(**typed_settings(mla.MLAConfig, options, self.name))
 
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
         geo = geometry_of(config)
@@ -314,7 +315,7 @@ class GTAMethod(MLAMethod):
         options = dict(options)
         if options.pop("qk_rope_dim", "auto") not in ("auto", None):
             raise LatentKVError("--to gta has a fixed RoPE key of half the head dim; drop --qk-rope-dim")
-        return GTAConfig(**options)
+        return GTAConfig(**typed_settings(GTAConfig, options, self.name))
 
     def validate(self, config, arch, cfg, fmt: str) -> None:
         geo = geometry_of(config)

@@ -62,7 +62,8 @@ class TrainOptions:
 
 def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
     """[windows, seq_len] token ids from ``data`` (a folder of .txt/.jsonl/.parquet, or one file)."""
-    from latentkv.calibration.data import TEXT_SUFFIXES, TextSource, load_texts, sample_windows, tokenize_stream
+    from latentkv.calibration.data import (TEXT_SUFFIXES, TextSource, read_pieces, sample_windows, tokenize_pieces,
+                                           tokens_to_read)
     from latentkv.data import logical_name, logical_suffix, resolve_text
 
     path = Path(resolve_text(data)).expanduser()
@@ -71,10 +72,11 @@ def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: in
                        and p.name not in exclude and logical_name(p) not in exclude)
         if not files:
             raise LatentKVError(f"no text files left under {path} after excluding {', '.join(exclude)}.")
-        texts = [t for f in files for t in load_texts(TextSource(str(f)))]
+        pieces = (piece for f in files for piece in read_pieces(TextSource(str(f))))
     else:
-        texts = load_texts(TextSource(data))
-    return sample_windows(tokenize_stream(tokenizer, texts), windows, seq_len, seed)
+        pieces = read_pieces(TextSource(data))
+    tokens = tokenize_pieces(tokenizer, pieces, max_tokens=tokens_to_read(windows, seq_len))
+    return sample_windows(tokens, windows, seq_len, seed)
 
 
 @torch.no_grad()
