@@ -26,6 +26,9 @@ app.add_typer(bench_app, name="bench")
 predictor_app = typer.Typer(help="AttentionPredictor: a learned choice of the KV blocks each decode step reads.",
                             no_args_is_help=True)
 app.add_typer(predictor_app, name="predictor")
+cache_app = typer.Typer(help="The cache folder ($LATENTKV_CACHE, else ~/.cache/latentkv): list and prune.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 DEFAULT_CORPUS = DEFAULT_CALIBRATION  # the Gutenberg books shipped in latentkv/data
 
@@ -532,6 +535,50 @@ def predictor_train(
     finally:
         factory.stop()
     typer.echo(json.dumps(result))
+
+
+@cache_app.command("list")
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
+    """Every cache folder with its size and when it was last used."""
+    import time
+
+    from latentkv.io.cache import cache_entries
+    from latentkv.io.source import latentkv_cache_dir
+
+    entries = cache_entries()
+    rows = [{"kind": e.kind, "path": str(e.path), "bytes": e.bytes, "state": e.state, "about": e.about,
+             "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))} for e in entries]
+    if as_json:
+        typer.echo(json.dumps({"root": str(latentkv_cache_dir()), "bytes": sum(e.bytes for e in entries),
+                               "entries": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"latentkv cache: {latentkv_cache_dir()}")
+    for col in ("kind", "folder", "size", "last used", "state", "made from"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["kind"], Path(r["path"]).name, f"{r['bytes'] / 1e6:.1f} MB", r["last_used"], r["state"],
+                      r["about"])
+    Console().print(table)
+    Console().print(f"total {sum(e.bytes for e in entries) / 1e6:.1f} MB in {len(entries)} folder(s)")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[float, typer.Option(help="Delete calibration statistics and GGUF dequantizations last used more than this many days ago.")] = 30.0,
+    all_: Annotated[bool, typer.Option("--all", help="Delete every calibration statistics and GGUF folder.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be deleted.")] = False,
+):
+    """Free space: calibration statistics and GGUF dequantizations are made again when needed."""
+    from latentkv.io.cache import prune_cache
+
+    gone = _run(prune_cache, older_than_days=older_than, everything=all_, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for e in gone:
+        typer.echo(f"{verb} {e.path} ({e.bytes / 1e6:.1f} MB)")
+    typer.echo(f"{verb} {len(gone)} folder(s), {sum(e.bytes for e in gone) / 1e6:.1f} MB")
 
 
 @bench_app.command("quality")

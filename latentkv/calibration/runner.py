@@ -81,6 +81,18 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 _resolve_dtype = resolve_dtype  # the older name, still imported by some modules
 
 
+def peak_memory_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS counts bytes, Linux KiB
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The device a user named, refused at once if this machine does not have it."""
     try:

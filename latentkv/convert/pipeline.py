@@ -18,7 +18,8 @@ from latentkv.errors import LatentKVError
 from latentkv.arch import geometry_of, get_arch
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
 from latentkv.data import DEFAULT_CALIBRATION
-from latentkv.calibration.runner import LayerStream, resolve_dtype, check_device, check_seq_len, freed_memory_held
+from latentkv.calibration.runner import (LayerStream, check_device, check_seq_len, freed_memory_held,
+                                       peak_memory_bytes, resolve_dtype)
 from latentkv.calibration.stats import (
     LayerStats,
     StatsCache,
@@ -297,6 +298,10 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         progress = progress_factory("writing", stream.num_layers) if progress_factory else None
         result = method.write(stream, stats, plan, method_cfg, opts, source, out.tmp, save_dtype, progress)
     result.seconds = time.perf_counter() - t0
+    peak = peak_memory_bytes()
+    if peak is not None:
+        log.info("peak memory %.0f MB (checkpoint %.0f MB)", peak / 1e6, source.weights.total_bytes / 1e6)
+        result.notes.append(f"peak memory {peak / 1e6:.0f} MB for a checkpoint of {source.weights.total_bytes / 1e6:.0f} MB")
     for c in caches:
         if c.reused_layers:  # said without -v: statistics of another run went into this model
             result.notes.append(f"calibration statistics of {c.reused_layers} layer(s) reused from {c.folder} "

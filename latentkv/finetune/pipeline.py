@@ -211,7 +211,11 @@ def _model_dir(model: str) -> Path:
 def _read_config(folder: Path):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+    from latentkv.modeling import check_self_contained, read_config_json
+
+    config = read_config_json(folder)
+    check_self_contained(folder, config)
+    return SimpleNamespace(**config)
 
 
 def _tokenizer(folder: Path, trust_remote_code: bool):

@@ -170,6 +170,18 @@ def _hash_sampled(fh, begin: int, end: int, h, block: int, samples: int) -> None
         h.update(fh.read(block))
 
 
+def check_shard_name(index_path: Path, name: str) -> None:
+    """An index may name only files inside its own folder: a plain relative path, no '..', not
+    absolute (a crafted index must not read, or smuggle into an output, some other file)."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or "\\" in name \
+            or ":" in name:
+        raise LatentKVError(
+            f"Index {index_path} names shard {name!r}, which is not a file inside {index_path.parent}; the index is "
+            "corrupt or crafted: re-download the checkpoint."
+        )
+
+
 class LazyCheckpoint:
     """A checkpoint folder whose tensors are read one at a time, on demand.
 
@@ -220,7 +232,10 @@ class LazyCheckpoint:
             raise LatentKVError(f"The weights in {f} hold no tensors; re-download or re-export the checkpoint.")
 
     def _shard_paths(self, index_path: Path, weight_map: dict[str, str]) -> dict[str, Path]:
-        paths = {name: index_path.parent / name for name in sorted(set(weight_map.values()))}
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            check_shard_name(index_path, name)
+        paths = {name: index_path.parent / name for name in names}
         missing = [name for name, p in paths.items() if not p.is_file()]
         if missing:
             raise LatentKVError(

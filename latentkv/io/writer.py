@@ -95,7 +95,7 @@ def is_disk_full(exc: BaseException) -> bool:
 MARKER_FILE = ".latentkv-output.json"
 # Temporary folders beside an output: `.NAME.partial-PID-RANDOM` while building, `.NAME.old-PID-RANDOM`
 # for the moment of the swap. The PID says whether the run that made one is still alive.
-_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a-z_]+$")
+LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a-z_]+$")
 
 
 def pid_alive(pid: int) -> bool:
@@ -240,7 +240,7 @@ def clean_leftovers(target: Path) -> list[Path]:
     except OSError:
         return kept
     for p in siblings:
-        m = _LEFTOVER_RE.match(p.name)
+        m = LEFTOVER_RE.match(p.name)
         if m is None or m.group("name") != target.name or not p.is_dir() or p.is_symlink():
             continue
         pid = m.group("pid")
@@ -471,6 +471,9 @@ def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
         if not s.is_file():
             continue
         try:
+            if name == "tokenizer_config.json" and _copy_without_auto_map(s, dst / name):
+                copied.append(name)
+                continue
             shutil.copyfile(s, dst / name)
             copied.append(name)
         except OSError as exc:
@@ -478,3 +481,23 @@ def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
     if not any(n.startswith(("tokenizer", "vocab")) for n in copied):
         logger.warning("No tokenizer files found in %s; the output at %s will need one added by hand", src, dst)
     return copied
+
+
+def _copy_without_auto_map(src: Path, dst: Path) -> bool:
+    """Copy a tokenizer_config.json that names tokenizer code (auto_map) without that entry: the code
+    is not copied (latentkv never carries a checkpoint's code), and an auto_map to absent files
+    breaks loading. Returns False (copy it unchanged) when it names no code or is not a JSON object."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return False
+    dropped = data.pop("auto_map")
+    dst.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.warning(
+        "%s names tokenizer code (auto_map %s) that latentkv does not copy; the output's copy leaves that entry out. "
+        "If the tokenizer needs that code, copy its .py files and the auto_map entry into %s by hand.",
+        src, json.dumps(dropped)[:200], dst.parent,
+    )
+    return True
