@@ -72,7 +72,11 @@ def _setup_logging(output: Path | None = None, verbose: bool = False) -> None:
 def _fail(exc: Exception) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape
+
+    # One line, never wrapped by rich (a path cut in two cannot be pasted back); markup in the
+    # message (a path with [brackets]) is printed as typed.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -35,9 +35,9 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
 
     t0 = time.perf_counter()
     acc = _accelerator(opts)
+    # Refuse, before any work (or log file), an output that is an input (or holds one) or a folder it may not replace.
+    out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.model, opts.teacher, opts.data))
     with _log_file(opts.log_file if acc.is_main_process else None):
-        # Refuse, before any work, an output that is an input (or holds one) or a folder it may not replace.
-        out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.model, opts.teacher, opts.data))
         model_dir = _model_dir(opts.model)
         row = tg.targets_for(_read_config(model_dir))
         tokenizer = _tokenizer(model_dir, opts.trust_remote_code)
