@@ -45,18 +45,19 @@ PIECE_LINES = 2000
 PIECE_CHARS = 1_000_000
 # A .jsonl row must be parsed whole; one longer than this is refused rather than read.
 MAX_ROW_CHARS = 256_000_000
-# Calibration reads text only until it has this many tokens (or 8x the tokens its windows need,
-# if more): the windows are drawn from those. The shipped Gutenberg books are about 1.6M tokens
-# for a 50k-vocabulary tokenizer, so for them (and any text of that size) nothing changes.
-MIN_TOKENS_READ = 1 << 22
+# Calibration and training read text only until they have enough: at least MIN_CHARS_READ
+# characters (about 4M tokens of a 50k-vocabulary tokenizer) and TOKENS_READ_FACTOR times the
+# tokens they need. The shipped Gutenberg books (6M characters) are always read whole, whatever
+# the tokenizer, so their windows are those of the whole text.
+MIN_CHARS_READ = 16_000_000
 TOKENS_READ_FACTOR = 8
 
 Piece = tuple[str, bool]  # (text, whether it ends its document: EOS follows)
 
 
-def tokens_to_read(num_samples: int, seq_len: int) -> int:
-    """How many tokens of a text calibration reads to draw `num_samples` windows of `seq_len`."""
-    return max(MIN_TOKENS_READ, TOKENS_READ_FACTOR * num_samples * seq_len)
+def enough_text(num_samples: int, seq_len: int) -> tuple[int, int]:
+    """(tokens, characters) calibration reads before it stops, for `num_samples` windows of `seq_len`."""
+    return TOKENS_READ_FACTOR * num_samples * seq_len, MIN_CHARS_READ
 
 
 def text_value(value, where: str, field: str) -> str:
@@ -258,28 +259,34 @@ def _iter_dataset(source: TextSource) -> Iterator[str]:
 
 
 def tokenize_pieces(tokenizer, pieces: Iterable[Piece], max_tokens: int | None = None,
-                    batch_chars: int = 1_000_000) -> torch.Tensor:
-    """Pieces joined into one token stream, EOS after each document's last piece, stopping once
-    max_tokens are reached (no more pieces are read).
+                    batch_chars: int = 1_000_000, enough: tuple[int, int] | None = None) -> torch.Tensor:
+    """Pieces joined into one token stream, EOS after each document's last piece.
 
+    Reading stops (no more pieces are taken from `pieces`) after the first piece at which the
+    stream holds `enough` = (tokens, characters) of both, and the stream is cut to `max_tokens`.
     Pieces go to the tokenizer in batches of about `batch_chars` characters, which a fast
-    tokenizer encodes on all cores; the ids are the same as piece by piece.
+    tokenizer encodes on all cores; the ids, and where reading stops, are the same as piece by piece.
     """
     eos = tokenizer.eos_token_id
     parts: list[torch.Tensor] = []  # int64 blocks of ids (a Python list would take 36 bytes a token)
-    total = 0
+    total = chars = 0
     batch: list[str] = []
     ends: list[bool] = []
     size = 0
+    done = False
 
     def flush() -> None:
-        nonlocal size, total
+        nonlocal size, total, chars, done
         if batch:
             ids: list[int] = []
-            for piece, end in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
+            for text, piece, end in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
                 ids.extend(piece)
                 if end and eos is not None:
                     ids.append(eos)
+                chars += len(text)
+                if enough is not None and len(ids) + total >= enough[0] and chars >= enough[1]:
+                    done = True  # the pieces after this one in the batch are dropped
+                    break
             parts.append(torch.tensor(ids, dtype=torch.long))
             total += len(ids)
         batch.clear()
@@ -292,7 +299,7 @@ def tokenize_pieces(tokenizer, pieces: Iterable[Piece], max_tokens: int | None =
         size += len(piece)
         if size >= batch_chars:
             flush()
-            if max_tokens and total >= max_tokens:
+            if done or (max_tokens and total >= max_tokens):
                 break
     else:
         flush()
@@ -324,13 +331,11 @@ def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: i
 
 def token_windows(tokenizer, source: TextSource, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Text source -> [num_samples, seq_len] token ids, logging what was used."""
-    limit = tokens_to_read(num_samples, seq_len)
-    tokens = tokenize_pieces(tokenizer, read_pieces(source), max_tokens=limit)
+    tokens = tokenize_pieces(tokenizer, read_pieces(source), enough=enough_text(num_samples, seq_len))
     windows = sample_windows(tokens, num_samples, seq_len, seed)
     log.info(
-        "calibration text: %s -> %d tokens%s, %d windows of %d (seed %d)",
-        source.describe(), tokens.numel(), " (read up to this many)" if tokens.numel() >= limit else "",
-        num_samples, seq_len, seed,
+        "calibration text: %s -> %d tokens (read until %d tokens and %d characters), %d windows of %d (seed %d)",
+        source.describe(), tokens.numel(), *enough_text(num_samples, seq_len), num_samples, seq_len, seed,
     )
     del tokens
     release_freed_memory()  # the tokenizer's batch buffers: only the windows are kept

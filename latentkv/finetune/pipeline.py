@@ -44,11 +44,11 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
         teacher_dir = _teacher_dir(opts, tokenizer) if opts.teacher else None
         from latentkv.calibration.data import TextSource
 
-        from latentkv.calibration.data import MIN_TOKENS_READ
+        from latentkv.calibration.data import MIN_CHARS_READ
 
         # The text is read only as far as the run can use (all of it when shorter: nothing changes then).
         data = PackedSequences(tokenizer, TextSource(opts.data, opts.split, opts.text_field), opts.seq_len, opts.seed,
-                               max_tokens=max(MIN_TOKENS_READ, int(opts.tokens)))
+                               enough=(int(opts.tokens), MIN_CHARS_READ))
         plan = StepPlan.make(opts, acc.num_processes)
         autocast = _autocast_dtype(opts, acc.device)
         student = build_student(opts, model_dir, row).to(acc.device)

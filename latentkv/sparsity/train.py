@@ -62,8 +62,8 @@ class TrainOptions:
 
 def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
     """[windows, seq_len] token ids from ``data`` (a folder of .txt/.jsonl/.parquet, or one file)."""
-    from latentkv.calibration.data import (TEXT_SUFFIXES, TextSource, read_pieces, sample_windows, tokenize_pieces,
-                                           tokens_to_read)
+    from latentkv.calibration.data import (TEXT_SUFFIXES, TextSource, enough_text, read_pieces, sample_windows,
+                                           tokenize_pieces)
     from latentkv.data import logical_name, logical_suffix, resolve_text
 
     path = Path(resolve_text(data)).expanduser()
@@ -75,7 +75,7 @@ def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: in
         pieces = (piece for f in files for piece in read_pieces(TextSource(str(f))))
     else:
         pieces = read_pieces(TextSource(data))
-    tokens = tokenize_pieces(tokenizer, pieces, max_tokens=tokens_to_read(windows, seq_len))
+    tokens = tokenize_pieces(tokenizer, pieces, enough=enough_text(windows, seq_len))
     return sample_windows(tokens, windows, seq_len, seed)
 
 
