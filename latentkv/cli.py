@@ -407,7 +407,10 @@ def generate(
 ):
     """Greedy generation with latentkv's paged latent cache and fused decode kernels."""
     _setup_logging()
+    from latentkv.calibration.runner import check_device
     from latentkv.eval.decode import generate_cli
+
+    _run(check_device, device)
 
     for text in _run(generate_cli, model, prompt, max_new_tokens=max_new_tokens, backend=backend, device=device, dtype=dtype):
         typer.echo(text)

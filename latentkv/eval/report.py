@@ -58,12 +58,13 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
              gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
     (KL(source || model) per token and top-1 agreement on the same windows)."""
-    from latentkv.calibration.runner import resolve_dtype
+    from latentkv.calibration.runner import check_device, resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
     from latentkv.modeling import load_model
 
-    opened = _open(spec, gguf_file, trust_remote_code)
+    check_device(device)  # before anything is read
     torch_dtype = resolve_dtype(dtype)
+    opened = _open(spec, gguf_file, trust_remote_code)
     model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)

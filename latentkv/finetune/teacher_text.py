@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from latentkv.calibration.runner import resolve_dtype
+from latentkv.calibration.runner import check_device, resolve_dtype
 from latentkv.modeling import cached_forward, output_cache
 from latentkv.errors import LatentKVError
 
@@ -56,6 +56,9 @@ class SampleOptions:
                 raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
+        check_device(self.device)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
 
     @property
     def rounds(self) -> int:
