@@ -300,8 +300,8 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     result.seconds = time.perf_counter() - t0
     peak = peak_memory_bytes()
     if peak is not None:
-        log.info("peak memory %.0f MB (checkpoint %.0f MB)", peak / 1e6, source.weights.total_bytes / 1e6)
-        result.notes.append(f"peak memory {peak / 1e6:.0f} MB for a checkpoint of {source.weights.total_bytes / 1e6:.0f} MB")
+        log.info("peak memory %.0f MB (checkpoint %.1f MB)", peak / 1e6, source.weights.total_bytes / 1e6)
+        result.notes.append(f"peak memory {peak / 1e6:.0f} MB for a checkpoint of {source.weights.total_bytes / 1e6:.1f} MB")
     for c in caches:
         if c.reused_layers:  # said without -v: statistics of another run went into this model
             result.notes.append(f"calibration statistics of {c.reused_layers} layer(s) reused from {c.folder} "
