@@ -147,7 +147,7 @@ def convert(
     output: OutputArg,
     to: Annotated[str, typer.Option("--to", help="Target: mla, gla (grouped latent), gta (GTA-T: tied K/V state per KV head), gta-s (GTA-S: shared-map key heads + gated value latent; --set map_heads=N), gqa.")] = "mla",
     kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA; the value latent of GTA-S).", rich_help_panel="Method")] = None,
-    kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer.", rich_help_panel="Method")] = None,
+    kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer. Default 0.5 when no --kv-lora-rank is given (MLA, GLA).", rich_help_panel="Method")] = None,
     qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
     latent_heads: Annotated[Optional[int], typer.Option(help="GLA latent heads (must divide the query heads).", rich_help_panel="Method")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option(help="GQA target: KV heads to keep.", rich_help_panel="Method")] = None,
@@ -305,7 +305,7 @@ def eval_cmd(
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Perplexity (ASSETS.md protocol) and KV cache bytes of MODEL; with --source, its agreement with the source."""
+    """Perplexity (protocol: docs/evaluation.md) and KV cache bytes of MODEL; with --source, its agreement with the source."""
     _setup_logging()
     from latentkv.eval.report import evaluate
 
@@ -613,6 +613,22 @@ def _run_script(name: str, args: list[str]) -> None:
         _fail(FileNotFoundError(f"{script} not found; the benchmarks run from a source checkout of latentkv"))
     sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from latentkv import __version__
+
+        typer.echo(f"latentkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Rewrite the attention of a trained LLM so its KV cache is a fraction of the original."""
 
 
 def main() -> None:  # pragma: no cover

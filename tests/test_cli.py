@@ -121,3 +121,63 @@ def test_bad_input_gives_one_line_error(argv, message):
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     assert message in res.output.lower()
+
+
+def test_convert_defaults_to_mla_at_half_the_cache(tiny_model_dir, tmp_path):
+    """Guards the default a user expects: `convert SOURCE OUTPUT` with no method option converts to
+    MLA at 50% of the KV cache with the shipped calibration text (no sibling folder, no flags)."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", str(tiny_model_dir("llama")), str(out), "--calib-samples", "8",
+                              "--calib-seq-len", "64", "--calib-cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "mla"
+    source_values = 2 * 2 * 16  # tiny llama: 2 KV heads of 16, keys and values
+    assert sum(l["kv_lora_rank"] + l["rope_dim"] for l in config["attention_layers"]) == 2 * source_values // 2
+    assert "kv_budget: 0.5" in (out / "latentkv_recipe.yaml").read_text()
+
+
+def test_version_flag():
+    """Guards `latentkv --version` (the installed package's version, one line)."""
+    from latentkv import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"latentkv {__version__}"
+
+
+def test_no_deprecated_transformers_calls(tiny_model_dir, tmp_path):
+    """Guards against calls transformers has deprecated (they break on a later release, as the
+    `past_key_values` -> `cache` rename did): convert, eval with the real cache, the paged decode check
+    and the source agreement pass log no deprecation through transformers' logger or warnings."""
+    import logging
+    import warnings
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # warnings an earlier test already triggered must show again
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    src, out = tiny_model_dir("llama"), tmp_path / "out"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = runner.invoke(app, ["convert", str(src), str(out), "--calib-data", str(TINY_TEXT),
+                                      "--calib-samples", "8", "--calib-seq-len", "64",
+                                      "--calib-cache", str(tmp_path / "cache")])
+            assert res.exit_code == 0, res.output
+            res = runner.invoke(app, ["eval", str(out), "--json", "--eval-text", str(TINY_TEXT), "--eval-windows", "2",
+                                      "--eval-window", "64", "--decode-check", "--decode-tokens", "8",
+                                      "--source", str(src)])
+            assert res.exit_code == 0, res.output
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    deprecated = [m for m in records if "deprecat" in m.lower()]
+    deprecated += [str(w.message) for w in caught if "deprecat" in str(w.message).lower()
+                   and "latentkv" in w.filename]
+    assert not deprecated, deprecated

