@@ -43,6 +43,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         ),
     ),
     "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),  # the LM head is the embedding (SmolLM2)
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict()),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
