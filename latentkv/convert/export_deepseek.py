@@ -212,7 +212,19 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
     write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
                 extra_recipe={"deepseek_latent_norm_rel_error": {
                     "mean": mean_err, "max": max(errors), "mean_without_ballast": plain_mean, "norm_ballast": ballast}},
-                load_hint="Loads as a stock DeepseekV3ForCausalLM (no remote code): transformers, vLLM, SGLang.")
+                load_hint="Loads as a stock DeepseekV3ForCausalLM (no remote code): transformers, vLLM, SGLang."
+                          + _engine_hint(opts.engine))
     return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
                          seconds=0.0, layers=rows, notes=[f"latent RMSNorm relative error {mean_err:.3g} (mean over layers; {plain_mean:.3g} without "
                                 f"the {ballast} ballast dims)"])
+
+
+def _engine_hint(name: str | None) -> str:
+    """The card's line on the serving engine the geometry was fitted to (`--engine`)."""
+    if not name:
+        return " Its cache geometry was not fitted to an engine: see `latentkv inspect` for what each one runs."
+    from latentkv.convert.engines import get_engine
+
+    engine = get_engine(name)
+    return (f" Fitted to {engine.engine}'s {engine.backend} backend ({engine.device}): it runs "
+            f"{engine.describe()}, page size {engine.page_sizes}.")
