@@ -99,3 +99,12 @@ def test_engine_refusals_come_before_any_work(tiny_model_dir, tmp_path):
     with pytest.raises(LatentKVError, match="every engine serves as it is"):
         _convert(src, tmp_path / "out", tmp_path, "vllm-cpu", method="gqa", num_kv_heads=1)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache-out").exists()
+
+
+def test_serving_doc_lists_every_engine():
+    """docs/serving.md's table of cache shapes names every engine of the table in code."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    for name in ENGINES:
+        assert f"| `{name}` |" in doc, name
