@@ -135,7 +135,7 @@ RECIPE_TYPES: dict = {
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
     "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
-    "grouping": (str, None), "method": str,
+    "grouping": (str, None), "method": str, "engine": (str, None),
 }
 RECIPE_KEYS = set(RECIPE_TYPES)
 
@@ -154,6 +154,7 @@ def convert(
     method_option: Annotated[Optional[list[str]], typer.Option("--set", help="Extra method setting KEY=VALUE (e.g. --set rope_mix=real); repeatable.", rich_help_panel="Method")] = None,
     sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
     format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
+    engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
     calib_data: CalibData = DEFAULT_CORPUS,
     calib_split: CalibSplit = "train",
@@ -214,6 +215,7 @@ def convert(
         method=to,
         method_options=method_options,
         format=pick("format", format),
+        engine=pick("engine", engine),
         calib=CalibOptions(
             data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
             samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),
@@ -379,6 +381,15 @@ def inspect(
     for row in info["targets"]:
         targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%", str(row["bytes_bf16_all_layers"]))
     console.print(targets)
+    engines = Table(title="--to mla --format deepseek --engine NAME: the widest servable cache that saves KV")
+    engines.add_column("engine", no_wrap=True)
+    for col in ("export caches per layer", "% of source", "runs"):
+        engines.add_column(col)
+    for row in info.get("engines", []):
+        engines.add_row(row["engine"], row["geometry"], "-" if row["percent"] is None else f"{row['percent']:.1f}%",
+                        row["accepts"])
+    if info.get("engines"):
+        console.print(engines)
 
 
 @app.command()

@@ -414,16 +414,22 @@ def write_layer(stream, writer, i: int, attention: dict, save_dtype) -> None:
         writer.add(prefix + attn + name, t.to(save_dtype))
 
 
-def write_globals(stream, writer, save_dtype) -> None:
+def write_globals(stream, writer, save_dtype, untied_head: str | None = None) -> None:
     """Embeddings, final norm (and its bias, a LayerNorm's) and (untied) LM head under its module
-    name, then the shard index."""
+    name, then the shard index. `untied_head`: write the head under this name even where the source
+    ties it to the embeddings (for formats whose loaders never tie it: DeepSeek's in vLLM/SGLang)."""
     arch = stream.arch
     norm_bias = arch.final_norm.removesuffix("weight") + "bias"
     for name in (arch.embed, arch.final_norm, norm_bias):
         if name != norm_bias or name in stream.weights:
             writer.add(name, stream.weights.get(name).to(save_dtype))
-    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(f"{arch.lm_head_module}.weight", stream.weights.get(arch.lm_head).to(save_dtype))
+    tied = bool(stream.config.tie_word_embeddings)
+    if not tied and arch.lm_head not in stream.weights:
+        raise LatentKVError(f"The source's config unties the LM head but its weights hold no {arch.lm_head}; "
+                            "the checkpoint is incomplete")
+    if untied_head is not None or not tied:
+        head = arch.embed if tied else arch.lm_head  # a tied head is the embedding matrix itself
+        writer.add(untied_head or f"{arch.lm_head_module}.weight", stream.weights.get(head).to(save_dtype))
     writer.close()
 
 

@@ -68,6 +68,8 @@ class ConvertOptions:
     trust_remote_code: bool = False
     batch_size: int = 8
     command: str = ""
+    # A serving engine (`convert.engines`): the DeepSeek export then gets a geometry it runs.
+    engine: str | None = None
 
     def recipe(self) -> dict:
         d = asdict(self)
@@ -242,8 +244,16 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     t0 = time.perf_counter()
     check_settings(opts)
     method = get_method(opts.method)
+    source = None
+    if opts.engine:  # the engine's geometry depends on the source's shape: fitted before the settings are checked
+        from latentkv.convert.engines import check_engine, fit_engine
+
+        engine = check_engine(opts.engine, opts.method, opts.format)
+        source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+        opts.method_options = fit_engine(engine, source.config, opts.method_options)
     method_cfg = method.make_config(opts.method_options, opts.format)
-    source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+    if source is None:
+        source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
     arch = get_arch(source.config)
     method.validate(source.config, arch, method_cfg, opts.format)
     check_seq_len(source.config, opts.calib.seq_len, "--calib-seq-len")

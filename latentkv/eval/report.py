@@ -127,6 +127,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
 
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:
     from latentkv.arch import geometry_of, get_arch
+    from latentkv.convert.engines import engine_rows
 
     source = _open(spec, gguf_file, trust_remote_code)
     config = source.config
@@ -191,4 +192,5 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
         {"target": t, "what": w, "values": v, "percent": 100 * v / src, "bytes_bf16_all_layers": 2 * v * L}
         for t, w, v in rows
     ]
-    return {"architecture": info, "targets": targets}
+    engines = [] if arch.deepseek_refusal or geo.rotary_dim < d else engine_rows(geo)
+    return {"architecture": info, "targets": targets, "engines": engines}
