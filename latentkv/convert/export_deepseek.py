@@ -1,6 +1,6 @@
 """Write an MLA conversion as a stock `DeepseekV3ForCausalLM` checkpoint (no remote code).
 
-Facts this format imposes (DESIGN.md section 3), and what we do about each:
+Facts this format imposes (docs/formats.md), and what we do about each:
 - One `kv_lora_rank` and `qk_rope_head_dim` for all layers, the RoPE key on DeepSeek's own
   frequency grid theta'^(-2i/d_R): theta' is rewritten so that the grid lands on source pairs
   0, s, 2s, ... (`rope_grid_step`, default 1: the fastest pairs); the planner is run with uniform

@@ -1,6 +1,6 @@
 """GQA/MHA -> MLA (and its grouped form GLA) from calibration statistics.
 
-Per layer (DESIGN.md section 2):
+Per layer (docs/method.md):
 1. RoPE-commuting key basis per frequency (`rope.key_basis`): complex PCA of the keys weighted
    by query energy; exact.
 2. The components with the largest loss-if-unrotated keep RoPE and form the cached RoPE key
