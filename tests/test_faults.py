@@ -377,6 +377,29 @@ def test_folder_without_its_modeling_file_is_neither_evaluated_nor_pushed(work):
         assert_refused(runner.invoke(app, argv), r"lacks modeling_latentkv.py, the modeling code its config.json names")
 
 
+def test_eval_runs_the_modeling_code_that_ships(work):
+    """Guards `eval` against judging code other than what a user runs: a folder whose modeling file
+    differs from this version's is refused without --trust-remote-code, and with it the shipped
+    file's code is what computes the result (here an edit that scales every logit)."""
+    out = work / "out"
+    res = runner.invoke(app, convert_args(work, out))
+    assert res.exit_code == 0, res.output
+    argv = ["eval", str(out), "--json", "--eval-text", str(work / "text.txt"), "--eval-windows", "2",
+            "--eval-window", "32"]
+    plain = runner.invoke(app, argv)
+    assert plain.exit_code == 0, plain.output
+    shipped = out / "modeling_latentkv.py"
+    code = shipped.read_text()
+    marker = "        logits = self.get_output_embeddings()(hidden[:, keep, :])\n"
+    assert marker in code
+    shipped.write_text(code.replace(marker, marker + "        logits = logits * 0.5\n"))
+    assert_refused(runner.invoke(app, argv), r"is not the modeling code of this latentkv version.*--trust-remote-code")
+    edited = runner.invoke(app, argv + ["--trust-remote-code"])
+    assert edited.exit_code == 0, edited.output
+    ppl = [json.loads(r.stdout.strip().splitlines()[-1])["perplexity"] for r in (plain, edited)]
+    assert ppl[0] != ppl[1]
+
+
 def test_tokenizer_auto_map_to_uncopied_code_is_dropped(work):
     path = work / "src" / "tokenizer_config.json"
     config = json.loads(path.read_text())

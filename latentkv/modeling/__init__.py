@@ -76,10 +76,25 @@ def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bo
     kwargs = {"dtype": dtype or torch.float32}
     if model_type == "latentkv":
         check_self_contained(folder, config)
-        register_latentkv()
-        from latentkv.modeling.modeling_latentkv import LatentKVForCausalLM
+        shipped = folder / MODELING_FILE.name
+        if shipped.is_file() and shipped.read_bytes() == MODELING_FILE.read_bytes():
+            register_latentkv()  # the code the folder ships is this package's: load it from here
+            from latentkv.modeling.modeling_latentkv import LatentKVForCausalLM
 
-        model = LatentKVForCausalLM.from_pretrained(folder, **kwargs)
+            model = LatentKVForCausalLM.from_pretrained(folder, **kwargs)
+        elif trust_remote_code:  # run exactly the code that ships, as a user loading the folder would
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            # by its auto_map entry: AutoModelForCausalLM would prefer a class registered in-process
+            shipped_class = get_class_from_dynamic_module(config["auto_map"]["AutoModelForCausalLM"], str(folder))
+            model = shipped_class.from_pretrained(folder, **kwargs)
+        else:
+            from latentkv.errors import LatentKVError
+
+            raise LatentKVError(
+                f"{shipped} is not the modeling code of this latentkv version (the folder was written by another "
+                "version, or the file was edited); what ships is what users run, so pass --trust-remote-code to "
+                "evaluate that code, or convert again to ship this version's")
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     return model.to(device).eval()
