@@ -33,7 +33,7 @@ from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Generation", "PagedLatentCache", "decode_check", "forward_step", "generate", "generate_cli", "generate_ids"]
+__all__ = ["Generation", "PagedLatentCache", "check_decodable", "decode_check", "forward_step", "generate", "generate_cli", "generate_ids"]
 
 # decode_check tolerance on max |logit diff| / max |reference logit|, per model dtype
 DECODE_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -384,6 +384,12 @@ def prefill(model, cache: PagedLatentCache, seq: int, ids: list[int], chunk: int
         logits = forward_step(model, cache, [seq], piece, last_only=not all_logits)
         out.append(logits[0])
     return torch.cat(out) if all_logits else out[-1][-1]
+
+
+def check_decodable(model, total: int) -> None:
+    """Refuse, before any work, a model the paged loop cannot decode for `total` tokens."""
+    latent_attentions(model)
+    _check_length(model, total)
 
 
 def _check_length(model, total: int) -> None:
