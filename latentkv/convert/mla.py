@@ -319,7 +319,7 @@ def best_split(curve: dict, budget: int, latent_heads: int) -> tuple[float, int,
     best = None
     for rope_dim, (rot, spectra) in curve.items():
         rank = budget - rope_dim
-        if rank < 0 or rank % latent_heads:
+        if rank < latent_heads or rank % latent_heads:  # each latent head holds at least one dim (the values)
             continue
         per = rank // latent_heads
         if any(per > s.numel() for s in spectra):

@@ -157,7 +157,11 @@ class MLAMethod:
                 )
         if geo.num_heads % cfg.latent_heads:
             raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
-        max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
+        # each latent head: the keys not in the RoPE key, and the values of the KV heads its query heads read
+        heads = torch.arange(geo.num_heads).view(cfg.latent_heads, -1) // geo.group_size
+        groups = max(len(torch.unique(h)) for h in heads)
+        max_rank = cfg.latent_heads * (total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
+                                       + groups * geo.head_dim)
         if cfg.kv_lora_rank is not None and cfg.kv_lora_rank > max_rank:
             raise LatentKVError(
                 f"--kv-lora-rank {cfg.kv_lora_rank} is larger than possible: this model's keys and values span at most "
