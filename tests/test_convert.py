@@ -165,7 +165,7 @@ def reload_in_fresh_process(out, tmp_path) -> tuple[float, dict]:
     ("mistral", "gqa", dict(num_kv_heads=1)),
     ("gemma2", "mla", dict(kv_budget=0.5)),
     ("gemma2", "gqa", dict(num_kv_heads=1)),
-    ("gemma3_text", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("gemma3_text", "mla", dict(kv_budget=0.5)),
     ("smollm3", "mla", dict(kv_budget=0.5)),
     ("olmo2", "gla", dict(kv_budget=0.5, latent_heads=2)),
     ("mistral-head-dim", "mla", dict(kv_budget=0.5)),
