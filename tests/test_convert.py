@@ -545,6 +545,33 @@ def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):
     assert method.plan_in_pass(stream, method.make_config(dict(kv_budget=0.5, qk_rope_dim=8), "deepseek"), "deepseek")
 
 
+def test_deepseek_export_of_a_tied_source_writes_its_head(tiny_model_dir, tmp_path):
+    """Guards against a silent head-less model: vLLM's and SGLang's DeepseekV3 never tie the LM head,
+    so the export of a tied-embedding source writes `lm_head.weight` (the embedding) and an untied
+    config; transformers computes the same logits from it as with the head tied."""
+    from safetensors import safe_open
+
+    src = tiny_model_dir("llama-tied")
+    out = tmp_path / "ds"
+    _convert(src, out, tmp_path, fmt="deepseek", kv_lora_rank=24, qk_rope_dim=16)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys() if k in ("lm_head.weight", "model.embed_tokens.weight")})
+    assert set(tensors) == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    with safe_open(next(src.glob("*.safetensors")), "pt") as h:
+        assert torch.equal(tensors["lm_head.weight"], h.get_tensor("model.embed_tokens.weight"))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    untied = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tied = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, tie_word_embeddings=True).eval()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(_logits(untied, ids), _logits(tied, ids))
+
+
 def test_norm_ballast_steadies_the_latent_rms():
     """A latent whose per-token RMS varies (chi-distributed) gets a near-constant scale once one
     ballast dim reads a direction of the input with a steady projection; held-out error drops."""

@@ -43,6 +43,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         ),
     ),
     "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),  # the LM head is the embedding (SmolLM2)
+    # 8 KV heads of 128 (2048 K/V values per layer, as Llama-3 8B): 512+64, the one MLA geometry every
+    # serving engine runs, is a saving here. The K/V span only hidden_size + 1 dims: the latent fits exactly.
+    "llama-wide-heads": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=8, head_dim=128)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict()),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),

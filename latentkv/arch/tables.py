@@ -350,6 +350,9 @@ def geometry_of(config) -> AttentionGeometry:
     partial = partial if partial is not None else getattr(config, "partial_rotary_factor", None)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise LatentKVError(f"config.json has num_attention_heads {heads} and num_key_value_heads {kv_heads}; the KV "
+                            "heads must be a whole number >= 1 that divides the heads: fix config.json")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rotary_dim = int(head_dim * (1.0 if partial is None else float(partial)))  # as transformers computes it
     if rotary_dim < 2 or rotary_dim % 2:

@@ -13,6 +13,7 @@ from latentkv.arch import geometry_of
 from latentkv.convert import gqa, gtas
 from latentkv.convert.gqa_method import GQAMethod, GQAPlan
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class GTASMethod(GQAMethod):
         if unknown:
             raise LatentKVError(f"Unknown gta-s settings: {', '.join(unknown)}; known: {', '.join(sorted(known))} "
                                 "(e.g. --set map_heads=1 --kv-lora-rank 160)")
-        return gtas.GTASConfig(**options)
+        return gtas.GTASConfig(**typed_settings(gtas.GTASConfig, options, self.name))
 
     def validate(self, config, arch, cfg: gtas.GTASConfig, fmt: str) -> None:
         geo = geometry_of(config)

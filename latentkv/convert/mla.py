@@ -1,6 +1,6 @@
 """GQA/MHA -> MLA (and its grouped form GLA) from calibration statistics.
 
-Per layer (DESIGN.md section 2):
+Per layer (docs/method.md):
 1. RoPE-commuting key basis per frequency (`rope.key_basis`): complex PCA of the keys weighted
    by query energy; exact.
 2. The components with the largest loss-if-unrotated keep RoPE and form the cached RoPE key
@@ -110,7 +110,10 @@ class MLAConfig:
         if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
             raise LatentKVError(f"--kv-lora-rank must be >= 1, got {self.kv_lora_rank}")
         if self.qk_rope_dim != "auto":
-            self.qk_rope_dim = int(self.qk_rope_dim)
+            try:
+                self.qk_rope_dim = int(self.qk_rope_dim)
+            except (TypeError, ValueError):
+                raise LatentKVError(f"--qk-rope-dim must be an even number >= 0 or 'auto', got {self.qk_rope_dim!r}") from None
             if self.qk_rope_dim < 0 or self.qk_rope_dim % 2:
                 raise LatentKVError(f"--qk-rope-dim must be an even number >= 0 or 'auto', got {self.qk_rope_dim}")
         for name, allowed in (

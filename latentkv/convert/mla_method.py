@@ -18,6 +18,7 @@ from latentkv.arch import geometry_of, hybrid_sliding
 from latentkv.convert import mla
 from latentkv.convert.qk_norm import with_source_projections
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MLAMethod:
             options["allocation"] = "uniform"
             options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
             options["refit_bias"] = False  # nor the refit's intercept
-        return mla.MLAConfig(**options)
+        return mla.MLAConfig(**typed_settings(mla.MLAConfig, options, self.name))
 
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
         geo = geometry_of(config)
@@ -352,7 +353,7 @@ class GTAMethod(MLAMethod):
         options = dict(options)
         if options.pop("qk_rope_dim", "auto") not in ("auto", None):
             raise LatentKVError("--to gta has a fixed RoPE key of half the head dim; drop --qk-rope-dim")
-        return GTAConfig(**options)
+        return GTAConfig(**typed_settings(GTAConfig, options, self.name))
 
     def validate(self, config, arch, cfg, fmt: str) -> None:
         geo = geometry_of(config)
@@ -480,16 +481,22 @@ def write_layer(stream, writer, i: int, attention: dict, save_dtype) -> None:
         writer.add(prefix + attn + name, t.to(save_dtype))
 
 
-def write_globals(stream, writer, save_dtype) -> None:
+def write_globals(stream, writer, save_dtype, untied_head: str | None = None) -> None:
     """Embeddings, final norm (and its bias, a LayerNorm's) and (untied) LM head under its module
-    name, then the shard index."""
+    name, then the shard index. `untied_head`: write the head under this name even where the source
+    ties it to the embeddings (for formats whose loaders never tie it: DeepSeek's in vLLM/SGLang)."""
     arch = stream.arch
     norm_bias = arch.final_norm.removesuffix("weight") + "bias"
     for name in (arch.embed, arch.final_norm, norm_bias):
         if name != norm_bias or name in stream.weights:
             writer.add(name, stream.weights.get(name).to(save_dtype))
-    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(f"{arch.lm_head_module}.weight", stream.weights.get(arch.lm_head).to(save_dtype))
+    tied = bool(stream.config.tie_word_embeddings)
+    if not tied and arch.lm_head not in stream.weights:
+        raise LatentKVError(f"The source's config unties the LM head but its weights hold no {arch.lm_head}; "
+                            "the checkpoint is incomplete")
+    if untied_head is not None or not tied:
+        head = arch.embed if tied else arch.lm_head  # a tied head is the embedding matrix itself
+        writer.add(untied_head or f"{arch.lm_head_module}.weight", stream.weights.get(head).to(save_dtype))
     writer.close()
 
 

@@ -86,12 +86,13 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
              gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
     (KL(source || model) per token and top-1 agreement on the same windows)."""
-    from latentkv.calibration.runner import _resolve_dtype
+    from latentkv.calibration.runner import check_device, resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
     from latentkv.modeling import load_model
 
+    check_device(device)  # before anything is read
+    torch_dtype = resolve_dtype(dtype)
     opened = _open(spec, gguf_file, trust_remote_code)
-    torch_dtype = _resolve_dtype(dtype)
     model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
@@ -183,6 +184,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
 
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:
     from latentkv.arch import geometry_of, get_arch
+    from latentkv.convert.engines import engine_rows
 
     source = _open(spec, gguf_file, trust_remote_code)
     config = source.config
@@ -277,4 +279,5 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
          "bytes_bf16_at_context": at_context(v, kept and t.startswith(("mla --kv", "gla")))}
         for t, w, v in rows
     ]
-    return {"architecture": info, "targets": targets}
+    engines = [] if arch.deepseek_refusal or geo.rotary_dim < d else engine_rows(geo)
+    return {"architecture": info, "targets": targets, "engines": engines}

@@ -24,23 +24,58 @@ def register_latentkv() -> None:
         pass  # already registered
 
 
-def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
-    """A causal LM from a folder: latentkv outputs through this package's own code, others through
-    transformers (remote code only when asked)."""
+def read_config_json(folder) -> dict:
+    """A checkpoint's config.json as a dict, or one clear error naming what is wrong with it."""
     import json
-
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from latentkv.errors import LatentKVError
 
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise LatentKVError(f"{Path(folder)} has no config.json; point at a model folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LatentKVError(f"{path} is not valid JSON ({exc}); re-download the checkpoint or fix the file") from None
+    if not isinstance(data, dict):
+        raise LatentKVError(f"{path} holds a JSON {type(data).__name__}, not an object of settings; re-download the "
+                            "checkpoint or fix the file")
+    return data
+
+
+def check_self_contained(folder, config: dict | None = None) -> None:
+    """A latentkv-format folder must carry the modeling file its config's auto_map names: that is the
+    code a user (`trust_remote_code=True`), an inference server or the Hub runs."""
+    from latentkv.errors import LatentKVError
+
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise LatentKVError(f"{folder} has no config.json; point at a model folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    config = config if config is not None else read_config_json(folder)
+    if config.get("model_type") != "latentkv":
+        return
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict) or not auto_map.get("AutoModelForCausalLM"):
+        raise LatentKVError(f"{folder / 'config.json'} has no auto_map to its modeling code, so the model loads only "
+                            "where latentkv is installed; write the folder again with `latentkv convert`")
+    modules = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in auto_map.values() if isinstance(v, str)}
+    absent = sorted(m + ".py" for m in modules if not (folder / f"{m}.py").is_file())
+    if absent:
+        raise LatentKVError(
+            f"{folder} lacks {', '.join(absent)}, the modeling code its config.json names: the folder does not load "
+            f"on its own. Copy {MODELING_FILE.name} back (it ships in latentkv/modeling/) or convert again")
+
+
+def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
+    """A causal LM from a folder: latentkv outputs through this package's own code, others through
+    transformers (remote code only when asked)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = read_config_json(folder)
+    model_type = config.get("model_type")
     kwargs = {"dtype": dtype or torch.float32}
     if model_type == "latentkv":
+        check_self_contained(folder, config)
         register_latentkv()
         from latentkv.modeling.modeling_latentkv import LatentKVForCausalLM
 
