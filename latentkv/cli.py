@@ -376,10 +376,13 @@ def inspect(
     if not info["targets"]:
         return
     targets = Table(title="KV cache per token per layer, by target")
-    for col in ("target", "cached per token per layer", "values", "% of source", "bytes (bf16), all layers"):
+    context = info["targets"][0]["context_tokens"]
+    for col in ("target", "cached per token per layer", "values", "% of source", "bytes (bf16), all layers",
+                f"bytes (bf16) per sequence of {context} tokens"):
         targets.add_column(col)
     for row in info["targets"]:
-        targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%", str(row["bytes_bf16_all_layers"]))
+        targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%",
+                        str(row["bytes_bf16_all_layers"]), f"{row['bytes_bf16_at_context']:,}")
     console.print(targets)
     engines = Table(title="--to mla --format deepseek --engine NAME: the widest servable cache that saves KV")
     engines.add_column("engine", no_wrap=True)

@@ -19,12 +19,26 @@ from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
 ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "phi3-partial",
-         "gpt_neox", "gpt_neox-serial", "qwen3", "qwen3-moe"]
+         "gpt_neox", "gpt_neox-serial", "qwen3", "qwen3-moe", "gemma2", "gemma3_text", "smollm3", "olmo2",
+         "mistral-head-dim"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
     "gla": dict(kv_budget=1.0, latent_heads=2),
 }
+# Where the source's own width cannot hold the method at full rank: one KV head shared by two latent
+# heads, each of which must then hold the whole value (Gemma 3's single KV head).
+FULL_RANK_WIDER = {("gemma3_text", "gla"): dict(kv_lora_rank=32, qk_rope_dim=16, latent_heads=2)}
+
+
+def _source_model(src):
+    """The source as transformers computes it exactly (eager attention where scores are soft-capped:
+    some releases' SDPA path drops the cap)."""
+    from latentkv.arch import get_arch
+
+    config = transformers.AutoConfig.from_pretrained(src)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation=get_arch(config).attention_implementation(config)).eval()
 
 
 def _convert(src, out, tmp_path, method="mla", fmt="latentkv", **options):
@@ -59,16 +73,31 @@ def _rel(a, b):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_rank_reproduces_source(arch, method, tiny_model_dir, tmp_path):
     """Guards the core promise: at no compression the converted model computes the source's logits
-    (rotation basis, RoPE frequencies, biases, latent fit and modeling code all exact)."""
+    (rotation basis, RoPE frequencies, biases, latent fit and modeling code all exact), over 48 tokens,
+    which is past the 16-token windows of the sliding layers (Gemma 2/3), with soft-capped scores and
+    logits, per-type RoPE tables, layers without RoPE and q/k norms over all heads."""
     src = tiny_model_dir(arch)
     out = tmp_path / f"{arch}-{method}"
-    result = _convert(src, out, tmp_path, method, **FULL_RANK[method])
-    assert result.kv_values_per_token == result.source_kv_values_per_token
+    result = _convert(src, out, tmp_path, method, **FULL_RANK_WIDER.get((arch, method), FULL_RANK[method]))
+    if (arch, method) not in FULL_RANK_WIDER:
+        assert result.kv_values_per_token == result.source_kv_values_per_token
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
-    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    ref = _logits(_source_model(src), ids)
     got = _logits(load_model(out), ids)
     assert torch.isfinite(got).all()
     assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "smollm3", "mistral-head-dim", "llama"])
+def test_gqa_with_the_source_heads_reproduces_source(arch, tiny_model_dir, tmp_path):
+    """Guards --to gqa on the new rows that allow it (no q/k norm): keeping every KV head it writes
+    the source's own architecture computing the source's logits (soft-caps, sliding layer, a layer
+    without RoPE, a head dim that is not hidden / heads)."""
+    src = tiny_model_dir(arch)
+    out = tmp_path / "gqa"
+    _convert(src, out, tmp_path, "gqa", num_kv_heads=transformers.AutoConfig.from_pretrained(src).num_key_value_heads)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert _rel(_logits(_source_model(out), ids), _logits(_source_model(src), ids)) < 1e-5
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -134,6 +163,12 @@ def reload_in_fresh_process(out, tmp_path) -> tuple[float, dict]:
     ("qwen3", "mla", dict(kv_budget=0.5, sequential=True, refit_output=True)),
     ("qwen3-moe", "gta", dict()),
     ("mistral", "gqa", dict(num_kv_heads=1)),
+    ("gemma2", "mla", dict(kv_budget=0.5)),
+    ("gemma2", "gqa", dict(num_kv_heads=1)),
+    ("gemma3_text", "mla", dict(kv_budget=0.5)),
+    ("smollm3", "mla", dict(kv_budget=0.5)),
+    ("olmo2", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("mistral-head-dim", "mla", dict(kv_budget=0.5)),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export on the installed transformers: a fresh Python with latentkv
@@ -293,7 +328,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(LatentKVError, match="gemma, gpt_neox, llama, mistral, mixtral, phi3, qwen2"):
+    with pytest.raises(LatentKVError, match="gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, mixtral, olmo2"):
         _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
     assert not (tmp_path / "out").exists()
 

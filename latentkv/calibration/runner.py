@@ -141,7 +141,8 @@ class LayerStream:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
-        config._attn_implementation = "sdpa"
+        # SDPA unless the architecture needs transformers' eager attention (soft-capped scores)
+        config._attn_implementation = self.arch.attention_implementation(config)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         # Rotary buffers are computed at construction: build this one for real.
@@ -150,23 +151,51 @@ class LayerStream:
         self.num_layers = config.num_hidden_layers
         self.check_checkpoint()
 
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self.rotary.inv_freq.detach().double().cpu()
+    def layer_attention(self, i: int):
+        """Layer i's own attention facts (RoPE or none, sliding window, layer type)."""
+        return self.arch.layer_attention(self.config, i)
 
-    @property
-    def attention_scaling(self) -> float:
-        return float(getattr(self.rotary, "attention_scaling", 1.0))
+    def _rotary_attr(self, i: int, name: str, default=None):
+        # Gemma 3 keeps one table per layer type (`{type}_inv_freq`), the others one for all layers
+        layer_type = self.layer_attention(i).layer_type if self.arch.rope_per_layer_type else None
+        return getattr(self.rotary, f"{layer_type}_{name}" if layer_type else name, default)
+
+    def inv_freq_of(self, i: int) -> torch.Tensor:
+        """RoPE frequencies of layer i's key pairs (none for a layer without RoPE)."""
+        if not self.layer_attention(i).rope:
+            return torch.zeros(0, dtype=torch.float64)
+        return self._rotary_attr(i, "inv_freq").detach().double().cpu()
+
+    def attention_scaling_of(self, i: int) -> float:
+        return float(self._rotary_attr(i, "attention_scaling", 1.0))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.weights.get(self.arch.embed, dtype=self.dtype, device=self.device)
         check_finite(table, self.arch.embed, self.weights.folder)
         return nn.functional.embedding(ids.to(self.device), table)
 
-    def position_embeddings(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_embeddings(self, seq_len: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) that the decoder hands layer `layer` for positions 0 .. seq_len - 1."""
         pos = torch.arange(seq_len, device=self.device)[None]
         dummy = torch.empty(1, seq_len, 1, device=self.device, dtype=self.dtype)
+        if self.arch.rope_per_layer_type:
+            return self.rotary(dummy, pos, self.layer_attention(layer).layer_type)
         return self.rotary(dummy, pos)
+
+    def attention_mask(self, layer: int, seq_len: int) -> torch.Tensor | None:
+        """The causal mask layer `layer` needs over windows of seq_len tokens, None where SDPA's own
+        causal mask is exact: an additive [1, 1, L, L] mask for eager attention (which applies no
+        mask of its own) and for a sliding-window layer whose window is shorter than the windows."""
+        window = self.layer_attention(layer).sliding_window
+        clipped = window is not None and window < seq_len
+        if self.config._attn_implementation == "sdpa" and not clipped:
+            return None
+        t = torch.arange(seq_len, device=self.device)
+        seen = t[None, :] <= t[:, None]
+        if clipped:
+            seen &= t[None, :] > t[:, None] - window
+        mask = torch.zeros(seq_len, seq_len, device=self.device, dtype=self.dtype)
+        return mask.masked_fill(~seen, torch.finfo(self.dtype).min)[None, None]
 
     def _layer_plan(self, i: int) -> dict[str, list[list[str]]]:
         """Layer i's tensors under transformers' module names (relative to the layer) -> the disk
@@ -265,21 +294,25 @@ class LayerStream:
         self.decoder.layers[i] = self.decoder.layers[i].to("meta")
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, observe=None) -> torch.Tensor:
+    def run(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, observe=None, mask=None) -> torch.Tensor:
         """Apply a decoder layer to every window, in batches, in place.
 
-        `observe(x, first)`, if given, sees the attention input x (the input norm's output) of the
-        windows from `first` on during the same pass, so statistics cost no second pass.
+        `observe(x, first)`, if given, sees the attention input x (the input norm's output, or the
+        layer input where there is no input norm) of the windows from `first` on during the same
+        pass, so statistics cost no second pass.
         """
         first = 0
         hook = None
         if observe is not None:
-            norm = layer.get_submodule(self.arch.input_norm)
-            # Reads `first` when called: the batch now running.
-            hook = norm.register_forward_hook(lambda _module, _args, x: observe(x, first))
+            attention = layer.get_submodule(self.arch.attention)
+
+            def seen(_module, args, kwargs):  # reads `first` when called: the batch now running
+                observe(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], first)
+
+            hook = attention.register_forward_pre_hook(seen, with_kwargs=True)
         try:
             for first, chunk in self.batches(hidden):
-                out = layer(chunk, attention_mask=None, position_embeddings=pos_emb)
+                out = layer(chunk, attention_mask=mask, position_embeddings=pos_emb)
                 hidden[first : first + chunk.shape[0]] = out[0] if isinstance(out, tuple) else out
         finally:
             if hook is not None:

@@ -89,15 +89,17 @@ def _rotate_half(x):
 
 
 @torch.no_grad()
-def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Mean attention mass per distance for each query head: [H, L].
 
-    q: [b, H, L, d], k: [b, G, L, d], both after RoPE.
+    q: [b, H, L, d], k: [b, G, L, d], both after RoPE; softcap: tanh cap of the scores (Gemma 2).
     """
     b, H, L, _ = q.shape
     G = k.shape[1]
     k = k.repeat_interleave(H // G, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     mass = scores.softmax(-1).sum(0).double()  # [H, L, L]: summed over the b windows in float32
@@ -108,18 +110,22 @@ def attention_distance_profile(q: torch.Tensor, k: torch.Tensor, scale: float) -
     return (profile / (b * L)).cpu()
 
 
-def source_qk(layer, arch, x: torch.Tensor, pos_emb, geo):
-    """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d]."""
+def source_qk(layer, arch, x: torch.Tensor, pos_emb, geo, rope: bool = True):
+    """Post-RoPE queries and keys of a source attention block: [b, H, L, d], [b, G, L, d] (a layer
+    without RoPE: as projected)."""
     attn = layer.get_submodule(arch.attention)
     b, L, _ = x.shape
     q = arch.project_normed(layer, x, "q", geo).reshape(b, L, geo.num_heads, geo.head_dim).transpose(1, 2)
     k = arch.project_normed(layer, x, "k", geo).reshape(b, L, geo.num_kv_heads, geo.head_dim).transpose(1, 2)
+    scale = float(getattr(attn, "scaling", geo.head_dim**-0.5))
+    if not rope:
+        return q, k, scale
     cos, sin = pos_emb  # [b, L, rotary_dim]: RoPE turns the first rotary_dim dims of each head
     cos, sin = cos[:, None], sin[:, None]
     rd = geo.rotary_dim
     q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
     k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
-    return q, k, float(getattr(attn, "scaling", geo.head_dim**-0.5))
+    return q, k, scale
 
 
 class StatsCollector:
@@ -132,8 +138,9 @@ class StatsCollector:
     """
 
     def __init__(self, layer, arch, geo, pos_emb, *, windows: int, seq_len: int, profile_windows: int,
-                 sample_tokens: int, device):
+                 sample_tokens: int, device, rope: bool = True, softcap: float | None = None):
         self.layer, self.arch, self.geo, self.pos_emb = layer, arch, geo, pos_emb
+        self.rope, self.softcap = rope, softcap
         self.seq_len, self.profile_windows, self.sample_tokens = seq_len, profile_windows, sample_tokens
         self.stride = max(1, windows * seq_len // sample_tokens)
         kv_dim = 2 * geo.num_kv_heads * geo.head_dim
@@ -158,8 +165,9 @@ class StatsCollector:
             self.samples.append(picked.to("cpu", torch.float32, copy=True))
             self.kept += picked.shape[0]
         if first < self.profile_windows:
-            q, k, scale = source_qk(self.layer, self.arch, x[: self.profile_windows - first], self.pos_emb, self.geo)
-            p = attention_distance_profile(q, k, scale) * q.shape[0]
+            q, k, scale = source_qk(self.layer, self.arch, x[: self.profile_windows - first], self.pos_emb, self.geo,
+                                    self.rope)
+            p = attention_distance_profile(q, k, scale, self.softcap) * q.shape[0]
             self.profile = p if self.profile is None else self.profile + p
 
     def result(self) -> LayerStats:

@@ -90,7 +90,7 @@ class GQAMethod:
         # The analysis is small float64 linear algebra: it runs on the CPU whatever device
         # calibrated the statistics.
         on_cpu = SimpleNamespace(arch=stream.arch, config=stream.config, weights=stream.weights,
-                                 device=torch.device("cpu"), inv_freq=stream.inv_freq.cpu())
+                                 device=torch.device("cpu"), inv_freq_of=stream.inv_freq_of)
         return gqa.layer_moments(layer_inputs_from(on_cpu, i, stats), cfg)
 
     def build(self, stream, i: int, stats, plan: GQAPlan, cfg: gqa.GQAConfig) -> dict[str, torch.Tensor]:

@@ -100,6 +100,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
 
     arch, cfg, w = stream.arch, stream.config, stream.weights
     geo = geometry_of(cfg)
+    rope = arch.layer_attention(cfg, layer_idx).rope  # a layer without RoPE: every key dim is position-free
 
     def get(which, kind="weight"):
         return arch.read_projection(w, layer_idx, which, kind, geo, dtype=torch.float64, device=stream.device)
@@ -119,12 +120,12 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
         o_bias=get("o", "bias"),
         moment=stats.moment.to(stream.device, torch.float64),
         distance=None if stats.distance is None else stats.distance.to(stream.device),
-        inv_freq=stream.inv_freq.to(stream.device),
+        inv_freq=stream.inv_freq_of(layer_idx).to(stream.device),
         num_heads=geo.num_heads,
         num_kv_heads=geo.num_kv_heads,
         head_dim=geo.head_dim,
-        scale=geo.head_dim**-0.5,
-        rotary_dim=geo.rotary_dim,
+        scale=arch.softmax_scale(cfg, geo),
+        rotary_dim=geo.rotary_dim if rope else 0,
         q_moment=None if stats.q_moment is None else stats.q_moment.to(stream.device, torch.float64),
     )
 
@@ -134,7 +135,8 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
                   on_layer=None, progress=None, collect: bool = True) -> list[LayerStats]:
     """Per-layer statistics, layer by layer. `on_layer(i, layer, stats, batches)` may return a
     replacement attention module, whose output then feeds the next layer (sequential calibration);
-    `batches()` yields the layer's attention inputs (after its norm) with the position embeddings.
+    `batches()` yields the layer's attention inputs (after its norm) with its position embeddings and
+    attention mask (`LayerStream.attention_mask`: None where SDPA's causal mask is exact).
     With `collect=False` (a pass for `on_layer` alone, e.g. the output refit) nothing is measured
     and the list holds None."""
     n = stream.num_layers
@@ -156,12 +158,11 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
         log.info("resuming calibration at layer %d from %s", start, cache.folder)
     if hidden is None:
         hidden = stream.embed(windows)
-    pos_emb = stream.position_embeddings(windows.shape[1])
     # The batches' temporaries are reused, not faulted in afresh; handed back at the end.
     with freed_memory_held():
         for i in range(start, n):
             last = i == n - 1  # the last layer's output feeds no statistics: it is never computed
-            stats[i] = _layer_pass(stream, i, hidden, pos_emb, stats[i], cache, calib, on_layer, last, collect)
+            stats[i] = _layer_pass(stream, i, hidden, stats[i], cache, calib, on_layer, last, collect)
             if not last and on_layer is None:  # a pass through converted layers is never resumed
                 cache.maybe_save_hidden(i + 1, hidden)
             if progress is not None:
@@ -170,17 +171,22 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
     return stats  # type: ignore[return-value]
 
 
-def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stats: LayerStats | None,
+def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, stats: LayerStats | None,
                 cache: StatsCache, calib: CalibOptions, on_layer, last: bool, collect: bool = True) -> LayerStats:
     """Layer i's statistics (computed unless cached) and, unless `last`, its output in `hidden`."""
+    pos_emb = stream.position_embeddings(hidden.shape[1], i)  # per layer: Gemma 3's RoPE thetas differ by type
+    mask = stream.attention_mask(i, hidden.shape[1])
     layer = stream.load_layer(i)
-    norm = layer.get_submodule(stream.arch.input_norm)
+    def norm(chunk):
+        return stream.arch.attention_input(layer, chunk)
+
     collector = None
     if collect and (stats is None or on_layer is not None):
         collector = StatsCollector(layer, stream.arch, geometry_of(stream.config), pos_emb,
                                    windows=hidden.shape[0], seq_len=hidden.shape[1],
                                    profile_windows=calib.profile_samples, sample_tokens=SAMPLE_TOKENS,
-                                   device=stream.device)
+                                   device=stream.device, rope=stream.layer_attention(i).rope,
+                                   softcap=stream.arch.softcap(stream.config))
         if on_layer is not None or last:
             # Statistics before the forward (sequential: they shape the replacement) or without one.
             for first, chunk in stream.batches(hidden):
@@ -189,14 +195,14 @@ def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stat
     if on_layer is not None:
         def batches():
             for _, chunk in stream.batches(hidden):
-                yield norm(chunk), pos_emb
+                yield norm(chunk), pos_emb, mask
 
         new_attn = on_layer(i, layer, stats, batches)
         if new_attn is not None:
             setattr(layer, stream.arch.attention, new_attn.to(stream.device, stream.dtype))
     if not last:
         # One pass: the layer's forward, with the statistics taken from its attention input.
-        stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None)
+        stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None, mask=mask)
         if collector is not None:
             stats = _finish(i, collector, cache)
     stream.release_layer(i)

@@ -96,6 +96,14 @@ def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bo
                 "version, or the file was edited); what ships is what users run, so pass --trust-remote-code to "
                 "evaluate that code, or convert again to ship this version's")
     else:
+        from latentkv.arch import ARCHITECTURES
+
+        if model_type in ARCHITECTURES:  # soft-capped scores: eager attention (some releases' SDPA drops the cap)
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if ARCHITECTURES[model_type].attention_implementation(config) == "eager":
+                kwargs["attn_implementation"] = "eager"
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     return model.to(device).eval()
 
