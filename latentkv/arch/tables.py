@@ -292,7 +292,7 @@ class LayerAttention:
 
 def hybrid_sliding(layers: list[LayerAttention]) -> bool:
     """Whether a model mixes sliding-window and full-attention layers (Gemma 2/3): only then are the
-    windowed layers a small part of a long context's cache (docs/architectures-new-rows.md)."""
+    windowed layers a small part of a long context's cache (docs/architectures.md)."""
     windows = [layer.sliding_window is not None for layer in layers]
     return any(windows) and not all(windows)
 

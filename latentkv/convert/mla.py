@@ -73,7 +73,7 @@ class MLAConfig:
         "keep" (default) writes the sliding-window layers at the source's KV width (exact: their
         cache is bounded by the window, a small share of a long context's cache) and spends the
         budget on the full-attention layers; "convert" compresses every layer alike
-        (docs/architectures-new-rows.md gives the figures behind the default).
+        (docs/architectures.md gives the figures behind the default).
     """
 
     kv_lora_rank: int | None = None
