@@ -110,7 +110,12 @@ FRESH_PROCESS = textwrap.dedent(
     sys.meta_path.insert(0, NoLatentKV())
     import transformers
     out, ids_path, logits_path = sys.argv[1:4]
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    config = json.load(open(out + "/config.json"))
+    # soft-capped scores (Gemma 2) need eager attention: some releases' SDPA path drops the cap
+    capped = (config.get("source_config") or config).get("attn_logit_softcapping")
+    extra = {"attn_implementation": "eager"} if capped else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                              **extra).eval()
     ids = torch.load(ids_path)
     with torch.no_grad():
         full = model(ids).logits
