@@ -92,15 +92,19 @@ def _split_long(lines) -> Iterator[str]:
             yield line[start : start + PIECE_CHARS]
 
 
-def document_pieces(text: str) -> Iterator[Piece]:
-    """One in-memory document as pieces; the last one carries the end flag (an empty document is
-    one empty piece, so it still gets its EOS)."""
-    pieces = _line_pieces(_split_long(text.splitlines(keepends=True)))
+def _flag_last(pieces: Iterator[str]) -> Iterator[Piece]:
+    """(piece, is_last) for a document's pieces; an empty document is one empty piece, so it still
+    gets its EOS."""
     prev = next(pieces, "")
     for piece in pieces:
         yield prev, False
         prev = piece
     yield prev, True
+
+
+def document_pieces(text: str) -> Iterator[Piece]:
+    """One in-memory document as pieces; the last one carries the end flag."""
+    yield from _flag_last(_line_pieces(_split_long(text.splitlines(keepends=True))))
 
 
 def _file_lines(fh, path: Path) -> Iterator[str]:
@@ -123,12 +127,7 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> LatentKVError:
 def _txt_pieces(path: Path) -> Iterator[Piece]:
     """A .txt file is one document, read line by line (never whole)."""
     with open_text(path, errors="replace") as fh:
-        pieces = _line_pieces(_file_lines(fh, path))
-        prev = next(pieces, "")
-        for piece in pieces:
-            yield prev, False
-            prev = piece
-        yield prev, True
+        yield from _flag_last(_line_pieces(_file_lines(fh, path)))
 
 
 def iter_jsonl(path: Path, field: str) -> Iterator[str]:
