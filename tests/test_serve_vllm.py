@@ -70,7 +70,7 @@ def build_random_llama(folder: Path, tokenizer_folder: Path, seed: int = 0) -> P
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=8, head_dim=128, max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -254,12 +254,10 @@ def fit_engine(engine: Engine, config, options: dict) -> dict:
     from latentkv.arch import geometry_of
 
     if options.get("kv_lora_rank") is not None and options.get("kv_budget") is not None:
-        raise LatentKVError("Give exactly one of --kv-lora-rank or --kv-budget")
+        raise LatentKVError("Give one of --kv-lora-rank or --kv-budget, not both")
     fit = engine_geometry(engine, geometry_of(config), kv_budget=options.get("kv_budget"),
                           kv_lora_rank=options.get("kv_lora_rank"), qk_rope_dim=options.get("qk_rope_dim", "auto"))
-    if fit.kv_lora_rank is None:
-        if options.get("kv_lora_rank") is None and options.get("kv_budget") is None:
-            raise LatentKVError(f"--engine {engine.name} runs any geometry: give --kv-budget or --kv-lora-rank")
+    if fit.kv_lora_rank is None:  # any geometry runs: the conversion's own widths (or its default budget) stand
         return dict(options)
     out = {k: v for k, v in options.items() if k != "kv_budget"}
     out.update(kv_lora_rank=fit.kv_lora_rank, qk_rope_dim=fit.rope_dim)
