@@ -390,7 +390,7 @@ def test_eval_runs_the_modeling_code_that_ships(work):
     assert plain.exit_code == 0, plain.output
     shipped = out / "modeling_latentkv.py"
     code = shipped.read_text()
-    marker = "        logits = self.get_output_embeddings()(hidden[:, keep, :])\n"
+    marker = "        logits = self.get_output_embeddings()(hidden)\n"
     assert marker in code
     shipped.write_text(code.replace(marker, marker + "        logits = logits * 0.5\n"))
     assert_refused(runner.invoke(app, argv), r"is not the modeling code of this latentkv version.*--trust-remote-code")
