@@ -62,9 +62,9 @@ json.dump({"seconds": seconds, "rss_gb": rss, "kv": res.kv_values_per_token, "sr
 
 def convert_row(source, out, method, fmt, options, args, cache) -> dict:
     """Convert in a child process; `cache` None = calibrate from scratch (honest time and memory)."""
-    result_file = Path(out).with_suffix(".json")
+    result_file = Path(f"{out}.json")  # (with_suffix would cut a name like mla-0.500-123 at its dot)
     if cache is None:
-        cache = str(Path(out).with_suffix(".calib"))
+        cache = f"{out}.calib"
         subprocess.run(["rm", "-rf", cache], check=True)
     payload = json.dumps({"source": str(source), "output": str(out), "method": method, "format": fmt, "options": options,
                           "calib": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "cache": cache,
