@@ -301,6 +301,9 @@ def eval_cmd(
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv).", rich_help_panel="KV cache format")] = None,
+    kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
+    kv_cache_chunk: Annotated[Optional[int], typer.Option(help="Tokens written to the cache per forward (default: a whole window; 1 for /channel<N> formats, whose groups are quantized when full).", rich_help_panel="KV cache format")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -311,6 +314,10 @@ def eval_cmd(
     _setup_logging()
     from latentkv.eval.report import evaluate
 
+    if kv_cache and (sparse or decode_check):  # those decode with the paged cache, which keeps the model's dtype
+        from latentkv.errors import LatentKVError
+
+        _fail(LatentKVError("--kv-cache applies to the perplexity pass only; run --sparse / --decode-check without it"))
     if sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval
@@ -320,7 +327,7 @@ def eval_cmd(
     report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
                   windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
                   trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens,
-                  source=source)
+                  source=source, kv_cache=kv_cache, kv_cache_rope=kv_cache_rope, kv_cache_chunk=kv_cache_chunk)
     if sparse:
         report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
                                 tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,

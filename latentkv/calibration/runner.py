@@ -78,7 +78,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-_resolve_dtype = resolve_dtype  # the older name, still imported by some modules
 
 
 def peak_memory_bytes() -> int | None:

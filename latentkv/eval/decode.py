@@ -551,12 +551,12 @@ def generate_cli(
 ) -> list[str]:
     """`latentkv generate`: load a latentkv model (folder or Hub id) and its tokenizer, return one
     text per prompt."""
-    from latentkv.calibration.runner import _resolve_dtype
+    from latentkv.calibration.runner import resolve_dtype
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
     source = open_source(model_path)
-    model = load_model(source.folder, dtype=_resolve_dtype(dtype), device=device)
+    model = load_model(source.folder, dtype=resolve_dtype(dtype), device=device)
     tokenizer = source.tokenizer()
     gen = generate(model, tokenizer, list(prompts), max_new_tokens, backend=backend, page_size=page_size,
                    prefill_chunk=prefill_chunk)

@@ -83,9 +83,12 @@ def context_tokens(config) -> int:
 
 
 def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4, device="cpu", dtype="float32",
-             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None) -> dict:
+             gguf_file=None, trust_remote_code=False, decode_check=False, decode_tokens=256, source=None,
+             kv_cache=None, kv_cache_rope=None, kv_cache_chunk=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
-    (KL(source || model) per token and top-1 agreement on the same windows)."""
+    (KL(source || model) per token and top-1 agreement on the same windows). With ``kv_cache`` (a
+    format spec, see latentkv.eval.quantized_cache.parse_cache_formats) the windows are run through a
+    cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's."""
     from latentkv.calibration.runner import check_device, resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
     from latentkv.modeling import load_model
@@ -93,6 +96,7 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     check_device(device)  # before anything is read
     torch_dtype = resolve_dtype(dtype)
     opened = _open(spec, gguf_file, trust_remote_code)
+    formats = cache_formats_of(opened.config, kv_cache, kv_cache_rope, kv_cache_chunk)
     model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
@@ -102,14 +106,20 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         from latentkv.eval.decode import check_decodable
 
         check_decodable(model, min(ids.shape[1], 64) + decode_tokens)
-    kv = kv_report(model, torch_dtype)
+    logits_of, chunk = None, None
+    if formats is not None:
+        from latentkv.eval.quantized_cache import default_chunk, quantized_logits
+
+        chunk = kv_cache_chunk or default_chunk(formats, window)
+        logits_of = lambda batch: quantized_logits(model, batch, formats, chunk)  # noqa: E731
+    kv = kv_report(model, torch_dtype, formats, chunk)
     agreement = None
     t0 = time.perf_counter()
     if source is None:
-        ppl = perplexity(model, ids, batch_size=batch_size)
+        ppl = perplexity(model, ids, batch_size=batch_size, logits_of=logits_of)
     else:  # the model's perplexity comes from the same forward passes as its agreement with the source
         agreement = source_agreement(model, tokenizer, source, ids, batch_size=batch_size, device=device,
-                                     dtype=torch_dtype, trust_remote_code=trust_remote_code)
+                                     dtype=torch_dtype, trust_remote_code=trust_remote_code, logits_of=logits_of)
         ppl = agreement["perplexity"]
     seconds = time.perf_counter() - t0
     report = {
@@ -129,10 +139,11 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     return report
 
 
-def kv_report(model, torch_dtype) -> dict:
+def kv_report(model, torch_dtype, formats=None, chunk=None) -> dict:
     """KV values and bytes of a model from its real cache (checked against what a latentkv or
     table config declares), per token and for one sequence at the model's context length, where
-    a sliding-window layer holds at most its window."""
+    a sliding-window layer holds at most its window. With cache ``formats`` (``--kv-cache``) the bytes
+    are those formats' (codes, scales and zero-points), the windows run ``chunk`` tokens per forward."""
     from latentkv.arch import LayerAttention, kv_values_at_context
 
     measured_layers = measured_kv_layers(model)
@@ -162,6 +173,17 @@ def kv_report(model, torch_dtype) -> dict:
         "kv_source": "declared by the config and measured in the cache" if declared is not None
                      else "measured in transformers' cache (architecture outside the conversion table)",
     }
+    if formats is not None:
+        from latentkv.eval.quantized_cache import cache_bytes, describe_formats
+
+        stored = cache_bytes(model, formats)
+        report.update({
+            "kv_bytes_per_token": stored.per_token,
+            "kv_bytes_per_token_per_layer": stored.per_token_per_layer,
+            "kv_bytes_by_part": stored.by_part,
+            "cache_dtype": describe_formats(formats),
+            "kv_cache_chunk": chunk,
+        })
     if expanded:
         report["transformers_cache_values_per_token"] = measured
         report["note"] = (f"transformers' {type(model).__name__} caches decompressed keys and values ({measured} values per "
@@ -169,8 +191,23 @@ def kv_report(model, torch_dtype) -> dict:
     return report
 
 
+def cache_formats_of(config, kv_cache, kv_cache_rope, kv_cache_chunk):
+    """The format per cached part that `--kv-cache` / `--kv-cache-rope` ask for (None: the model's dtype),
+    checked against what the model caches before anything is loaded."""
+    if kv_cache is None:
+        if kv_cache_rope is not None or kv_cache_chunk is not None:
+            raise LatentKVError("--kv-cache-rope and --kv-cache-chunk refine --kv-cache; add --kv-cache FORMAT")
+        return None
+    from latentkv.eval.quantized_cache import cache_parts, parse_cache_formats
+
+    if kv_cache_chunk is not None and kv_cache_chunk < 1:
+        raise LatentKVError(f"--kv-cache-chunk must be a positive number of tokens, got {kv_cache_chunk}")
+    parts = tuple(dict.fromkeys(p for layer in cache_parts(config) for p in layer))
+    return parse_cache_formats(kv_cache, parts, rope=kv_cache_rope)
+
+
 def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_size: int, device, dtype,
-                     trust_remote_code: bool) -> dict:
+                     trust_remote_code: bool, logits_of=None) -> dict:
     """`latentkv eval --source`: the source model run over the same windows as ``model``."""
     from latentkv.eval.agreement import agreement
     from latentkv.finetune.pipeline import check_same_tokenizer
@@ -179,7 +216,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
     reference = _open(source, None, trust_remote_code)
     check_same_tokenizer(tokenizer, reference.tokenizer(), source, role="--source")
     ref_model = load_model(reference.folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size)}
+    return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size, logits_of=logits_of)}
 
 
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:

@@ -108,14 +108,16 @@ def load_model(folder, *, dtype=None, device: str = "cpu", trust_remote_code: bo
     return model.to(device).eval()
 
 
-def new_dynamic_cache(config):
-    """transformers' DynamicCache for a model of `config` (older versions take no config)."""
+def new_dynamic_cache(config, cache_class=None, **kwargs):
+    """transformers' DynamicCache (or its subclass `cache_class`, built with **kwargs) for a model of
+    `config` (older versions take no config)."""
     import inspect
 
     from transformers import DynamicCache
 
     takes_config = "config" in inspect.signature(DynamicCache.__init__).parameters
-    return DynamicCache(config=config) if takes_config else DynamicCache()
+    cls = cache_class or DynamicCache
+    return cls(config=config, **kwargs) if takes_config else cls(**kwargs)
 
 
 def cached_forward(model, input_ids, cache, **kwargs):
