@@ -4,7 +4,10 @@ several texts: KL(source || model) per token, top-1 agreement and both perplexit
 with the source there but not on the evaluation text has learned the data, not the source.
 
     python scripts/agreement_by_text.py --source SRC --models healed/ oneshot/ \
-        --texts wikitext=wiki.test.raw samples=heldout.jsonl gutenberg=austen-emma.txt --out agreement.md
+        --texts wikitext=latentkv:wikitext2-test samples=heldout.jsonl gutenberg=BOOK.txt --out agreement.md
+
+A text is a .txt/.raw/.jsonl file (plain or .gz) or a shipped text's name (latentkv:wikitext2-test).
+`scripts/heal_agreement.sh` heals a model and then runs this on three texts.
 """
 
 from __future__ import annotations

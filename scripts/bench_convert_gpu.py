@@ -1,9 +1,10 @@
 """Time a GPU conversion of a Llama-3-8B-shaped checkpoint (random weights: timing, not quality).
 
 Builds the checkpoint (bf16 safetensors, Llama-3 geometry and RoPE scaling) and a BPE tokenizer
-trained on the calibration text, then runs the real CLI and reports wall time and peak memory:
+trained on the calibration text (default: the Gutenberg books shipped with latentkv), then runs the
+real CLI on one GPU and reports wall time and peak memory:
 
-    python scripts/bench_convert_gpu.py --calib ../shared/corpora/gutenberg --work /tmp/l3
+    python scripts/bench_convert_gpu.py [--calib TEXT] [--work runs/convert_gpu]
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentkv.data import DEFAULT_CALIBRATION, logical_suffix, read_text, resolve_text  # noqa: E402
 
 
 def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
@@ -55,8 +60,8 @@ def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    files = sorted(calib.glob("*.txt")) if calib.is_dir() else [calib]
-    texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+    files = sorted(f for f in calib.iterdir() if logical_suffix(f) == ".txt") if calib.is_dir() else [calib]
+    texts = (read_text(f, errors="replace") for f in files)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<pad>", "<s>", "</s>"],
                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
@@ -64,8 +69,9 @@ def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--work", default="/tmp/l3")
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION,
+                   help="calibration text: a .txt file or a folder of them (default: the shipped Gutenberg books)")
+    p.add_argument("--work", default="runs/convert_gpu", help="folder for the random checkpoint and the output")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -75,7 +81,7 @@ def main() -> None:
     src = work / "llama3-8b-random"
     t0 = time.perf_counter()
     if not (src / "tokenizer.json").exists():
-        build_checkpoint(src, Path(args.calib), args.layers)
+        build_checkpoint(src, Path(resolve_text(args.calib)), args.layers)
     print(f"built {src} in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(src), str(work / "out"), "--to", "mla", *args.extra,
            "--calib-data", args.calib, "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),

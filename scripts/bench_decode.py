@@ -3,7 +3,8 @@
 
 Examples:
   python scripts/bench_decode.py --heads 32 --batch 64 --context 8192          # one shape
-  python scripts/bench_decode.py --preset issue --sweep --jobs 12 --json out.json --md out.md
+  python scripts/bench_decode.py --preset standard --compare-triton --json out.json --md out.md
+  python scripts/bench_decode.py --preset standard --sweep --jobs 12     # search block sizes and splits
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from latentkv.kernels import bench  # noqa: E402
 
 md = bench.md  # the mla_decode module (the package attribute of that name is the function)
 
-# The issue's rows: (name, kwargs of run_decode_bench, with the source comparison?)
-ISSUE_ROWS = [
+# The standard rows (name, kwargs of run_decode_bench, with the source comparison?): MLA 512 + 64 with
+# 32 heads (memory-bound), with 128 heads at query length 1 and 2 (compute-bound), and GLA with 2
+# latent heads at the same cache bytes; every sequence at context 8192.
+STANDARD_ROWS = [
     ("mla-h32-b64-l8192", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192, query_len=1), True),
     ("mla-h128-b128-l8192", dict(heads=128, latent_rank=512, rope_dim=64, batch=128, context=8192, query_len=1), False),
     ("mla-h128-sq2-b64-l8192", dict(heads=128, latent_rank=512, rope_dim=64, batch=64, context=8192, query_len=2), False),
@@ -47,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--source-geometry", default="32,8,128", help="q_heads,kv_heads,head_dim of the source GQA")
     p.add_argument("--no-source", action="store_true", help="skip the source SDPA timing")
-    p.add_argument("--preset", choices=["issue"], default=None, help="run the issue's rows instead of one shape")
+    p.add_argument("--preset", choices=["standard"], default=None,
+                   help="standard: the four reference shapes (MLA 32 and 128 heads, query length 2, GLA-2) instead of one shape")
     p.add_argument("--sweep", action="store_true", help="try candidate block sizes and splits, keep the best")
     p.add_argument("--sweep-set", choices=["wide", "narrow"], default="wide", help="which candidate list to sweep")
     p.add_argument("--jobs", type=int, default=8, help="processes compiling sweep candidates")
@@ -131,8 +135,8 @@ def main(argv=None):
         print(msg, flush=True)
         lines.append(msg)
 
-    if args.preset == "issue":
-        rows = [(n, dict(kw, dtype=dtype, page_size=args.page_size), src) for n, kw, src in ISSUE_ROWS]
+    if args.preset == "standard":
+        rows = [(n, dict(kw, dtype=dtype, page_size=args.page_size), src) for n, kw, src in STANDARD_ROWS]
     else:
         kw = dict(heads=args.heads, latent_rank=args.latent_rank, rope_dim=args.rope_dim, batch=args.batch,
                   context=args.context, query_len=args.query_len, latent_heads=args.latent_heads, dtype=dtype,

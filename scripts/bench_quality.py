@@ -1,7 +1,7 @@
 """One-shot conversion quality of SmolLM2-135M-Instruct at several KV budgets, with ablations.
 
-For each row: convert (calibrated on Gutenberg, never WikiText), then WikiText-2 perplexity with
-the ASSETS.md protocol (64 windows of 512 tokens, fp32). Prints a markdown table with KV values
+For each row: convert (calibrated on the shipped Gutenberg books, never WikiText), then WikiText-2
+perplexity with the protocol of docs/evaluation.md (64 windows of 512 tokens, fp32). Prints a markdown table with KV values
 per token per layer, % kept, perplexity, ratio to the source, conversion time and peak RSS of the
 conversion (each conversion runs in its own process so time and memory are its own).
 
@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GUTENBERG = ROOT.parent / "shared" / "corpora" / "gutenberg"
+sys.path.insert(0, str(ROOT))
+
+from latentkv.data import DEFAULT_CALIBRATION  # noqa: E402
+
 DEVICE = "cpu"
 
 # name -> (format, method options added to the budget): each switches one piece of the method off.
@@ -59,9 +62,9 @@ json.dump({"seconds": seconds, "rss_gb": rss, "kv": res.kv_values_per_token, "sr
 
 def convert_row(source, out, method, fmt, options, args, cache) -> dict:
     """Convert in a child process; `cache` None = calibrate from scratch (honest time and memory)."""
-    result_file = Path(out).with_suffix(".json")
+    result_file = Path(f"{out}.json")  # (with_suffix would cut a name like mla-0.500-123 at its dot)
     if cache is None:
-        cache = str(Path(out).with_suffix(".calib"))
+        cache = f"{out}.calib"
         subprocess.run(["rm", "-rf", cache], check=True)
     payload = json.dumps({"source": str(source), "output": str(out), "method": method, "format": fmt, "options": options,
                           "calib": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "cache": cache,
@@ -120,10 +123,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="conversion and evaluation device")
     p.add_argument("--ablations", type=float, nargs="*", default=[], help="budgets at which to switch each piece off")
     p.add_argument("--rows", nargs="*", default=[], help="extra rows METHOD:BUDGET[:k=v,k=v] (BUDGET - for gta)")
-    p.add_argument("--calib", default=str(GUTENBERG))
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION, help="calibration text (default: the shipped Gutenberg books)")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=64, help="WikiText-2 windows of 512 tokens (protocol: 64)")
+    p.add_argument("--source-ppl", type=float, default=None,
+                   help="the source's perplexity, measured before with the same --windows (skips measuring it again)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/bench_quality")
     p.add_argument("--json", default=None, help="append each row as a JSON line here")
@@ -140,8 +145,9 @@ def main() -> None:
     source = Path(args.source) if args.source else smollm2_folder()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    source_ppl = evaluate(source, args.windows)
-    print(f"source SmolLM2-135M-Instruct: WikiText-2 PPL {source_ppl:.2f} ({args.windows} x 512 tokens)", flush=True)
+    source_ppl = args.source_ppl if args.source_ppl is not None else evaluate(source, args.windows)
+    print(f"source SmolLM2-135M-Instruct: WikiText-2 PPL {source_ppl:.2f} ({args.windows} x 512 tokens"
+          f"{', given' if args.source_ppl is not None else ''})", flush=True)
     header = "| row | KV values / token / layer | % of source KV | WikiText-2 PPL | x source | convert time | peak RSS |"
     lines = [header, "|---|---|---|---|---|---|---|", f"| source | 384 | 100% | {source_ppl:.2f} | 1.00 | | |"]
     shared_cache = str(work / "shared.calib")

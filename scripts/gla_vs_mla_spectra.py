@@ -1,13 +1,12 @@
 """Why GLA-3 trails MLA on SmolLM2 at the same KV width: a GLA latent head serves one KV group, so its
 up-projection is block-diagonal over the groups and it cannot use what one group's keys and values
 share with another's; MLA's one latent can. This measures that share on real activations: per layer,
-the covariance of [K; V] (pre-RoPE, keys and values balanced to equal energy) over 128 x 256 Gutenberg
-tokens, and the fraction of it the best rank-r subspace keeps, jointly (MLA) or as 3 blocks of r/3
+the covariance of [K; V] (pre-RoPE, keys and values balanced to equal energy) over 128 x 256 tokens of
+the shipped Gutenberg books, and the fraction of it the best rank-r subspace keeps, jointly (MLA) or as 3 blocks of r/3
 (GLA-3). RoPE is left out (both formats share the same RoPE key), so this isolates the latent.
 
-    python scripts/gla_vs_mla_spectra.py      # 2-core CPU, about a minute; benchmarks/gla_spectra_cpu.md
+    python scripts/gla_vs_mla_spectra.py      # CPU, about a minute or two; benchmarks/gla_spectra_cpu.md
 """
-import glob
 import sys
 from pathlib import Path
 
@@ -15,10 +14,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from latentkv.data import CALIBRATION_TEXT, read_text
 from latentkv.io.assets import smollm2_folder
+if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    print(__doc__)
+    raise SystemExit(0)
 src = smollm2_folder()
 tok = AutoTokenizer.from_pretrained(src); model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "shared" / "corpora" / "gutenberg" / "*.txt"))))
+text = "".join(read_text(f, errors="replace") for f in sorted(CALIBRATION_TEXT.glob("*.txt.gz")))
 ids = tok(text[:3_000_000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 g = torch.Generator().manual_seed(0)
 starts = torch.randint(0, ids.numel() - 257, (128,), generator=g)

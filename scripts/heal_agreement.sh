@@ -1,28 +1,47 @@
 #!/usr/bin/env bash
-# Heal GTA-T and MLA-25% on the source's own samples, then measure where each student still differs
-# from the source: KL(source || student) on held-out samples (the training distribution), on WikiText-2
-# (the evaluation text) and on a Gutenberg book. A student that agrees on samples but not on WikiText
-# is short of data diversity; one that disagrees everywhere is short of capacity or optimisation.
-# On the device, SmolLM2 built (scripts/device_heal.sh part2 / again):
-#   bash scripts/device_heal.sh again bash scripts/heal_agreement.sh /tmp/teacher-10M.jsonl /tmp/heldout.jsonl
-set -uo pipefail
-cd "$(dirname "$0")/.."
-SAMPLES=${1:-/tmp/teacher-10M.jsonl}
-HELDOUT=${2:-/tmp/heldout.jsonl}
-RUNS=${RUNS:-gta mla25}  # which students to heal and compare
-common="--modes attention --tokens 20e6 --eval-at 5e6,20e6 --data teacher --sample-file $SAMPLES --deadline ${HEAL_DEADLINE:-400}"
-declare -A ARGS=(
-  [gta]="--to gta --method-options {\"refit_output\":true} --target attention+mlp $common"
-  [mla25]="--to mla --kv-budget 0.25 --target attention $common")
-runs=() models=()
-for r in $RUNS; do
-  runs+=("$r" "${ARGS[$r]}")
-  models+=("$r-oneshot=/tmp/bench_heal_$r/$r" "$r-healed=/tmp/bench_heal_$r/attention-20M")
-done
-bash scripts/heal_parallel.sh "${runs[@]}"
-SRC=$(python3 -c 'from latentkv.io.assets import smollm2_folder; print(smollm2_folder())')
-C=../shared/corpora
-python3 scripts/agreement_by_text.py --source "$SRC" \
-  --models "${models[@]}" \
-  --texts wikitext=$C/wikitext-2-raw/wiki.test.raw samples=$HELDOUT gutenberg=$C/gutenberg/austen-emma.txt \
-  --out "$OUT/agreement.md" 2>&1 | grep -v "it/s"
+# Heal a converted model on text sampled from its source, then measure where the healed student
+# still differs from the source, text by text: KL(source || model), top-1 agreement and both
+# perplexities on held-out samples (the training distribution), on WikiText-2 (the evaluation
+# text) and on a Gutenberg book (text the student never trained on). A student that agrees on the
+# samples but not on WikiText is short of data diversity; one that disagrees everywhere is short of
+# capacity or training.
+#
+#   bash scripts/heal_agreement.sh SOURCE CONVERTED DEST [TOKENS]
+#   GPUS=8 bash scripts/heal_agreement.sh SOURCE CONVERTED DEST  # healing data parallel on 8 GPUs
+#
+# SOURCE: the model CONVERTED was made from (`latentkv convert SOURCE CONVERTED ...`); DEST: a folder
+# for the sampled text, the healed model and DEST/agreement.md. TOKENS: healing tokens (20M).
+# Environment: GPUS (1), SAMPLE_TOKENS (10000000), HELDOUT_TOKENS (262144), DEVICE (cuda),
+# FINETUNE_ARGS (more `latentkv finetune` flags, e.g. "--target attention+mlp --lr 3e-4"), PYTHON.
+set -euo pipefail
+usage="usage: bash scripts/heal_agreement.sh SOURCE CONVERTED DEST [TOKENS]"
+SOURCE=${1:?$usage}
+CONVERTED=${2:?$usage}
+DEST=${3:?$usage}
+TOKENS=${4:-20000000}
+GPUS=${GPUS:-1}
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$DEST"
+
+# Training text sampled from the source, and a held-out sample drawn with another seed.
+[ -f "$DEST/samples.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$DEST/samples.jsonl" \
+  --tokens "${SAMPLE_TOKENS:-10000000}" --device "$DEVICE"
+[ -f "$DEST/heldout.jsonl" ] || "$PY" -m latentkv.cli sample "$SOURCE" "$DEST/heldout.jsonl" \
+  --tokens "${HELDOUT_TOKENS:-262144}" --seed 1 --device "$DEVICE"
+
+if [ "$GPUS" -gt 1 ]; then
+  launch=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$GPUS" -m latentkv.cli)
+else
+  launch=("$PY" -m latentkv.cli)
+fi
+# shellcheck disable=SC2086
+"${launch[@]}" finetune "$CONVERTED" "$DEST/healed" --teacher "$SOURCE" --data "$DEST/samples.jsonl" \
+  --mode attention --tokens "$TOKENS" --compile --overwrite ${FINETUNE_ARGS:-}
+
+BOOK=$("$PY" -c 'from latentkv.data import CALIBRATION_TEXT; print(CALIBRATION_TEXT / "austen-emma.txt.gz")')
+"$PY" "$HERE/agreement_by_text.py" --source "$SOURCE" --device "$DEVICE" \
+  --models one-shot="$CONVERTED" healed="$DEST/healed" \
+  --texts wikitext2-test=latentkv:wikitext2-test samples="$DEST/heldout.jsonl" gutenberg="$BOOK" \
+  --out "$DEST/agreement.md"

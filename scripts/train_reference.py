@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train a small multi-head (MHA) Llama on Project Gutenberg: a real MHA source for `--to gqa`.
 
-No trained MHA checkpoint can be had here (ASSETS.md), so this script makes one: a byte-level BPE
-tokenizer (`tokenizers`, vocab 8192) trained on the Gutenberg books, then a Llama with RoPE and as
+Most public checkpoints use GQA already; when no trained MHA model is at hand, this script makes
+one: a byte-level BPE tokenizer (`tokenizers`, vocab 8192) trained on the Gutenberg books shipped
+with latentkv (or --data), then a Llama with RoPE and as
 many KV heads as query heads, trained from scratch in bf16 with AdamW and a cosine schedule. A
 held-out slice of the books (every 50th 4096-token block) is never trained on; the weights with
 the best held-out loss are kept. The output is a plain Hugging Face folder (safetensors,
@@ -16,7 +17,7 @@ Examples:
   # about 23 M parameters, a few minutes on one H100
   python scripts/train_reference.py --out runs/mha-ref --device cuda
   # CPU smoke test (tiny settings, a minute)
-  python scripts/train_reference.py --out /tmp/mha-smoke --device cpu --preset smoke
+  python scripts/train_reference.py --out runs/mha-smoke --device cpu --preset smoke
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from latentkv.calibration.data import TextSource, load_texts, tokenize_stream  # noqa: E402
+from latentkv.data import DEFAULT_CALIBRATION  # noqa: E402
 
 log = logging.getLogger("train_reference")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "corpora" / "gutenberg"
 
 PRESETS = {
     # ~23 M parameters: 6 layers, 8 heads of 64, hidden 512, MHA (8 KV heads), tied embeddings.
@@ -53,7 +53,8 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder of .txt books (never WikiText)")
+    p.add_argument("--data", default=DEFAULT_CALIBRATION,
+                   help="training text: file or folder of .txt books (never WikiText; default: the shipped Gutenberg books)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)

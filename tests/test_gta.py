@@ -110,7 +110,7 @@ def test_tied_layout_equals_explicit_expansion(gta_model):
 
 
 def test_gta_heals(gta_model, tiny_model_dir, tmp_path):
-    """Guards `latentkv finetune` on GTA-T (the issue: it needs healing): LoRA lands on q_proj,
+    """Guards `latentkv finetune` on GTA-T (GTA-T needs healing): LoRA lands on q_proj,
     kv_a_proj and o_proj (there is no kv_b_proj), distillation lowers the loss, and the merged
     model keeps the tied layout and equals the adapter."""
     _, converted = gta_model

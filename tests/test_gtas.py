@@ -65,7 +65,7 @@ def _source_logits(folder, ids):
 
 @pytest.mark.parametrize("case", FULL)
 def test_full_rank_reproduces_source(case, converted, tiny_model_dir):
-    """Guards the exact start of DESIGN.md section 2 (every map kept, latent = all values, gate 1/2
+    """Guards the exact start of docs/method.md (GTA-S) (every map kept, latent = all values, gate 1/2
     with W_O doubled): the logits equal the source's, so the key merge basis, RoPE through the
     source's rotary embedding, biases (qwen2), the centred latent's output bias and the gated
     decoder are all exact; and the cache is the source's size."""

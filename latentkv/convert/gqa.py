@@ -1,7 +1,7 @@
 """MHA/GQA -> GQA with fewer KV heads (after Yu et al. 2024, arXiv 2406.07056), from calibration statistics.
 
 Per layer, the G source KV heads are split into N groups of m = G/N heads; each group becomes one
-new KV head that every query head of its members reads (DESIGN.md section 2, "MHA -> GQA"):
+new KV head that every query head of its members reads (docs/method.md, "GQA with fewer KV heads"):
 
 1. Keys: per frequency pair j, the new key is one complex combination w_j = A[j, 0] . z_j of the
    merged heads' pair-j keys, the top component of their query-weighted complex PCA

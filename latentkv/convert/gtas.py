@@ -17,7 +17,7 @@ caching c suffices; the gate depends only on the query token, so at decode the u
 is applied once per head to the r-wide attention output (W_up cannot fold into W_O through a
 token-dependent gate, but it stays r -> d per head, never per cached token).
 
-The exact start (DESIGN.md section 2): K = G keeps every source key (so every attention map),
+The exact start (docs/method.md, GTA-S): K = G keeps every source key (so every attention map),
 c = all G value heads (r = G * d, W_up,h = the rows of head h's KV group), gate weights 0 and
 bias 0 so the gate is 1/2 everywhere, and W_O doubled. Compression, from calibration statistics:
 1. Shared maps (K < G): groups of G/K source KV heads merge into one key head by the RoPE-

@@ -1,1 +1,1 @@
-"""Validation: perplexity (ASSETS.md protocol), agreement with the source, KV bytes per token."""
+"""Validation: perplexity (the protocol of docs/evaluation.md), agreement with the source, KV bytes per token."""
