@@ -271,6 +271,9 @@ def plot(path: Path, rows, meta) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report_only:
+        if not args.out.with_suffix(".json").is_file():
+            raise SystemExit(f"--report-only rewrites the report of {args.out.with_suffix('.json')}, which does not exist; "
+                             "run without --report-only first")
         recorded = json.loads(args.out.with_suffix(".json").read_text())
         write_outputs(args.out, recorded["rows"], recorded["meta"])
         return
