@@ -49,6 +49,22 @@ def as_type(value, kind):
     return value  # tuples, lists, dicts: left to the config's own checks
 
 
+def first_match(value, kinds):
+    """(value as the first of `kinds` it plainly is, None) or (None, what each kind wanted)."""
+    wanted = []
+    for kind in kinds:
+        if kind in (dict, list):
+            if isinstance(value, kind):
+                return value, None
+            wanted.append("a mapping" if kind is dict else "a list")
+            continue
+        try:
+            return as_type(value, kind), None
+        except ValueError as exc:
+            wanted.append(str(exc))
+    return None, wanted
+
+
 def typed_settings(config_cls, options: dict, what: str) -> dict:
     """A method's settings (from --set, flags or a recipe) converted to its config's field types,
     each checked strictly, so a wrong value is one clear error before any work."""
@@ -65,13 +81,9 @@ def typed_settings(config_cls, options: dict, what: str) -> dict:
         if value is None and type(None) in kinds:
             out[name] = None
             continue
-        wanted = []
-        for kind in (k for k in kinds if k is not type(None)):
-            try:
-                out[name] = as_type(value, kind)
-                break
-            except ValueError as exc:
-                wanted.append(str(exc))
+        converted, wanted = first_match(value, [k for k in kinds if k is not type(None)])
+        if wanted is None:
+            out[name] = converted
         else:
             allowed = " or ".join(wanted) + (" (or none)" if type(None) in kinds else "")
             raise LatentKVError(f"The {what} setting {name} must be {allowed}, got {value!r}; fix that value (--set {name}=..., "
@@ -90,18 +102,9 @@ def check_types(values: dict, kinds: dict, where: str) -> dict:
         allowed = allowed if isinstance(allowed, tuple) else (allowed,)
         if value is None and None in allowed:
             continue
-        wanted = []
-        for kind in (k for k in allowed if k is not None):
-            if kind in (dict, list):
-                if isinstance(value, kind):
-                    break
-                wanted.append("a mapping" if kind is dict else "a list")
-                continue
-            try:
-                out[name] = as_type(value, kind)
-                break
-            except ValueError as exc:
-                wanted.append(str(exc))
+        converted, wanted = first_match(value, [k for k in allowed if k is not None])
+        if wanted is None:
+            out[name] = converted
         else:
             raise LatentKVError(f"{where}: {name} must be {' or '.join(wanted)}, got {value!r}")
     return out
