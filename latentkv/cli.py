@@ -26,6 +26,9 @@ app.add_typer(bench_app, name="bench")
 predictor_app = typer.Typer(help="AttentionPredictor: a learned choice of the KV blocks each decode step reads.",
                             no_args_is_help=True)
 app.add_typer(predictor_app, name="predictor")
+cache_app = typer.Typer(help="The cache folder ($LATENTKV_CACHE, else ~/.cache/latentkv): list and prune.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 DEFAULT_CORPUS = DEFAULT_CALIBRATION  # the Gutenberg books shipped in latentkv/data
 
@@ -69,7 +72,11 @@ def _setup_logging(output: Path | None = None, verbose: bool = False) -> None:
 def _fail(exc: Exception) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape
+
+    # One line, never wrapped by rich (a path cut in two cannot be pasted back); markup in the
+    # message (a path with [brackets]) is printed as typed.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -117,14 +124,20 @@ def _load_recipe(path: Path | None) -> dict:
         raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
     if not isinstance(data, dict):
         raise LatentKVError(f"Recipe {path} must be a YAML mapping of settings")
-    return data
+    from latentkv.typed import check_types
+
+    return check_types(data, RECIPE_TYPES, f"Recipe {path}")
 
 
-RECIPE_KEYS = {
-    "to", "kv_lora_rank", "kv_budget", "qk_rope_dim", "latent_heads", "num_kv_heads", "format", "device", "dtype",
-    "calib_data", "calib_split", "calib_samples", "calib_seq_len", "calib_seed", "method_options", "max_shard_size",
-    "save_dtype", "sequential", "grouping", "method",
+# What a convert recipe may set, and the type of each (None: may be left empty).
+RECIPE_TYPES: dict = {
+    "to": str, "kv_lora_rank": (int, None), "kv_budget": (float, None), "qk_rope_dim": (int, str),
+    "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
+    "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
+    "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
+    "grouping": (str, None), "method": str, "engine": (str, None),
 }
+RECIPE_KEYS = set(RECIPE_TYPES)
 
 
 @app.command()
@@ -141,6 +154,7 @@ def convert(
     method_option: Annotated[Optional[list[str]], typer.Option("--set", help="Extra method setting KEY=VALUE (e.g. --set rope_mix=real); repeatable.", rich_help_panel="Method")] = None,
     sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
     format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
+    engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
     calib_data: CalibData = DEFAULT_CORPUS,
     calib_split: CalibSplit = "train",
@@ -201,6 +215,7 @@ def convert(
         method=to,
         method_options=method_options,
         format=pick("format", format),
+        engine=pick("engine", engine),
         calib=CalibOptions(
             data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
             samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),
@@ -286,6 +301,9 @@ def eval_cmd(
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv).", rich_help_panel="KV cache format")] = None,
+    kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
+    kv_cache_chunk: Annotated[Optional[int], typer.Option(help="Tokens written to the cache per forward (default: a whole window; 1 for /channel<N> formats, whose groups are quantized when full).", rich_help_panel="KV cache format")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -296,6 +314,10 @@ def eval_cmd(
     _setup_logging()
     from latentkv.eval.report import evaluate
 
+    if kv_cache and (sparse or decode_check):  # those decode with the paged cache, which keeps the model's dtype
+        from latentkv.errors import LatentKVError
+
+        _fail(LatentKVError("--kv-cache applies to the perplexity pass only; run --sparse / --decode-check without it"))
     if sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval
@@ -305,7 +327,7 @@ def eval_cmd(
     report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
                   windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
                   trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens,
-                  source=source)
+                  source=source, kv_cache=kv_cache, kv_cache_rope=kv_cache_rope, kv_cache_chunk=kv_cache_chunk)
     if sparse:
         report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
                                 tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,
@@ -361,11 +383,23 @@ def inspect(
     if not info["targets"]:
         return
     targets = Table(title="KV cache per token per layer, by target")
-    for col in ("target", "cached per token per layer", "values", "% of source", "bytes (bf16), all layers"):
+    context = info["targets"][0]["context_tokens"]
+    for col in ("target", "cached per token per layer", "values", "% of source", "bytes (bf16), all layers",
+                f"bytes (bf16) per sequence of {context} tokens"):
         targets.add_column(col)
     for row in info["targets"]:
-        targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%", str(row["bytes_bf16_all_layers"]))
+        targets.add_row(row["target"], row["what"], str(row["values"]), f"{row['percent']:.1f}%",
+                        str(row["bytes_bf16_all_layers"]), f"{row['bytes_bf16_at_context']:,}")
     console.print(targets)
+    engines = Table(title="--to mla --format deepseek --engine NAME: the widest servable cache that saves KV")
+    engines.add_column("engine", no_wrap=True)
+    for col in ("export caches per layer", "% of source", "runs"):
+        engines.add_column(col)
+    for row in info.get("engines", []):
+        engines.add_row(row["engine"], row["geometry"], "-" if row["percent"] is None else f"{row['percent']:.1f}%",
+                        row["accepts"])
+    if info.get("engines"):
+        console.print(engines)
 
 
 @app.command()
@@ -394,7 +428,10 @@ def generate(
 ):
     """Greedy generation with latentkv's paged latent cache and fused decode kernels."""
     _setup_logging()
+    from latentkv.calibration.runner import check_device
     from latentkv.eval.decode import generate_cli
+
+    _run(check_device, device)
 
     for text in _run(generate_cli, model, prompt, max_new_tokens=max_new_tokens, backend=backend, device=device, dtype=dtype):
         typer.echo(text)
@@ -526,6 +563,50 @@ def predictor_train(
     finally:
         factory.stop()
     typer.echo(json.dumps(result))
+
+
+@cache_app.command("list")
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
+    """Every cache folder with its size and when it was last used."""
+    import time
+
+    from latentkv.io.cache import cache_entries
+    from latentkv.io.source import latentkv_cache_dir
+
+    entries = cache_entries()
+    rows = [{"kind": e.kind, "path": str(e.path), "bytes": e.bytes, "state": e.state, "about": e.about,
+             "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))} for e in entries]
+    if as_json:
+        typer.echo(json.dumps({"root": str(latentkv_cache_dir()), "bytes": sum(e.bytes for e in entries),
+                               "entries": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"latentkv cache: {latentkv_cache_dir()}")
+    for col in ("kind", "folder", "size", "last used", "state", "made from"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["kind"], Path(r["path"]).name, f"{r['bytes'] / 1e6:.1f} MB", r["last_used"], r["state"],
+                      r["about"])
+    Console().print(table)
+    Console().print(f"total {sum(e.bytes for e in entries) / 1e6:.1f} MB in {len(entries)} folder(s)")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[float, typer.Option(help="Delete calibration statistics and GGUF dequantizations last used more than this many days ago.")] = 30.0,
+    all_: Annotated[bool, typer.Option("--all", help="Delete every calibration statistics and GGUF folder.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be deleted.")] = False,
+):
+    """Free space: calibration statistics and GGUF dequantizations are made again when needed."""
+    from latentkv.io.cache import prune_cache
+
+    gone = _run(prune_cache, older_than_days=older_than, everything=all_, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for e in gone:
+        typer.echo(f"{verb} {e.path} ({e.bytes / 1e6:.1f} MB)")
+    typer.echo(f"{verb} {len(gone)} folder(s), {sum(e.bytes for e in gone) / 1e6:.1f} MB")
 
 
 @bench_app.command("quality")

@@ -9,14 +9,14 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false
 BUDGET=${BUDGET:-0.5}
-OUT=${OUT:-runs/smollm2-mla-${BUDGET}}
+DEST=${DEST:-runs/smollm2-mla-${BUDGET}}
 SRC=$(.venv/bin/python -c "from latentkv.io.assets import smollm2_folder; print(smollm2_folder())")
 .venv/bin/latentkv inspect "$SRC"
-.venv/bin/latentkv convert "$SRC" "$OUT" --to mla --kv-budget "$BUDGET" \
+.venv/bin/latentkv convert "$SRC" "$DEST" --to mla --kv-budget "$BUDGET" \
   --calib-samples 128 --calib-seq-len 256 --overwrite
-.venv/bin/latentkv eval "$SRC" --json > "$OUT.source.json"
-.venv/bin/latentkv eval "$OUT" --json > "$OUT.converted.json"
-.venv/bin/python - "$OUT.source.json" "$OUT.converted.json" <<'PY'
+.venv/bin/latentkv eval "$SRC" --json > "$DEST.source.json"
+.venv/bin/latentkv eval "$DEST" --json > "$DEST.converted.json"
+.venv/bin/python - "$DEST.source.json" "$DEST.converted.json" <<'PY'
 import json, sys
 src, new = (json.load(open(p)) for p in sys.argv[1:3])
 print(f"\nSmolLM2-135M-Instruct -> MLA ({src['protocol']})")

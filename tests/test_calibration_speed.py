@@ -88,3 +88,42 @@ def test_statistics_equal_for_every_batch_size_and_path(tiny_model_dir, tmp_path
             checks = ((st.samples, picked, 1e-6), (st.moment, ref.moment, 1e-7), (st.distance, ref.distance, 1e-7))
             for got, want, atol in checks:
                 assert torch.allclose(got, want, rtol=1e-5, atol=atol), f"{name} layer {i}: {_worst(got, want)}"
+
+
+def test_streamed_text_gives_the_windows_of_the_whole_text(tiny_model_dir):
+    """Guards the streaming reader: on the shipped calibration books (read a line at a time, up to
+    the token limit) the windows are exactly those of the plain definition over each whole book."""
+    from latentkv.calibration.data import MIN_CHARS_READ, sample_windows
+    from latentkv.data import CALIBRATION_TEXT, read_text
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    books = sorted(CALIBRATION_TEXT.glob("*.txt.gz"))
+    texts = [read_text(b, errors="replace") for b in books]
+    assert sum(map(len, texts)) < MIN_CHARS_READ, "the shipped text no longer fits the read limit whole"
+    whole = _piece_by_piece(tokenizer, texts)
+    streamed = token_windows(tokenizer, TextSource("latentkv:gutenberg"), 128, 512, 0)  # the default windows
+    assert torch.equal(streamed, sample_windows(whole, 128, 512, 0))
+
+
+def test_reading_stops_at_the_token_limit_and_cuts_long_lines(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards bounded memory: a file of one 3M-character line reaches the tokenizer in pieces of at
+    most PIECE_CHARS, and reading stops once the limit of tokens is reached (the rest is never read)."""
+    from latentkv.calibration import data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    line = TINY_TEXT.read_text().replace("\n", " ")
+    (tmp_path / "one-line.txt").write_text((line * 3)[:3_000_000])
+    monkeypatch.setattr(data, "PIECE_CHARS", 100_000)
+    seen = []
+
+    def counted(source):
+        for piece, end in data.read_pieces(source):
+            seen.append(len(piece))
+            yield piece, end
+
+    tokens = data.tokenize_pieces(tokenizer, counted(TextSource(str(tmp_path / "one-line.txt"))),
+                                  enough=(5_000, 150_000), batch_chars=100_000)
+    assert max(seen) <= 100_000 and sum(seen) <= 300_000, "read past the limit"
+    # where reading stops does not depend on the batch size
+    assert torch.equal(tokens, data.tokenize_pieces(tokenizer, data.read_pieces(TextSource(str(tmp_path / "one-line.txt"))),
+                                                    enough=(5_000, 150_000), batch_chars=1))

@@ -19,12 +19,26 @@ from latentkv.modeling import load_model
 from tiny_models import TINY_TEXT
 
 ARCHS = ["llama", "mistral", "qwen2", "mixtral", "llama3-scaled", "llama-mha", "gemma", "phi3", "phi3-partial",
-         "gpt_neox", "gpt_neox-serial", "qwen3", "qwen3-moe"]
+         "gpt_neox", "gpt_neox-serial", "qwen3", "qwen3-moe", "gemma2", "gemma3_text", "smollm3", "olmo2",
+         "mistral-head-dim"]
 # (method, options) at no compression: RoPE key = every key dim, latent = every value dim.
 FULL_RANK = {
     "mla": dict(kv_budget=1.0),
     "gla": dict(kv_budget=1.0, latent_heads=2),
 }
+# Where the source's own width cannot hold the method at full rank: one KV head shared by two latent
+# heads, each of which must then hold the whole value (Gemma 3's single KV head).
+FULL_RANK_WIDER = {("gemma3_text", "gla"): dict(kv_lora_rank=32, qk_rope_dim=16, latent_heads=2)}
+
+
+def _source_model(src):
+    """The source as transformers computes it exactly (eager attention where scores are soft-capped:
+    some releases' SDPA path drops the cap)."""
+    from latentkv.arch import get_arch
+
+    config = transformers.AutoConfig.from_pretrained(src)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation=get_arch(config).attention_implementation(config)).eval()
 
 
 def _convert(src, out, tmp_path, method="mla", fmt="latentkv", **options):
@@ -59,16 +73,31 @@ def _rel(a, b):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_rank_reproduces_source(arch, method, tiny_model_dir, tmp_path):
     """Guards the core promise: at no compression the converted model computes the source's logits
-    (rotation basis, RoPE frequencies, biases, latent fit and modeling code all exact)."""
+    (rotation basis, RoPE frequencies, biases, latent fit and modeling code all exact), over 48 tokens,
+    which is past the 16-token windows of the sliding layers (Gemma 2/3), with soft-capped scores and
+    logits, per-type RoPE tables, layers without RoPE and q/k norms over all heads."""
     src = tiny_model_dir(arch)
     out = tmp_path / f"{arch}-{method}"
-    result = _convert(src, out, tmp_path, method, **FULL_RANK[method])
-    assert result.kv_values_per_token == result.source_kv_values_per_token
+    result = _convert(src, out, tmp_path, method, **FULL_RANK_WIDER.get((arch, method), FULL_RANK[method]))
+    if (arch, method) not in FULL_RANK_WIDER:
+        assert result.kv_values_per_token == result.source_kv_values_per_token
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
-    ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    ref = _logits(_source_model(src), ids)
     got = _logits(load_model(out), ids)
     assert torch.isfinite(got).all()
     assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "smollm3", "mistral-head-dim", "llama"])
+def test_gqa_with_the_source_heads_reproduces_source(arch, tiny_model_dir, tmp_path):
+    """Guards --to gqa on the new rows that allow it (no q/k norm): keeping every KV head it writes
+    the source's own architecture computing the source's logits (soft-caps, sliding layer, a layer
+    without RoPE, a head dim that is not hidden / heads)."""
+    src = tiny_model_dir(arch)
+    out = tmp_path / "gqa"
+    _convert(src, out, tmp_path, "gqa", num_kv_heads=transformers.AutoConfig.from_pretrained(src).num_key_value_heads)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert _rel(_logits(_source_model(out), ids), _logits(_source_model(src), ids)) < 1e-5
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -81,7 +110,12 @@ FRESH_PROCESS = textwrap.dedent(
     sys.meta_path.insert(0, NoLatentKV())
     import transformers
     out, ids_path, logits_path = sys.argv[1:4]
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    config = json.load(open(out + "/config.json"))
+    # soft-capped scores (Gemma 2) need eager attention: some releases' SDPA path drops the cap
+    capped = (config.get("source_config") or config).get("attn_logit_softcapping")
+    extra = {"attn_implementation": "eager"} if capped else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                              **extra).eval()
     ids = torch.load(ids_path)
     with torch.no_grad():
         full = model(ids).logits
@@ -134,6 +168,12 @@ def reload_in_fresh_process(out, tmp_path) -> tuple[float, dict]:
     ("qwen3", "mla", dict(kv_budget=0.5, sequential=True, refit_output=True)),
     ("qwen3-moe", "gta", dict()),
     ("mistral", "gqa", dict(num_kv_heads=1)),
+    ("gemma2", "mla", dict(kv_budget=0.5)),
+    ("gemma2", "gqa", dict(num_kv_heads=1)),
+    ("gemma3_text", "mla", dict(kv_budget=0.5)),
+    ("smollm3", "mla", dict(kv_budget=0.5)),
+    ("olmo2", "gla", dict(kv_budget=0.5, latent_heads=2)),
+    ("mistral-head-dim", "mla", dict(kv_budget=0.5)),
 ])
 def test_reload_in_fresh_process_without_latentkv(arch, method, options, tiny_model_dir, tmp_path):
     """Guards the self-contained export on the installed transformers: a fresh Python with latentkv
@@ -293,7 +333,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     """Guards the error path: an unknown model_type is refused before any work, naming the supported ones."""
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(LatentKVError, match="gemma, gpt_neox, llama, mistral, mixtral, phi3, qwen2"):
+    with pytest.raises(LatentKVError, match="gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, mixtral, olmo2"):
         _convert(tmp_path / "gpt2", tmp_path / "out", tmp_path, kv_budget=0.5)
     assert not (tmp_path / "out").exists()
 
@@ -508,6 +548,33 @@ def test_deepseek_shared_rope_width(tiny_model_dir, tmp_path):
     method = MLAMethod()
     assert method.plan_in_pass(stream, method.make_config(dict(kv_budget=0.5), "deepseek"), "deepseek") is None
     assert method.plan_in_pass(stream, method.make_config(dict(kv_budget=0.5, qk_rope_dim=8), "deepseek"), "deepseek")
+
+
+def test_deepseek_export_of_a_tied_source_writes_its_head(tiny_model_dir, tmp_path):
+    """Guards against a silent head-less model: vLLM's and SGLang's DeepseekV3 never tie the LM head,
+    so the export of a tied-embedding source writes `lm_head.weight` (the embedding) and an untied
+    config; transformers computes the same logits from it as with the head tied."""
+    from safetensors import safe_open
+
+    src = tiny_model_dir("llama-tied")
+    out = tmp_path / "ds"
+    _convert(src, out, tmp_path, fmt="deepseek", kv_lora_rank=24, qk_rope_dim=16)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys() if k in ("lm_head.weight", "model.embed_tokens.weight")})
+    assert set(tensors) == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    with safe_open(next(src.glob("*.safetensors")), "pt") as h:
+        assert torch.equal(tensors["lm_head.weight"], h.get_tensor("model.embed_tokens.weight"))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    untied = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tied = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, tie_word_embeddings=True).eval()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(_logits(untied, ids), _logits(tied, ids))
 
 
 def test_norm_ballast_steadies_the_latent_rms():

@@ -86,15 +86,19 @@ def test_decode_check_passes(converted, method, backend):
 
 @pytest.mark.parametrize("arch,backend", [("gemma", "reference"), ("phi3", "reference"), ("gpt_neox", "triton"),
                                           ("gpt_neox-serial", "reference"), ("phi3-partial", "triton"),
-                                          ("qwen3", "reference")])
+                                          ("qwen3", "reference"), ("gemma2", "triton"), ("gemma2", "reference"),
+                                          ("gemma3_text", "reference"), ("smollm3", "reference"), ("olmo2", "triton"),
+                                          ("mistral-head-dim", "reference")])
 def test_decode_check_other_architectures(converted, arch, backend):
     """Guards the loop that calls embeddings, layers and norm itself on other decoder layers: Gemma's
     sqrt(hidden) embedding scale (inside transformers' embedding module since 5.x) and (1 + w) norms,
     Phi-3's layer around a converted fused-QKV attention, GPT-NeoX's decoder under its own names
     (gpt_neox.embed_in, final_layer_norm, `attention`, parallel or serial residual) and partial rotary
     (RoPE keys of widths that are no power of two, through the kernel), Qwen3's qk_norm layers (the
-    latent read from the normalised keys, the query map after q_norm); else the logits differ from
-    the full forward."""
+    latent read from the normalised keys, the query map after q_norm); Gemma 2's soft-capped scores and
+    logits and Gemma 2/3's 16-token sliding windows (36 tokens decoded: the kernel's window mask),
+    Gemma 3's local and global RoPE, SmolLM3's layer without a RoPE key, OLMo-2's norms over all heads
+    and a head dim that is not hidden / heads; else the logits differ from the full forward."""
     from latentkv.eval.decode import decode_check
 
     if backend == "triton":

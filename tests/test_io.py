@@ -24,7 +24,7 @@ from latentkv.io import (
     write_model_card,
     write_recipe,
 )
-from latentkv.io.writer import SIDECAR_FILES
+from latentkv.io.writer import MARKER_FILE, SIDECAR_FILES
 
 
 def _model(folder: Path):
@@ -221,25 +221,26 @@ def test_sharded_writer_single_shard_name(tmp_path):
 
 
 def test_output_folder_refuses_non_empty_and_overwrite_replaces(tmp_path):
-    """Guards against silently mixing a new output with an old one, and against --overwrite not working."""
+    """Guards against silently mixing a new output with an old one, against --overwrite losing files
+    latentkv did not write, and against --overwrite not replacing latentkv's own output."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(LatentKVError, match="Output folder .*out is not empty; pass --overwrite or choose another"):
+    with pytest.raises(LatentKVError, match="Output folder .*out is not empty; it was not written by latentkv"):
+        OutputFolder(target)
+    with pytest.raises(LatentKVError, match="not written by latentkv .*would lose old.txt"):
+        OutputFolder(target, overwrite=True)
+    (target / "old.txt").unlink()
+    with OutputFolder(target) as out:  # an empty folder is fine without --overwrite
+        (out.tmp / "old.txt").write_text("old")
+    with pytest.raises(LatentKVError, match="Output folder .*out is not empty; pass --overwrite"):
         OutputFolder(target)
     with OutputFolder(target, overwrite=True) as out:
         assert out.tmp.parent == tmp_path and out.tmp.name.startswith(".out.partial-")
         (out.tmp / "new.txt").write_text("new")
         assert (target / "old.txt").is_file(), "the old output must survive until the new one is complete"
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_FILE, "new.txt"]
     assert _hidden_leftovers(tmp_path) == []
-
-    # An empty existing folder is fine without --overwrite.
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with OutputFolder(empty) as out:
-        (out.tmp / "x").write_text("x")
-    assert (empty / "x").is_file()
 
 
 def test_output_folder_exception_leaves_nothing(tmp_path):

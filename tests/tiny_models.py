@@ -43,6 +43,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         ),
     ),
     "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),  # the LM head is the embedding (SmolLM2)
+    # 8 KV heads of 128 (2048 K/V values per layer, as Llama-3 8B): 512+64, the one MLA geometry every
+    # serving engine runs, is a saving here. The K/V span only hidden_size + 1 dims: the latent fits exactly.
+    "llama-wide-heads": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=8, head_dim=128)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict()),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -61,6 +65,22 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", dict()),  # per-head q_norm / k_norm before RoPE
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          attention_bias=True)),
+    # Gemma 2: scale query_pre_attn_scalar ** -0.5, soft-capped scores and logits (caps small enough to
+    # bend these scores), layer 0 sliding over 16 tokens, layer 1 full.
+    "gemma2": ("Gemma2Config", dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
+                                    sliding_window=16, layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 3 text: per-head (1 + w) q/k norms, a local RoPE (theta 1e4) on the sliding layer and a
+    # linearly scaled global one (theta 1e6) on the full layer, one KV head.
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, query_pre_attn_scalar=24, num_key_value_heads=1,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}})),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),  # layer 1 applies no RoPE
+    "olmo2": ("Olmo2Config", dict()),  # q/k RMSNorm over all heads at once
+    # Mistral-NeMo style: head_dim 32 is not hidden / heads (16)
+    "mistral-head-dim": ("MistralConfig", dict(sliding_window=None, head_dim=32)),
 }
 
 

@@ -19,6 +19,8 @@ class ArchSpec:
     k_proj: str = "self_attn.k_proj"
     v_proj: str = "self_attn.v_proj"
     o_proj: str = "self_attn.o_proj"
+    # The norm a decoder layer applies to its input before attention; "" where the attention reads
+    # the residual stream itself (OLMo-2 normalises attention and MLP outputs instead).
     input_norm: str = "input_layernorm"
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -50,6 +52,17 @@ class ArchSpec:
     # (module name -> (per-expert disk names with {e}, concat dim within an expert)).
     disk_renames: tuple[tuple[str, str], ...] = ()
     expert_stacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Config fields of the attention beyond the common ones ("" where the architecture has none):
+    # the softmax scale as query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma 2/3),
+    # tanh soft-capping of the attention scores and of the final logits (Gemma 2), and the per-layer
+    # list saying which layers apply RoPE (SmolLM3's no_rope_layers: 1 = RoPE, 0 = none).
+    scale_from: str = ""
+    attn_softcap: str = ""
+    final_softcap: str = ""
+    rope_layers: str = ""
+    # The decoder's rotary embedding takes the layer type and holds one frequency table per type
+    # (Gemma 3: local and global RoPE thetas).
+    rope_per_layer_type: bool = False
 
     def attn_weight(self, layer: int, which: str, kind: str = "weight") -> str:
         """Full tensor name of one attention projection (`which` in q, k, v, o)."""
@@ -125,11 +138,53 @@ class ArchSpec:
         norm = {"q": self.q_norm, "k": self.k_norm}.get(which, "")
         if not norm:
             return out
+        module = layer_module.get_submodule(norm)
+        if module.weight.numel() == out.shape[-1]:  # one norm over all heads (OLMo-2)
+            return module(out)
         heads = out.shape[-1] // geo.head_dim
-        return layer_module.get_submodule(norm)(out.unflatten(-1, (heads, geo.head_dim))).flatten(-2)
+        return module(out.unflatten(-1, (heads, geo.head_dim))).flatten(-2)
+
+    def attention_input(self, layer_module, hidden):
+        """What a decoder layer's attention reads of its input `hidden`: the input norm's output,
+        or `hidden` itself where the layer has no input norm."""
+        return layer_module.get_submodule(self.input_norm)(hidden) if self.input_norm else hidden
 
     def layer_key(self, layer: int) -> str:
         return self.layer_prefix.format(i=layer) + "."
+
+    def softmax_scale(self, config, geo: "AttentionGeometry") -> float:
+        """The factor on q . k before the softmax."""
+        scalar = getattr(config, self.scale_from, None) if self.scale_from else None
+        return float(scalar) ** -0.5 if scalar else geo.head_dim**-0.5
+
+    def softcap(self, config, which: str = "attention") -> float | None:
+        """tanh soft-cap of the attention scores ("attention") or of the logits ("final"); None if none."""
+        name = self.attn_softcap if which == "attention" else self.final_softcap
+        cap = getattr(config, name, None) if name else None
+        return float(cap) if cap else None
+
+    def attention_implementation(self, config) -> str:
+        """transformers' attention that computes this model exactly: SDPA drops (or refuses) soft-caps."""
+        return "eager" if self.softcap(config) is not None else "sdpa"
+
+    def layer_attention(self, config, layer: int) -> "LayerAttention":
+        """What is particular to one layer's attention: RoPE or none, sliding window, layer type."""
+        types = getattr(config, "layer_types", None)
+        layer_type = types[layer] if types else None
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) is False:
+            window = None
+        if types and layer_type != "sliding_attention":
+            window = None  # without layer types (Mistral) the window applies to every layer
+        rope = bool(getattr(config, self.rope_layers)[layer]) if self.rope_layers else True
+        return LayerAttention(rope=rope, sliding_window=int(window) if window else None, layer_type=layer_type)
+
+    def layer_attentions(self, config) -> list["LayerAttention"]:
+        return [self.layer_attention(config, i) for i in range(config.num_hidden_layers)]
+
+    def rope_free_layers(self, config) -> list[int]:
+        """Layers that apply no RoPE (SmolLM3's NoPE layers)."""
+        return [i for i, layer in enumerate(self.layer_attentions(config)) if not layer.rope]
 
     def has_bias(self, config, which: str) -> bool:
         flag = self.o_bias if which == "o" else self.qkv_bias
@@ -140,6 +195,11 @@ class ArchSpec:
 
 QK_NORM_REFUSAL = ("its attention RMS-normalises every query and key head (q_norm/k_norm) before RoPE, which "
                    "DeepseekV3's attention has no place for")
+QK_NORM_ALL_HEADS_GQA_REFUSAL = ("it RMS-normalises all key heads together (k_norm over the whole key) before RoPE, "
+                                 "so a mix of its heads is no key of the same architecture (MLA and GLA keep the "
+                                 "norms; exact at full rank, latentkv format)")
+GEMMA_NORMS = "its RMSNorms scale by (1 + w) and its embeddings by sqrt(hidden size)"
+SOFTCAP_REFUSAL = "it soft-caps attention scores with tanh, which DeepseekV3's attention does not"
 QK_NORM_GQA_REFUSAL = ("it RMS-normalises every key head (k_norm) before RoPE, so a mix of its heads is no key head "
                        "of the same architecture (MLA and GLA keep the norms; exact at full rank, latentkv format)")
 
@@ -151,8 +211,29 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("qwen2", qkv_bias=True),
         # Gemma: GeGLU MLP, (1 + w) RMSNorms and the sqrt(hidden) embedding scale live outside attention,
         # in transformers' own modules that the converted model keeps (the scale inside embed_tokens).
-        ArchSpec("gemma", qkv_bias="attention_bias", o_bias="attention_bias",
-                 deepseek_refusal="its RMSNorms scale by (1 + w) and its embeddings by sqrt(hidden size)"),
+        ArchSpec("gemma", qkv_bias="attention_bias", o_bias="attention_bias", deepseek_refusal=GEMMA_NORMS),
+        # Gemma 2: scale query_pre_attn_scalar ** -0.5, tanh soft-caps on scores and logits, sliding-window
+        # attention on alternate layers (config.layer_types; `layer_attention`); sandwich norms in its layer.
+        ArchSpec("gemma2", qkv_bias="attention_bias", o_bias="attention_bias", scale_from="query_pre_attn_scalar",
+                 attn_softcap="attn_logit_softcapping", final_softcap="final_logit_softcapping",
+                 deepseek_refusal=GEMMA_NORMS),
+        # Gemma 3 (text): per-head (1 + w) q/k RMSNorms (the qk_norm route; the converted layer keeps the
+        # source's norm modules), local and global RoPE thetas by layer type, sliding-window layers.
+        ArchSpec("gemma3_text", qkv_bias="attention_bias", o_bias="attention_bias", q_norm="self_attn.q_norm",
+                 k_norm="self_attn.k_norm", scale_from="query_pre_attn_scalar", attn_softcap="attn_logit_softcapping",
+                 final_softcap="final_logit_softcapping", rope_per_layer_type=True,
+                 deepseek_refusal=GEMMA_NORMS, gqa_refusal=QK_NORM_GQA_REFUSAL),
+        # SmolLM3: Llama layers, some without RoPE (no_rope_layers[i] == 0): their keys are cached whole
+        # in the latent, with no RoPE key.
+        ArchSpec("smollm3", qkv_bias="attention_bias", o_bias="attention_bias", rope_layers="no_rope_layers",
+                 deepseek_refusal="some of its layers apply no RoPE, while DeepseekV3's every layer caches a RoPE key"),
+        # OLMo-2: q/k RMSNorm over all heads at once (q_norm width heads x head dim); no input norm, the
+        # norms follow attention and MLP (inside its own layer).
+        ArchSpec("olmo2", qkv_bias="attention_bias", o_bias="attention_bias", q_norm="self_attn.q_norm",
+                 k_norm="self_attn.k_norm", input_norm="",
+                 deepseek_refusal="its attention RMS-normalises all query and key heads (q_norm/k_norm) before RoPE, "
+                                  "which DeepseekV3's attention has no place for",
+                 gqa_refusal=QK_NORM_ALL_HEADS_GQA_REFUSAL),
         ArchSpec("phi3", fused_qkv="self_attn.qkv_proj",
                  deepseek_refusal="its MLP fuses the gate and up projections (gate_up_proj)"),
         # GPT-NeoX / Pythia: parallel residual (or not), LayerNorms with biases and RoPE on the first
@@ -201,6 +282,28 @@ def get_arch(config) -> ArchSpec:
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """What one decoder layer's attention has of its own (`ArchSpec.layer_attention`)."""
+
+    rope: bool = True  # whether RoPE turns its queries and keys (SmolLM3: not every layer)
+    sliding_window: int | None = None  # it sees only the last `sliding_window` tokens (its cache is bounded)
+    layer_type: str | None = None  # config.layer_types[i], which picks the RoPE table where there are several
+
+
+def hybrid_sliding(layers: list[LayerAttention]) -> bool:
+    """Whether a model mixes sliding-window and full-attention layers (Gemma 2/3): only then are the
+    windowed layers a small part of a long context's cache (docs/architectures.md)."""
+    windows = [layer.sliding_window is not None for layer in layers]
+    return any(windows) and not all(windows)
+
+
+def kv_values_at_context(widths: list[int], layers: list[LayerAttention], context: int) -> int:
+    """Values one sequence of `context` tokens holds in the cache: each layer's values per token
+    times the tokens it keeps (a sliding-window layer keeps at most its window)."""
+    return sum(w * min(context, layer.sliding_window or context) for w, layer in zip(widths, layers))
+
+
+@dataclass(frozen=True)
 class AttentionGeometry:
     """Shapes of one source attention block, read from its config."""
 
@@ -228,7 +331,10 @@ class AttentionGeometry:
 
 
 def _rope_theta(config) -> float:
+    """The RoPE theta (of the full-attention layers where each layer type has its own, Gemma 3)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
@@ -236,11 +342,17 @@ def _rope_theta(config) -> float:
 
 def geometry_of(config) -> AttentionGeometry:
     get_arch(config)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise LatentKVError("this model attends bidirectionally (use_bidirectional_attention); latentkv converts "
+                            "causal language models only")
     params = getattr(config, "rope_parameters", None)
     partial = params.get("partial_rotary_factor") if isinstance(params, dict) else None
     partial = partial if partial is not None else getattr(config, "partial_rotary_factor", None)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise LatentKVError(f"config.json has num_attention_heads {heads} and num_key_value_heads {kv_heads}; the KV "
+                            "heads must be a whole number >= 1 that divides the heads: fix config.json")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rotary_dim = int(head_dim * (1.0 if partial is None else float(partial)))  # as transformers computes it
     if rotary_dim < 2 or rotary_dim % 2:

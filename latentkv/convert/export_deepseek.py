@@ -7,6 +7,9 @@ Facts this format imposes (docs/formats.md), and what we do about each:
   widths and that grid.
 - RoPE is interleaved (`rope_interleave`): rotated dims are permuted from the half-split layout.
 - Scores are scaled by 1/sqrt(d_nope + d_R): the difference to the source's 1/sqrt(d) goes into q.
+- vLLM's and SGLang's DeepseekV3 never tie the LM head to the embeddings (they would read an
+  unset head and emit token 0 forever, with no error): `lm_head.weight` is always written and
+  `tie_word_embeddings` is false, whatever the source does.
 - `kv_a_proj_with_mqa` and `o_proj` carry no bias (vLLM/SGLang build them without): sources with
   q/k/v biases are refused, and the latent is fitted uncentred.
 - The cached latent passes through an RMSNorm (`kv_a_layernorm`) that no linear map undoes: it
@@ -127,7 +130,9 @@ def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype
         rope_parameters=rope_parameters,
         rope_interleave=True,
         attention_bias=False,
-        tie_word_embeddings=src.tie_word_embeddings,
+        # vLLM's and SGLang's DeepseekV3 never tie the head to the embeddings: the head is written
+        # out (`write_globals`), so a tied source still serves its own logits there.
+        tie_word_embeddings=False,
         bos_token_id=src.bos_token_id,
         eos_token_id=src.eos_token_id,
         pad_token_id=getattr(src, "pad_token_id", None),
@@ -195,7 +200,7 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
                      "latent_norm_rel_error": err, "latent_norm_rel_error_without_ballast": plain_err})
         if progress is not None:
             progress(i)
-    write_globals(stream, writer, save_dtype)
+    write_globals(stream, writer, save_dtype, untied_head="lm_head.weight")
     config = deepseek_config(stream, rope_dim, rank, cfg.rope_grid_step, save_dtype)
     config.save_pretrained(folder)
     copy_sidecars(source.folder, folder)
@@ -207,7 +212,19 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
     write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
                 extra_recipe={"deepseek_latent_norm_rel_error": {
                     "mean": mean_err, "max": max(errors), "mean_without_ballast": plain_mean, "norm_ballast": ballast}},
-                load_hint="Loads as a stock DeepseekV3ForCausalLM (no remote code): transformers, vLLM, SGLang.")
+                load_hint="Loads as a stock DeepseekV3ForCausalLM (no remote code): transformers, vLLM, SGLang."
+                          + _engine_hint(opts.engine))
     return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
                          seconds=0.0, layers=rows, notes=[f"latent RMSNorm relative error {mean_err:.3g} (mean over layers; {plain_mean:.3g} without "
                                 f"the {ballast} ballast dims)"])
+
+
+def _engine_hint(name: str | None) -> str:
+    """The card's line on the serving engine the geometry was fitted to (`--engine`)."""
+    if not name:
+        return " Its cache geometry was not fitted to an engine: see `latentkv inspect` for what each one runs."
+    from latentkv.convert.engines import get_engine
+
+    engine = get_engine(name)
+    return (f" Fitted to {engine.engine}'s {engine.backend} backend ({engine.device}): it runs "
+            f"{engine.describe()}, page size {engine.page_sizes}.")

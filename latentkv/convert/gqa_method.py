@@ -19,6 +19,7 @@ import torch
 from latentkv.arch import geometry_of
 from latentkv.convert import gqa
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class GQAMethod:
             raise LatentKVError(f"Unknown gqa settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "num_kv_heads" not in options:
             raise LatentKVError("--to gqa needs --num-kv-heads N (the KV heads per layer of the output)")
-        return gqa.GQAConfig(**options)
+        return gqa.GQAConfig(**typed_settings(gqa.GQAConfig, options, self.name))
 
     def validate(self, config, arch, cfg: gqa.GQAConfig, fmt: str) -> None:
         geo = geometry_of(config)
@@ -89,7 +90,7 @@ class GQAMethod:
         # The analysis is small float64 linear algebra: it runs on the CPU whatever device
         # calibrated the statistics.
         on_cpu = SimpleNamespace(arch=stream.arch, config=stream.config, weights=stream.weights,
-                                 device=torch.device("cpu"), inv_freq=stream.inv_freq.cpu())
+                                 device=torch.device("cpu"), inv_freq_of=stream.inv_freq_of)
         return gqa.layer_moments(layer_inputs_from(on_cpu, i, stats), cfg)
 
     def build(self, stream, i: int, stats, plan: GQAPlan, cfg: gqa.GQAConfig) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from latentkv.arch import geometry_of
 from latentkv.convert import gqa, gtas
 from latentkv.convert.gqa_method import GQAMethod, GQAPlan
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class GTASMethod(GQAMethod):
         if unknown:
             raise LatentKVError(f"Unknown gta-s settings: {', '.join(unknown)}; known: {', '.join(sorted(known))} "
                                 "(e.g. --set map_heads=1 --kv-lora-rank 160)")
-        return gtas.GTASConfig(**options)
+        return gtas.GTASConfig(**typed_settings(gtas.GTASConfig, options, self.name))
 
     def validate(self, config, arch, cfg: gtas.GTASConfig, fmt: str) -> None:
         geo = geometry_of(config)
@@ -45,6 +46,12 @@ class GTASMethod(GQAMethod):
                 "dims per head (partial_rotary_factor < 1). Use --to mla, gla or gqa for this model")
         if arch.rope_layout != "half":
             raise LatentKVError(f"--to gta-s supports the half-split RoPE layout only; {arch.model_type} uses {arch.rope_layout}")
+        if arch.rope_free_layers(config):
+            raise LatentKVError(f"--to gta-s caches RoPE keys in every layer; layers {arch.rope_free_layers(config)} of "
+                                f"{arch.model_type} apply no RoPE. Use --to mla or gla for this model")
+        if arch.softcap(config) is not None:
+            raise LatentKVError(f"--to gta-s has no soft-capped scores, which {arch.model_type} has "
+                                "(attention logit soft-capping). Use --to mla or gla for this model")
         cfg.resolve(geo.num_kv_heads, geo.num_heads, geo.head_dim)
         log.info("gta-s: %d map heads x %d + value latent %d = %d values per token per layer (source %d)",
                  cfg.map_heads, geo.head_dim, cfg.kv_lora_rank, cfg.map_heads * geo.head_dim + cfg.kv_lora_rank,

@@ -69,6 +69,11 @@ class MLAConfig:
         d / d_R spreads the pairs over the whole band (the source's own grid thinned).
     norm_ballast: DeepSeek format only: latent dims (out of kv_lora_rank) that carry no key or
         value but steady the latent RMSNorm's per-token scale (`export_deepseek.fit_norm_ballast`).
+    sliding_layers: in a model that mixes sliding-window and full-attention layers (Gemma 2/3),
+        "keep" (default) writes the sliding-window layers at the source's KV width (exact: their
+        cache is bounded by the window, a small share of a long context's cache) and spends the
+        budget on the full-attention layers; "convert" compresses every layer alike
+        (docs/architectures.md gives the figures behind the default).
     """
 
     kv_lora_rank: int | None = None
@@ -91,6 +96,7 @@ class MLAConfig:
     rope_frequency_grid: bool = False  # set by the DeepSeek export: RoPE key on `grid_pairs`
     rope_grid_step: int = 1
     norm_ballast: int = 1
+    sliding_layers: str = "keep"
 
     def __post_init__(self):
         if self.kv_lora_rank is not None and self.kv_budget is not None:
@@ -104,13 +110,17 @@ class MLAConfig:
         if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
             raise LatentKVError(f"--kv-lora-rank must be >= 1, got {self.kv_lora_rank}")
         if self.qk_rope_dim != "auto":
-            self.qk_rope_dim = int(self.qk_rope_dim)
+            try:
+                self.qk_rope_dim = int(self.qk_rope_dim)
+            except (TypeError, ValueError):
+                raise LatentKVError(f"--qk-rope-dim must be an even number >= 0 or 'auto', got {self.qk_rope_dim!r}") from None
             if self.qk_rope_dim < 0 or self.qk_rope_dim % 2:
                 raise LatentKVError(f"--qk-rope-dim must be an even number >= 0 or 'auto', got {self.qk_rope_dim}")
         for name, allowed in (
             ("rope_mix", ("complex", "real", "none")),
             ("latent_metric", ("whitened", "balanced", "energy")),
             ("allocation", ("per-layer", "uniform")),
+            ("sliding_layers", ("keep", "convert")),
         ):
             if getattr(self, name) not in allowed:
                 raise LatentKVError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -156,12 +166,12 @@ class LayerInputs:
     num_kv_heads: int
     head_dim: int
     scale: float
-    rotary_dim: int | None = None  # RoPE turns the first rotary_dim dims of each head (None: all)
+    rotary_dim: int | None = None  # RoPE turns the first rotary_dim dims of each head (None: all; 0: a layer without RoPE)
     q_moment: torch.Tensor | None = None  # [F_q+1, F_q+1] when q reads another space than k and v
 
     @property
     def rotary(self) -> int:
-        return self.rotary_dim or self.head_dim
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def query_moment(self) -> torch.Tensor:
@@ -282,9 +292,9 @@ def _latent_problem(an: LayerAnalysis, nope, heads: torch.Tensor, cfg: MLAConfig
 
 
 def rope_dim_candidates(an: LayerAnalysis, cfg: MLAConfig, fmt_max: int) -> list[int]:
-    if cfg.qk_rope_dim != "auto":
-        return [int(cfg.qk_rope_dim)]
     total = min(an.inputs.num_kv_heads * an.inputs.rotary, fmt_max)
+    if cfg.qk_rope_dim != "auto":  # a layer without RoPE (SmolLM3) has no RoPE key whatever the setting
+        return [min(int(cfg.qk_rope_dim), total)]
     step = max(2, 2 * round(total / 32))
     widths = sorted(set(list(range(0, total + 1, step)) + [total]))
     if cfg.rope_frequency_grid:  # a DeepSeek RoPE key: not empty, and its grid within the source's pairs
@@ -312,7 +322,7 @@ def best_split(curve: dict, budget: int, latent_heads: int) -> tuple[float, int,
     best = None
     for rope_dim, (rot, spectra) in curve.items():
         rank = budget - rope_dim
-        if rank < 0 or rank % latent_heads:
+        if rank < latent_heads or rank % latent_heads:  # each latent head holds at least one dim (the values)
             continue
         per = rank // latent_heads
         if any(per > s.numel() for s in spectra):

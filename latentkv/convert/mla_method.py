@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentkv.arch import geometry_of
+from latentkv.arch import geometry_of, hybrid_sliding
 from latentkv.convert import mla
 from latentkv.convert.qk_norm import with_source_projections
 from latentkv.errors import LatentKVError
+from latentkv.typed import typed_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MLAMethod:
             options["allocation"] = "uniform"
             options["center"] = False  # DeepSeek's o_proj has no bias to take the value mean
             options["refit_bias"] = False  # nor the refit's intercept
-        return mla.MLAConfig(**options)
+        return mla.MLAConfig(**typed_settings(mla.MLAConfig, options, self.name))
 
     def validate(self, config, arch, cfg: mla.MLAConfig, fmt: str) -> None:
         geo = geometry_of(config)
@@ -157,7 +158,11 @@ class MLAMethod:
                 )
         if geo.num_heads % cfg.latent_heads:
             raise LatentKVError(f"--latent-heads {cfg.latent_heads} must divide the {geo.num_heads} query heads")
-        max_rank = 2 * total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
+        # each latent head: the keys not in the RoPE key, and the values of the KV heads its query heads read
+        heads = torch.arange(geo.num_heads).view(cfg.latent_heads, -1) // geo.group_size
+        groups = max(len(torch.unique(h)) for h in heads)
+        max_rank = cfg.latent_heads * (total_key - (0 if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim)
+                                       + groups * geo.head_dim)
         if cfg.kv_lora_rank is not None and cfg.kv_lora_rank > max_rank:
             raise LatentKVError(
                 f"--kv-lora-rank {cfg.kv_lora_rank} is larger than possible: this model's keys and values span at most "
@@ -167,20 +172,45 @@ class MLAMethod:
     def plan(self, stream, stats, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
-            return self._fixed_plan(geo, cfg, fmt)
+            return self._fixed_plan(stream, geo, cfg, fmt)
         budget = self._layer_budget(geo, cfg)
+        kept = self.kept_layers(stream, cfg)
         # Uniform: no layer can hold a RoPE key wider than its own budget, so wider ones are not scored.
         widest = budget if cfg.allocation == "uniform" else None
-        curves = [self._layer_curve(stream, i, stats[i], cfg, fmt, widest) for i in range(geo.num_layers)]
+        curves = [self._layer_curve(stream, i, stats[i], cfg, fmt, self._kept_width(stream, i, geo, cfg) if i in kept
+                                    else widest) for i in range(geo.num_layers)]
         if fmt == "deepseek":
             choice = shared_split(curves, budget, cfg.latent_heads)
         else:
-            choice = allocate(curves, [budget] * geo.num_layers, budget * geo.num_layers, cfg.latent_heads,
-                              per_layer=cfg.allocation == "per-layer")
+            spent = [i for i in range(geo.num_layers) if i not in kept]
+            choice = [None] * geo.num_layers
+            for i, c in zip(spent, allocate([curves[i] for i in spent], [budget] * len(spent), budget * len(spent),
+                                            cfg.latent_heads, per_layer=cfg.allocation == "per-layer")):
+                choice[i] = c
+            for i in kept:  # at the source's KV width: exact
+                choice[i] = mla.best_split(curves[i], self._kept_width(stream, i, geo, cfg), cfg.latent_heads)
         for i, (err, rd, r) in enumerate(choice):
             log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
         return MLAPlan(widths=self._reserve_ballast([(rd, r) for _, rd, r in choice], cfg, fmt),
                        predicted_error=[c[0] for c in choice])
+
+    @staticmethod
+    def kept_layers(stream, cfg) -> set[int]:
+        """Sliding-window layers written at the source's KV width (`MLAConfig.sliding_layers`)."""
+        layers = stream.arch.layer_attentions(stream.config)
+        if getattr(cfg, "sliding_layers", "convert") != "keep" or not hybrid_sliding(layers):
+            return set()
+        return {i for i, layer in enumerate(layers) if layer.sliding_window is not None}
+
+    @staticmethod
+    def _kept_width(stream, i: int, geo, cfg) -> int:
+        """Values per token of a kept layer: every rotated key dim as the RoPE key, and a latent
+        as wide as what each latent head's query heads read (the source's width for MLA, and for
+        GLA where the latent heads split the KV heads evenly)."""
+        rd = geo.rotary_dim if stream.layer_attention(i).rope else 0
+        heads = torch.arange(geo.num_heads).view(cfg.latent_heads, -1) // geo.group_size
+        groups = max(len(torch.unique(h)) for h in heads)
+        return geo.num_kv_heads * rd + cfg.latent_heads * groups * (2 * geo.head_dim - rd)
 
     def plan_in_pass(self, stream, cfg: mla.MLAConfig, fmt: str) -> MLAPlan | None:
         """For sequential calibration in one pass: a plan whose widths `sequential_module` picks
@@ -188,14 +218,14 @@ class MLAMethod:
         width depends on its own statistics alone (uniform allocation); None otherwise."""
         geo = geometry_of(stream.config)
         if cfg.kv_lora_rank is not None:
-            return self._fixed_plan(geo, cfg, fmt)
+            return self._fixed_plan(stream, geo, cfg, fmt)
         if cfg.allocation != "uniform" or (fmt == "deepseek" and cfg.qk_rope_dim == "auto"):
             return None  # DeepSeek's one RoPE width is chosen from every layer's curve: a source pass first
         return MLAPlan(widths=[None] * geo.num_layers, predicted_error=[float("nan")] * geo.num_layers, fmt=fmt)
 
     def _choose_in_pass(self, stream, i: int, stats, plan: MLAPlan, cfg: mla.MLAConfig) -> None:
         geo = geometry_of(stream.config)
-        budget = self._layer_budget(geo, cfg)
+        budget = self._kept_width(stream, i, geo, cfg) if i in self.kept_layers(stream, cfg) else self._layer_budget(geo, cfg)
         best = mla.best_split(self._layer_curve(stream, i, stats, cfg, plan.fmt, budget), budget, cfg.latent_heads)
         if best is None:
             raise LatentKVError(f"No feasible RoPE/latent split for layer {i} at this budget; raise --kv-budget")
@@ -203,10 +233,18 @@ class MLAMethod:
         log.info("layer %d: RoPE key %d + latent %d = %d values (predicted error %.4g)", i, rd, r, rd + r, err)
         plan.widths[i], plan.predicted_error[i] = self._reserve_ballast([(rd, r)], cfg, plan.fmt)[0], err
 
-    def _fixed_plan(self, geo, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
+    def _fixed_plan(self, stream, geo, cfg: mla.MLAConfig, fmt: str) -> MLAPlan:
         rope_dim = min(64, self._max_rope(geo, fmt)) if cfg.qk_rope_dim == "auto" else cfg.qk_rope_dim
-        return MLAPlan(widths=self._reserve_ballast([(rope_dim, cfg.kv_lora_rank)] * geo.num_layers, cfg, fmt),
-                       predicted_error=[float("nan")] * geo.num_layers)
+        kept = self.kept_layers(stream, cfg)
+        widths = []
+        for i in range(geo.num_layers):
+            if i in kept:  # every rotated key dim in the RoPE key, the rest in the latent
+                full = self._kept_width(stream, i, geo, cfg)
+                rd = geo.num_kv_heads * geo.rotary_dim if stream.layer_attention(i).rope else 0
+                widths.append((rd, full - rd))
+            else:  # a layer without RoPE caches its whole key in the latent
+                widths.append((rope_dim if stream.layer_attention(i).rope else 0, cfg.kv_lora_rank))
+        return MLAPlan(widths=self._reserve_ballast(widths, cfg, fmt), predicted_error=[float("nan")] * geo.num_layers)
 
     @staticmethod
     def _max_rope(geo, fmt: str) -> int:
@@ -251,7 +289,8 @@ class MLAMethod:
         rope_dim, rank = plan.widths[i]
         with torch.device(stream.device):
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
-            return with_source_projections(stream, i, *mla.build_layer(an, rope_dim, rank, cfg))
+            tensors, spec = with_source_projections(stream, i, *mla.build_layer(an, rope_dim, rank, cfg))
+        return tensors, with_layer_rope(stream, i, spec)
 
     def sequential_module(self, stream, i, stats, plan: MLAPlan, cfg: mla.MLAConfig, source_attn=None, batches=None):
         """Layer i's new attention during the pass through the converted layers (kept for writing);
@@ -259,7 +298,7 @@ class MLAMethod:
         if plan.widths[i] is None:  # one-pass sequential calibration: this layer's width from its statistics
             self._choose_in_pass(stream, i, stats, plan, cfg)
         tensors, spec = self.build(stream, i, stats, plan, cfg)
-        module = attention_module(stream, i, tensors, spec)
+        module = attention_module(stream, i, tensors, spec, source_attn)
         if cfg.refit_output:
             from latentkv.convert.refit import ReplayedAttention, refit_output_projection
 
@@ -270,7 +309,7 @@ class MLAMethod:
                 tensors["o_proj.bias"] = bias.cpu()
             plan.built[i] = (_kept(tensors), spec)
             # The layer's forward reuses the per-head outputs just computed, through the new o_proj.
-            return ReplayedAttention(attention_module(stream, i, tensors, spec).o_proj, recorded)
+            return ReplayedAttention(attention_module(stream, i, tensors, spec, source_attn).o_proj, recorded)
         plan.built[i] = (_kept(tensors), spec)
         return module
 
@@ -314,7 +353,7 @@ class GTAMethod(MLAMethod):
         options = dict(options)
         if options.pop("qk_rope_dim", "auto") not in ("auto", None):
             raise LatentKVError("--to gta has a fixed RoPE key of half the head dim; drop --qk-rope-dim")
-        return GTAConfig(**options)
+        return GTAConfig(**typed_settings(GTAConfig, options, self.name))
 
     def validate(self, config, arch, cfg, fmt: str) -> None:
         geo = geometry_of(config)
@@ -328,6 +367,10 @@ class GTAMethod(MLAMethod):
                 f"GTA-T's RoPE key has half the head dim ({geo.head_dim // 2}), but RoPE turns only "
                 f"{geo.num_kv_heads} x {geo.rotary_dim} key dims of this model; use --to mla or --to gla"
             )
+        if arch.rope_free_layers(config):
+            raise LatentKVError(
+                f"GTA-T's RoPE key has half the head dim, but layers {arch.rope_free_layers(config)} of this model "
+                "apply no RoPE; use --to mla or --to gla (they cache those layers' keys whole in the latent)")
         cfg.latent_heads = geo.num_kv_heads
         cfg.qk_rope_dim = geo.head_dim // 2
 
@@ -349,10 +392,29 @@ class GTAMethod(MLAMethod):
             an = mla.analyse_layer(layer_inputs_from(stream, i, stats), cfg)
             tensors, spec, report = gta.build_gta_layer(an, cfg)
             tensors, spec = with_source_projections(stream, i, tensors, spec)
+            spec = with_layer_rope(stream, i, spec)
         plan.reports[i] = report
         log.info("layer %d: tied-state fit error keys %.3f, values %.3f (relative); RoPE de-rotation loss %.4g",
                  i, report["key_rel_error"], report["value_rel_error"], report["rope_loss"])
         return tensors, spec
+
+
+def with_layer_rope(stream, i: int, spec: dict) -> dict:
+    """A layer's spec with its own RoPE scaling (Gemma 3's global and local tables differ)."""
+    return {**spec, "rope_attention_scaling": stream.attention_scaling_of(i)}
+
+
+def sliding_fields(arch, config) -> dict:
+    """`layer_types` and `sliding_window` of a converted config where some layers slide, so that
+    transformers' cache keeps only the window of those layers; {} where none does."""
+    layers = arch.layer_attentions(config)
+    windows = {layer.sliding_window for layer in layers} - {None}
+    if not windows:
+        return {}
+    if len(windows) > 1:  # no architecture in the table has two windows; transformers' config holds one
+        raise LatentKVError(f"layers of this model slide over different windows {sorted(windows)}")
+    return {"layer_types": ["sliding_attention" if layer.sliding_window else "full_attention" for layer in layers],
+            "sliding_window": windows.pop()}
 
 
 def latent_config(stream, specs: list[dict], method: str, o_bias: bool = False):
@@ -363,11 +425,16 @@ def latent_config(stream, specs: list[dict], method: str, o_bias: bool = False):
     source = stream.config.to_dict()
     for k in ("architectures", "auto_map", "transformers_version", "_name_or_path", "quantization_config", "dtype", "torch_dtype"):
         source.pop(k, None)
+    arch = stream.arch
     return LatentKVConfig(
         source_config=source,
         attention_layers=specs,
-        softmax_scale=geo.head_dim**-0.5,
-        rope_attention_scaling=stream.attention_scaling,
+        softmax_scale=arch.softmax_scale(stream.config, geo),
+        attn_logit_softcapping=arch.softcap(stream.config),
+        final_logit_softcapping=arch.softcap(stream.config, "final"),
+        source_attn_implementation="eager" if arch.attention_implementation(stream.config) == "eager" else None,
+        **sliding_fields(arch, stream.config),
+        rope_attention_scaling=stream.attention_scaling_of(0),
         v_head_dim=geo.head_dim,
         q_bias=stream.arch.has_bias(stream.config, "q"),
         o_bias=o_bias or stream.arch.has_bias(stream.config, "o"),
@@ -392,12 +459,13 @@ def _kept(tensors: dict) -> dict:
     return {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
 
 
-def attention_module(stream, i: int, tensors: dict, spec: dict):
+def attention_module(stream, i: int, tensors: dict, spec: dict, source_attn=None):
+    """Layer i's LatentAttention from its tensors; `source_attn` lends a qk_norm layer the source's norms."""
     from latentkv.modeling.modeling_latentkv import LatentAttention
 
     specs = [spec] * stream.num_layers
     config = latent_config(stream, specs, "mla", o_bias="o_proj.bias" in tensors)
-    module = LatentAttention(config, i)
+    module = LatentAttention(config, i, source_attention=source_attn)
     state = {k: v.to(stream.dtype) for k, v in _filter_bias(tensors, config).items()}
     module.load_state_dict(state, strict=False)
     return module.to(stream.device).eval()
@@ -413,16 +481,22 @@ def write_layer(stream, writer, i: int, attention: dict, save_dtype) -> None:
         writer.add(prefix + attn + name, t.to(save_dtype))
 
 
-def write_globals(stream, writer, save_dtype) -> None:
+def write_globals(stream, writer, save_dtype, untied_head: str | None = None) -> None:
     """Embeddings, final norm (and its bias, a LayerNorm's) and (untied) LM head under its module
-    name, then the shard index."""
+    name, then the shard index. `untied_head`: write the head under this name even where the source
+    ties it to the embeddings (for formats whose loaders never tie it: DeepSeek's in vLLM/SGLang)."""
     arch = stream.arch
     norm_bias = arch.final_norm.removesuffix("weight") + "bias"
     for name in (arch.embed, arch.final_norm, norm_bias):
         if name != norm_bias or name in stream.weights:
             writer.add(name, stream.weights.get(name).to(save_dtype))
-    if not stream.config.tie_word_embeddings and arch.lm_head in stream.weights:
-        writer.add(f"{arch.lm_head_module}.weight", stream.weights.get(arch.lm_head).to(save_dtype))
+    tied = bool(stream.config.tie_word_embeddings)
+    if not tied and arch.lm_head not in stream.weights:
+        raise LatentKVError(f"The source's config unties the LM head but its weights hold no {arch.lm_head}; "
+                            "the checkpoint is incomplete")
+    if untied_head is not None or not tied:
+        head = arch.embed if tied else arch.lm_head  # a tied head is the embedding matrix itself
+        writer.add(untied_head or f"{arch.lm_head_module}.weight", stream.weights.get(head).to(save_dtype))
     writer.close()
 
 

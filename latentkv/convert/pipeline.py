@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from latentkv.errors import LatentKVError
 from latentkv.arch import geometry_of, get_arch
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
 from latentkv.data import DEFAULT_CALIBRATION
-from latentkv.calibration.runner import LayerStream, _resolve_dtype, freed_memory_held
+from latentkv.calibration.runner import (LayerStream, check_device, check_seq_len, freed_memory_held,
+                                       peak_memory_bytes, resolve_dtype)
 from latentkv.calibration.stats import (
     LayerStats,
     StatsCache,
@@ -66,6 +68,8 @@ class ConvertOptions:
     trust_remote_code: bool = False
     batch_size: int = 8
     command: str = ""
+    # A serving engine (`convert.engines`): the DeepSeek export then gets a geometry it runs.
+    engine: str | None = None
 
     def recipe(self) -> dict:
         d = asdict(self)
@@ -96,6 +100,7 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
 
     arch, cfg, w = stream.arch, stream.config, stream.weights
     geo = geometry_of(cfg)
+    rope = arch.layer_attention(cfg, layer_idx).rope  # a layer without RoPE: every key dim is position-free
 
     def get(which, kind="weight"):
         return arch.read_projection(w, layer_idx, which, kind, geo, dtype=torch.float64, device=stream.device)
@@ -115,12 +120,12 @@ def layer_inputs_from(stream: LayerStream, layer_idx: int, stats: LayerStats):
         o_bias=get("o", "bias"),
         moment=stats.moment.to(stream.device, torch.float64),
         distance=None if stats.distance is None else stats.distance.to(stream.device),
-        inv_freq=stream.inv_freq.to(stream.device),
+        inv_freq=stream.inv_freq_of(layer_idx).to(stream.device),
         num_heads=geo.num_heads,
         num_kv_heads=geo.num_kv_heads,
         head_dim=geo.head_dim,
-        scale=geo.head_dim**-0.5,
-        rotary_dim=geo.rotary_dim,
+        scale=arch.softmax_scale(cfg, geo),
+        rotary_dim=geo.rotary_dim if rope else 0,
         q_moment=None if stats.q_moment is None else stats.q_moment.to(stream.device, torch.float64),
     )
 
@@ -130,13 +135,18 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
                   on_layer=None, progress=None, collect: bool = True) -> list[LayerStats]:
     """Per-layer statistics, layer by layer. `on_layer(i, layer, stats, batches)` may return a
     replacement attention module, whose output then feeds the next layer (sequential calibration);
-    `batches()` yields the layer's attention inputs (after its norm) with the position embeddings.
+    `batches()` yields the layer's attention inputs (after its norm) with its position embeddings and
+    attention mask (`LayerStream.attention_mask`: None where SDPA's causal mask is exact).
     With `collect=False` (a pass for `on_layer` alone, e.g. the output refit) nothing is measured
     and the list holds None."""
     n = stream.num_layers
     stats: list[LayerStats | None] = [cache.load_layer(i) if cache.has_layer(i) else None for i in range(n)]
+    # (A pass through converted layers recomputes what it finds: nothing of it is reused.)
+    cache.reused_layers = sum(s is not None for s in stats) if on_layer is None else 0
+    if cache.reused_layers:
+        log.info("calibration statistics of %d of %d layers reused from %s", cache.reused_layers, n, cache.folder)
     if all(s is not None for s in stats) and on_layer is None:
-        log.info("calibration statistics for all %d layers found in %s", n, cache.folder)
+        cache.drop_hidden()
         for i in range(n) if progress is not None else ():
             progress(i)
         return stats  # type: ignore[return-value]
@@ -148,30 +158,35 @@ def collect_stats(stream: LayerStream, windows: torch.Tensor, cache: StatsCache,
         log.info("resuming calibration at layer %d from %s", start, cache.folder)
     if hidden is None:
         hidden = stream.embed(windows)
-    pos_emb = stream.position_embeddings(windows.shape[1])
     # The batches' temporaries are reused, not faulted in afresh; handed back at the end.
     with freed_memory_held():
         for i in range(start, n):
             last = i == n - 1  # the last layer's output feeds no statistics: it is never computed
-            stats[i] = _layer_pass(stream, i, hidden, pos_emb, stats[i], cache, calib, on_layer, last, collect)
+            stats[i] = _layer_pass(stream, i, hidden, stats[i], cache, calib, on_layer, last, collect)
             if not last and on_layer is None:  # a pass through converted layers is never resumed
                 cache.maybe_save_hidden(i + 1, hidden)
             if progress is not None:
                 progress(i)
+    cache.drop_hidden()  # every layer is done: the resume point is not needed again
     return stats  # type: ignore[return-value]
 
 
-def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stats: LayerStats | None,
+def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, stats: LayerStats | None,
                 cache: StatsCache, calib: CalibOptions, on_layer, last: bool, collect: bool = True) -> LayerStats:
     """Layer i's statistics (computed unless cached) and, unless `last`, its output in `hidden`."""
+    pos_emb = stream.position_embeddings(hidden.shape[1], i)  # per layer: Gemma 3's RoPE thetas differ by type
+    mask = stream.attention_mask(i, hidden.shape[1])
     layer = stream.load_layer(i)
-    norm = layer.get_submodule(stream.arch.input_norm)
+    def norm(chunk):
+        return stream.arch.attention_input(layer, chunk)
+
     collector = None
     if collect and (stats is None or on_layer is not None):
         collector = StatsCollector(layer, stream.arch, geometry_of(stream.config), pos_emb,
                                    windows=hidden.shape[0], seq_len=hidden.shape[1],
                                    profile_windows=calib.profile_samples, sample_tokens=SAMPLE_TOKENS,
-                                   device=stream.device)
+                                   device=stream.device, rope=stream.layer_attention(i).rope,
+                                   softcap=stream.arch.softcap(stream.config))
         if on_layer is not None or last:
             # Statistics before the forward (sequential: they shape the replacement) or without one.
             for first, chunk in stream.batches(hidden):
@@ -180,14 +195,14 @@ def _layer_pass(stream: LayerStream, i: int, hidden: torch.Tensor, pos_emb, stat
     if on_layer is not None:
         def batches():
             for _, chunk in stream.batches(hidden):
-                yield norm(chunk), pos_emb
+                yield norm(chunk), pos_emb, mask
 
         new_attn = on_layer(i, layer, stats, batches)
         if new_attn is not None:
             setattr(layer, stream.arch.attention, new_attn.to(stream.device, stream.dtype))
     if not last:
         # One pass: the layer's forward, with the statistics taken from its attention input.
-        stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None)
+        stream.run(layer, hidden, pos_emb, observe=collector.add if collector is not None else None, mask=mask)
         if collector is not None:
             stats = _finish(i, collector, cache)
     stream.release_layer(i)
@@ -201,9 +216,10 @@ def _finish(i: int, collector: StatsCollector, cache: StatsCache) -> LayerStats:
     return cache.load_layer(i)  # memory-mapped: what later steps never read takes no memory
 
 
-def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential_key: dict | None) -> StatsCache:
+def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential_key: dict | None,
+                 model_fingerprint: dict) -> StatsCache:
     fingerprint = {
-        "model": checkpoint_fingerprint(source.folder),
+        "model": model_fingerprint,
         "data": fingerprint_tokens(windows),
         "samples": opts.calib.samples,
         "seq_len": opts.calib.seq_len,
@@ -211,7 +227,7 @@ def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential
         "dtype": opts.dtype,
         "profile_samples": opts.calib.profile_samples,
         "sequential": sequential_key,
-        "stats_version": 2,  # bump when LayerStats gains fields
+        "stats_version": 3,  # bump when LayerStats gains fields or the fingerprint changes
     }
     import hashlib
 
@@ -221,7 +237,8 @@ def _stats_cache(source, opts: ConvertOptions, windows: torch.Tensor, sequential
         folder = Path(opts.calib.cache) / f"sequential-{key}" if sequential_key else Path(opts.calib.cache)
     else:
         folder = default_cache_root() / key
-    return StatsCache(folder, fingerprint)
+    return StatsCache(folder, fingerprint, about={"source": str(source.spec), "folder": str(source.folder),
+                                                  "calib_data": opts.calib.data})
 
 
 def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
@@ -231,25 +248,41 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     from latentkv.io.writer import OutputFolder
 
     t0 = time.perf_counter()
+    check_settings(opts)
     method = get_method(opts.method)
+    source = None
+    if opts.engine:  # the engine's geometry depends on the source's shape: fitted before the settings are checked
+        from latentkv.convert.engines import check_engine, fit_engine
+
+        engine = check_engine(opts.engine, opts.method, opts.format)
+        source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+        opts.method_options = fit_engine(engine, source.config, opts.method_options)
     method_cfg = method.make_config(opts.method_options, opts.format)
-    source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
+    if source is None:
+        source = open_source(opts.source, gguf_file=opts.gguf_file, trust_remote_code=opts.trust_remote_code)
     arch = get_arch(source.config)
     method.validate(source.config, arch, method_cfg, opts.format)
-    out = OutputFolder(opts.output, overwrite=opts.overwrite)  # refuses a non-empty folder before any work
+    check_seq_len(source.config, opts.calib.seq_len, "--calib-seq-len")
+    save_dtype = resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)
+    # Refuses, before any work, an output that is the source (or holds it) or a folder it may not replace.
+    out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.source, source.folder, opts.calib.data))
     windows = token_windows(
         source.tokenizer(), TextSource(opts.calib.data, opts.calib.split, opts.calib.text_field),
         opts.calib.samples, opts.calib.seq_len, opts.calib.seed,
     )
     stream = LayerStream(source.config, source.weights, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size)
+    model_fp = checkpoint_fingerprint(source.folder, source.weights)  # the weights' content, read once
+    caches: list[StatsCache] = []
     sequential = getattr(method_cfg, "sequential", False)
     in_pass = getattr(method, "plan_in_pass", None)
     plan = in_pass(stream, method_cfg, opts.format) if sequential and in_pass is not None else None
     if plan is not None:
         # One pass: each layer's statistics come from the converted layers before it, and its
         # width and replacement (and refit) are made from them before the pass moves on.
-        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": "in-pass"})
+        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": "in-pass"},
+                                 model_fp)
         progress = progress_factory("calibrating (sequential)", stream.num_layers) if progress_factory else None
+        caches.append(seq_cache)
         stats = collect_stats(
             stream, windows, seq_cache, opts.calib, progress=progress,
             on_layer=lambda i, layer, st, batches: method.sequential_module(
@@ -257,13 +290,14 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         )
     else:
         progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
-        cache = _stats_cache(source, opts, windows, None)
+        cache = _stats_cache(source, opts, windows, None, model_fp)
+        caches.append(cache)
         stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
         plan = method.plan(stream, stats, method_cfg, opts.format)
         if sequential or getattr(method_cfg, "refit_output", False):
             # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
             seq_cache = _stats_cache(source, opts, windows,
-                                     {"method": opts.method, **opts.method_options, "plan": plan.key()})
+                                     {"method": opts.method, **opts.method_options, "plan": plan.key()}, model_fp)
             progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
             first_pass = stats
             # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
@@ -276,16 +310,38 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
                 collect=sequential,
             )
             stats = seq_stats if sequential else first_pass
-    save_dtype = _resolve_dtype(opts.save_dtype) if opts.save_dtype else _source_dtype(source.config)
     with out:
         progress = progress_factory("writing", stream.num_layers) if progress_factory else None
         result = method.write(stream, stats, plan, method_cfg, opts, source, out.tmp, save_dtype, progress)
     result.seconds = time.perf_counter() - t0
+    peak = peak_memory_bytes()
+    if peak is not None:
+        log.info("peak memory %.0f MB (checkpoint %.1f MB)", peak / 1e6, source.weights.total_bytes / 1e6)
+        result.notes.append(f"peak memory {peak / 1e6:.0f} MB for a checkpoint of {source.weights.total_bytes / 1e6:.1f} MB")
+    for c in caches:
+        if c.reused_layers:  # said without -v: statistics of another run went into this model
+            result.notes.append(f"calibration statistics of {c.reused_layers} layer(s) reused from {c.folder} "
+                                "(same weights, text and settings; delete that folder to recompute)")
     return result
+
+
+def check_settings(opts: ConvertOptions) -> None:
+    """Every setting that can be checked without the model, before anything is read or computed."""
+    from latentkv.io.writer import parse_size
+
+    check_device(opts.device)
+    resolve_dtype(opts.dtype)
+    if opts.save_dtype is not None:
+        resolve_dtype(opts.save_dtype)
+    parse_size(opts.max_shard_size)
+    for name, value, low in (("--calib-samples", opts.calib.samples, 1), ("--calib-seq-len", opts.calib.seq_len, 2),
+                             ("--calib-seed", opts.calib.seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LatentKVError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
 def _source_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        return _resolve_dtype(dtype)
+        return resolve_dtype(dtype)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -77,20 +77,22 @@ class ReplayedAttention(torch.nn.Module):
 
 @torch.no_grad()
 def refit_output_projection(new_attn: torch.nn.Module, source_attn: torch.nn.Module,
-                            batches: Callable[[], Iterable[tuple[torch.Tensor, tuple]]], with_bias: bool,
+                            batches: Callable[[], Iterable[tuple[torch.Tensor, tuple, torch.Tensor | None]]],
+                            with_bias: bool,
                             ridge: float = 1e-3):
     """Least-squares o_proj of `new_attn` (a LatentAttention) against `source_attn` (the source's
-    attention module) over `batches()`: (attention input after the layer norm, position embeddings).
+    attention module) over `batches()`: (attention input after the layer norm, position embeddings,
+    attention mask or None for plain causal attention).
     Returns (weight [out, in], bias [out] or None, the per-head outputs of each batch)."""
     o_proj = new_attn.o_proj
     acc = None
     recorded: list[torch.Tensor] = []
     hook = o_proj.register_forward_hook(lambda m, inputs, out: recorded.append(inputs[0]))
     try:
-        for x, pos_emb in batches():
+        for x, pos_emb, mask in batches():
             positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-            new_attn(x, position_ids=positions)
-            y = source_attn(x, position_embeddings=pos_emb, attention_mask=None)[0]
+            new_attn(x, position_ids=positions, attention_mask=mask)
+            y = source_attn(x, position_embeddings=pos_emb, attention_mask=mask)[0]
             if acc is None:
                 acc = OutputRefit(recorded[-1].shape[-1], y.shape[-1], with_bias, x.device)
             acc.add(recorded[-1], y)

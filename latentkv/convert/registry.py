@@ -40,3 +40,4 @@ def get_method(name: str):
 
 register_method("gqa", "latentkv.convert.gqa_method:GQAMethod", ["Effectively Compress KV Heads for LLM, Yu et al. 2024 (arXiv 2406.07056)"])
 register_method("gta-s", "latentkv.convert.gtas_method:GTASMethod", ["GTA: Grouped-head latenT Attention, Sun et al. 2025 (arXiv 2506.17286)"])
+

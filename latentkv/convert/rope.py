@@ -31,7 +31,7 @@ EPS = 1e-10
 
 def complex_pairs(w_aug: torch.Tensor, heads: int, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
     """Rotated rows of a projection as complex pair rows: [heads, rotary_dim/2, D+1] complex128."""
-    rotary_dim = rotary_dim or head_dim
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
     half = rotary_dim // 2
     w = w_aug.double().view(heads, head_dim, -1)
     return torch.complex(w[:, :half], w[:, half:rotary_dim])
@@ -48,7 +48,7 @@ def pair_covariance(cov: torch.Tensor, heads: int, head_dim: int, rotary_dim: in
     cov: [heads*d, heads*d] = T S T^T of real rows T (half-split layout); the same numbers as
     `_sandwich(complex_pairs(T))` without a (D+1)^2 product per subset of heads.
     """
-    rotary_dim = rotary_dim or head_dim
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
     half = rotary_dim // 2
     c = cov.double().view(heads, head_dim, heads, head_dim)[:, :rotary_dim, :, :rotary_dim]
     a = c[:, :half, :, :half].diagonal(dim1=1, dim2=3)  # E[a_g a_h]: [G, G, P]
@@ -210,7 +210,7 @@ def real_query_map(coeff: torch.Tensor, comps: list[tuple[int, int]], head_dim: 
     Pair j of the query is its dims j and j + rotary_dim/2 (rotary_dim: all d unless partial).
     """
     H, n = coeff.shape
-    half = (rotary_dim or head_dim) // 2
+    half = (head_dim if rotary_dim is None else rotary_dim) // 2
     out = torch.zeros(H, 2 * n, head_dim, dtype=torch.float64)
     for idx, (j, _) in enumerate(comps):
         ar, ai = coeff[:, idx].real, coeff[:, idx].imag

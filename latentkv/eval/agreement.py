@@ -30,10 +30,12 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, targets: to
 
 
 @torch.no_grad()
-def agreement(model, reference, windows: torch.Tensor, batch_size: int = 4) -> dict:
+def agreement(model, reference, windows: torch.Tensor, batch_size: int = 4, logits_of=None) -> dict:
     """Both models over the same windows [n, T] (each position predicts the next token): mean
-    KL(reference || model) in nats per token, top-1 agreement, and both perplexities."""
+    KL(reference || model) in nats per token, top-1 agreement, and both perplexities.
+    logits_of(batch) -> logits: how `model` is run (default: one forward without a cache)."""
     device = next(model.parameters()).device
+    logits_of = logits_of or (lambda batch: model(batch, use_cache=False).logits)
     ref_device = next(reference.parameters()).device
     sums = {"kl": 0.0, "top1_agreement": 0.0, "nll": 0.0, "reference_nll": 0.0}
     tokens = 0
@@ -41,7 +43,7 @@ def agreement(model, reference, windows: torch.Tensor, batch_size: int = 4) -> d
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]
         # the last position has no target; logits beyond the tokenizer's vocabulary (padding rows) are dropped
-        cand = model(batch.to(device), use_cache=False).logits[:, :-1, :vocab].reshape(-1, vocab)
+        cand = logits_of(batch.to(device))[:, :-1, :vocab].reshape(-1, vocab)
         ref = reference(batch.to(ref_device), use_cache=False).logits[:, :-1, :vocab].reshape(-1, vocab).to(cand.device)
         targets = batch[:, 1:].reshape(-1).to(cand.device)
         r = compare_logits(ref, cand, targets)

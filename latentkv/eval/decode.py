@@ -33,7 +33,7 @@ from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Generation", "PagedLatentCache", "decode_check", "forward_step", "generate", "generate_cli", "generate_ids"]
+__all__ = ["Generation", "PagedLatentCache", "check_decodable", "decode_check", "forward_step", "generate", "generate_cli", "generate_ids"]
 
 # decode_check tolerance on max |logit diff| / max |reference logit|, per model dtype
 DECODE_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -235,11 +235,19 @@ class PagedLatentCache:
             q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
             num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len, return_masses=masses,
+            **_score_options(module),
         )  # [b, s, H, r_c]  # fmt: skip
         if masses:
             out, page_masses = out
             self.sparsity.record(module.layer_idx, page_masses)
         return out
+
+
+def _score_options(module) -> dict:
+    """The soft-cap and sliding window of a layer's scores, for the kernel (only where set, so a
+    model converted before these existed decodes as before)."""
+    options = {"softcap": getattr(module, "softcap", None), "window": getattr(module, "sliding_window", None)}
+    return {k: v for k, v in options.items() if v}
 
 
 def latent_attentions(model) -> list:
@@ -283,7 +291,8 @@ def _run_layers(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, 
         if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
             hidden = hidden[0]
     hidden = model.get_final_norm()(hidden[:, -1:] if last_only else hidden)
-    return model.get_output_embeddings()(hidden).float()
+    final = getattr(model, "final_logits", None) or model.get_output_embeddings()  # soft-capped where the source caps
+    return final(hidden).float()
 
 
 @torch.no_grad()
@@ -377,9 +386,17 @@ def prefill(model, cache: PagedLatentCache, seq: int, ids: list[int], chunk: int
     return torch.cat(out) if all_logits else out[-1][-1]
 
 
+def check_decodable(model, total: int) -> None:
+    """Refuse, before any work, a model the paged loop cannot decode for `total` tokens."""
+    latent_attentions(model)
+    _check_length(model, total)
+
+
 def _check_length(model, total: int) -> None:
     src = getattr(model.config, "source_config", {}) or {}
     window = src.get("sliding_window")
+    if getattr(model.config, "layer_types", None):
+        return  # each sliding layer knows its window (`layer_window`) and the kernel applies it
     if window and src.get("use_sliding_window", True) and total > window:
         raise LatentKVError(
             f"sequences of {total} tokens exceed the source's sliding window ({window}); the paged decode "
@@ -534,12 +551,12 @@ def generate_cli(
 ) -> list[str]:
     """`latentkv generate`: load a latentkv model (folder or Hub id) and its tokenizer, return one
     text per prompt."""
-    from latentkv.calibration.runner import _resolve_dtype
+    from latentkv.calibration.runner import resolve_dtype
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
     source = open_source(model_path)
-    model = load_model(source.folder, dtype=_resolve_dtype(dtype), device=device)
+    model = load_model(source.folder, dtype=resolve_dtype(dtype), device=device)
     tokenizer = source.tokenizer()
     gen = generate(model, tokenizer, list(prompts), max_new_tokens, backend=backend, page_size=page_size,
                    prefill_chunk=prefill_chunk)

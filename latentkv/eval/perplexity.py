@@ -47,12 +47,14 @@ def eval_windows(tokenizer, protocol: PerplexityProtocol) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> float:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None, logits_of=None) -> float:
+    """logits_of(batch) -> logits: how the model is run (default: one forward without a cache)."""
     device = next(model.parameters()).device
+    logits_of = logits_of or (lambda batch: model(batch, use_cache=False).logits)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits.float()
+        logits = logits_of(batch).float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )

@@ -1,7 +1,7 @@
 """Training text packed into fixed-length sequences, in an order that a step number recovers.
 
-Text comes through the calibration loader (`load_texts`, which refuses WikiText, and
-`tokenize_stream`, documents joined with EOS); `sample_windows` cuts the stream into every
+Text comes through the calibration reader (`read_pieces`, which refuses WikiText and reads lazily,
+and `tokenize_pieces`, documents joined with EOS, stopping once it has `enough`); `sample_windows` cuts the stream into every
 non-overlapping window. Sequence i of the run is window perm_e[i mod n] of epoch e = i // n, with
 one seeded permutation per epoch: the data position of a checkpoint is just a sequence count,
 and any number of GPUs reads the same global batches.
@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from latentkv.calibration.data import TextSource, load_texts, sample_windows, tokenize_stream
+from latentkv.calibration.data import TextSource, read_pieces, sample_windows, tokenize_pieces
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -22,19 +22,21 @@ log = logging.getLogger(__name__)
 _STREAMS: dict[tuple, torch.Tensor] = {}  # one process tokenises a text once (a probe, then the run)
 
 
-def _token_stream(tokenizer, source: TextSource) -> torch.Tensor:
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), source)
+def _token_stream(tokenizer, source: TextSource, enough: tuple[int, int] | None) -> torch.Tensor:
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), source, enough)
     if key not in _STREAMS:
         _STREAMS.clear()
-        _STREAMS[key] = tokenize_stream(tokenizer, load_texts(source))
+        _STREAMS[key] = tokenize_pieces(tokenizer, read_pieces(source), enough=enough)
     return _STREAMS[key]
 
 
 class PackedSequences:
-    """All `seq_len` windows of a text source; `batch(start, count)` -> [count, seq_len] token ids."""
+    """All `seq_len` windows of a text source (or of its start, once it gave `enough` = (tokens,
+    characters): the text is read no further); `batch(start, count)` -> [count, seq_len] token ids."""
 
-    def __init__(self, tokenizer, source: TextSource, seq_len: int, seed: int):
-        tokens = _token_stream(tokenizer, source)
+    def __init__(self, tokenizer, source: TextSource, seq_len: int, seed: int,
+                 enough: tuple[int, int] | None = None):
+        tokens = _token_stream(tokenizer, source, enough)
         available = tokens.numel() // seq_len
         if available < 1:
             raise LatentKVError(

@@ -35,15 +35,20 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
 
     t0 = time.perf_counter()
     acc = _accelerator(opts)
+    # Refuse, before any work (or log file), an output that is an input (or holds one) or a folder it may not replace.
+    out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.model, opts.teacher, opts.data))
     with _log_file(opts.log_file if acc.is_main_process else None):
-        out = OutputFolder(opts.output, overwrite=opts.overwrite)  # refuse a non-empty folder before any work
         model_dir = _model_dir(opts.model)
         row = tg.targets_for(_read_config(model_dir))
         tokenizer = _tokenizer(model_dir, opts.trust_remote_code)
         teacher_dir = _teacher_dir(opts, tokenizer) if opts.teacher else None
         from latentkv.calibration.data import TextSource
 
-        data = PackedSequences(tokenizer, TextSource(opts.data, opts.split, opts.text_field), opts.seq_len, opts.seed)
+        from latentkv.calibration.data import MIN_CHARS_READ
+
+        # The text is read only as far as the run can use (all of it when shorter: nothing changes then).
+        data = PackedSequences(tokenizer, TextSource(opts.data, opts.split, opts.text_field), opts.seq_len, opts.seed,
+                               enough=(int(opts.tokens), MIN_CHARS_READ))
         plan = StepPlan.make(opts, acc.num_processes)
         autocast = _autocast_dtype(opts, acc.device)
         student = build_student(opts, model_dir, row).to(acc.device)
@@ -206,7 +211,11 @@ def _model_dir(model: str) -> Path:
 def _read_config(folder: Path):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+    from latentkv.modeling import check_self_contained, read_config_json
+
+    config = read_config_json(folder)
+    check_self_contained(folder, config)
+    return SimpleNamespace(**config)
 
 
 def _tokenizer(folder: Path, trust_remote_code: bool):

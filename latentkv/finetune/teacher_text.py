@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from latentkv.calibration.runner import _resolve_dtype
+from latentkv.calibration.runner import check_device, resolve_dtype
 from latentkv.modeling import cached_forward, output_cache
 from latentkv.errors import LatentKVError
 
@@ -56,6 +56,9 @@ class SampleOptions:
                 raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
+        check_device(self.device)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
 
     @property
     def rounds(self) -> int:
@@ -129,6 +132,21 @@ def sample_round(model, start_token: int, rows: int, length: int, temperature: f
     return sampled
 
 
+def is_sampled_text(path: Path) -> bool:
+    """True if `path` looks like what `sample_teacher_text` writes: JSON lines of exactly {"text": str}."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh):
+                if n >= 3:
+                    break
+                row = json.loads(line)
+                if not (isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str)):
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     """Write opts.tokens sampled tokens as documents to opts.output (resumable; the file appears when done).
 
@@ -137,9 +155,10 @@ def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
+    from latentkv.io.writer import check_output_file
+
     out = Path(opts.output).expanduser()
-    if out.exists() and not opts.overwrite:
-        raise LatentKVError(f"{out} exists; pass --overwrite to replace it or choose another file")
+    check_output_file(out, opts.overwrite, sources=(opts.teacher,), is_ours=is_sampled_text)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial, meta_path = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     done, keep_bytes = 0, 0
@@ -163,7 +182,7 @@ def sample_teacher_text(opts: SampleOptions, progress=None) -> SampleResult:
     if opts.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        dtype = _resolve_dtype(opts.dtype)
+        dtype = resolve_dtype(opts.dtype)
     model = load_model(source.folder, dtype=dtype, device=str(device), trust_remote_code=opts.trust_remote_code).eval()
 
     if progress is not None:

@@ -37,6 +37,9 @@ def _check_finished(folder: Path) -> None:
             f"{folder} is not a finished latentkv output (missing {', '.join(missing)}); run the conversion to "
             "completion and push its --output folder."
         )
+    from latentkv.modeling import check_self_contained
+
+    check_self_contained(folder)  # what is pushed must load on its own
     leftovers = [p.name for p in folder.iterdir() if ".partial" in p.name]
     if leftovers:
         raise LatentKVError(
@@ -50,11 +53,29 @@ def _check_finished(folder: Path) -> None:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LatentKVError(f"{index} is unreadable ({exc}); rerun the command with --overwrite.") from exc
+        from latentkv.io.lazy import check_shard_name
+
+        for shard in shards:
+            check_shard_name(index, str(shard))
         absent = sorted(s for s in shards if not (folder / s).is_file())
         if absent:
             raise LatentKVError(
                 f"{folder} lacks shard {absent[0]} named by its index; rerun the command with --overwrite."
             )
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, before anything is uploaded."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise LatentKVError(f"{repo_id!r} is not a Hub repo id; use OWNER/NAME, e.g. user/model-mla")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LatentKVError(f"{repo_id!r} is not a valid Hub repo id ({first}); use OWNER/NAME with letters, digits, "
+                            "'-', '_' and '.'") from None
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -83,6 +104,7 @@ def push_folder(
     from huggingface_hub import errors as hf_errors
 
     folder = Path(folder).expanduser()
+    check_repo_id(repo_id)
     _check_finished(folder)
     api = HfApi(token=token) if token else HfApi()
     where = f"{repo_id}@{revision}" if revision else repo_id
@@ -100,6 +122,9 @@ def push_folder(
             return LatentKVError(f"The Hub refused the credentials for pushing {where}; {_LOGIN_HINT}.")
         if isinstance(exc, hf_errors.RepositoryNotFoundError):
             return LatentKVError(f"Hub repository {repo_id!r} cannot be written with these credentials; {_LOGIN_HINT}.")
+        if isinstance(exc, ValueError):  # the Hub client refused an argument: retrying cannot help
+            return LatentKVError(f"The Hub client refused to push {folder} to {where} ({reason}); check the repo id "
+                                 "and --revision.")
         return LatentKVError(
             f"Pushing {folder} to {where} failed ({type(exc).__name__}: {reason}); the folder is unchanged, "
             "retry the push."

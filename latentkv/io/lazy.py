@@ -157,6 +157,31 @@ def _read_index(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
+def _hash_sampled(fh, begin: int, end: int, h, block: int, samples: int) -> None:
+    """Feed `h` the bytes [begin, end) of an open file: all of them if small, else `samples` blocks."""
+    n = end - begin
+    if n <= block * samples:
+        fh.seek(begin)
+        h.update(fh.read(n))
+        return
+    step = (n - block) / (samples - 1)
+    for k in range(samples):
+        fh.seek(begin + int(k * step))
+        h.update(fh.read(block))
+
+
+def check_shard_name(index_path: Path, name: str) -> None:
+    """An index may name only files inside its own folder: a plain relative path, no '..', not
+    absolute (a crafted index must not read, or smuggle into an output, some other file)."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or "\\" in name \
+            or ":" in name:
+        raise LatentKVError(
+            f"Index {index_path} names shard {name!r}, which is not a file inside {index_path.parent}; the index is "
+            "corrupt or crafted: re-download the checkpoint."
+        )
+
+
 class LazyCheckpoint:
     """A checkpoint folder whose tensors are read one at a time, on demand.
 
@@ -207,7 +232,10 @@ class LazyCheckpoint:
             raise LatentKVError(f"The weights in {f} hold no tensors; re-download or re-export the checkpoint.")
 
     def _shard_paths(self, index_path: Path, weight_map: dict[str, str]) -> dict[str, Path]:
-        paths = {name: index_path.parent / name for name in sorted(set(weight_map.values()))}
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            check_shard_name(index_path, name)
+        paths = {name: index_path.parent / name for name in names}
         missing = [name for name, p in paths.items() if not p.is_file()]
         if missing:
             raise LatentKVError(
@@ -359,6 +387,38 @@ class LazyCheckpoint:
             except Exception as exc:
                 raise LatentKVError(f"Could not open shard {path}: {exc}; re-download it.") from exc
         return self._handles[path]
+
+    # ---- identity --------------------------------------------------------------------------
+
+    def content_digest(self, block: int = 4096, per_tensor: int = 16, bin_stride: int = 1 << 20) -> str:
+        """A hash of the weights' content that is cheap on large checkpoints: every file's name,
+        size and header, and `per_tensor` evenly spaced blocks of every tensor (all of a small
+        one). Two checkpoints of one shape whose weights differ anywhere but in a few isolated
+        bytes get different digests. `.bin` files have no header to walk: one block per
+        `bin_stride` bytes of the file is read instead."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path in sorted(self.files, key=lambda p: p.name):
+            try:
+                size = path.stat().st_size
+                h.update(f"{path.name}\0{size}\0".encode())
+                with path.open("rb") as fh:
+                    if self.format == "safetensors":
+                        (header_len,) = struct.unpack("<Q", fh.read(8))
+                        raw = fh.read(header_len)
+                        h.update(raw)
+                        header = json.loads(raw.decode("utf-8"))
+                        base = 8 + header_len
+                        spans = sorted(tuple(info["data_offsets"]) for name, info in header.items()
+                                       if name != "__metadata__")
+                        for begin, end in spans:
+                            _hash_sampled(fh, base + int(begin), base + int(end), h, block, per_tensor)
+                    else:
+                        _hash_sampled(fh, 0, size, h, block, max(per_tensor, size // bin_stride))
+            except (OSError, ValueError, struct.error) as exc:
+                raise LatentKVError(f"Could not read {path} to fingerprint it ({exc}); re-download the checkpoint.") from exc
+        return h.hexdigest()[:16]
 
     # ---- lifetime --------------------------------------------------------------------------
 

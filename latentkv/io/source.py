@@ -78,22 +78,25 @@ class Source:
 def _load_config(folder: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
-    from latentkv.modeling import register_latentkv
+    from latentkv.modeling import read_config_json, register_latentkv
 
+    raw = read_config_json(folder)  # valid JSON, an object: checked before transformers reads it
     # latentkv outputs load through this package's own modeling code: no remote code needed.
     register_latentkv()
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except json.JSONDecodeError as exc:
-        raise LatentKVError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-download the checkpoint.") from exc
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:
+        # Remote code is suggested only where the checkpoint really ships some (an auto_map); for a
+        # broken config it would only run a stranger's code to no purpose.
+        needs_code = isinstance(raw.get("auto_map"), dict) and raw.get("model_type") != "latentkv"
         hint = (
-            " If this model needs its own modeling code, pass --trust-remote-code (dangerous: runs code "
-            "from the checkpoint)."
-            if not trust_remote_code
-            else ""
+            " This model ships its own modeling code (auto_map): pass --trust-remote-code only if you trust "
+            "its author (it runs that code)."
+            if needs_code and not trust_remote_code
+            else " Check its model_type and fields, or re-download the checkpoint."
         )
-        raise LatentKVError(f"Could not read the config in {folder}: {exc}.{hint}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LatentKVError(f"Could not read the config in {folder}: {first}.{hint}") from exc
 
 
 def _local_source(spec: str, folder: Path, trust_remote_code: bool, gguf_file: str | None = None) -> Source:
@@ -158,11 +161,14 @@ def gguf_to_folder(gguf_path: str | Path, dest: str | Path | None = None, *, tru
             )
         except ImportError as exc:
             raise LatentKVError(f"Reading GGUF needs the gguf package: pip install 'gguf>=0.10' ({exc}).") from exc
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        except LatentKVError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the GGUF reader fails with struct.error, IndexError, ... on a damaged file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LatentKVError(
-                f"transformers could not read {gguf_path.name}: {exc}. Only architectures and quantization "
-                "types that transformers' GGUF loader supports can be used; otherwise pass the original "
-                "Hugging Face folder."
+                f"transformers could not read {gguf_path.name} ({type(exc).__name__}: {first}). If the file is "
+                "truncated or damaged, download it again; otherwise only architectures and quantization types that "
+                "transformers' GGUF loader supports can be used: pass the original Hugging Face folder instead."
             ) from exc
         # The weights are now plain float32: drop the GGUF quantizer so save_pretrained writes a
         # normal checkpoint whose config does not claim to be quantized.

@@ -90,25 +90,192 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+# Written into every output folder latentkv makes, listing the files it wrote: --overwrite
+# replaces a folder only when everything in it is on that list (nothing of the user's is lost).
+MARKER_FILE = ".latentkv-output.json"
+# Temporary folders beside an output: `.NAME.partial-PID-RANDOM` while building, `.NAME.old-PID-RANDOM`
+# for the moment of the swap. The PID says whether the run that made one is still alive.
+LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a-z_]+$")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine (it may belong to another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, as sorted relative POSIX paths (symlinks not followed)."""
+    found: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        found += [(rel / d).as_posix() + "/" for d in dirs]
+        found += [(rel / f).as_posix() for f in files]
+    return sorted(found)
+
+
+def _size_of(folder: Path, names: list[str]) -> int:
+    total = 0
+    for n in names:
+        try:
+            p = folder / n
+            total += 0 if p.is_symlink() or p.is_dir() else p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _listing(folder: Path, names: list[str], show: int = 8) -> str:
+    files = [n for n in names if not n.endswith("/")]
+    head = ", ".join(names[:show]) + (f", ... ({len(names) - show} more)" if len(names) > show else "")
+    return f"{head} ({len(files)} file(s), {_size_of(folder, files) / 1e6:.1f} MB)"
+
+
+def read_marker(folder: Path) -> set[str] | None:
+    """The files latentkv wrote into `folder` (from its marker), or None if it has no valid marker."""
+    try:
+        data = json.loads((Path(folder) / MARKER_FILE).read_text(encoding="utf-8"))
+        files = data["files"]
+        if data.get("written_by") != "latentkv" or not isinstance(files, list):
+            return None
+        return {str(f) for f in files}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_marker(folder: Path) -> None:
+    """Mark `folder` as latentkv's own, listing everything in it now."""
+    from latentkv import __version__
+
+    files = [f for f in folder_files(folder) if f != MARKER_FILE]
+    (folder / MARKER_FILE).write_text(
+        json.dumps({"written_by": "latentkv", "version": __version__, "files": files}, indent=1) + "\n",
+        encoding="utf-8",
+    )
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_not_source(target: str | Path, sources=()) -> None:
+    """Refuse an output that is one of the inputs, or a folder holding one (replacing it would delete it)."""
+    t = _resolved(target)
+    for src in sources:
+        if src is None or not Path(str(src)).expanduser().exists():
+            continue  # a Hub id or a path that does not exist: nothing local to protect
+        s = _resolved(str(src))
+        if t == s:
+            raise LatentKVError(f"The output {target} is the input {src} itself; choose another output folder.")
+        if t in s.parents:
+            raise LatentKVError(
+                f"The output {target} holds the input {src}; writing it would delete the input. "
+                "Choose an output folder outside it."
+            )
+
+
+def check_replaceable(target: Path, overwrite: bool) -> None:
+    """Refuse a target whose contents would be lost: a file, or a non-empty folder unless --overwrite
+    and everything in it was written by latentkv (its marker lists it)."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise LatentKVError(f"Output path {target} is a file or a link, not a folder; choose another path.")
+    if not target.is_dir():
+        return
+    present = folder_files(target)
+    if not present:
+        return
+    ours = read_marker(target)
+    if not overwrite:
+        advice = ("pass --overwrite to replace it or choose another path" if ours is not None else
+                  "it was not written by latentkv, so --overwrite will not replace it: choose another path")
+        raise LatentKVError(f"Output folder {target} is not empty; {advice}")
+    if ours is None:
+        raise LatentKVError(
+            f"Output folder {target} was not written by latentkv (no {MARKER_FILE}); --overwrite would lose "
+            f"{_listing(target, present)}. Choose another path, or move those files away yourself."
+        )
+    foreign = [f for f in present if f != MARKER_FILE and f not in ours and not (f.endswith("/") and
+               any(o.startswith(f) for o in ours))]
+    if foreign:
+        raise LatentKVError(
+            f"Output folder {target} holds files latentkv did not write; --overwrite would lose "
+            f"{_listing(target, foreign)}. Move them away, or choose another path."
+        )
+
+
+def check_output_file(target: str | Path, overwrite: bool, sources=(), is_ours=None) -> None:
+    """The same rules for an output that is one file: never an input, never a folder, replaced only
+    with --overwrite and only if `is_ours(path)` says latentkv wrote it."""
+    target = Path(target).expanduser()
+    check_not_source(target, sources)
+    if target.is_dir():
+        raise LatentKVError(f"Output {target} is a folder; name a file (e.g. {target / 'samples.jsonl'}).")
+    if not target.exists():
+        return
+    if not overwrite:
+        raise LatentKVError(f"{target} exists; pass --overwrite to replace it or choose another file")
+    if is_ours is not None and not is_ours(target):
+        size = target.stat().st_size
+        raise LatentKVError(
+            f"{target} was not written by latentkv; --overwrite would lose it ({size / 1e6:.1f} MB). "
+            "Choose another file, or move it away yourself."
+        )
+
+
+def clean_leftovers(target: Path) -> list[Path]:
+    """Remove the temporary folders that a killed run left beside `target`; return those still held
+    by a live run or of unknown owner (reported, not touched)."""
+    kept: list[Path] = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return kept
+    for p in siblings:
+        m = LEFTOVER_RE.match(p.name)
+        if m is None or m.group("name") != target.name or not p.is_dir() or p.is_symlink():
+            continue
+        pid = m.group("pid")
+        if pid is not None and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            logger.warning("Removed %s, left by an interrupted run", p)
+        else:
+            kept.append(p)
+            logger.warning("%s was left by an earlier run (or another run is writing %s now); delete it if no "
+                           "run is writing there", p, target)
+    return kept
+
+
 class OutputFolder:
     """Context manager giving a temp folder that becomes `path` only if the block succeeds.
+
+    Every command that writes an output folder goes through this: it refuses an output that is
+    an input (`sources`) or holds one, and a non-empty folder unless `overwrite` and latentkv wrote
+    everything in it; it removes what killed runs left beside the target; it marks what it writes.
 
     >>> with OutputFolder("out") as out:
     ...     save_things(out.tmp)
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, overwrite: bool = False, sources=()) -> None:
         self.path = Path(path).expanduser().absolute()
         self.overwrite = overwrite
+        self.sources = tuple(sources)
         self.tmp: Path = Path()  # set in __enter__
         self._check_target()
+        clean_leftovers(self.path)
 
     def _check_target(self) -> None:
-        p = self.path
-        if p.exists() and not p.is_dir():
-            raise LatentKVError(f"Output path {p} is a file, not a folder; choose another path.")
-        if p.is_dir() and any(p.iterdir()) and not self.overwrite:
-            raise LatentKVError(f"Output folder {p} is not empty; pass --overwrite or choose another path")
+        check_not_source(self.path, self.sources)
+        check_replaceable(self.path, self.overwrite)
 
     def __enter__(self) -> "OutputFolder":
         # Checked again: the folder may have been filled between construction and entry.
@@ -116,7 +283,7 @@ class OutputFolder:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Beside the target so the final rename stays on one filesystem (and so is atomic).
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", dir=self.path.parent))
             # mkdtemp makes a private (0700) folder; the output should get the usual permissions.
             umask = os.umask(0)
             os.umask(umask)
@@ -138,6 +305,7 @@ class OutputFolder:
                 ) from exc
             return False
         try:
+            write_marker(self.tmp)
             self._move_into_place()
         except LatentKVError:
             raise
@@ -148,19 +316,18 @@ class OutputFolder:
 
     def _move_into_place(self) -> None:
         target = self.path
-        if target.is_dir() and any(target.iterdir()) and not self.overwrite:
+        try:
+            check_replaceable(target, self.overwrite)
+        except LatentKVError as exc:
             # Someone filled it while we worked: keep our finished result rather than destroy theirs.
-            raise LatentKVError(
-                f"Output folder {target} is not empty; pass --overwrite or choose another path "
-                f"(the finished output was left in {self.tmp})"
-            )
+            raise LatentKVError(f"{exc} (the finished output was left in {self.tmp})") from None
         if not target.exists():
             os.rename(self.tmp, target)
             return
         # rename() cannot replace a non-empty folder, so swap through a hidden name: the old folder
         # is moved aside, the new one in, then the old one deleted. If the second step fails, the
         # old folder is put back.
-        aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        aside = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(target, aside)
         try:
             os.rename(self.tmp, target)
@@ -304,6 +471,9 @@ def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
         if not s.is_file():
             continue
         try:
+            if name == "tokenizer_config.json" and _copy_without_auto_map(s, dst / name):
+                copied.append(name)
+                continue
             shutil.copyfile(s, dst / name)
             copied.append(name)
         except OSError as exc:
@@ -311,3 +481,23 @@ def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
     if not any(n.startswith(("tokenizer", "vocab")) for n in copied):
         logger.warning("No tokenizer files found in %s; the output at %s will need one added by hand", src, dst)
     return copied
+
+
+def _copy_without_auto_map(src: Path, dst: Path) -> bool:
+    """Copy a tokenizer_config.json that names tokenizer code (auto_map) without that entry: the code
+    is not copied (latentkv never carries a checkpoint's code), and an auto_map to absent files
+    breaks loading. Returns False (copy it unchanged) when it names no code or is not a JSON object."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return False
+    dropped = data.pop("auto_map")
+    dst.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.warning(
+        "%s names tokenizer code (auto_map %s) that latentkv does not copy; the output's copy leaves that entry out. "
+        "If the tokenizer needs that code, copy its .py files and the auto_map entry into %s by hand.",
+        src, json.dumps(dropped)[:200], dst.parent,
+    )
+    return True

@@ -91,6 +91,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     qk_scale,  # softmax_scale * log2(e)
     num_splits,  # runtime: changing the split count does not recompile
     n_chunks,  # block table columns * PAGE_SIZE // CHUNK (MASSES only)
+    softcap,  # tanh cap of the scores (SOFTCAP only): s = softcap * tanh(scale * q.k / softcap)
+    window,  # a query sees only the last `window` positions (WINDOW only)
     SQ: tl.constexpr,
     H: tl.constexpr,
     HG: tl.constexpr,  # query heads per latent head
@@ -109,6 +111,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     FUSE_COMBINE: tl.constexpr,  # the last split to finish merges the partials (no second launch)
     MASSES: tl.constexpr,  # also write CHUNK_LSE (per-page attention masses; off: the kernel is unchanged)
     CHUNK: tl.constexpr,  # tokens per CHUNK_LSE entry: min(BLOCK_N, PAGE_SIZE), one divides the other
+    SOFTCAP: tl.constexpr = False,  # soft-capped scores (Gemma 2); off: the kernel is unchanged
+    WINDOW: tl.constexpr = False,  # sliding-window attention; off: the kernel is unchanged
 ):
     pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
     pid_s = tl.program_id(1)
@@ -149,6 +153,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     end = tl.minimum(start + split_len, seq_len)
     # last key position each row may see: causal among the SQ new tokens, clipped to the split
     last = tl.minimum(seq_len - SQ + tok, end - 1)
+    if WINDOW:
+        first = seq_len - SQ + tok - window + 1  # the window's first key position of each row
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -190,8 +196,14 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             s = tl.dot(kv_d, tl.trans(q))  # [BLOCK_N, BLOCK_M]
             if ROPE_DIM > 0:
                 s = tl.dot(k_pe, tl.trans(q_pe), s)
-            s = s * qk_scale
-            s = tl.where(offs_n[:, None] <= last[None, :], s, float("-inf"))
+            if SOFTCAP:  # cap * tanh(x / cap), tanh(y) = 2 sigmoid(2y) - 1; qk_scale = scale * log2(e)
+                s = (2.0 * tl.sigmoid(2.0 * s * (qk_scale / 1.4426950408889634) / softcap) - 1.0) * (softcap * 1.4426950408889634)
+            else:
+                s = s * qk_scale
+            seen = offs_n[:, None] <= last[None, :]
+            if WINDOW:
+                seen = seen & (offs_n[:, None] >= first[None, :])
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
             alpha = tl.exp2(m_i - m_use)
@@ -210,8 +222,14 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
             if ROPE_DIM > 0:
                 s = tl.dot(q_pe, tl.trans(k_pe), s)
-            s = s * qk_scale
-            s = tl.where(offs_n[None, :] <= last[:, None], s, float("-inf"))
+            if SOFTCAP:
+                s = (2.0 * tl.sigmoid(2.0 * s * (qk_scale / 1.4426950408889634) / softcap) - 1.0) * (softcap * 1.4426950408889634)
+            else:
+                s = s * qk_scale
+            seen = offs_n[None, :] <= last[:, None]
+            if WINDOW:
+                seen = seen & (offs_n[None, :] >= first[:, None])
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
@@ -667,6 +685,8 @@ def mla_decode(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     return_masses: bool = False,
+    softcap: float | None = None,
+    window: int | None = None,
     _poison: bool = False,
     _skip_combine: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -692,9 +712,14 @@ def mla_decode(
                  scores (~4 bytes per chunk and query head) and a small kernel normalises them.
                  Needs ``page_size`` and ``block_n`` to divide one another; off, the split kernel
                  is compiled without it (same code, same registers as before).
+    softcap:     scores soft-capped as softcap * tanh(score / softcap) (Gemma 2); None: plain.
+    window:      query token at position p sees keys p - window + 1 .. p only (a sliding-window layer).
     _poison / _skip_combine: tests fill outputs and workspaces with NaN before launch; the bench
                  times the split kernel alone.
     """
+    if (softcap or window) and return_masses:
+        raise LatentKVError("per-page masses (sparse decode) are not computed for soft-capped or sliding-window "
+                            "attention; decode such a model without sparsity.")
     if not HAS_TRITON:
         raise LatentKVError("mla_decode needs triton (pip install 'latentkv[kernels]'); or use backend='reference'.")
     batch, sq, heads, r_c, page_size = _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim)
@@ -714,6 +739,10 @@ def mla_decode(
     hg = heads // latent_heads
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses)
+    if cfg.kernel == "wgmma" and (softcap or window):  # the Gluon kernel has neither: the portable one
+        cfg = replace(cfg, kernel="triton") if config is None else cfg
+        if cfg.kernel == "wgmma":
+            raise LatentKVError("the wgmma decode kernel has no soft-cap or sliding window; drop its config")
     if return_masses:
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
@@ -779,12 +808,13 @@ def mla_decode(
             block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             float(softmax_scale) * _LOG2E,
-            num_splits, n_chunks,
+            num_splits, n_chunks, float(softcap or 1.0), int(window or 0),
             SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
             PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
             KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
+            SOFTCAP=bool(softcap), WINDOW=bool(window),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -822,6 +852,8 @@ def mla_decode_reference(
     num_splits: int | None = None,  # accepted for a drop-in signature; the reference never splits
     out_dtype: torch.dtype | None = None,
     return_masses: bool = False,
+    softcap: float | None = None,
+    window: int | None = None,
     **_unused,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch MLA / GLA decode: gathers each sequence's pages, float32 math.
@@ -846,7 +878,8 @@ def mla_decode_reference(
             )
         pages = block_table[b, : -(-length // page_size)].long()
         rows = kv_cache[pages].reshape(-1, width)[:length].float()  # [L, width]
-        for c, p in attention_probs(q[b], rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale):
+        for c, p in attention_probs(q[b], rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale,
+                                    softcap=softcap, window=window):
             out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, rows[:, c * r_c : (c + 1) * r_c])
             if return_masses:
                 masses[b, :, c, : len(pages)] = pool_pages(p, page_size)
@@ -854,11 +887,13 @@ def mla_decode_reference(
     return (out, masses) if return_masses else out
 
 
-def attention_probs(q: torch.Tensor, rows: torch.Tensor, *, latent_heads: int, rope_dim: int, scale: float):
+def attention_probs(q: torch.Tensor, rows: torch.Tensor, *, latent_heads: int, rope_dim: int, scale: float,
+                    softcap: float | None = None, window: int | None = None):
     """Yields (latent head c, softmax probabilities [s, H // latent_heads, L] of its query heads), float32.
 
     q [s, H, r_c + rope_dim] (the s newest tokens of one sequence), rows [L, latent_heads * r_c +
-    rope_dim] (its cache rows in order, the s new ones last); query token i sees rows 0 .. L - s + i.
+    rope_dim] (its cache rows in order, the s new ones last); query token i sees rows 0 .. L - s + i
+    (only the last `window` of them with a window); scores soft-capped by `softcap` where given.
     """
     s, heads, q_width = q.shape
     length = rows.shape[0]
@@ -868,12 +903,17 @@ def attention_probs(q: torch.Tensor, rows: torch.Tensor, *, latent_heads: int, r
     k_pe = rows[:, latent_heads * r_c :]  # [L, rope_dim]
     pos = length - s + torch.arange(s, device=q.device)  # position of each new token
     visible = torch.arange(length, device=q.device)[None, :] <= pos[:, None]  # [s, L]
+    if window:
+        visible &= torch.arange(length, device=q.device)[None, :] > pos[:, None] - window
     for c in range(latent_heads):
         qc = qf[:, c * hg : (c + 1) * hg]  # [s, hg, r_c + rope_dim]
         scores = torch.einsum("shr,lr->shl", qc[..., :r_c], rows[:, c * r_c : (c + 1) * r_c])
         if rope_dim:
             scores = scores + torch.einsum("shd,ld->shl", qc[..., r_c:], k_pe)
-        yield c, torch.softmax((scores * scale).masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
+        scores = scores * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        yield c, torch.softmax(scores.masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
 
 
 def pool_pages(p: torch.Tensor, page_size: int) -> torch.Tensor:

@@ -18,16 +18,21 @@ equal heads) and a shared RoPE key of width `rope_dim`:
 A `tied` layer (GTA-T) has no kv_b_proj: each latent head is one state s of the value width, used
 whole as the value and whose first `qk_nope_head_dim` dims are the key's non-rotated part.
 
-A `qk_norm` layer (a source that RMS-normalises each query and key head before RoPE, Qwen3) keeps
-the source's q_proj, k_proj, v_proj, q_norm and k_norm: its keys are not linear in x, so the cache
-is linear in y = [k_norm(k_proj(x)); v_proj(x)] instead, and each query head reads its own
+A `qk_norm` layer (a source that RMS-normalises queries and keys before RoPE: each head, Qwen3 and
+Gemma 3, or all heads at once, OLMo-2) keeps the source's q_proj, k_proj, v_proj, q_norm and k_norm
+(the source's own norm modules, so their formula is the source's): its keys are not linear in x, so
+the cache is linear in y = [k_norm(k_proj(x)); v_proj(x)] instead, and each query head reads its own
 normalised source query through a per-head map:
 
     q_h      = q_head_proj_h(q_norm(q_proj(x)_h))
     [c | kr] = kv_a_proj(y)
 
-RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout), so a converter can
-keep any subset of the source's frequencies. GQA-style targets do not use this file.
+RoPE uses explicit per-pair frequencies (`rope_inv_freq`, half-split layout; a layer may have its own
+`rope_attention_scaling`), so a converter can keep any subset of the source's frequencies, and a layer
+without RoPE (SmolLM3) has none. Scores may be soft-capped, cap * tanh(score / cap)
+(`attn_logit_softcapping`, Gemma 2), and so may the logits (`final_logit_softcapping`). Sliding-window
+layers get their window from the source decoder's mask; `layer_types` and `sliding_window` let
+transformers' cache keep only the window of those layers. GQA-style targets do not use this file.
 
 A layer whose spec has `kind: "gta-s"` is a `GroupedLatentAttention` (GTA-S, arXiv 2506.17286):
 `map_heads` RoPE key heads (the source's own rotary embedding) give the attention maps, and a
@@ -63,6 +68,11 @@ class LatentKVConfig(PretrainedConfig):
     source_modules: where the source CausalLM keeps its parts: `base_model` (attribute holding the
         decoder), `attention` (of a layer), `lm_head`, `embed` and `final_norm` (of the decoder).
         Llama's names by default.
+    attn_logit_softcapping, final_logit_softcapping: tanh caps of the scores and of the logits (None: none).
+    source_attn_implementation: the attention implementation the source decoder is built with (its
+        masks; None: this model's own, SDPA by default).
+    layer_types, sliding_window: set where some layers see only the last `sliding_window` tokens
+        ("sliding_attention"), so transformers' DynamicCache keeps only that many for them.
     """
 
     model_type = "latentkv"
@@ -78,6 +88,9 @@ class LatentKVConfig(PretrainedConfig):
         o_bias: bool = False,
         method: str = "mla",
         source_modules: dict | None = None,
+        attn_logit_softcapping: float | None = None,
+        final_logit_softcapping: float | None = None,
+        source_attn_implementation: str | None = None,
         **kwargs,
     ):
         self.source_config = dict(source_config or {})
@@ -89,6 +102,9 @@ class LatentKVConfig(PretrainedConfig):
         self.o_bias = o_bias
         self.method = method
         self.source_modules = {**SOURCE_MODULES, **(source_modules or {})}
+        self.attn_logit_softcapping = attn_logit_softcapping
+        self.final_logit_softcapping = final_logit_softcapping
+        self.source_attn_implementation = source_attn_implementation
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key in self.source_config:
                 kwargs.setdefault(key, self.source_config[key])
@@ -102,7 +118,10 @@ class LatentKVConfig(PretrainedConfig):
         cfg = dict(self.source_config)
         model_type = cfg.pop("model_type")
         source = AutoConfig.for_model(model_type, **cfg)
-        source._attn_implementation = getattr(self, "_attn_implementation", None) or "sdpa"
+        # the source decoder's masks (its attention is replaced): SDPA's, or eager where the source
+        # class has no SDPA (Gemma 2's soft-capped scores)
+        source._attn_implementation = (self.source_attn_implementation or getattr(self, "_attn_implementation", None)
+                                       or "sdpa")
         return source
 
     def kv_values_per_token(self) -> int:
@@ -163,6 +182,28 @@ def _sdpa_mask(attention_mask, key_len: int, query_len: int, dtype: torch.dtype)
     return mask, is_causal
 
 
+def _attention_weights(query, key, mask, scaling: float, softcap: float | None):
+    """softmax(scale * q k^T, soft-capped, masked) in float32: [b, H, s, t] (the eager path soft-capping needs)."""
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    s, t = scores.shape[-2:]
+    if mask is None:  # causal, the new tokens last
+        mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    return scores.softmax(-1)
+
+
+def layer_window(config, layer_idx: int) -> int | None:
+    """The sliding window of one layer (None: it attends to every earlier token)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and types and types[layer_idx] == "sliding_attention" else None
+
+
 class HeadRMSNorm(nn.Module):
     """RMSNorm over the last dim (one head), computed in float32 as transformers' Qwen3RMSNorm."""
 
@@ -190,9 +231,10 @@ class HeadwiseLinear(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """MLA / GLA attention that caches only the latent and the shared RoPE key."""
+    """MLA / GLA attention that caches only the latent and the shared RoPE key. `source_attention`:
+    the source's attention module of this layer, whose q/k norms a qk_norm layer keeps."""
 
-    def __init__(self, config: LatentKVConfig, layer_idx: int):
+    def __init__(self, config: LatentKVConfig, layer_idx: int, source_attention: nn.Module | None = None):
         super().__init__()
         spec = config.attention_layers[layer_idx]
         self.layer_idx = layer_idx
@@ -208,7 +250,10 @@ class LatentAttention(nn.Module):
             raise ValueError(f"layer {layer_idx}: a tied state must have the value width {self.v_head_dim}, "
                              f"got {self.latent_head_dim} (key part {self.qk_nope_head_dim})")
         self.scaling = float(config.softmax_scale)
-        self.rope_attention_scaling = float(config.rope_attention_scaling)
+        self.rope_attention_scaling = float(spec.get("rope_attention_scaling", config.rope_attention_scaling))
+        cap = getattr(config, "attn_logit_softcapping", None)
+        self.softcap = float(cap) if cap else None
+        self.sliding_window = layer_window(config, layer_idx)
         self.is_causal = True
         self.num_key_value_groups = 1
         self.config = config
@@ -223,8 +268,11 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.q_bias)
             self.k_proj = nn.Linear(hidden, kv_width, bias=config.q_bias)
             self.v_proj = nn.Linear(hidden, kv_width, bias=config.q_bias)
-            self.q_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
-            self.k_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
+            if source_attention is not None and hasattr(source_attention, "k_norm"):
+                self.q_norm, self.k_norm = source_attention.q_norm, source_attention.k_norm
+            else:
+                self.q_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
+                self.k_norm = HeadRMSNorm(d, float(spec["qk_norm_eps"]))
             self.q_head_proj = HeadwiseLinear(self.num_heads, d, qk_head_dim)
             kv_in = 2 * kv_width
         else:
@@ -257,7 +305,7 @@ class LatentAttention(nn.Module):
         """x: [b, s, hidden] -> [b, H, s, d_nope + rope_dim]."""
         b, s, _ = x.shape
         if self.qk_norm:
-            q = self.q_head_proj(self.q_norm(self.q_proj(x).view(b, s, self.num_heads, -1)))
+            q = self.q_head_proj(self._normed(self.q_norm, self.q_proj(x), self.num_heads))
         else:
             q = self.q_proj(x).view(b, s, self.num_heads, -1)
         return q.transpose(1, 2)
@@ -266,8 +314,15 @@ class LatentAttention(nn.Module):
         """What kv_a_proj reads: x, or for a qk_norm layer y = [k_norm(k_proj(x)); v_proj(x)]."""
         if not self.qk_norm:
             return x
-        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_source_kv_heads, -1))).flatten(-2)
+        k = self._normed(self.k_norm, self.k_proj(x), self.num_source_kv_heads).flatten(-2)
         return torch.cat([k, self.v_proj(x)], dim=-1)
+
+    @staticmethod
+    def _normed(norm: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """[..., heads * d] -> [..., heads, d] through a norm of one head or of all heads at once (OLMo-2)."""
+        if norm.weight.numel() == x.shape[-1]:
+            return norm(x).unflatten(-1, (heads, -1))
+        return norm(x.unflatten(-1, (heads, -1)))
 
     def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
@@ -330,6 +385,10 @@ class LatentAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
         mask, is_causal = _sdpa_mask(attention_mask, key.shape[-2], s, query.dtype)
+        if self.softcap is not None:  # SDPA has no soft-cap: the scores are formed here
+            weights = _attention_weights(query, key, mask, self.scaling, self.softcap).to(value.dtype)
+            out = (weights @ value).transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)
+            return self.o_proj(out), None
         pad = -query.shape[-1] % 8
         if pad:  # fused SDPA kernels need head dims in multiples of 8; zero dims leave every score as is
             query = torch.nn.functional.pad(query, (0, pad))
@@ -359,6 +418,8 @@ class GroupedLatentAttention(nn.Module):
             raise ValueError(f"layer {layer_idx}: {self.map_heads} map heads do not fit {self.num_heads} query heads "
                              f"of {self.head_dim} (rope_dim {spec['rope_dim']})")
         self.scaling = float(config.softmax_scale)
+        self.softcap = None  # GTA-S is not written for soft-capped sources
+        self.sliding_window = layer_window(config, layer_idx)
         self.is_causal = True
         self.config = config
         hidden, width = config.hidden_size, self.num_heads * self.head_dim
@@ -443,7 +504,9 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         setattr(self, names["base_model"], getattr(source, names["base_model"]))
         setattr(self, names["lm_head"], getattr(source, names["lm_head"]))
         for i, layer in enumerate(self.get_decoder().layers):
-            setattr(layer, names["attention"], attention_class(config.attention_layers[i])(config, i))
+            spec = config.attention_layers[i]
+            kwargs = {} if spec.get("kind") == "gta-s" else {"source_attention": getattr(layer, names["attention"])}
+            setattr(layer, names["attention"], attention_class(spec)(config, i, **kwargs))
         if config.tie_word_embeddings:
             self._tied_weights_keys = {f"{names['lm_head']}.weight": f"{names['base_model']}.{names['embed']}.weight"}
         self.post_init()
@@ -463,6 +526,14 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return getattr(self, self.config.source_modules["lm_head"])
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output: the LM head, soft-capped where the source caps them."""
+        logits = self.get_output_embeddings()(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def set_output_embeddings(self, value):
         setattr(self, self.config.source_modules["lm_head"], value)
@@ -505,7 +576,7 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.get_output_embeddings()(hidden[:, keep, :])
+        logits = self.final_logits(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

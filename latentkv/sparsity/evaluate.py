@@ -75,7 +75,7 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
     decoded teacher-forced under ``config`` and densely; returns the comparison."""
     from pathlib import Path
 
-    from latentkv.calibration.runner import _resolve_dtype
+    from latentkv.calibration.runner import resolve_dtype
     from latentkv.eval.decode import latent_attentions
     from latentkv.eval.perplexity import DEFAULT_EVAL_TEXT, read_eval_text
     from latentkv.io.source import open_source
@@ -85,7 +85,7 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
 
     predictor = load_predictor(config.predictor) if config.policy == "predictor" else None
     source = open_source(model_path)
-    model = load_model(source.folder, dtype=_resolve_dtype(dtype), device=device)
+    model = load_model(source.folder, dtype=resolve_dtype(dtype), device=device)
     latent_attentions(model)
     path = Path(eval_text or DEFAULT_EVAL_TEXT)
     if not path.exists():

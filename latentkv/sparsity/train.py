@@ -62,7 +62,8 @@ class TrainOptions:
 
 def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
     """[windows, seq_len] token ids from ``data`` (a folder of .txt/.jsonl/.parquet, or one file)."""
-    from latentkv.calibration.data import TEXT_SUFFIXES, TextSource, load_texts, sample_windows, tokenize_stream
+    from latentkv.calibration.data import (TEXT_SUFFIXES, TextSource, enough_text, read_pieces, sample_windows,
+                                           tokenize_pieces)
     from latentkv.data import logical_name, logical_suffix, resolve_text
 
     path = Path(resolve_text(data)).expanduser()
@@ -71,10 +72,11 @@ def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: in
                        and p.name not in exclude and logical_name(p) not in exclude)
         if not files:
             raise LatentKVError(f"no text files left under {path} after excluding {', '.join(exclude)}.")
-        texts = [t for f in files for t in load_texts(TextSource(str(f)))]
+        pieces = (piece for f in files for piece in read_pieces(TextSource(str(f))))
     else:
-        texts = load_texts(TextSource(data))
-    return sample_windows(tokenize_stream(tokenizer, texts), windows, seq_len, seed)
+        pieces = read_pieces(TextSource(data))
+    tokens = tokenize_pieces(tokenizer, pieces, enough=enough_text(windows, seq_len))
+    return sample_windows(tokens, windows, seq_len, seed)
 
 
 @torch.no_grad()
@@ -180,9 +182,9 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
-    out = Path(opts.out)
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise LatentKVError(f"{out} is not empty; pass --overwrite or choose another --out.")
+    from latentkv.io.writer import OutputFolder
+
+    out = OutputFolder(opts.out, overwrite=opts.overwrite, sources=(opts.model, opts.data))  # checked before any work
     t0 = time.perf_counter()
     source = open_source(opts.model)
     model = load_model(source.folder)
@@ -202,8 +204,9 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
                             progress=(lambda step, loss: advance(step)) if advance else None)
     report = {**report, "seconds": time.perf_counter() - t0, "parameters": sum(p.numel() for p in predictor.parameters())}
     extra = {"trained_on": {**asdict(opts), "maps": len(train_maps)}, "report": report}
-    save_predictor(predictor, out, extra=json.loads(json.dumps(extra, default=str)))
+    with out:
+        save_predictor(predictor, out.tmp, extra=json.loads(json.dumps(extra, default=str)))
     log.info("validation recall at %.0f%% of blocks: predictor %.4f, last-step %.4f", 100 * opts.budget,
              report["val_recall_predictor"], report["val_recall_last_step"])
-    return {"out": str(out), **{k: v for k, v in report.items() if k != "loss_curve"}}
+    return {"out": str(out.path), **{k: v for k, v in report.items() if k != "loss_curve"}}
 

@@ -1,0 +1,297 @@
+"""KV cache storage formats as data, with PyTorch reference quantize / dequantize and exact byte counts.
+
+A format is an element encoding and a grouping, written `ENCODING[/GROUPING]`:
+
+    bf16, fp16             a plain cast, no scale
+    fp8_e4m3               FP8 (E4M3, saturating at +-448); bare: no scale (vLLM's default scale 1.0),
+                           with a grouping: one float32 scale per group (amax / 448, as FlashMLA)
+    int8, int4, int2       asymmetric integers: per group a float16 scale and a float16 zero-point
+                           (the group minimum), KIVI's layout; codes packed 8 / 4 / 2 bits
+
+    /token                 one group per token over every head of the cached tensor
+    /head                  one group per token and head
+    /g<N>                  groups of N consecutive values of one head of one token (the last group of a
+                           head may be shorter when N does not divide the head width)
+    /channel<N>            KIVI's per-channel keys: one group per channel (head and dim) over N
+                           consecutive tokens; the N-1 or fewer newest tokens of an unfinished group are
+                           kept unquantized (KIVI's residual) and are not counted in the bytes, which
+                           are the per-token share of full groups
+
+A cache tensor is [batch, heads, tokens, width], the layout transformers' caches use for keys and
+values; a latentkv model caches its latent as one head of width r and its RoPE key as one head (GTA-S:
+one head per map head).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from latentkv.errors import LatentKVError
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one value is stored: `kind` is "cast" (a narrower float dtype), "fp8" (scaled float8) or
+    "int" (asymmetric integer codes); `group_bytes` is what each group stores beside its codes."""
+
+    name: str
+    kind: str
+    bits: int
+    dtype: torch.dtype | None
+    group_bytes: int
+    default_grouping: str
+    note: str
+
+
+ENCODINGS: dict[str, Encoding] = {
+    e.name: e
+    for e in (
+        Encoding("bf16", "cast", 16, torch.bfloat16, 0, "none", "bfloat16 values"),
+        Encoding("fp16", "cast", 16, torch.float16, 0, "none", "float16 values"),
+        Encoding("fp8_e4m3", "fp8", 8, torch.float8_e4m3fn, 4, "none", "float8 E4M3 codes, float32 scale per group"),
+        Encoding("int8", "int", 8, None, 4, "head", "8-bit codes, float16 scale and zero-point per group"),
+        Encoding("int4", "int", 4, None, 4, "g32", "4-bit codes, float16 scale and zero-point per group"),
+        Encoding("int2", "int", 2, None, 4, "g32", "2-bit codes, float16 scale and zero-point per group"),
+    )
+}
+ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8_e4m3", "float8_e4m3": "fp8_e4m3"}
+FP8_MAX = 448.0  # largest finite float8 E4M3 (fn) value
+GROUPING = re.compile(r"^(none|token|head|g(\d+)|channel(\d+))$")
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One cache format: an encoding and a grouping ("none", "token", "head", "g<N>", "channel<N>")."""
+
+    encoding: Encoding
+    grouping: str
+
+    @property
+    def name(self) -> str:
+        return self.encoding.name if self.grouping == "none" else f"{self.encoding.name}/{self.grouping}"
+
+    @property
+    def group_size(self) -> int:
+        """N of g<N> or channel<N> (0 otherwise)."""
+        match = GROUPING.match(self.grouping)
+        return int(match.group(2) or match.group(3) or 0)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.grouping.startswith("channel")
+
+    def groups_per_token(self, heads: int, width: int) -> float:
+        """Scale groups a token owns in a [heads, width] slot (a per-channel group is shared by N tokens)."""
+        if self.grouping == "none":
+            return 0
+        if self.grouping == "token":
+            return 1
+        if self.grouping == "head":
+            return heads
+        if self.per_channel:
+            return heads * width / self.group_size
+        return heads * math.ceil(width / self.group_size)
+
+    def bytes_per_token(self, heads: int, width: int) -> float:
+        """Bytes one token takes in a [heads, width] cache slot: codes packed per token, plus scales
+        and zero-points (exact for whole tokens; per-channel formats: the token's share of full groups)."""
+        codes = math.ceil(heads * width * self.encoding.bits / 8)
+        return codes + self.encoding.group_bytes * self.groups_per_token(heads, width)
+
+
+def parse_format(spec: str) -> KVFormat:
+    """`ENCODING[/GROUPING]` -> KVFormat; a LatentKVError naming the accepted forms otherwise."""
+    text = spec.strip().lower()
+    name, _, grouping = text.partition("/")
+    name = ALIASES.get(name, name)
+    if name not in ENCODINGS:
+        raise LatentKVError(f"Unknown KV cache encoding {spec!r}; use one of {', '.join(ENCODINGS)} "
+                            "optionally with /token, /head, /g<N> or /channel<N> (e.g. int4/g32, fp8_e4m3/g128)")
+    encoding = ENCODINGS[name]
+    grouping = grouping or encoding.default_grouping
+    match = GROUPING.match(grouping)
+    if match is None or (match.group(2) or match.group(3) or "1") == "0":
+        raise LatentKVError(f"Unknown grouping {grouping!r} in {spec!r}; use token, head, g<N> or channel<N> (N > 0)")
+    if encoding.kind == "cast" and grouping != "none":
+        raise LatentKVError(f"{encoding.name} is a plain cast and takes no grouping; write {encoding.name}")
+    if encoding.kind == "int" and grouping == "none":
+        raise LatentKVError(f"{encoding.name} needs scale groups: /token, /head, /g<N> or /channel<N>")
+    return KVFormat(encoding, grouping)
+
+
+# ---- reference quantization -------------------------------------------------------------------------------
+
+
+def fp16_at_most(x: torch.Tensor) -> torch.Tensor:
+    """A float16-representable value <= x (as float32): nearest rounding, stepped down where it rounded up."""
+    nearest = x.to(torch.float16).float()
+    # a step of |x| 2^-10 + 2^-24 exceeds half the float16 spacing at x (normal and subnormal)
+    lower = (x - x.abs() * 2.0**-10 - 2.0**-24).to(torch.float16).float()
+    return torch.where(nearest > x, lower, nearest)
+
+
+def fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """A float16-representable value >= x (as float32)."""
+    nearest = x.to(torch.float16).float()
+    upper = (x + x.abs() * 2.0**-10 + 2.0**-24).to(torch.float16).float()
+    return torch.where(nearest < x, upper, nearest)
+
+
+def grouped(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """x [b, heads, t, width] -> [..., n]: every scale group along the last axis (ragged g<N> groups
+    padded by repeating the head's last value, which leaves each group's range unchanged)."""
+    b, h, t, w = x.shape
+    if fmt.grouping == "token":
+        return x.transpose(1, 2).reshape(b, t, 1, h * w)
+    if fmt.grouping in ("head", "none"):
+        return x[..., None, :]
+    if fmt.per_channel:
+        n = fmt.group_size
+        if t % n:
+            raise ValueError(f"per-channel groups of {n} tokens need a multiple of {n} tokens, got {t}")
+        return x.reshape(b, h, t // n, n, w).transpose(-1, -2)  # [b, h, t/n, w, n]
+    n = fmt.group_size
+    groups = math.ceil(w / n)
+    index = torch.arange(groups * n, device=x.device).clamp(max=w - 1)
+    return x[..., index].reshape(b, h, t, groups, n)
+
+
+def ungrouped(g: torch.Tensor, fmt: KVFormat, shape: torch.Size) -> torch.Tensor:
+    """The inverse of `grouped` (padding dropped)."""
+    b, h, t, w = shape
+    if fmt.grouping == "token":
+        return g.reshape(b, t, h, w).transpose(1, 2)
+    if fmt.grouping in ("head", "none"):
+        return g[..., 0, :]
+    if fmt.per_channel:
+        return g.transpose(-1, -2).reshape(b, h, t, w)
+    return g.flatten(-2)[..., :w]
+
+
+def encode(g: torch.Tensor, encoding: Encoding):
+    """Grouped float32 values [..., n] -> (codes, scale, zero) for a cast or integer encoding: codes in
+    the stored dtype (uint8 for integers, unpacked), scale / zero per group ([..., 1], float16), or None."""
+    if encoding.kind == "cast":
+        return g.to(encoding.dtype), None, None
+    levels = 2**encoding.bits - 1
+    zero = fp16_at_most(g.amin(-1, keepdim=True))
+    # the smallest float16 step that still reaches the group's maximum, so every value is in range
+    scale = fp16_at_least(((g.amax(-1, keepdim=True) - zero) / levels).clamp(min=2.0**-24))
+    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        raise LatentKVError("A KV value is outside float16's range, so its integer scale cannot be stored; "
+                            "use fp8_e4m3/g<N>, bf16 or fp16")
+    codes = torch.round((g - zero) / scale).clamp(0, levels).to(torch.uint8)
+    return codes, scale.to(torch.float16), zero.to(torch.float16)
+
+
+def encode_fp8(g: torch.Tensor, scaled: bool):
+    """Grouped float32 values -> (float8 codes, float32 scale or None); saturating at +-448."""
+    if not scaled:
+        return g.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), None
+    scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def decode(codes: torch.Tensor, scale, zero) -> torch.Tensor:
+    """Stored codes (and scale / zero-point) -> float32 values."""
+    values = codes.float()
+    if scale is not None:
+        values = values * scale.float()
+    if zero is not None:
+        values = values + zero.float()
+    return values
+
+
+def codes_and_scales(x: torch.Tensor, fmt: KVFormat):
+    """x [b, heads, t, width] -> (codes, scale, zero), grouped as `grouped(x, fmt)`."""
+    g = grouped(x.float(), fmt)
+    if fmt.encoding.kind == "fp8":
+        codes, scale = encode_fp8(g, scaled=fmt.grouping != "none")
+        return codes, scale, None
+    return encode(g, fmt.encoding)
+
+
+def fake_quantize(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """What a cache in `fmt` gives back for x [b, heads, t, width]: quantized and dequantized, in x's dtype."""
+    codes, scale, zero = codes_and_scales(x, fmt)
+    return ungrouped(decode(codes, scale, zero), fmt, x.shape).to(x.dtype)
+
+
+@dataclass
+class Packed:
+    """x [b, heads, t, width] as a cache in `fmt` stores it: `codes` one row per token (integer codes
+    packed 8 / bits to a byte), `scale` and `zero` per group as stored."""
+
+    fmt: KVFormat
+    shape: torch.Size
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] < 2^bits -> [..., ceil(n * bits / 8)] bytes, lowest bits first."""
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    padded = torch.nn.functional.pad(codes, (0, -n % per_byte)).view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (padded << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & (2**bits - 1)
+    return codes.flatten(-2)[..., :n]
+
+
+def token_rows(g: torch.Tensor, fmt: KVFormat, shape: torch.Size) -> torch.Tensor:
+    """Grouped codes -> one row of real (unpadded) codes per token: [b, t, heads * width]."""
+    b, h, t, w = shape
+    return ungrouped(g, fmt, shape).transpose(1, 2).reshape(b, t, h * w)
+
+
+def quantize(x: torch.Tensor, fmt: KVFormat) -> Packed:
+    """x [b, heads, t, width] -> what the cache stores (per-channel formats: t a multiple of N)."""
+    codes, scale, zero = codes_and_scales(x, fmt)
+    rows = token_rows(codes, fmt, x.shape)
+    if fmt.encoding.kind == "int" and fmt.encoding.bits < 8:
+        rows = pack_bits(rows, fmt.encoding.bits)
+    return Packed(fmt, x.shape, rows, scale, zero)
+
+
+def dequantize(packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    fmt, (b, h, t, w) = packed.fmt, packed.shape
+    rows = packed.codes
+    if fmt.encoding.kind == "int" and fmt.encoding.bits < 8:
+        rows = unpack_bits(rows, fmt.encoding.bits, h * w)
+    x = rows.view(b, t, h, w).transpose(1, 2)
+    g = grouped(x, fmt)  # codes regrouped as at encoding (padding repeats a real code)
+    return ungrouped(decode(g, packed.scale, packed.zero), fmt, packed.shape).to(dtype)
+
+
+def error_bound(x: torch.Tensor, fmt: KVFormat, packed: Packed) -> torch.Tensor:
+    """The largest |x - dequantize(quantize(x))| the format allows, per value of x: half a step of the
+    stored scale (integers), half a float8 / bf16 / fp16 spacing (floats), plus float32 rounding."""
+    x = x.float()
+    fp32 = 4 * 2.0**-24 * x.abs()
+    if fmt.encoding.kind == "cast":
+        mantissa = {torch.bfloat16: 7, torch.float16: 10}[fmt.encoding.dtype]
+        tiny = torch.finfo(fmt.encoding.dtype).smallest_normal * 2.0**-mantissa  # subnormal spacing
+        return torch.maximum(x.abs() * 2.0 ** -(mantissa + 1), torch.full_like(x, tiny / 2)) + fp32
+    if fmt.encoding.kind == "fp8":
+        scale = torch.ones_like(x) if packed.scale is None else ungrouped(
+            packed.scale.float().expand(grouped(x, fmt).shape), fmt, x.shape)
+        # 3 mantissa bits: half a spacing is 2^-4 of the value; subnormal spacing 2^-9 (times the scale)
+        return torch.maximum(x.abs() * 2.0**-4, scale * 2.0**-10) + fp32
+    scale = ungrouped(packed.scale.float().expand(grouped(x, fmt).shape), fmt, x.shape)
+    zero = ungrouped(packed.zero.float().expand(grouped(x, fmt).shape), fmt, x.shape)
+    levels = 2**fmt.encoding.bits - 1
+    return scale / 2 + 4 * 2.0**-24 * (x.abs() + zero.abs() + levels * scale) + fp32

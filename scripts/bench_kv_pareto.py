@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Quantize the KV cache, convert it to a latent, or both: WikiText-2 perplexity against KV bytes.
+
+The source model is evaluated with its cache stored in each of --source-formats (quantization only),
+and one-shot MLA conversions of it (`latentkv convert SRC OUT --kv-budget B`) with their latent and
+RoPE key stored in each of --latent-formats. Each evaluation writes every token to a cache in that
+format and reads it back dequantized (`latentkv eval --kv-cache`), after RoPE for keys; bytes per
+token per layer count codes, scales and zero-points. The agreement with the source (KL per token,
+top-1) is taken against the source's fp32 logits on the same windows.
+
+Outputs PREFIX.md (table, frontier comparison), PREFIX.json (every row) and PREFIX.png (Pareto plot:
+log KV bytes against log perplexity, both frontiers drawn). Rows already in PREFIX.json are reused,
+so a long run can be split.
+
+Examples:
+  python scripts/bench_kv_pareto.py --out benchmarks/kv_pareto_smollm2_cpu --eval-windows 16
+  python scripts/bench_kv_pareto.py --source path/to/model --budgets 0.5 0.33 0.25 0.125 --device cuda \\
+      --eval-windows 64 --out benchmarks/kv_pareto_mymodel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from latentkv.errors import LatentKVError  # noqa: E402
+from latentkv.eval.agreement import compare_logits  # noqa: E402
+from latentkv.eval.perplexity import PerplexityProtocol, eval_windows  # noqa: E402
+from latentkv.eval.quantized_cache import (cache_bytes, cache_parts, default_chunk, describe_formats,  # noqa: E402
+                                           parse_cache_formats, quantized_logits)
+from latentkv.modeling import load_model  # noqa: E402
+
+# label -> --kv-cache spec. The source: one format for keys and values, or KIVI (per-channel keys).
+SOURCE_FORMATS = {
+    "bf16": "bf16",
+    "fp8_e4m3": "fp8_e4m3",
+    "int8/head": "int8/head",
+    "int4/g32": "int4/g32",
+    "int4 KIVI": "keys=int4/channel32,values=int4/g32",
+    "int2/g32": "int2/g32",
+    "int2 KIVI": "keys=int2/channel32,values=int2/g32",
+}
+# A latentkv model: the latent's format, the RoPE key in bf16 (as FlashMLA stores DeepSeek's), or both quantized.
+# A one-shot latent has outlier channels (per-channel spread of 30x or more, values past fp8's 448), so
+# scaled fp8 and per-channel (KIVI-style) integer groups are listed beside the per-token ones.
+LATENT_FORMATS = {
+    "bf16": "bf16",
+    "fp8_e4m3 + bf16 RoPE": "latent=fp8_e4m3,rope=bf16",
+    "fp8_e4m3/g128 + bf16 RoPE": "latent=fp8_e4m3/g128,rope=bf16",
+    "int8/head + bf16 RoPE": "latent=int8/head,rope=bf16",
+    "int4/g32 + bf16 RoPE": "latent=int4/g32,rope=bf16",
+    "int4 KIVI + bf16 RoPE": "latent=int4/channel32,rope=bf16",
+    "int4/g32": "int4/g32",
+    "int2/g32 + bf16 RoPE": "latent=int2/g32,rope=bf16",
+    "int2 KIVI + bf16 RoPE": "latent=int2/channel32,rope=bf16",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=None, help="source model folder (default: SmolLM2-135M-Instruct, built once)")
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25], help="MLA --kv-budget values")
+    p.add_argument("--work", type=Path, default=Path("runs/kv_pareto"), help="where converted models are kept")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--eval-window", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--source-formats", nargs="*", default=list(SOURCE_FORMATS), choices=list(SOURCE_FORMATS))
+    p.add_argument("--latent-formats", nargs="*", default=list(LATENT_FORMATS), choices=list(LATENT_FORMATS))
+    p.add_argument("--channel-chunk", type=int, default=1,
+                   help="tokens per forward for per-channel (KIVI) rows: 1 is a decode loop's order; N (their group "
+                        "size) is faster but lets a chunk's queries read their own group already quantized")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.md, PREFIX.json, PREFIX.png")
+    p.add_argument("--report-only", action="store_true", help="rewrite PREFIX.md and PREFIX.png from PREFIX.json")
+    return p.parse_args(argv)
+
+
+def converted(source: Path, budget: float, args) -> Path:
+    """The one-shot MLA conversion at `budget`, made with the CLI unless already there."""
+    out = args.work / f"mla-{budget:g}"
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(source), str(out), "--kv-budget", f"{budget:g}",
+               "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(model, windows, batch_size, device) -> list[torch.Tensor]:
+    """The source's fp32 next-token log-probabilities per batch (computed once, compared with every row)."""
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        logits = model(windows[start : start + batch_size].to(device), use_cache=False).logits
+        out.append(torch.log_softmax(logits[:, :-1].float(), -1).cpu())
+    return out
+
+
+@torch.no_grad()
+def measure(model, formats, windows, reference, batch_size, device, channel_chunk: int) -> dict:
+    chunk = default_chunk(formats, windows.shape[1])
+    if any(f.per_channel for f in formats.values()):
+        chunk = channel_chunk
+    vocab = model.config.vocab_size
+    sums, tokens, t0 = {"kl": 0.0, "top1_agreement": 0.0, "nll": 0.0}, 0, time.perf_counter()
+    for i, start in enumerate(range(0, windows.shape[0], batch_size)):
+        batch = windows[start : start + batch_size].to(device)
+        logits = quantized_logits(model, batch, formats, chunk)[:, :-1, :vocab].float().cpu()
+        r = compare_logits(reference[i][..., :vocab].reshape(-1, vocab), logits.reshape(-1, vocab),
+                           batch[:, 1:].reshape(-1).cpu())
+        for key in sums:
+            sums[key] += r[key] * r["tokens"]
+        tokens += r["tokens"]
+    stored = cache_bytes(model, formats)
+    return {
+        "cache": describe_formats(formats),
+        "kv_bytes_per_token_per_layer": stored.per_token_per_layer,
+        "kv_bytes_per_token": stored.per_token,
+        "perplexity": math.exp(sums["nll"] / tokens),
+        "kl_to_source": sums["kl"] / tokens,
+        "top1_agreement": sums["top1_agreement"] / tokens,
+        "tokens": tokens,
+        "chunk": chunk,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both bytes and perplexity, by bytes."""
+    best, out = math.inf, []
+    for row in sorted(rows, key=lambda r: (r["kv_bytes_per_token_per_layer"], r["perplexity"])):
+        if row["perplexity"] < best:
+            best = row["perplexity"]
+            out.append(row)
+    return out
+
+
+def best_within(rows: list[dict], budget: float):
+    fitting = [r for r in rows if r["kv_bytes_per_token_per_layer"] <= budget + 1e-9]
+    return min(fitting, key=lambda r: r["perplexity"]) if fitting else None
+
+
+def label(row: dict) -> str:
+    return f"{row['model']} {row['format']}"
+
+
+def comparison(rows: list[dict], source_bytes: float) -> list[dict]:
+    """At each byte level a row reaches: the best quantization-only and the best latentkv row that fit."""
+    quant = [r for r in rows if r["family"] == "quantization only"]
+    latent = [r for r in rows if r["family"] == "latentkv"]
+    levels = sorted({r["kv_bytes_per_token_per_layer"] for r in rows if r["kv_bytes_per_token_per_layer"] <= source_bytes})
+    out = []
+    for b in levels:
+        q, m = best_within(quant, b), best_within(latent, b)
+        leader = None
+        if q and m:
+            leader = "latentkv" if m["perplexity"] < q["perplexity"] else "quantization only"
+        out.append({"bytes": b, "fraction": b / source_bytes, "quant": q, "latent": m, "leader": leader})
+    return out
+
+
+def fmt_ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def write_markdown(path: Path, rows, meta) -> None:
+    source_bytes = meta["source_bf16_bytes_per_token_per_layer"]
+    lines = [
+        f"# KV cache: quantize, convert, or both ({meta['model_name']})",
+        "",
+        f"Perplexity: {meta['protocol']}, fp32 compute{meta['windows_note']}. Each row writes every token to a "
+        "cache in the given format and reads it back dequantized (`latentkv eval --kv-cache`; keys after RoPE). "
+        "KV bytes: per token per layer, codes plus scales and zero-points (`latentkv/eval/kv_formats.py`). "
+        "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA rows: one-shot "
+        f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
+        f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "
+        "of 32 tokens, a KIVI latent likewise per latent channel (the unfinished group unquantized), evaluated "
+        f"{meta['channel_chunk_note']}.",
+        "",
+        "| model | cache format | stored as | KV B / token / layer | of source bf16 | PPL | KL to source | top-1 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["family"] != "quantization only", r["model"], -r["kv_bytes_per_token_per_layer"])):
+        lines.append(f"| {r['model']} | {r['format']} | {r['cache']} | {r['kv_bytes_per_token_per_layer']:.1f} | "
+                     f"{100 * r['kv_bytes_per_token_per_layer'] / source_bytes:.1f}% | {fmt_ppl(r['perplexity'])} | "
+                     f"{r['kl_to_source']:.3g} | {r['top1_agreement']:.3f} |")
+    lines += ["", "## Frontiers", "",
+              "At each byte level some row reaches (up to the source's bf16 cache): the lowest perplexity of each "
+              f"family within it. Source bf16 = {source_bytes:.0f} B; 1/6 of it = {source_bytes / 6:.0f} B.", "",
+              "| KV B / token / layer | of source bf16 | best quantization only | PPL | best latentkv | PPL | leads | PPL ratio (other / leader) |",
+              "| ---: | ---: | --- | ---: | --- | ---: | --- | ---: |"]
+    for c in comparison(rows, source_bytes):
+        q, m = c["quant"], c["latent"]
+        ratio = ""
+        if q and m:
+            ratio = f"{max(q['perplexity'], m['perplexity']) / min(q['perplexity'], m['perplexity']):.2f}x"
+        lines.append(f"| {c['bytes']:.1f} | {100 * c['fraction']:.1f}% | {label(q) if q else 'none fits'} | "
+                     f"{fmt_ppl(q['perplexity']) if q else ''} | {label(m) if m else 'none fits'} | "
+                     f"{fmt_ppl(m['perplexity']) if m else ''} | {c['leader'] or ''} | {ratio} |")
+    lines += ["", "Commands:", "", "```", *meta["commands"], "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(path: Path, rows, meta) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as exc:
+        raise LatentKVError("The Pareto plot needs matplotlib: pip install 'latentkv[bench]'") from exc
+    source_bytes = meta["source_bf16_bytes_per_token_per_layer"]
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=130)
+    # a row far off (a broken format) would squash the rest: the axis stops at 12x the source's perplexity
+    # and such a row sits on the top edge with its value in the label
+    top = min(max(r["perplexity"] for r in rows) * 1.15, 12 * meta["source_perplexity"])
+    shown = lambda r: min(r["perplexity"], top / 1.08)  # noqa: E731
+    markers = {}
+    for r in rows:
+        markers.setdefault(r["model"], "os^Dvp"[len(markers) % 6])
+    colors = {"quantization only": "tab:orange", "latentkv": "tab:blue"}
+    for model, marker in markers.items():
+        pts = [r for r in rows if r["model"] == model]
+        ax.scatter([r["kv_bytes_per_token_per_layer"] for r in pts], [shown(r) for r in pts], marker=marker,
+                   s=36, color=colors[pts[0]["family"]], alpha=0.75, label=model, zorder=3)
+    # neighbours by bytes take turns above and below their marker, so close labels do not overlap
+    for i, r in enumerate(sorted(rows, key=lambda r: (r["kv_bytes_per_token_per_layer"], r["perplexity"]))):
+        text = r["format"] if r["perplexity"] < top / 1.08 else f"{r['format']} (PPL {r['perplexity']:.3g}, off scale)"
+        ax.annotate(text, (r["kv_bytes_per_token_per_layer"], shown(r)), fontsize=6,
+                    xytext=(3, (5, -9, 12, -16)[i % 4]), textcoords="offset points", color="0.25")
+    for family, color in colors.items():
+        f = frontier([r for r in rows if r["family"] == family])
+        if f:
+            xs = [r["kv_bytes_per_token_per_layer"] for r in f]
+            ys = [shown(r) for r in f]
+            ax.step(xs, ys, where="post", color=color, lw=1.6, label=f"{family} frontier", zorder=2)
+    ax.axvline(source_bytes / 6, color="0.5", ls="--", lw=0.9, label="1/6 of source bf16 bytes")
+    ax.axhline(meta["source_perplexity"], color="0.5", ls=":", lw=0.9, label="source fp32 PPL")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(min(r["perplexity"] for r in rows) * 0.85, top)
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+    ax.tick_params(which="minor", labelsize=7)
+    ax.set_xlabel("KV cache bytes per token per layer (codes + scales), log")
+    ax.set_ylabel("WikiText-2 perplexity, log")
+    ax.set_title(f"{meta['model_name']}: quantized cache vs MLA latent x cache format\n{meta['protocol']}, fp32",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        if not args.out.with_suffix(".json").is_file():
+            raise SystemExit(f"--report-only rewrites the report of {args.out.with_suffix('.json')}, which does not exist; "
+                             "run without --report-only first")
+        recorded = json.loads(args.out.with_suffix(".json").read_text())
+        write_outputs(args.out, recorded["rows"], recorded["meta"])
+        return
+    if args.source is None:
+        from latentkv.io.assets import smollm2_folder
+
+        source, model_name = smollm2_folder(), "SmolLM2-135M-Instruct"
+    else:
+        source = Path(args.source)
+        model_name = source.name
+    # every format spec checked before any conversion or evaluation
+    from transformers import AutoConfig
+
+    parts = tuple(dict.fromkeys(p for layer in cache_parts(AutoConfig.from_pretrained(source)) for p in layer))
+    source_formats = {k: parse_cache_formats(SOURCE_FORMATS[k], parts) for k in args.source_formats}
+    latent_formats = {k: parse_cache_formats(LATENT_FORMATS[k], ("latent", "rope")) for k in args.latent_formats}
+
+    from transformers import AutoTokenizer
+
+    protocol = PerplexityProtocol(window=args.eval_window, windows=args.eval_windows)
+    windows = eval_windows(AutoTokenizer.from_pretrained(str(source)), protocol)
+    json_path = args.out.with_suffix(".json")
+    done, commands = {}, []
+    if json_path.is_file():
+        previous = json.loads(json_path.read_text())
+        if previous["meta"]["protocol"] == protocol.describe():
+            done = {(r["model"], r["format"]): r for r in previous["rows"]}
+            commands = previous["meta"].get("commands", [])
+    command = "python " + " ".join(["scripts/bench_kv_pareto.py", *map(shlex.quote, sys.argv[1:])])
+    commands = [*commands, command] if command not in commands else commands
+    rows = list(done.values())
+
+    src_model = load_model(source, dtype=torch.float32, device=args.device)
+    reference = reference_logprobs(src_model, windows, args.batch_size, args.device)
+    source_nll = -sum(float(ref.gather(-1, windows[i * args.batch_size : (i + 1) * args.batch_size, 1:, None]).sum())
+                      for i, ref in enumerate(reference))
+    source_ppl = math.exp(source_nll / windows[:, 1:].numel())
+    plan = [("source", "quantization only", lambda: src_model, source_formats)]
+    for b in args.budgets:  # converted when first needed
+        plan.append((f"MLA {100 * b:g}%", "latentkv",
+                     lambda b=b: load_model(converted(source, b, args), dtype=torch.float32, device=args.device),
+                     latent_formats))
+    for name, family, get_model, formats in plan:
+        todo = {k: f for k, f in formats.items() if (name, k) not in done}
+        if not todo:
+            continue
+        model = get_model()
+        for key, fmt in todo.items():
+            row = {"model": name, "family": family, "format": key, **measure(model, fmt, windows, reference,
+                                                                              args.batch_size, args.device,
+                                                                              args.channel_chunk)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            save(args, rows, model_name, protocol, source_ppl, json_path, commands)
+    save(args, rows, model_name, protocol, source_ppl, json_path, commands)
+
+
+def save(args, rows, model_name, protocol, source_ppl, json_path, commands) -> None:
+    source_bf16 = [r for r in rows if r["model"] == "source" and r["format"] == "bf16"]
+    if not source_bf16:
+        return
+    meta = {
+        "model_name": model_name,
+        "protocol": protocol.describe(),
+        "windows_note": "" if args.eval_windows == 64 else f" ({args.eval_windows} windows, not the protocol's 64)",
+        "source_perplexity": source_ppl,
+        "source_bf16_bytes_per_token_per_layer": source_bf16[0]["kv_bytes_per_token_per_layer"],
+        "channel_chunk_note": ("one token per forward, as a decode loop writes them" if args.channel_chunk == 1 else
+                               f"{args.channel_chunk} tokens per forward (a chunk's queries read their own finished "
+                               "group quantized, which a decode loop would still hold unquantized: slightly pessimistic)"),
+        "calib_samples": args.calib_samples,
+        "calib_seq_len": args.calib_seq_len,
+        "commands": commands,  # every run whose rows are in the file (a run reuses the rows already there)
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_outputs(args.out, rows, meta)
+
+
+def write_outputs(out: Path, rows, meta) -> None:
+    write_markdown(out.with_suffix(".md"), rows, meta)
+    plot(out.with_suffix(".png"), rows, meta)
+
+
+if __name__ == "__main__":
+    main()
