@@ -418,7 +418,7 @@ def test_masses_page_size_errors():
 
 
 def test_bench_sparse_decode_smoke(capsys):
-    """Guards the GPU timing script the lead runs (scripts/bench_sparse_decode.py): in --smoke mode
+    """Guards the GPU timing script (scripts/bench_sparse_decode.py): in --smoke mode
     (tiny sizes, interpreted or compiled) it runs end to end, checks masses-on == masses-off output
     and the masses against the reference, and reports dense and every sparse fraction with masses
     off and on, the dense row at ratio 1."""
