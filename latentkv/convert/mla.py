@@ -48,7 +48,7 @@ class MLAConfig:
     key_weight: multiplies the key side of the whitened metric (score error vs output error).
     rope_loss_weight: how much the predicted loss of a de-rotated component counts against latent
         error when choosing the RoPE width. The first-order estimate overstates it; 0.15 picked the
-        measured best width on SmolLM2-135M at 50% and 33% (scripts/bench_quality.py --sweep).
+        measured best width on SmolLM2-135M at 50% and 33% (rows of scripts/bench_quality.py with --set rope_loss_weight).
     allocation: "per-layer" (one global budget, greedy over layers) or "uniform".
     sequential: take each layer's statistics from the output of the converted layers before it.
     refit_output: re-solve each layer's o_proj by least squares so that the new attention's output

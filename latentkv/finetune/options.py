@@ -66,7 +66,7 @@ class FinetuneOptions:
         direct 25% conversion did (46.01 vs 45.74; benchmarks/heal_anneal_h100.md).
     hidden_weight: weight of the match of every decoder layer's hidden state to the teacher's
         (relative squared error, mean over layers; 0 = off). Needs a teacher of the same depth and width.
-        On GTA-T from SmolLM2 (20M tokens) a weight of 10 ended worse than the KL alone (README).
+        On GTA-T from SmolLM2 (20M tokens) a weight of 10 ended worse than the KL alone (docs/healing.md).
     precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
     gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
     compile: torch.compile the student and teacher (faster steps after a warm-up of tens of seconds).

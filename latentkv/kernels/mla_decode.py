@@ -12,7 +12,7 @@ latent into ``latent_heads`` contiguous column groups, each serving its own cont
 query heads, with one shared RoPE key. ``Sq > 1`` query tokens (speculative decoding) are
 causal among themselves: token i sits at position ``seq_len - Sq + i``.
 
-Kernel shape (the design note of the issue, kept here so the code can be read against it):
+Kernel shape (the design this code follows):
 - every query row that shares one latent head -- (query token, head) pairs -- goes into the M
   dimension of one ``tl.dot``; a ``[BLOCK_N, r_c]`` latent tile is loaded once and used as the
   key (``q @ tile^T``) and as the value (``p @ tile``). That turns MLA decode from a
