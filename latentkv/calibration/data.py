@@ -110,14 +110,20 @@ def document_pieces(text: str) -> Iterator[Piece]:
 def _file_lines(fh, path: Path) -> Iterator[str]:
     """Lines of an open text file, none longer than PIECE_CHARS (a longer one comes in parts), each
     split as str.splitlines splits (so a file gives the pieces its whole text would)."""
+    for line in _raw_lines(fh, path, PIECE_CHARS):
+        yield from line.splitlines(keepends=True) or [line]
+
+
+def _raw_lines(fh, path: Path, limit: int) -> Iterator[str]:
+    """fh.readline(limit) until the end, a decoding error named as a file that is not UTF-8."""
     while True:
         try:
-            line = fh.readline(PIECE_CHARS)
+            line = fh.readline(limit)
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, exc) from None
         if not line:
             return
-        yield from line.splitlines(keepends=True) or [line]
+        yield line
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> LatentKVError:
@@ -133,15 +139,7 @@ def _txt_pieces(path: Path) -> Iterator[Piece]:
 def iter_jsonl(path: Path, field: str) -> Iterator[str]:
     """The `field` text of each row of a .jsonl file (plain or .gz), one row in memory at a time."""
     with open_text(path) as fh:
-        n = 0
-        while True:
-            n += 1
-            try:
-                line = fh.readline(MAX_ROW_CHARS)
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(path, exc) from None
-            if not line:
-                return
+        for n, line in enumerate(_raw_lines(fh, path, MAX_ROW_CHARS), 1):
             if len(line) >= MAX_ROW_CHARS and not line.endswith("\n"):
                 raise LatentKVError(f"{path}:{n} is a row of more than {MAX_ROW_CHARS:,} characters; split it "
                                     "into several rows")
