@@ -36,6 +36,31 @@ STANDARD_ROWS = [
 ]  # fmt: skip
 
 
+# The width sweep: the latent + RoPE widths conversions write (Llama-3-8B at 50 / 25 / 12.5% of its KV,
+# SmolLM2-like per-layer widths, small and wide latents, GLA), batch 1-128, context 1k-128k, query length
+# 1-4, each against the source GQA decode (Llama-3-8B geometry, 32 query / 8 KV heads of 128) at equal
+# context. Rows: (name, run_decode_bench keyword arguments).
+LLAMA3_8B = (32, 8, 128)
+WIDTH_ROWS = [
+    ("512+64 deepseek", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192)),
+    ("960+64 (50%)", dict(heads=32, latent_rank=960, rope_dim=64, batch=64, context=8192)),
+    ("448+64 (25%)", dict(heads=32, latent_rank=448, rope_dim=64, batch=64, context=8192)),
+    ("192+64 (12.5%)", dict(heads=32, latent_rank=192, rope_dim=64, batch=64, context=8192)),
+    ("156+36", dict(heads=32, latent_rank=156, rope_dim=36, batch=64, context=8192)),
+    ("148+40", dict(heads=32, latent_rank=148, rope_dim=40, batch=64, context=8192)),
+    ("96+32", dict(heads=32, latent_rank=96, rope_dim=32, batch=64, context=8192)),
+    ("64+16", dict(heads=32, latent_rank=64, rope_dim=16, batch=128, context=8192)),
+    ("896+128", dict(heads=32, latent_rank=896, rope_dim=128, batch=64, context=8192)),
+    ("gla2 2x256+64", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192, latent_heads=2)),
+    ("gla4 4x128+64", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192, latent_heads=4)),
+    ("448+64 sq4", dict(heads=32, latent_rank=448, rope_dim=64, batch=64, context=8192, query_len=4)),
+    ("512+64 b1 128k", dict(heads=32, latent_rank=512, rope_dim=64, batch=1, context=131072)),
+    ("448+64 b16 32k", dict(heads=32, latent_rank=448, rope_dim=64, batch=16, context=32768)),
+    ("192+64 b128 1k", dict(heads=32, latent_rank=192, rope_dim=64, batch=128, context=1024)),
+    ("156+36 fp16", dict(heads=32, latent_rank=156, rope_dim=36, batch=64, context=8192, dtype=torch.float16)),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=32)
@@ -50,8 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--source-geometry", default="32,8,128", help="q_heads,kv_heads,head_dim of the source GQA")
     p.add_argument("--no-source", action="store_true", help="skip the source SDPA timing")
-    p.add_argument("--preset", choices=["standard"], default=None,
-                   help="standard: the four reference shapes (MLA 32 and 128 heads, query length 2, GLA-2) instead of one shape")
+    p.add_argument("--preset", choices=["standard", "widths"], default=None,
+                   help="standard: the four reference shapes (MLA 32 and 128 heads, query length 2, GLA-2) instead of "
+                        "one shape; widths: the width sweep (every row against the source decode, the rule-based "
+                        "configuration and the PyTorch reference)")
     p.add_argument("--sweep", action="store_true", help="try candidate block sizes and splits, keep the best")
     p.add_argument("--sweep-set", choices=["wide", "narrow"], default="wide", help="which candidate list to sweep")
     p.add_argument("--jobs", type=int, default=8, help="processes compiling sweep candidates")
@@ -135,6 +162,8 @@ def main(argv=None):
         print(msg, flush=True)
         lines.append(msg)
 
+    if args.preset == "widths":
+        return width_sweep(args, log, lines)
     if args.preset == "standard":
         rows = [(n, dict(kw, dtype=dtype, page_size=args.page_size), src) for n, kw, src in STANDARD_ROWS]
     else:
@@ -196,6 +225,48 @@ def main(argv=None):
         log(row)
     if args.json:
         args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": results}, indent=1, default=str))
+    if args.md:
+        args.md.write_text("\n".join(lines) + "\n")
+
+
+def width_sweep(args, log, lines) -> None:
+    """Each row: the launcher's choice, the rules alone, the PyTorch reference and the source's SDPA decode,
+    all timed in this run; the bar columns: % of copy bandwidth and speed-up against the byte ratio."""
+    bw = bench.copy_bandwidth()
+    log(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+        f"{__import__('triton').__version__}  copy bw {bw / 1e12:.3f} TB/s (read+write)")  # fmt: skip
+    results = {}
+    hq, hkv, d = LLAMA3_8B
+    for name, kw0 in WIDTH_ROWS:
+        kw = dict(query_len=1, latent_heads=1, dtype=torch.bfloat16, page_size=args.page_size) | kw0
+        r = bench.run_decode_bench(**kw, source_geometry=LLAMA3_8B, cuda_graph=False)
+        lh = kw["latent_heads"]
+        rows = kw["query_len"] * kw["heads"] // lh
+        rules = md.default_config(rows, kw["latent_rank"] // lh, kw["rope_dim"], kw["dtype"])  # no table
+        rr = bench.run_decode_bench(**kw, source_geometry=None, config=rules, check=False, cuda_graph=False)
+        r["rules_time_us"] = rr["time_us"]
+        r["reference_us"] = bench.reference_time_us(**kw)
+        elt = torch.finfo(kw["dtype"]).bits // 8
+        r["byte_ratio"] = (2 * hkv * d * elt) / ((kw["latent_rank"] + kw["rope_dim"]) * elt)
+        results[name] = r
+        log(f"[{name}] FINAL {json.dumps(r, default=str)}")
+    table = ["| row | cache MB | config (splits) | us | % copy bw | rules us | reference us | source SDPA us | "
+             "speed-up | byte ratio | speed-up / byte ratio | regs / spills |", "|" + "---|" * 12]  # fmt: skip
+    for name, r in results.items():
+        c, src, k = r["config"], r["source"], r.get("kernel") or {}
+        kind = "gluon" if c.get("kernel") == "wgmma" else f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+        spd = r.get("speedup_vs_source")
+        table.append(
+            f"| {name} | {r['cache_bytes'] / 1e6:.0f} | {kind} ({c['num_splits']}) | {r['time_us']:.1f} | "
+            f"{100 * r['fraction_of_copy_bw']:.1f} | {r['rules_time_us']:.1f} | {r['reference_us']:.0f} | "
+            f"{src['best_us']:.1f} | {spd:.2f}x | {r['byte_ratio']:.2f} | {spd / r['byte_ratio']:.2f} | "
+            f"{k.get('n_regs')} / {k.get('n_spills')} |"
+        )
+    for row in table:
+        log(row)
+    if args.json:
+        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_bw": bw, "rows": results},
+                                        indent=1, default=str))  # fmt: skip
     if args.md:
         args.md.write_text("\n".join(lines) + "\n")
 

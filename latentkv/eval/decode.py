@@ -28,7 +28,7 @@ import torch
 
 from latentkv.errors import LatentKVError
 from latentkv.kernels.compare import compare
-from latentkv.kernels.mla_decode import decode_attention
+from latentkv.kernels.mla_decode import decode_attention, paged_cache_tensor
 from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class PagedLatentCache:
         self.num_splits = num_splits
         self.layer_widths = list(layer_widths)
         # one [num_pages, page_size, width] tensor per layer
-        self.pages = [torch.zeros(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
+        self.pages = [paged_cache_tensor(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._tables: dict[int, list[int]] = {}  # sequence id -> its pages
         self._lens: dict[int, int] = {}  # sequence id -> tokens written

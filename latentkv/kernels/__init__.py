@@ -11,6 +11,7 @@ from latentkv.kernels.mla_decode import (
     default_config,
     mla_decode,
     mla_decode_reference,
+    paged_cache_tensor,
     write_paged,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "default_config",
     "mla_decode",
     "mla_decode_reference",
+    "paged_cache_tensor",
     "write_paged",
 ]

@@ -69,7 +69,8 @@ def make_paged_inputs(
     pages_per_seq = math.ceil(context / page_size)
     num_pages = batch * pages_per_seq
     g = torch.Generator(device=device).manual_seed(seed)
-    kv = torch.randn(num_pages, page_size, width, device=device, dtype=dtype, generator=g)
+    kv = md.paged_cache_tensor(num_pages, page_size, width, dtype=dtype, device=device, fill=None)
+    kv.normal_(generator=g)
     table = torch.randperm(num_pages, device=device, generator=g).view(batch, pages_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, query_len, heads, r_c + rope_dim, device=device, dtype=dtype, generator=g)
@@ -233,6 +234,21 @@ def run_decode_bench(
         if src["best_us"]:
             result["speedup_vs_source"] = src["best_us"] / t_us
     return result
+
+
+def reference_time_us(*, heads, latent_rank, rope_dim, batch, context, query_len, latent_heads=1,
+                      dtype=torch.bfloat16, page_size=64) -> float:
+    """Time of the plain PyTorch reference (``mla_decode_reference``) on the same inputs: the floor the
+    kernel's fallback configurations must beat."""
+    q, kv, table, seq_lens, r_c = make_paged_inputs(
+        heads=heads, latent_rank=latent_rank, rope_dim=rope_dim, batch=batch, context=context, query_len=query_len,
+        latent_heads=latent_heads, dtype=dtype, page_size=page_size, device="cuda",
+    )  # fmt: skip
+    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=1.0 / math.sqrt(r_c + rope_dim))
+    t = _do_bench(lambda: md.mla_decode_reference(q, kv, table, seq_lens, **kw), warmup_ms=10, rep_ms=50) * 1e3
+    del q, kv, table, seq_lens
+    torch.cuda.empty_cache()
+    return t
 
 
 # --------------------------------------------------------------------------------------------
