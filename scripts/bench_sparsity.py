@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--contexts", type=int, default=2, help="contexts per text")
     ap.add_argument("--budgets", default="0.25,0.125")
-    ap.add_argument("--policies", default="window,last-step,oracle,predictor")
+    ap.add_argument("--policies", default="window,last-step,quest,oracle,predictor")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--refresh", type=int, default=1)
     ap.add_argument("--dense-refresh", action="store_true", help="refresh steps attend to every block (SparseConfig)")

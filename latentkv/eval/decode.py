@@ -110,6 +110,8 @@ class PagedLatentCache:
     def free_sequence(self, seq: int) -> None:
         self._free.extend(reversed(self._tables.pop(seq)))
         del self._lens[seq]
+        if self.sparsity is not None:
+            self.sparsity.forget(seq)
 
     def seq_len(self, seq: int) -> int:
         return self._lens[seq]

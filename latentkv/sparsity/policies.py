@@ -9,6 +9,7 @@ block holding the current token) and fills the rest of the budget with the best-
 | dense | (all blocks kept) | nothing |
 | window | recency (StreamingLLM: sinks + the most recent blocks) | nothing |
 | last-step | its attention mass at the previous step | the history |
+| quest | the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space) | the query + per-block bounds (kept by the runtime, updated per new block) |
 | oracle | its attention mass at this step (the upper bound; costs a dense QK pass) | this step's masses |
 | predictor | the AttentionPredictor's forecast from the last T steps | the history + a trained predictor |
 """
@@ -22,7 +23,7 @@ import torch
 
 from latentkv.errors import LatentKVError
 
-POLICIES = ("dense", "window", "last-step", "oracle", "predictor")
+POLICIES = ("dense", "window", "last-step", "quest", "oracle", "predictor")
 HISTORY_MASSES = ("decode", "separate")
 
 
@@ -132,18 +133,44 @@ def choose_blocks(scores: torch.Tensor, k: int, sink_blocks: int = 1, local_bloc
     return order[:k].sort().values
 
 
+def head_columns(heads: int, latent_heads: int, r_c: int, rope_dim: int) -> torch.Tensor:
+    """[heads, r_c + rope_dim] column of the cache row that each query-head column multiplies: query
+    head h reads its latent head's r_c columns, then the shared RoPE key."""
+    group = torch.arange(heads) // (heads // latent_heads)
+    latent = group[:, None] * r_c + torch.arange(r_c)[None, :]
+    rope = latent_heads * r_c + torch.arange(rope_dim)[None, :].expand(heads, rope_dim)
+    return torch.cat([latent, rope], dim=1)
+
+
+def bound_scores(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_heads: int, rope_dim: int) -> torch.Tensor:
+    """Quest's page scores in the absorbed space: q [H, r_c + rope_dim] (one query token, W_UK folded
+    in), low / high [n_blocks, width] the element-wise min / max of each block's cache rows ->
+    [n_blocks], the largest over the query heads of the upper bound sum_j max(q_j low_j, q_j high_j)
+    of q . k for every row k of the block (exact for a block of one row)."""
+    heads, width = q.shape
+    cols = head_columns(heads, latent_heads, width - rope_dim, rope_dim).to(low.device)
+    qf = q.float().to(low.device)[None]  # [1, H, w]
+    bound = torch.maximum(qf * low[:, cols], qf * high[:, cols]).sum(-1)  # [n_blocks, H]
+    return bound.max(-1).values
+
+
 def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | None, current: torch.Tensor | None,
                   predictor=None) -> torch.Tensor:
     """Scores [n_blocks] of one (sequence, layer).
 
     history: [latent_heads, t, n_blocks] block masses of the last t steps (t may be 0);
-    current: [latent_heads, n_blocks] this step's masses (oracle only); predictor: an
+    current: [latent_heads, n_blocks] this step's masses (oracle), or [n_blocks] the page-bound
+    scores of ``bound_scores`` (quest); predictor: an
     AttentionPredictor (policy "predictor"). Without history yet, last-step and predictor score
     by recency (the window policy).
     """
     recency = torch.arange(n_blocks, dtype=torch.float32)
     if config.policy in ("dense", "window"):
         return recency
+    if config.policy == "quest":
+        if current is None:
+            raise LatentKVError("the quest policy needs this step's page-bound scores.")
+        return current.float()
     if config.policy == "oracle":
         if current is None:
             raise LatentKVError("the oracle policy needs this step's block masses.")

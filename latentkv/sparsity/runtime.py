@@ -41,7 +41,7 @@ import torch
 
 from latentkv.errors import LatentKVError
 from latentkv.sparsity.masses import block_masses, paged_rows
-from latentkv.sparsity.policies import SparseConfig, choose_blocks, policy_scores
+from latentkv.sparsity.policies import SparseConfig, bound_scores, choose_blocks, policy_scores
 
 
 def reduced_pages(pages: torch.Tensor, ids: torch.Tensor, length: int, page_size: int) -> tuple[torch.Tensor, int]:
@@ -99,6 +99,23 @@ class SparseAttention:
         self.stats = SparseStats()
         self.last_choice: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> chosen block ids
         self._pending: list[tuple] = []  # history rows waiting for this layer's attention masses (record)
+        self.bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (seq, layer) -> full blocks' min / max
+
+    def page_bounds(self, seq: int, layer: int, kv: torch.Tensor, pages: torch.Tensor, length: int):
+        """(low, high) [n_blocks, width] float32: the element-wise min / max of each block's rows. A
+        full block's bounds are computed once, when it fills (Quest keeps them as page metadata); the
+        current, partly filled block is recomputed each step (one page read)."""
+        size = self.page_size
+        full = length // size
+        low, high = self.bounds.get((seq, layer), (kv.new_empty(0, kv.shape[-1], dtype=torch.float32),) * 2)
+        if low.shape[0] < full:
+            rows = kv[pages[low.shape[0] : full].to(kv.device).long()].float()  # [m, size, width]
+            low, high = torch.cat([low, rows.amin(1)]), torch.cat([high, rows.amax(1)])
+            self.bounds[seq, layer] = (low, high)
+        if length % size:
+            rows = kv[int(pages[full]), : length % size].float()
+            low, high = torch.cat([low, rows.amin(0, keepdim=True)]), torch.cat([high, rows.amax(0, keepdim=True)])
+        return low, high
 
     # history -------------------------------------------------------------------------------
     def _push(self, seq: int, layer: int, rows: torch.Tensor) -> None:
@@ -158,7 +175,11 @@ class SparseAttention:
             if attend_all:
                 ids = torch.arange(n)
             else:
-                scores = policy_scores(cfg, n, self.history.get((seq, layer)), true, self.predictor)
+                current = true
+                if cfg.policy == "quest":
+                    low, high = self.page_bounds(seq, layer, kv, pages, length)
+                    current = bound_scores(q[row, 0], low, high, module.latent_heads, module.rope_dim).cpu()
+                scores = policy_scores(cfg, n, self.history.get((seq, layer)), current, self.predictor)
                 ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
             if want_history:
                 if from_decode and (attend_all or not full_history):  # the attention pass gives this row
@@ -215,4 +236,6 @@ class SparseAttention:
         """Drop a finished sequence's state."""
         for key in [k for k in self.history if k[0] == seq]:
             del self.history[key]
+        for key in [k for k in self.bounds if k[0] == seq]:
+            del self.bounds[key]
         self.steps.pop(seq, None)
