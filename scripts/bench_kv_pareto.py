@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, help="source model folder (default: SmolLM2-135M-Instruct, built once)")
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25], help="MLA --kv-budget values")
+    p.add_argument("--targets", nargs="*", default=[], choices=list(OTHER_TARGETS),
+                   help="other one-shot conversions: gqa1 (GQA with one KV head), gta (GTA-T)")
     p.add_argument("--work", type=Path, default=Path("runs/kv_pareto"), help="where converted models are kept")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -87,11 +89,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def converted(source: Path, budget: float, args) -> Path:
-    """The one-shot MLA conversion at `budget`, made with the CLI unless already there."""
-    out = args.work / f"mla-{budget:g}"
+# Conversions besides MLA at --budgets: --targets NAME -> (row label, folder name, convert options, formats).
+# A GQA output caches keys and values as the source does (the source's formats apply); GTA-T caches a
+# latent and a RoPE key.
+OTHER_TARGETS = {
+    "gqa1": ("GQA 1 KV head", "gqa-1", ["--to", "gqa", "--num-kv-heads", "1"], "source"),
+    "gta": ("GTA-T", "gta", ["--to", "gta"], "latent"),
+}
+
+
+def converted(source: Path, budget: float | None, args, target: str | None = None) -> Path:
+    """The one-shot conversion (MLA at `budget`, or an OTHER_TARGETS entry), made with the CLI unless already there."""
+    if target is None:
+        out, options = args.work / f"mla-{budget:g}", ["--kv-budget", f"{budget:g}"]
+    else:
+        _, folder, options, _ = OTHER_TARGETS[target]
+        out = args.work / folder
     if not (out / "config.json").is_file():
-        cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(source), str(out), "--kv-budget", f"{budget:g}",
+        cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(source), str(out), *options,
                "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
@@ -183,7 +198,7 @@ def write_markdown(path: Path, rows, meta) -> None:
         f"Perplexity: {meta['protocol']}, fp32 compute{meta['windows_note']}. Each row writes every token to a "
         "cache in the given format and reads it back dequantized (`latentkv eval --kv-cache`; keys after RoPE). "
         "KV bytes: per token per layer, codes plus scales and zero-points (`latentkv/eval/kv_formats.py`). "
-        "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA rows: one-shot "
+        "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA, GQA and GTA-T rows: one-shot "
         f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
         f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "
         "of 32 tokens, a KIVI latent likewise per latent channel (the unfinished group unquantized), evaluated "
@@ -316,6 +331,10 @@ def main(argv=None) -> None:
         plan.append((f"MLA {100 * b:g}%", "latentkv",
                      lambda b=b: load_model(converted(source, b, args), dtype=torch.float32, device=args.device),
                      latent_formats))
+    for t in args.targets:
+        plan.append((OTHER_TARGETS[t][0], "latentkv",
+                     lambda t=t: load_model(converted(source, None, args, t), dtype=torch.float32, device=args.device),
+                     source_formats if OTHER_TARGETS[t][3] == "source" else latent_formats))
     for name, family, get_model, formats in plan:
         todo = {k: f for k, f in formats.items() if (name, k) not in done}
         if not todo:
