@@ -646,3 +646,142 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
 
     assert inspect_model(str(tmp_path / "ds"))["architecture"]["RoPE + latent per layer"] == "16+40"
     assert math.isfinite(report["perplexity"])
+
+
+def test_bias_ballast_carries_a_constant_exactly_in_the_limit():
+    """Guards the DeepSeek export's bias carrier: an affine target (latent + bias, and a constant
+    for the o_proj bias) read off RMS-normalised features through a ballast dim is exact in the
+    limit where a direction of the input is constant, and the error it reports is the one the
+    written map has when applied as DeepseekV3 applies it (RMSNorm, then kv_b)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from latentkv.convert.export_deepseek import fit_bias_ballast
+
+    g = torch.Generator().manual_seed(0)
+    latent_rows = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    bias = 3 * torch.randn(6, generator=g, dtype=torch.float64)
+    out_map = torch.randn(10, 7, generator=g, dtype=torch.float64)  # 6 latent dims and the constant
+    errors = []
+    for spread in (1.0, 1e-2, 1e-4):
+        x = torch.randn(4000, 24, generator=g, dtype=torch.float64)
+        x[:, 0] = 3.0 + spread * x[:, 0]  # a channel as steady as `spread` allows
+        rows, kv_b, err = fit_bias_ballast(x, latent_rows, bias, True, out_map, dims=1, eps=1e-6)
+        assert rows.shape == (1, 24) and kv_b.shape == (10, 7)
+        test = x[3000:]  # the held-out quarter
+        norm = DeepseekV3RMSNorm(7, eps=1e-6).double()
+        with torch.no_grad():
+            out = norm(torch.cat([test @ latent_rows.T, test @ rows.T], dim=1)) @ kv_b.T
+        ref = torch.cat([test @ latent_rows.T + bias, torch.ones(len(test), 1, dtype=torch.float64)], dim=1) @ out_map.T
+        # DeepseekV3RMSNorm normalises in float32: the same error to float32's precision
+        assert math.isclose(float((out - ref).pow(2).sum() / ref.pow(2).sum()), err, rel_tol=1e-4, abs_tol=1e-12)
+        errors.append(err)
+    # the error falls with the spread, to the floor the ballast's finite size leaves (the latent's own
+    # RMS still moves the scale a little)
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
+
+
+def test_rope_key_bias_and_o_bias_stand_ins():
+    """Guards the two exact pieces of the biased DeepSeek export: a RoPE key bias is replaced by
+    its least-squares linear stand-in (exact where the input has a constant direction, untouched
+    where the bias is zero), and an o_proj bias becomes per-head value constants that o_proj maps
+    back onto it exactly (full row rank)."""
+    from latentkv.convert.export_deepseek import rope_key_without_bias, value_constant
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    x[:, 3] = 2.0  # a constant direction: the bias has an exact linear stand-in
+    aug = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], dim=1)
+    moment = aug.T @ aug / 500
+    rows = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    weight, err = rope_key_without_bias(rows, moment)
+    assert err < 1e-20 and torch.allclose(x @ weight.T, aug @ rows.T, atol=1e-10)
+    x[:, 3] = torch.randn(500, generator=g, dtype=torch.float64)
+    aug = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], dim=1)
+    _, err = rope_key_without_bias(rows, aug.T @ aug / 500)
+    assert err > 1e-3  # no constant direction: an error, reported
+    unbiased = torch.cat([rows[:, :-1], torch.zeros(4, 1, dtype=torch.float64)], dim=1)
+    kept, err = rope_key_without_bias(unbiased, moment)
+    assert torch.equal(kept, unbiased[:, :-1]) and err == 0.0
+    o_weight, o_bias = torch.randn(8, 4 * 3, generator=g), torch.randn(8, generator=g)  # 4 heads of 3
+    column, miss = value_constant(o_weight, o_bias, num_heads=4, head_dim=3)
+    per_head = column.view(4, 6)  # [key rows; value rows] per head, as kv_b_proj's rows
+    assert miss < 1e-6 and torch.equal(per_head[:, :3], torch.zeros(4, 3, dtype=torch.float64))
+    assert torch.allclose(o_weight.double() @ per_head[:, 3:].reshape(-1), o_bias.double(), atol=1e-6)
+
+
+def test_latent_drops_the_position_free_key_bias_exactly(tiny_model_dir, tmp_path):
+    """Guards the key-bias drop: a constant on a position-free key shifts every score of a query
+    alike, so the uncentred latent leaves it out, and the full-rank conversion of a biased Qwen2 still
+    reproduces the source; the latent's bias is then the values' alone."""
+    from safetensors import safe_open
+
+    src = tiny_model_dir("qwen2")
+    out = tmp_path / "lk"
+    _convert(src, out, tmp_path, center=False, **FULL_RANK["mla"])
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    assert _rel(_logits(load_model(out), ids), _logits(_source_model(src), ids)) < 1e-5
+    spec = json.loads((out / "config.json").read_text())["attention_layers"][0]
+    with safe_open(next(out.glob("*.safetensors")), "pt") as h:
+        latent_bias = h.get_tensor("model.layers.0.self_attn.kv_a_proj.bias")[: spec["kv_lora_rank"]].double()
+        up = h.get_tensor("model.layers.0.self_attn.kv_b_proj.weight").double()
+    keys = up.view(4, spec["qk_nope_head_dim"] + 16, -1)[:, : spec["qk_nope_head_dim"]]
+    assert float((keys @ latent_bias).norm()) < 1e-4 * float((up @ latent_bias).norm())
+
+
+def test_deepseek_export_of_a_biased_source(tiny_model_dir, tmp_path):
+    """Guards the DeepSeek export of a Qwen2 (q/k/v biases): a stock DeepseekV3ForCausalLM loaded
+    without remote code, the query through q_a_proj -> q_a_layernorm -> q_b_proj, no bias tensor
+    anywhere, each layer's fit errors in latentkv_layers.json, the recipe and the card, and logits
+    as close to the latentkv export with the same widths as the unbiased export's are."""
+    import yaml
+
+    src = tiny_model_dir("qwen2")
+    r = _convert(src, tmp_path / "ds", tmp_path, fmt="deepseek", kv_lora_rank=40, qk_rope_dim=16)
+    _convert(src, tmp_path / "lk", tmp_path, rope_frequency_grid=True, center=False, kv_lora_rank=39, qk_rope_dim=16)
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
+    assert config["q_lora_rank"] == 64 + 1 and config["attention_bias"] is False
+    assert not [n for n in _tensor_names(tmp_path / "ds") if n.endswith(".bias")]
+    rows = json.loads((tmp_path / "ds" / "latentkv_layers.json").read_text())
+    assert [row["layer"] for row in rows] == [0, 1]
+    for row in rows:
+        assert {"q_rel_error", "kv_rel_error", "rope_key_bias_rel_error"} <= set(row)
+        assert all(0 <= row[k] < 1 for k in ("q_rel_error", "kv_rel_error", "rope_key_bias_rel_error"))
+    fit = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["deepseek_bias_fit"]
+    assert math.isclose(fit["q_rel_error"]["max"], max(row["q_rel_error"] for row in rows))
+    assert "key bias on the latent's position-free part dropped (exact" in (tmp_path / "ds" / "README.md").read_text()
+    assert "dropped (exact" in r.notes[0]
+    tok = transformers.AutoTokenizer.from_pretrained(src)  # text like the calibration's: the tiny model's inputs
+    ids = tok(TINY_TEXT.read_text()[-4000:], return_tensors="pt").input_ids[:, :160].view(4, 40)
+    ds = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    assert type(ds).__name__ == "DeepseekV3ForCausalLM"
+    assert _rel(_logits(ds, ids), _logits(load_model(tmp_path / "lk"), ids)) < 0.5
+
+
+def test_deepseek_refusals_come_before_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards the order of work: what --format deepseek cannot hold is known from the config, so
+    it is refused before any calibration text is read; `inspect` says the same per model."""
+    from latentkv.convert import pipeline
+    from latentkv.eval.report import inspect_model
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("calibration started before a config-only refusal")
+
+    monkeypatch.setattr(pipeline, "token_windows", unreachable)
+    monkeypatch.setattr(pipeline, "collect_stats", unreachable)
+    out = tmp_path / "out"
+    for name, message in (("phi3-partial", "cannot hold phi3: its MLP fuses"), ("qwen3", "cannot hold qwen3"),
+                          ("gpt_neox", "cannot hold gpt_neox"), ("gemma", "cannot hold gemma")):
+        with pytest.raises(LatentKVError, match=message):
+            _convert(tiny_model_dir(name), out, tmp_path, fmt="deepseek", kv_budget=0.5)
+    with pytest.raises(LatentKVError, match="norm_ballast >= 1"):
+        _convert(tiny_model_dir("qwen2"), out, tmp_path, fmt="deepseek", kv_budget=0.5, norm_ballast=0)
+    assert not out.exists()
+    qwen2 = inspect_model(str(tiny_model_dir("qwen2")))
+    assert qwen2["architecture"]["--format deepseek"].startswith("held; its q/k/v biases are fitted")
+    assert any(t["target"].startswith("mla --format deepseek") for t in qwen2["targets"])
+    assert inspect_model(str(tiny_model_dir("llama")))["architecture"]["--format deepseek"] == "held"
+    for name in ("phi3-partial", "qwen3"):
+        report = inspect_model(str(tiny_model_dir(name)))
+        assert report["architecture"]["--format deepseek"].startswith("refused: ")
+        assert not any("deepseek" in t["target"] for t in report["targets"]) and not report["engines"]

@@ -10,8 +10,13 @@ Facts this format imposes (docs/formats.md), and what we do about each:
 - vLLM's and SGLang's DeepseekV3 never tie the LM head to the embeddings (they would read an
   unset head and emit token 0 forever, with no error): `lm_head.weight` is always written and
   `tie_word_embeddings` is false, whatever the source does.
-- `kv_a_proj_with_mqa` and `o_proj` carry no bias (vLLM/SGLang build them without): sources with
-  q/k/v biases are refused, and the latent is fitted uncentred.
+- No projection carries a bias (vLLM/SGLang build them without), so the latent is fitted
+  uncentred, and a source's attention biases (Qwen2) are handled by what each one means: a key bias
+  on the latent's position-free part shifts all scores of a query alike and is dropped (exact); the
+  value bias (and an o_proj bias, as value constants) and the query bias are carried by a ballast
+  dim of the kv and q paths whose normalised value is nearly constant (`fit_bias_ballast`; the query
+  then goes q_a_proj -> q_a_layernorm -> q_b_proj); a RoPE key bias turns with position and is
+  replaced by its least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
 - The cached latent passes through an RMSNorm (`kv_a_layernorm`) that no linear map undoes: it
   scales each token's keys and values by 1/rms(latent), and with a plain latent that scale moves
   from token to token (SmolLM2-135M at 64 + 320: 4% relative error, PPL 39 -> 72 on 16 windows).
@@ -24,6 +29,7 @@ Facts this format imposes (docs/formats.md), and what we do about each:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -33,6 +39,18 @@ from latentkv.arch import geometry_of
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
+
+
+def deepseek_refusal(config, arch) -> str:
+    """Why --format deepseek cannot hold this source, from its config alone ("" if it can): checked
+    before any calibration. Attention biases are held (module docstring), so they are not here."""
+    if arch.deepseek_refusal:
+        return arch.deepseek_refusal
+    geo = geometry_of(config)
+    if geo.rotary_dim < geo.head_dim:
+        return (f"RoPE turns only part of each head ({geo.rotary_dim} of {geo.head_dim} dims), and DeepseekV3 "
+                "is not written for that")
+    return ""
 
 
 def interleave_rope(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -96,7 +114,100 @@ def fit_norm_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, dims: int,
     return rows, weight, base_err, err
 
 
-def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype):
+def _affine_norm_fit(latent, bias, ballast, constant: bool, eps: float, gram=None, coeffs=None):
+    """(relative error, coefficients) of the affine target y = [latent + bias; 1 if `constant`]
+    read off the RMS-normalised features f = [latent; ballast] / rho.
+
+    Each latent coordinate y_i is fitted by least squares from its own feature f_i and the ballast
+    features (a weight and a column per ballast dim: the ballast is what carries the constant), the
+    constant target from the ballast features alone. The error is weighted by `gram` (the Gram matrix
+    of the map that turns y into keys, values or queries; its diagonal where a full one is not given).
+    Returns (error, (w [r], m [r, b], m_const [b])); `coeffs` given: the error of those coefficients."""
+    r, b = latent.shape[1], ballast.shape[1]
+    rho = ((latent.pow(2).sum(1, keepdim=True) + ballast.pow(2).sum(1, keepdim=True)) / (r + b) + eps).sqrt()
+    f, g = latent / rho, ballast / rho
+    y = latent + bias
+    if coeffs is None:
+        feats = torch.cat([f[:, :, None], g[:, None, :].expand(-1, r, -1)], dim=2)  # [n, r, 1 + b]
+        lhs = torch.einsum("nip,niq->ipq", feats, feats)
+        ridge = 1e-12 * lhs.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)[:, None, None]
+        sol = torch.linalg.solve(lhs + ridge * torch.eye(1 + b, dtype=lhs.dtype),
+                                 torch.einsum("nip,ni->ip", feats, y))
+        gg = g.T @ g
+        m_const = torch.linalg.solve(gg + 1e-12 * gg.trace() * torch.eye(b, dtype=gg.dtype), g.sum(0)) if constant \
+            else g.new_zeros(b)
+        coeffs = (sol[:, 0], sol[:, 1:], m_const)
+    w, m, m_const = coeffs
+    err_rows = y - (w * f + g @ m.T)
+    if constant:
+        err_rows = torch.cat([err_rows, 1 - g @ m_const[:, None]], dim=1)
+        y = torch.cat([y, torch.ones_like(y[:, :1])], dim=1)
+    if gram is None or gram.dim() == 1:
+        weight = torch.ones(y.shape[1], dtype=y.dtype) if gram is None else gram
+        err = (err_rows.pow(2) * weight).sum() / (y.pow(2) * weight).sum().clamp_min(1e-30)
+    else:
+        err = torch.einsum("ni,ij,nj->", err_rows, gram, err_rows) / torch.einsum("ni,ij,nj->", y, gram, y).clamp_min(1e-30)
+    return err, coeffs
+
+
+def fit_bias_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
+                     out_map: torch.Tensor, dims: int, eps: float, iters: int = 30, held_out: float = 0.25):
+    """Ballast rows T [dims, D] and the map [out, r + dims] from normalised features to outputs,
+    for an RMSNorm'd path that must deliver out_map @ [latent_rows x + bias; 1 if `constant`]
+    with no bias anywhere (DeepSeek's kv_a -> kv_a_layernorm -> kv_b and q_a -> q_a_layernorm -> q_b).
+
+    The constant reaches the outputs through the ballast: a projection t = T x that the optimiser
+    makes large and steady, so that t / rho is nearly the same for every token. T minimises the
+    relative output error (`_affine_norm_fit`) on the first 1 - held_out of the samples, from the
+    inputs' least-squares constant predictor (and top principal directions for further dims), scaled
+    to twice the latent's RMS; the error reported is on the rest, with the full Gram matrix."""
+    inputs = inputs.double()
+    latent_rows, bias, out_map = latent_rows.to(inputs), bias.to(inputs), out_map.to(inputs)
+    cut = int(len(inputs) * (1 - held_out))
+    fit_x, test_x = inputs[:cut], inputs[cut:]
+    fit_c, test_c = fit_x @ latent_rows.T, test_x @ latent_rows.T
+    gram = out_map.T @ out_map
+    moment = fit_x.T @ fit_x / len(fit_x)
+    steady = torch.linalg.lstsq(moment, fit_x.mean(0, keepdim=True).T).solution.T  # E[(u.x - 1)^2] least
+    start = torch.cat([steady, torch.linalg.eigh(moment)[1][:, -(dims - 1):].T if dims > 1 else steady[:0]])
+    scale = (fit_c.pow(2).sum(1).mean() * 4 / dims / (fit_x @ start.T).pow(2).mean(0)).sqrt()
+    rows = (start * scale[:, None]).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([rows], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        err = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps, gram.diagonal())[0]
+        err.backward()
+        return err
+
+    with torch.enable_grad():
+        opt.step(closure)
+    rows = rows.detach()
+    coeffs = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps)[1]
+    err = _affine_norm_fit(test_c, bias, test_x @ rows.T, constant, eps, gram, coeffs)[0].item()
+    w, m, m_const = coeffs
+    latent_part = torch.cat([torch.diag(w), m], dim=1)  # [r, r + b]
+    if constant:
+        latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, len(w)), m_const[None]], dim=1)])
+    return rows, out_map @ latent_part, err
+
+
+def rope_key_without_bias(rows_aug: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A RoPE key's rows [d_R, D+1] (last column its bias, which turns with position and so cannot
+    be dropped) as the least-squares linear rows W' [d_R, D] under the moment of [x; 1], and the
+    relative error E|R [x;1] - W' x|^2 / E|R [x;1]|^2 left (0 where the bias is zero)."""
+    rows_aug, moment = rows_aug.double(), moment.double()
+    if not bool(rows_aug[:, -1].any()):
+        return rows_aug[:, :-1], 0.0
+    xx, x1 = moment[:-1, :-1], moment[:-1, -1:]
+    # W' = W + beta (S_xx^-1 E[x])^T: the bias replaced by its best linear stand-in
+    weight = rows_aug[:, :-1] + rows_aug[:, -1:] @ torch.linalg.lstsq(xx, x1).solution.T
+    diff = torch.cat([rows_aug[:, :-1] - weight, rows_aug[:, -1:]], dim=1)
+    err = torch.einsum("ri,ij,rj->", diff, moment, diff) / torch.einsum("ri,ij,rj->", rows_aug, moment, rows_aug)
+    return weight, float(err)
+
+
+def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype, q_lora_rank: int | None = None):
     from transformers import DeepseekV3Config
 
     src = stream.config
@@ -113,7 +224,7 @@ def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype
         num_attention_heads=geo.num_heads,
         num_key_value_heads=geo.num_heads,
         kv_lora_rank=rank,
-        q_lora_rank=None,
+        q_lora_rank=q_lora_rank,  # a query bias is carried by a q_a -> q_a_layernorm -> q_b path
         qk_rope_head_dim=rope_dim,
         qk_nope_head_dim=geo.head_dim,
         v_head_dim=geo.head_dim,
@@ -142,41 +253,78 @@ def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype
     return config
 
 
-def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int, samples, eps: float, ballast: int):
+def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int, samples, eps: float, ballast: int,
+                       moment=None, biased: bool = False):
     """latentkv MLA tensors of one layer -> DeepseekV3Attention tensors (latent widened by `ballast`
-    dims that steady its RMSNorm), plus the norm's held-out relative error without and with them."""
+    dims that steady its RMSNorm), plus the layer's fit figures.
+
+    A source without attention biases: the ballast reaches no key or value, the norm's weight is
+    fitted (`fit_norm_ballast`). With biases (`biased`, from the source's config): the key bias on the
+    latent's position-free part was dropped exactly (`mla._latent_problem`); the latent's own bias (the
+    values', and the o_proj bias as per-head value constants) and the query bias are carried by the
+    ballast of the kv and q paths (`fit_bias_ballast`), the RoPE key's bias by its best linear stand-in
+    (`rope_key_without_bias`, under `moment`)."""
     rope_dim, rank = spec["rope_dim"], spec["kv_lora_rank"]
     if spec["qk_nope_head_dim"] != head_dim:
         raise LatentKVError("The DeepSeek format needs a non-rotated query part per head; lower --qk-rope-dim")
-    q = tensors["q_proj.weight"].view(num_heads, head_dim + rope_dim, -1)
+    q = tensors["q_proj.weight"]
+    q = torch.cat([q, tensors.get("q_proj.bias", q.new_zeros(q.shape[0]))[:, None]], dim=1)  # bias as last column
+    q = q.view(num_heads, head_dim + rope_dim, -1)
     q = torch.stack([interleave_rope(q[h], rope_dim) for h in range(num_heads)]).reshape(-1, q.shape[-1])
     q = q * math.sqrt((head_dim + rope_dim) / head_dim)  # DeepSeek scales scores by 1/sqrt(d_nope + d_R)
-    kv_a = tensors["kv_a_proj.weight"]
-    rows, weight, plain_err, err = fit_norm_ballast(samples, kv_a[:rank], ballast, eps)
-    kv_a = torch.cat([kv_a[:rank], rows.to(kv_a), kv_a[rank:]])
-    kv_b = tensors["kv_b_proj.weight"]
-    kv_b = torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], ballast)], dim=1)  # the ballast reaches no key or value
+    kv_a, kv_b = tensors["kv_a_proj.weight"], tensors["kv_b_proj.weight"]
+    if not biased:
+        rows, weight, plain_err, err = fit_norm_ballast(samples, kv_a[:rank], ballast, eps)
+        kv_a = torch.cat([kv_a[:rank], rows.to(kv_a), kv_a[rank:]])
+        kv_b = torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], ballast)], dim=1)  # the ballast reaches no key or value
+        return {
+            "q_proj.weight": q[:, :-1],
+            "kv_a_proj_with_mqa.weight": interleave_rope(kv_a, rope_dim),
+            "kv_a_layernorm.weight": torch.cat([weight, weight.new_ones(ballast)]),
+            "kv_b_proj.weight": kv_b,
+            "o_proj.weight": tensors["o_proj.weight"],
+        }, {"latent_norm_rel_error": err, "latent_norm_rel_error_without_ballast": plain_err}
+    hidden = q.shape[1] - 1
+    eye = torch.eye(hidden, dtype=torch.float64)
+    q_rows, q_b, q_err = fit_bias_ballast(samples, eye, eye.new_zeros(hidden), True, q.double(), ballast, eps)
+    a_bias = tensors.get("kv_a_proj.bias", kv_a.new_zeros(kv_a.shape[0])).double()
+    rope_rows, rope_err = rope_key_without_bias(torch.cat([kv_a[rank:].double(), a_bias[rank:, None]], dim=1), moment)
+    o_bias = tensors.get("o_proj.bias")
+    out_map, figures = kv_b.double(), {}
+    if o_bias is not None and bool(o_bias.any()):
+        constant, figures["o_bias_rel_error"] = value_constant(tensors["o_proj.weight"], o_bias, num_heads, head_dim)
+        out_map = torch.cat([out_map, constant[:, None]], dim=1)
+    kv_rows, kv_b, kv_err = fit_bias_ballast(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank, out_map,
+                                             ballast, eps)
     return {
-        "q_proj.weight": q,
-        "kv_a_proj_with_mqa.weight": interleave_rope(kv_a, rope_dim),
-        "kv_a_layernorm.weight": torch.cat([weight, weight.new_ones(ballast)]),
+        "q_a_proj.weight": torch.cat([eye, q_rows]),
+        "q_a_layernorm.weight": eye.new_ones(hidden + ballast),
+        "q_b_proj.weight": q_b,
+        "kv_a_proj_with_mqa.weight": interleave_rope(torch.cat([kv_a[:rank].double(), kv_rows, rope_rows]), rope_dim),
+        "kv_a_layernorm.weight": eye.new_ones(rank + ballast),
         "kv_b_proj.weight": kv_b,
         "o_proj.weight": tensors["o_proj.weight"],
-    }, plain_err, err
+    }, {"q_rel_error": q_err, "kv_rel_error": kv_err, "rope_key_bias_rel_error": rope_err, **figures}
+
+
+def value_constant(o_weight: torch.Tensor, o_bias: torch.Tensor, num_heads: int, head_dim: int):
+    """The o_proj bias as constants on each head's values (attention weights sum to one, so a value
+    constant reaches the output as o_proj of it): a column in kv_b's row layout ([key rows; value
+    rows] per head), and the relative part of the bias that o_proj's span misses (0 at full row rank)."""
+    o_weight, o_bias = o_weight.double(), o_bias.double()
+    values = torch.linalg.lstsq(o_weight, o_bias[:, None]).solution[:, 0]  # least-norm v with o_weight v = o_bias
+    miss = float((o_weight @ values - o_bias).norm() / o_bias.norm())
+    column = torch.cat([values.new_zeros(num_heads, head_dim), values.view(num_heads, head_dim)], dim=1)
+    return column.reshape(-1), miss
 
 
 def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
-    from latentkv.convert.mla_method import write_cards, write_globals, write_layer
+    from latentkv.convert.mla_method import LAYERS_FILE, write_cards, write_globals, write_layer
     from latentkv.convert.pipeline import ConvertResult
     from latentkv.io.writer import ShardedWriter, copy_sidecars
 
     geo = geometry_of(stream.config)
-    arch = stream.arch
-    if any(arch.has_bias(stream.config, w) for w in ("q", "o")):
-        raise LatentKVError(
-            f"{arch.model_type} has attention biases, which DeepseekV3 (and vLLM/SGLang's loaders) cannot hold; "
-            "use --format latentkv"
-        )
+    biased = any(stream.arch.has_bias(stream.config, w) for w in ("q", "o"))
     widths = set(plan.widths)
     if len(widths) != 1:
         raise LatentKVError("The DeepSeek format needs one width for all layers; use uniform allocation")
@@ -184,39 +332,60 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
     ballast = cfg.norm_ballast
     rank = fitted_rank + ballast
     writer = ShardedWriter(folder, max_shard_size=opts.max_shard_size)
-    rows, errors, plain_errors = [], [], []
+    rows = []
     for i in range(geo.num_layers):
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
-        if "kv_a_proj.bias" in tensors:
-            raise LatentKVError("The latent needs a bias here, which the DeepSeek format cannot hold; use --format latentkv")
         if stats[i].samples is None:
             raise LatentKVError("The calibration cache predates latent samples; pass a fresh --calib-cache")
-        attn, plain_err, err = deepseek_attention(tensors, spec, geo.head_dim, geo.num_heads,
-                                                  stats[i].samples.double(), stream.config.rms_norm_eps, ballast)
-        errors.append(err)
-        plain_errors.append(plain_err)
+        attn, figures = deepseek_attention(tensors, spec, geo.head_dim, geo.num_heads, stats[i].samples.double(),
+                                           stream.config.rms_norm_eps, ballast, stats[i].moment, biased)
         write_layer(stream, writer, i, attn, save_dtype)
-        rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "norm_ballast": ballast,
-                     "latent_norm_rel_error": err, "latent_norm_rel_error_without_ballast": plain_err})
+        rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "norm_ballast": ballast, **figures})
         if progress is not None:
             progress(i)
     write_globals(stream, writer, save_dtype, untied_head="lm_head.weight")
-    config = deepseek_config(stream, rope_dim, rank, cfg.rope_grid_step, save_dtype)
+    config = deepseek_config(stream, rope_dim, rank, cfg.rope_grid_step, save_dtype,
+                             q_lora_rank=geo.hidden_size + ballast if biased else None)
     config.save_pretrained(folder)
     copy_sidecars(source.folder, folder)
+    (folder / LAYERS_FILE).write_text(json.dumps(rows, indent=1) + "\n")
     kv = (rank + rope_dim) * geo.num_layers
     src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
-    mean_err, plain_mean = sum(errors) / len(errors), sum(plain_errors) / len(plain_errors)
-    log.info("DeepSeek latent RMSNorm: held-out relative error %.3g mean, %.3g max (%.3g without the %d ballast dims)",
-             mean_err, max(errors), plain_mean, ballast)
-    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
-                extra_recipe={"deepseek_latent_norm_rel_error": {
-                    "mean": mean_err, "max": max(errors), "mean_without_ballast": plain_mean, "norm_ballast": ballast}},
+    summary, note = fit_summary(rows, ballast)
+    log.info("DeepSeek export: %s", note)
+    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv, extra_recipe=summary,
                 load_hint="Loads as a stock DeepseekV3ForCausalLM (no remote code): transformers, vLLM, SGLang."
+                          + (f" The source's attention biases: {note}." if biased else "")
                           + _engine_hint(opts.engine))
     return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
-                         seconds=0.0, layers=rows, notes=[f"latent RMSNorm relative error {mean_err:.3g} (mean over layers; {plain_mean:.3g} without "
-                                f"the {ballast} ballast dims)"])
+                         seconds=0.0, layers=rows, notes=[note])
+
+
+def fit_summary(rows: list[dict], ballast: int) -> tuple[dict, str]:
+    """The recipe's entry and a one-line note on the per-layer fit figures of a DeepSeek export."""
+    def stats(key):
+        values = [row[key] for row in rows if key in row]
+        return {"mean": sum(values) / len(values), "max": max(values)} if values else None
+
+    if "latent_norm_rel_error" in rows[0]:
+        err, plain = stats("latent_norm_rel_error"), stats("latent_norm_rel_error_without_ballast")
+        return ({"deepseek_latent_norm_rel_error": {**err, "mean_without_ballast": plain["mean"], "norm_ballast": ballast}},
+                f"latent RMSNorm relative error {err['mean']:.3g} (mean over layers; {plain['mean']:.3g} without "
+                f"the {ballast} ballast dims)")
+    figures = {key: stats(key) for key in BIAS_FIGURES if stats(key) is not None}
+    parts = [f"{BIAS_FIGURES[key]} {v['mean']:.3g} (max {v['max']:.3g})" for key, v in figures.items()]
+    return ({"deepseek_bias_fit": {**figures, "norm_ballast": ballast, "key_bias": "dropped (exact)"}},
+            "key bias on the latent's position-free part dropped (exact: softmax removes it); relative errors, mean "
+            "over layers (held-out calibration samples; the RoPE key's over all calibration tokens): " + "; ".join(parts))
+
+
+# Per-layer fit figures of a biased source's DeepSeek export (latentkv_layers.json) and what they measure.
+BIAS_FIGURES = {
+    "q_rel_error": "queries with their bias, through q_a_layernorm",
+    "kv_rel_error": "position-free keys and values with the value bias, through kv_a_layernorm",
+    "rope_key_bias_rel_error": "RoPE key with its bias replaced by a linear stand-in",
+    "o_bias_rel_error": "o_proj bias as value constants",
+}
 
 
 def _engine_hint(name: str | None) -> str:

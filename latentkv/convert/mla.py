@@ -270,6 +270,10 @@ def _latent_problem(an: LayerAnalysis, nope, heads: torch.Tensor, cfg: MLAConfig
         pass_q[..., rd:] = reads[:, :, None, None] * torch.eye(d - rd, dtype=torch.float64)
         k_rows = torch.cat([k_rows, passed.reshape(-1, passed.shape[-1])])
         nope_q = torch.cat([nope_q, pass_q.view(inp.num_heads, -1, d)], dim=1)
+    # A constant on a position-free key adds the same term to every score of a query, which the
+    # softmax removes exactly: the latent need not carry the key bias (an uncentred fit would spend
+    # dims on it; Qwen2's key biases are large).
+    k_rows = torch.cat([k_rows[:, :-1], torch.zeros_like(k_rows[:, -1:])], dim=1)
     v_rows = inp.v.view(G, d, -1)[groups].reshape(-1, inp.v.shape[1])
     rows = torch.cat([k_rows, v_rows], dim=0)
     n_k = k_rows.shape[0]

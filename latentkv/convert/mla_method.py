@@ -126,16 +126,15 @@ class MLAMethod:
         total_key = geo.num_kv_heads * geo.head_dim
         rotated = geo.num_kv_heads * geo.rotary_dim
         if fmt == "deepseek":
-            if arch.deepseek_refusal:
-                raise LatentKVError(
-                    f"--format deepseek cannot hold {arch.model_type}: {arch.deepseek_refusal}. "
-                    "Use --format latentkv for this model."
-                )
-            if geo.rotary_dim < geo.head_dim:
-                raise LatentKVError(
-                    f"--format deepseek is not written for RoPE on part of each head ({geo.rotary_dim} of "
-                    f"{geo.head_dim} dims); use --format latentkv for this model."
-                )
+            from latentkv.convert.export_deepseek import deepseek_refusal
+
+            refusal = deepseek_refusal(config, arch)
+            if refusal:
+                raise LatentKVError(f"--format deepseek cannot hold {arch.model_type}: {refusal}. "
+                                    "Use --format latentkv for this model.")
+            if cfg.norm_ballast < 1 and any(arch.has_bias(config, w) for w in ("q", "o")):
+                raise LatentKVError(f"{arch.model_type} has attention biases, which --format deepseek carries on "
+                                    "norm ballast dims; use norm_ballast >= 1 (the default) or --format latentkv")
             if cfg.qk_rope_dim == "auto" and cfg.kv_lora_rank is not None:  # DeepSeek's own, within the head dim
                 cfg.qk_rope_dim = min(64, geo.head_dim)
         if cfg.qk_rope_dim != "auto" and cfg.qk_rope_dim > rotated:

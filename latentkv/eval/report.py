@@ -307,7 +307,14 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
     if geo.num_heads % 2 == 0 or geo.num_heads % 3 == 0:
         hc = 2 if geo.num_heads % 2 == 0 else 3
         rows.append((f"gla --latent-heads {hc} --kv-budget 0.5", f"{hc} latent heads + RoPE key", int(round(src / 2))))
-    if not arch.deepseek_refusal:
+    from latentkv.convert.export_deepseek import deepseek_refusal
+
+    refusal = deepseek_refusal(config, arch)
+    info["--format deepseek"] = f"refused: {refusal}" if refusal else (
+        "held; its q/k/v biases are fitted (key bias dropped exactly, the rest carried by norm ballast dims, "
+        "errors per layer in latentkv_layers.json)" if arch.has_bias(config, "q") or arch.has_bias(config, "o")
+        else "held")
+    if not refusal:
         rows.append(("mla --format deepseek --kv-lora-rank 4d", f"{4 * d} + {min(64, d)}", 4 * d + min(64, d)))
     targets = [
         {"target": t, "what": w, "values": v, "percent": 100 * v / src, "bytes_bf16_all_layers": 2 * v * L,
@@ -316,5 +323,5 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
          "bytes_bf16_at_context": at_context(v, kept and t.startswith(("mla --kv", "gla")))}
         for t, w, v in rows
     ]
-    engines = [] if arch.deepseek_refusal or geo.rotary_dim < d else engine_rows(geo)
+    engines = [] if refusal else engine_rows(geo)
     return {"architecture": info, "targets": targets, "engines": engines}
