@@ -135,7 +135,7 @@ RECIPE_TYPES: dict = {
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
     "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
-    "grouping": (str, None), "method": str, "engine": (str, None),
+    "grouping": (str, None), "method": str, "engine": (str, None), "cache_format": (str, None),
 }
 RECIPE_KEYS = set(RECIPE_TYPES)
 
@@ -155,6 +155,7 @@ def convert(
     sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
     format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
     engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
+    cache_format: Annotated[Optional[str], typer.Option(help="KV cache format the output carries in its config, honoured by its modeling file, `latentkv eval` and the paged decode kernels: a latent format (fp8_e4m3/g<N>, int4/g<N>, fp8_e4m3/head, int4/head, bf16, fp16; N a power of 2) with the RoPE key at bf16, or latent=FORMAT,rope=bf16|fp16.", rich_help_panel="Output")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
     calib_data: CalibData = DEFAULT_CORPUS,
     calib_split: CalibSplit = "train",
@@ -216,6 +217,7 @@ def convert(
         method_options=method_options,
         format=pick("format", format),
         engine=pick("engine", engine),
+        cache_format=pick("cache_format", cache_format),
         calib=CalibOptions(
             data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
             samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),

@@ -78,20 +78,32 @@ def check_paged_formats(formats: dict[str, KVFormat]) -> None:
             raise LatentKVError(f"Cache format {part}={fmt.name}: {problem}. The paged cache stores {STORABLE}")
 
 
+def group_width(fmt: KVFormat, latent_width: int) -> int:
+    """Values per scale group of a latent cached as one head (/head and /token: the whole latent)."""
+    return fmt.group_size if fmt.grouping.startswith("g") else latent_width
+
+
+def check_groups(fmt: KVFormat, latent_width: int, latent_heads: int) -> None:
+    """Refuse groups the kernel cannot read per latent head: a group straddling two GLA latent heads,
+    or an int4 byte that would."""
+    n, r_c = group_width(fmt, latent_width), latent_width // latent_heads
+    if latent_heads > 1 and n < latent_width and r_c % n:
+        raise LatentKVError(f"Cache format latent={fmt.name}: groups of {n} straddle the {latent_heads} latent heads "
+                            f"of {r_c}; use g<N> with N dividing {r_c}, or /head")
+    if latent_heads > 1 and r_c % KERNEL_ENCODINGS[fmt.encoding.name].values_per_byte:
+        raise LatentKVError(f"Cache format latent={fmt.name}: latent heads of {r_c} split a byte of codes; use fp8_e4m3")
+
+
 def kernel_groups(fmt: KVFormat, latent_width: int, latent_heads: int, block_r: int) -> tuple[int, int, int]:
     """(GROUP, NUM_GROUPS, SCALE_OFF) of the kernel for a latent of `latent_width` split into
     `latent_heads` heads: a tile of BLOCK_R columns of one latent head is NUM_GROUPS groups of GROUP
     columns, and latent head c's first group is group c * SCALE_OFF of the token."""
-    n = fmt.group_size if fmt.grouping.startswith("g") else latent_width  # /head, /token: the whole latent
-    r_c = latent_width // latent_heads
+    check_groups(fmt, latent_width, latent_heads)
+    n, r_c = group_width(fmt, latent_width), latent_width // latent_heads
     if n >= latent_width:
         return block_r, 1, 0
-    if r_c % n == 0:
-        return n, block_r // n, r_c // n
-    if latent_heads == 1:  # a shorter last group: the tile's columns past r_c are masked
-        return n, block_r // n, 0
-    raise LatentKVError(f"Cache format latent={fmt.name}: groups of {n} straddle the {latent_heads} latent heads of "
-                        f"{r_c}; use g<N> with N dividing {r_c}, or /head")
+    # n divides r_c (GLA) or one latent head (MLA: a shorter last group, columns past r_c masked)
+    return n, block_r // n, r_c // n if r_c % n == 0 else 0
 
 
 @dataclass
