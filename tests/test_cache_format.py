@@ -205,3 +205,12 @@ def test_reload_in_fresh_process_without_latentkv(converted, tmp_path):
     assert rel < 1e-6
     assert fresh["incremental_rel"] < 1e-5
     assert fresh["generate_same"]
+
+
+def test_recipe_key_reaches_the_check(tiny_model_dir, tmp_path):
+    """Guards the recipe key: `cache_format` in a recipe is checked like the flag (exit 2 before work)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cache_format: int4/channel32\n")
+    result = CliRunner().invoke(app, ["convert", str(tiny_model_dir("llama")), str(tmp_path / "out"), "--recipe",
+                                      str(recipe)])
+    assert result.exit_code == 2 and "per-channel" in result.output, result.output

@@ -172,3 +172,31 @@ def test_groups_across_gla_heads_are_refused():
     with pytest.raises(LatentKVError, match="straddle the 2 latent heads"):
         md.mla_decode(q, pages, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
                       torch.tensor([3], dtype=torch.int32, device=DEVICE), latent_heads=2, rope_dim=16, softmax_scale=1.0)
+
+
+def test_bench_inputs_store_the_format():
+    """Guards the benchmark's quantized inputs: the cache it times is the format asked for, and the
+    kernel over it equals the reference."""
+    from latentkv.kernels import bench
+
+    q, kv, table, seq_lens, r_c = bench.make_paged_inputs(
+        heads=4, latent_rank=32, rope_dim=16, batch=2, context=40, query_len=1, latent_heads=1, dtype=BF16,
+        page_size=16, device=DEVICE, kv_format="int4/g16")
+    assert isinstance(kv, QuantizedPages) and kv.fmt.name == "int4/g16"
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=0.125)
+    ref = md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw)
+    cmp_mod.assert_close(md.mla_decode(q, kv, table, seq_lens, num_splits=2, **kw), ref,
+                         atol=1e-2 * float(ref.abs().max()), rtol=1e-2, max_cos_diff=1e-4, name="bench inputs")
+
+
+@pytest.mark.skipif(not CUDA, reason="run_decode_bench times on a GPU")
+@pytest.mark.parametrize("fmt", ["fp8_e4m3/g128", "int4/g32"])
+def test_bench_quantized_smoke(fmt):
+    """The timing path of scripts/bench_decode_quantized.py on a small shape: runs, checks, counts bytes."""
+    from latentkv.kernels import bench
+
+    r = bench.run_decode_bench(32, 512, 64, batch=4, context=1024, query_len=1, source_geometry=None,
+                               cuda_graph=False, kv_format=fmt)
+    assert r["check"]["ok"], r["check"]
+    per_token = {"fp8_e4m3/g128": 656, "int4/g32": 256 + 64 + 128}[fmt]
+    assert r["cache_bytes"] == 4 * 1024 * per_token
