@@ -200,3 +200,18 @@ def test_bench_quantized_smoke(fmt):
     assert r["check"]["ok"], r["check"]
     per_token = {"fp8_e4m3/g128": 656, "int4/g32": 256 + 64 + 128}[fmt]
     assert r["cache_bytes"] == 4 * 1024 * per_token
+
+
+def test_quantized_kernel_masses_match_reference():
+    """Guards the per-page masses (sparse decode's history) over a quantized cache: the same switch
+    combinations compile and give the reference's masses."""
+    q, pages, table, seq_lens, _, scale = make_quantized_case(
+        lens=(2, 33, 70), sq=2, heads=4, latent_heads=1, r_c=32, rope=16, page=16, dtype=FP32, fmt="int4/g16",
+        seed=random.SystemRandom().randrange(2**31))
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale, return_masses=True)
+    out, masses = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=SMALL, **kw)
+    ref, ref_masses = md.mla_decode_reference(q, pages, table, seq_lens, out_dtype=torch.float32, **kw)
+    rtol, atol_frac, max_cos = TOL[FP32]
+    cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos, name="out")
+    atol = 2e-3 if CUDA else 1e-5  # as tests/test_kernels.py's masses: compiled fp32 dots run in TF32
+    cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name="masses")
