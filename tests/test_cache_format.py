@@ -214,3 +214,22 @@ def test_recipe_key_reaches_the_check(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["convert", str(tiny_model_dir("llama")), str(tmp_path / "out"), "--recipe",
                                       str(recipe)])
     assert result.exit_code == 2 and "per-channel" in result.output, result.output
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_cuda_graph_generation_equals_eager(converted, method, caplog):
+    """Guards the captured decode step with a quantized cache: the append-time quantization runs
+    inside the graph (no host sync), and replaying it gives the eager loop's tokens and logits."""
+    from latentkv.eval.decode import generate_ids
+
+    model = load_model(converted(method), device=DEVICE)
+    prompts = [list(range(5, 5 + n)) for n in (3, 11, 7)]
+    kw = dict(backend="triton", page_size=16, return_logits=True)
+    with caplog.at_level("WARNING", logger="latentkv.eval.decode"):
+        graph_tokens, graph_logits = generate_ids(model, prompts, 30, cuda_graph=True, **kw)
+    assert "capture of the decode step failed" not in caplog.text  # the graph ran, not the eager fallback
+    eager_tokens, eager_logits = generate_ids(model, prompts, 30, cuda_graph=False, **kw)
+    assert graph_tokens == eager_tokens
+    for g, e in zip(graph_logits, eager_logits):
+        assert float((g - e).abs().max() / e.abs().max()) < 5e-3  # TF32 rounding, as tests/test_decode_loop.py

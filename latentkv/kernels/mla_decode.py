@@ -124,6 +124,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
+    PER_BYTE: tl.constexpr = 1,  # KV_QUANT: codes a byte (fp8 1, int4 2)
+    SCALE_FIELDS: tl.constexpr = 1,  # KV_QUANT: values stored per group (fp8: scale; int4: scale, zero)
 ):
     pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
     pid_s = tl.program_id(1)
@@ -194,21 +196,19 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         else:
             # ---- quantized latent: the code tile is loaded once and dequantized in registers, viewed
             # as [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
-            per_byte: tl.constexpr = 2 if KV_QUANT == "int4" else 1
-            fields: tl.constexpr = 2 if KV_QUANT == "int4" else 1
             slot = offs_n % PAGE_SIZE
             g_ids = tl.arange(0, NUM_GROUPS)
             g_cols = g_ids * GROUP  # first column of each group within the latent head
-            bytes_in = tl.arange(0, GROUP // per_byte)
-            byte_cols = (c * R_C) // per_byte + g_cols[:, None] // per_byte + bytes_in[None, :]  # [NUM_GROUPS, bytes]
+            bytes_in = tl.arange(0, GROUP // PER_BYTE)
+            byte_cols = (c * R_C) // PER_BYTE + g_cols[:, None] // PER_BYTE + bytes_in[None, :]  # [NUM_GROUPS, bytes]
             if BLOCK_R == R_C:
                 code_ok = n_ok[:, None, None]
             else:
-                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + bytes_in[None, :] * per_byte) < R_C)[None, :, :]
+                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + bytes_in[None, :] * PER_BYTE) < R_C)[None, :, :]
             codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None] + byte_cols[None, :, :],
-                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP // per_byte]
+                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP // PER_BYTE]
             scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
-                        + ((c * SCALE_OFF + g_ids) * fields)[None, :])  # [BLOCK_N, NUM_GROUPS]
+                        + ((c * SCALE_OFF + g_ids) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_GROUPS]
             scale_ok = n_ok[:, None] & (g_cols < R_C)[None, :]
             scale = tl.load(scale_at, mask=scale_ok, other=0.0).to(tl.float32)[:, :, None]
             if KV_QUANT == "fp8":
@@ -895,7 +895,8 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
-                      "SCALE_OFF": scale_off},
+                      "SCALE_OFF": scale_off, "PER_BYTE": quant.kernel.values_per_byte,
+                      "SCALE_FIELDS": quant.kernel.scale_fields},
     }
 
 
