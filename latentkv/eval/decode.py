@@ -5,9 +5,9 @@
 have their own lengths. A model whose config carries a cache format (``kv_cache_format``) gets its
 latent stored as fp8 / int4 codes with per-token group scales (``QuantizedPages``, quantized as rows
 are appended, dequantized inside the decode kernel) or rounded to bf16 / fp16, and its RoPE key
-rounded to its format, as the model's own forward reads them. Passed as the decoder layers' cache argument, it takes over
-`LatentAttention` through the module's duck-typed hook (``latent_attention``): it appends the new
-rows to the pages and attends in the absorbed form
+rounded to its format, as the model's own forward reads them. Passed as the decoder layers' cache
+argument, it takes over `LatentAttention` through the module's duck-typed hook
+(``latent_attention``): it appends the new rows to the pages and attends in the absorbed form
 
     q_lat_h = W_UK_h^T q_nope_h                 # [r_c]: the query in latent space
     o_lat_h = attend([q_lat_h | RoPE(q_rope_h)], cache rows of the latent head of h)   # kernel

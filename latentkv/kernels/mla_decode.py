@@ -1060,7 +1060,8 @@ def write_paged(
         )
     pages = torch.gather(block_table.long(), 1, pos // page_size)  # [B, T]
     if isinstance(kv_cache, QuantizedPages):
-        kv_cache.write_rows((pages * page_size + pos % page_size).reshape(-1), new_entries.reshape(-1, kv_cache.shape[2]))
+        flat_rows = (pages * page_size + pos % page_size).reshape(-1)
+        kv_cache.write_rows(flat_rows, new_entries.reshape(-1, kv_cache.shape[2]))
         return
     kv_cache[pages.reshape(-1), (pos % page_size).reshape(-1)] = new_entries.reshape(-1, kv_cache.shape[2]).to(
         kv_cache.dtype

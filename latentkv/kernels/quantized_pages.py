@@ -60,7 +60,8 @@ def format_problem(fmt: KVFormat, part: str) -> str | None:
     if name not in KERNEL_ENCODINGS:
         return f"the decode kernel does not read {fmt.name}"
     if fmt.per_channel:
-        return f"{fmt.name} groups tokens (KIVI's per-channel keys); the paged cache quantizes each token as it is written"
+        return (f"{fmt.name} groups tokens (KIVI's per-channel keys); the paged cache quantizes each token as it is "
+                "written")
     if fmt.grouping == "none":
         return f"{fmt.name} has no scale; give it groups ({name}/g128 or {name}/head)"
     if fmt.grouping.startswith("g") and not _pow2(fmt.group_size):
@@ -124,7 +125,8 @@ class QuantizedPages:
         check_paged_formats({"latent": fmt})
         kind = KERNEL_ENCODINGS[fmt.encoding.name]
         if latent_width % kind.values_per_byte:
-            raise LatentKVError(f"{fmt.name} packs {kind.values_per_byte} values a byte; latent width {latent_width} is odd")
+            raise LatentKVError(f"{fmt.name} packs {kind.values_per_byte} values a byte; the latent width {latent_width} "
+                                "is odd")
         groups = int(fmt.groups_per_token(1, latent_width))
         shape = (num_pages, page_size)
         return cls(
