@@ -135,7 +135,7 @@ RECIPE_TYPES: dict = {
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
     "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
-    "grouping": (str, None), "method": str, "engine": (str, None),
+    "grouping": (str, None), "method": str, "engine": (str, None), "cache_format": (str, None),
 }
 RECIPE_KEYS = set(RECIPE_TYPES)
 
@@ -155,6 +155,7 @@ def convert(
     sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
     format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
     engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
+    cache_format: Annotated[Optional[str], typer.Option(help="KV cache format the output carries in its config, honoured by its modeling file, `latentkv eval` and the paged decode kernels: a latent format (fp8_e4m3/g<N>, int4/g<N>, fp8_e4m3/head, int4/head, bf16, fp16; N a power of 2) with the RoPE key at bf16, or latent=FORMAT,rope=bf16|fp16.", rich_help_panel="Output")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
     calib_data: CalibData = DEFAULT_CORPUS,
     calib_split: CalibSplit = "train",
@@ -216,6 +217,7 @@ def convert(
         method_options=method_options,
         format=pick("format", format),
         engine=pick("engine", engine),
+        cache_format=pick("cache_format", cache_format),
         calib=CalibOptions(
             data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
             samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),
@@ -301,7 +303,7 @@ def eval_cmd(
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
-    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv).", rich_help_panel="KV cache format")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
     kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
     kv_cache_chunk: Annotated[Optional[int], typer.Option(help="Tokens written to the cache per forward (default: a whole window; 1 for /channel<N> formats, whose groups are quantized when full).", rich_help_panel="KV cache format")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -100,11 +100,12 @@ class GTASMethod(GQAMethod):
             if progress is not None:
                 progress(i)
         write_globals(stream, writer, save_dtype)
-        config = finish_latentkv_folder(stream, specs, self.name, o_bias, source, folder, save_dtype, layer_rows)
+        config = finish_latentkv_folder(stream, specs, self.name, o_bias, source, folder, save_dtype, layer_rows,
+                                        cache_format=opts.cache_format)
         kv = config.kv_values_per_token()
         src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
         write_cards(
-            self, cfg, opts, source, folder, geo, kv, src_kv,
+            self, cfg, opts, source, folder, geo, kv, src_kv, config=config,
             description=(
                 f"Attention rewritten by latentkv into GTA-S (grouped-head latent attention): per token and layer "
                 f"the cache holds {cfg.map_heads} key heads of {geo.head_dim} and a value latent of "

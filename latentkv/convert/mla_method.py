@@ -517,23 +517,27 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
             progress(i)
     write_globals(stream, writer, save_dtype)
     config = finish_latentkv_folder(stream, specs, method.name, method.output_bias(cfg), source, folder, save_dtype,
-                                    layer_rows)
+                                    layer_rows, cache_format=opts.cache_format)
     kv = config.kv_values_per_token()
     src_kv = geo.kv_values_per_token_per_layer * geo.num_layers
-    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv,
+    write_cards(method, cfg, opts, source, folder, geo, kv, src_kv, config=config,
                 load_hint="Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.")
     return ConvertResult(output=opts.output, kv_values_per_token=kv, source_kv_values_per_token=src_kv,
                          seconds=0.0, layers=layer_rows)
 
 
 def finish_latentkv_folder(stream, specs: list[dict], method_name: str, o_bias: bool, source, folder, save_dtype,
-                           layer_rows: list[dict]):
-    """After the weights: the config (auto_map to the copied modeling file), the source's sidecar
-    files and the per-layer rows of a latentkv folder. Returns the config."""
+                           layer_rows: list[dict], cache_format: str | None = None):
+    """After the weights: the config (auto_map to the copied modeling file; `cache_format`, the
+    --cache-format spec, as its kv_cache_format), the source's sidecar files and the per-layer rows
+    of a latentkv folder. Returns the config."""
+    from latentkv.eval.quantized_cache import config_cache_format, parse_model_cache_format
     from latentkv.io.writer import copy_sidecars
     from latentkv.modeling import AUTO_MAP, MODELING_FILE
 
     config = latent_config(stream, specs, method_name, o_bias=o_bias)
+    if cache_format is not None:
+        config.kv_cache_format = config_cache_format(parse_model_cache_format(cache_format))
     config.auto_map = AUTO_MAP
     config.architectures = ["LatentKVForCausalLM"]
     config.dtype = str(save_dtype).replace("torch.", "")
@@ -545,15 +549,23 @@ def finish_latentkv_folder(stream, specs: list[dict], method_name: str, o_bias: 
 
 
 def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, extra_recipe=None, load_hint="",
-                title: str | None = None, description: str | None = None) -> None:
+                title: str | None = None, description: str | None = None, config=None) -> None:
     """Recipe file and model card of a converted folder (shared by every method and format).
-    The card is not essential: if it fails, the weights and config still stand."""
+    The card is not essential: if it fails, the weights and config still stand. `config`: the
+    written latentkv config (its cache format adds a row of KV bytes)."""
     from latentkv.convert.registry import PAPERS
+    from latentkv.eval.quantized_cache import config_bytes_per_token
     from latentkv.io.card import write_model_card, write_recipe
 
     recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg), **(extra_recipe or {})}
     write_recipe(folder, recipe)
     name = _base_model_name(source)
+    results = [{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
+                "kept": f"{100 * kv / src_kv:.1f}%"}]
+    stored = config_bytes_per_token(config) if config is not None else None
+    if stored is not None:  # the source's bytes at bf16
+        results.append({"": f"KV bytes per token (all layers; cache {stored[1]}, scales included)",
+                        "source": 2 * src_kv, "converted": f"{stored[0]:g}", "kept": f"{100 * stored[0] / (2 * src_kv):.1f}%"})
     try:
         write_model_card(
             folder,
@@ -562,8 +574,7 @@ def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, ex
             tags=["latentkv", method.name, "kv-cache-compression", opts.format],
             command=opts.command or "latentkv convert",
             recipe=recipe,
-            results=[{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,
-                      "kept": f"{100 * kv / src_kv:.1f}%"}],
+            results=results,
             papers=PAPERS.get(method.name, []),
             title=title or f"{name} with {method.name.upper()} attention ({opts.format} format)",
             description=description or (

@@ -70,6 +70,8 @@ class ConvertOptions:
     command: str = ""
     # A serving engine (`convert.engines`): the DeepSeek export then gets a geometry it runs.
     engine: str | None = None
+    # The cache format the output's config carries (`--cache-format`, e.g. "fp8_e4m3/g128"); None: its dtype.
+    cache_format: str | None = None
 
     def recipe(self) -> dict:
         d = asdict(self)
@@ -334,10 +336,22 @@ def check_settings(opts: ConvertOptions) -> None:
     if opts.save_dtype is not None:
         resolve_dtype(opts.save_dtype)
     parse_size(opts.max_shard_size)
+    if opts.cache_format is not None:
+        check_cache_format(opts)
     for name, value, low in (("--calib-samples", opts.calib.samples, 1), ("--calib-seq-len", opts.calib.seq_len, 2),
                              ("--calib-seed", opts.calib.seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LatentKVError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+
+def check_cache_format(opts: ConvertOptions) -> None:
+    """--cache-format: a latent format the paged cache stores, for a latentkv-format latent target."""
+    from latentkv.eval.quantized_cache import parse_model_cache_format
+
+    if opts.format != "latentkv" or opts.method == "gqa":
+        raise LatentKVError("--cache-format is carried by latentkv-format outputs of a latent target (--to mla, gla, "
+                            "gta, gta-s); drop it, or convert with --format latentkv")
+    parse_model_cache_format(opts.cache_format)
 
 
 def _source_dtype(config) -> torch.dtype:

@@ -2,9 +2,12 @@
 
 `PagedLatentCache` holds, per layer, pages of ``[c | RoPE(k_rope)]`` rows (width
 ``kv_lora_rank + rope_dim``, the model dtype) and one block table per sequence; sequences of a batch
-have their own lengths. Passed as the decoder layers' cache argument, it takes over
-`LatentAttention` through the module's duck-typed hook (``latent_attention``): it appends the new
-rows to the pages and attends in the absorbed form
+have their own lengths. A model whose config carries a cache format (``kv_cache_format``) gets its
+latent stored as fp8 / int4 codes with per-token group scales (``QuantizedPages``, quantized as rows
+are appended, dequantized inside the decode kernel) or rounded to bf16 / fp16, and its RoPE key
+rounded to its format, as the model's own forward reads them. Passed as the decoder layers' cache
+argument, it takes over `LatentAttention` through the module's duck-typed hook
+(``latent_attention``): it appends the new rows to the pages and attends in the absorbed form
 
     q_lat_h = W_UK_h^T q_nope_h                 # [r_c]: the query in latent space
     o_lat_h = attend([q_lat_h | RoPE(q_rope_h)], cache rows of the latent head of h)   # kernel
@@ -27,8 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from latentkv.errors import LatentKVError
+from latentkv.eval.kv_formats import KVFormat, fake_quantize
+from latentkv.eval.quantized_cache import model_cache_formats
 from latentkv.kernels.compare import compare
 from latentkv.kernels.mla_decode import decode_attention, paged_cache_tensor
+from latentkv.kernels.quantized_pages import QuantizedPages, check_groups, check_paged_formats
 from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ class PagedLatentCache:
     layer_widths: per layer ``kv_lora_rank + rope_dim``; every layer shares the page allocation.
     num_pages / page_size: the pool (pages are handed to sequences as they grow).
     backend: "auto" | "triton" | "reference" (``latentkv.kernels.decode_attention``).
+    cache_format: formats of "latent" and "rope" (``latentkv.eval.quantized_cache.parse_model_cache_format``);
+        None: both at ``dtype``. A quantized latent needs ``latent_widths`` (per layer ``kv_lora_rank``).
 
     Use: ``seq = cache.add_sequence()``; per forward step ``positions = cache.begin_step(seqs, n)``,
     run the layers with the cache and ``position_ids=positions``, then ``cache.end_step()``.
@@ -64,6 +72,8 @@ class PagedLatentCache:
         device: str | torch.device = "cpu",
         backend: str = "auto",
         num_splits: int | None = None,
+        cache_format: dict[str, KVFormat] | None = None,
+        latent_widths: list[int] | None = None,
     ):
         if page_size < 1 or num_pages < 1:
             raise LatentKVError(f"page_size and num_pages must be positive; got {page_size}, {num_pages}.")
@@ -74,8 +84,19 @@ class PagedLatentCache:
         self.backend = backend
         self.num_splits = num_splits
         self.layer_widths = list(layer_widths)
-        # one [num_pages, page_size, width] tensor per layer
-        self.pages = [paged_cache_tensor(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
+        self.cache_format = dict(cache_format or {})
+        check_paged_formats(self.cache_format)
+        self.latent_widths = list(latent_widths) if latent_widths is not None else None
+        latent = self.cache_format.get("latent")
+        if latent is not None and latent.encoding.kind != "cast":
+            if self.latent_widths is None or len(self.latent_widths) != len(self.layer_widths):
+                raise LatentKVError("a quantized latent cache needs latent_widths, one kv_lora_rank per layer.")
+            self.pages = [QuantizedPages.empty(latent, num_pages=num_pages, page_size=page_size, latent_width=r,
+                                               rope_dim=w - r, dtype=dtype, device=self.device)
+                          for w, r in zip(self.layer_widths, self.latent_widths)]
+        else:  # one [num_pages, page_size, width] tensor per layer, with the kernel's slack after it
+            self.pages = [paged_cache_tensor(num_pages, page_size, w, dtype=dtype, device=self.device)
+                          for w in layer_widths]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._tables: dict[int, list[int]] = {}  # sequence id -> its pages
         self._lens: dict[int, int] = {}  # sequence id -> tokens written
@@ -93,12 +114,25 @@ class PagedLatentCache:
         param = next(model.parameters())
         pages = max_seqs * math.ceil(max_seq_len / page_size)
         widths = [a.kv_lora_rank + a.rope_dim for a in attns]
+        formats = model_cache_formats(model.config)
+        if formats is not None and formats["latent"].encoding.kind != "cast":
+            for a in attns:  # before any page is allocated
+                check_groups(formats["latent"], a.kv_lora_rank, a.latent_heads)
+        cache = cls(widths, num_pages=pages, page_size=page_size, dtype=param.dtype, device=param.device,
+                    backend=backend, num_splits=num_splits, cache_format=formats,
+                    latent_widths=[a.kv_lora_rank for a in attns])
         log.info(
-            "paged latent cache: %d pages of %d tokens, %d values per token over %d layers, %s on %s",
-            pages, page_size, sum(widths), len(widths), param.dtype, param.device,
+            "paged latent cache: %d pages of %d tokens, %d values per token over %d layers, %s on %s; %s, "
+            "%d bytes a token (%d a page, every layer)", pages, page_size, sum(widths), len(widths), param.dtype,
+            param.device, ", ".join(f"{p}={f.name}" for p, f in cache.cache_format.items()) or "no cache format",
+            cache.bytes_per_token(), cache.bytes_per_token() * page_size,
         )
-        return cls(widths, num_pages=pages, page_size=page_size, dtype=param.dtype, device=param.device,
-                   backend=backend, num_splits=num_splits)
+        return cache
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes over every layer (codes, scales and RoPE key for a quantized latent)."""
+        return sum(p.bytes_per_token() if isinstance(p, QuantizedPages) else p[0, 0].numel() * p.element_size()
+                   for p in self.pages)
 
     # sequences ---------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -222,11 +256,15 @@ class PagedLatentCache:
         if position_ids is not None and position_ids is not step["positions"]:
             if not torch.equal(position_ids.expand(b, s).to(step["positions"].device), step["positions"]):
                 raise LatentKVError("position_ids differ from the positions begin_step(...) returned; pass those.")
-        kv = self.pages[module.layer_idx]  # [num_pages, page_size, r + rope_dim]
+        kv = self.pages[module.layer_idx]  # [num_pages, page_size, r + rope_dim] (or QuantizedPages)
         width = kv.shape[-1]
         if width != module.kv_lora_rank + module.rope_dim or rows.shape[-1] != width:
             raise LatentKVError(f"layer {module.layer_idx}: cache width {width} does not fit the module.")
-        kv.view(-1, width).index_copy_(0, step["rows"], rows.reshape(b * s, width).to(kv.dtype))
+        rows = self.rounded(rows.reshape(b * s, width), module.kv_lora_rank)
+        if isinstance(kv, QuantizedPages):
+            kv.write_rows(step["rows"], rows)
+        else:
+            kv.view(-1, width).index_copy_(0, step["rows"], rows.to(kv.dtype))
         q = q.to(kv.dtype)
         table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
         masses = False
@@ -243,6 +281,19 @@ class PagedLatentCache:
             out, page_masses = out
             self.sparsity.record(module.layer_idx, page_masses)
         return out
+
+
+    def rounded(self, rows: torch.Tensor, latent_width: int) -> torch.Tensor:
+        """rows [n, latent_width + rope_dim] with each part in a cast format (bf16, fp16) rounded to it,
+        as the model's forward reads it (a quantized latent is quantized by its pages)."""
+        parts = {"latent": slice(0, latent_width), "rope": slice(latent_width, None)}
+        casts = {p: f for p, f in self.cache_format.items() if f.encoding.kind == "cast"}
+        if not casts:
+            return rows
+        rows = rows.clone()
+        for part, fmt in casts.items():
+            rows[:, parts[part]] = fake_quantize(rows[None, None, :, parts[part]], fmt)[0, 0]
+        return rows
 
 
 def _score_options(module) -> dict:

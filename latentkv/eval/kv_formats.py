@@ -172,16 +172,18 @@ def ungrouped(g: torch.Tensor, fmt: KVFormat, shape: torch.Size) -> torch.Tensor
     return g.flatten(-2)[..., :w]
 
 
-def encode(g: torch.Tensor, encoding: Encoding):
+def encode(g: torch.Tensor, encoding: Encoding, checked: bool = True):
     """Grouped float32 values [..., n] -> (codes, scale, zero) for a cast or integer encoding: codes in
-    the stored dtype (uint8 for integers, unpacked), scale / zero per group ([..., 1], float16), or None."""
+    the stored dtype (uint8 for integers, unpacked), scale / zero per group ([..., 1], float16), or None.
+    checked: refuse values whose scale float16 cannot hold (a host sync: the paged cache, whose writes a
+    CUDA graph may capture, passes False and stores what the arithmetic gives)."""
     if encoding.kind == "cast":
         return g.to(encoding.dtype), None, None
     levels = 2**encoding.bits - 1
     zero = fp16_at_most(g.amin(-1, keepdim=True))
     # the smallest float16 step that still reaches the group's maximum, so every value is in range
     scale = fp16_at_least(((g.amax(-1, keepdim=True) - zero) / levels).clamp(min=2.0**-24))
-    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+    if checked and not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         raise LatentKVError("A KV value is outside float16's range, so its integer scale cannot be stored; "
                             "use fp8_e4m3/g<N>, bf16 or fp16")
     codes = torch.round((g - zero) / scale).clamp(0, levels).to(torch.uint8)
@@ -206,13 +208,13 @@ def decode(codes: torch.Tensor, scale, zero) -> torch.Tensor:
     return values
 
 
-def codes_and_scales(x: torch.Tensor, fmt: KVFormat):
+def codes_and_scales(x: torch.Tensor, fmt: KVFormat, checked: bool = True):
     """x [b, heads, t, width] -> (codes, scale, zero), grouped as `grouped(x, fmt)`."""
     g = grouped(x.float(), fmt)
     if fmt.encoding.kind == "fp8":
         codes, scale = encode_fp8(g, scaled=fmt.grouping != "none")
         return codes, scale, None
-    return encode(g, fmt.encoding)
+    return encode(g, fmt.encoding, checked)
 
 
 def fake_quantize(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
@@ -258,9 +260,9 @@ def token_rows(g: torch.Tensor, fmt: KVFormat, shape: torch.Size) -> torch.Tenso
     return ungrouped(g, fmt, shape).transpose(1, 2).reshape(b, t, h * w)
 
 
-def quantize(x: torch.Tensor, fmt: KVFormat) -> Packed:
+def quantize(x: torch.Tensor, fmt: KVFormat, checked: bool = True) -> Packed:
     """x [b, heads, t, width] -> what the cache stores (per-channel formats: t a multiple of N)."""
-    codes, scale, zero = codes_and_scales(x, fmt)
+    codes, scale, zero = codes_and_scales(x, fmt, checked)
     rows = token_rows(codes, fmt, x.shape)
     if fmt.encoding.kind == "int" and fmt.encoding.bits < 8:
         rows = pack_bits(rows, fmt.encoding.bits)

@@ -15,6 +15,7 @@ and `rope` key; a GTA-S layer its `rope` (map-head) keys and its `latent`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,14 @@ def cache_parts(config) -> list[tuple[str, str]]:
     return [SOURCE_PARTS] * int(text.num_hidden_layers)
 
 
-def parse_cache_formats(spec: str, parts: tuple[str, ...], rope: str | None = None) -> dict[str, KVFormat]:
+def parse_cache_formats(spec: str, parts: tuple[str, ...], rope: str | None = None,
+                        flag: str = "--kv-cache") -> dict[str, KVFormat]:
     """`--kv-cache` (and `--kv-cache-rope`) -> a format per cached part.
 
     spec: one FORMAT for every part, or `part=FORMAT` items joined by commas, where a bare FORMAT
     among them covers the parts not named (e.g. `int4/g32`, `keys=int2/channel32,values=int2/g32`,
     `latent=fp8_e4m3/g128,rope=bf16`). rope: the format of the RoPE key (latentkv models).
+    flag: the option named in error messages.
     """
     named: dict[str, KVFormat] = {}
     default = None
@@ -57,13 +60,13 @@ def parse_cache_formats(spec: str, parts: tuple[str, ...], rope: str | None = No
         part, sep, text = item.partition("=")
         if not sep:
             if default is not None:
-                raise LatentKVError(f"--kv-cache {spec!r} gives two formats for every part; name the parts "
+                raise LatentKVError(f"{flag} {spec!r} gives two formats for every part; name the parts "
                                     f"({', '.join(p + '=FORMAT' for p in parts)})")
             default = parse_format(item)
             continue
         part = part.strip().lower()
         if part not in parts:
-            raise LatentKVError(f"--kv-cache {spec!r}: this model caches {' and '.join(parts)}, not {part!r}")
+            raise LatentKVError(f"{flag} {spec!r}: this model caches {' and '.join(parts)}, not {part!r}")
         named[part] = parse_format(text)
     if rope is not None:
         if "rope" not in parts:
@@ -74,13 +77,75 @@ def parse_cache_formats(spec: str, parts: tuple[str, ...], rope: str | None = No
         named["rope"] = parse_format(rope)
     missing = [p for p in parts if p not in named and default is None]
     if missing:
-        raise LatentKVError(f"--kv-cache {spec!r} gives no format for {', '.join(missing)}; add a bare FORMAT "
+        raise LatentKVError(f"{flag} {spec!r} gives no format for {', '.join(missing)}; add a bare FORMAT "
                             f"for the rest or {', '.join(m + '=FORMAT' for m in missing)}")
     return {p: named.get(p, default) for p in parts}
 
 
 def describe_formats(formats: dict[str, KVFormat]) -> str:
     return ", ".join(f"{part}={fmt.name}" for part, fmt in formats.items())
+
+
+# ---- a converted model's own cache format (`latentkv convert --cache-format`, config `kv_cache_format`)
+CONFIG_KEY = "kv_cache_format"
+DEFAULT_ROPE_FORMAT = "bf16"  # the RoPE key beside a quantized latent, as FlashMLA's FP8 cache keeps it
+
+
+def parse_model_cache_format(spec: str) -> dict[str, KVFormat]:
+    """`--cache-format` -> formats of "latent" and "rope", checked to be storable by the paged cache.
+    The syntax is --kv-cache's; a bare FORMAT is the latent's, the RoPE key bf16 unless named
+    (e.g. `fp8_e4m3/g128`, `latent=int4/g32,rope=bf16`)."""
+    from latentkv.kernels.quantized_pages import check_paged_formats
+
+    named = {item.partition("=")[0].strip().lower() for item in spec.split(",") if "=" in item}
+    rope = None if "rope" in named else DEFAULT_ROPE_FORMAT
+    formats = parse_cache_formats(spec, LATENT_PARTS, rope=rope, flag="--cache-format")
+    check_paged_formats(formats)
+    return formats
+
+
+def config_cache_format(formats: dict[str, KVFormat]) -> dict[str, str]:
+    """The config entry of a model's cache format: part -> format name."""
+    return {part: fmt.name for part, fmt in formats.items()}
+
+
+def model_cache_formats(config) -> dict[str, KVFormat] | None:
+    """The cache format a converted model's config carries (None: it caches at its dtype)."""
+    entry = getattr(config, CONFIG_KEY, None)
+    if not entry:
+        return None
+    if not isinstance(entry, dict) or set(entry) != set(LATENT_PARTS):
+        raise LatentKVError(f"config {CONFIG_KEY} must map {' and '.join(LATENT_PARTS)} to format names, got {entry!r}; "
+                            "convert again with --cache-format")
+    return {part: parse_format(str(entry[part])) for part in LATENT_PARTS}
+
+
+def config_bytes_per_token(config) -> tuple[float, str] | None:
+    """(KV bytes per token over every layer, the format described) of a config that carries a cache
+    format, from the widths it declares; None without one. Scales and zero-points included."""
+    formats = model_cache_formats(config)
+    if formats is None:
+        return None
+    total = 0.0
+    for spec in config.attention_layers:
+        total += formats["latent"].bytes_per_token(1, int(spec["kv_lora_rank"]))
+        total += formats["rope"].bytes_per_token(1, int(spec["rope_dim"]))  # RoPE formats are casts: no groups
+    return total, describe_formats(formats)
+
+
+@contextmanager
+def own_cache_format_off(model):
+    """The model's attention without its own cache format for the duration (an explicit --kv-cache
+    then stores what the model computes, quantized once)."""
+    modules = [m for m in model.modules() if getattr(m, "cache_format", None)]
+    saved = [m.cache_format for m in modules]
+    for m in modules:
+        m.cache_format = {}
+    try:
+        yield model
+    finally:
+        for m, fmt in zip(modules, saved):
+            m.cache_format = fmt
 
 
 class QuantizedKVCache(DynamicCache):

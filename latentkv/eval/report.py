@@ -88,15 +88,19 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
     (KL(source || model) per token and top-1 agreement on the same windows). With ``kv_cache`` (a
     format spec, see latentkv.eval.quantized_cache.parse_cache_formats) the windows are run through a
-    cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's."""
+    cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's.
+    A model whose config carries a cache format (``convert --cache-format``) runs in it by default: its
+    own attention quantizes, and the bytes are that format's; ``kv_cache`` overrides it."""
     from latentkv.calibration.runner import check_device, resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
+    from latentkv.eval.quantized_cache import model_cache_formats
     from latentkv.modeling import load_model
 
     check_device(device)  # before anything is read
     torch_dtype = resolve_dtype(dtype)
     opened = _open(spec, gguf_file, trust_remote_code)
     formats = cache_formats_of(opened.config, kv_cache, kv_cache_rope, kv_cache_chunk)
+    carried = model_cache_formats(opened.config) if getattr(opened.config, "model_type", None) == "latentkv" else None
     model = load_model(opened.folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = opened.tokenizer()
     protocol = PerplexityProtocol(**({"text": eval_text} if eval_text else {}), window=window, windows=windows)
@@ -108,11 +112,16 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         check_decodable(model, min(ids.shape[1], 64) + decode_tokens)
     logits_of, chunk = None, None
     if formats is not None:
-        from latentkv.eval.quantized_cache import default_chunk, quantized_logits
+        from latentkv.eval.quantized_cache import default_chunk, own_cache_format_off, quantized_logits
 
         chunk = kv_cache_chunk or default_chunk(formats, window)
-        logits_of = lambda batch: quantized_logits(model, batch, formats, chunk)  # noqa: E731
-    kv = kv_report(model, torch_dtype, formats, chunk)
+
+        def logits_of(batch):  # the model's own format off: what it computes is quantized once, in `formats`
+            with own_cache_format_off(model):
+                return quantized_logits(model, batch, formats, chunk)
+    kv = kv_report(model, torch_dtype, formats or carried, chunk)
+    if carried is not None:
+        kv["kv_cache_format_from"] = "--kv-cache (overrides the config's)" if formats is not None else "the model's config"
     agreement = None
     t0 = time.perf_counter()
     if source is None:
@@ -219,6 +228,16 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
     return {"source": source, **agreement(model, ref_model, ids, batch_size=batch_size, logits_of=logits_of)}
 
 
+def cache_format_rows(config) -> dict:
+    """inspect's rows for the cache format a latentkv config carries (none without one)."""
+    from latentkv.eval.quantized_cache import config_bytes_per_token
+
+    stored = config_bytes_per_token(config)
+    if stored is None:
+        return {}
+    return {"KV cache format": stored[1], "KV bytes per token (all layers, scales included)": f"{stored[0]:g}"}
+
+
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:
     from latentkv.arch import geometry_of, get_arch
     from latentkv.convert.engines import engine_rows
@@ -236,6 +255,7 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
                 "method": config.method,
                 "KV values per token (all layers)": config.kv_values_per_token(),
                 "RoPE + latent per layer": ", ".join(f"{s['rope_dim']}+{s['kv_lora_rank']}" for s in layers),
+                **cache_format_rows(config),
             },
             "targets": [],
         }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,8 +61,10 @@ def make_paged_inputs(
     page_size: int,
     device: str | torch.device = "cuda",
     seed: int = 0,
+    kv_format: str | None = None,
 ):
-    """Random q and a full paged cache of ``context`` tokens per sequence, pages shuffled."""
+    """Random q and a full paged cache of ``context`` tokens per sequence, pages shuffled; with
+    ``kv_format`` (e.g. "fp8_e4m3/g128", "int4/g32") the latent stored quantized (``QuantizedPages``)."""
     if latent_rank % latent_heads:
         raise LatentKVError(f"latent_rank {latent_rank} is not divisible by latent_heads {latent_heads}.")
     r_c = latent_rank // latent_heads
@@ -74,6 +77,15 @@ def make_paged_inputs(
     table = torch.randperm(num_pages, device=device, generator=g).view(batch, pages_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, query_len, heads, r_c + rope_dim, device=device, dtype=dtype, generator=g)
+    if kv_format is not None:
+        from latentkv.eval.kv_formats import parse_format
+        from latentkv.kernels.quantized_pages import QuantizedPages
+
+        rows = kv.view(-1, width)
+        kv = QuantizedPages.empty(parse_format(kv_format), num_pages=num_pages, page_size=page_size,
+                                  latent_width=latent_rank, rope_dim=rope_dim, dtype=dtype, device=device)
+        kv.write_rows(torch.arange(rows.shape[0], device=device), rows)
+        del rows
     return q, kv, table, seq_lens, r_c
 
 
@@ -144,12 +156,14 @@ def run_decode_bench(
     check: bool = True,
     cuda_graph: bool = True,
     split_only: bool = False,
+    kv_format: str | None = None,
 ) -> dict[str, Any]:
     """Time one decode step of absorbed MLA/GLA and put it against the GPU's ceilings.
 
     heads: query heads H; latent_rank: total latent width r (each latent head has r / latent_heads);
-    context: cache length per sequence (including the query tokens). Returns a dict of figures
-    (times in microseconds, bandwidths in bytes/s, rates in FLOP/s).
+    context: cache length per sequence (including the query tokens); kv_format: the latent stored
+    quantized in that format (None: ``dtype``). Returns a dict of figures (times in microseconds,
+    bandwidths in bytes/s, rates in FLOP/s).
     """
     if not torch.cuda.is_available():
         raise LatentKVError("run_decode_bench needs a CUDA GPU.")
@@ -157,11 +171,15 @@ def run_decode_bench(
     q, kv, table, seq_lens, r_c = make_paged_inputs(
         heads=heads, latent_rank=latent_rank, rope_dim=rope_dim, batch=batch, context=context,
         query_len=query_len, latent_heads=latent_heads, dtype=dtype, page_size=page_size, device=device,
+        kv_format=kv_format,
     )  # fmt: skip
     scale = 1.0 / math.sqrt(r_c + rope_dim)
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=scale)
     rows = query_len * heads // latent_heads
-    cfg = md.choose_config(q, kv, latent_heads, rope_dim, config)
+    quantized = kv_format is not None
+    cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config)
+    if quantized and cfg.kernel == "wgmma" and config is None:
+        cfg = replace(cfg, kernel="triton")  # the Gluon kernel reads bf16 / fp16 caches only (as mla_decode)
     splits = num_splits
     if splits is None:
         n_hblocks = math.ceil(rows / cfg.block_m)
@@ -178,7 +196,7 @@ def run_decode_bench(
         "shape": {
             "heads": heads, "latent_rank": latent_rank, "latent_heads": latent_heads, "r_c": r_c,
             "rope_dim": rope_dim, "batch": batch, "context": context, "query_len": query_len,
-            "dtype": str(dtype).replace("torch.", ""), "page_size": page_size,
+            "dtype": str(dtype).replace("torch.", ""), "page_size": page_size, "kv_format": kv_format,
         },
         "config": {**cfg.__dict__, "num_splits": splits},
     }  # fmt: skip
@@ -213,7 +231,8 @@ def run_decode_bench(
             result["time_us_cudagraph"] = f"{type(exc).__name__}: {exc}"[:160]
 
     elt = torch.finfo(dtype).bits // 8
-    cache_bytes = batch * context * (latent_rank + rope_dim) * elt
+    per_token = kv.bytes_per_token() if quantized else (latent_rank + rope_dim) * elt  # codes, scales, RoPE key
+    cache_bytes = batch * context * per_token
     flops = batch * query_len * heads * (2 * (r_c + rope_dim) * context + 2 * r_c * context)
     bw = copy_bandwidth(device)
     result.update(

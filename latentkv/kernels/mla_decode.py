@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from latentkv.errors import LatentKVError
+from latentkv.kernels.quantized_pages import QuantizedPages, kernel_groups
 
 # triton is an optional dependency (extra "kernels") and is imported on the first launch, not
 # here: TRITON_INTERPRET is read when triton is imported, so importing latentkv.kernels (the
@@ -96,6 +97,12 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     n_chunks,  # block table columns * PAGE_SIZE // CHUNK (MASSES only)
     softcap,  # tanh cap of the scores (SOFTCAP only): s = softcap * tanh(scale * q.k / softcap)
     window,  # a query sees only the last `window` positions (WINDOW only)
+    LAT_CODES,  # [num_pages, PAGE_SIZE, code bytes] uint8 (KV_QUANT only; KV then holds the RoPE key alone)
+    LAT_SCALES,  # [num_pages, PAGE_SIZE, groups, SCALE_FIELDS]: fp8 float32 scale; int4 float16 scale, zero
+    stride_cp,
+    stride_ct,
+    stride_sp,
+    stride_st,
     SQ: tl.constexpr,
     H: tl.constexpr,
     HG: tl.constexpr,  # query heads per latent head
@@ -119,6 +126,12 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     OVERREAD: tl.constexpr = False,  # whole power-of-2 column blocks are loaded (the cache has slack after its
     # last row): no column mask on the cache loads, so they stay 16-byte vector loads at any width; the
     # columns past the width are zeroed in registers. Off: column-masked loads (2-byte loads at odd widths)
+    KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent tile is dequantized here; "": the kernel is unchanged
+    GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
+    NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
+    SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
+    PER_BYTE: tl.constexpr = 1,  # KV_QUANT: codes a byte (fp8 1, int4 2)
+    SCALE_FIELDS: tl.constexpr = 1,  # KV_QUANT: values stored per group (fp8: scale; int4: scale, zero)
 ):
     pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
     pid_s = tl.program_id(1)
@@ -184,11 +197,36 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
         # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key and as value
-        if OVERREAD and BLOCK_R != R_C:
+        if KV_QUANT == "" and OVERREAD and BLOCK_R != R_C:
             kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None], other=0.0)
             kv = tl.where(r_ok, kv, tl.zeros_like(kv))  # columns of the next latent head / RoPE key / next row
-        else:
+        elif KV_QUANT == "":
             kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
+        else:
+            # ---- quantized latent: the code tile is loaded once and dequantized in registers, viewed
+            # as [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
+            slot = offs_n % PAGE_SIZE
+            g_ids = tl.arange(0, NUM_GROUPS)
+            g_cols = g_ids * GROUP  # first column of each group within the latent head
+            bytes_in = tl.arange(0, GROUP // PER_BYTE)
+            byte_cols = (c * R_C) // PER_BYTE + g_cols[:, None] // PER_BYTE + bytes_in[None, :]  # [NUM_GROUPS, bytes]
+            if BLOCK_R == R_C:
+                code_ok = n_ok[:, None, None]
+            else:
+                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + bytes_in[None, :] * PER_BYTE) < R_C)[None, :, :]
+            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None] + byte_cols[None, :, :],
+                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP // PER_BYTE]
+            scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
+                        + ((c * SCALE_OFF + g_ids) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_GROUPS]
+            scale_ok = n_ok[:, None] & (g_cols < R_C)[None, :]
+            scale = tl.load(scale_at, mask=scale_ok, other=0.0).to(tl.float32)[:, :, None]
+            if KV_QUANT == "fp8":
+                values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
+            else:  # int4: two codes a byte, lowest nibble first; asymmetric, code * scale + zero
+                nibbles = tl.reshape(tl.join(codes & 15, codes >> 4), [BLOCK_N, NUM_GROUPS, GROUP])
+                zero = tl.load(scale_at + 1, mask=scale_ok, other=0.0).to(tl.float32)[:, :, None]
+                values = nibbles.to(tl.float32) * scale + zero
+            kv = tl.reshape(values, [BLOCK_N, BLOCK_R]).to(Q.dtype.element_ty)  # as the reference rounds it
         kv_d = kv
         if UPCAST_DOT:
             kv_d = kv.to(tl.float32)
@@ -489,7 +527,7 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
             f"q must be a 4-d tensor [batch, query_len, heads, r_c + rope_dim]; got shape "
             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}."
         )
-    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 3:
+    if not isinstance(kv_cache, (torch.Tensor, QuantizedPages)) or kv_cache.dim() != 3:
         raise LatentKVError(
             "kv_cache must be a 3-d tensor [num_pages, page_size, latent_heads * r_c + rope_dim]; got shape "
             f"{tuple(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__}."
@@ -715,7 +753,8 @@ def mla_decode(
     """Absorbed MLA / GLA decode attention through the Triton kernels.
 
     q:           [B, Sq, H, r_c + rope_dim]  latent part first, rotated RoPE part last
-    kv_cache:    [num_pages, page_size, latent_heads * r_c + rope_dim]
+    kv_cache:    [num_pages, page_size, latent_heads * r_c + rope_dim], or a ``QuantizedPages`` (the
+                 latent as fp8 / int4 codes with per-token group scales, dequantized inside the kernel)
     block_table: [B, max_pages] int32;  seq_lens: [B] int32, including the Sq new tokens
     returns      [B, Sq, H, r_c] in q's dtype; query head h reads latent head h // (H // latent_heads).
     Query token i sits at position seq_len - Sq + i and sees keys 0..that position.
@@ -753,6 +792,9 @@ def mla_decode(
         )
     if q.stride(-1) != 1:
         q = q.contiguous()
+    quant = kv_cache if isinstance(kv_cache, QuantizedPages) else None
+    if quant is not None:
+        kv_cache = quant.rope  # the kernel's KV argument holds the RoPE key alone
     if kv_cache.stride(-1) != 1:
         raise LatentKVError("kv_cache must be contiguous in its last dimension.")
     block_table = block_table.contiguous()
@@ -761,15 +803,17 @@ def mla_decode(
     hg = heads // latent_heads
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses)
-    if cfg.kernel == "wgmma" and (softcap or window):  # the Gluon kernel has neither: the portable one
+    if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
         cfg = replace(cfg, kernel="triton") if config is None else cfg
         if cfg.kernel == "wgmma":
-            raise LatentKVError("the wgmma decode kernel has no soft-cap or sliding window; drop its config")
+            raise LatentKVError("the wgmma decode kernel has no soft-cap, sliding window or quantized cache; "
+                                "drop its config")
     if return_masses:
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
+    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r)
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
-    overread = has_slack(kv_cache, latent_heads, r_c, rope_dim)
+    overread = quant is None and has_slack(kv_cache, latent_heads, r_c, rope_dim)  # the RoPE key of a quantized cache: masked
     n_hblocks = -(-rows // cfg.block_m)
     programs_per_split = batch * latent_heads * n_hblocks
 
@@ -832,12 +876,13 @@ def mla_decode(
             out.stride(0), out.stride(1), out.stride(2),
             float(softmax_scale) * _LOG2E,
             num_splits, n_chunks, float(softcap or 1.0), int(window or 0),
-            SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=latent_heads * r_c,
+            *quant_args["tensors"],
+            SQ=sq, H=heads, HG=hg, R_C=r_c, ROPE_DIM=rope_dim, ROPE_OFF=0 if quant else latent_heads * r_c,
             PAGE_SIZE=page_size, DIRECT=num_splits == 1, NUM_HBLOCKS=n_hblocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
             KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
-            SOFTCAP=bool(softcap), WINDOW=bool(window), OVERREAD=overread,
+            SOFTCAP=bool(softcap), WINDOW=bool(window), OVERREAD=overread, **quant_args["constants"],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -860,6 +905,23 @@ def mla_decode(
     return out, masses
 
 
+def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent_heads: int, block_r: int) -> dict:
+    """The split kernel's quantized-latent arguments: tensors and strides (unused placeholders for a
+    plain cache) and the constexprs that switch the dequantization on."""
+    if quant is None:
+        return {"tensors": (kv_cache, kv_cache, 0, 0, 0, 0), "constants": {}}
+    group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
+    codes, scales = quant.codes, quant.scales
+    if codes.stride(-1) != 1 or scales.stride(-1) != 1 or scales.stride(-2) != scales.shape[-1]:
+        raise LatentKVError("QuantizedPages codes and scales must be contiguous per token (QuantizedPages.empty).")
+    return {
+        "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
+        "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
+                      "SCALE_OFF": scale_off, "PER_BYTE": quant.kernel.values_per_byte,
+                      "SCALE_FIELDS": quant.kernel.scale_fields},
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # PyTorch reference
 # --------------------------------------------------------------------------------------------
@@ -879,7 +941,8 @@ def mla_decode_reference(
     window: int | None = None,
     **_unused,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch MLA / GLA decode: gathers each sequence's pages, float32 math.
+    """Plain-torch MLA / GLA decode: gathers each sequence's pages, float32 math (a ``QuantizedPages``
+    cache: its pages dequantized to the model dtype, as the kernel dequantizes them).
 
     Returns [B, Sq, H, r_c] in ``out_dtype`` (default: q's dtype); with ``return_masses`` also the
     per-page masses [B, Sq, latent_heads, max_pages] float32 (see ``mla_decode``), from the same
@@ -1031,7 +1094,7 @@ def write_paged(
 ) -> None:
     """Write cache rows in place: entry [b, t] goes to position positions[b, t] of sequence b.
 
-    kv_cache:    [num_pages, page_size, width]
+    kv_cache:    [num_pages, page_size, width], or a ``QuantizedPages`` (the latent quantized as written)
     block_table: [B, max_pages] (int)
     positions:   [B, T] (int) absolute positions in each sequence
     new_entries: [B, T, width]
@@ -1052,6 +1115,10 @@ def write_paged(
             f"positions must lie in [0, {block_table.shape[1] * page_size}) (block table capacity); grow block_table."
         )
     pages = torch.gather(block_table.long(), 1, pos // page_size)  # [B, T]
+    if isinstance(kv_cache, QuantizedPages):
+        flat_rows = (pages * page_size + pos % page_size).reshape(-1)
+        kv_cache.write_rows(flat_rows, new_entries.reshape(-1, kv_cache.shape[2]))
+        return
     kv_cache[pages.reshape(-1), (pos % page_size).reshape(-1)] = new_entries.reshape(-1, kv_cache.shape[2]).to(
         kv_cache.dtype
     )

@@ -73,6 +73,9 @@ class LatentKVConfig(PretrainedConfig):
         masks; None: this model's own, SDPA by default).
     layer_types, sliding_window: set where some layers see only the last `sliding_window` tokens
         ("sliding_attention"), so transformers' DynamicCache keeps only that many for them.
+    kv_cache_format: how the cache stores each part, e.g. {"latent": "fp8_e4m3/g128", "rope": "bf16"}
+        (latentkv's format names, `stored_as`); None: at the model dtype. The attention reads its
+        latent and RoPE key as that cache gives them back, with or without a cache object.
     """
 
     model_type = "latentkv"
@@ -91,6 +94,7 @@ class LatentKVConfig(PretrainedConfig):
         attn_logit_softcapping: float | None = None,
         final_logit_softcapping: float | None = None,
         source_attn_implementation: str | None = None,
+        kv_cache_format: dict | None = None,
         **kwargs,
     ):
         self.source_config = dict(source_config or {})
@@ -105,6 +109,7 @@ class LatentKVConfig(PretrainedConfig):
         self.attn_logit_softcapping = attn_logit_softcapping
         self.final_logit_softcapping = final_logit_softcapping
         self.source_attn_implementation = source_attn_implementation
+        self.kv_cache_format = dict(kv_cache_format) if kv_cache_format else None
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key in self.source_config:
                 kwargs.setdefault(key, self.source_config[key])
@@ -197,6 +202,64 @@ def _attention_weights(query, key, mask, scaling: float, softcap: float | None):
     return scores.softmax(-1)
 
 
+# ---- cache formats: what a cache in a quantized format gives back (latentkv.eval.kv_formats' arithmetic,
+# restated here so that this file needs only torch; tests check the two agree bit for bit)
+FP8_MAX = 448.0  # largest finite float8 E4M3 value
+CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def fp16_at_most(x: torch.Tensor) -> torch.Tensor:
+    """A float16-representable value <= x (as float32)."""
+    nearest = x.to(torch.float16).float()
+    lower = (x - x.abs() * 2.0**-10 - 2.0**-24).to(torch.float16).float()
+    return torch.where(nearest > x, lower, nearest)
+
+
+def fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """A float16-representable value >= x (as float32)."""
+    nearest = x.to(torch.float16).float()
+    upper = (x + x.abs() * 2.0**-10 + 2.0**-24).to(torch.float16).float()
+    return torch.where(nearest < x, upper, nearest)
+
+
+def stored_as(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x [b, heads, t, width] as a cache in `fmt` reads it back, in x's dtype. `fmt`: bf16, fp16,
+    fp8_e4m3 (unscaled, or with /token, /head, /g<N>: a float32 scale amax / 448 per group), or
+    int8 / int4 / int2 with /token, /head, /g<N> (asymmetric: float16 scale and zero-point per group)."""
+    encoding, _, grouping = fmt.partition("/")
+    if encoding in CAST_DTYPES:
+        return x.to(CAST_DTYPES[encoding]).to(x.dtype)
+    b, h, t, w = x.shape
+    xf = x.float()
+    if grouping == "token":
+        g = xf.transpose(1, 2).reshape(b, t, 1, h * w)
+    elif grouping in ("", "head"):
+        g = xf[..., None, :]
+    elif grouping.startswith("g") and grouping[1:].isdigit() and int(grouping[1:]) > 0:
+        n = int(grouping[1:])
+        index = torch.arange(math.ceil(w / n) * n, device=x.device).clamp(max=w - 1)  # the last value repeated
+        g = xf[..., index].reshape(b, h, t, -1, n)
+    else:
+        raise ValueError(f"cache format {fmt!r}: the grouping must be token, head or g<N>")
+    if encoding == "fp8_e4m3":
+        if not grouping:
+            values = g.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        else:
+            scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+            values = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    elif encoding in INT_BITS and grouping:
+        levels = 2 ** INT_BITS[encoding] - 1
+        zero = fp16_at_most(g.amin(-1, keepdim=True))
+        scale = fp16_at_least(((g.amax(-1, keepdim=True) - zero) / levels).clamp(min=2.0**-24))
+        values = torch.round((g - zero) / scale).clamp(0, levels) * scale + zero
+    else:
+        raise ValueError(f"cache format {fmt!r}: use bf16, fp16, fp8_e4m3[/GROUPING] or int8/int4/int2/GROUPING")
+    if grouping == "token":
+        return values.reshape(b, t, h, w).transpose(1, 2).to(x.dtype)
+    return values.flatten(-2)[..., :w].to(x.dtype)
+
+
 def layer_window(config, layer_idx: int) -> int | None:
     """The sliding window of one layer (None: it attends to every earlier token)."""
     types = getattr(config, "layer_types", None)
@@ -254,6 +317,7 @@ class LatentAttention(nn.Module):
         cap = getattr(config, "attn_logit_softcapping", None)
         self.softcap = float(cap) if cap else None
         self.sliding_window = layer_window(config, layer_idx)
+        self.cache_format = dict(getattr(config, "kv_cache_format", None) or {})  # part -> format name
         self.is_causal = True
         self.num_key_value_groups = 1
         self.config = config
@@ -379,6 +443,7 @@ class LatentAttention(nn.Module):
             out = past_key_values.latent_attention(self, q_nope, q_rope, latent, k_rope, position_ids=position_ids)
             return self.o_proj(out), None
         latent = latent[:, None]  # [b, 1, s, r]: one "head" so every HF cache layer stores it as is
+        latent, k_rope = stored(self, latent, "latent"), stored(self, k_rope, "rope")
         if past_key_values is not None:
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
         k_nope, value = self.expand_latent(latent[:, 0])
@@ -420,6 +485,7 @@ class GroupedLatentAttention(nn.Module):
         self.scaling = float(config.softmax_scale)
         self.softcap = None  # GTA-S is not written for soft-capped sources
         self.sliding_window = layer_window(config, layer_idx)
+        self.cache_format = dict(getattr(config, "kv_cache_format", None) or {})  # part -> format name
         self.is_causal = True
         self.config = config
         hidden, width = config.hidden_size, self.num_heads * self.head_dim
@@ -473,6 +539,7 @@ class GroupedLatentAttention(nn.Module):
     def _attend(self, q, k, latent, attention_mask, past_key_values):
         """SDPA over transformers' cache: q [b, H, s, d], k [b, m, s, d], latent [b, 1, s, r] -> [b, s, H, r]."""
         s = q.shape[2]
+        k, latent = stored(self, k, "rope"), stored(self, latent, "latent")
         if past_key_values is not None:
             k, latent = past_key_values.update(k, latent, self.layer_idx)
         key = k.repeat_interleave(self.num_heads // self.map_heads, dim=1)  # [b, H, t, d]
@@ -482,6 +549,13 @@ class GroupedLatentAttention(nn.Module):
             q, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scaling
         )  # [b, H, s, r]
         return out.transpose(1, 2)
+
+
+def stored(module: nn.Module, x: torch.Tensor, part: str) -> torch.Tensor:
+    """A cached part ("latent" or "rope") of a layer as its cache format gives it back (as is without one).
+    latentkv's paged decode cache quantizes the raw values itself, with the same arithmetic."""
+    fmt = module.cache_format.get(part)
+    return stored_as(x, fmt) if fmt else x
 
 
 def attention_class(spec: dict) -> type:

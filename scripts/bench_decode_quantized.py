@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Time the decode kernel over a quantized latent cache against the same shape in bf16 (GPU).
+
+Each format runs the shape through `latentkv.kernels.bench.run_decode_bench` (CUDA-event medians,
+L2 flushed, every output checked against the PyTorch reference); the table gives time, cache bytes
+a token (codes, scales and the bf16 RoPE key), the bandwidth those bytes make and the speed-up over
+the bf16 cache measured in the same run.
+
+  python scripts/bench_decode_quantized.py                       # MLA 512 + 64, 32 heads, batch 64, 8192
+  python scripts/bench_decode_quantized.py --formats fp8_e4m3/g128 int4/g32 --heads 128 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentkv.kernels import bench  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", nargs="+", default=["fp8_e4m3/g128", "int4/g32"],
+                   help="latent formats to time beside bf16 (the paged cache's: fp8_e4m3/g<N>, int4/g<N>, .../head)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--latent-rank", type=int, default=512)
+    p.add_argument("--rope-dim", type=int, default=64)
+    p.add_argument("--latent-heads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--query-len", type=int, default=1)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shape = dict(heads=args.heads, latent_rank=args.latent_rank, rope_dim=args.rope_dim, batch=args.batch,
+                 context=args.context, query_len=args.query_len, latent_heads=args.latent_heads,
+                 page_size=args.page_size, source_geometry=None)
+    rows = {fmt: bench.run_decode_bench(**shape, kv_format=None if fmt == "bf16" else fmt)
+            for fmt in ["bf16", *args.formats]}
+    base = rows["bf16"]["time_us"]
+    print(f"{'format':<16} {'time us':>9} {'bytes/token':>12} {'TB/s':>6} {'vs bf16':>8}  check")
+    for fmt, r in rows.items():
+        per_token = r["cache_bytes"] / (args.batch * args.context)
+        print(f"{fmt:<16} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
+              f"{base / r['time_us']:7.2f}x  {'ok' if r['check']['ok'] else 'FAILED'}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    return 0 if all(r["check"]["ok"] for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The decode kernel over a quantized latent cache (fp8 / int4 codes, per-token group scales) equals
+its PyTorch reference, and the reference equals attention over the cache formats' own round trip.
+
+Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before triton is imported) on tiny
+shapes; with CUDA it is compiled and model-sized shapes are added.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+triton = pytest.importorskip("triton", reason="triton not installed: the decode kernels cannot be tested")
+
+from latentkv.errors import LatentKVError  # noqa: E402
+from latentkv.eval.kv_formats import fake_quantize, parse_format  # noqa: E402
+from latentkv.kernels import compare as cmp_mod  # noqa: E402
+from latentkv.kernels.quantized_pages import QuantizedPages, check_paged_formats  # noqa: E402
+
+md = importlib.import_module("latentkv.kernels.mla_decode")
+if not CUDA and type(md._kernels()[0]).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported in compiled mode before TRITON_INTERPRET=1 was set and there is no GPU; "
+                "run with TRITON_INTERPRET=1", allow_module_level=True)
+
+DecodeConfig = md.DecodeConfig
+DEVICE = "cuda" if CUDA else "cpu"
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# (rtol, atol as a fraction of max|ref|, max 1 - cosine): the plain kernel's (tests/test_kernels.py);
+# the kernel and the reference read the same dequantized values, so quantization adds no error here
+TOL = {BF16: (1e-2, 1e-2, 1e-4), FP16: (5e-3, 5e-3, 1e-5),
+       FP32: ((5e-3, 5e-3, 1e-5) if CUDA else (1e-4, 1e-5, 1e-9))}
+
+
+def make_quantized_case(*, lens, sq, heads, latent_heads, r_c, rope, page, dtype, fmt, seed):
+    """A random cache written through QuantizedPages.write_rows into shuffled pages; every slot no
+    sequence owns gets NaN scales and RoPE keys, so a read past a length or into a wrong page shows."""
+    g = torch.Generator().manual_seed(seed)
+    width = latent_heads * r_c + rope
+    need = [math.ceil(n / page) for n in lens]
+    num_pages = sum(need) + 2
+    pages = QuantizedPages.empty(parse_format(fmt), num_pages=num_pages, page_size=page,
+                                 latent_width=latent_heads * r_c, rope_dim=rope, dtype=dtype, device=DEVICE)
+    rows = (torch.randn(num_pages * page, width, generator=g) * torch.rand(1, width, generator=g) * 4).to(dtype)
+    pages.write_rows(torch.arange(num_pages * page, device=DEVICE), rows.to(DEVICE))
+    perm = torch.randperm(num_pages, generator=g)
+    table = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
+    owned = torch.zeros(num_pages, page, dtype=torch.bool)
+    used = 0
+    for b, (n, k) in enumerate(zip(lens, need)):
+        table[b, :k] = perm[used : used + k].to(torch.int32)
+        used += k
+        pos = torch.arange(n)
+        owned[table[b, pos // page].long(), pos % page] = True
+    owned = owned.to(DEVICE)
+    pages.scales[~owned] = float("nan")
+    pages.rope[~owned] = float("nan")
+    q = torch.randn(len(lens), sq, heads, r_c + rope, generator=g).to(dtype).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return q, pages, table.to(DEVICE), seq_lens, rows, 1.0 / math.sqrt(r_c + rope)
+
+
+# id: (lens, Sq, H, latent_heads, r_c, rope, page, dtype, format, num_splits, config)
+SMALL = DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
+CASES = {
+    "fp8-g16-mla-sq1-splits3": ((1, 33, 70), 1, 4, 1, 32, 16, 16, BF16, "fp8_e4m3/g16", 3, SMALL),
+    "fp8-g16-mla48-sq2": ((2, 37), 2, 4, 1, 48, 16, 8, BF16, "fp8_e4m3/g16", 2, None),
+    "fp8-g32-mla48-ragged-group": ((5, 29), 1, 4, 1, 48, 16, 16, FP32, "fp8_e4m3/g32", 2, SMALL),
+    "fp8-head-gla2-sq2": ((2, 31, 47), 2, 8, 2, 16, 16, 16, BF16, "fp8_e4m3/head", 3, SMALL),
+    "fp8-g8-gla2-fp16": ((1, 23, 50), 1, 4, 2, 16, 16, 16, FP16, "fp8_e4m3/g8", 2, None),
+    "int4-g16-mla48-sq2": ((2, 45), 2, 4, 1, 48, 16, 16, BF16, "int4/g16", 2, SMALL),
+    "int4-g32-mla48-ragged-sq1": ((1, 17, 40), 1, 4, 1, 48, 16, 16, FP32, "int4/g32", 3, SMALL),
+    "int4-g8-gla2-sq1-direct": ((3, 21), 1, 4, 2, 16, 16, 8, BF16, "int4/g8", 1, None),
+    "int4-token-gla2-sq2": ((2, 27, 33), 2, 4, 2, 16, 16, 16, FP32, "int4/token", 2, None),
+    "fp8-g16-kv-on-m": ((1, 33, 70), 1, 4, 1, 32, 16, 16, BF16, "fp8_e4m3/g16", 3, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    "int4-g16-fused-combine": ((2, 33), 2, 4, 1, 32, 16, 16, BF16, "int4/g16", 3,
+                               DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
+    "fp8-g16-norope": ((3, 21), 2, 4, 1, 32, 0, 16, FP32, "fp8_e4m3/g16", 2, None),
+}
+if CUDA:  # model-sized shapes where the kernel is compiled (the 656-byte FlashMLA row first)
+    CASES.update({
+        "gpu-fp8-g128-mla32-deepseek": ((1, 777, 2048, 4099), 1, 32, 1, 512, 64, 64, BF16, "fp8_e4m3/g128", None, None),
+        "gpu-int4-g32-mla32": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, "int4/g32", 4, None),
+        "gpu-fp8-g128-mla128-sq2": ((5, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, "fp8_e4m3/g128", None, None),
+        "gpu-fp8-g128-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, "fp8_e4m3/g128", None, None),
+        "gpu-int4-g64-gla2-fp16": ((2, 999), 2, 64, 2, 256, 64, 32, FP16, "int4/g64", 3, None),
+        "gpu-fp8-g64-rc448": ((1, 900), 1, 32, 1, 448, 64, 64, BF16, "fp8_e4m3/g64", 2, None),
+    })
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_quantized_kernel_matches_reference(case_id):
+    """Guards the kernel's dequantization: group scales (ragged last group, one group per latent
+    head or across GLA heads), int4 nibble order, the code tile used as key and value, with splits,
+    query lengths 1 and 2 and a non-power-of-2 latent width."""
+    lens, sq, heads, hc, r_c, rope, page, dtype, fmt, splits, config = CASES[case_id]
+    seed = random.SystemRandom().randrange(2**31)
+    q, pages, table, seq_lens, _, scale = make_quantized_case(
+        lens=lens, sq=sq, heads=heads, latent_heads=hc, r_c=r_c, rope=rope, page=page, dtype=dtype, fmt=fmt, seed=seed)
+    kw = dict(latent_heads=hc, rope_dim=rope, softmax_scale=scale)
+    out = md.mla_decode(q, pages, table, seq_lens, num_splits=splits, config=config, _poison=True, **kw)
+    ref = md.mla_decode_reference(q, pages, table, seq_lens, out_dtype=torch.float32, **kw)
+    assert out.dtype == dtype and out.shape == (len(lens), sq, heads, r_c)
+    rtol, atol_frac, max_cos = TOL[dtype]
+    cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos,
+                         name=f"{case_id} seed={seed}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3/g16", "fp8_e4m3/head", "int4/g8", "int4/g32", "int4/token"])
+def test_pages_read_back_the_formats_round_trip(fmt):
+    """Guards the storage: what QuantizedPages gives back (what the reference and the kernel read)
+    is kv_formats' fake_quantize of the latent, and the RoPE key as written."""
+    dtype = BF16
+    q, pages, table, seq_lens, rows, _ = make_quantized_case(
+        lens=(40,), sq=1, heads=4, latent_heads=2, r_c=24, rope=8, page=8, dtype=dtype, fmt=fmt,
+        seed=random.SystemRandom().randrange(2**31))
+    flat = table[0, :5].long().cpu()  # the 5 pages of the sequence, in order
+    got = pages[table[0, :5].long()].reshape(-1, rows.shape[1]).cpu()
+    written = rows.view(pages.shape[0], pages.shape[1], -1)[flat].reshape(-1, rows.shape[1])
+    latent = written[:, :48]
+    expected = fake_quantize(latent[None, None], parse_format(fmt))[0, 0]
+    assert torch.equal(got[:, :48], expected)
+    assert torch.equal(got[:, 48:], written[:, 48:])
+
+
+def test_flashmla_row_bytes():
+    """The fp8_e4m3/g128 latent of 512 with a 64-wide bf16 RoPE key takes FlashMLA's 656 bytes a token."""
+    pages = QuantizedPages.empty(parse_format("fp8_e4m3/g128"), num_pages=1, page_size=1, latent_width=512,
+                                 rope_dim=64, dtype=BF16, device="cpu")
+    assert pages.bytes_per_token() == 656
+    int4 = QuantizedPages.empty(parse_format("int4/g32"), num_pages=1, page_size=1, latent_width=512,
+                                rope_dim=64, dtype=BF16, device="cpu")
+    assert int4.bytes_per_token() == 256 + 16 * 4 + 128
+
+
+def test_write_paged_quantizes_at_append():
+    """Guards write_paged on a quantized cache: the rows land, quantized, at their pages."""
+    fmt = parse_format("int4/g16")
+    pages = QuantizedPages.empty(fmt, num_pages=3, page_size=4, latent_width=32, rope_dim=8, dtype=FP32, device="cpu")
+    table = torch.tensor([[2, 0]], dtype=torch.int32)
+    entries = torch.randn(1, 6, 40)
+    md.write_paged(pages, table, torch.arange(6)[None], entries)
+    got = torch.cat([pages[torch.tensor([2])][0], pages[torch.tensor([0])][0, :2]])
+    assert torch.equal(got[:, :32], fake_quantize(entries[:, None, :, :32], fmt)[0, 0])
+    assert torch.equal(got[:, 32:], entries[0, :, 32:])
+
+
+@pytest.mark.parametrize("part, fmt, message", [
+    ("latent", "int2/g32", "does not read int2/g32"),
+    ("latent", "int4/channel32", "per-channel"),
+    ("latent", "fp8_e4m3", "has no scale"),
+    ("latent", "fp8_e4m3/g48", "power-of-2"),
+    ("rope", "fp8_e4m3/g64", "RoPE key at the model dtype"),
+])
+def test_unstorable_formats_are_refused(part, fmt, message):
+    with pytest.raises(LatentKVError, match=message) as err:
+        check_paged_formats({part: parse_format(fmt)})
+    assert "fp8_e4m3/g<N>, int4/g<N>" in str(err.value)  # the message names what the cache stores
+
+
+def test_groups_across_gla_heads_are_refused():
+    fmt = parse_format("fp8_e4m3/g32")
+    pages = QuantizedPages.empty(fmt, num_pages=2, page_size=8, latent_width=96, rope_dim=16, dtype=FP32, device=DEVICE)
+    q = torch.randn(1, 1, 4, 48 + 16, device=DEVICE)
+    with pytest.raises(LatentKVError, match="straddle the 2 latent heads"):
+        md.mla_decode(q, pages, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+                      torch.tensor([3], dtype=torch.int32, device=DEVICE), latent_heads=2, rope_dim=16, softmax_scale=1.0)
+
+
+def test_bench_inputs_store_the_format():
+    """Guards the benchmark's quantized inputs: the cache it times is the format asked for, and the
+    kernel over it equals the reference."""
+    from latentkv.kernels import bench
+
+    q, kv, table, seq_lens, r_c = bench.make_paged_inputs(
+        heads=4, latent_rank=32, rope_dim=16, batch=2, context=40, query_len=1, latent_heads=1, dtype=BF16,
+        page_size=16, device=DEVICE, kv_format="int4/g16")
+    assert isinstance(kv, QuantizedPages) and kv.fmt.name == "int4/g16"
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=0.125)
+    ref = md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw)
+    cmp_mod.assert_close(md.mla_decode(q, kv, table, seq_lens, num_splits=2, **kw), ref,
+                         atol=1e-2 * float(ref.abs().max()), rtol=1e-2, max_cos_diff=1e-4, name="bench inputs")
+
+
+@pytest.mark.skipif(not CUDA, reason="run_decode_bench times on a GPU")
+@pytest.mark.parametrize("fmt", ["fp8_e4m3/g128", "int4/g32"])
+def test_bench_quantized_smoke(fmt):
+    """The timing path of scripts/bench_decode_quantized.py on a small shape: runs, checks, counts bytes."""
+    from latentkv.kernels import bench
+
+    r = bench.run_decode_bench(32, 512, 64, batch=4, context=1024, query_len=1, source_geometry=None,
+                               cuda_graph=False, kv_format=fmt)
+    assert r["check"]["ok"], r["check"]
+    per_token = {"fp8_e4m3/g128": 656, "int4/g32": 256 + 64 + 128}[fmt]
+    assert r["cache_bytes"] == 4 * 1024 * per_token
+
+
+def test_quantized_kernel_masses_match_reference():
+    """Guards the per-page masses (sparse decode's history) over a quantized cache: the same switch
+    combinations compile and give the reference's masses."""
+    q, pages, table, seq_lens, _, scale = make_quantized_case(
+        lens=(2, 33, 70), sq=2, heads=4, latent_heads=1, r_c=32, rope=16, page=16, dtype=FP32, fmt="int4/g16",
+        seed=random.SystemRandom().randrange(2**31))
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale, return_masses=True)
+    out, masses = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=SMALL, **kw)
+    ref, ref_masses = md.mla_decode_reference(q, pages, table, seq_lens, out_dtype=torch.float32, **kw)
+    rtol, atol_frac, max_cos = TOL[FP32]
+    cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos, name="out")
+    atol = 2e-3 if CUDA else 1e-5  # as tests/test_kernels.py's masses: compiled fp32 dots run in TF32
+    cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name="masses")
