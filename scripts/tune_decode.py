@@ -48,6 +48,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that measured the table, without the output paths (they are this machine's)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--log"):
+            skip = True
+        else:
+            kept.append(a)
+    return "python scripts/tune_decode.py " + " ".join(kept)
+
+
 def occupancy(compiled, num_warps: int) -> int:
     """Programs of one compiled kernel resident per SM (registers and shared memory of an H100-class SM)."""
     regs = getattr(compiled, "n_regs", 0) or 0
@@ -139,7 +152,7 @@ def main(argv=None):
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table = dict(gpu=torch.cuda.get_device_name(), family=family, dtype=args.dtype, batch=args.batch,
                  context=args.context, copy_bw_tb_s=round(bw / 1e12, 3), torch=torch.__version__,
-                 triton=__import__("triton").__version__, command="python scripts/tune_decode.py " + " ".join(argv or sys.argv[1:]),
+                 triton=__import__("triton").__version__, command=command_line(argv or sys.argv[1:]),
                  entries=sorted(entries.values(), key=lambda e: e["key"]))  # fmt: skip
     out_path.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {out_path} ({len(entries)} shapes)")

@@ -130,7 +130,6 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
-    PER_BYTE: tl.constexpr = 1,  # KV_QUANT: codes a byte (fp8 1, int4 2)
     SCALE_FIELDS: tl.constexpr = 1,  # KV_QUANT: values stored per group (fp8: scale; int4: scale, zero)
 ):
     pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
@@ -202,31 +201,39 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             kv = tl.where(r_ok, kv, tl.zeros_like(kv))  # columns of the next latent head / RoPE key / next row
         elif KV_QUANT == "":
             kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
-        else:
-            # ---- quantized latent: the code tile is loaded once and dequantized in registers, viewed
-            # as [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
+        elif KV_QUANT == "fp8":
+            # ---- fp8 latent: the code tile is loaded once and dequantized in registers, viewed as
+            # [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
             slot = offs_n % PAGE_SIZE
             g_ids = tl.arange(0, NUM_GROUPS)
             g_cols = g_ids * GROUP  # first column of each group within the latent head
-            bytes_in = tl.arange(0, GROUP // PER_BYTE)
-            byte_cols = (c * R_C) // PER_BYTE + g_cols[:, None] // PER_BYTE + bytes_in[None, :]  # [NUM_GROUPS, bytes]
+            in_group = tl.arange(0, GROUP)
             if BLOCK_R == R_C:
                 code_ok = n_ok[:, None, None]
             else:
-                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + bytes_in[None, :] * PER_BYTE) < R_C)[None, :, :]
-            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None] + byte_cols[None, :, :],
-                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP // PER_BYTE]
+                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + in_group[None, :]) < R_C)[None, :, :]
+            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None]
+                            + (c * R_C + g_cols[:, None] + in_group[None, :])[None, :, :],
+                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP]
             scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
                         + ((c * SCALE_OFF + g_ids) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_GROUPS]
-            scale_ok = n_ok[:, None] & (g_cols < R_C)[None, :]
-            scale = tl.load(scale_at, mask=scale_ok, other=0.0).to(tl.float32)[:, :, None]
-            if KV_QUANT == "fp8":
-                values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
-            else:  # int4: two codes a byte, lowest nibble first; asymmetric, code * scale + zero
-                nibbles = tl.reshape(tl.join(codes & 15, codes >> 4), [BLOCK_N, NUM_GROUPS, GROUP])
-                zero = tl.load(scale_at + 1, mask=scale_ok, other=0.0).to(tl.float32)[:, :, None]
-                values = nibbles.to(tl.float32) * scale + zero
+            scale = tl.load(scale_at, mask=n_ok[:, None] & (g_cols < R_C)[None, :], other=0.0).to(tl.float32)
+            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
             kv = tl.reshape(values, [BLOCK_N, BLOCK_R]).to(Q.dtype.element_ty)  # as the reference rounds it
+        else:
+            # ---- int4 latent: two codes a byte, lowest nibble first; asymmetric, code * scale + zero.
+            # Each column reads its byte and its group's scale and zero-point (repeated addresses are
+            # served by L1), so the tile is built in its [BLOCK_N, BLOCK_R] layout directly.
+            slot = offs_n % PAGE_SIZE
+            col_ok = n_ok[:, None] & r_ok
+            byte = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None] + ((c * R_C + offs_r) // 2)[None, :],
+                           mask=col_ok, other=0).to(tl.int32)
+            nibble = (byte >> ((offs_r % 2) * 4)[None, :]) & 15
+            scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
+                        + ((c * SCALE_OFF + offs_r // GROUP) * SCALE_FIELDS)[None, :])  # [BLOCK_N, BLOCK_R]
+            scale = tl.load(scale_at, mask=col_ok, other=0.0).to(tl.float32)
+            zero = tl.load(scale_at + 1, mask=col_ok, other=0.0).to(tl.float32)
+            kv = (nibble.to(tl.float32) * scale + zero).to(Q.dtype.element_ty)  # as the reference rounds it
         kv_d = kv
         if UPCAST_DOT:
             kv_d = kv.to(tl.float32)
@@ -619,6 +626,10 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
     if elt == 2 and block_r == 512:
         # MLA with many heads (compute-bound): wgmma on 64 rows, two 72 KB tiles, no spills at s2.
         return DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if block_r >= 1024:
+        # wide latents: a 16 x 1024 float32 accumulator is 64 registers a thread at 8 warps (32 rows
+        # spill); more query rows take more head blocks, each reading the tile (L2 serves the repeats)
+        return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=3)
     num_warps = 8 if block_m * block_r >= 16384 else 4
     for block_n, num_stages in ((64, 5), (32, 5), (32, 3), (16, 3), (16, 2)):
         if block_m * row_bytes + 2 * block_n * row_bytes <= 200 * 1024:
@@ -917,7 +928,7 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
-                      "SCALE_OFF": scale_off, "PER_BYTE": quant.kernel.values_per_byte,
+                      "SCALE_OFF": scale_off,
                       "SCALE_FIELDS": quant.kernel.scale_fields},
     }
 
