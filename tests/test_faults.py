@@ -240,6 +240,14 @@ CASES = [
          lambda w: ["finetune", str(w / "src"), str(w / "src"), "--overwrite", "--tokens", "64", "--seq-len", "16",
                     "--batch-size", "4"],
          r"is the input .*itself"),
+    Case("finetune --seq-len beyond max_position_embeddings",
+         lambda w: ["finetune", str(w / "src"), str(w / "healed"), "--tokens", "64", "--seq-len", "1024",
+                    "--batch-size", "4"],
+         r"--seq-len 1024 is beyond the model's max_position_embeddings \(512\); use --seq-len 512 or less"),
+    Case("finetune --eval-window beyond max_position_embeddings",
+         lambda w: ["finetune", str(w / "src"), str(w / "healed"), "--tokens", "64", "--seq-len", "16",
+                    "--batch-size", "4", "--eval-window", "600"],
+         r"--eval-window 600 is beyond the model's max_position_embeddings \(512\); use --eval-window 512 or less"),
 ]
 
 
