@@ -163,6 +163,47 @@ def write_marker(folder: Path) -> None:
     )
 
 
+# The files outputs of latentkv versions that wrote no marker hold: convert (latentkv, DeepSeek and
+# GQA formats: weights, config, copied tokenizer files, `modeling_latentkv.py`, `latentkv_layers.json`,
+# `latentkv_recipe.yaml`, README.md) and finetune (full weights or a LoRA adapter, `latentkv_finetune.json`).
+LEGACY_OUTPUT_FILES = frozenset({
+    "config.json", "model.safetensors", "model.safetensors.index.json", "README.md", "modeling_latentkv.py",
+    "latentkv_layers.json", "latentkv_recipe.yaml", "latentkv_finetune.json", "adapter_config.json",
+    "adapter_model.safetensors", *SIDECAR_FILES,
+})
+LEGACY_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def foreign_to_legacy_output(present: list[str]) -> list[str]:
+    """The entries of a folder that no marker-less latentkv output holds."""
+    return [f for f in present if f not in LEGACY_OUTPUT_FILES and not LEGACY_SHARD_RE.match(f)]
+
+
+def has_latentkv_marks(folder: Path) -> bool:
+    """Whether a folder's own files say latentkv wrote it: a config of model_type `latentkv`, a
+    recipe naming the latentkv version that wrote it, or a healing run's record."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and config.get("model_type") == "latentkv":
+        return True
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((folder / "latentkv_recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        recipe = None
+    if isinstance(recipe, dict) and "latentkv_version" in recipe:
+        return True
+    return (folder / "latentkv_finetune.json").is_file()
+
+
+def is_legacy_output(folder: Path, present: list[str]) -> bool:
+    """A folder an older latentkv wrote before outputs carried a marker: only files it writes, and its marks."""
+    return not foreign_to_legacy_output(present) and has_latentkv_marks(folder)
+
+
 def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -194,10 +235,20 @@ def check_replaceable(target: Path, overwrite: bool) -> None:
     if not present:
         return
     ours = read_marker(target)
+    legacy = ours is None and is_legacy_output(target, present)
     if not overwrite:
-        advice = ("pass --overwrite to replace it or choose another path" if ours is not None else
+        advice = ("pass --overwrite to replace it or choose another path" if ours is not None or legacy else
                   "it was not written by latentkv, so --overwrite will not replace it: choose another path")
         raise LatentKVError(f"Output folder {target} is not empty; {advice}")
+    if legacy:
+        logger.info("%s has no %s but holds only files latentkv writes, with its marks: an output of an older "
+                    "latentkv, replaced", target, MARKER_FILE)
+        return
+    if ours is None and has_latentkv_marks(target):
+        raise LatentKVError(
+            f"Output folder {target} holds files latentkv did not write; --overwrite would lose "
+            f"{_listing(target, foreign_to_legacy_output(present))}. Move them away, or choose another path."
+        )
     if ours is None:
         raise LatentKVError(
             f"Output folder {target} was not written by latentkv (no {MARKER_FILE}); --overwrite would lose "
