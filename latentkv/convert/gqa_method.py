@@ -32,7 +32,7 @@ class GQAPlan:
     groups: list[list[list[int]]]  # per layer: source KV heads merged into each new KV head
     predicted_loss: list[float]
     contiguous_loss: list[float]
-    built: dict = field(default_factory=dict)  # layer -> tensors, filled by sequential calibration
+    built: dict = field(default_factory=dict)  # layer -> tensors, filled by sequential calibration (spilled by `convert`)
 
     def key(self) -> list:
         return self.groups

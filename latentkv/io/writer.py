@@ -580,6 +580,53 @@ class ShardedWriter:
                 tmp_path.unlink(missing_ok=True)
 
 
+class SpilledLayers:
+    """Layers built during a pass and written after it, kept on disk meanwhile: a pass that builds
+    every layer then holds one layer's tensors, not the model's.
+
+    `spill[i] = tensors` or `(tensors, extra)`; `spill[i]` reads the tensors back (same names, order,
+    dtypes, devices and values) with `extra` (small: a layer's spec), which stays in memory. The
+    files live in a temporary folder beside the output, named like a partial output so that a killed
+    run's folder is removed by the next run (`clean_leftovers`); `close()` removes it.
+    """
+
+    def __init__(self, beside: str | Path) -> None:
+        self.beside = Path(beside).expanduser().absolute()
+        self.folder: Path | None = None
+        self._layers: dict[int, tuple[list[str], dict[str, torch.device], object, bool]] = {}
+
+    def __contains__(self, i: object) -> bool:
+        return i in self._layers
+
+    def __setitem__(self, i: int, value) -> None:
+        from safetensors.torch import save_file
+
+        has_extra = isinstance(value, tuple)
+        tensors, extra = value if has_extra else (value, None)
+        if self.folder is None:
+            self.beside.parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.beside.name}.partial-{os.getpid()}-",
+                                                dir=self.beside.parent))
+        # Own copies: safetensors refuses tensors that share storage.
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+                  str(self.folder / f"layer-{i}.safetensors"))
+        self._layers[i] = (list(tensors), {k: v.device for k, v in tensors.items()}, extra, has_extra)
+
+    def __getitem__(self, i: int):
+        from safetensors.torch import load_file
+
+        names, devices, extra, has_extra = self._layers[i]
+        loaded = load_file(str(self.folder / f"layer-{i}.safetensors"))
+        tensors = {k: loaded[k].to(devices[k]) for k in names}  # the order they came in (shards follow it)
+        return (tensors, extra) if has_extra else tensors
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        self._layers.clear()
+
+
 def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json byte for byte; return the names copied.
 
