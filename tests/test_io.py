@@ -225,7 +225,8 @@ def test_sharded_writer_bytes_equal_save_file(tmp_path):
     for name, t in tensors.items():
         writer.add(name, t)
     writer.close()
-    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    streamed = (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    assert streamed == (tmp_path / "reference.safetensors").read_bytes()
 
 
 def test_sharded_writer_holds_no_tensor(tmp_path):

@@ -278,12 +278,14 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
         caches: list[StatsCache] = []
         sequential = getattr(method_cfg, "sequential", False)
         in_pass = getattr(method, "plan_in_pass", None)
-        plan = _spilling(in_pass(stream, method_cfg, opts.format), spill) if sequential and in_pass is not None else None
+        plan = None
+        if sequential and in_pass is not None:
+            plan = _spilling(in_pass(stream, method_cfg, opts.format), spill)
         if plan is not None:
             # One pass: each layer's statistics come from the converted layers before it, and its
             # width and replacement (and refit) are made from them before the pass moves on.
-            seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": "in-pass"},
-                                     model_fp)
+            seq_cache = _stats_cache(source, opts, windows,
+                                     {"method": opts.method, **opts.method_options, "plan": "in-pass"}, model_fp)
             progress = progress_factory("calibrating (sequential)", stream.num_layers) if progress_factory else None
             caches.append(seq_cache)
             stats = collect_stats(
@@ -304,7 +306,8 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
                 progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
                 first_pass = stats
                 # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
-                pass_windows = windows if sequential else windows[: getattr(method_cfg, "refit_windows", None) or len(windows)]
+                refit_windows = getattr(method_cfg, "refit_windows", None) or len(windows)
+                pass_windows = windows if sequential else windows[:refit_windows]
                 seq_stats = collect_stats(
                     stream, pass_windows, seq_cache, opts.calib, progress=progress,
                     on_layer=lambda i, layer, st, batches: method.sequential_module(
