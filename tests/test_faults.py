@@ -403,12 +403,10 @@ def test_full_disk_while_writing_the_cache(work, monkeypatch):
 
 
 def test_full_disk_while_writing_the_output(work, monkeypatch):
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr("latentkv.io.writer._Shard.write", full)  # laying out a shard's file
     res = runner.invoke(app, convert_args(work, work / "out"))
     assert_refused(res, r"disk full while writing .*out; free space or choose another --output")
     assert not (work / "out").exists() and leftovers(work) == []
