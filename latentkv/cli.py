@@ -504,6 +504,7 @@ def finetune(
     compile: Annotated[bool, typer.Option(help="torch.compile student and teacher.", rich_help_panel="Training")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel="Training")] = 500,
     merge: Annotated[bool, typer.Option(help="Fold LoRA into the weights and write the model's own format.", rich_help_panel="Output")] = False,
+    eval_window: EvalWindow = 512,
     eval_windows: EvalWindows = 64,
     eval_at: Annotated[Optional[list[int]], typer.Option(help="Token counts at which to measure perplexity during training.", rich_help_panel="Evaluation")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), bf16 or fp32.", rich_help_panel="Runtime")] = "auto",
@@ -524,8 +525,8 @@ def finetune(
                 mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
                 anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
                 gradient_checkpointing=gradient_checkpointing,
-                compile=compile, checkpoint_every=checkpoint_every, merge=merge, eval_windows=eval_windows,
-                eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
+                compile=compile, checkpoint_every=checkpoint_every, merge=merge, eval_window=eval_window,
+                eval_windows=eval_windows, eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
                 trust_remote_code=trust_remote_code, command=_command_line(ctx))
     result = _run(run_finetune, opts)
     import os

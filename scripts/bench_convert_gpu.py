@@ -24,8 +24,7 @@ from latentkv.data import DEFAULT_CALIBRATION, logical_suffix, read_text, resolv
 
 def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig
 
     from latentkv.io.writer import ShardedWriter
 
@@ -57,12 +56,20 @@ def build_checkpoint(folder: Path, calib: Path, layers: int) -> None:
     writer.add("model.norm.weight", torch.ones(D, dtype=torch.bfloat16))
     writer.add("lm_head.weight", rand(config.vocab_size, D))
     writer.close()
+    train_tokenizer(folder, calib)
+
+
+def train_tokenizer(folder: Path, calib: Path, vocab_size: int = 8000) -> None:
+    """A byte-level BPE tokenizer trained on the calibration text, saved into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     files = sorted(f for f in calib.iterdir() if logical_suffix(f) == ".txt") if calib.is_dir() else [calib]
     texts = (read_text(f, errors="replace") for f in files)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<pad>", "<s>", "</s>"],
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
 

@@ -240,6 +240,14 @@ CASES = [
          lambda w: ["finetune", str(w / "src"), str(w / "src"), "--overwrite", "--tokens", "64", "--seq-len", "16",
                     "--batch-size", "4"],
          r"is the input .*itself"),
+    Case("finetune --seq-len beyond max_position_embeddings",
+         lambda w: ["finetune", str(w / "src"), str(w / "healed"), "--tokens", "64", "--seq-len", "1024",
+                    "--batch-size", "4"],
+         r"--seq-len 1024 is beyond the model's max_position_embeddings \(512\); use --seq-len 512 or less"),
+    Case("finetune --eval-window beyond max_position_embeddings",
+         lambda w: ["finetune", str(w / "src"), str(w / "healed"), "--tokens", "64", "--seq-len", "16",
+                    "--batch-size", "4", "--eval-window", "600"],
+         r"--eval-window 600 is beyond the model's max_position_embeddings \(512\); use --eval-window 512 or less"),
 ]
 
 
@@ -274,6 +282,44 @@ def test_overwrite_replaces_only_latentkv_output_and_cleans_leftovers(work):
     before = snapshot(work)
     assert_refused(runner.invoke(app, convert_args(work, out, "--overwrite")),
                    r"holds files latentkv did not write; --overwrite would lose thesis.txt")
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("to", ["mla", "gqa"])  # a latentkv config; a plain config (marked by the recipe)
+def test_overwrite_replaces_an_output_of_a_version_without_marker(work, to):
+    """An output written before outputs carried a marker (every file one latentkv writes, sharded
+    weights included, and latentkv's own marks) is replaced by --overwrite and gets a marker."""
+    out = work / "out"
+    method = ["--to", "mla", "--kv-budget", "0.5"] if to == "mla" else ["--to", "gqa", "--num-kv-heads", "1"]
+    args = ["convert", str(work / "src"), str(out), *method, *calib(work)[4:]]  # calib's text and windows
+    res = runner.invoke(app, args + ["--max-shard-size", "100KB"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors.index.json").is_file(), "the case must cover sharded weights"
+    (out / MARKER_FILE).unlink()
+    assert_refused(runner.invoke(app, args), r"is not empty; pass --overwrite to replace it")
+    res = runner.invoke(app, args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (out / MARKER_FILE).is_file() and leftovers(work) == []
+
+
+def test_overwrite_refuses_what_only_looks_like_an_old_output(work):
+    """Without a marker, --overwrite still refuses a folder holding one file latentkv never writes
+    (naming it), and a model folder of latentkv's file names that bears none of its marks."""
+    out = work / "out"
+    res = runner.invoke(app, convert_args(work, out))
+    assert res.exit_code == 0, res.output
+    (out / MARKER_FILE).unlink()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(work)
+    assert_refused(runner.invoke(app, convert_args(work, out, "--overwrite")),
+                   r"holds files latentkv did not write; --overwrite would lose notes.txt \(1 file\(s\)")
+    assert snapshot(work) == before
+    someone = work / "someone"  # a Hugging Face model folder (llama config, weights, tokenizer, card)
+    shutil.copytree(work / "src", someone)
+    (someone / "README.md").write_text("my model")
+    before = snapshot(work)
+    assert_refused(runner.invoke(app, convert_args(work, someone, "--overwrite")),
+                   r"was not written by latentkv \(no \.latentkv-output\.json\); --overwrite would lose")
     assert snapshot(work) == before
 
 
@@ -357,12 +403,10 @@ def test_full_disk_while_writing_the_cache(work, monkeypatch):
 
 
 def test_full_disk_while_writing_the_output(work, monkeypatch):
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr("latentkv.io.writer._Shard.write", full)  # laying out a shard's file
     res = runner.invoke(app, convert_args(work, work / "out"))
     assert_refused(res, r"disk full while writing .*out; free space or choose another --output")
     assert not (work / "out").exists() and leftovers(work) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from latentkv.errors import LatentKVError
 from latentkv.io import (
@@ -211,6 +211,40 @@ def test_sharded_writer_round_trip(tiny_model_dir, tmp_path):
     _assert_same(lazy, {k: v.contiguous() for k, v in everything.items()})
 
 
+def test_sharded_writer_bytes_equal_save_file(tmp_path):
+    """Guards against the streaming writer's shards differing by one byte from what safetensors'
+    own save_file writes for the same tensors (outputs must not change with the writer): mixed
+    dtypes (laid out by dtype, then name), a scalar, an empty tensor, a header needing padding."""
+    tensors = {
+        "z.w": torch.randn(5, 3), "a.w": torch.randn(7).to(torch.bfloat16), "m.idx": torch.arange(3),
+        "b.half": torch.randn(2, 2).half(), "flag": torch.tensor([True, False, True]), "s": torch.tensor(2.5),
+        "d64": torch.randn(4, dtype=torch.float64), "e": torch.zeros(0), "i8": torch.arange(5, dtype=torch.int8),
+    }
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    writer = ShardedWriter(tmp_path / "streamed")
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    streamed = (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    assert streamed == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_sharded_writer_holds_no_tensor(tmp_path):
+    """Guards against the writer buffering a shard's tensors in memory: each tensor's bytes are on
+    disk when add() returns, and the writer keeps no reference to it."""
+    import weakref
+
+    writer = ShardedWriter(tmp_path)
+    t = torch.randn(1000)
+    ref = weakref.ref(t)
+    writer.add("t", t)
+    del t
+    assert ref() is None, "the writer kept the tensor alive"
+    spilled = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(spilled) == 1 and spilled[0].stat().st_size == 4000
+    writer.close()
+
+
 def test_sharded_writer_single_shard_name(tmp_path):
     """Guards against a one-shard output getting a -00001-of-00001 name transformers does not expect."""
     writer = ShardedWriter(tmp_path)
@@ -256,14 +290,13 @@ def test_output_folder_exception_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_is_mapped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["add", "write"])  # spilling a tensor, laying out the shard
+def test_disk_full_is_mapped(tmp_path, monkeypatch, step):
     """Guards against ENOSPC surfacing as a raw traceback and leaving a partial output."""
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(f"latentkv.io.writer._Shard.{step}", full)
     target = tmp_path / "out"
     with pytest.raises(LatentKVError, match="disk full while writing .*out; free space or choose another --output"):
         with OutputFolder(target) as out:

@@ -100,13 +100,15 @@ def build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32):
-    """Write a random model of case `name` (a key of TINY_CONFIGS) to `folder`; returns the model."""
+def build_tiny_model(name: str, folder: Path, seed: int = 0, dtype=torch.float32, **overrides):
+    """Write a random model of case `name` (a key of TINY_CONFIGS) to `folder`; returns the model.
+    `overrides`: config fields changed from the case's (e.g. a wider hidden size)."""
     import transformers
     from transformers import GenerationConfig
 
     cls_name, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, cls_name)(**{k: v for k, v in {**_COMMON, **extra}.items() if v is not None})
+    fields = {**_COMMON, **extra, **overrides}
+    config = getattr(transformers, cls_name)(**{k: v for k, v in fields.items() if v is not None})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Biases are zero-initialised by HF; make them matter so bias handling is really tested.

@@ -32,7 +32,8 @@ class GQAPlan:
     groups: list[list[list[int]]]  # per layer: source KV heads merged into each new KV head
     predicted_loss: list[float]
     contiguous_loss: list[float]
-    built: dict = field(default_factory=dict)  # layer -> tensors, filled by sequential calibration
+    # layer -> tensors, filled by sequential calibration (`convert` spills them to disk)
+    built: dict = field(default_factory=dict)
 
     def key(self) -> list:
         return self.groups

@@ -30,7 +30,8 @@ LAYERS_FILE = "latentkv_layers.json"  # per-layer widths and fit figures of a co
 class MLAPlan:
     widths: list[tuple[int, int]]  # (rope_dim, kv_lora_rank) per layer
     predicted_error: list[float]
-    built: dict = field(default_factory=dict)  # layer -> (tensors, spec), filled by sequential calibration
+    # layer -> (tensors, spec), filled by sequential calibration (`convert` spills them to disk)
+    built: dict = field(default_factory=dict)
     reports: dict = field(default_factory=dict)  # layer -> fit figures known only once the layer is built
     fmt: str = "latentkv"  # output format, for widths chosen during the pass (`plan_in_pass`)
 
@@ -453,8 +454,8 @@ def _filter_bias(tensors: dict, config) -> dict:
 
 
 def _kept(tensors: dict) -> dict:
-    """A built layer held until writing, in float32: the fit works in float64, but every layer is
-    held at once and the checkpoint is written in float32 or narrower."""
+    """A built layer kept until writing, in float32: the fit works in float64, but the checkpoint is
+    written in float32 or narrower."""
     return {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
 
 

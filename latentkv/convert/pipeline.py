@@ -247,7 +247,7 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     """Run a whole conversion; the output folder appears only when everything succeeded."""
     from latentkv.convert.registry import get_method
     from latentkv.io.source import open_source
-    from latentkv.io.writer import OutputFolder
+    from latentkv.io.writer import OutputFolder, SpilledLayers
 
     t0 = time.perf_counter()
     check_settings(opts)
@@ -274,47 +274,55 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     )
     stream = LayerStream(source.config, source.weights, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size)
     model_fp = checkpoint_fingerprint(source.folder, source.weights)  # the weights' content, read once
-    caches: list[StatsCache] = []
-    sequential = getattr(method_cfg, "sequential", False)
-    in_pass = getattr(method, "plan_in_pass", None)
-    plan = in_pass(stream, method_cfg, opts.format) if sequential and in_pass is not None else None
-    if plan is not None:
-        # One pass: each layer's statistics come from the converted layers before it, and its
-        # width and replacement (and refit) are made from them before the pass moves on.
-        seq_cache = _stats_cache(source, opts, windows, {"method": opts.method, **opts.method_options, "plan": "in-pass"},
-                                 model_fp)
-        progress = progress_factory("calibrating (sequential)", stream.num_layers) if progress_factory else None
-        caches.append(seq_cache)
-        stats = collect_stats(
-            stream, windows, seq_cache, opts.calib, progress=progress,
-            on_layer=lambda i, layer, st, batches: method.sequential_module(
-                stream, i, st, plan, method_cfg, layer.get_submodule(stream.arch.attention), batches),
-        )
-    else:
-        progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
-        cache = _stats_cache(source, opts, windows, None, model_fp)
-        caches.append(cache)
-        stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
-        plan = method.plan(stream, stats, method_cfg, opts.format)
-        if sequential or getattr(method_cfg, "refit_output", False):
-            # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
+    # Layers a pass through the converted layers builds wait on disk for the writing, not in memory.
+    spill = SpilledLayers(out.path)
+    try:
+        caches: list[StatsCache] = []
+        sequential = getattr(method_cfg, "sequential", False)
+        in_pass = getattr(method, "plan_in_pass", None)
+        plan = None
+        if sequential and in_pass is not None:
+            plan = _spilling(in_pass(stream, method_cfg, opts.format), spill)
+        if plan is not None:
+            # One pass: each layer's statistics come from the converted layers before it, and its
+            # width and replacement (and refit) are made from them before the pass moves on.
             seq_cache = _stats_cache(source, opts, windows,
-                                     {"method": opts.method, **opts.method_options, "plan": plan.key()}, model_fp)
-            progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
-            first_pass = stats
-            # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
-            pass_windows = windows if sequential else windows[: getattr(method_cfg, "refit_windows", None) or len(windows)]
-            seq_stats = collect_stats(
-                stream, pass_windows, seq_cache, opts.calib, progress=progress,
+                                     {"method": opts.method, **opts.method_options, "plan": "in-pass"}, model_fp)
+            progress = progress_factory("calibrating (sequential)", stream.num_layers) if progress_factory else None
+            caches.append(seq_cache)
+            stats = collect_stats(
+                stream, windows, seq_cache, opts.calib, progress=progress,
                 on_layer=lambda i, layer, st, batches: method.sequential_module(
-                    stream, i, st if sequential else first_pass[i], plan, method_cfg,
-                    layer.get_submodule(stream.arch.attention), batches),
-                collect=sequential,
+                    stream, i, st, plan, method_cfg, layer.get_submodule(stream.arch.attention), batches),
             )
-            stats = seq_stats if sequential else first_pass
-    with out:
-        progress = progress_factory("writing", stream.num_layers) if progress_factory else None
-        result = method.write(stream, stats, plan, method_cfg, opts, source, out.tmp, save_dtype, progress)
+        else:
+            progress = progress_factory("calibrating", stream.num_layers) if progress_factory else None
+            cache = _stats_cache(source, opts, windows, None, model_fp)
+            caches.append(cache)
+            stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
+            plan = _spilling(method.plan(stream, stats, method_cfg, opts.format), spill)
+            if sequential or getattr(method_cfg, "refit_output", False):
+                # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
+                seq_cache = _stats_cache(source, opts, windows,
+                                         {"method": opts.method, **opts.method_options, "plan": plan.key()}, model_fp)
+                progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
+                first_pass = stats
+                # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
+                refit_windows = getattr(method_cfg, "refit_windows", None) or len(windows)
+                pass_windows = windows if sequential else windows[:refit_windows]
+                seq_stats = collect_stats(
+                    stream, pass_windows, seq_cache, opts.calib, progress=progress,
+                    on_layer=lambda i, layer, st, batches: method.sequential_module(
+                        stream, i, st if sequential else first_pass[i], plan, method_cfg,
+                        layer.get_submodule(stream.arch.attention), batches),
+                    collect=sequential,
+                )
+                stats = seq_stats if sequential else first_pass
+        with out:
+            progress = progress_factory("writing", stream.num_layers) if progress_factory else None
+            result = method.write(stream, stats, plan, method_cfg, opts, source, out.tmp, save_dtype, progress)
+    finally:
+        spill.close()
     result.seconds = time.perf_counter() - t0
     peak = peak_memory_bytes()
     if peak is not None:
@@ -325,6 +333,13 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
             result.notes.append(f"calibration statistics of {c.reused_layers} layer(s) reused from {c.folder} "
                                 "(same weights, text and settings; delete that folder to recompute)")
     return result
+
+
+def _spilling(plan, spill):
+    """The plan, its built layers (if it keeps any) kept in `spill` on disk."""
+    if plan is not None and hasattr(plan, "built"):
+        plan.built = spill
+    return plan
 
 
 def check_settings(opts: ConvertOptions) -> None:

@@ -37,9 +37,11 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
     acc = _accelerator(opts)
     # Refuse, before any work (or log file), an output that is an input (or holds one) or a folder it may not replace.
     out = OutputFolder(opts.output, overwrite=opts.overwrite, sources=(opts.model, opts.teacher, opts.data))
+    model_dir = _model_dir(opts.model)
+    config = _read_config(model_dir)
+    check_positions(opts, config)  # before the log file: a refused run leaves nothing behind
     with _log_file(opts.log_file if acc.is_main_process else None):
-        model_dir = _model_dir(opts.model)
-        row = tg.targets_for(_read_config(model_dir))
+        row = tg.targets_for(config)
         tokenizer = _tokenizer(model_dir, opts.trust_remote_code)
         teacher_dir = _teacher_dir(opts, tokenizer) if opts.teacher else None
         from latentkv.calibration.data import TextSource
@@ -216,6 +218,21 @@ def _read_config(folder: Path):
     config = read_config_json(folder)
     check_self_contained(folder, config)
     return SimpleNamespace(**config)
+
+
+def check_positions(opts: FinetuneOptions, config) -> None:
+    """Training sequences and evaluation windows within the positions the model was trained for
+    (a converted model's config keeps the source's limit in `source_config`)."""
+    from types import SimpleNamespace
+
+    from latentkv.calibration.runner import check_seq_len
+
+    source = getattr(config, "source_config", None) or {}
+    limit = SimpleNamespace(max_position_embeddings=getattr(config, "max_position_embeddings", None)
+                            or source.get("max_position_embeddings"))
+    check_seq_len(limit, opts.seq_len, "--seq-len")
+    if opts.eval_windows:
+        check_seq_len(limit, opts.eval_window, "--eval-window")
 
 
 def _tokenizer(folder: Path, trust_remote_code: bool):

@@ -1,8 +1,10 @@
 """Read one tensor at a time from a checkpoint folder, never the whole model.
 
-Safetensors shards are memory-mapped through `safe_open`; their headers are parsed up front (a few
-kilobytes each) so a missing, truncated or corrupt shard is reported when the folder is opened,
-not an hour into a conversion. PyTorch `.bin` files are read only with
+Safetensors tensors are read with plain file reads at the offsets their headers give, not through a
+memory map: mapped pages would stay resident (and count against the process) for as long as the
+shard is open, so a pass over every layer would end up holding the whole checkpoint. The headers
+are parsed up front (a few kilobytes each) so a missing, truncated or corrupt shard is reported when
+the folder is opened, not an hour into a conversion. PyTorch `.bin` files are read only with
 `torch.load(weights_only=True, mmap=True)`: no pickle code runs and nothing is copied into RAM
 until a tensor is asked for.
 """
@@ -13,6 +15,7 @@ import difflib
 import json
 import logging
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,10 +70,27 @@ class _Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype | None  # None: a dtype this torch build cannot represent
     nbytes: int
+    offset: int | None = None  # safetensors: where the tensor's bytes start in the file
 
 
-def _read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header; raise a LatentKVError naming the file if it is damaged."""
+def _read_span(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes of a file from `offset`, as a fresh uint8 tensor (read, not mapped)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    with path.open("rb", buffering=0) as fh:
+        fh.seek(offset)
+        done = 0
+        while done < nbytes:  # one read() returns at most ~2 GB on Linux
+            got = fh.readinto(view[done:])
+            if not got:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += got
+    return buf
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header; return it and the file offset where the data begins. Raise a
+    LatentKVError naming the file if it is damaged."""
     fix = f"re-download or re-export {path.name}"
     try:
         size = path.stat().st_size
@@ -121,7 +141,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
                     f"Shard {path} is corrupt: tensor {name!r} has shape {shape} {dtype_name} but "
                     f"{end - begin} bytes; {fix}."
                 )
-    return header
+    return header, 8 + header_len
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -253,19 +273,21 @@ class LazyCheckpoint:
         self.format = "safetensors"
         self.files = list(paths.values())
         for tensor, shard in weight_map.items():
-            info = headers[shard].get(tensor)
+            header, data_start = headers[shard]
+            info = header.get(tensor)
             if info is None:
                 raise LatentKVError(
                     f"Index {index_path.name} says {tensor!r} is in {shard}, but that shard does not hold it; "
                     "the checkpoint is inconsistent: re-download it."
                 )
-            self._entries[tensor] = self._entry(paths[shard], info)
+            self._entries[tensor] = self._entry(paths[shard], info, data_start)
 
     def _open_safetensors_files(self, files: list[Path]) -> None:
         self.format = "safetensors"
         self.files = files
         for path in files:
-            for tensor, info in _read_safetensors_header(path).items():
+            header, data_start = _read_safetensors_header(path)
+            for tensor, info in header.items():
                 if tensor == "__metadata__":
                     continue
                 if tensor in self._entries:
@@ -273,12 +295,13 @@ class LazyCheckpoint:
                         f"Tensor {tensor!r} appears in both {self._entries[tensor].file.name} and {path.name}; "
                         "remove the stray file from the folder."
                     )
-                self._entries[tensor] = self._entry(path, info)
+                self._entries[tensor] = self._entry(path, info, data_start)
 
     @staticmethod
-    def _entry(path: Path, info: dict[str, Any]) -> _Entry:
+    def _entry(path: Path, info: dict[str, Any], data_start: int) -> _Entry:
         begin, end = info["data_offsets"]
-        return _Entry(path, tuple(int(d) for d in info["shape"]), _ST_DTYPES.get(info["dtype"]), int(end) - int(begin))
+        return _Entry(path, tuple(int(d) for d in info["shape"]), _ST_DTYPES.get(info["dtype"]), int(end) - int(begin),
+                      offset=data_start + int(begin))
 
     def _open_bin_index(self, index_path: Path) -> None:
         weight_map = _read_index(index_path)
@@ -353,7 +376,17 @@ class LazyCheckpoint:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read exactly one tensor (a fresh tensor; changing it never touches the file)."""
         entry = self._lookup(name)
-        if self.format == "safetensors":
+        if self.format == "safetensors" and entry.dtype is not None and sys.byteorder == "little":
+            try:
+                raw = _read_span(entry.file, entry.offset, entry.nbytes)
+            except OSError as exc:
+                raise LatentKVError(
+                    f"Could not read {name!r} from {entry.file}: {exc}; the shard is damaged: re-download it."
+                ) from exc
+            # Already a private buffer: copied again only for a dtype or device change.
+            tensor = raw.view(entry.dtype).reshape(entry.shape)
+            return tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+        if self.format == "safetensors":  # a big-endian host: safetensors' own reader swaps the bytes
             handle = self._handle(entry.file)
             try:
                 tensor = handle.get_tensor(name)
@@ -373,8 +406,8 @@ class LazyCheckpoint:
     ) -> dict[str, torch.Tensor]:
         """All tensors whose name starts with `prefix` (e.g. `"model.layers.3."` for one layer)."""
         names = [n for n in self._entries if n.startswith(prefix)]
-        # Read shard by shard so each memory map is walked once.
-        names.sort(key=lambda n: str(self._entries[n].file))
+        # Read shard by shard, each file front to back.
+        names.sort(key=lambda n: (str(self._entries[n].file), self._entries[n].offset or 0))
         got = {n: self.get(n, dtype=dtype, device=device) for n in names}
         return {n: got[n] for n in self._entries if n in got}  # back to checkpoint order
 

@@ -1,7 +1,7 @@
 """Write outputs so that a crash, a full disk or Ctrl-C never leaves a half-written folder.
 
 `OutputFolder` builds everything in a hidden temp folder beside the target and moves it into
-place only when the work finished; `ShardedWriter` writes safetensors shards as they fill (so a
+place only when the work finished; `ShardedWriter` writes each tensor to disk as it comes (so a
 model is never held whole in memory) and names them once their count is known.
 """
 
@@ -163,6 +163,47 @@ def write_marker(folder: Path) -> None:
     )
 
 
+# The files outputs of latentkv versions that wrote no marker hold: convert (latentkv, DeepSeek and
+# GQA formats: weights, config, copied tokenizer files, `modeling_latentkv.py`, `latentkv_layers.json`,
+# `latentkv_recipe.yaml`, README.md) and finetune (full weights or a LoRA adapter, `latentkv_finetune.json`).
+LEGACY_OUTPUT_FILES = frozenset({
+    "config.json", "model.safetensors", "model.safetensors.index.json", "README.md", "modeling_latentkv.py",
+    "latentkv_layers.json", "latentkv_recipe.yaml", "latentkv_finetune.json", "adapter_config.json",
+    "adapter_model.safetensors", *SIDECAR_FILES,
+})
+LEGACY_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def foreign_to_legacy_output(present: list[str]) -> list[str]:
+    """The entries of a folder that no marker-less latentkv output holds."""
+    return [f for f in present if f not in LEGACY_OUTPUT_FILES and not LEGACY_SHARD_RE.match(f)]
+
+
+def has_latentkv_marks(folder: Path) -> bool:
+    """Whether a folder's own files say latentkv wrote it: a config of model_type `latentkv`, a
+    recipe naming the latentkv version that wrote it, or a healing run's record."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and config.get("model_type") == "latentkv":
+        return True
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((folder / "latentkv_recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        recipe = None
+    if isinstance(recipe, dict) and "latentkv_version" in recipe:
+        return True
+    return (folder / "latentkv_finetune.json").is_file()
+
+
+def is_legacy_output(folder: Path, present: list[str]) -> bool:
+    """A folder an older latentkv wrote before outputs carried a marker: only files it writes, and its marks."""
+    return not foreign_to_legacy_output(present) and has_latentkv_marks(folder)
+
+
 def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -194,10 +235,20 @@ def check_replaceable(target: Path, overwrite: bool) -> None:
     if not present:
         return
     ours = read_marker(target)
+    legacy = ours is None and is_legacy_output(target, present)
     if not overwrite:
-        advice = ("pass --overwrite to replace it or choose another path" if ours is not None else
+        advice = ("pass --overwrite to replace it or choose another path" if ours is not None or legacy else
                   "it was not written by latentkv, so --overwrite will not replace it: choose another path")
         raise LatentKVError(f"Output folder {target} is not empty; {advice}")
+    if legacy:
+        logger.info("%s has no %s but holds only files latentkv writes, with its marks: an output of an older "
+                    "latentkv, replaced", target, MARKER_FILE)
+        return
+    if ours is None and has_latentkv_marks(target):
+        raise LatentKVError(
+            f"Output folder {target} holds files latentkv did not write; --overwrite would lose "
+            f"{_listing(target, foreign_to_legacy_output(present))}. Move them away, or choose another path."
+        )
     if ours is None:
         raise LatentKVError(
             f"Output folder {target} was not written by latentkv (no {MARKER_FILE}); --overwrite would lose "
@@ -343,15 +394,86 @@ class OutputFolder:
         return LatentKVError(f"Could not write {self.path}: {exc}; check permissions or choose another --output")
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+# safetensors' dtype names, in the order of its Rust `Dtype` enum: a shard lays its tensors out by
+# this rank, highest first, then by name (what `safetensors.torch.save_file` writes).
+_ST_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
+                   "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_TORCH_TO_ST = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+                "float8_e8m0fnu": "F8_E8M0", "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16",
+                "int32": "I32", "uint32": "U32", "float32": "F32", "complex64": "C64", "float64": "F64",
+                "int64": "I64", "uint64": "U64"}
+_COPY_CHUNK = 16 << 20  # bytes moved at a time from a shard's spill file into the shard
+
+
+def _safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
+    st = _TORCH_TO_ST.get(str(tensor.dtype).removeprefix("torch."))
+    if st is None:
+        raise LatentKVError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store; cast it first.")
+    return st
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _Shard:
+    """One shard being filled: its tensors' bytes go straight to a spill file, in arrival order;
+    only their names, dtypes, shapes and spill offsets are kept in memory."""
+
+    def __init__(self, spill: Path) -> None:
+        self.spill = spill
+        self.fh = spill.open("wb", buffering=0)  # unbuffered: a tensor's bytes leave the process at once
+        self.entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, spill offset, bytes
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        data, done = _tensor_bytes(t), 0
+        while done < nbytes:  # a raw write may take fewer bytes than offered
+            done += self.fh.write(data[done:])
+        self.entries.append((name, _safetensors_dtype(name, t), list(t.shape), self.nbytes, nbytes))
+        self.nbytes += nbytes
+
+    def write(self, path: Path, metadata: dict[str, str]) -> list[str]:
+        """The finished shard at `path`, laid out byte for byte as safetensors' `save_file` lays out
+        the same tensors; return its tensor names in that order."""
+        self.fh.close()
+        ordered = sorted(self.entries, key=lambda e: (-_ST_DTYPE_ORDER.index(e[1]), e[0]))
+        header: dict = {"__metadata__": metadata}
+        begin = 0
+        for name, dtype, shape, _, nbytes in ordered:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + nbytes]}
+            begin += nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+        chunk = bytearray(min(_COPY_CHUNK, max(self.nbytes, 1)))
+        with self.spill.open("rb") as src, path.open("wb") as dst:
+            dst.write(len(raw).to_bytes(8, "little"))
+            dst.write(raw)
+            for _, _, _, offset, nbytes in ordered:
+                src.seek(offset)
+                while nbytes:
+                    got = src.readinto(memoryview(chunk)[: min(nbytes, len(chunk))])
+                    if not got:
+                        raise OSError(f"spill file {self.spill} ended early")
+                    dst.write(memoryview(chunk)[:got])
+                    nbytes -= got
+        self.spill.unlink()
+        return [e[0] for e in ordered]
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.spill.unlink(missing_ok=True)
 
 
 class ShardedWriter:
     """Write tensors into safetensors shards of at most `max_shard_size` bytes, as they come.
 
-    Shards get temporary names while written and their final `model-0000i-of-0000N` names at
-    `close()`, when N is known. A tensor larger than the limit gets a shard of its own.
+    Each tensor's bytes go to disk when it is added (nothing is buffered in memory: a conversion
+    holds one layer, not the model); a full shard is then laid out in safetensors' order. Shards get
+    temporary names while written and their final `model-0000i-of-0000N` names at `close()`, when
+    N is known. A tensor larger than the limit gets a shard of its own.
     """
 
     def __init__(self, folder: str | Path, max_shard_size: str | int = "5GB", prefix: str = "model") -> None:
@@ -359,62 +481,59 @@ class ShardedWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_size = parse_size(max_shard_size)
         self.prefix = prefix
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._shard: _Shard | None = None
         self._shards: list[tuple[Path, list[str]]] = []  # (temp path, tensor names)
         self._names: set[str] = set()
-        self._storages: set[tuple[str, int]] = set()  # storages of the buffered tensors
         self._total = 0
         self._closed = False
         self._tag = uuid.uuid4().hex[:8]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; writes a shard first if this tensor would overflow the current one."""
+        """Write one tensor; finishes the current shard first if this tensor would overflow it."""
         if self._closed:
             raise LatentKVError("ShardedWriter is closed; create a new writer to write more tensors.")
         if name in self._names:
             raise LatentKVError(f"Tensor {name!r} was written twice; each weight name must be unique.")
         if tensor.device.type == "meta":
             raise LatentKVError(f"Tensor {name!r} is on the meta device (never materialised); load its weights first.")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        # safetensors refuses tensors that share storage (tied weights, slices of a fused weight)
-        # and writes only contiguous data; a view of a larger storage would also pin that storage
-        # in the buffer. Clone in those cases so each buffered tensor owns exactly its bytes.
-        shares = _storage_key(t) in self._storages
-        owns_all = t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0
-        if not t.is_contiguous() or shares or not owns_all:
-            t = t.contiguous().clone()
+        t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
+        if self._shard is not None and self._shard.entries and self._shard.nbytes + nbytes > self.max_shard_size:
             self._flush()
-        self._buffer[name] = t
-        self._storages.add(_storage_key(t))
-        self._buffer_bytes += nbytes
+        try:
+            if self._shard is None:
+                self._shard = _Shard(self._temp_path("spill"))
+            self._shard.add(name, t)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise self._disk_full() from exc
+            raise
         self._names.add(name)
         self._total += nbytes
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        from safetensors.torch import save_file
+    def _temp_path(self, kind: str) -> Path:
+        return self.folder / f".{self.prefix}-{self._tag}-{len(self._shards) + 1:05d}.{kind}.partial.safetensors"
 
-        path = self.folder / f".{self.prefix}-{self._tag}-{len(self._shards) + 1:05d}.partial.safetensors"
+    def _disk_full(self) -> LatentKVError:
+        return LatentKVError(f"disk full while writing {self.folder}; free space or choose another --output")
+
+    def _flush(self) -> None:
+        shard, self._shard = self._shard, None
+        if shard is None or not shard.entries:
+            if shard is not None:
+                shard.discard()
+            return
+        path = self._temp_path("shard")
         try:
-            save_file(self._buffer, str(path), metadata={"format": "pt"})
+            names = shard.write(path, {"format": "pt"})
         except Exception as exc:
+            shard.discard()
             path.unlink(missing_ok=True)
             if is_disk_full(exc):
-                raise LatentKVError(
-                    f"disk full while writing {self.folder}; free space or choose another --output"
-                ) from exc
+                raise self._disk_full() from exc
             raise
-        self._shards.append((path, list(self._buffer)))
-        logger.debug("Wrote shard %d (%d tensors, %d bytes)", len(self._shards), len(self._buffer), self._buffer_bytes)
-        self._buffer = {}
-        self._storages = set()
-        self._buffer_bytes = 0
+        self._shards.append((path, names))
+        logger.debug("Wrote shard %d (%d tensors, %d bytes)", len(self._shards), len(names), shard.nbytes)
 
     def close(self) -> dict:
         """Write the last shard, give every shard its final name, write the index; return it.
@@ -455,8 +574,57 @@ class ShardedWriter:
             self.close()
         elif exc is not None:
             # Leave no stray temp shards; the enclosing OutputFolder would delete them anyway.
+            if self._shard is not None:
+                self._shard.discard()
             for tmp_path, _ in self._shards:
                 tmp_path.unlink(missing_ok=True)
+
+
+class SpilledLayers:
+    """Layers built during a pass and written after it, kept on disk meanwhile: a pass that builds
+    every layer then holds one layer's tensors, not the model's.
+
+    `spill[i] = tensors` or `(tensors, extra)`; `spill[i]` reads the tensors back (same names, order,
+    dtypes, devices and values) with `extra` (small: a layer's spec), which stays in memory. The
+    files live in a temporary folder beside the output, named like a partial output so that a killed
+    run's folder is removed by the next run (`clean_leftovers`); `close()` removes it.
+    """
+
+    def __init__(self, beside: str | Path) -> None:
+        self.beside = Path(beside).expanduser().absolute()
+        self.folder: Path | None = None
+        self._layers: dict[int, tuple[list[str], dict[str, torch.device], object, bool]] = {}
+
+    def __contains__(self, i: object) -> bool:
+        return i in self._layers
+
+    def __setitem__(self, i: int, value) -> None:
+        from safetensors.torch import save_file
+
+        has_extra = isinstance(value, tuple)
+        tensors, extra = value if has_extra else (value, None)
+        if self.folder is None:
+            self.beside.parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.beside.name}.partial-{os.getpid()}-",
+                                                dir=self.beside.parent))
+        # Own copies: safetensors refuses tensors that share storage.
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+                  str(self.folder / f"layer-{i}.safetensors"))
+        self._layers[i] = (list(tensors), {k: v.device for k, v in tensors.items()}, extra, has_extra)
+
+    def __getitem__(self, i: int):
+        from safetensors.torch import load_file
+
+        names, devices, extra, has_extra = self._layers[i]
+        loaded = load_file(str(self.folder / f"layer-{i}.safetensors"))
+        tensors = {k: loaded[k].to(devices[k]) for k in names}  # the order they came in (shards follow it)
+        return (tensors, extra) if has_extra else tensors
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        self._layers.clear()
 
 
 def copy_sidecars(src_folder: str | Path, dst_folder: str | Path) -> list[str]:
