@@ -501,9 +501,14 @@ def finetune(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.", rich_help_panel="Training")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile student and teacher.", rich_help_panel="Training")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel="Training")] = 500,
+    stop_after_steps: Annotated[Optional[int], typer.Option(help="Stop with a checkpoint after this many steps of this process (rerun the same command to go on).", rich_help_panel="Training")] = None,
+    stop_after_seconds: Annotated[Optional[float], typer.Option(help="Stop with a checkpoint before this many seconds since the start would pass (at least one step is made; rerun the same command to go on).", rich_help_panel="Training")] = None,
     merge: Annotated[bool, typer.Option(help="Fold LoRA into the weights and write the model's own format.", rich_help_panel="Output")] = False,
     eval_windows: EvalWindows = 64,
-    eval_at: Annotated[Optional[list[int]], typer.Option(help="Token counts at which to measure perplexity during training.", rich_help_panel="Evaluation")] = None,
+    eval_at: Annotated[Optional[list[int]], typer.Option(help="Token counts at which to measure perplexity during training (0: the untrained model).", rich_help_panel="Evaluation")] = None,
+    kl_data: Annotated[Optional[str], typer.Option(help="Held-out text (not the training text) on which every evaluation also measures KL(teacher || student).", rich_help_panel="Evaluation")] = None,
+    kl_windows: Annotated[int, typer.Option(help="Windows of --kl-data.", rich_help_panel="Evaluation")] = 16,
+    kl_window: Annotated[int, typer.Option(help="Tokens per --kl-data window.", rich_help_panel="Evaluation")] = 512,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), bf16 or fp32.", rich_help_panel="Runtime")] = "auto",
     seed: CalibSeed = 0,
     overwrite: Overwrite = False,
@@ -522,8 +527,10 @@ def finetune(
                 mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
                 anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
                 gradient_checkpointing=gradient_checkpointing,
-                compile=compile, checkpoint_every=checkpoint_every, merge=merge, eval_windows=eval_windows,
-                eval_at=tuple(eval_at or ()), precision=precision, seed=seed, overwrite=overwrite,
+                compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
+                stop_after_seconds=stop_after_seconds, merge=merge, eval_windows=eval_windows,
+                eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
+                precision=precision, seed=seed, overwrite=overwrite,
                 trust_remote_code=trust_remote_code, command=_command_line(ctx))
     result = _run(run_finetune, opts)
     import os
