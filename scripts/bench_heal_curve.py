@@ -154,11 +154,11 @@ def check_args(args) -> None:
     if args.window_steps is not None and args.window_steps < 1:
         raise UsageError(f"--window-steps must be >= 1, got {args.window_steps}")
     if args.window_minutes is not None:
-        least = (STARTUP_S + args.window_reserve_s) / 60
+        least = (2 * STARTUP_S + args.window_reserve_s) / 60
         if args.window_reserve_s < 0 or args.window_minutes < least:
             raise UsageError(f"--window-minutes {args.window_minutes:g} is too short: a window must hold the start-up of "
-                             f"a run ({STARTUP_S:.0f} s) and --window-reserve-s ({args.window_reserve_s:g} s); give at "
-                             f"least {least:g} minutes")
+                             f"this command and of a run ({2 * STARTUP_S:.0f} s) and --window-reserve-s "
+                             f"({args.window_reserve_s:g} s); give at least {least:g} minutes")
     if args.kl_windows < 1 or args.kl_window < 2 or args.eval_windows < 1:
         raise UsageError("--kl-windows and --eval-windows must be >= 1 and --kl-window >= 2")
     if args.device is None:
@@ -340,7 +340,8 @@ def heal_target(args, target: dict, source: Path, work: Path, jsonl: Path, windo
                 "target": target["spec"], "kv_fraction": fraction, "tokens": int(e["tokens"]),
                 "ppl": e["perplexity"], "kl": e.get("kl"), "tokens_per_s": e.get("tokens_per_s"),
                 "mfu": e.get("mfu"), "mfu_formula": FORMULA, "gpus": args.gpus,
-                "launch": "fsdp" if args.fsdp else ("data parallel" if args.gpus > 1 else "one process"),
+                "launch": "fsdp" if args.fsdp else ("data parallel" if args.gpus > 1 else
+                                                     "accelerate, one process" if args.accelerate else "one process"),
                 "device": device_name(args.device), "train_s": e.get("train_seconds"), "wall_s": wall,
                 "source_ppl": recorded.get("teacher"), "protocol": protocol,
                 "heldout": Path(heldout).name, "lr": args.lr, "batch_tokens": args.batch_size * args.seq_len,
