@@ -216,12 +216,25 @@ def training_text(args, source: Path, work: Path) -> tuple[str, dict]:
                        "sample_documents": r.documents, "sample_seconds": r.seconds, "sample_tokens_per_s": r.tokens_per_s}
 
 
-def launcher(gpus: int) -> list[str]:
-    """The command prefix that runs `latentkv` on one GPU, or data parallel on `gpus` through accelerate."""
-    if gpus <= 1:
+def launcher(gpus: int, accelerate: bool = False, fsdp: bool = False, layer_class: str = "LlamaDecoderLayer",
+             cpu: bool = False) -> list[str]:
+    """The command prefix that runs `latentkv` on one GPU, or data parallel on `gpus` through accelerate.
+
+    accelerate: launch through `accelerate launch` even for one process; fsdp: FULL_SHARD over the
+    processes, `layer_class` wrapped (for a student that does not fit one GPU); cpu: no GPU."""
+    if gpus <= 1 and not accelerate and not fsdp:
         return [sys.executable, "-m", "latentkv.cli"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentkv.cli"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if cpu:
+        cmd.append("--cpu")
+    if fsdp:
+        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy",
+                "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", layer_class,
+                "--fsdp_use_orig_params", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+    elif gpus > 1:
+        cmd.append("--multi_gpu")
+    return [*cmd, "-m", "latentkv.cli"]
 
 
 def heal(args, mode: str, tokens: int, model: Path, source: Path, work: Path, data: str) -> dict:

@@ -74,10 +74,16 @@ class FinetuneOptions:
         written to `<output>.checkpoints/`; rerunning the same command resumes from the last one.
     keep_checkpoints: how many checkpoints to keep; keep_checkpoints_after: keep the folder when done.
     stop_after_steps: stop (with a checkpoint) after this many steps in this process; rerun to go on.
+    stop_after_seconds: stop (with a checkpoint) before this many seconds since the start of this
+        process would pass, judged from the last step's, evaluation's and checkpoint's durations (at
+        least one step is always made); rerun to go on. Lets a long run proceed in fixed time windows.
     merge: fold the LoRA adapters into the weights and write the model's own format (else the
         adapter alone is written).
     eval_text / eval_windows / eval_window: the perplexity protocol measured before and after (and
-        at `eval_at` token counts during training); eval_windows = 0 skips it.
+        at `eval_at` token counts during training); eval_windows = 0 skips it. A 0 in `eval_at`
+        records the untrained model as the first evaluation.
+    kl_text / kl_windows / kl_window: held-out text (not the training text) on which every evaluation
+        also measures KL(teacher || student) in nats per token, over kl_windows x kl_window tokens.
     """
 
     model: str
@@ -117,6 +123,7 @@ class FinetuneOptions:
     keep_checkpoints: int = 2
     keep_checkpoints_after: bool = False
     stop_after_steps: int | None = None
+    stop_after_seconds: float | None = None
     merge: bool = False
     save_dtype: str | None = None
     max_shard_size: str = "5GB"
@@ -124,6 +131,9 @@ class FinetuneOptions:
     eval_windows: int = 64
     eval_window: int = 512
     eval_at: tuple[int, ...] = ()
+    kl_text: str | None = None
+    kl_windows: int = 16
+    kl_window: int = 512
     log_every: int = 10
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -196,7 +206,17 @@ class FinetuneOptions:
             raise LatentKVError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
         if self.eval_windows < 0 or self.eval_window < 2:
             raise LatentKVError("--eval-windows must be >= 0 and --eval-window >= 2")
+        if self.stop_after_seconds is not None and not self.stop_after_seconds > 0:
+            raise LatentKVError(f"--stop-after-seconds must be > 0, got {self.stop_after_seconds}")
         self.eval_at = tuple(sorted({int(t) for t in self.eval_at}))
+        if any(t < 0 for t in self.eval_at):
+            raise LatentKVError(f"--eval-at takes token counts >= 0, got {min(self.eval_at)}")
+        if self.kl_text is not None:
+            if self.teacher is None:
+                raise LatentKVError("--kl-data measures the KL to the teacher: pass --teacher too")
+            if self.kl_windows < 1 or self.kl_window < 2:
+                raise LatentKVError("--kl-windows must be >= 1 and --kl-window >= 2")
+            check_held_out(self.kl_text, self.data)
 
     @property
     def output_path(self) -> Path:
@@ -227,9 +247,19 @@ class FinetuneOptions:
 
     def recipe(self) -> dict:
         d = asdict(self)
-        for k in ("output", "overwrite", "command", "stop_after_steps", "keep_checkpoints_after"):
+        for k in ("output", "overwrite", "command", "stop_after_steps", "stop_after_seconds", "keep_checkpoints_after"):
             d.pop(k)
         return d
+
+
+def check_held_out(held_out: str, data: str) -> None:
+    """Refuse held-out text that is the training text or lies inside it (a file of a --data folder)."""
+    from latentkv.data import resolve_text
+
+    h, d = Path(resolve_text(held_out)).expanduser().absolute(), Path(resolve_text(data)).expanduser().absolute()
+    if h == d or d in h.parents:
+        raise LatentKVError(f"--kl-data {held_out} is part of the training text {data}; the KL must be measured on "
+                            "held-out text (e.g. `latentkv sample` with another --seed)")
 
 
 @dataclass

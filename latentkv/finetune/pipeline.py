@@ -58,7 +58,9 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
         if opts.hidden_weight > 0:
             check_same_residual_stream(student.config, teacher.config, opts.teacher)
         eval_windows = _eval_windows(opts, tokenizer)
-        trainer = Trainer(opts, acc, student, teacher, data, plan, autocast, eval_windows, progress)
+        kl_windows = _kl_windows(opts, tokenizer)
+        trainer = Trainer(opts, acc, student, teacher, data, plan, autocast, eval_windows, progress,
+                          kl_windows=kl_windows, started=t0)
         _log_plan(opts, plan, data, trainer, student, teacher)
         trainer.resume_if_possible()
         st = trainer.state
@@ -66,10 +68,15 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
             st.before = trainer.evaluate(student)
             st.teacher_perplexity = trainer.evaluate(teacher) if teacher is not None else None
             log.info("before healing: perplexity %.4g (teacher %s)", st.before, st.teacher_perplexity)
+        fpt = flops_per_token(student, teacher)  # before prepare (FSDP flattens the weights)
+        peak, device_name = device_peak_flops(acc.device)
+        trainer.flops_per_token, trainer.peak_flops = fpt, peak * acc.num_processes if peak else None
+        if st.resumed_from is None and 0 in opts.eval_at:
+            st.evals.append(trainer.evaluation_record(0, student))
+            if "kl" in st.evals[-1]:
+                log.info("before healing: KL to the teacher %.4g on the held-out text", st.evals[-1]["kl"])
         trainer.prepare()
         trainer.run()
-        fpt = flops_per_token(student, teacher)
-        peak, device_name = device_peak_flops(acc.device)
         tps = trainer.tokens_per_s
         mfu = tps * fpt / (peak * acc.num_processes) if peak and tps == tps else None
         result = FinetuneResult(
@@ -302,6 +309,16 @@ def _eval_windows(opts: FinetuneOptions, tokenizer) -> torch.Tensor | None:
 
     protocol = PerplexityProtocol(**_protocol_kwargs(opts))
     log.info("evaluation: %s", protocol.describe())
+    return eval_windows(tokenizer, protocol)
+
+
+def _kl_windows(opts: FinetuneOptions, tokenizer) -> torch.Tensor | None:
+    if opts.kl_text is None:
+        return None
+    from latentkv.eval.perplexity import PerplexityProtocol, eval_windows
+
+    protocol = PerplexityProtocol(text=opts.kl_text, window=opts.kl_window, windows=opts.kl_windows)
+    log.info("KL to the teacher on held-out text: %s", protocol.describe())
     return eval_windows(tokenizer, protocol)
 
 

@@ -103,6 +103,7 @@ class RunState:
     before: float | None = None
     teacher_perplexity: float | None = None
     resumed_from: int | None = None
+    train_seconds: float = 0.0  # in the training loop (evaluations included), all processes' starts together
 
 
 def param_groups(trainable: dict[str, torch.nn.Parameter], opts: FinetuneOptions) -> list[dict]:
@@ -118,12 +119,17 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], opts: FinetuneOptions
 class Trainer:
     def __init__(self, opts: FinetuneOptions, accelerator, student, teacher, data: PackedSequences,
                  plan: StepPlan, autocast_dtype: torch.dtype | None, eval_windows: torch.Tensor | None,
-                 progress=None):
+                 progress=None, kl_windows: torch.Tensor | None = None, started: float | None = None):
         self.opts, self.acc, self.plan, self.data = opts, accelerator, plan, data
         self.student = student  # the module itself (eval, state); self.model is what trains
         self.teacher = teacher
         self.autocast_dtype = autocast_dtype
         self.eval_windows = eval_windows
+        self.kl_windows = kl_windows  # held-out text for KL(teacher || student) at every evaluation
+        self.started = time.perf_counter() if started is None else started  # --stop-after-seconds counts from here
+        self.flops_per_token: float | None = None  # set by the caller: MFU in the evaluation records
+        self.peak_flops: float | None = None  # all processes together
+        self.eval_seconds = self.checkpoint_seconds = 0.0  # the last ones' durations, for the time-based stop
         self.progress = progress if accelerator.is_main_process else None
         self.trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
         if not self.trainable:
@@ -164,7 +170,8 @@ class Trainer:
         self._scheduler_state = saved["scheduler"]
         ckpt.set_rng_state(saved["rng"])
         self.state = RunState(step=saved["step"], evals=saved.get("evals", []), before=saved.get("before"),
-                              teacher_perplexity=saved.get("teacher_perplexity"), resumed_from=saved["step"])
+                              teacher_perplexity=saved.get("teacher_perplexity"), resumed_from=saved["step"],
+                              train_seconds=saved.get("train_seconds", 0.0))
         if saved["data_position"] != saved["step"] * self.opts.batch_size:
             raise LatentKVError(f"{path} has an inconsistent data position; delete it to start over")
         log.info("resuming from %s: step %d of %d, %d tokens done", path, saved["step"], self.plan.total_steps,
@@ -268,6 +275,8 @@ class Trainer:
             stop_at = min(stop_at, st.step + opts.stop_after_steps)
         pending = [t for t in opts.eval_at if t > st.step * plan.tokens_per_step]
         first = st.step
+        deadline = self.started + opts.stop_after_seconds if opts.stop_after_seconds else None
+        loop_start, seconds_before = time.perf_counter(), st.train_seconds
         window: dict[str, torch.Tensor] = {}
         window_steps = 0
         self.model.train()
@@ -277,8 +286,13 @@ class Trainer:
             self.progress("start", {"step": st.step, "steps": plan.total_steps, "tokens": st.step * plan.tokens_per_step,
                                     "tokens_total": plan.total_steps * plan.tokens_per_step})
         while st.step < stop_at:
+            step_start = time.perf_counter()
             parts = self._step(st.step)
             st.step += 1
+            if deadline is not None and st.step < stop_at and self._out_of_time(step_start, deadline, pending):
+                stop_at = st.step
+                log.info("stopping at step %d: the next step would not end within --stop-after-seconds %g",
+                         st.step, opts.stop_after_seconds)
             window_steps += 1
             for k, v in parts.items():
                 window[k] = window.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else v)
@@ -286,6 +300,7 @@ class Trainer:
             due_eval = bool(pending) and tokens >= pending[0]
             due_ckpt = (opts.checkpoint_every and st.step % opts.checkpoint_every == 0 and st.step < plan.total_steps)
             last = st.step == stop_at
+            st.train_seconds = seconds_before + time.perf_counter() - loop_start
             phase_end = st.step == plan.transfer_steps > 0  # so no logged window mixes the two losses
             if st.step % opts.log_every == 0 or due_eval or due_ckpt or last or phase_end:
                 now = self._sync()
@@ -311,15 +326,44 @@ class Trainer:
                 if due_eval:
                     while pending and tokens >= pending[0]:
                         pending.pop(0)
-                    ppl = self.evaluate()
-                    st.evals.append({"tokens": tokens, "perplexity": ppl})
-                    log.info("eval at %.3gM tokens: perplexity %.4g", tokens / 1e6, ppl)
+                    record = self.evaluation_record(tokens)
+                    st.evals.append(record)
+                    log.info("eval at %.3gM tokens: perplexity %.4g%s", tokens / 1e6, record["perplexity"],
+                             f", KL to the teacher {record['kl']:.4g}" if "kl" in record else "")
                     if self.progress:
-                        self.progress("eval", {"tokens": tokens, "perplexity": ppl})
+                        self.progress("eval", record)
                 if due_ckpt or (last and st.step < plan.total_steps):
+                    t_ckpt = time.perf_counter()
+                    st.train_seconds = seconds_before + t_ckpt - loop_start
                     self.save_checkpoint()
+                    self.checkpoint_seconds = time.perf_counter() - t_ckpt
                 mark, mark_step = self._sync(), st.step
         return st
+
+    def _out_of_time(self, step_start: float, deadline: float, pending: list[int]) -> bool:
+        """Whether another step (with the evaluation it may bring) and a checkpoint would pass the
+        deadline; the processes agree (any one out of time stops all)."""
+        now = self._sync()
+        need = now - step_start + self.checkpoint_seconds
+        if pending and (self.state.step + 1) * self.plan.tokens_per_step >= pending[0]:
+            need += self.eval_seconds
+        late = torch.tensor(float(now + need > deadline), device=self.acc.device)
+        return float(self.acc.reduce(late, "sum")) > 0
+
+    def evaluation_record(self, tokens: int, model=None) -> dict:
+        """One evaluation point: perplexity, KL to the teacher on the held-out text (if any), and the
+        throughput and training time that reached it."""
+        t0 = time.perf_counter()
+        record = {"tokens": tokens, "perplexity": self.evaluate(model)}
+        if self.kl_windows is not None and self.teacher is not None:
+            record["kl"] = self.kl_to_teacher(model)
+        tps = self.tokens_per_s if tokens else None
+        record["tokens_per_s"] = tps if tps == tps else None
+        record["mfu"] = (tps * self.flops_per_token / self.peak_flops
+                         if record["tokens_per_s"] and self.flops_per_token and self.peak_flops else None)
+        record["train_seconds"] = self.state.train_seconds
+        self.eval_seconds = time.perf_counter() - t0
+        return record
 
     def _sync(self) -> float:
         if self.acc.device.type == "cuda":
@@ -354,6 +398,23 @@ class Trainer:
         model.train(was_training)
         return math.exp(float(total[0] / total[1]))
 
+    def kl_to_teacher(self, model=None) -> float:
+        """Mean KL(teacher || student) in nats per token on the held-out windows, split over the processes."""
+        from latentkv.eval.agreement import agreement
+
+        model = model if model is not None else self.eval_model
+        was_training = model.training
+        model.eval()
+        mine = self.kl_windows[self.acc.process_index :: self.acc.num_processes]
+        local = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        if mine.shape[0]:
+            with _eager():
+                r = agreement(model, self.teacher, mine, batch_size=4)
+            local[0], local[1] = r["kl_to_source"] * r["tokens"], r["tokens"]
+        total = self.acc.reduce(local, "sum")
+        model.train(was_training)
+        return float(total[0] / total[1])
+
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         if self.fsdp:
             full = self.acc.get_state_dict(self.model)
@@ -380,6 +441,7 @@ class Trainer:
                 "data_position": st.step * self.opts.batch_size, "total_steps": self.plan.total_steps,
                 "world": acc.num_processes, "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
                 "evals": st.evals, "before": st.before, "teacher_perplexity": st.teacher_perplexity,
+                "train_seconds": st.train_seconds,
                 "resume_key": self.opts.resume_key(),
             }
             ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
