@@ -103,7 +103,7 @@ def _splits_for(kw, cfg):
     rows = kw["query_len"] * kw["heads"] // kw.get("latent_heads", 1)
     n_hb = math.ceil(rows / cfg.block_m)
     return md.choose_num_splits(
-        kw["batch"] * kw.get("latent_heads", 1) * n_hb, kw["context"], md._sm_count(torch.device("cuda")), cfg.block_n,
+        kw["batch"] * kw.get("latent_heads", 1) * n_hb, kw["context"], md.sm_count(torch.device("cuda")), cfg.block_n,
         ctas_per_sm=cfg.ctas_per_sm,
     )
 

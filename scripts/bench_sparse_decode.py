@@ -76,9 +76,9 @@ def sparse_table(table: torch.Tensor, context: int, page: int, fraction: float, 
 
 def time_us(fn, args) -> float:
     if torch.cuda.is_available() and not args.smoke:
-        from latentkv.kernels.bench import _do_bench
+        from latentkv.kernels.bench import do_bench
 
-        return _do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms) * 1e3
+        return do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms) * 1e3
     return host_us(fn, args)
 
 

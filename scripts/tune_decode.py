@@ -81,11 +81,11 @@ def time_config(kw: dict, fields: dict) -> dict:
     cfg = md.DecodeConfig(**fields, ctas_per_sm=ctas)
     rows = kw["query_len"] * kw["heads"] // kw["latent_heads"]
     splits = md.choose_num_splits(kw["batch"] * kw["latent_heads"] * math.ceil(rows / cfg.block_m), kw["context"],
-                                  md._sm_count(q.device), cfg.block_n, ctas_per_sm=ctas)  # fmt: skip
+                                  md.sm_count(q.device), cfg.block_n, ctas_per_sm=ctas)  # fmt: skip
     out = md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=cfg, **args)
     ref = md.mla_decode_reference(q[:1], kv, table[:1], seq_lens[:1], out_dtype=torch.float32, **args)
     err = float((out[:1].float() - ref).abs().max() / ref.abs().max())
-    t = bench._do_bench(lambda: md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=cfg, **args),
+    t = bench.do_bench(lambda: md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=cfg, **args),
                         warmup_ms=10, rep_ms=40) * 1e3  # fmt: skip
     del q, kv, table, seq_lens, out
     return dict(time_us=t, splits=splits, ctas_per_sm=ctas, rel_err=err,

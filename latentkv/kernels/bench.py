@@ -27,7 +27,7 @@ md = importlib.import_module("latentkv.kernels.mla_decode")  # the module (the p
 _COPY_BW: dict[int, float] = {}
 
 
-def _do_bench(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+def do_bench(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time in ms of ``fn`` (CUDA events, Triton's do_bench)."""
     import triton.testing
 
@@ -41,7 +41,7 @@ def copy_bandwidth(device: torch.device | None = None, nbytes: int = 1 << 30) ->
     if idx not in _COPY_BW:
         src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
         dst = torch.empty_like(src)
-        ms = _do_bench(lambda: dst.copy_(src))
+        ms = do_bench(lambda: dst.copy_(src))
         _COPY_BW[idx] = 2 * nbytes / (ms * 1e-3)
         del src, dst
         torch.cuda.empty_cache()
@@ -126,7 +126,7 @@ def source_sdpa_decode(
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
                 fn()
                 torch.cuda.synchronize()
-                times[name] = _do_bench(fn) * 1e3  # us
+                times[name] = do_bench(fn) * 1e3  # us
         except Exception as exc:  # a backend that refuses this shape is reported, not fatal
             times[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     ok = {k_: t for k_, t in times.items() if isinstance(t, float)}
@@ -189,7 +189,7 @@ def run_decode_bench(
     if splits is None:
         n_hblocks = math.ceil(rows / cfg.block_m)
         splits = md.choose_num_splits(
-            batch * latent_heads * n_hblocks, context, md._sm_count(device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+            batch * latent_heads * n_hblocks, context, md.sm_count(device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
         )
 
     def fn():
@@ -197,7 +197,7 @@ def run_decode_bench(
 
     result: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(device),
-        "sm_count": md._sm_count(device),
+        "sm_count": md.sm_count(device),
         "shape": {
             "heads": heads, "latent_rank": latent_rank, "latent_heads": latent_heads, "r_c": r_c,
             "rope_dim": rope_dim, "batch": batch, "context": context, "query_len": query_len,
@@ -221,10 +221,10 @@ def run_decode_bench(
             "shared_bytes": getattr(getattr(compiled, "metadata", None), "shared", None),
         }
 
-    t_us = _do_bench(fn) * 1e3
+    t_us = do_bench(fn) * 1e3
     result["time_us"] = t_us
     if split_only and splits > 1:  # diagnosis: the split kernel alone, without its combine
-        result["time_us_split_only"] = _do_bench(
+        result["time_us_split_only"] = do_bench(
             lambda: md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=cfg, _skip_combine=True, **kw)
         ) * 1e3
     if cuda_graph:
@@ -269,7 +269,7 @@ def reference_time_us(*, heads, latent_rank, rope_dim, batch, context, query_len
         latent_heads=latent_heads, dtype=dtype, page_size=page_size, device="cuda",
     )  # fmt: skip
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=1.0 / math.sqrt(r_c + rope_dim))
-    t = _do_bench(lambda: md.mla_decode_reference(q, kv, table, seq_lens, **kw), warmup_ms=10, rep_ms=50) * 1e3
+    t = do_bench(lambda: md.mla_decode_reference(q, kv, table, seq_lens, **kw), warmup_ms=10, rep_ms=50) * 1e3
     del q, kv, table, seq_lens
     torch.cuda.empty_cache()
     return t

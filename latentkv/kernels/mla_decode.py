@@ -733,7 +733,7 @@ def _semaphores(device: torch.device, n: int) -> torch.Tensor:
 LAST_COMPILED: dict[str, object] = {}  # the last launched compiled split kernel (bench reads its registers)
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter runs: a small fixed "GPU" so the choice is deterministic
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -832,7 +832,7 @@ def mla_decode(
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if seq_lens.device.type == "cpu" else block_table.shape[1] * page_size
         num_splits = choose_num_splits(
-            programs_per_split, max_seq_len, _sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+            programs_per_split, max_seq_len, sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
         )
     if not isinstance(num_splits, int) or num_splits < 1:
         raise LatentKVError(f"num_splits must be a positive int or None; got {num_splits!r}.")
