@@ -245,25 +245,20 @@ def width_sweep(args, log, lines) -> None:
         rules = md.default_config(rows, kw["latent_rank"] // lh, kw["rope_dim"], kw["dtype"])  # no table
         rr = bench.run_decode_bench(**kw, source_geometry=None, config=rules, check=False, cuda_graph=False)
         r["rules_time_us"] = rr["time_us"]
-        if (kw["latent_rank"] // lh) & (kw["latent_rank"] // lh - 1) or kw["rope_dim"] & (kw["rope_dim"] - 1):
-            # a width that is not a power of 2: the same launch over a cache without slack (masked loads)
-            rm = bench.run_decode_bench(**kw, source_geometry=None, check=False, cuda_graph=False, slack=False)
-            r["masked_time_us"] = rm["time_us"]
         r["reference_us"] = bench.reference_time_us(**kw)
         elt = torch.finfo(kw["dtype"]).bits // 8
         r["byte_ratio"] = (2 * hkv * d * elt) / ((kw["latent_rank"] + kw["rope_dim"]) * elt)
         results[name] = r
         log(f"[{name}] FINAL {json.dumps(r, default=str)}")
-    table = ["| row | cache MB | config (splits) | us | % copy bw | masked loads us | rules us | reference us | "
-             "source SDPA us | speed-up | byte ratio | speed-up / byte ratio | regs / spills |", "|" + "---|" * 13]  # fmt: skip
+    table = ["| row | cache MB | config (splits) | us | % copy bw | rules us | reference us | source SDPA us | "
+             "speed-up | byte ratio | speed-up / byte ratio | regs / spills |", "|" + "---|" * 12]  # fmt: skip
     for name, r in results.items():
         c, src, k = r["config"], r["source"], r.get("kernel") or {}
         kind = "gluon" if c.get("kernel") == "wgmma" else f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
         spd = r.get("speedup_vs_source")
         table.append(
             f"| {name} | {r['cache_bytes'] / 1e6:.0f} | {kind} ({c['num_splits']}) | {r['time_us']:.1f} | "
-            f"{100 * r['fraction_of_copy_bw']:.1f} | {r.get('masked_time_us', float('nan')):.1f} | "
-            f"{r['rules_time_us']:.1f} | {r['reference_us']:.0f} | "
+            f"{100 * r['fraction_of_copy_bw']:.1f} | {r['rules_time_us']:.1f} | {r['reference_us']:.0f} | "
             f"{src['best_us']:.1f} | {spd:.2f}x | {r['byte_ratio']:.2f} | {spd / r['byte_ratio']:.2f} | "
             f"{k.get('n_regs')} / {k.get('n_spills')} |"
         )

@@ -33,7 +33,7 @@ from latentkv.errors import LatentKVError
 from latentkv.eval.kv_formats import KVFormat, fake_quantize
 from latentkv.eval.quantized_cache import model_cache_formats
 from latentkv.kernels.compare import compare
-from latentkv.kernels.mla_decode import decode_attention, paged_cache_tensor
+from latentkv.kernels.mla_decode import decode_attention
 from latentkv.kernels.quantized_pages import QuantizedPages, check_groups, check_paged_formats
 from latentkv.modeling.modeling_latentkv import cache_keyword
 
@@ -94,9 +94,8 @@ class PagedLatentCache:
             self.pages = [QuantizedPages.empty(latent, num_pages=num_pages, page_size=page_size, latent_width=r,
                                                rope_dim=w - r, dtype=dtype, device=self.device)
                           for w, r in zip(self.layer_widths, self.latent_widths)]
-        else:  # one [num_pages, page_size, width] tensor per layer, with the kernel's slack after it
-            self.pages = [paged_cache_tensor(num_pages, page_size, w, dtype=dtype, device=self.device)
-                          for w in layer_widths]
+        else:  # one [num_pages, page_size, width] tensor per layer
+            self.pages = [torch.zeros(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._tables: dict[int, list[int]] = {}  # sequence id -> its pages
         self._lens: dict[int, int] = {}  # sequence id -> tokens written

@@ -11,7 +11,6 @@ from latentkv.kernels.mla_decode import (
     default_config,
     mla_decode,
     mla_decode_reference,
-    paged_cache_tensor,
     write_paged,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "default_config",
     "mla_decode",
     "mla_decode_reference",
-    "paged_cache_tensor",
     "write_paged",
 ]

@@ -62,7 +62,6 @@ def make_paged_inputs(
     device: str | torch.device = "cuda",
     seed: int = 0,
     kv_format: str | None = None,
-    slack: bool = True,
 ):
     """Random q and a full paged cache of ``context`` tokens per sequence, pages shuffled; with
     ``kv_format`` (e.g. "fp8_e4m3/g128", "int4/g32") the latent stored quantized (``QuantizedPages``)."""
@@ -73,10 +72,7 @@ def make_paged_inputs(
     pages_per_seq = math.ceil(context / page_size)
     num_pages = batch * pages_per_seq
     g = torch.Generator(device=device).manual_seed(seed)
-    if slack:  # room after the last row: whole-block column loads at any width
-        kv = md.paged_cache_tensor(num_pages, page_size, width, dtype=dtype, device=device, fill=None)
-    else:  # a plain tensor: column-masked loads where the width is not a power of 2
-        kv = torch.empty(num_pages, page_size, width, dtype=dtype, device=device)
+    kv = torch.empty(num_pages, page_size, width, dtype=dtype, device=device)
     kv.normal_(generator=g)
     table = torch.randperm(num_pages, device=device, generator=g).view(batch, pages_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -161,7 +157,6 @@ def run_decode_bench(
     cuda_graph: bool = True,
     split_only: bool = False,
     kv_format: str | None = None,
-    slack: bool = True,
 ) -> dict[str, Any]:
     """Time one decode step of absorbed MLA/GLA and put it against the GPU's ceilings.
 
@@ -176,7 +171,7 @@ def run_decode_bench(
     q, kv, table, seq_lens, r_c = make_paged_inputs(
         heads=heads, latent_rank=latent_rank, rope_dim=rope_dim, batch=batch, context=context,
         query_len=query_len, latent_heads=latent_heads, dtype=dtype, page_size=page_size, device=device,
-        kv_format=kv_format, slack=slack,
+        kv_format=kv_format,
     )  # fmt: skip
     scale = 1.0 / math.sqrt(r_c + rope_dim)
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=scale)

@@ -61,9 +61,6 @@ __all__ = [
     "default_config",
     "mla_decode",
     "mla_decode_reference",
-    "has_slack",
-    "overread_columns",
-    "paged_cache_tensor",
     "write_paged",
 ]
 
@@ -123,9 +120,6 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     CHUNK: tl.constexpr,  # tokens per CHUNK_LSE entry: min(BLOCK_N, PAGE_SIZE), one divides the other
     SOFTCAP: tl.constexpr = False,  # soft-capped scores (Gemma 2); off: the kernel is unchanged
     WINDOW: tl.constexpr = False,  # sliding-window attention; off: the kernel is unchanged
-    OVERREAD: tl.constexpr = False,  # whole power-of-2 column blocks are loaded (the cache has slack after its
-    # last row): no column mask on the cache loads, so they stay 16-byte vector loads at any width; the
-    # columns past the width are zeroed in registers. Off: column-masked loads (2-byte loads at odd widths)
     KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent tile is dequantized here; "": the kernel is unchanged
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
@@ -196,10 +190,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
         # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key and as value
-        if KV_QUANT == "" and OVERREAD and BLOCK_R != R_C:
-            kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None], other=0.0)
-            kv = tl.where(r_ok, kv, tl.zeros_like(kv))  # columns of the next latent head / RoPE key / next row
-        elif KV_QUANT == "":
+        if KV_QUANT == "":
             kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
         elif KV_QUANT == "fp8":
             # ---- fp8 latent: the code tile is loaded once and dequantized in registers, viewed as
@@ -238,15 +229,11 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         if UPCAST_DOT:
             kv_d = kv.to(tl.float32)
         if ROPE_DIM > 0:
-            if OVERREAD and BLOCK_DR != ROPE_DIM:
-                k_pe = tl.load(KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :], mask=n_ok[:, None], other=0.0)
-                k_pe = tl.where(dr_ok, k_pe, tl.zeros_like(k_pe))
-            else:
-                k_pe = tl.load(
-                    KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
-                    mask=n_ok[:, None] & dr_ok,
-                    other=0.0,
-                )
+            k_pe = tl.load(
+                KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
+                mask=n_ok[:, None] & dr_ok,
+                other=0.0,
+            )
             if UPCAST_DOT:
                 k_pe = k_pe.to(tl.float32)
         if KV_ON_M:
@@ -824,7 +811,6 @@ def mla_decode(
     block_r = max(16, _next_pow2(r_c))
     quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r)
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
-    overread = quant is None and has_slack(kv_cache, latent_heads, r_c, rope_dim)  # the RoPE key of a quantized cache: masked
     n_hblocks = -(-rows // cfg.block_m)
     programs_per_split = batch * latent_heads * n_hblocks
 
@@ -893,7 +879,7 @@ def mla_decode(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
             KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
-            SOFTCAP=bool(softcap), WINDOW=bool(window), OVERREAD=overread, **quant_args["constants"],
+            SOFTCAP=bool(softcap), WINDOW=bool(window), **quant_args["constants"],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -1064,40 +1050,6 @@ def decode_attention(
         latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=softmax_scale, num_splits=num_splits,
         **kwargs,
     )  # fmt: skip
-
-
-def overread_columns(latent_heads: int, r_c: int, rope_dim: int) -> int:
-    """How far past a row's last column the split kernel's whole-block loads reach (elements)."""
-    width = latent_heads * r_c + rope_dim
-    reach = (latent_heads - 1) * r_c + max(16, _next_pow2(r_c))
-    if rope_dim > 0:
-        reach = max(reach, latent_heads * r_c + max(16, _next_pow2(rope_dim)))
-    return max(0, reach - width)
-
-
-def has_slack(kv_cache: torch.Tensor, latent_heads: int, r_c: int, rope_dim: int) -> bool:
-    """Whether the storage behind ``kv_cache`` extends far enough past its last row for the kernel's
-    unmasked column loads (``paged_cache_tensor`` allocates so; a plain tensor of a non-power-of-2
-    width does not, and gets masked loads)."""
-    need = overread_columns(latent_heads, r_c, rope_dim)
-    if need == 0:
-        return True
-    last_row = (kv_cache.shape[0] - 1) * kv_cache.stride(0) + (kv_cache.shape[1] - 1) * kv_cache.stride(1)
-    end = kv_cache.storage_offset() + last_row + kv_cache.shape[2] + need
-    return end * kv_cache.element_size() <= kv_cache.untyped_storage().nbytes()
-
-
-def paged_cache_tensor(
-    num_pages: int, page_size: int, width: int, *, dtype: torch.dtype, device, fill: float | None = 0.0
-) -> torch.Tensor:
-    """A [num_pages, page_size, width] cache with room after its last row for the decode kernel's
-    whole-block column loads (at most the next power of 2 of the width), so that every width reads
-    the cache with 16-byte vector loads."""
-    slack = max(16, _next_pow2(width))
-    flat = torch.empty(num_pages * page_size * width + slack, dtype=dtype, device=device)
-    if fill is not None:
-        flat.fill_(fill)
-    return flat[: num_pages * page_size * width].view(num_pages, page_size, width)
 
 
 def write_paged(
