@@ -149,7 +149,9 @@ def test_curve_in_windows_equals_one_run_and_skips_done_points(tiny_model_dir, t
     monkeypatch.setattr(curve.subprocess, "Popen", no_subprocess)
     path = tmp_path / "windowed" / "heal_curve.jsonl"
     before = path.read_text()
-    assert curve.main([*runs["windowed"][2], "--plot"]) == 0
+    plot = importlib.util.find_spec("matplotlib") is not None  # the plot needs the `bench` extra
+    assert curve.main([*runs["windowed"][2], *(["--plot"] if plot else [])]) == 0
     assert path.read_text() == before
-    assert (tmp_path / "windowed" / "heal_curve.png").stat().st_size > 0
-    assert "| mla:0.5 | 50% |" in (tmp_path / "windowed" / "heal_curve.md").read_text()
+    if plot:
+        assert (tmp_path / "windowed" / "heal_curve.png").stat().st_size > 0
+        assert "| mla:0.5 | 50% |" in (tmp_path / "windowed" / "heal_curve.md").read_text()
