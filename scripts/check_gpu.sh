@@ -38,7 +38,7 @@ for step in $STEPS; do
       tuned="$DEST/tuned.json"
       if [ -f "$tuned" ]; then  # time the launcher with the table just measured
         family=$($PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))['family'])" "$tuned")
-        cp "$tuned" "latentkv/kernels/tuned/$family.json"
+        mkdir -p latentkv/kernels/tuned && cp "$tuned" "latentkv/kernels/tuned/$family.json"
       fi
       $PYTHON scripts/bench_decode.py --preset widths --json "$DEST/widths.json" --md "$DEST/widths.md" 2>&1 \
         | grep -v Warning | tail -22 ;;

@@ -85,7 +85,7 @@ def candidate_configs(rows: int, r_c: int, rope_dim: int, elt: int) -> list[dict
     scores fit the registers (estimate: <= 192 32-bit registers a thread) and whose pipelined cache
     tiles fit shared memory (<= 220 KB), with 4 or 8 warps and 2-7 stages."""
     _, block_r, block_dr, m0 = shape_key(rows, r_c, rope_dim, elt)
-    ms = [m0] + ([m0 // 2] if m0 >= 32 else [])  # a smaller M halves the accumulator (wide latents)
+    ms = [m for m in (128, 64, 32, 16) if m <= m0][:3]  # smaller M: a smaller accumulator (wide latents)
     out = []
     for block_m in ms:
         for block_n in (16, 32, 64, 128):

@@ -1,0 +1,68 @@
+"""The decode kernel's tuned-configuration table (latentkv.kernels.tuning): shape keys, the nearest-entry
+lookup, and the candidate configurations the tuning script times. Pure functions: no GPU needed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from latentkv.kernels import tuning
+
+md = importlib.import_module("latentkv.kernels.mla_decode")  # the module (the package attribute is the function)
+
+
+def test_shape_key_pads_widths_and_buckets_rows():
+    """Guards the key: widths go to the power-of-2 blocks the kernel compiles, rows to 16..128."""
+    assert tuning.shape_key(32, 156, 36, 2) == (2, 256, 64, 32)
+    assert tuning.shape_key(9, 960, 64, 2) == (2, 1024, 64, 16)
+    assert tuning.shape_key(512, 96, 0, 1) == (1, 128, 0, 128)
+
+
+def test_nearest_takes_same_widths_only():
+    """Guards the lookup: an exact key wins; otherwise the nearest row bucket, then RoPE block, of the
+    same element size and latent block; another latent block is never used."""
+    table = {(2, 256, 64, 32): {"block_m": 32}, (2, 256, 64, 16): {"block_m": 16}, (2, 256, 32, 64): {"block_m": 64},
+             (2, 512, 64, 32): {"block_m": 99}}
+    assert tuning.nearest(table, (2, 256, 64, 16))["block_m"] == 16
+    assert tuning.nearest(table, (2, 256, 64, 128))["block_m"] == 64  # rows 64 is nearest to 128
+    assert tuning.nearest(table, (2, 256, 32, 32))["block_m"] == 32
+    assert tuning.nearest(table, (2, 128, 64, 32)) is None
+    assert tuning.nearest(table, (1, 256, 64, 32)) is None
+
+
+def test_table_file_drives_default_config(tmp_path, monkeypatch):
+    """Guards the hand-over: a table entry for the GPU family becomes default_config's answer for the
+    shapes it covers, and shapes it does not cover keep the rules."""
+    entry = {"key": [2, 256, 64, 32], "config": {"block_m": 32, "block_n": 16, "num_warps": 8, "num_stages": 3,
+                                                   "ctas_per_sm": 2}}
+    (tmp_path / "sm90.json").write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "gpu_family", lambda device: "sm90")
+    tuning.load_table.cache_clear()
+    try:
+        cfg = md.default_config(32, 156, 36, torch.bfloat16, torch.device("cpu"))
+        assert cfg == md.DecodeConfig(block_m=32, block_n=16, num_warps=8, num_stages=3, ctas_per_sm=2)
+        rules = md.default_config(32, 96, 32, torch.bfloat16)
+        assert md.default_config(32, 96, 32, torch.bfloat16, torch.device("cpu")) == rules
+    finally:
+        tuning.load_table.cache_clear()
+
+
+@pytest.mark.parametrize("rows,r_c,rope", [(32, 192, 64), (16, 960, 64), (64, 96, 32), (128, 448, 64)])
+def test_candidates_fit_the_estimates(rows, r_c, rope):
+    """Guards the candidate list: non-empty, unique, every entry a valid DecodeConfig within the
+    register and shared-memory estimates the docstring states."""
+    cands = tuning.candidate_configs(rows, r_c, rope, 2)
+    assert cands and len({tuple(sorted(c.items())) for c in cands}) == len(cands)
+    _, block_r, block_dr, _ = tuning.shape_key(rows, r_c, rope, 2)
+    for c in cands:
+        md.DecodeConfig(**c)
+        threads = 32 * c["num_warps"]
+        regs = (c["block_m"] * block_r * 4 + c["block_m"] * (block_r + block_dr) * 2
+                + 2 * c["block_m"] * c["block_n"] * 4) / (4 * threads)
+        assert regs <= 192
+        smem = (c["num_stages"] - 1) * c["block_n"] * (block_r + block_dr) * 2 + c["block_m"] * (block_r + block_dr) * 2
+        assert smem <= 220 * 1024
