@@ -122,6 +122,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     WINDOW: tl.constexpr = False,  # sliding-window attention; off: the kernel is unchanged
     KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent tile is dequantized here; "": the kernel is unchanged
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
+    NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
     SCALE_FIELDS: tl.constexpr = 1,  # KV_QUANT: values stored per group (fp8: scale; int4: scale, zero)
 ):
@@ -192,18 +193,24 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         if KV_QUANT == "":
             kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
         elif KV_QUANT == "fp8":
-            # ---- fp8 latent: the code tile is loaded once, in its [BLOCK_N, BLOCK_R] layout (a 3-D
-            # [tokens, groups, columns] view needs a layout change through shared memory on the way
-            # back to 2-D); each column reads its group's scale, a run of GROUP equal addresses that
-            # the compiler loads once per thread and broadcasts.
+            # ---- fp8 latent: the code tile is loaded once and dequantized in registers, viewed as
+            # [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
             slot = offs_n % PAGE_SIZE
-            col_ok = n_ok[:, None] & r_ok
-            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None] + lat_cols[None, :],
-                            mask=col_ok, other=0)  # uint8 [BLOCK_N, BLOCK_R]
+            g_ids = tl.arange(0, NUM_GROUPS)
+            g_cols = g_ids * GROUP  # first column of each group within the latent head
+            in_group = tl.arange(0, GROUP)
+            if BLOCK_R == R_C:
+                code_ok = n_ok[:, None, None]
+            else:
+                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + in_group[None, :]) < R_C)[None, :, :]
+            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None]
+                            + (c * R_C + g_cols[:, None] + in_group[None, :])[None, :, :],
+                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP]
             scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
-                        + ((c * SCALE_OFF + offs_r // GROUP) * SCALE_FIELDS)[None, :])  # [BLOCK_N, BLOCK_R]
-            scale = tl.load(scale_at, mask=col_ok, other=0.0).to(tl.float32)
-            kv = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(Q.dtype.element_ty)  # as the reference rounds it
+                        + ((c * SCALE_OFF + g_ids) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_GROUPS]
+            scale = tl.load(scale_at, mask=n_ok[:, None] & (g_cols < R_C)[None, :], other=0.0).to(tl.float32)
+            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+            kv = tl.reshape(values, [BLOCK_N, BLOCK_R]).to(Q.dtype.element_ty)  # as the reference rounds it
         else:
             # ---- int4 latent: two codes a byte, lowest nibble first; asymmetric, code * scale + zero.
             # Each column reads its byte and its group's scale and zero-point (repeated addresses are
@@ -896,13 +903,14 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     plain cache) and the constexprs that switch the dequantization on."""
     if quant is None:
         return {"tensors": (kv_cache, kv_cache, 0, 0, 0, 0), "constants": {}}
-    group, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
+    group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
     codes, scales = quant.codes, quant.scales
     if codes.stride(-1) != 1 or scales.stride(-1) != 1 or scales.stride(-2) != scales.shape[-1]:
         raise LatentKVError("QuantizedPages codes and scales must be contiguous per token (QuantizedPages.empty).")
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
-        "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "SCALE_OFF": scale_off,
+        "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
+                      "SCALE_OFF": scale_off,
                       "SCALE_FIELDS": quant.kernel.scale_fields},
     }
 

@@ -95,16 +95,16 @@ def check_groups(fmt: KVFormat, latent_width: int, latent_heads: int) -> None:
         raise LatentKVError(f"Cache format latent={fmt.name}: latent heads of {r_c} split a byte of codes; use fp8_e4m3")
 
 
-def kernel_groups(fmt: KVFormat, latent_width: int, latent_heads: int, block_r: int) -> tuple[int, int]:
-    """(GROUP, SCALE_OFF) of the kernel for a latent of `latent_width` split into `latent_heads`
-    heads: column j of a latent head's tile takes scale group j // GROUP, and latent head c's first
-    group is group c * SCALE_OFF of the token."""
+def kernel_groups(fmt: KVFormat, latent_width: int, latent_heads: int, block_r: int) -> tuple[int, int, int]:
+    """(GROUP, NUM_GROUPS, SCALE_OFF) of the kernel for a latent of `latent_width` split into
+    `latent_heads` heads: a tile of BLOCK_R columns of one latent head is NUM_GROUPS groups of GROUP
+    columns, and latent head c's first group is group c * SCALE_OFF of the token."""
     check_groups(fmt, latent_width, latent_heads)
     n, r_c = group_width(fmt, latent_width), latent_width // latent_heads
     if n >= latent_width:
-        return block_r, 0
+        return block_r, 1, 0
     # n divides r_c (GLA) or one latent head (MLA: a shorter last group, columns past r_c masked)
-    return n, r_c // n if r_c % n == 0 else 0
+    return n, block_r // n, r_c // n if r_c % n == 0 else 0
 
 
 @dataclass
