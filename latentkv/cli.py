@@ -124,18 +124,21 @@ def _load_recipe(path: Path | None) -> dict:
         raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
     if not isinstance(data, dict):
         raise LatentKVError(f"Recipe {path} must be a YAML mapping of settings")
+    from latentkv.convert.pipeline import recipe_settings
     from latentkv.typed import check_types
 
-    return check_types(data, RECIPE_TYPES, f"Recipe {path}")
+    return check_types(recipe_settings(data), RECIPE_TYPES, f"Recipe {path}")
 
 
-# What a convert recipe may set, and the type of each (None: may be left empty).
+# What a convert recipe may set, and the type of each (None: may be left empty). A recipe that
+# `convert` wrote (`latentkv_recipe.yaml`) is flattened into these names first (`recipe_settings`).
 RECIPE_TYPES: dict = {
     "to": str, "kv_lora_rank": (int, None), "kv_budget": (float, None), "qk_rope_dim": (int, str),
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
     "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
+    "calib_profile_samples": int, "text_field": str, "batch_size": int, "gguf_file": (str, None),
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
-    "grouping": (str, None), "method": str, "engine": (str, None), "cache_format": (str, None),
+    "grouping": (str, None), "engine": (str, None), "cache_format": (str, None),
 }
 RECIPE_KEYS = set(RECIPE_TYPES)
 
@@ -219,18 +222,21 @@ def convert(
         engine=pick("engine", engine),
         cache_format=pick("cache_format", cache_format),
         calib=CalibOptions(
-            data=pick("calib_data", calib_data), split=pick("calib_split", calib_split), text_field=text_field,
-            samples=pick("calib_samples", calib_samples), seq_len=pick("calib_seq_len", calib_seq_len),
-            seed=pick("calib_seed", calib_seed), cache=str(calib_cache) if calib_cache else None,
+            data=pick("calib_data", calib_data), split=pick("calib_split", calib_split),
+            text_field=pick("text_field", text_field), samples=pick("calib_samples", calib_samples),
+            seq_len=pick("calib_seq_len", calib_seq_len), seed=pick("calib_seed", calib_seed),
+            cache=str(calib_cache) if calib_cache else None,
+            **({"profile_samples": settings["calib_profile_samples"]} if "calib_profile_samples" in settings else {}),
         ),
         device=pick("device", device),
         dtype=pick("dtype", dtype),
         save_dtype=pick("save_dtype", save_dtype),
         overwrite=overwrite,
         max_shard_size=pick("max_shard_size", max_shard_size),
-        gguf_file=gguf_file,
+        gguf_file=pick("gguf_file", gguf_file),
         trust_remote_code=trust_remote_code,
         command=_command_line(ctx),
+        **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}),
     )
     factory = _progress_factory(console)
     try:

@@ -110,6 +110,41 @@ def test_recipe_file_and_unknown_keys(tiny_model_dir, tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("target", [
+    ["--to", "mla", "--qk-rope-dim", "16", "--set", "refit_output=true"],
+    ["--to", "gqa", "--num-kv-heads", "1"],
+    ["--to", "gla", "--latent-heads", "2", "--cache-format", "fp8_e4m3/g8"],
+    ["--to", "gta"],
+    ["--to", "gta-s"],
+    ["--to", "mla", "--format", "deepseek"],
+], ids=["mla-refit", "gqa", "gla-fp8", "gta", "gta-s", "mla-deepseek"])
+def test_written_recipe_replays_to_identical_weights(tiny_model_dir, tmp_path, target):
+    """Guards "the same recipe in and out": converting again from the `latentkv_recipe.yaml` an output
+    carries (and nothing else from the first command line) writes byte-identical weights and config."""
+    src = str(tiny_model_dir("llama"))
+    first, again = tmp_path / "first", tmp_path / "again"
+    res = runner.invoke(app, ["convert", src, str(first), *target, "--calib-data", TINY_TEXT, "--calib-samples", "4",
+                              "--calib-seq-len", "32", "--calib-seed", "3", "--calib-cache", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["convert", src, str(again), "--recipe", str(first / "latentkv_recipe.yaml"),
+                              "--calib-cache", str(tmp_path / "c2")])  # a cold cache: the statistics are recomputed
+    assert res.exit_code == 0, res.output
+    written = sorted(p.name for p in first.glob("*.safetensors"))
+    assert written and written == sorted(p.name for p in again.glob("*.safetensors"))
+    for name in written + ["config.json"]:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_recipe_never_turns_on_remote_code(tiny_model_dir, tmp_path):
+    """Guards the replay's one exception: running a checkpoint's own code is asked for on the command
+    line, never taken from a recipe file."""
+    from latentkv.convert.pipeline import recipe_settings
+
+    settings = recipe_settings({"method": "gqa", "trust_remote_code": True, "calib": {"samples": 4, "cache": "/x"},
+                                "resolved": {"num_kv_heads": 1, "grouping": None}, "method_options": {"grouping": "a"}})
+    assert settings == {"to": "gqa", "calib_samples": 4, "method_options": {"num_kv_heads": 1, "grouping": "a"}}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["convert", "/nonexistent/model", "/tmp/x", "--kv-budget", "0.5"], "no such folder"),
     (["eval", "/nonexistent/model"], "no such folder"),

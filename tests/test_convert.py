@@ -635,7 +635,7 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
         assert _rel(_logits(narrow, ids), _logits(load_model(tmp_path / f"lk-step{step}"), ids)) < 1e-5
     import yaml
 
-    norm = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["deepseek_latent_norm_rel_error"]
+    norm = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["measured"]["deepseek_latent_norm_rel_error"]
     assert norm["norm_ballast"] == 1 and norm["mean"] <= norm["mean_without_ballast"]
     # `latentkv eval` reads the format: the latent and RoPE key per layer, as the cache holds them.
     from latentkv.eval.report import evaluate

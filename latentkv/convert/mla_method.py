@@ -558,7 +558,8 @@ def write_cards(method, cfg, opts, source, folder, geo, kv: int, src_kv: int, ex
     from latentkv.eval.quantized_cache import config_bytes_per_token
     from latentkv.io.card import write_model_card, write_recipe
 
-    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg), **(extra_recipe or {})}
+    recipe = {"latentkv_version": _version(), **opts.recipe(), "resolved": dataclasses.asdict(cfg),
+              **({"measured": extra_recipe} if extra_recipe else {})}
     write_recipe(folder, recipe)
     name = _base_model_name(source)
     results = [{"": "KV values per token (all layers)", "source": src_kv, "converted": kv,

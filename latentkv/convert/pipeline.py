@@ -80,6 +80,39 @@ class ConvertOptions:
         return d
 
 
+# What a written recipe holds that only records the run (the version, what the export measured); where
+# the statistics were cached is a place on one machine; and code from a checkpoint runs only when the
+# user asks on the command line.
+RECIPE_RECORD_ONLY = ("latentkv_version", "command", "measured", "trust_remote_code")
+
+
+def recipe_settings(recipe: dict) -> dict:
+    """The settings of a recipe as `convert --recipe` takes them, flat (`to`, `calib_samples`, ...):
+    a hand-written recipe already is; a written `latentkv_recipe.yaml` (`ConvertOptions.recipe()`
+    plus the method's resolved settings) is flattened, so converting again from it gives the same
+    weights. The resolved settings fill the method options that the recipe leaves unset, so a replay
+    does not depend on the defaults of the version that runs it."""
+    out = {k: v for k, v in recipe.items() if k not in RECIPE_RECORD_ONLY}
+    if "method" in out:
+        out.setdefault("to", out.pop("method"))
+    calib = out.pop("calib", None)
+    if isinstance(calib, dict):
+        calib = {k: v for k, v in calib.items() if k != "cache"}
+        if "text_field" in calib:
+            out.setdefault("text_field", calib.pop("text_field"))
+        for key, value in calib.items():
+            out.setdefault(f"calib_{key}", value)
+    elif calib is not None:
+        out["calib"] = calib  # left for the caller's type check to refuse
+    resolved = out.pop("resolved", None)
+    if isinstance(resolved, dict):
+        options = out.get("method_options")
+        out["method_options"] = {**resolved, **(options if isinstance(options, dict) else {})}
+    elif resolved is not None:
+        out["resolved"] = resolved
+    return out
+
+
 @dataclass
 class ConvertResult:
     output: Path
