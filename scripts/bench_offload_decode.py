@@ -344,7 +344,8 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
         buf, ev, have = ids_host[l]
         if ev is not None:
             ev.synchronize()
-        pools[l].prefetch([p for row in buf.tolist() for p in row if (p % cache.per_seq) < have])
+        flat = buf.flatten()
+        pools[l].prefetch(flat[(flat % cache.per_seq) < have])
 
     # the first step's choice: the sink and the most recent pages (no query yet), placed before timing
     def initial():
@@ -371,10 +372,9 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
             if fresh:
                 pool.adopt(fresh)
             pool.write_rows(torch.tensor(rows), row)
-            chosen = ids_host[l][0].tolist()
-            slots = pool.ensure([p for r in chosen for p in r])
-            k = len(chosen[0])
-            tbl = torch.tensor(slots, dtype=torch.int32).view(B, k)
+            chosen = ids_host[l][0]  # [B, k] host page ids, the current page last
+            k = chosen.shape[1]
+            tbl = pool.ensure(chosen.flatten()).to(torch.int32).view(B, k)
             if new_lens is None:
                 new_lens = [(k - 1) * page + n - (-(-n // page) - 1) * page for n in lens]
                 lens_dev = torch.tensor(new_lens, dtype=torch.int32)

@@ -104,7 +104,7 @@ def test_pool_attention_equals_masked_dense(case, backend):
         table = torch.zeros(len(lens), k, dtype=torch.int32)
         new_lens, at = [], 0
         for b, ids in enumerate(chosen):
-            table[b, : len(ids)] = torch.tensor(slot_ids[at : at + len(ids)], dtype=torch.int32)
+            table[b, : len(ids)] = slot_ids[at : at + len(ids)].to(torch.int32)
             at += len(ids)
             new_lens.append((len(ids) - 1) * page + lens[b] - (math.ceil(lens[b] / page) - 1) * page)
         q = torch.randn(len(lens), 1, heads, r_c + rope, generator=g)
@@ -132,7 +132,25 @@ def test_pool_refuses_a_step_that_cannot_fit():
     assert pool.prefetch(range(6)) == 3 and len(pool.slot_of) == 3
     with pytest.raises(LatentKVError, match="pool"):
         pool.ensure([0, 1, 2, 3])
-    assert pool.ensure([7, 8]) and pool.stats.pages_missed == 2 and len(pool.slot_of) == 3
+    assert pool.ensure([7, 8]).tolist() == [pool.slot_of[7], pool.slot_of[8]]
+    assert pool.stats.pages_missed == 2 and len(pool.slot_of) == 3 and pool.stats.evictions == 2
+
+
+def test_pool_evicts_least_recently_used():
+    """Guards the eviction rule: a full pool gives a new page the slot of the page used longest ago,
+    never one of the pages the same call needs; dropped pages free their slots."""
+    pool = PagePool(torch.randn(10, 2, 4), 3)
+    pool.ensure([0, 1, 2])
+    pool.ensure([1])
+    pool.ensure([0])
+    pool.ensure([5])  # 2 is the least recently used
+    assert set(pool.slot_of) == {0, 1, 5}
+    pool.ensure([1, 5, 6])  # 0 goes (1 and 5 are needed now)
+    assert set(pool.slot_of) == {1, 5, 6}
+    pool.drop([5, 6])
+    assert set(pool.slot_of) == {1} and pool.stats.evictions == 2
+    pool.ensure([7, 8])
+    assert set(pool.slot_of) == {1, 7, 8} and pool.stats.evictions == 2
 
 
 def test_runs_coalesce_consecutive_pages():

@@ -39,7 +39,6 @@ not offloaded: its peak is one layer's pages of the sequence being prefilled).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +115,10 @@ class PagePool:
     ``prefetch(pages)``: place pages ahead (side stream on CUDA); ``ensure(pages)``: the slots of
     pages about to be attended, copying the missing ones now; ``write_rows``: new rows into
     resident slots; ``adopt``: a slot for a page starting now (no copy).
+
+    The mapping is kept in host tensors (page -> slot, slot -> page, slot -> last use), so a call
+    costs a few vector operations whatever the number of pages, plus one copy per run of
+    consecutive missing pages.
     """
 
     def __init__(self, host: torch.Tensor, slots: int, device: str | torch.device = "cpu",
@@ -129,71 +132,88 @@ class PagePool:
             raise LatentKVError("the host pages of an offloaded cache must be pinned for asynchronous copies.")
         self.slots = slots
         self.pool = torch.zeros(slots, *host.shape[1:], dtype=host.dtype, device=self.device)
-        self.slot_of: OrderedDict[int, int] = OrderedDict()  # host page -> slot, least recently used first
-        self.free = list(range(slots - 1, -1, -1))
+        self.slot_of_page = torch.full((host.shape[0],), -1, dtype=torch.long)
+        self.page_of_slot = torch.full((slots,), -1, dtype=torch.long)
+        self.last_used = torch.full((slots,), -1, dtype=torch.long)  # call counter; -1: free
+        self.tick = 0
         self.stats = stats if stats is not None else OffloadStats()
         self.ready = None  # CUDA event: the last prefetch's copies are done
         self.page_bytes = host[0].numel() * host.element_size()
 
     # placement ----------------------------------------------------------------------------
     def resident(self, page: int) -> bool:
-        return page in self.slot_of
+        return bool(self.slot_of_page[int(page)] >= 0)
 
-    def _place(self, pages: list[int], keep: set[int], strict: bool) -> list[tuple[int, int]]:
-        """Slots for the pages of ``pages`` not resident, evicting least recently used pages not in
-        ``keep``; returns the new (page, slot) pairs. ``strict``: raise when they cannot fit, else
-        place what fits (a prefetch is best effort)."""
-        new = []
-        for page in pages:
-            if page in self.slot_of:
-                continue
-            if not self.free:
-                victim = next((p for p in self.slot_of if p not in keep), None)
-                if victim is None:
-                    if strict:
-                        raise LatentKVError(
-                            f"the device page pool has {self.slots} slots but this step attends to more pages "
-                            f"than fit beside the ones it keeps ({len(keep)}); build the offloaded cache with "
-                            "more pool pages (pool_pages) or lower the sparse budget."
-                        )
-                    break
-                self.free.append(self.slot_of.pop(victim))
-                self.stats.evictions += 1
-            slot = self.free.pop()
-            self.slot_of[page] = slot
-            new.append((page, slot))
-        self.stats.peak_resident = max(self.stats.peak_resident, len(self.slot_of))
-        return new
+    @property
+    def slot_of(self) -> dict[int, int]:
+        """{host page: slot} of the resident pages (inspection)."""
+        used = (self.page_of_slot >= 0).nonzero().flatten()
+        return dict(zip(self.page_of_slot[used].tolist(), used.tolist()))
 
-    def _touch(self, pages) -> None:
-        for p in pages:
-            if p in self.slot_of:
-                self.slot_of.move_to_end(p)
+    def _place(self, pages, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the pages of ``pages`` not resident, evicting the least recently used pages
+        not among ``pages``; returns the new (pages, slots). ``strict``: raise when they cannot
+        fit, else place what fits, in the order given (a prefetch is best effort)."""
+        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
+        if pages.numel() == 0:
+            return pages, pages
+        uniq, inverse = torch.unique(pages, return_inverse=True)
+        first = torch.full((uniq.numel(),), pages.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(pages.numel()), "amin")
+        pages = uniq[first.argsort()]  # unique, in the order first given
+        self.tick += 1
+        cur = self.slot_of_page[pages]
+        here = cur >= 0
+        self.last_used[cur[here]] = self.tick
+        missing = pages[~here]
+        if missing.numel() == 0:
+            return missing, missing
+        key = self.last_used.clone()
+        key[cur[here]] = torch.iinfo(torch.long).max  # the pages of this call stay
+        room = int((key < torch.iinfo(torch.long).max).sum())  # slots not holding a page of this call
+        if missing.numel() > room:
+            if strict:
+                raise LatentKVError(
+                    f"the device page pool has {self.slots} slots but this step attends to {pages.numel()} pages "
+                    "of this layer; build the offloaded cache with more pool pages (pool_pages) or lower the "
+                    "sparse budget."
+                )
+            missing = missing[:room]
+            if missing.numel() == 0:
+                return missing, missing
+        victims = torch.topk(key, missing.numel(), largest=False).indices
+        old = self.page_of_slot[victims]
+        old = old[old >= 0]
+        self.slot_of_page[old] = -1
+        self.stats.evictions += old.numel()
+        self.page_of_slot[victims] = missing
+        self.slot_of_page[missing] = victims
+        self.last_used[victims] = self.tick
+        self.stats.peak_resident = max(self.stats.peak_resident, int((self.page_of_slot >= 0).sum()))
+        return missing, victims
 
-    def _copy(self, pairs: list[tuple[int, int]], non_blocking: bool) -> None:
-        for page, slot, count in _runs(pairs):
+    def _copy(self, pages: torch.Tensor, slots: torch.Tensor, non_blocking: bool) -> None:
+        for page, slot, count in _runs(list(zip(pages.tolist(), slots.tolist()))):
             self.pool[slot : slot + count].copy_(self.host[page : page + count], non_blocking=non_blocking)
-        self.stats.bytes_moved += len(pairs) * self.page_bytes
+        self.stats.bytes_moved += pages.numel() * self.page_bytes
 
     # the calls of a step ------------------------------------------------------------------
     def prefetch(self, pages) -> int:
         """Start copying the ``pages`` not resident (best effort: what fits beside them); on CUDA on
         the side stream, after the work already queued on the compute stream. Returns the count."""
-        pages = list(dict.fromkeys(int(p) for p in pages))
-        self._touch(pages)
-        new = self._place(pages, set(pages), strict=False)
-        if new:
+        new, slots = self._place(pages, strict=False)
+        if new.numel():
             if self.cuda:
                 stream = side_stream(self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))  # queued reads of evicted slots first
                 with torch.cuda.stream(stream):
-                    self._copy(new, non_blocking=True)
+                    self._copy(new, slots, non_blocking=True)
                     self.ready = torch.cuda.Event()
                     self.ready.record(stream)
             else:
-                self._copy(new, non_blocking=False)
-        self.stats.pages_prefetched += len(new)
-        return len(new)
+                self._copy(new, slots, non_blocking=False)
+        self.stats.pages_prefetched += new.numel()
+        return new.numel()
 
     def wait(self) -> None:
         """Order the compute stream after the last prefetch's copies (before the pool is written or read)."""
@@ -203,37 +223,44 @@ class PagePool:
 
     def adopt(self, pages) -> None:
         """Slots for pages whose first row is being written now (nothing to copy)."""
-        pages = [int(p) for p in pages]
         self.wait()
-        new = self._place(pages, set(pages), strict=True)
-        self.stats.pages_fresh += len(new)
-        self._touch(pages)
+        new, _ = self._place(pages, strict=True)
+        self.stats.pages_fresh += new.numel()
 
-    def write_rows(self, flat_rows: torch.Tensor, rows: torch.Tensor) -> None:
+    def write_rows(self, flat_rows, rows: torch.Tensor) -> None:
         """flat_rows [n] (host, long): row ids in the [num_pages * page_size] view; rows [n, width]
         (any device): written into the slots of the resident pages."""
         size = self.host.shape[1]
-        keep = [(i, self.slot_of[int(r) // size] * size + int(r) % size) for i, r in enumerate(flat_rows.tolist())
-                if int(r) // size in self.slot_of]
-        if not keep:
+        flat_rows = torch.as_tensor(flat_rows, dtype=torch.long)
+        slot = self.slot_of_page[flat_rows // size]
+        keep = (slot >= 0).nonzero().flatten()
+        if keep.numel() == 0:
             return
         self.wait()
-        idx = torch.tensor([i for i, _ in keep], device=rows.device)
-        dst = torch.tensor([d for _, d in keep], device=self.device)
-        self.pool.view(-1, self.pool.shape[-1]).index_copy_(0, dst, rows[idx].to(self.device, self.pool.dtype))
+        dst = (slot[keep] * size + flat_rows[keep] % size).to(self.device)
+        self.pool.view(-1, self.pool.shape[-1]).index_copy_(0, dst, rows[keep.to(rows.device)].to(self.pool.dtype))
 
-    def ensure(self, pages) -> list[int]:
-        """Slots of ``pages`` (in order), copying the missing ones now on the compute stream (misses)."""
-        pages = [int(p) for p in pages]
+    def ensure(self, pages) -> torch.Tensor:
+        """Slots [len(pages)] (long, host) of ``pages``, copying the missing ones now on the compute
+        stream (misses)."""
+        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
         self.wait()
-        self._touch(pages)
-        new = self._place(pages, set(pages), strict=True)
-        if new:
-            self._copy(new, non_blocking=self.cuda)  # the compute stream: ordered before the attention
-        self.stats.pages_missed += len(new)
-        self.stats.pages_attended += len(set(pages))
+        new, slots = self._place(pages, strict=True)
+        if new.numel():
+            self._copy(new, slots, non_blocking=self.cuda)  # the compute stream: ordered before the attention
+        self.stats.pages_missed += new.numel()
+        self.stats.pages_attended += int(torch.unique(pages).numel())
         self.stats.steps += 1
-        return [self.slot_of[p] for p in pages]
+        return self.slot_of_page[pages]
+
+    def drop(self, pages) -> None:
+        """Forget pages (a finished sequence's): their slots become free."""
+        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
+        slots = self.slot_of_page[pages]
+        slots = slots[slots >= 0]
+        self.page_of_slot[slots] = -1
+        self.last_used[slots] = -1
+        self.slot_of_page[pages] = -1
 
     def __deepcopy__(self, memo):
         self.wait()
@@ -241,9 +268,8 @@ class PagePool:
             torch.cuda.current_stream(self.device).synchronize()
         other = PagePool.__new__(PagePool)
         other.__dict__.update(self.__dict__)
-        other.pool = self.pool.clone()
-        other.slot_of = OrderedDict(self.slot_of)
-        other.free = list(self.free)
+        for name in ("pool", "slot_of_page", "page_of_slot", "last_used"):
+            setattr(other, name, getattr(self, name).clone())
         other.stats = OffloadStats()
         other.ready = None
         other.host = memo.get(id(self.host), self.host)
@@ -363,11 +389,10 @@ class OffloadedLatentCache(PagedLatentCache):
         else:
             dev_table = torch.zeros_like(table)
             wanted = [table[r, : -(-lens_host[r] // size)].tolist() for r in range(b)]
-            flat = [p for w in wanted for p in w]
-            slots = pool.ensure(flat)
+            slots = pool.ensure([p for w in wanted for p in w]).to(torch.int32)
             at = 0
             for r, w in enumerate(wanted):
-                dev_table[r, : len(w)] = torch.tensor(slots[at : at + len(w)], dtype=torch.int32)
+                dev_table[r, : len(w)] = slots[at : at + len(w)]
                 at += len(w)
             kv = pool.pool
         out = decode_attention(
@@ -415,8 +440,5 @@ class OffloadedLatentCache(PagedLatentCache):
 
     def free_sequence(self, seq: int) -> None:
         for pool in self.pools:
-            for page in self._tables.get(seq, []):
-                slot = pool.slot_of.pop(page, None)
-                if slot is not None:
-                    pool.free.append(slot)
+            pool.drop(self._tables.get(seq, []))
         super().free_sequence(seq)
