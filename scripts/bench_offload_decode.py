@@ -81,9 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--md", help="write the table (markdown) here")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks that the script runs; times mean nothing)")
     args = p.parse_args(argv)
-    if args.smoke:
-        for k, v in SMOKE.items():
-            setattr(args, k.replace("-", "_"), v)
+    if args.smoke:  # tiny defaults; options given on the command line still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     return args
 
 
@@ -431,7 +431,8 @@ def timed(step, stack, cache, args, device, steps, reset=True, pools=None):
         raise SystemExit("non-finite logits: the benchmark's random stack diverged; report this as a bug.")
     out = {"steps": steps, "seconds": seconds, "tokens_per_s": cache.batch * steps / seconds,
            "step_ms": 1e3 * seconds / steps,
-           "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+           "last_logits": logits.float().cpu()}
     if pools is not None:
         from latentkv.sparsity.offload import OffloadStats
 
@@ -510,7 +511,19 @@ def main(argv=None) -> dict:
             print(f"context {context}, {name}: {r['tokens_per_s']:.1f} tokens/s, cache on the GPU "
                   f"{r['cache_gpu_bytes'] / GIB:.2f} GiB ({r['wall_s']:.1f} s)", file=sys.stderr)
         del cache
+    for context in contexts:  # the same computation over the same rows: streamed must equal resident
+        got = {r["mode"]: r.pop("last_logits") for r in rows if r["context"] == context and "last_logits" in r}
+        if "dense-gpu" in got and "dense-offload" in got:
+            ref, out = got["dense-gpu"], got["dense-offload"]
+            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            for r in rows:
+                if r["context"] == context and r["mode"] == "dense-offload":
+                    r["max_rel_diff_vs_dense_gpu"] = err
+            if err > 1e-3:
+                raise SystemExit(f"context {context}: the dense-offload logits differ from dense-gpu's (max rel {err:.2e}); "
+                                 "the streamed cache is not the resident one -- a bug in the copies or their ordering.")
     for r in rows:
+        r.pop("last_logits", None)
         if "skipped" in r:
             continue
         base = {m: next((x for x in rows if x["context"] == r["context"] and x["mode"] == m and "skipped" not in x), None)

@@ -249,3 +249,24 @@ def test_offloaded_cache_keeps_host_pages(tiny_mla):
                                            sparse=SparseConfig("window", budget=3))
     assert cache.pool_pages == 2 * (3 + 2) and all(p.shape[0] == 16 for p in cache.pages)
     assert all(p.pool.shape[0] == 10 for p in cache.pools)
+
+
+def test_bench_offload_decode_smoke(capsys):
+    """Guards the GPU benchmark script (scripts/bench_offload_decode.py) in --smoke mode on the CPU:
+    it runs end to end, reports every mode with ratios against the baselines of the same run, and
+    the whole cache streamed from the host gives the resident cache's logits."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_offload_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--contexts", "96", "--layers", "1", "--steps", "1", "--offload-steps", "1",
+                          "--fractions", "0.25"])
+    modes = [r["mode"] for r in result["rows"]]
+    assert modes == ["dense-gpu", "dense-offload", "sparse-offload 0.25"]
+    assert result["rows"][0]["vs_dense_gpu"] == 1.0 and result["rows"][1]["max_rel_diff_vs_dense_gpu"] == 0.0
+    sparse = result["rows"][2]
+    assert sparse["offload"]["misses_per_step"] == 0 and sparse["cache_gpu_bytes"] < result["rows"][0]["cache_gpu_bytes"]
+    assert "| 96 | sparse-offload 0.25 |" in capsys.readouterr().out
