@@ -17,13 +17,22 @@ from latentkv.sparsity.policies import SparseConfig
 
 @torch.no_grad()
 def prefilled(model, ids: list[int], prompt_len: int, *, page_size: int = 16, keep_history: int = 64,
-              backend: str = "reference", prefill_chunk: int = 128):
+              backend: str = "reference", prefill_chunk: int = 128, offload: int | None = None):
     """The dense prefill of ids[:prompt_len], shared by the policies that decode after it:
-    (cache with its recorded history of ``keep_history`` steps, sequence id, last logits)."""
+    (cache with its recorded history of ``keep_history`` steps, sequence id, last logits).
+    ``offload``: the cache's pages in host memory, attended through device pools of that many
+    page slots per layer (``latentkv.sparsity.offload``)."""
     from latentkv.eval.decode import PagedLatentCache, prefill
     from latentkv.sparsity.runtime import SparseAttention
 
-    cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size, backend=backend)
+    if offload:
+        from latentkv.sparsity.offload import OffloadedLatentCache
+
+        cache = OffloadedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size,
+                                               backend=backend, pool_pages=offload)
+    else:
+        cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size,
+                                           backend=backend)
     cache.sparsity = SparseAttention(SparseConfig("dense"), page_size, keep_history=keep_history)
     seq = cache.add_sequence()
     return cache, seq, prefill(model, cache, seq, ids[:prompt_len], prefill_chunk).cpu()
@@ -49,14 +58,18 @@ def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseCo
     rows = [first]
     for t in range(prompt_len, len(ids) - 1):
         rows.append(forward_step(model, cache, [seq], torch.tensor([[ids[t]]]))[0, -1].cpu())
-    return torch.stack(rows), sparsity.stats.summary()
+    summary = sparsity.stats.summary()
+    if hasattr(cache, "offload_stats"):  # an offloaded cache: its copies and misses over these steps
+        summary["offload"] = cache.offload_stats.summary()
+    return torch.stack(rows), summary
 
 
 def teacher_forced(model, ids: list[int], prompt_len: int, config: SparseConfig, *, page_size: int = 16,
-                   predictor=None, backend: str = "reference", prefill_chunk: int = 128):
-    """Prefill ids[:prompt_len] densely, then decode the rest under ``config`` (``decode_after``)."""
+                   predictor=None, backend: str = "reference", prefill_chunk: int = 128, offload: int | None = None):
+    """Prefill ids[:prompt_len] densely, then decode the rest under ``config`` (``decode_after``);
+    ``offload``: page slots per layer of an offloaded cache (``prefilled``)."""
     start = prefilled(model, ids, prompt_len, page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
-                      keep_history=predictor.config.history if predictor is not None else 1)
+                      keep_history=predictor.config.history if predictor is not None else 1, offload=offload)
     return decode_after(model, start, ids, prompt_len, config, predictor=predictor)
 
 

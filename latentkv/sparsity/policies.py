@@ -178,5 +178,9 @@ def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | N
     if history is None or history.shape[1] == 0:
         return recency
     if config.policy == "last-step":
-        return history[:, -1].float().mean(0)
-    return predictor.predict(history).mean(0)  # [latent_heads, n] probabilities -> [n]
+        scores = history[:, -1].float().mean(0)
+    else:
+        scores = predictor.predict(history).mean(0)  # [latent_heads, n] probabilities -> [n]
+    # a block begun since the last history row has no mass yet: score 0 (the current block is forced
+    # anyway); without this the scores would cover one block too few and the current block be lost
+    return torch.nn.functional.pad(scores, (0, n_blocks - scores.shape[-1])) if scores.shape[-1] < n_blocks else scores

@@ -202,6 +202,27 @@ class SparseAttention:
         dev = step["block_table"].device
         return reduced.to(dev), torch.tensor(new_lens, dtype=torch.int32).to(dev), max(new_lens)
 
+    def forecast(self, seq: int, layer: int, length: int) -> torch.Tensor:
+        """Ascending block ids the next decode step of (seq, layer) is expected to attend, for a
+        sequence that will then hold ``length`` tokens, from the history up to now (what an
+        offloaded cache prefetches, ``latentkv.sparsity.offload``). For window, last-step and
+        predictor this is the choice ``select`` will make (the history it reads is already here);
+        Quest and the oracle need the next query, so their forecast is the last choice (plus the
+        forced blocks), the rest of the budget by recency."""
+        cfg, size = self.config, self.page_size
+        n = -(-length // size)
+        k = cfg.blocks_for(n)
+        if k >= n or (cfg.dense_refresh and (self.steps.get(seq, 0) + 1) % cfg.refresh == 0):
+            return torch.arange(n)
+        if cfg.policy in ("quest", "oracle"):
+            scores = torch.arange(n, dtype=torch.float32) / n
+            last = self.last_choice.get((seq, layer))
+            if last is not None:
+                scores[last[last < n]] += 1.0
+        else:
+            scores = policy_scores(cfg, n, self.history.get((seq, layer)), None, self.predictor)
+        return choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
+
     @property
     def wants_masses(self) -> bool:
         """Whether the history of the last ``select`` waits for the attention's per-page masses."""

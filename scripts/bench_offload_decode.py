@@ -1,0 +1,584 @@
+#!/usr/bin/env python
+"""Decode throughput with the latent cache offloaded to host memory: dense on the GPU, dense
+streamed from the host, and a sparse policy with prefetch through a small device page pool.
+
+A stack of random-weight layers of a 1B-like shape (by default Llama-3.2-1B's geometry converted to
+MLA: hidden 2048, 16 layers, 32 heads, latent 512 + RoPE 64, MLP 8192, vocabulary 128256), bf16,
+``--batch`` sequences of ``--contexts`` tokens each, decoding one token per sequence per step
+(warm-up steps, then timed steps; eager launches, no CUDA graph). Every decode step of every
+layer: the query and the new cache row, the absorbed MLA attention through the Triton kernel over a
+paged latent cache, the output and MLP projections; then the LM head. Rows:
+
+- ``dense-gpu``: the whole cache on the GPU, every page read (skipped where it does not fit);
+- ``dense-offload``: the whole cache in pinned host memory, every page of a layer copied to the GPU
+  each step (one copy per layer on a side stream into two alternating layer buffers, overlapped with
+  the previous layer's compute) -- the bound of offloading without sparsity;
+- ``sparse-offload f``: the cache in pinned host memory, a device pool per layer of
+  batch x (ceil(f x pages) + 2) slots (``latentkv.sparsity.offload.PagePool``); the pages a step
+  attends are chosen from the history up to the previous step -- Quest page bounds (per-page min /
+  max of the cache rows, kept on the GPU) scored with the previous step's query, plus the sink and
+  the current page -- so the choice for step t + 1 is known while step t runs and its missing pages
+  are copied host-to-device on a side stream, overlapped with the rest of step t. Pages the pool
+  still lacks when attended are fetched synchronously (counted as misses).
+
+Also measured in the same run: the host-to-device copy bandwidth from pinned memory. Reported:
+decode tokens/s, the GPU memory the cache takes in each mode (pool + page bounds for the sparse
+rows), the pages copied per layer-step, misses, and ratios against the baselines of the same run.
+Random weights make the attention pattern -- hence how many chosen pages change per step and must
+be copied -- unlike a trained model's: read the pages fetched per step with the throughput. By
+default every step feeds the same token (``--tokens same``); ``--tokens random`` changes the query
+each step (more pages change).
+
+    python scripts/bench_offload_decode.py                            # H100: batch 8, contexts 32k and 128k
+    python scripts/bench_offload_decode.py --json out.json --md out.md
+    python scripts/bench_offload_decode.py --smoke                    # CPU, tiny sizes: checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+GIB = 1 << 30
+SMOKE = dict(hidden=64, layers=2, heads=4, nope_dim=8, rope_dim=8, latent_rank=32, v_dim=8, intermediate=128,
+             vocab=100, batch=2, contexts="256,512", page_size=16, warmup=1, steps=2, offload_steps=2,
+             copy_mib=4, fractions="0.125,0.0625")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--contexts", default="32768,131072", help="tokens per sequence, comma separated")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--nope-dim", type=int, default=64, help="query head dim without RoPE (absorbed into the latent)")
+    p.add_argument("--rope-dim", type=int, default=64)
+    p.add_argument("--latent-rank", type=int, default=512)
+    p.add_argument("--v-dim", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--fractions", default="0.125,0.0625", help="fractions of the pages a sparse step attends")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed row")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (GPU-resident and sparse rows)")
+    p.add_argument("--offload-steps", type=int, default=3, help="timed steps of the dense-offload row (slow)")
+    p.add_argument("--tokens", choices=("same", "random"), default="same",
+                   help="input token of each step: the same every step, or random")
+    p.add_argument("--copy-mib", type=int, default=1024, help="bytes of the host-to-device bandwidth test")
+    p.add_argument("--host-fraction", type=float, default=0.7,
+                   help="largest share of the host's memory the pinned cache may take (a context needing more is skipped)")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--md", help="write the table (markdown) here")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks that the script runs; times mean nothing)")
+    args = p.parse_args(argv)
+    if args.smoke:  # tiny defaults; options given on the command line still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def h2d_bandwidth(device, mib: int) -> dict:
+    """Host-to-device copy bandwidth from pinned memory (bytes/s, median of 10 copies)."""
+    n = mib << 20
+    pin = device.type == "cuda"
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(12):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=pin)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"bytes": n, "pinned": pin, "bytes_per_s": n / times[len(times) // 2]}
+
+
+class Stack:
+    """Random-weight MLA decoder layers (absorbed attention) + embedding + LM head."""
+
+    def __init__(self, args, device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        a = self.a = args
+        self.device, self.dtype = device, dtype
+        H = a.heads
+        self.width = a.latent_rank + a.rope_dim
+
+        def w(*shape, fan_in):
+            return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) / math.sqrt(fan_in)).to(dtype)
+
+        self.layers = [dict(
+            q=w(a.hidden, H * (a.nope_dim + a.rope_dim), fan_in=a.hidden),
+            uk=w(H, a.nope_dim, a.latent_rank, fan_in=a.nope_dim),
+            kv=w(a.hidden, self.width, fan_in=a.hidden),
+            uv=w(H, a.v_dim, a.latent_rank, fan_in=a.latent_rank),
+            o=w(H * a.v_dim, a.hidden, fan_in=H * a.v_dim),
+            gate=w(a.hidden, a.intermediate, fan_in=a.hidden),
+            up=w(a.hidden, a.intermediate, fan_in=a.hidden),
+            down=w(a.intermediate, a.hidden, fan_in=a.intermediate),
+        ) for _ in range(a.layers)]  # fmt: skip
+        self.embed = w(a.vocab, a.hidden, fan_in=1)
+        self.head = w(a.hidden, a.vocab, fan_in=a.hidden)
+        self.scale = 1.0 / math.sqrt(a.nope_dim + a.rope_dim)
+        self.weight_bytes = sum(t.numel() * t.element_size() for L in self.layers for t in L.values()) + \
+            2 * self.embed.numel() * self.embed.element_size()
+
+    @staticmethod
+    def norm(x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+    def qkv(self, l, x):
+        """x [b, hidden] -> absorbed query [b, 1, H, r + rope], new cache row [b, r + rope]."""
+        a, L = self.a, self.layers[l]
+        h = self.norm(x)
+        qr = (h @ L["q"]).view(x.shape[0], a.heads, a.nope_dim + a.rope_dim)
+        q_lat = torch.einsum("bhd,hdr->bhr", qr[..., : a.nope_dim], L["uk"])
+        q = torch.cat([q_lat, qr[..., a.nope_dim :]], -1)[:, None]
+        return q, h @ L["kv"]
+
+    def out(self, l, x, o):
+        """o [b, 1, H, r] attention output in latent space -> the layer's new hidden state."""
+        L = self.layers[l]
+        v = torch.einsum("bhr,hvr->bhv", o[:, 0].to(self.dtype), L["uv"]).reshape(x.shape[0], -1)
+        x = x + v @ L["o"]
+        h = self.norm(x)
+        return x + (torch.nn.functional.silu(h @ L["gate"]) * (h @ L["up"])) @ L["down"]
+
+    def logits(self, x):
+        return self.norm(x) @ self.head
+
+
+def attend(stack, q, kv, table, lens, max_len, backend):
+    from latentkv.kernels.mla_decode import decode_attention
+
+    return decode_attention(q, kv, table, lens, latent_heads=1, rope_dim=stack.a.rope_dim,
+                            softmax_scale=stack.scale, backend=backend, max_seq_len=max_len)
+
+
+class Cache:
+    """The pinned host pages of every layer (every sequence's pages contiguous) and the bookkeeping
+    of one run: lengths, where the next row goes."""
+
+    def __init__(self, stack, args, context, device):
+        self.page = args.page_size
+        self.batch = args.batch
+        self.per_seq = math.ceil((context + args.warmup + max(args.steps, args.offload_steps) + 1) / self.page)
+        self.num_pages = self.batch * self.per_seq
+        self.context = context
+        pin = device.type == "cuda"
+        self.host = []
+        g = torch.Generator(device=device).manual_seed(1)
+        for _ in range(args.layers):
+            h = torch.empty(self.num_pages, self.page, stack.width, dtype=stack.dtype, pin_memory=pin)
+            for start in range(0, self.num_pages, 4096):  # random rows made on the device, copied down
+                chunk = h[start : start + 4096]
+                chunk.copy_(torch.randn(chunk.shape, generator=g, device=device, dtype=torch.float32).to(stack.dtype))
+            self.host.append(h)
+        self.table = (torch.arange(self.batch)[:, None] * self.per_seq + torch.arange(self.per_seq)[None]).to(torch.int32)
+        self.reset()
+
+    def reset(self):
+        self.lens = [self.context] * self.batch
+
+    def layer_bytes(self):
+        h = self.host[0]
+        return h.numel() * h.element_size()
+
+    def new_rows(self):
+        """Flat row ids (host) of the rows the next step writes, and the pages that begin there."""
+        rows = [int(self.table[b, n // self.page]) * self.page + n % self.page for b, n in enumerate(self.lens)]
+        fresh = [r // self.page for r in rows if r % self.page == 0]
+        return rows, fresh
+
+    def write_host(self, l, rows, row_values):
+        """The new rows into the pinned host pages (device-to-host copies, asynchronous on a GPU)."""
+        flat = self.host[l].view(-1, self.host[l].shape[-1])
+        for i, r in enumerate(rows):
+            flat[r].copy_(row_values[i], non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the modes
+# --------------------------------------------------------------------------------------------
+def run_dense_gpu(stack, cache, args, device, backend, steps):
+    kv = [h.to(device) for h in cache.host]
+    table = cache.table.to(device)
+
+    def step(x):
+        rows, _ = cache.new_rows()
+        rows_dev = torch.tensor(rows, device=device)
+        lens = torch.tensor([n + 1 for n in cache.lens], dtype=torch.int32, device=device)
+        for l in range(args.layers):
+            q, row = stack.qkv(l, x)
+            kv[l].view(-1, stack.width).index_copy_(0, rows_dev, row)
+            x = stack.out(l, x, attend(stack, q, kv[l], table, lens, max(cache.lens) + 1, backend))
+        cache.lens = [n + 1 for n in cache.lens]
+        return stack.logits(x)
+
+    result = timed(step, stack, cache, args, device, steps)
+    result["cache_gpu_bytes"] = sum(t.numel() * t.element_size() for t in kv)
+    del kv
+    return result
+
+
+def run_dense_offload(stack, cache, args, device, backend, steps):
+    """Every page of each layer copied to the GPU every step, into two alternating layer buffers."""
+    cuda = device.type == "cuda"
+    bufs = [torch.empty_like(cache.host[0], device=device) for _ in range(2)]
+    table = cache.table.to(device)
+    side = torch.cuda.Stream(device) if cuda else None
+    events = [None, None]
+    L = args.layers
+
+    def issue(l):  # copy layer l into buffer l % 2 after the work queued so far (its previous reader)
+        buf = bufs[l % 2]
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                buf.copy_(cache.host[l], non_blocking=True)
+                events[l % 2] = torch.cuda.Event()
+                events[l % 2].record(side)
+        else:
+            buf.copy_(cache.host[l])
+
+    state = {"issued": False}
+
+    def step(x):
+        if not state["issued"]:
+            issue(0)
+            issue(1 % L)
+            state["issued"] = True
+        rows, _ = cache.new_rows()
+        rows_dev = torch.tensor(rows, device=device)
+        lens = torch.tensor([n + 1 for n in cache.lens], dtype=torch.int32, device=device)
+        for l in range(L):
+            buf = bufs[l % 2]
+            if cuda and events[l % 2] is not None:
+                torch.cuda.current_stream(device).wait_event(events[l % 2])
+            q, row = stack.qkv(l, x)
+            buf.view(-1, stack.width).index_copy_(0, rows_dev, row)
+            cache.write_host(l, rows, row)
+            x = stack.out(l, x, attend(stack, q, buf, table, lens, max(cache.lens) + 1, backend))
+            issue((l + 2) % L)  # the next step's layer when l + 2 >= L (its rows written by then)
+        cache.lens = [n + 1 for n in cache.lens]
+        return stack.logits(x)
+
+    result = timed(step, stack, cache, args, device, steps)
+    result["cache_gpu_bytes"] = sum(b.numel() * b.element_size() for b in bufs)
+    result["bytes_per_step"] = cache.layer_bytes() * L
+    del bufs
+    return result
+
+
+def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
+    """Quest page bounds scored with the previous step's query choose the next step's pages; the
+    pool of each layer prefetches them on a side stream while the step runs."""
+    from latentkv.sparsity.offload import PagePool
+
+    cuda = device.type == "cuda"
+    L, B, page = args.layers, cache.batch, cache.page
+    max_n = cache.per_seq
+    k_max = max(2, math.ceil(fraction * max_n))
+    pools = [PagePool(h, B * (k_max + 2), device) for h in cache.host]
+    table_dev = cache.table.to(device).long()
+    # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
+    low, high = [], []
+    for l in range(L):
+        lo = torch.full((cache.num_pages, stack.width), float("inf"), dtype=stack.dtype, device=device)
+        hi = torch.full_like(lo, float("-inf"))
+        for b, n in enumerate(cache.lens):
+            for start in range(0, n, 1 << 14):  # chunks of pages: bounded temporaries
+                stop = min(n, start + (1 << 14))
+                first, last = start // page, -(-stop // page)
+                rows = cache.host[l][int(cache.table[b, first]) : int(cache.table[b, last - 1]) + 1].to(device)
+                valid = (torch.arange(first * page, last * page, device=device) < n).view(-1, page, 1)
+                pg = cache.table[b, first:last].to(device).long()
+                lo[pg] = torch.minimum(lo[pg], rows.masked_fill(~valid, float("inf")).amin(1))
+                hi[pg] = torch.maximum(hi[pg], rows.masked_fill(~valid, float("-inf")).amax(1))
+        low.append(lo)
+        high.append(hi)
+    meta_bytes = sum(t.numel() * t.element_size() for t in low + high)
+    pinned = cuda
+    ids_host = [None] * L  # per layer: pinned [B, k] page ids of the next step, and their event
+    pending = []
+
+    def choose(l, q, lens_next):
+        """Pages of the next step of layer l (device): sink, current, top bound scores with q."""
+        n = -(-lens_next // page)
+        k = min(n, max(2, math.ceil(fraction * n)))
+        pages = table_dev[:, :n]
+        qf = q[:, 0].float()  # [B, H, w]
+        lo, hi = low[l][pages].float(), high[l][pages].float()  # [B, n, w]
+        bound = (hi @ qf.clamp_min(0).transpose(1, 2) + lo @ qf.clamp_max(0).transpose(1, 2)).amax(-1)  # [B, n]
+        bound = torch.nan_to_num(bound, nan=float("-inf"), posinf=float("inf"))
+        bound[:, 0] = float("inf")
+        bound[:, n - 1] = float("inf")
+        ids = bound.topk(k, dim=-1).indices.sort(-1).values
+        chosen = torch.gather(pages, 1, ids)
+        buf = torch.empty(chosen.shape, dtype=torch.long, pin_memory=pinned)
+        buf.copy_(chosen, non_blocking=pinned)
+        ev = None
+        if cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        return buf, ev, -(-(lens_next - 1) // page)  # blocks holding rows once this step is written
+
+    def prefetch(l):
+        """Start the copies of layer l's next-step pages (a page the next step begins is adopted then)."""
+        buf, ev, have = ids_host[l]
+        if ev is not None:
+            ev.synchronize()
+        flat = buf.flatten()
+        pools[l].prefetch(flat[(flat % cache.per_seq) < have])
+
+    # the first step's choice: the sink and the most recent pages (no query yet), placed before timing
+    def initial():
+        for l in range(L):
+            n = -(-(cache.lens[0] + 1) // page)
+            k = min(n, max(2, math.ceil(fraction * n)))
+            ids = torch.tensor([0] + list(range(n - k + 1, n)))
+            ids_host[l] = (cache.table[:, ids].long(), None, -(-cache.lens[0] // page))
+            prefetch(l)
+
+    initial()
+
+    def step(x):
+        rows, fresh = cache.new_rows()
+        lens = [n + 1 for n in cache.lens]
+        new_lens = None
+        for l in range(L):
+            pool = pools[l]
+            q, row = stack.qkv(l, x)
+            cache.write_host(l, rows, row)
+            pg = torch.tensor([r // page for r in rows], device=device)
+            low[l][pg] = torch.minimum(low[l][pg], row)
+            high[l][pg] = torch.maximum(high[l][pg], row)
+            if fresh:
+                pool.adopt(fresh)
+            pool.write_rows(torch.tensor(rows), row)
+            chosen = ids_host[l][0]  # [B, k] host page ids, the current page last
+            k = chosen.shape[1]
+            tbl = pool.ensure(chosen.flatten()).to(torch.int32).view(B, k)
+            if new_lens is None:
+                new_lens = [(k - 1) * page + n - (-(-n // page) - 1) * page for n in lens]
+                lens_dev = torch.tensor(new_lens, dtype=torch.int32)
+                lens_dev = lens_dev.pin_memory().to(device, non_blocking=True) if cuda else lens_dev
+            tbl = tbl.pin_memory().to(device, non_blocking=True) if cuda else tbl
+            o = attend(stack, q, pool.pool, tbl, lens_dev, k * page, backend)
+            ids_host[l] = choose(l, q, lens[0] + 1)  # from this step's query: the next step's pages
+            x = stack.out(l, x, o)
+            pending.append(l)
+            if len(pending) > 1:  # one layer behind: the host does not wait on the layer it just queued
+                prefetch(pending.pop(0))
+        cache.lens = lens
+        while pending:
+            prefetch(pending.pop(0))
+        return stack.logits(x)
+
+    for p in pools:
+        p.stats.__init__()
+    result = timed(step, stack, cache, args, device, steps, reset=False, pools=pools)
+    result["cache_gpu_bytes"] = sum(p.pool.numel() * p.pool.element_size() for p in pools) + meta_bytes
+    result["pool_bytes"] = sum(p.pool.numel() * p.pool.element_size() for p in pools)
+    result["page_bounds_bytes"] = meta_bytes
+    result["pages_attended_per_seq"] = k_max
+    del pools, low, high
+    return result
+
+
+def timed(step, stack, cache, args, device, steps, reset=True, pools=None):
+    """Warm-up steps, then ``steps`` timed steps from the context length: tokens/s of the batch."""
+    if reset:
+        cache.reset()
+    g = torch.Generator(device="cpu").manual_seed(2)
+    token = torch.randint(0, args.vocab, (cache.batch,), generator=g)
+
+    def one():
+        ids = token if args.tokens == "same" else torch.randint(0, args.vocab, (cache.batch,), generator=g)
+        x = stack.embed[ids.to(device)]
+        return step(x)
+
+    for _ in range(args.warmup):
+        one()
+    sync(device)
+    if pools is not None:
+        for p in pools:
+            p.stats.__init__()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = one()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if not bool(torch.isfinite(logits.float()).all()):
+        raise SystemExit("non-finite logits: the benchmark's random stack diverged; report this as a bug.")
+    out = {"steps": steps, "seconds": seconds, "tokens_per_s": cache.batch * steps / seconds,
+           "step_ms": 1e3 * seconds / steps,
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+           "last_logits": logits.float().cpu()}
+    if pools is not None:
+        from latentkv.sparsity.offload import OffloadStats
+
+        total = OffloadStats()
+        for p in pools:
+            total.add(p.stats)
+        out["offload"] = total.summary()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        raise SystemExit("no CUDA GPU found: this benchmark times GPU decode; run with --smoke to check the script "
+                         "on the CPU (tiny sizes).")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    backend = "triton" if cuda else "reference"
+    if cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise SystemExit("triton is not installed: the GPU rows need the Triton decode kernel.") from None
+    contexts = [int(c) for c in str(args.contexts).split(",")]
+    fractions = [float(f) for f in str(args.fractions).split(",")]
+    t_start = time.perf_counter()
+    bw = h2d_bandwidth(device, args.copy_mib)
+    print(f"host-to-device copy (pinned={bw['pinned']}): {bw['bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
+    stack = Stack(args, device, dtype)
+    host_total = host_memory_bytes()
+    rows = []
+    for context in contexts:
+        width = args.latent_rank + args.rope_dim
+        need = args.layers * args.batch * math.ceil((context + args.warmup + max(args.steps, args.offload_steps) + 1)
+                                                    / args.page_size) * args.page_size * width * (2 if cuda else 4)
+        if host_total and need > args.host_fraction * host_total:
+            print(f"context {context}: the pinned cache needs {need / GIB:.1f} GiB, over {args.host_fraction:.0%} of the "
+                  f"host's {host_total / GIB:.0f} GiB; skipped (lower --batch or --layers).", file=sys.stderr)
+            rows.append({"context": context, "mode": "all", "skipped": "host memory"})
+            continue
+        try:
+            cache = Cache(stack, args, context, device)
+        except RuntimeError as exc:
+            raise SystemExit(f"context {context}: allocating {need / GIB:.1f} GiB of pinned host memory failed ({exc}); "
+                             "lower --batch, --layers or --contexts.") from None
+        print(f"context {context}: cache {need / GIB:.2f} GiB in pinned host memory", file=sys.stderr)
+        modes = [("dense-gpu", None), ("dense-offload", None)] + [(f"sparse-offload {f:g}", f) for f in fractions]
+        for name, fraction in modes:
+            cache.reset()
+            t0 = time.perf_counter()
+            try:
+                if name == "dense-gpu":
+                    r = run_dense_gpu(stack, cache, args, device, backend, args.steps)
+                elif name == "dense-offload":
+                    r = run_dense_offload(stack, cache, args, device, backend, args.offload_steps)
+                else:
+                    r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"context {context}, {name}: out of GPU memory; skipped.", file=sys.stderr)
+                rows.append({"context": context, "mode": name, "skipped": "GPU memory"})
+                continue
+            if cuda:
+                torch.cuda.empty_cache()
+            r.update(context=context, mode=name, fraction=fraction, wall_s=time.perf_counter() - t0)
+            rows.append(r)
+            print(f"context {context}, {name}: {r['tokens_per_s']:.1f} tokens/s, cache on the GPU "
+                  f"{r['cache_gpu_bytes'] / GIB:.2f} GiB ({r['wall_s']:.1f} s)", file=sys.stderr)
+        del cache
+    for context in contexts:  # the same computation over the same rows: streamed must equal resident
+        got = {r["mode"]: r.pop("last_logits") for r in rows if r["context"] == context and "last_logits" in r}
+        if "dense-gpu" in got and "dense-offload" in got:
+            ref, out = got["dense-gpu"], got["dense-offload"]
+            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            for r in rows:
+                if r["context"] == context and r["mode"] == "dense-offload":
+                    r["max_rel_diff_vs_dense_gpu"] = err
+            if err > 1e-3:
+                raise SystemExit(f"context {context}: the dense-offload logits differ from dense-gpu's (max rel {err:.2e}); "
+                                 "the streamed cache is not the resident one -- a bug in the copies or their ordering.")
+    for r in rows:
+        r.pop("last_logits", None)
+        if "skipped" in r:
+            continue
+        base = {m: next((x for x in rows if x["context"] == r["context"] and x["mode"] == m and "skipped" not in x), None)
+                for m in ("dense-gpu", "dense-offload")}
+        r["vs_dense_gpu"] = r["tokens_per_s"] / base["dense-gpu"]["tokens_per_s"] if base["dense-gpu"] else None
+        r["vs_dense_offload"] = (r["tokens_per_s"] / base["dense-offload"]["tokens_per_s"]
+                                 if base["dense-offload"] else None)
+        moved = r.get("bytes_per_step") or (r.get("offload", {}).get("bytes_per_step", 0) * args.layers)
+        r["h2d_bytes_per_step"] = moved
+        r["h2d_bound_tokens_per_s"] = (args.batch * bw["bytes_per_s"] / moved) if moved else None
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu (--smoke: tiny sizes; times mean nothing)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": {k: getattr(args, k) for k in ("batch", "layers", "hidden", "heads", "nope_dim", "rope_dim",
+                                               "latent_rank", "v_dim", "intermediate", "vocab", "page_size", "tokens")},
+        "weight_bytes": stack.weight_bytes,
+        "h2d_copy": bw,
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "seconds": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+    md = markdown(result)
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.md:
+        Path(args.md).write_text(md)
+    return result
+
+
+def markdown(result) -> str:
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    bw = result["h2d_copy"]["bytes_per_s"]
+    lines = [
+        f"{result['device']}, {result['dtype']}; shape {result['shape']}; weights {result['weight_bytes'] / GIB:.2f} GiB",
+        f"host-to-device copy from pinned memory: {bw / 1e9:.1f} GB/s (measured in this run)",
+        "",
+        "| context | mode | tokens/s | step ms | vs dense GPU | vs dense offload | cache on GPU (GiB) | "
+        "H2D MB / step | pages fetched / layer-step | misses / layer-step | copy-bound tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['context']} | {r['mode']} | skipped ({r['skipped']}) | | | | | | | | |")
+            continue
+        o = r.get("offload") or {}
+        lines.append(
+            f"| {r['context']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+            f"{fmt(r['vs_dense_gpu'], '.3f')} | {fmt(r['vs_dense_offload'], '.2f')} | {r['cache_gpu_bytes'] / GIB:.3f} | "
+            f"{r['h2d_bytes_per_step'] / 1e6:.1f} | {fmt(o.get('pages_fetched_per_step'), '.1f')} | "
+            f"{fmt(o.get('misses_per_step'), '.2f')} | {fmt(r['h2d_bound_tokens_per_s'], '.1f')} |")
+    lines.append("")
+    lines.append(f"total {result['seconds']:.0f} s; `{result['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

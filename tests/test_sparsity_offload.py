@@ -1,0 +1,272 @@
+"""The offloaded latent cache (latentkv.sparsity.offload): host pages, a device pool of page slots,
+prefetch of the forecast pages and synchronous fetch of the ones it missed.
+
+On this CPU the pool's device is the CPU (no streams); kernel cases run the Triton kernel
+interpreted (conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import tiny_models
+
+from latentkv.errors import LatentKVError
+from latentkv.sparsity import SparseConfig
+from latentkv.sparsity.offload import OffloadedLatentCache, PagePool, _runs, pool_slots_for
+from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig
+
+
+def _masked_reference(q, host, pages, length, ids, page, latent_heads, rope):
+    """Dense attention of one query token over the whole sequence (float64) with every token outside
+    the chosen blocks masked out."""
+    width = host.shape[-1]
+    rows = host[torch.tensor(pages)].reshape(-1, width)[:length].double()
+    keep = torch.zeros(length, dtype=torch.bool)
+    for j in ids:
+        keep[j * page : (j + 1) * page] = True
+    heads, qw = q.shape
+    r_c = qw - rope
+    hg = heads // latent_heads
+    out = torch.empty(heads, r_c, dtype=torch.float64)
+    for h in range(heads):
+        c = h // hg
+        lat = rows[:, c * r_c : (c + 1) * r_c]
+        sc = q[h, :r_c].double() @ lat.T + q[h, r_c:].double() @ rows[:, latent_heads * r_c :].T
+        out[h] = torch.softmax((sc / math.sqrt(qw)).masked_fill(~keep, float("-inf")), -1) @ lat
+    return out
+
+
+POOL_CASES = {  # heads, latent_heads, r_c, rope, page, start lengths
+    "mla": (4, 1, 32, 16, 8, (37, 50)),
+    "gla2": (4, 2, 16, 16, 8, (45, 29)),
+}
+
+
+def _kernel_available(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        md = importlib.import_module("latentkv.kernels.mla_decode")
+        if not torch.cuda.is_available() and type(md._kernels()[0]).__name__ != "InterpretedFunction":
+            pytest.skip("triton imported in compiled mode without a GPU; run with TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_pool_attention_equals_masked_dense(case, backend):
+    """Guards exactness and the miss accounting of the pool: over several decode steps (rows appended,
+    pages begun mid-run), attention through the pool's slot table equals dense attention with the
+    unchosen pages masked, on fresh random inputs, for MLA and GLA; every step the forecast
+    prefetched is deliberately wrong in part, and the pages fetched synchronously equal exactly the
+    chosen pages that were not resident; the pool never holds more pages than its slots."""
+    _kernel_available(backend)
+    from latentkv.kernels.mla_decode import decode_attention
+
+    heads, lh, r_c, rope, page, lens = POOL_CASES[case]
+    steps, k = 6 if backend == "reference" else 3, 3  # blocks attended per sequence
+    g = torch.Generator().manual_seed(len(case))
+    width = lh * r_c + rope
+    per_seq = math.ceil((max(lens) + steps) / page)
+    host = torch.randn(len(lens) * per_seq, page, width, generator=g)
+    perm = torch.randperm(host.shape[0], generator=g).tolist()
+    tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(lens))]
+    slots = len(lens) * (k + 1)
+    pool = PagePool(host, slots)
+    pool.prefetch([t[0] for t in tables])  # something resident before the first step
+    lens = list(lens)
+    expected_misses = pool.stats.pages_missed
+    for step in range(steps):
+        # this step's new row of each sequence: to the host, a slot for a page it begins, into the pool
+        flat, new = [], []
+        for b in range(len(lens)):
+            pos = lens[b]
+            flat.append(tables[b][pos // page] * page + pos % page)
+            new.append(torch.randn(width, generator=g))
+            lens[b] += 1
+        flat_t, new_t = torch.tensor(flat), torch.stack(new)
+        host.view(-1, width)[flat_t] = new_t
+        pool.adopt([f // page for f in flat if f % page == 0])
+        pool.write_rows(flat_t, new_t)
+        chosen = []
+        for b, length in enumerate(lens):
+            n = math.ceil(length / page)
+            middle = (torch.randperm(n - 2, generator=g)[: k - 2] + 1).tolist()
+            chosen.append(sorted({0, n - 1, *middle}))
+        want = [[tables[b][i] for i in ids] for b, ids in enumerate(chosen)]
+        flat_pages = [p for w in want for p in w]
+        expected_misses += sum(not pool.resident(p) for p in flat_pages)
+        slot_ids = pool.ensure(flat_pages)
+        assert pool.stats.pages_missed == expected_misses
+        assert len(pool.slot_of) <= slots and len(set(pool.slot_of.values())) == len(pool.slot_of)
+        table = torch.zeros(len(lens), k, dtype=torch.int32)
+        new_lens, at = [], 0
+        for b, ids in enumerate(chosen):
+            table[b, : len(ids)] = slot_ids[at : at + len(ids)].to(torch.int32)
+            at += len(ids)
+            new_lens.append((len(ids) - 1) * page + lens[b] - (math.ceil(lens[b] / page) - 1) * page)
+        q = torch.randn(len(lens), 1, heads, r_c + rope, generator=g)
+        out = decode_attention(q, pool.pool, table, torch.tensor(new_lens, dtype=torch.int32), latent_heads=lh,
+                               rope_dim=rope, softmax_scale=1 / math.sqrt(r_c + rope), backend=backend, num_splits=2)
+        for b, ids in enumerate(chosen):
+            ref = _masked_reference(q[b, 0], host, tables[b][: math.ceil(lens[b] / page)], lens[b], ids, page, lh, rope)
+            torch.testing.assert_close(out[b, 0].double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+        # a forecast for the next step that is partly wrong: a random other block of each sequence
+        forecast = []
+        for b, ids in enumerate(chosen):
+            n = math.ceil(lens[b] / page)
+            forecast += [tables[b][0], tables[b][n - 1], tables[b][int(torch.randint(1, n, (1,), generator=g))]]
+        pool.prefetch(forecast)
+        assert len(pool.slot_of) <= slots
+    assert pool.stats.pages_missed > 0 and pool.stats.peak_resident <= slots
+    assert pool.stats.bytes_moved == (pool.stats.pages_missed + pool.stats.pages_prefetched) * pool.page_bytes
+
+
+def test_pool_refuses_a_step_that_cannot_fit():
+    """Guards the pool's size: a step attending more pages than slots raises a clear error, and a
+    prefetch past the size places only what fits."""
+    host = torch.randn(10, 4, 8)
+    pool = PagePool(host, 3)
+    assert pool.prefetch(range(6)) == 3 and len(pool.slot_of) == 3
+    with pytest.raises(LatentKVError, match="pool"):
+        pool.ensure([0, 1, 2, 3])
+    assert pool.ensure([7, 8]).tolist() == [pool.slot_of[7], pool.slot_of[8]]
+    assert pool.stats.pages_missed == 2 and len(pool.slot_of) == 3 and pool.stats.evictions == 2
+
+
+def test_pool_evicts_least_recently_used():
+    """Guards the eviction rule: a full pool gives a new page the slot of the page used longest ago,
+    never one of the pages the same call needs; dropped pages free their slots."""
+    pool = PagePool(torch.randn(10, 2, 4), 3)
+    pool.ensure([0, 1, 2])
+    pool.ensure([1])
+    pool.ensure([0])
+    pool.ensure([5])  # 2 is the least recently used
+    assert set(pool.slot_of) == {0, 1, 5}
+    pool.ensure([1, 5, 6])  # 0 goes (1 and 5 are needed now)
+    assert set(pool.slot_of) == {1, 5, 6}
+    pool.drop([5, 6])
+    assert set(pool.slot_of) == {1} and pool.stats.evictions == 2
+    pool.ensure([7, 8])
+    assert set(pool.slot_of) == {1, 7, 8} and pool.stats.evictions == 2
+
+
+def test_runs_coalesce_consecutive_pages():
+    assert _runs([(5, 1), (3, 0), (4, 9), (6, 2)]) == [(3, 0, 1), (4, 9, 1), (5, 1, 2)]
+
+
+def test_pool_slots_for_budget():
+    cfg = SparseConfig("window", budget=0.125)
+    assert pool_slots_for(cfg, 8, 1024, 64) == 8 * (2 + 2)  # 16 pages: ceil(2) = sink + local forced
+    assert pool_slots_for(SparseConfig("dense"), 2, 100, 16) == 2 * (7 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode loop: offloaded sparse decode = sparse decode
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_mla(tiny_model_dir, tmp_path_factory):
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+    from latentkv.modeling import load_model
+
+    root = tmp_path_factory.mktemp("offload_mla")
+    convert(ConvertOptions(source=str(tiny_model_dir("llama")), output=str(root / "out"), method="mla",
+                           method_options=dict(kv_budget=0.5),
+                           calib=CalibOptions(data=str(tiny_models.TINY_TEXT), samples=8, seq_len=64,
+                                              cache=str(root / "cache"))))
+    return load_model(root / "out")
+
+
+IDS = [(7 * i + 3) % 250 + 3 for i in range(61)]  # 45 prompt tokens + 15 decode steps, pages of 8
+
+LOOP_CASES = {  # SparseConfig kwargs; misses: whether a correct forecast can still miss
+    "window": (dict(policy="window", budget=3), False),
+    "last-step": (dict(policy="last-step", budget=3), False),
+    "last-step-refresh3": (dict(policy="last-step", budget=3, refresh=3), False),
+    "predictor": (dict(policy="predictor", budget=3, predictor="random"), False),
+    "quest": (dict(policy="quest", budget=3), True),
+    "oracle": (dict(policy="oracle", budget=3), True),
+}
+
+
+def _random_predictor():
+    g = torch.Generator().manual_seed(5)
+    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(LOOP_CASES))
+def test_offloaded_sparse_decode_equals_sparse_decode(tiny_mla, case):
+    """Guards the offloaded cache in the decode loop: with the same policy, teacher-forced sparse
+    decode through host pages and a pool of budget + 2 slots per layer gives bit-identical logits to
+    sparse decode on the ordinary paged cache; history policies (window, last-step, predictor) are
+    forecast exactly, so every page they attend was prefetched (no miss); the pool stays in size."""
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    kwargs, may_miss = LOOP_CASES[case]
+    cfg = SparseConfig(**kwargs)
+    predictor = _random_predictor() if cfg.policy == "predictor" else None
+    plain, plain_stats = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16, predictor=predictor)
+    off, stats = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16, predictor=predictor, offload=5)
+    assert torch.equal(plain, off)
+    o = stats.pop("offload")
+    assert stats == plain_stats
+    layers = tiny_mla.config.num_hidden_layers
+    assert o["layer_steps"] == (len(IDS) - 1 - 45) * layers and o["peak_resident"] <= 5
+    assert o["pages_attended_per_step"] == pytest.approx(3.0)
+    if not may_miss:
+        assert o["pages_missed"] == 0
+    assert o["bytes_moved"] > 0
+
+
+def test_offloaded_dense_policy_equals_dense_decode(tiny_mla):
+    """Guards the offloaded cache without a sparse saving: the dense policy through a pool that holds
+    every page equals the ordinary paged cache bit for bit."""
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    cfg = SparseConfig("dense")
+    plain, _ = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16)
+    off, stats = teacher_forced(tiny_mla, IDS, 45, cfg, page_size=8, prefill_chunk=16, offload=8)
+    assert torch.equal(plain, off) and stats["offload"]["pages_missed"] == 0
+
+
+def test_offloaded_pool_too_small_errors(tiny_mla):
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    with pytest.raises(LatentKVError, match="pool"):
+        teacher_forced(tiny_mla, IDS[:50], 45, SparseConfig("dense"), page_size=8, prefill_chunk=16, offload=3)
+
+
+def test_offloaded_cache_keeps_host_pages(tiny_mla):
+    """Guards where the pages live: the host store holds every page and the device pools only
+    ``pool_pages`` slots per layer."""
+    cache = OffloadedLatentCache.for_model(tiny_mla, max_seqs=2, max_seq_len=64, page_size=8,
+                                           sparse=SparseConfig("window", budget=3))
+    assert cache.pool_pages == 2 * (3 + 2) and all(p.shape[0] == 16 for p in cache.pages)
+    assert all(p.pool.shape[0] == 10 for p in cache.pools)
+
+
+def test_bench_offload_decode_smoke(capsys):
+    """Guards the GPU benchmark script (scripts/bench_offload_decode.py) in --smoke mode on the CPU:
+    it runs end to end, reports every mode with ratios against the baselines of the same run, and
+    the whole cache streamed from the host gives the resident cache's logits."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_offload_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--contexts", "96", "--layers", "1", "--steps", "1", "--offload-steps", "1",
+                          "--fractions", "0.25"])
+    modes = [r["mode"] for r in result["rows"]]
+    assert modes == ["dense-gpu", "dense-offload", "sparse-offload 0.25"]
+    assert result["rows"][0]["vs_dense_gpu"] == 1.0 and result["rows"][1]["max_rel_diff_vs_dense_gpu"] == 0.0
+    sparse = result["rows"][2]
+    assert sparse["offload"]["misses_per_step"] == 0 and sparse["cache_gpu_bytes"] < result["rows"][0]["cache_gpu_bytes"]
+    assert "| 96 | sparse-offload 0.25 |" in capsys.readouterr().out
