@@ -14,29 +14,30 @@ from latentkv.kernels import tuning
 md = importlib.import_module("latentkv.kernels.mla_decode")  # the module (the package attribute is the function)
 
 
-def test_shape_key_pads_widths_and_buckets_rows():
-    """Guards the key: widths go to the power-of-2 blocks the kernel compiles, rows to 16..128."""
-    assert tuning.shape_key(32, 156, 36, 2) == (2, 256, 64, 32)
-    assert tuning.shape_key(9, 960, 64, 2) == (2, 1024, 64, 16)
-    assert tuning.shape_key(512, 96, 0, 1) == (1, 128, 0, 128)
+def test_shape_key_keeps_widths_and_buckets_rows():
+    """Guards the key: the widths as they are (the kernel's padded blocks apart), rows to 16..128."""
+    assert tuning.shape_key(32, 156, 36, 2) == (2, 156, 36, 32)
+    assert tuning.shape_key(9, 960, 64, 2) == (2, 960, 64, 16)
+    assert tuning.shape_key(512, 96, 0, 1) == (1, 96, 0, 128)
+    assert tuning.padded_widths(156, 36) == (256, 64) and tuning.padded_widths(96, 0) == (128, 0)
 
 
 def test_nearest_takes_same_widths_only():
-    """Guards the lookup: an exact key wins; otherwise the nearest row bucket, then RoPE block, of the
-    same element size and latent block; another latent block is never used."""
-    table = {(2, 256, 64, 32): {"block_m": 32}, (2, 256, 64, 16): {"block_m": 16}, (2, 256, 32, 64): {"block_m": 64},
+    """Guards the lookup: an exact key wins; otherwise the nearest row bucket of the same element size
+    and widths; other widths, even with the same padded blocks, keep the rules."""
+    table = {(2, 192, 64, 32): {"block_m": 32}, (2, 192, 64, 16): {"block_m": 16}, (2, 192, 64, 64): {"block_m": 64},
              (2, 512, 64, 32): {"block_m": 99}}
-    assert tuning.nearest(table, (2, 256, 64, 16))["block_m"] == 16
-    assert tuning.nearest(table, (2, 256, 64, 128))["block_m"] == 64  # rows 64 is nearest to 128
-    assert tuning.nearest(table, (2, 256, 32, 32))["block_m"] == 32
-    assert tuning.nearest(table, (2, 128, 64, 32)) is None
-    assert tuning.nearest(table, (1, 256, 64, 32)) is None
+    assert tuning.nearest(table, (2, 192, 64, 16))["block_m"] == 16
+    assert tuning.nearest(table, (2, 192, 64, 128))["block_m"] == 64  # rows 64 is nearest to 128
+    assert tuning.nearest(table, (2, 148, 40, 32)) is None  # same padded blocks as 192 + 64
+    assert tuning.nearest(table, (2, 192, 32, 32)) is None
+    assert tuning.nearest(table, (1, 192, 64, 32)) is None
 
 
 def test_table_file_drives_default_config(tmp_path, monkeypatch):
     """Guards the hand-over: a table entry for the GPU family becomes default_config's answer for the
     shapes it covers, and shapes it does not cover keep the rules."""
-    entry = {"key": [2, 256, 64, 32], "config": {"block_m": 32, "block_n": 16, "num_warps": 8, "num_stages": 3,
+    entry = {"key": [2, 156, 36, 32], "config": {"block_m": 32, "block_n": 16, "num_warps": 8, "num_stages": 3,
                                                    "ctas_per_sm": 2}}
     (tmp_path / "sm90.json").write_text(json.dumps({"entries": [entry]}))
     monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
@@ -57,7 +58,7 @@ def test_candidates_fit_the_estimates(rows, r_c, rope):
     register and shared-memory estimates the docstring states."""
     cands = tuning.candidate_configs(rows, r_c, rope, 2)
     assert cands and len({tuple(sorted(c.items())) for c in cands}) == len(cands)
-    _, block_r, block_dr, _ = tuning.shape_key(rows, r_c, rope, 2)
+    block_r, block_dr = tuning.padded_widths(r_c, rope)
     for c in cands:
         md.DecodeConfig(**c)
         threads = 32 * c["num_warps"]
