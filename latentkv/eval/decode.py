@@ -274,7 +274,7 @@ class PagedLatentCache:
             q, kv, table, lens,
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
             num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len, return_masses=masses,
-            **_score_options(module),
+            **score_options(module),
         )  # [b, s, H, r_c]  # fmt: skip
         if masses:
             out, page_masses = out
@@ -295,7 +295,7 @@ class PagedLatentCache:
         return rows
 
 
-def _score_options(module) -> dict:
+def score_options(module) -> dict:
     """The soft-cap and sliding window of a layer's scores, for the kernel (only where set, so a
     model converted before these existed decodes as before)."""
     options = {"softcap": getattr(module, "softcap", None), "window": getattr(module, "sliding_window", None)}

@@ -219,7 +219,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
                      trust_remote_code: bool, logits_of=None) -> dict:
     """`latentkv eval --source`: the source model run over the same windows as ``model``."""
     from latentkv.eval.agreement import agreement
-    from latentkv.finetune.pipeline import check_same_tokenizer
+    from latentkv.io.source import check_same_tokenizer
     from latentkv.modeling import load_model
 
     reference = _open(source, None, trust_remote_code)

@@ -21,6 +21,7 @@ from latentkv.finetune.data import PackedSequences
 from latentkv.finetune.flops import FORMULA, device_peak_flops, flops_per_token
 from latentkv.finetune.options import FinetuneOptions, FinetuneResult
 from latentkv.finetune.trainer import StepPlan, Trainer
+from latentkv.io.source import check_same_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -250,20 +251,6 @@ def _tokenizer(folder: Path, trust_remote_code: bool):
     except Exception as exc:  # transformers raises many types for a missing tokenizer
         raise LatentKVError(f"Could not load the tokenizer of {folder} ({type(exc).__name__}); copy the source's "
                             "tokenizer files into it") from exc
-
-
-def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str, role: str = "--teacher") -> None:
-    """Distillation (and agreement) compares distributions token by token: the vocabularies must be identical."""
-    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s != t:
-        only_s = sorted(set(s) - set(t))[:3]
-        only_t = sorted(set(t) - set(s))[:3]
-        moved = sorted(k for k in set(s) & set(t) if s[k] != t[k])[:3]
-        raise LatentKVError(
-            f"The {role} model {teacher_name} has another tokenizer than the converted model ({len(t)} vs {len(s)} "
-            f"tokens; only in the converted model: {only_s}, only in {teacher_name}: {only_t}, other ids: {moved}); "
-            f"pass as {role} the model it was converted from"
-        )
 
 
 def check_same_residual_stream(student_cfg, teacher_cfg, teacher_name: str) -> None:

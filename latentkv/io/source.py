@@ -325,3 +325,17 @@ def open_source(
     if _looks_like_path(spec_str):
         raise LatentKVError(f"{spec_str}: no such folder or file. Check the path (or pass a Hub id like owner/name).")
     return _hub_source(spec_str, gguf_file, revision, cache_dir, trust_remote_code)
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str, role: str = "--teacher") -> None:
+    """Distillation (and agreement) compares distributions token by token: the vocabularies must be identical."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        only_s = sorted(set(s) - set(t))[:3]
+        only_t = sorted(set(t) - set(s))[:3]
+        moved = sorted(k for k in set(s) & set(t) if s[k] != t[k])[:3]
+        raise LatentKVError(
+            f"The {role} model {teacher_name} has another tokenizer than the converted model ({len(t)} vs {len(s)} "
+            f"tokens; only in the converted model: {only_s}, only in {teacher_name}: {only_t}, other ids: {moved}); "
+            f"pass as {role} the model it was converted from"
+        )

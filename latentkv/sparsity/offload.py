@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.eval.decode import PagedLatentCache, _score_options
+from latentkv.eval.decode import PagedLatentCache, score_options
 from latentkv.kernels.mla_decode import decode_attention
 
 __all__ = ["OffloadStats", "OffloadedLatentCache", "PagePool", "pool_slots_for"]
@@ -399,7 +399,7 @@ class OffloadedLatentCache(PagedLatentCache):
             q, kv, dev_table.to(self.device), lens.to(self.device),
             latent_heads=module.latent_heads, rope_dim=module.rope_dim, softmax_scale=module.scaling,
             num_splits=self.num_splits, backend=self.backend, max_seq_len=max_len, return_masses=masses,
-            **_score_options(module),
+            **score_options(module),
         )  # fmt: skip
         if masses:
             out, page_masses = out
