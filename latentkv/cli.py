@@ -437,7 +437,7 @@ def generate(
     """Greedy generation with latentkv's paged latent cache and fused decode kernels."""
     _setup_logging()
     from latentkv.calibration.runner import check_device
-    from latentkv.eval.decode import generate_cli
+    from latentkv.runtime.decode import generate_cli
 
     _run(check_device, device)
 

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_generate times decoding on a CUDA GPU.")
-    from latentkv.eval.decode import generate_ids
+    from latentkv.runtime.decode import generate_ids
     from latentkv.modeling import synthetic
 
     dev = torch.device("cuda")

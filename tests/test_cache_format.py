@@ -110,7 +110,8 @@ def test_paged_loop_agrees_with_the_model_under_its_format(converted, method, ba
             pytest.skip("triton was imported in compiled mode without a GPU; run with TRITON_INTERPRET=1")
     from transformers import AutoTokenizer
 
-    from latentkv.eval.decode import PagedLatentCache, decode_check
+    from latentkv.eval.decode_check import decode_check
+    from latentkv.runtime.decode import PagedLatentCache
     from latentkv.kernels.quantized_pages import QuantizedPages
 
     folder = converted(method)
@@ -128,7 +129,7 @@ def test_paged_loop_agrees_with_the_model_under_its_format(converted, method, ba
 def test_bytes_per_token_count_scales(converted):
     """Guards the byte accounting: the paged cache's bytes a token (codes, group scales, RoPE key at
     the model dtype) and `inspect`'s count from the config (RoPE key at its bf16 format)."""
-    from latentkv.eval.decode import PagedLatentCache
+    from latentkv.runtime.decode import PagedLatentCache
     from latentkv.eval.quantized_cache import config_bytes_per_token
     from latentkv.eval.report import inspect_model
 
@@ -221,12 +222,12 @@ def test_recipe_key_reaches_the_check(tiny_model_dir, tmp_path):
 def test_cuda_graph_generation_equals_eager(converted, method, caplog):
     """Guards the captured decode step with a quantized cache: the append-time quantization runs
     inside the graph (no host sync), and replaying it gives the eager loop's tokens and logits."""
-    from latentkv.eval.decode import generate_ids
+    from latentkv.runtime.decode import generate_ids
 
     model = load_model(converted(method), device=DEVICE)
     prompts = [list(range(5, 5 + n)) for n in (3, 11, 7)]
     kw = dict(backend="triton", page_size=16, return_logits=True)
-    with caplog.at_level("WARNING", logger="latentkv.eval.decode"):
+    with caplog.at_level("WARNING", logger="latentkv.runtime.decode"):
         graph_tokens, graph_logits = generate_ids(model, prompts, 30, cuda_graph=True, **kw)
     assert "capture of the decode step failed" not in caplog.text  # the graph ran, not the eager fallback
     eager_tokens, eager_logits = generate_ids(model, prompts, 30, cuda_graph=False, **kw)

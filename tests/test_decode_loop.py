@@ -1,4 +1,4 @@
-"""The paged decode loop (latentkv.eval.decode) computes what the converted model computes.
+"""The paged decode loop (latentkv.runtime.decode) computes what the converted model computes.
 
 Tiny Llama converted to MLA and to GLA (kv_budget 0.5: per-layer ranks, rope_dim 4 / 2 / 0), run
 through the paged latent cache with the reference backend and with the Triton kernel (interpreted
@@ -69,7 +69,7 @@ def test_decode_check_passes(converted, method, backend):
     with identical greedy tokens, over 40 generated tokens crossing several 16-token pages."""
     if backend == "triton":
         _triton_or_skip()
-    from latentkv.eval.decode import decode_check
+    from latentkv.eval.decode_check import decode_check
 
     model, tok = _load(converted(method))
     report = decode_check(model, tok, PROMPT, num_tokens=40, backend=backend, page_size=16, prefill_chunk=8,
@@ -99,7 +99,7 @@ def test_decode_check_other_architectures(converted, arch, backend):
     logits and Gemma 2/3's 16-token sliding windows (36 tokens decoded: the kernel's window mask),
     Gemma 3's local and global RoPE, SmolLM3's layer without a RoPE key, OLMo-2's norms over all heads
     and a head dim that is not hidden / heads; else the logits differ from the full forward."""
-    from latentkv.eval.decode import decode_check
+    from latentkv.eval.decode_check import decode_check
 
     if backend == "triton":
         _triton_or_skip()
@@ -116,7 +116,7 @@ def test_decode_check_other_architectures(converted, arch, backend):
 def test_decode_check_bfloat16(converted):
     """Guards the dtype handling of the loop (cache rows, kernel query and W_UV product in the model
     dtype) and the bf16 tolerance: a bf16 model passes at rel 2e-2."""
-    from latentkv.eval.decode import decode_check
+    from latentkv.eval.decode_check import decode_check
 
     model, tok = _load(converted("mla"), dtype=torch.bfloat16)
     report = decode_check(model, tok, PROMPT, num_tokens=16, backend="reference", page_size=16,
@@ -127,12 +127,13 @@ def test_decode_check_bfloat16(converted):
 
 def test_decode_check_detects_wrong_attention(converted, monkeypatch):
     """Guards against a vacuous check: an attention output off by 1% must fail it."""
-    import latentkv.eval.decode as dec
+    import latentkv.runtime.decode as dec
+    from latentkv.eval.decode_check import decode_check
 
     real = dec.decode_attention
     monkeypatch.setattr(dec, "decode_attention", lambda *a, **k: real(*a, **k) * 1.01)
     model, tok = _load(converted("mla"))
-    report = dec.decode_check(model, tok, PROMPT, num_tokens=6, backend="reference", max_prompt_tokens=8,
+    report = decode_check(model, tok, PROMPT, num_tokens=6, backend="reference", max_prompt_tokens=8,
                               hf_cache=False)
     assert not report["passed"] and report["max_rel"] > 1e-4, report
 
@@ -142,7 +143,7 @@ def test_batch_equals_single_prompts(converted):
     (interleaved pages, different seq_lens and positions in one kernel call) give the same tokens
     and logits as each prompt decoded alone."""
     _triton_or_skip()
-    from latentkv.eval.decode import generate, generate_ids
+    from latentkv.runtime.decode import generate, generate_ids
 
     model, tok = _load(converted("gla"))
     prompts = [[5, 77, 31, 200, 9, 14, 150, 3, 99, 42, 61], [17, 88, 4]]
@@ -160,7 +161,7 @@ def test_batch_equals_single_prompts(converted):
 def test_eos_stops_one_sequence(converted):
     """Guards the batch bookkeeping when one sequence finishes early: the other goes on alone and
     still matches its own single-prompt decode."""
-    from latentkv.eval.decode import generate_ids
+    from latentkv.runtime.decode import generate_ids
 
     model, _ = _load(converted("mla"))
     prompts = [[5, 77, 31, 200, 9], [17, 88, 4, 120]]
@@ -192,7 +193,7 @@ def test_dynamic_cache_path_unchanged(converted):
 def test_cache_errors(converted, tiny_model_dir):
     """Guards the clear errors: a model without latent attention, a cache out of pages, layers run
     without a step."""
-    from latentkv.eval.decode import PagedLatentCache, forward_step, generate_ids
+    from latentkv.runtime.decode import PagedLatentCache, forward_step, generate_ids
     from latentkv.modeling import load_model
 
     with pytest.raises(LatentKVError, match="latentkv format"):
@@ -214,7 +215,8 @@ def test_cache_errors(converted, tiny_model_dir):
 def test_generate_cli_and_tensor_prompt(converted):
     """Guards the entry points the CLI uses: `generate_cli` (folder -> texts) and `decode_check`
     given a token tensor (as `latentkv eval --decode-check` passes an evaluation window)."""
-    from latentkv.eval.decode import decode_check, generate_cli
+    from latentkv.eval.decode_check import decode_check
+    from latentkv.runtime.decode import generate_cli
 
     folder = converted("mla")
     texts = generate_cli(str(folder), ["Hi", PROMPT], max_new_tokens=4, backend="reference", device=DEVICE)
@@ -237,12 +239,12 @@ def test_cuda_graph_generation_equals_eager(converted, method, arch, caplog):
     value read on the host at capture time, shows up as different tokens. With an EOS that stops one
     sequence mid-way, the step the graph launched before the host saw that token must be dropped."""
     _triton_or_skip()
-    from latentkv.eval.decode import generate_ids
+    from latentkv.runtime.decode import generate_ids
 
     model, tok = _load(converted(method, arch))
     prompts = [tok(PROMPT).input_ids[:n] for n in (3, 11, 7)]
     kw = dict(backend="triton", page_size=16, return_logits=True)
-    with caplog.at_level("WARNING", logger="latentkv.eval.decode"):
+    with caplog.at_level("WARNING", logger="latentkv.runtime.decode"):
         graph_tokens, graph_logits = generate_ids(model, prompts, 30, cuda_graph=True, **kw)
     assert "capture of the decode step failed" not in caplog.text  # the graph ran, not the eager fallback
     eager_tokens, eager_logits = generate_ids(model, prompts, 30, cuda_graph=False, **kw)
@@ -259,7 +261,7 @@ def test_cuda_graph_generation_equals_eager(converted, method, arch, caplog):
 def test_per_layer_widths_share_one_paged_cache():
     """Layers of different latent / RoPE widths keep their own widths in one page allocation (no
     padding to a common width: one launch per layer at its own width)."""
-    from latentkv.eval.decode import PagedLatentCache
+    from latentkv.runtime.decode import PagedLatentCache
 
     widths = [(156, 36), (120, 24), (168, 72), (64, 0)]  # per-layer (latent, RoPE) of a 50% conversion
     cache = PagedLatentCache([r + d for r, d in widths], num_pages=5, page_size=16, dtype=torch.bfloat16,

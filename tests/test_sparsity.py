@@ -296,7 +296,7 @@ IDS = [(7 * i + 3) % 250 + 3 for i in range(61)]  # 61 tokens: 45 prompt + 15 de
 
 
 def _plain_decode(model, ids, prompt_len, page):
-    from latentkv.eval.decode import PagedLatentCache, forward_step, prefill
+    from latentkv.runtime.decode import PagedLatentCache, forward_step, prefill
 
     cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page, backend="reference")
     seq = cache.add_sequence()

@@ -107,7 +107,7 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     ids = eval_windows(tokenizer, protocol)
     # Everything that can refuse, and the KV measurement (one short forward), before the long pass.
     if decode_check:
-        from latentkv.eval.decode import check_decodable
+        from latentkv.runtime.decode import check_decodable
 
         check_decodable(model, min(ids.shape[1], 64) + decode_tokens)
     logits_of, chunk = None, None
@@ -142,7 +142,7 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
     if agreement is not None:
         report["agreement"] = agreement
     if decode_check:
-        from latentkv.eval.decode import decode_check as run_check
+        from latentkv.eval.decode_check import decode_check as run_check
 
         report["decode_check"] = run_check(model, tokenizer, ids[0], num_tokens=decode_tokens)
     return report

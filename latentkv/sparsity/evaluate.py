@@ -22,7 +22,7 @@ def prefilled(model, ids: list[int], prompt_len: int, *, page_size: int = 16, ke
     (cache with its recorded history of ``keep_history`` steps, sequence id, last logits).
     ``offload``: the cache's pages in host memory, attended through device pools of that many
     page slots per layer (``latentkv.sparsity.offload``)."""
-    from latentkv.eval.decode import PagedLatentCache, prefill
+    from latentkv.runtime.decode import PagedLatentCache, prefill
     from latentkv.sparsity.runtime import SparseAttention
 
     if offload:
@@ -45,7 +45,7 @@ def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseCo
     and the policy's ``SparseStats`` summary."""
     import copy
 
-    from latentkv.eval.decode import forward_step
+    from latentkv.runtime.decode import forward_step
     from latentkv.sparsity.runtime import SparseAttention
 
     base, seq, first = start
@@ -89,7 +89,7 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
     from pathlib import Path
 
     from latentkv.calibration.runner import resolve_dtype
-    from latentkv.eval.decode import latent_attentions
+    from latentkv.runtime.decode import latent_attentions
     from latentkv.eval.perplexity import DEFAULT_EVAL_TEXT, read_eval_text
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model

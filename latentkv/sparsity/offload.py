@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.eval.decode import PagedLatentCache, score_options
+from latentkv.runtime.decode import PagedLatentCache, score_options
 from latentkv.kernels.mla_decode import decode_attention
 
 __all__ = ["OffloadStats", "OffloadedLatentCache", "PagePool", "pool_slots_for"]
@@ -318,7 +318,7 @@ class OffloadedLatentCache(PagedLatentCache):
                   num_splits: int | None = None, pool_pages: int | None = None, sparse=None):
         """Sized for ``max_seqs`` x ``max_seq_len``; ``pool_pages`` per layer (default: what the
         ``SparseConfig`` ``sparse`` attends, ``pool_slots_for``)."""
-        from latentkv.eval.decode import latent_attentions
+        from latentkv.runtime.decode import latent_attentions
         from latentkv.eval.quantized_cache import model_cache_formats
 
         attns = latent_attentions(model)

@@ -82,7 +82,7 @@ def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: in
 @torch.no_grad()
 def collect_maps(model, windows: torch.Tensor, page_size: int, progress=None) -> list[torch.Tensor]:
     """Block-mass maps [L, n_blocks] (float16) of every (window, layer, latent head)."""
-    from latentkv.eval.decode import PagedLatentCache, prefill
+    from latentkv.runtime.decode import PagedLatentCache, prefill
     from latentkv.sparsity.policies import SparseConfig
     from latentkv.sparsity.runtime import SparseAttention
 
@@ -178,7 +178,7 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
 
 def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     """`latentkv predictor train`: collect maps from ``opts.model`` on ``opts.data``, fit, save."""
-    from latentkv.eval.decode import latent_attentions
+    from latentkv.runtime.decode import latent_attentions
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
 
