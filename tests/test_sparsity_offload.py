@@ -74,7 +74,12 @@ def test_pool_attention_equals_masked_dense(case, backend):
     perm = torch.randperm(host.shape[0], generator=g).tolist()
     tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(lens))]
     slots = len(lens) * (k + 1)
-    pool = PagePool(host, slots)
+    # the compiled kernel on a GPU: a device pool over pinned host pages (copies on the side stream);
+    # its float32 dots take TF32 on the tensor cores, hence the looser tolerance there
+    cuda = backend == "triton" and torch.cuda.is_available()
+    device, tol = ("cuda", 5e-3) if cuda else ("cpu", 1e-5)
+    pool = PagePool(host.pin_memory() if cuda else host, slots, device=device)
+    host = pool.host
     pool.prefetch([t[0] for t in tables])  # something resident before the first step
     lens = list(lens)
     expected_misses = pool.stats.pages_missed
@@ -108,11 +113,13 @@ def test_pool_attention_equals_masked_dense(case, backend):
             at += len(ids)
             new_lens.append((len(ids) - 1) * page + lens[b] - (math.ceil(lens[b] / page) - 1) * page)
         q = torch.randn(len(lens), 1, heads, r_c + rope, generator=g)
-        out = decode_attention(q, pool.pool, table, torch.tensor(new_lens, dtype=torch.int32), latent_heads=lh,
-                               rope_dim=rope, softmax_scale=1 / math.sqrt(r_c + rope), backend=backend, num_splits=2)
+        out = decode_attention(q.to(device), pool.pool, table.to(device),
+                               torch.tensor(new_lens, dtype=torch.int32, device=device), latent_heads=lh,
+                               rope_dim=rope, softmax_scale=1 / math.sqrt(r_c + rope), backend=backend,
+                               num_splits=2).cpu()
         for b, ids in enumerate(chosen):
             ref = _masked_reference(q[b, 0], host, tables[b][: math.ceil(lens[b] / page)], lens[b], ids, page, lh, rope)
-            torch.testing.assert_close(out[b, 0].double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+            torch.testing.assert_close(out[b, 0].double(), ref, atol=tol * float(ref.abs().max()), rtol=10 * tol)
         # a forecast for the next step that is partly wrong: a random other block of each sequence
         forecast = []
         for b, ids in enumerate(chosen):

@@ -1007,11 +1007,7 @@ def pool_pages(p: torch.Tensor, page_size: int) -> torch.Tensor:
 # Facade and helpers
 # --------------------------------------------------------------------------------------------
 _BACKENDS = ("auto", "triton", "reference")
-# Quantized latent formats whose compiled tiles have not yet passed the kernel tests on a GPU (the int4
-# tile passes them under the interpreter): "auto" decodes them with the reference; backend="triton"
-# still forces the kernel (tests/test_kernels_quantized.py runs it on a GPU).
-GPU_UNVERIFIED_FORMATS = frozenset({"int4"})
-_logged_choice: set[tuple[str, str, bool]] = set()
+_logged_choice: set[tuple[str, str]] = set()
 
 
 def decode_attention(
@@ -1036,15 +1032,12 @@ def decode_attention(
     if backend not in _BACKENDS:
         raise LatentKVError(f"unknown decode backend {backend!r}; choose one of {', '.join(_BACKENDS)}.")
     if backend == "auto":
-        unverified = isinstance(kv_cache, QuantizedPages) and kv_cache.kernel.switch in GPU_UNVERIFIED_FORMATS
-        backend = "triton" if (HAS_TRITON and q.is_cuda and not unverified) else "reference"
-        key = (backend, q.device.type, unverified)
+        backend = "triton" if (HAS_TRITON and q.is_cuda) else "reference"
+        key = (backend, q.device.type)
         if key not in _logged_choice:
             _logged_choice.add(key)
             why = "CUDA tensors and triton available" if backend == "triton" else (
-                "triton not installed" if not HAS_TRITON else
-                f"the compiled {kv_cache.kernel.switch} kernel is not yet verified on a GPU" if unverified else
-                f"tensors on {q.device.type}, not CUDA"
+                "triton not installed" if not HAS_TRITON else f"tensors on {q.device.type}, not CUDA"
             )
             log.info("decode attention: %s backend (%s)", backend, why)
     fn = mla_decode if backend == "triton" else mla_decode_reference
