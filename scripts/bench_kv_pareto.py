@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from latentkv.errors import LatentKVError  # noqa: E402
 from latentkv.eval.agreement import compare_logits  # noqa: E402
 from latentkv.eval.perplexity import PerplexityProtocol, eval_windows  # noqa: E402
-from latentkv.eval.quantized_cache import (cache_bytes, cache_parts, default_chunk, describe_formats,  # noqa: E402
-                                           parse_cache_formats, quantized_logits)
+from latentkv.eval.quantized_cache import cache_bytes, default_chunk, quantized_logits  # noqa: E402
+from latentkv.kvformats import cache_parts, describe_formats, parse_cache_formats  # noqa: E402
 from latentkv.modeling import load_model  # noqa: E402
 
 # label -> --kv-cache spec. The source: one format for keys and values, or KIVI (per-channel keys).
@@ -197,7 +197,7 @@ def write_markdown(path: Path, rows, meta) -> None:
         "",
         f"Perplexity: {meta['protocol']}, fp32 compute{meta['windows_note']}. Each row writes every token to a "
         "cache in the given format and reads it back dequantized (`latentkv eval --kv-cache`; keys after RoPE). "
-        "KV bytes: per token per layer, codes plus scales and zero-points (`latentkv/eval/kv_formats.py`). "
+        "KV bytes: per token per layer, codes plus scales and zero-points (`latentkv/kvformats.py`). "
         "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA, GQA and GTA-T rows: one-shot "
         f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
         f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "

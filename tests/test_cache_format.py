@@ -18,8 +18,9 @@ import tiny_models
 from typer.testing import CliRunner
 
 from latentkv.cli import app
-from latentkv.eval.kv_formats import fake_quantize, parse_format
-from latentkv.eval.quantized_cache import own_cache_format_off, parse_cache_formats, quantized_logits
+from latentkv.kvformats import fake_quantize, parse_format
+from latentkv.eval.quantized_cache import own_cache_format_off, quantized_logits
+from latentkv.kvformats import parse_cache_formats
 from latentkv.modeling import load_model
 from latentkv.modeling.modeling_latentkv import stored_as
 
@@ -68,7 +69,7 @@ FORMATS = ["bf16", "fp16", "fp8_e4m3", "fp8_e4m3/g16", "fp8_e4m3/g5", "fp8_e4m3/
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_modeling_file_round_trip_equals_kv_formats(fmt, dtype):
     """Guards the modeling file's own copy of the formats' arithmetic (it may import only torch):
-    bit for bit what latentkv.eval.kv_formats stores and reads back, on fresh random values."""
+    bit for bit what latentkv.kvformats stores and reads back, on fresh random values."""
     g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
     x = (torch.randn(2, 3, 5, 40, generator=g) * torch.rand(1, 1, 1, 40, generator=g) * 10).to(dtype)
     assert torch.equal(stored_as(x, fmt), fake_quantize(x, parse_format(fmt)))
@@ -130,7 +131,7 @@ def test_bytes_per_token_count_scales(converted):
     """Guards the byte accounting: the paged cache's bytes a token (codes, group scales, RoPE key at
     the model dtype) and `inspect`'s count from the config (RoPE key at its bf16 format)."""
     from latentkv.runtime.decode import PagedLatentCache
-    from latentkv.eval.quantized_cache import config_bytes_per_token
+    from latentkv.kvformats import config_bytes_per_token
     from latentkv.eval.report import inspect_model
 
     folder = converted("mla")
@@ -152,7 +153,7 @@ def test_bytes_per_token_count_scales(converted):
 def test_eval_uses_the_carried_format_unless_overridden(converted):
     """Guards `latentkv eval`: by default the model runs in its config's format and reports its bytes;
     an explicit --kv-cache replaces it (the model's own quantization switched off)."""
-    from latentkv.eval.quantized_cache import config_bytes_per_token
+    from latentkv.kvformats import config_bytes_per_token
     from latentkv.eval.report import evaluate
 
     folder = converted("mla")

@@ -21,7 +21,7 @@ if not CUDA:
 triton = pytest.importorskip("triton", reason="triton not installed: the decode kernels cannot be tested")
 
 from latentkv.errors import LatentKVError  # noqa: E402
-from latentkv.eval.kv_formats import fake_quantize, parse_format  # noqa: E402
+from latentkv.kvformats import fake_quantize, parse_format  # noqa: E402
 from latentkv.kernels import compare as cmp_mod  # noqa: E402
 from latentkv.kernels.quantized_pages import QuantizedPages, check_paged_formats  # noqa: E402
 
@@ -116,7 +116,7 @@ def test_quantized_kernel_matches_reference(case_id):
 @pytest.mark.parametrize("fmt", ["fp8_e4m3/g16", "fp8_e4m3/head", "int4/g8", "int4/g32", "int4/token"])
 def test_pages_read_back_the_formats_round_trip(fmt):
     """Guards the storage: what QuantizedPages gives back (what the reference and the kernel read)
-    is kv_formats' fake_quantize of the latent, and the RoPE key as written."""
+    is kvformats' fake_quantize of the latent, and the RoPE key as written."""
     dtype = BF16
     q, pages, table, seq_lens, rows, _ = make_quantized_case(
         lens=(40,), sq=1, heads=4, latent_heads=2, r_c=24, rope=8, page=8, dtype=dtype, fmt=fmt,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from latentkv.cli import app
 from latentkv.errors import LatentKVError
-from latentkv.eval.kv_formats import (ENCODINGS, dequantize, error_bound, fake_quantize, pack_bits, parse_format,
+from latentkv.kvformats import (ENCODINGS, dequantize, error_bound, fake_quantize, pack_bits, parse_format,
                                       quantize, unpack_bits)
 from tiny_models import TINY_TEXT
 
@@ -104,7 +104,8 @@ def test_source_cache_stores_quantized_keys_after_rope(tiny_model_dir):
     """Guards what the source's cache stores: layer 0 (whose inputs a quantized cache cannot change)
     holds exactly the format's round trip of the keys and values a plain cache holds (which
     transformers writes after RoPE); writing token by token stores and reads the same as one write."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, parse_cache_formats, quantized_logits, slot_formats
+    from latentkv.eval.quantized_cache import QuantizedKVCache, quantized_logits, slot_formats
+    from latentkv.kvformats import parse_cache_formats
     from latentkv.modeling import load_model, new_dynamic_cache
 
     model = load_model(tiny_model_dir("llama"))
@@ -123,7 +124,8 @@ def test_source_cache_stores_quantized_keys_after_rope(tiny_model_dir):
 
 def test_per_channel_keys_keep_the_unfinished_group_unquantized(tiny_model_dir):
     """Guards KIVI's per-channel keys: groups of N tokens are quantized once full, the rest stays as written."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, parse_cache_formats, slot_formats
+    from latentkv.eval.quantized_cache import QuantizedKVCache, slot_formats
+    from latentkv.kvformats import parse_cache_formats
     from latentkv.modeling import cached_forward, load_model, new_dynamic_cache
 
     model = load_model(tiny_model_dir("llama"))
@@ -152,7 +154,8 @@ def tiny_mla(tiny_model_dir, tmp_path_factory):
 
 def test_latent_and_rope_key_have_their_own_formats(tiny_mla):
     """Guards a converted model's cache: the latent slot holds the latent's format, the RoPE key slot its own."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, parse_cache_formats, slot_formats
+    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, slot_formats
+    from latentkv.kvformats import parse_cache_formats
     from latentkv.modeling import load_model, new_dynamic_cache
 
     model = load_model(tiny_mla[1])

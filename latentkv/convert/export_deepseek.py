@@ -319,7 +319,7 @@ def value_constant(o_weight: torch.Tensor, o_bias: torch.Tensor, num_heads: int,
 
 
 def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
-    from latentkv.convert.mla_method import LAYERS_FILE, write_cards, write_globals, write_layer
+    from latentkv.convert.output import LAYERS_FILE, write_cards, write_globals, write_layer
     from latentkv.convert.pipeline import ConvertResult
     from latentkv.io.writer import ShardedWriter, copy_sidecars
 

@@ -169,14 +169,14 @@ def _write_config(src_folder, folder, num_kv_heads: int, save_dtype: torch.dtype
 
 
 def _write_card(method, cfg, opts, source, folder, kv: int, src_kv: int, src_heads: int) -> None:
-    from latentkv.convert.mla_method import _base_model_name, write_cards
+    from latentkv.convert.output import base_model_name, write_cards
 
     how = ("mean-pooled K and V projections of each group (baseline)" if cfg.method == "meanpool" else
            "RoPE-commuting per-frequency complex PCA of each group's keys and W_O-metric PCA of its values, "
            "folded into W_Q and W_O")
     write_cards(
         method, cfg, opts, source, folder, None, kv, src_kv,
-        title=f"{_base_model_name(source)} with {cfg.num_kv_heads} KV heads",
+        title=f"{base_model_name(source)} with {cfg.num_kv_heads} KV heads",
         description=(
             f"Each layer's {src_heads} KV heads merged into {cfg.num_kv_heads} by latentkv ({how}; "
             f"{cfg.grouping} grouping). Same architecture and tensor names as the source, only "

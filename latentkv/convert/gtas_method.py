@@ -78,8 +78,8 @@ class GTASMethod(GQAMethod):
         raise LatentKVError("--to gta-s has no sequential calibration yet; drop --sequential")
 
     def write(self, stream, stats, plan, cfg, opts, source, folder, save_dtype, progress=None):
-        from latentkv.convert.mla_method import (_filter_bias, finish_latentkv_folder, latent_config, write_cards,
-                                                 write_globals, write_layer)
+        from latentkv.convert.mla_method import _filter_bias, finish_latentkv_folder, latent_config
+        from latentkv.convert.output import write_cards, write_globals, write_layer
         from latentkv.convert.pipeline import ConvertResult
         from latentkv.io.writer import ShardedWriter
 

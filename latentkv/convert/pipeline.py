@@ -394,7 +394,7 @@ def check_settings(opts: ConvertOptions) -> None:
 
 def check_cache_format(opts: ConvertOptions) -> None:
     """--cache-format: a latent format the paged cache stores, for a latentkv-format latent target."""
-    from latentkv.eval.quantized_cache import parse_model_cache_format
+    from latentkv.kvformats import parse_model_cache_format
 
     if opts.format != "latentkv" or opts.method == "gqa":
         raise LatentKVError("--cache-format is carried by latentkv-format outputs of a latent target (--to mla, gla, "

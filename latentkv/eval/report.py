@@ -87,13 +87,13 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
              kv_cache=None, kv_cache_rope=None, kv_cache_chunk=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
     (KL(source || model) per token and top-1 agreement on the same windows). With ``kv_cache`` (a
-    format spec, see latentkv.eval.quantized_cache.parse_cache_formats) the windows are run through a
+    format spec, see latentkv.kvformats.parse_cache_formats) the windows are run through a
     cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's.
     A model whose config carries a cache format (``convert --cache-format``) runs in it by default: its
     own attention quantizes, and the bytes are that format's; ``kv_cache`` overrides it."""
     from latentkv.calibration.runner import check_device, resolve_dtype
     from latentkv.eval.perplexity import PerplexityProtocol, eval_windows, perplexity
-    from latentkv.eval.quantized_cache import model_cache_formats
+    from latentkv.kvformats import model_cache_formats
     from latentkv.modeling import load_model
 
     check_device(device)  # before anything is read
@@ -183,7 +183,8 @@ def kv_report(model, torch_dtype, formats=None, chunk=None) -> dict:
                      else "measured in transformers' cache (architecture outside the conversion table)",
     }
     if formats is not None:
-        from latentkv.eval.quantized_cache import cache_bytes, describe_formats
+        from latentkv.eval.quantized_cache import cache_bytes
+        from latentkv.kvformats import describe_formats
 
         stored = cache_bytes(model, formats)
         report.update({
@@ -207,7 +208,7 @@ def cache_formats_of(config, kv_cache, kv_cache_rope, kv_cache_chunk):
         if kv_cache_rope is not None or kv_cache_chunk is not None:
             raise LatentKVError("--kv-cache-rope and --kv-cache-chunk refine --kv-cache; add --kv-cache FORMAT")
         return None
-    from latentkv.eval.quantized_cache import cache_parts, parse_cache_formats
+    from latentkv.kvformats import cache_parts, parse_cache_formats
 
     if kv_cache_chunk is not None and kv_cache_chunk < 1:
         raise LatentKVError(f"--kv-cache-chunk must be a positive number of tokens, got {kv_cache_chunk}")
@@ -230,7 +231,7 @@ def source_agreement(model, tokenizer, source: str, ids: torch.Tensor, *, batch_
 
 def cache_format_rows(config) -> dict:
     """inspect's rows for the cache format a latentkv config carries (none without one)."""
-    from latentkv.eval.quantized_cache import config_bytes_per_token
+    from latentkv.kvformats import config_bytes_per_token
 
     stored = config_bytes_per_token(config)
     if stored is None:

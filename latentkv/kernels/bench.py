@@ -78,7 +78,7 @@ def make_paged_inputs(
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, query_len, heads, r_c + rope_dim, device=device, dtype=dtype, generator=g)
     if kv_format is not None:
-        from latentkv.eval.kv_formats import parse_format
+        from latentkv.kvformats import parse_format
         from latentkv.kernels.quantized_pages import QuantizedPages
 
         rows = kv.view(-1, width)

@@ -8,7 +8,7 @@ One layer's pages are three tensors, indexed by the same block table:
             int4: a float16 scale and zero-point per group (fields 2)
     rope    [num_pages, page_size, rope_dim]  the RoPE key at the model dtype
 
-The formats and their arithmetic are `latentkv.eval.kv_formats`' (the latent cached as one head of
+The formats and their arithmetic are `latentkv.kvformats`' (the latent cached as one head of
 width r): fp8_e4m3 with /g<N>, /head or /token (amax / 448 per group, FlashMLA's scaling) and int4
 with the same groupings (asymmetric, KIVI's scale and zero-point). A FlashMLA row at r = 512, d_R =
 64, g128 holds 512 + 4 x 4 + 64 x 2 = 656 bytes; here they are the same bytes in three tensors: each
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.eval.kv_formats import KVFormat, Packed, dequantize, quantize
+from latentkv.kvformats import KVFormat, Packed, check_paged_formats, dequantize, quantize
 
 
 @dataclass(frozen=True)
@@ -41,44 +41,6 @@ KERNEL_ENCODINGS = {
     "fp8_e4m3": KernelEncoding("fp8", 1, torch.float32, 1),
     "int4": KernelEncoding("int4", 2, torch.float16, 2),
 }
-CAST_ENCODINGS = ("bf16", "fp16")  # stored rounded to the encoding, at the model dtype
-STORABLE = ("latent: fp8_e4m3/g<N>, int4/g<N> (N a power of 2), fp8_e4m3/head, int4/head, bf16 or fp16; "
-            "RoPE key: bf16 or fp16")
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def format_problem(fmt: KVFormat, part: str) -> str | None:
-    """Why the paged cache cannot store `part` ("latent" or "rope") in `fmt`, or None."""
-    name = fmt.encoding.name
-    if name in CAST_ENCODINGS:
-        return None
-    if part != "latent":
-        return f"the paged cache keeps the RoPE key at the model dtype, not {fmt.name}"
-    if name not in KERNEL_ENCODINGS:
-        return f"the decode kernel does not read {fmt.name}"
-    if fmt.per_channel:
-        return (f"{fmt.name} groups tokens (KIVI's per-channel keys); the paged cache quantizes each token as it is "
-                "written")
-    if fmt.grouping == "none":
-        return f"{fmt.name} has no scale; give it groups ({name}/g128 or {name}/head)"
-    if fmt.grouping.startswith("g") and not _pow2(fmt.group_size):
-        return f"{fmt.name}: the kernel reads groups of a power-of-2 width"
-    if name == "int4" and fmt.group_size == 1:
-        return f"{fmt.name}: int4 groups hold at least two values (a byte)"
-    return None
-
-
-def check_paged_formats(formats: dict[str, KVFormat]) -> None:
-    """Refuse cache formats (parts "latent" and "rope") that the paged cache cannot store."""
-    for part, fmt in formats.items():
-        problem = format_problem(fmt, part)
-        if problem:
-            raise LatentKVError(f"Cache format {part}={fmt.name}: {problem}. The paged cache stores {STORABLE}")
-
-
 def group_width(fmt: KVFormat, latent_width: int) -> int:
     """Values per scale group of a latent cached as one head (/head and /token: the whole latent)."""
     return fmt.group_size if fmt.grouping.startswith("g") else latent_width

@@ -202,7 +202,7 @@ def _attention_weights(query, key, mask, scaling: float, softcap: float | None):
     return scores.softmax(-1)
 
 
-# ---- cache formats: what a cache in a quantized format gives back (latentkv.eval.kv_formats' arithmetic,
+# ---- cache formats: what a cache in a quantized format gives back (latentkv.kvformats' arithmetic,
 # restated here so that this file needs only torch; tests check the two agree bit for bit)
 FP8_MAX = 448.0  # largest finite float8 E4M3 value
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.eval.kv_formats import KVFormat, fake_quantize
-from latentkv.eval.quantized_cache import model_cache_formats
+from latentkv.kvformats import KVFormat, fake_quantize
+from latentkv.kvformats import model_cache_formats
 from latentkv.kernels.mla_decode import decode_attention
-from latentkv.kernels.quantized_pages import QuantizedPages, check_groups, check_paged_formats
+from latentkv.kernels.quantized_pages import QuantizedPages, check_groups
+from latentkv.kvformats import check_paged_formats
 from latentkv.modeling.modeling_latentkv import cache_keyword
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class PagedLatentCache:
     layer_widths: per layer ``kv_lora_rank + rope_dim``; every layer shares the page allocation.
     num_pages / page_size: the pool (pages are handed to sequences as they grow).
     backend: "auto" | "triton" | "reference" (``latentkv.kernels.decode_attention``).
-    cache_format: formats of "latent" and "rope" (``latentkv.eval.quantized_cache.parse_model_cache_format``);
+    cache_format: formats of "latent" and "rope" (``latentkv.kvformats.parse_model_cache_format``);
         None: both at ``dtype``. A quantized latent needs ``latent_widths`` (per layer ``kv_lora_rank``).
 
     Use: ``seq = cache.add_sequence()``; per forward step ``positions = cache.begin_step(seqs, n)``,

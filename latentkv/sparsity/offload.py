@@ -319,7 +319,7 @@ class OffloadedLatentCache(PagedLatentCache):
         """Sized for ``max_seqs`` x ``max_seq_len``; ``pool_pages`` per layer (default: what the
         ``SparseConfig`` ``sparse`` attends, ``pool_slots_for``)."""
         from latentkv.runtime.decode import latent_attentions
-        from latentkv.eval.quantized_cache import model_cache_formats
+        from latentkv.kvformats import model_cache_formats
 
         attns = latent_attentions(model)
         param = next(model.parameters())

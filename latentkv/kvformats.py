@@ -20,6 +20,11 @@ A format is an element encoding and a grouping, written `ENCODING[/GROUPING]`:
 A cache tensor is [batch, heads, tokens, width], the layout transformers' caches use for keys and
 values; a latentkv model caches its latent as one head of width r and its RoPE key as one head (GTA-S:
 one head per map head).
+
+The second half names what a model caches (its parts: keys and values, or a latent and a RoPE key),
+parses a cache format per part (`--kv-cache`, `--cache-format`), says which formats the paged latent
+cache stores, and reads and writes the format a converted model's config carries (`kv_cache_format`).
+Conversion, the decode kernels, the runtime and evaluation all read formats from here.
 """
 
 from __future__ import annotations
@@ -297,3 +302,154 @@ def error_bound(x: torch.Tensor, fmt: KVFormat, packed: Packed) -> torch.Tensor:
     zero = ungrouped(packed.zero.float().expand(grouped(x, fmt).shape), fmt, x.shape)
     levels = 2**fmt.encoding.bits - 1
     return scale / 2 + 4 * 2.0**-24 * (x.abs() + zero.abs() + levels * scale) + fp32
+
+
+# --------------------------------------------------------------------------------------------
+# What a model caches, and the cache formats of its parts
+# --------------------------------------------------------------------------------------------
+# Latent encodings the paged cache stores as codes and the decode kernel dequantizes
+# (`latentkv.kernels.quantized_pages.KERNEL_ENCODINGS` says how it reads each).
+PAGED_LATENT_ENCODINGS = ("fp8_e4m3", "int4")
+CAST_ENCODINGS = ("bf16", "fp16")  # stored rounded to the encoding, at the model dtype
+STORABLE = ("latent: fp8_e4m3/g<N>, int4/g<N> (N a power of 2), fp8_e4m3/head, int4/head, bf16 or fp16; "
+            "RoPE key: bf16 or fp16")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def format_problem(fmt: KVFormat, part: str) -> str | None:
+    """Why the paged cache cannot store `part` ("latent" or "rope") in `fmt`, or None."""
+    name = fmt.encoding.name
+    if name in CAST_ENCODINGS:
+        return None
+    if part != "latent":
+        return f"the paged cache keeps the RoPE key at the model dtype, not {fmt.name}"
+    if name not in PAGED_LATENT_ENCODINGS:
+        return f"the decode kernel does not read {fmt.name}"
+    if fmt.per_channel:
+        return (f"{fmt.name} groups tokens (KIVI's per-channel keys); the paged cache quantizes each token as it is "
+                "written")
+    if fmt.grouping == "none":
+        return f"{fmt.name} has no scale; give it groups ({name}/g128 or {name}/head)"
+    if fmt.grouping.startswith("g") and not _pow2(fmt.group_size):
+        return f"{fmt.name}: the kernel reads groups of a power-of-2 width"
+    if name == "int4" and fmt.group_size == 1:
+        return f"{fmt.name}: int4 groups hold at least two values (a byte)"
+    return None
+
+
+def check_paged_formats(formats: dict[str, KVFormat]) -> None:
+    """Refuse cache formats (parts "latent" and "rope") that the paged cache cannot store."""
+    for part, fmt in formats.items():
+        problem = format_problem(fmt, part)
+        if problem:
+            raise LatentKVError(f"Cache format {part}={fmt.name}: {problem}. The paged cache stores {STORABLE}")
+
+
+SOURCE_PARTS = ("keys", "values")
+LATENT_PARTS = ("latent", "rope")
+# transformers' modeling of these caches decompressed per-head keys and values, not what a serving
+# engine stores, so a format applied there would describe neither
+DECOMPRESSED_IN_TRANSFORMERS = {"deepseek_v3"}
+
+
+def cache_parts(config) -> list[tuple[str, str]]:
+    """Per layer, the parts in update()'s (first, second) slots."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "latentkv":
+        return [("rope", "latent") if spec.get("kind") == "gta-s" else ("latent", "rope")
+                for spec in config.attention_layers]
+    if model_type in DECOMPRESSED_IN_TRANSFORMERS:
+        raise LatentKVError(f"transformers' {model_type} modeling caches decompressed keys and values, not the "
+                            "latent a serving engine stores; evaluate the latentkv-format output (convert without "
+                            "--format deepseek) with --kv-cache")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [SOURCE_PARTS] * int(text.num_hidden_layers)
+
+
+def parse_cache_formats(spec: str, parts: tuple[str, ...], rope: str | None = None,
+                        flag: str = "--kv-cache") -> dict[str, KVFormat]:
+    """`--kv-cache` (and `--kv-cache-rope`) -> a format per cached part.
+
+    spec: one FORMAT for every part, or `part=FORMAT` items joined by commas, where a bare FORMAT
+    among them covers the parts not named (e.g. `int4/g32`, `keys=int2/channel32,values=int2/g32`,
+    `latent=fp8_e4m3/g128,rope=bf16`). rope: the format of the RoPE key (latentkv models).
+    flag: the option named in error messages.
+    """
+    named: dict[str, KVFormat] = {}
+    default = None
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        part, sep, text = item.partition("=")
+        if not sep:
+            if default is not None:
+                raise LatentKVError(f"{flag} {spec!r} gives two formats for every part; name the parts "
+                                    f"({', '.join(p + '=FORMAT' for p in parts)})")
+            default = parse_format(item)
+            continue
+        part = part.strip().lower()
+        if part not in parts:
+            raise LatentKVError(f"{flag} {spec!r}: this model caches {' and '.join(parts)}, not {part!r}")
+        named[part] = parse_format(text)
+    if rope is not None:
+        if "rope" not in parts:
+            raise LatentKVError("--kv-cache-rope is for latentkv models (latent + RoPE key); this model caches "
+                                "keys and values: write --kv-cache keys=FORMAT,values=FORMAT")
+        if "rope" in named:
+            raise LatentKVError("The RoPE key's format is given twice (--kv-cache rope=... and --kv-cache-rope); keep one")
+        named["rope"] = parse_format(rope)
+    missing = [p for p in parts if p not in named and default is None]
+    if missing:
+        raise LatentKVError(f"{flag} {spec!r} gives no format for {', '.join(missing)}; add a bare FORMAT "
+                            f"for the rest or {', '.join(m + '=FORMAT' for m in missing)}")
+    return {p: named.get(p, default) for p in parts}
+
+
+def describe_formats(formats: dict[str, KVFormat]) -> str:
+    return ", ".join(f"{part}={fmt.name}" for part, fmt in formats.items())
+
+
+# ---- a converted model's own cache format (`latentkv convert --cache-format`, config `kv_cache_format`)
+CONFIG_KEY = "kv_cache_format"
+DEFAULT_ROPE_FORMAT = "bf16"  # the RoPE key beside a quantized latent, as FlashMLA's FP8 cache keeps it
+
+
+def parse_model_cache_format(spec: str) -> dict[str, KVFormat]:
+    """`--cache-format` -> formats of "latent" and "rope", checked to be storable by the paged cache.
+    The syntax is --kv-cache's; a bare FORMAT is the latent's, the RoPE key bf16 unless named
+    (e.g. `fp8_e4m3/g128`, `latent=int4/g32,rope=bf16`)."""
+    named = {item.partition("=")[0].strip().lower() for item in spec.split(",") if "=" in item}
+    rope = None if "rope" in named else DEFAULT_ROPE_FORMAT
+    formats = parse_cache_formats(spec, LATENT_PARTS, rope=rope, flag="--cache-format")
+    check_paged_formats(formats)
+    return formats
+
+
+def config_cache_format(formats: dict[str, KVFormat]) -> dict[str, str]:
+    """The config entry of a model's cache format: part -> format name."""
+    return {part: fmt.name for part, fmt in formats.items()}
+
+
+def model_cache_formats(config) -> dict[str, KVFormat] | None:
+    """The cache format a converted model's config carries (None: it caches at its dtype)."""
+    entry = getattr(config, CONFIG_KEY, None)
+    if not entry:
+        return None
+    if not isinstance(entry, dict) or set(entry) != set(LATENT_PARTS):
+        raise LatentKVError(f"config {CONFIG_KEY} must map {' and '.join(LATENT_PARTS)} to format names, got {entry!r}; "
+                            "convert again with --cache-format")
+    return {part: parse_format(str(entry[part])) for part in LATENT_PARTS}
+
+
+def config_bytes_per_token(config) -> tuple[float, str] | None:
+    """(KV bytes per token over every layer, the format described) of a config that carries a cache
+    format, from the widths it declares; None without one. Scales and zero-points included."""
+    formats = model_cache_formats(config)
+    if formats is None:
+        return None
+    total = 0.0
+    for spec in config.attention_layers:
+        total += formats["latent"].bytes_per_token(1, int(spec["kv_lora_rank"]))
+        total += formats["rope"].bytes_per_token(1, int(spec["rope_dim"]))  # RoPE formats are casts: no groups
+    return total, describe_formats(formats)
