@@ -192,6 +192,62 @@ def fit_bias_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torc
     return rows, out_map @ latent_part, err
 
 
+def steady_input_scale(inputs: torch.Tensor, weight: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor | None:
+    """1 / the input RMSNorm's weight, where it gives every attention input x the same mean square
+    (x = weight * h / rms(h): x / weight has RMS one but for the norm's eps, and a following RMSNorm
+    leaves it alone); None where the weight is unknown, has zeros, or the samples do not bear it out
+    (relative spread of the mean squares over `tol`)."""
+    if weight is None or weight.numel() != inputs.shape[1] or not bool((weight != 0).all()):
+        return None
+    inv = 1 / weight.double()
+    ms = (inputs.double() * inv).pow(2).mean(1)
+    if not bool(((ms - ms.mean()).abs() < tol * ms.mean()).all()):
+        return None
+    return inv
+
+
+def fit_query_ballast(inputs: torch.Tensor, q_aug: torch.Tensor, dims: int, eps: float,
+                      input_scale: torch.Tensor | None = None, held_out: float = 0.25, ridge: float = 1e-2):
+    """A biased query q = Q [x; 1] through q_a_proj -> q_a_layernorm -> q_b_proj: (q_a rows [D + dims, D],
+    q_b [out, D + dims], held-out relative error with the full Gram matrix of Q).
+
+    q_a_proj passes n = x * input_scale (of fixed RMS where `input_scale` undoes the input norm's
+    weight, `steady_input_scale`: the norm then leaves n as it is) and one ballast t = s u.n, u the
+    ridge least-squares predictor of the constant 1 from n; q_b reads x and 1 back per coordinate
+    (`_affine_norm_fit`). The scale s is the one of a log grid with the least error on the first
+    1 - held_out of the samples: a small t keeps the norm's scale steady and carries the bias with
+    the predictor's residual, a large one is steadier itself but rescales the rest. Exact when the
+    input has a constant direction and a fixed RMS; further ballast dims are left at zero."""
+    x = inputs.double()
+    q_aug = q_aug.double()
+    width = x.shape[1]
+    inv = torch.ones(width, dtype=x.dtype) if input_scale is None else input_scale.to(x)
+    n = x * inv
+    cut = int(len(n) * (1 - held_out))
+    fit_n, test_n = n[:cut], n[cut:]
+    moment = fit_n.T @ fit_n / len(fit_n)
+    lam = ridge * moment.trace() / width
+    u = torch.linalg.solve(moment + lam * torch.eye(width, dtype=x.dtype), fit_n.mean(0))
+    out_map = torch.cat([q_aug[:, :-1] / inv, q_aug[:, -1:]], dim=1)  # Q [x; 1] = out_map [n; 1]
+    gram = out_map.T @ out_map
+    zero = x.new_zeros(width)
+    best = None
+    for s in torch.logspace(-3, 1, 17, dtype=x.dtype).tolist():
+        scale = s * math.sqrt(width)
+        err = _affine_norm_fit(fit_n, zero, scale * (fit_n @ u)[:, None], True, eps, gram.diagonal())[0].item()
+        if best is None or err < best[0]:
+            best = (err, scale)
+    scale = best[1]
+    coeffs = _affine_norm_fit(fit_n, zero, scale * (fit_n @ u)[:, None], True, eps)[1]
+    err = _affine_norm_fit(test_n, zero, scale * (test_n @ u)[:, None], True, eps, gram, coeffs)[0].item()
+    w, m, m_const = coeffs
+    extra = dims - 1
+    latent_part = torch.cat([torch.diag(w), m, w.new_zeros(width, extra)], dim=1)
+    latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, width), m_const[None], w.new_zeros(1, extra)], 1)])
+    rows = torch.cat([torch.diag(inv), scale * (u * inv)[None], x.new_zeros(extra, width)])
+    return rows, out_map @ latent_part, err
+
+
 def rope_key_without_bias(rows_aug: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, float]:
     """A RoPE key's rows [d_R, D+1] (last column its bias, which turns with position and so cannot
     be dropped) as the least-squares linear rows W' [d_R, D] under the moment of [x; 1], and the
@@ -254,7 +310,7 @@ def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype
 
 
 def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int, samples, eps: float, ballast: int,
-                       moment=None, biased: bool = False):
+                       moment=None, biased: bool = False, input_norm: torch.Tensor | None = None):
     """latentkv MLA tensors of one layer -> DeepseekV3Attention tensors (latent widened by `ballast`
     dims that steady its RMSNorm), plus the layer's fit figures.
 
@@ -286,7 +342,7 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
         }, {"latent_norm_rel_error": err, "latent_norm_rel_error_without_ballast": plain_err}
     hidden = q.shape[1] - 1
     eye = torch.eye(hidden, dtype=torch.float64)
-    q_rows, q_b, q_err = fit_bias_ballast(samples, eye, eye.new_zeros(hidden), True, q.double(), ballast, eps)
+    q_rows, q_b, q_err = fit_query_ballast(samples, q, ballast, eps, steady_input_scale(samples, input_norm))
     a_bias = tensors.get("kv_a_proj.bias", kv_a.new_zeros(kv_a.shape[0])).double()
     rope_rows, rope_err = rope_key_without_bias(torch.cat([kv_a[rank:].double(), a_bias[rank:, None]], dim=1), moment)
     o_bias = tensors.get("o_proj.bias")
@@ -297,7 +353,7 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     kv_rows, kv_b, kv_err = fit_bias_ballast(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank, out_map,
                                              ballast, eps)
     return {
-        "q_a_proj.weight": torch.cat([eye, q_rows]),
+        "q_a_proj.weight": q_rows,
         "q_a_layernorm.weight": eye.new_ones(hidden + ballast),
         "q_b_proj.weight": q_b,
         "kv_a_proj_with_mqa.weight": interleave_rope(torch.cat([kv_a[:rank].double(), kv_rows, rope_rows]), rope_dim),
@@ -337,8 +393,10 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         if stats[i].samples is None:
             raise LatentKVError("The calibration cache predates latent samples; pass a fresh --calib-cache")
+        norm = stream.layer_state_dict(i).get(stream.arch.input_norm + ".weight") if biased and stream.arch.input_norm \
+            else None
         attn, figures = deepseek_attention(tensors, spec, geo.head_dim, geo.num_heads, stats[i].samples.double(),
-                                           stream.config.rms_norm_eps, ballast, stats[i].moment, biased)
+                                           stream.config.rms_norm_eps, ballast, stats[i].moment, biased, norm)
         write_layer(stream, writer, i, attn, save_dtype)
         rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "norm_ballast": ballast, **figures})
         if progress is not None:
