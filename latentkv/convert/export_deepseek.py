@@ -207,7 +207,8 @@ def steady_input_scale(inputs: torch.Tensor, weight: torch.Tensor | None, tol: f
 
 
 def fit_query_ballast(inputs: torch.Tensor, q_aug: torch.Tensor, dims: int, eps: float,
-                      input_scale: torch.Tensor | None = None, held_out: float = 0.25, ridge: float = 1e-2):
+                      input_scale: torch.Tensor | None = None, held_out: float = 0.25,
+                      ridges: tuple[float, ...] = (1e-9, 1e-4, 1e-2)):
     """A biased query q = Q [x; 1] through q_a_proj -> q_a_layernorm -> q_b_proj: (q_a rows [D + dims, D],
     q_b [out, D + dims], held-out relative error with the full Gram matrix of Q).
 
@@ -215,9 +216,11 @@ def fit_query_ballast(inputs: torch.Tensor, q_aug: torch.Tensor, dims: int, eps:
     weight, `steady_input_scale`: the norm then leaves n as it is) and one ballast t = s u.n, u the
     ridge least-squares predictor of the constant 1 from n; q_b reads x and 1 back per coordinate
     (`_affine_norm_fit`). The scale s is the one of a log grid with the least error on the first
-    1 - held_out of the samples: a small t keeps the norm's scale steady and carries the bias with
-    the predictor's residual, a large one is steadier itself but rescales the rest. Exact when the
-    input has a constant direction and a fixed RMS; further ballast dims are left at zero."""
+    1 - held_out of the samples (a small t keeps the norm's scale steady and carries the bias with
+    the predictor's residual, a large one is steadier itself but rescales the rest); the ridge (relative
+    to the mean eigenvalue) is the one of `ridges` with the least error on the rest, where the error is
+    reported. Exact when the input has a constant direction and a fixed RMS; further ballast dims are
+    left at zero."""
     x = inputs.double()
     q_aug = q_aug.double()
     width = x.shape[1]
@@ -226,25 +229,31 @@ def fit_query_ballast(inputs: torch.Tensor, q_aug: torch.Tensor, dims: int, eps:
     cut = int(len(n) * (1 - held_out))
     fit_n, test_n = n[:cut], n[cut:]
     moment = fit_n.T @ fit_n / len(fit_n)
-    lam = ridge * moment.trace() / width
-    u = torch.linalg.solve(moment + lam * torch.eye(width, dtype=x.dtype), fit_n.mean(0))
     out_map = torch.cat([q_aug[:, :-1] / inv, q_aug[:, -1:]], dim=1)  # Q [x; 1] = out_map [n; 1]
     gram = out_map.T @ out_map
     zero = x.new_zeros(width)
+
+    def ballast(samples, u, scale):  # t = s u.n, and the further (zero) dims the norm also averages over
+        return torch.cat([scale * (samples @ u)[:, None], samples.new_zeros(len(samples), dims - 1)], dim=1)
+
     best = None
-    for s in torch.logspace(-3, 1, 17, dtype=x.dtype).tolist():
-        scale = s * math.sqrt(width)
-        err = _affine_norm_fit(fit_n, zero, scale * (fit_n @ u)[:, None], True, eps, gram.diagonal())[0].item()
+    for ridge in ridges:
+        lam = ridge * moment.trace() / width
+        u = torch.linalg.solve(moment + lam * torch.eye(width, dtype=x.dtype), fit_n.mean(0))
+        fits = []
+        for s in torch.logspace(-3, 1, 17, dtype=x.dtype).tolist():
+            scale = s * math.sqrt(width)
+            fits.append((_affine_norm_fit(fit_n, zero, ballast(fit_n, u, scale), True, eps, gram.diagonal())[0].item(),
+                         scale))
+        scale = min(fits)[1]
+        coeffs = _affine_norm_fit(fit_n, zero, ballast(fit_n, u, scale), True, eps)[1]
+        err = _affine_norm_fit(test_n, zero, ballast(test_n, u, scale), True, eps, gram, coeffs)[0].item()
         if best is None or err < best[0]:
-            best = (err, scale)
-    scale = best[1]
-    coeffs = _affine_norm_fit(fit_n, zero, scale * (fit_n @ u)[:, None], True, eps)[1]
-    err = _affine_norm_fit(test_n, zero, scale * (test_n @ u)[:, None], True, eps, gram, coeffs)[0].item()
-    w, m, m_const = coeffs
-    extra = dims - 1
-    latent_part = torch.cat([torch.diag(w), m, w.new_zeros(width, extra)], dim=1)
-    latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, width), m_const[None], w.new_zeros(1, extra)], 1)])
-    rows = torch.cat([torch.diag(inv), scale * (u * inv)[None], x.new_zeros(extra, width)])
+            best = (err, scale, u, coeffs)
+    err, scale, u, (w, m, m_const) = best
+    latent_part = torch.cat([torch.diag(w), m], dim=1)
+    latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, width), m_const[None]], 1)])
+    rows = torch.cat([torch.diag(inv), scale * (u * inv)[None], x.new_zeros(dims - 1, width)])
     return rows, out_map @ latent_part, err
 
 
