@@ -13,10 +13,12 @@ Facts this format imposes (docs/formats.md), and what we do about each:
 - No projection carries a bias (vLLM/SGLang build them without), so the latent is fitted
   uncentred, and a source's attention biases (Qwen2) are handled by what each one means: a key bias
   on the latent's position-free part shifts all scores of a query alike and is dropped (exact); the
-  value bias (and an o_proj bias, as value constants) and the query bias are carried by a ballast
-  dim of the kv and q paths whose normalised value is nearly constant (`fit_bias_ballast`; the query
-  then goes q_a_proj -> q_a_layernorm -> q_b_proj); a RoPE key bias turns with position and is
-  replaced by its least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
+  value bias (and an o_proj bias, as value constants) is carried by a ballast dim of the kv path
+  whose normalised value is nearly constant (`fit_bias_ballast`); the query goes q_a_proj ->
+  q_a_layernorm -> q_b_proj, q_a_proj passing the attention input with the input norm's weight
+  undone (fixed RMS: the norm leaves it alone) and a ballast on the least-squares predictor of a
+  constant (`fit_query_ballast`); a RoPE key bias turns with position and is replaced by its
+  least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
 - The cached latent passes through an RMSNorm (`kv_a_layernorm`) that no linear map undoes: it
   scales each token's keys and values by 1/rms(latent), and with a plain latent that scale moves
   from token to token (SmolLM2-135M at 64 + 320: 4% relative error, PPL 39 -> 72 on 16 windows).
@@ -326,9 +328,10 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     A source without attention biases: the ballast reaches no key or value, the norm's weight is
     fitted (`fit_norm_ballast`). With biases (`biased`, from the source's config): the key bias on the
     latent's position-free part was dropped exactly (`mla._latent_problem`); the latent's own bias (the
-    values', and the o_proj bias as per-head value constants) and the query bias are carried by the
-    ballast of the kv and q paths (`fit_bias_ballast`), the RoPE key's bias by its best linear stand-in
-    (`rope_key_without_bias`, under `moment`)."""
+    values', and the o_proj bias as per-head value constants) is carried by the kv path's ballast
+    (`fit_bias_ballast`), the query bias by the q path's (`fit_query_ballast`, on the input with
+    `input_norm`, the input RMSNorm's weight, undone where the samples bear it out), the RoPE key's
+    bias by its best linear stand-in (`rope_key_without_bias`, under `moment`)."""
     rope_dim, rank = spec["rope_dim"], spec["kv_lora_rank"]
     if spec["qk_nope_head_dim"] != head_dim:
         raise LatentKVError("The DeepSeek format needs a non-rotated query part per head; lower --qk-rope-dim")
