@@ -194,6 +194,46 @@ def fit_bias_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torc
     return rows, out_map @ latent_part, err
 
 
+def fit_latent_bias(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
+                    out_map: torch.Tensor, dims: int, eps: float, held_out: float = 0.25,
+                    ridges: tuple[float, ...] = (1e-9, 1e-4, 1e-2)):
+    """The kv path of a biased source: (ballast rows T [dims, D], kv_a_layernorm weight [r + dims],
+    kv_b [out, r + dims], held-out relative error with the full Gram matrix of out_map), delivering
+    out_map @ [latent_rows x + bias; 1 if `constant`] with no bias anywhere.
+
+    The ballast and the norm's weight are the unbiased export's (`fit_norm_ballast`: the latent's
+    per-token scale steadied, which is what the keys and values need most); the constant part
+    beta = out_map @ [bias; 1] is then read off the norm's whole output by the ridge least-squares
+    predictor a of the constant 1 (kv_b = [out_map_latent, 0] + beta a^T), the ridge being the one of
+    `ridges` with the least error on the last `held_out` of the samples, where the error is reported."""
+    inputs = inputs.double()
+    latent_rows, bias, out_map = latent_rows.to(inputs), bias.to(inputs), out_map.to(inputs)
+    r = latent_rows.shape[0]
+    rows, weight, _, _ = fit_norm_ballast(inputs, latent_rows, dims, eps, held_out=held_out)
+    norm_weight = torch.cat([weight, weight.new_ones(dims)])
+    beta = out_map[:, :r] @ bias + (out_map[:, r] if constant else 0)
+    cut = int(len(inputs) * (1 - held_out))
+    feats = torch.cat([inputs @ latent_rows.T, inputs @ rows.T], dim=1)
+    feats = norm_weight * feats / (feats.pow(2).mean(1, keepdim=True) + eps).sqrt()  # kv_a_layernorm's output
+    fit_f, test_f = feats[:cut], feats[cut:]
+    gram = out_map.T @ out_map
+    test_y = torch.cat([test_f.new_zeros(len(test_f), 0), inputs[cut:] @ latent_rows.T + bias], dim=1)
+    if constant:
+        test_y = torch.cat([test_y, test_y.new_ones(len(test_y), 1)], dim=1)
+    moment = fit_f.T @ fit_f / len(fit_f)
+    best = None
+    for ridge in ridges:
+        a = torch.linalg.solve(moment + ridge * moment.trace() / len(moment) * torch.eye(len(moment), dtype=moment.dtype),
+                               fit_f.mean(0))
+        kv_b = torch.cat([out_map[:, :r], out_map.new_zeros(out_map.shape[0], dims)], dim=1) + beta[:, None] * a[None]
+        # error in out_map's coordinates: what kv_b @ features misses of out_map @ y, per token
+        diff = test_f @ kv_b.T - test_y @ out_map.T
+        err = float(diff.pow(2).sum() / (test_y @ out_map.T).pow(2).sum().clamp_min(1e-30))
+        if best is None or err < best[0]:
+            best = (err, kv_b)
+    return rows, norm_weight, best[1], best[0]
+
+
 def steady_input_scale(inputs: torch.Tensor, weight: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor | None:
     """1 / the input RMSNorm's weight, where it gives every attention input x the same mean square
     (x = weight * h / rms(h): x / weight has RMS one but for the norm's eps, and a following RMSNorm
@@ -362,14 +402,14 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     if o_bias is not None and bool(o_bias.any()):
         constant, figures["o_bias_rel_error"] = value_constant(tensors["o_proj.weight"], o_bias, num_heads, head_dim)
         out_map = torch.cat([out_map, constant[:, None]], dim=1)
-    kv_rows, kv_b, kv_err = fit_bias_ballast(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank, out_map,
-                                             ballast, eps)
+    kv_rows, kv_norm, kv_b, kv_err = fit_latent_bias(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank,
+                                                     out_map, ballast, eps)
     return {
         "q_a_proj.weight": q_rows,
         "q_a_layernorm.weight": eye.new_ones(hidden + ballast),
         "q_b_proj.weight": q_b,
         "kv_a_proj_with_mqa.weight": interleave_rope(torch.cat([kv_a[:rank].double(), kv_rows, rope_rows]), rope_dim),
-        "kv_a_layernorm.weight": eye.new_ones(rank + ballast),
+        "kv_a_layernorm.weight": kv_norm,
         "kv_b_proj.weight": kv_b,
         "o_proj.weight": tensors["o_proj.weight"],
     }, {"q_rel_error": q_err, "kv_rel_error": kv_err, "rope_key_bias_rel_error": rope_err, **figures}
