@@ -13,9 +13,9 @@ Facts this format imposes (docs/formats.md), and what we do about each:
 - No projection carries a bias (vLLM/SGLang build them without), so the latent is fitted
   uncentred, and a source's attention biases (Qwen2) are handled by what each one means: a key bias
   on the latent's position-free part shifts all scores of a query alike and is dropped (exact); the
-  value bias (and an o_proj bias, as value constants) is carried by a ballast dim of the kv path
-  whose normalised value is nearly constant (`fit_bias_ballast`); the query goes q_a_proj ->
-  q_a_layernorm -> q_b_proj, q_a_proj passing the attention input with the input norm's weight
+  value bias (and an o_proj bias, as value constants) is read off the kv path's normalised latent
+  and norm ballast by a least-squares predictor of a constant (`fit_latent_bias`); the query goes
+  q_a_proj -> q_a_layernorm -> q_b_proj, q_a_proj passing the attention input with the input norm's weight
   undone (fixed RMS: the norm leaves it alone) and a ballast on the least-squares predictor of a
   constant (`fit_query_ballast`); a RoPE key bias turns with position and is replaced by its
   least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
@@ -150,48 +150,6 @@ def _affine_norm_fit(latent, bias, ballast, constant: bool, eps: float, gram=Non
     else:
         err = torch.einsum("ni,ij,nj->", err_rows, gram, err_rows) / torch.einsum("ni,ij,nj->", y, gram, y).clamp_min(1e-30)
     return err, coeffs
-
-
-def fit_bias_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
-                     out_map: torch.Tensor, dims: int, eps: float, iters: int = 30, held_out: float = 0.25):
-    """Ballast rows T [dims, D] and the map [out, r + dims] from normalised features to outputs,
-    for an RMSNorm'd path that must deliver out_map @ [latent_rows x + bias; 1 if `constant`]
-    with no bias anywhere (DeepSeek's kv_a -> kv_a_layernorm -> kv_b and q_a -> q_a_layernorm -> q_b).
-
-    The constant reaches the outputs through the ballast: a projection t = T x that the optimiser
-    makes large and steady, so that t / rho is nearly the same for every token. T minimises the
-    relative output error (`_affine_norm_fit`) on the first 1 - held_out of the samples, from the
-    inputs' least-squares constant predictor (and top principal directions for further dims), scaled
-    to twice the latent's RMS; the error reported is on the rest, with the full Gram matrix."""
-    inputs = inputs.double()
-    latent_rows, bias, out_map = latent_rows.to(inputs), bias.to(inputs), out_map.to(inputs)
-    cut = int(len(inputs) * (1 - held_out))
-    fit_x, test_x = inputs[:cut], inputs[cut:]
-    fit_c, test_c = fit_x @ latent_rows.T, test_x @ latent_rows.T
-    gram = out_map.T @ out_map
-    moment = fit_x.T @ fit_x / len(fit_x)
-    steady = torch.linalg.lstsq(moment, fit_x.mean(0, keepdim=True).T).solution.T  # E[(u.x - 1)^2] least
-    start = torch.cat([steady, torch.linalg.eigh(moment)[1][:, -(dims - 1):].T if dims > 1 else steady[:0]])
-    scale = (fit_c.pow(2).sum(1).mean() * 4 / dims / (fit_x @ start.T).pow(2).mean(0)).sqrt()
-    rows = (start * scale[:, None]).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([rows], max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        err = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps, gram.diagonal())[0]
-        err.backward()
-        return err
-
-    with torch.enable_grad():
-        opt.step(closure)
-    rows = rows.detach()
-    coeffs = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps)[1]
-    err = _affine_norm_fit(test_c, bias, test_x @ rows.T, constant, eps, gram, coeffs)[0].item()
-    w, m, m_const = coeffs
-    latent_part = torch.cat([torch.diag(w), m], dim=1)  # [r, r + b]
-    if constant:
-        latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, len(w)), m_const[None]], dim=1)])
-    return rows, out_map @ latent_part, err
 
 
 def fit_latent_bias(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
@@ -368,8 +326,8 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     A source without attention biases: the ballast reaches no key or value, the norm's weight is
     fitted (`fit_norm_ballast`). With biases (`biased`, from the source's config): the key bias on the
     latent's position-free part was dropped exactly (`mla._latent_problem`); the latent's own bias (the
-    values', and the o_proj bias as per-head value constants) is carried by the kv path's ballast
-    (`fit_bias_ballast`), the query bias by the q path's (`fit_query_ballast`, on the input with
+    values', and the o_proj bias as per-head value constants) is read off the kv path's norm output
+    (`fit_latent_bias`), the query bias carried by the q path's ballast (`fit_query_ballast`, on the input with
     `input_norm`, the input RMSNorm's weight, undone where the samples bear it out), the RoPE key's
     bias by its best linear stand-in (`rope_key_without_bias`, under `moment`)."""
     rope_dim, rank = spec["rope_dim"], spec["kv_lora_rank"]
