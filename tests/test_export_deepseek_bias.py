@@ -73,3 +73,26 @@ def test_query_ballast_without_a_constant_direction_is_a_small_fit():
     measured = float((_deepseek_query(rows, q_b, test, eps) - ref).pow(2).sum() / ref.pow(2).sum())
     assert abs(measured - err) < 1e-6 + 1e-3 * err
     assert err < 1e-3 and err <= err_plain
+
+
+def test_biased_source_sets_only_the_biases_asked_for(tiny_model_dir, tmp_path):
+    """Guards the ablation sources of benchmarks/deepseek_biased_cpu.md: `--biases k` sets the key bias
+    alone (query and value biases zero), and a kept bias is the same draw as in the all-bias source."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "biased_source.py"
+    spec = importlib.util.spec_from_file_location("biased_source", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    src = tiny_model_dir("llama")
+    module.write_biased_qwen2(src, tmp_path / "all")
+    module.write_biased_qwen2(src, tmp_path / "k", biases=("k",))
+    every = load_file(str(next((tmp_path / "all").glob("*.safetensors"))))
+    key_only = load_file(str(next((tmp_path / "k").glob("*.safetensors"))))
+    name = "model.layers.0.self_attn.{}_proj.bias"
+    assert torch.equal(key_only[name.format("k")], every[name.format("k")]) and bool(every[name.format("k")].any())
+    assert not key_only[name.format("q")].any() and not key_only[name.format("v")].any()
+    assert bool(every[name.format("q")].any()) and bool(every[name.format("v")].any())
