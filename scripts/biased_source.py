@@ -6,7 +6,7 @@ are shaped like Qwen2's: key biases large (tens of units) in a few channels of e
 biases small, query biases of order 0.1. The large key biases sit in the slowest RoPE pairs, where
 they turn little over a context: random biases elsewhere leave no working model to measure.
 
-    python scripts/biased_source.py OUT [--seed 0]
+    python scripts/biased_source.py OUT [--seed 0] [--biases q,k,v]
     python scripts/bench_quality.py --source OUT --budgets --samples 32 --windows 8 \\
         --rows "mla:0.5" "mla:0.5:format=deepseek"
 """
@@ -24,7 +24,12 @@ KEY_BIAS_SCALE = 20.0
 QUERY_BIAS_STD, KEY_BIAS_STD, VALUE_BIAS_STD = 0.1, 0.5, 0.05
 
 
-def write_biased_qwen2(source: Path, out: Path, seed: int = 0) -> None:
+BIASES = ("q", "k", "v")
+
+
+def write_biased_qwen2(source: Path, out: Path, seed: int = 0, biases: tuple[str, ...] = BIASES) -> None:
+    """`biases`: which of the query, key and value biases to set (the rest stay zero, for ablations);
+    the random draws are the same whichever are kept, so a kept bias is the same in every variant."""
     import transformers
 
     llama = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -44,8 +49,8 @@ def write_biased_qwen2(source: Path, out: Path, seed: int = 0) -> None:
     with torch.no_grad():
         for layer in model.model.layers:
             attn = layer.self_attn
-            attn.q_proj.bias.copy_(QUERY_BIAS_STD * torch.randn(attn.q_proj.bias.shape, generator=g))
-            attn.v_proj.bias.copy_(VALUE_BIAS_STD * torch.randn(attn.v_proj.bias.shape, generator=g))
+            q = QUERY_BIAS_STD * torch.randn(attn.q_proj.bias.shape, generator=g)
+            v = VALUE_BIAS_STD * torch.randn(attn.v_proj.bias.shape, generator=g)
             k = KEY_BIAS_STD * torch.randn(c.num_key_value_heads, head_dim, generator=g)
             for h in range(c.num_key_value_heads):
                 # half-split RoPE layout: pair j is dims j and j + head_dim / 2, the last pairs turn slowest
@@ -53,7 +58,8 @@ def write_biased_qwen2(source: Path, out: Path, seed: int = 0) -> None:
                 channels = torch.cat([slow, slow + head_dim // 2])
                 signs = torch.randint(0, 2, (KEY_BIAS_CHANNELS,), generator=g) * 2 - 1
                 k[h, channels] = KEY_BIAS_SCALE * signs * (1 + torch.rand(KEY_BIAS_CHANNELS, generator=g))
-            attn.k_proj.bias.copy_(k.flatten())
+            for name, proj, bias in (("q", attn.q_proj, q), ("k", attn.k_proj, k.flatten()), ("v", attn.v_proj, v)):
+                proj.bias.copy_(bias if name in biases else torch.zeros_like(bias))
     model.save_pretrained(out)
     for name in os.listdir(source):  # tokenizer and generation config
         if name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
@@ -65,11 +71,16 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--source", type=Path, default=None, help="SmolLM2 folder (default: latentkv's cached copy)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--biases", default="q,k,v",
+                   help="which biases to set, comma-separated from q, k, v (default all; the others are zero)")
     args = p.parse_args()
+    biases = tuple(b for b in args.biases.split(",") if b)
+    if not biases or set(biases) - set(BIASES):
+        p.error(f"--biases takes a comma-separated subset of {','.join(BIASES)}, got {args.biases!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from latentkv.io.assets import smollm2_folder
 
-    write_biased_qwen2(args.source or smollm2_folder(), args.out, args.seed)
+    write_biased_qwen2(args.source or smollm2_folder(), args.out, args.seed, biases)
 
 
 if __name__ == "__main__":

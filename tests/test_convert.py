@@ -648,14 +648,16 @@ def test_deepseek_export_matches_latentkv_up_to_latent_norm(tiny_model_dir, tmp_
     assert math.isfinite(report["perplexity"])
 
 
-def test_bias_ballast_carries_a_constant_exactly_in_the_limit():
-    """Guards the DeepSeek export's bias carrier: an affine target (latent + bias, and a constant
-    for the o_proj bias) read off RMS-normalised features through a ballast dim is exact in the
-    limit where a direction of the input is constant, and the error it reports is the one the
-    written map has when applied as DeepseekV3 applies it (RMSNorm, then kv_b)."""
+def test_latent_bias_rides_on_the_norm_ballast():
+    """Guards the DeepSeek export's kv path for a biased source: the latent's constant (value bias, and
+    value constants for an o_proj bias) is read off kv_a_layernorm's output by a least-squares predictor
+    on top of the unbiased export's norm ballast; the error it reports is the one the written tensors make
+    when applied as DeepseekV3 applies them (RMSNorm with its weight, then kv_b); it falls as a direction of
+    the input becomes steady, to the floor the latent's own scale leaves; with no bias it is the unbiased
+    export's kv path."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
-    from latentkv.convert.export_deepseek import fit_bias_ballast
+    from latentkv.convert.export_deepseek import fit_latent_bias, fit_norm_ballast
 
     g = torch.Generator().manual_seed(0)
     latent_rows = torch.randn(6, 24, generator=g, dtype=torch.float64)
@@ -665,19 +667,23 @@ def test_bias_ballast_carries_a_constant_exactly_in_the_limit():
     for spread in (1.0, 1e-2, 1e-4):
         x = torch.randn(4000, 24, generator=g, dtype=torch.float64)
         x[:, 0] = 3.0 + spread * x[:, 0]  # a channel as steady as `spread` allows
-        rows, kv_b, err = fit_bias_ballast(x, latent_rows, bias, True, out_map, dims=1, eps=1e-6)
-        assert rows.shape == (1, 24) and kv_b.shape == (10, 7)
+        rows, weight, kv_b, err = fit_latent_bias(x, latent_rows, bias, True, out_map, dims=1, eps=1e-6)
+        assert rows.shape == (1, 24) and weight.shape == (7,) and kv_b.shape == (10, 7)
         test = x[3000:]  # the held-out quarter
         norm = DeepseekV3RMSNorm(7, eps=1e-6).double()
         with torch.no_grad():
+            norm.weight.copy_(weight)
             out = norm(torch.cat([test @ latent_rows.T, test @ rows.T], dim=1)) @ kv_b.T
         ref = torch.cat([test @ latent_rows.T + bias, torch.ones(len(test), 1, dtype=torch.float64)], dim=1) @ out_map.T
         # DeepseekV3RMSNorm normalises in float32: the same error to float32's precision
         assert math.isclose(float((out - ref).pow(2).sum() / ref.pow(2).sum()), err, rel_tol=1e-4, abs_tol=1e-12)
         errors.append(err)
-    # the error falls with the spread, to the floor the ballast's finite size leaves (the latent's own
-    # RMS still moves the scale a little)
-    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
+    assert errors[0] > errors[1] >= errors[2] * 0.99
+    rows, weight, kv_b, err = fit_latent_bias(x, latent_rows, torch.zeros(6, dtype=torch.float64), False,
+                                              out_map[:, :6], dims=1, eps=1e-6)
+    plain_rows, plain_weight, _, _ = fit_norm_ballast(x, latent_rows, 1, 1e-6)
+    assert torch.equal(rows, plain_rows) and torch.equal(weight[:6], plain_weight)
+    assert torch.equal(kv_b, torch.cat([out_map[:, :6], torch.zeros(10, 1, dtype=torch.float64)], dim=1))
 
 
 def test_rope_key_bias_and_o_bias_stand_ins():

@@ -13,10 +13,12 @@ Facts this format imposes (docs/formats.md), and what we do about each:
 - No projection carries a bias (vLLM/SGLang build them without), so the latent is fitted
   uncentred, and a source's attention biases (Qwen2) are handled by what each one means: a key bias
   on the latent's position-free part shifts all scores of a query alike and is dropped (exact); the
-  value bias (and an o_proj bias, as value constants) and the query bias are carried by a ballast
-  dim of the kv and q paths whose normalised value is nearly constant (`fit_bias_ballast`; the query
-  then goes q_a_proj -> q_a_layernorm -> q_b_proj); a RoPE key bias turns with position and is
-  replaced by its least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
+  value bias (and an o_proj bias, as value constants) is read off the kv path's normalised latent
+  and norm ballast by a least-squares predictor of a constant (`fit_latent_bias`); the query goes
+  q_a_proj -> q_a_layernorm -> q_b_proj, q_a_proj passing the attention input with the input norm's weight
+  undone (fixed RMS: the norm leaves it alone) and a ballast on the least-squares predictor of a
+  constant (`fit_query_ballast`); a RoPE key bias turns with position and is replaced by its
+  least-squares linear stand-in. Each layer's errors go to latentkv_layers.json.
 - The cached latent passes through an RMSNorm (`kv_a_layernorm`) that no linear map undoes: it
   scales each token's keys and values by 1/rms(latent), and with a plain latent that scale moves
   from token to token (SmolLM2-135M at 64 + 320: 4% relative error, PPL 39 -> 72 on 16 windows).
@@ -150,45 +152,108 @@ def _affine_norm_fit(latent, bias, ballast, constant: bool, eps: float, gram=Non
     return err, coeffs
 
 
-def fit_bias_ballast(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
-                     out_map: torch.Tensor, dims: int, eps: float, iters: int = 30, held_out: float = 0.25):
-    """Ballast rows T [dims, D] and the map [out, r + dims] from normalised features to outputs,
-    for an RMSNorm'd path that must deliver out_map @ [latent_rows x + bias; 1 if `constant`]
-    with no bias anywhere (DeepSeek's kv_a -> kv_a_layernorm -> kv_b and q_a -> q_a_layernorm -> q_b).
+def fit_latent_bias(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch.Tensor, constant: bool,
+                    out_map: torch.Tensor, dims: int, eps: float, held_out: float = 0.25,
+                    ridges: tuple[float, ...] = (1e-9, 1e-4, 1e-2)):
+    """The kv path of a biased source: (ballast rows T [dims, D], kv_a_layernorm weight [r + dims],
+    kv_b [out, r + dims], held-out relative error with the full Gram matrix of out_map), delivering
+    out_map @ [latent_rows x + bias; 1 if `constant`] with no bias anywhere.
 
-    The constant reaches the outputs through the ballast: a projection t = T x that the optimiser
-    makes large and steady, so that t / rho is nearly the same for every token. T minimises the
-    relative output error (`_affine_norm_fit`) on the first 1 - held_out of the samples, from the
-    inputs' least-squares constant predictor (and top principal directions for further dims), scaled
-    to twice the latent's RMS; the error reported is on the rest, with the full Gram matrix."""
+    The ballast and the norm's weight are the unbiased export's (`fit_norm_ballast`: the latent's
+    per-token scale steadied, which is what the keys and values need most); the constant part
+    beta = out_map @ [bias; 1] is then read off the norm's whole output by the ridge least-squares
+    predictor a of the constant 1 (kv_b = [out_map_latent, 0] + beta a^T), the ridge being the one of
+    `ridges` with the least error on the last `held_out` of the samples, where the error is reported."""
     inputs = inputs.double()
     latent_rows, bias, out_map = latent_rows.to(inputs), bias.to(inputs), out_map.to(inputs)
+    r = latent_rows.shape[0]
+    rows, weight, _, _ = fit_norm_ballast(inputs, latent_rows, dims, eps, held_out=held_out)
+    norm_weight = torch.cat([weight, weight.new_ones(dims)])
+    beta = out_map[:, :r] @ bias + (out_map[:, r] if constant else 0)
     cut = int(len(inputs) * (1 - held_out))
-    fit_x, test_x = inputs[:cut], inputs[cut:]
-    fit_c, test_c = fit_x @ latent_rows.T, test_x @ latent_rows.T
+    feats = torch.cat([inputs @ latent_rows.T, inputs @ rows.T], dim=1)
+    feats = norm_weight * feats / (feats.pow(2).mean(1, keepdim=True) + eps).sqrt()  # kv_a_layernorm's output
+    fit_f, test_f = feats[:cut], feats[cut:]
     gram = out_map.T @ out_map
-    moment = fit_x.T @ fit_x / len(fit_x)
-    steady = torch.linalg.lstsq(moment, fit_x.mean(0, keepdim=True).T).solution.T  # E[(u.x - 1)^2] least
-    start = torch.cat([steady, torch.linalg.eigh(moment)[1][:, -(dims - 1):].T if dims > 1 else steady[:0]])
-    scale = (fit_c.pow(2).sum(1).mean() * 4 / dims / (fit_x @ start.T).pow(2).mean(0)).sqrt()
-    rows = (start * scale[:, None]).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([rows], max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        err = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps, gram.diagonal())[0]
-        err.backward()
-        return err
-
-    with torch.enable_grad():
-        opt.step(closure)
-    rows = rows.detach()
-    coeffs = _affine_norm_fit(fit_c, bias, fit_x @ rows.T, constant, eps)[1]
-    err = _affine_norm_fit(test_c, bias, test_x @ rows.T, constant, eps, gram, coeffs)[0].item()
-    w, m, m_const = coeffs
-    latent_part = torch.cat([torch.diag(w), m], dim=1)  # [r, r + b]
+    test_y = torch.cat([test_f.new_zeros(len(test_f), 0), inputs[cut:] @ latent_rows.T + bias], dim=1)
     if constant:
-        latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, len(w)), m_const[None]], dim=1)])
+        test_y = torch.cat([test_y, test_y.new_ones(len(test_y), 1)], dim=1)
+    moment = fit_f.T @ fit_f / len(fit_f)
+    best = None
+    for ridge in ridges:
+        a = torch.linalg.solve(moment + ridge * moment.trace() / len(moment) * torch.eye(len(moment), dtype=moment.dtype),
+                               fit_f.mean(0))
+        kv_b = torch.cat([out_map[:, :r], out_map.new_zeros(out_map.shape[0], dims)], dim=1) + beta[:, None] * a[None]
+        # error in out_map's coordinates: what kv_b @ features misses of out_map @ y, per token
+        diff = test_f @ kv_b.T - test_y @ out_map.T
+        err = float(diff.pow(2).sum() / (test_y @ out_map.T).pow(2).sum().clamp_min(1e-30))
+        if best is None or err < best[0]:
+            best = (err, kv_b)
+    return rows, norm_weight, best[1], best[0]
+
+
+def steady_input_scale(inputs: torch.Tensor, weight: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor | None:
+    """1 / the input RMSNorm's weight, where it gives every attention input x the same mean square
+    (x = weight * h / rms(h): x / weight has RMS one but for the norm's eps, and a following RMSNorm
+    leaves it alone); None where the weight is unknown, has zeros, or the samples do not bear it out
+    (relative spread of the mean squares over `tol`)."""
+    if weight is None or weight.numel() != inputs.shape[1] or not bool((weight != 0).all()):
+        return None
+    inv = 1 / weight.double()
+    ms = (inputs.double() * inv).pow(2).mean(1)
+    if not bool(((ms - ms.mean()).abs() < tol * ms.mean()).all()):
+        return None
+    return inv
+
+
+def fit_query_ballast(inputs: torch.Tensor, q_aug: torch.Tensor, dims: int, eps: float,
+                      input_scale: torch.Tensor | None = None, held_out: float = 0.25,
+                      ridges: tuple[float, ...] = (1e-9, 1e-4, 1e-2)):
+    """A biased query q = Q [x; 1] through q_a_proj -> q_a_layernorm -> q_b_proj: (q_a rows [D + dims, D],
+    q_b [out, D + dims], held-out relative error with the full Gram matrix of Q).
+
+    q_a_proj passes n = x * input_scale (of fixed RMS where `input_scale` undoes the input norm's
+    weight, `steady_input_scale`: the norm then leaves n as it is) and one ballast t = s u.n, u the
+    ridge least-squares predictor of the constant 1 from n; q_b reads x and 1 back per coordinate
+    (`_affine_norm_fit`). The scale s is the one of a log grid with the least error on the first
+    1 - held_out of the samples (a small t keeps the norm's scale steady and carries the bias with
+    the predictor's residual, a large one is steadier itself but rescales the rest); the ridge (relative
+    to the mean eigenvalue) is the one of `ridges` with the least error on the rest, where the error is
+    reported. Exact when the input has a constant direction and a fixed RMS; further ballast dims are
+    left at zero."""
+    x = inputs.double()
+    q_aug = q_aug.double()
+    width = x.shape[1]
+    inv = torch.ones(width, dtype=x.dtype) if input_scale is None else input_scale.to(x)
+    n = x * inv
+    cut = int(len(n) * (1 - held_out))
+    fit_n, test_n = n[:cut], n[cut:]
+    moment = fit_n.T @ fit_n / len(fit_n)
+    out_map = torch.cat([q_aug[:, :-1] / inv, q_aug[:, -1:]], dim=1)  # Q [x; 1] = out_map [n; 1]
+    gram = out_map.T @ out_map
+    zero = x.new_zeros(width)
+
+    def ballast(samples, u, scale):  # t = s u.n, and the further (zero) dims the norm also averages over
+        return torch.cat([scale * (samples @ u)[:, None], samples.new_zeros(len(samples), dims - 1)], dim=1)
+
+    best = None
+    for ridge in ridges:
+        lam = ridge * moment.trace() / width
+        u = torch.linalg.solve(moment + lam * torch.eye(width, dtype=x.dtype), fit_n.mean(0))
+        fits = []
+        for s in torch.logspace(-3, 1, 17, dtype=x.dtype).tolist():
+            scale = s * math.sqrt(width)
+            fits.append((_affine_norm_fit(fit_n, zero, ballast(fit_n, u, scale), True, eps, gram.diagonal())[0].item(),
+                         scale))
+        scale = min(fits)[1]
+        coeffs = _affine_norm_fit(fit_n, zero, ballast(fit_n, u, scale), True, eps)[1]
+        err = _affine_norm_fit(test_n, zero, ballast(test_n, u, scale), True, eps, gram, coeffs)[0].item()
+        if best is None or err < best[0]:
+            best = (err, scale, u, coeffs)
+    err, scale, u, (w, m, m_const) = best
+    latent_part = torch.cat([torch.diag(w), m], dim=1)
+    latent_part = torch.cat([latent_part, torch.cat([w.new_zeros(1, width), m_const[None]], 1)])
+    rows = torch.cat([torch.diag(inv), scale * (u * inv)[None], x.new_zeros(dims - 1, width)])
     return rows, out_map @ latent_part, err
 
 
@@ -254,16 +319,17 @@ def deepseek_config(stream, rope_dim: int, rank: int, grid_step: int, save_dtype
 
 
 def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int, samples, eps: float, ballast: int,
-                       moment=None, biased: bool = False):
+                       moment=None, biased: bool = False, input_norm: torch.Tensor | None = None):
     """latentkv MLA tensors of one layer -> DeepseekV3Attention tensors (latent widened by `ballast`
     dims that steady its RMSNorm), plus the layer's fit figures.
 
     A source without attention biases: the ballast reaches no key or value, the norm's weight is
     fitted (`fit_norm_ballast`). With biases (`biased`, from the source's config): the key bias on the
     latent's position-free part was dropped exactly (`mla._latent_problem`); the latent's own bias (the
-    values', and the o_proj bias as per-head value constants) and the query bias are carried by the
-    ballast of the kv and q paths (`fit_bias_ballast`), the RoPE key's bias by its best linear stand-in
-    (`rope_key_without_bias`, under `moment`)."""
+    values', and the o_proj bias as per-head value constants) is read off the kv path's norm output
+    (`fit_latent_bias`), the query bias carried by the q path's ballast (`fit_query_ballast`, on the input with
+    `input_norm`, the input RMSNorm's weight, undone where the samples bear it out), the RoPE key's
+    bias by its best linear stand-in (`rope_key_without_bias`, under `moment`)."""
     rope_dim, rank = spec["rope_dim"], spec["kv_lora_rank"]
     if spec["qk_nope_head_dim"] != head_dim:
         raise LatentKVError("The DeepSeek format needs a non-rotated query part per head; lower --qk-rope-dim")
@@ -286,7 +352,7 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
         }, {"latent_norm_rel_error": err, "latent_norm_rel_error_without_ballast": plain_err}
     hidden = q.shape[1] - 1
     eye = torch.eye(hidden, dtype=torch.float64)
-    q_rows, q_b, q_err = fit_bias_ballast(samples, eye, eye.new_zeros(hidden), True, q.double(), ballast, eps)
+    q_rows, q_b, q_err = fit_query_ballast(samples, q, ballast, eps, steady_input_scale(samples, input_norm))
     a_bias = tensors.get("kv_a_proj.bias", kv_a.new_zeros(kv_a.shape[0])).double()
     rope_rows, rope_err = rope_key_without_bias(torch.cat([kv_a[rank:].double(), a_bias[rank:, None]], dim=1), moment)
     o_bias = tensors.get("o_proj.bias")
@@ -294,14 +360,14 @@ def deepseek_attention(tensors: dict, spec: dict, head_dim: int, num_heads: int,
     if o_bias is not None and bool(o_bias.any()):
         constant, figures["o_bias_rel_error"] = value_constant(tensors["o_proj.weight"], o_bias, num_heads, head_dim)
         out_map = torch.cat([out_map, constant[:, None]], dim=1)
-    kv_rows, kv_b, kv_err = fit_bias_ballast(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank, out_map,
-                                             ballast, eps)
+    kv_rows, kv_norm, kv_b, kv_err = fit_latent_bias(samples, kv_a[:rank], a_bias[:rank], out_map.shape[1] > rank,
+                                                     out_map, ballast, eps)
     return {
-        "q_a_proj.weight": torch.cat([eye, q_rows]),
+        "q_a_proj.weight": q_rows,
         "q_a_layernorm.weight": eye.new_ones(hidden + ballast),
         "q_b_proj.weight": q_b,
         "kv_a_proj_with_mqa.weight": interleave_rope(torch.cat([kv_a[:rank].double(), kv_rows, rope_rows]), rope_dim),
-        "kv_a_layernorm.weight": eye.new_ones(rank + ballast),
+        "kv_a_layernorm.weight": kv_norm,
         "kv_b_proj.weight": kv_b,
         "o_proj.weight": tensors["o_proj.weight"],
     }, {"q_rel_error": q_err, "kv_rel_error": kv_err, "rope_key_bias_rel_error": rope_err, **figures}
@@ -337,8 +403,10 @@ def write_deepseek(method, stream, stats, plan, cfg, opts, source, folder, save_
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         if stats[i].samples is None:
             raise LatentKVError("The calibration cache predates latent samples; pass a fresh --calib-cache")
+        norm = stream.layer_state_dict(i).get(stream.arch.input_norm + ".weight") if biased and stream.arch.input_norm \
+            else None
         attn, figures = deepseek_attention(tensors, spec, geo.head_dim, geo.num_heads, stats[i].samples.double(),
-                                           stream.config.rms_norm_eps, ballast, stats[i].moment, biased)
+                                           stream.config.rms_norm_eps, ballast, stats[i].moment, biased, norm)
         write_layer(stream, writer, i, attn, save_dtype)
         rows.append({"layer": i, "rope_dim": rope_dim, "kv_lora_rank": rank, "norm_ballast": ballast, **figures})
         if progress is not None:
