@@ -174,7 +174,6 @@ def fit_latent_bias(inputs: torch.Tensor, latent_rows: torch.Tensor, bias: torch
     feats = torch.cat([inputs @ latent_rows.T, inputs @ rows.T], dim=1)
     feats = norm_weight * feats / (feats.pow(2).mean(1, keepdim=True) + eps).sqrt()  # kv_a_layernorm's output
     fit_f, test_f = feats[:cut], feats[cut:]
-    gram = out_map.T @ out_map
     test_y = torch.cat([test_f.new_zeros(len(test_f), 0), inputs[cut:] @ latent_rows.T + bias], dim=1)
     if constant:
         test_y = torch.cat([test_y, test_y.new_ones(len(test_y), 1)], dim=1)
