@@ -105,6 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-check", type=int, default=0, metavar="WINDOWS",
                    help="also run the source's int4 / int2 rows through transformers' QuantizedCache (optimum-quanto "
                         "backend) and through latentkv's cache on the first WINDOWS windows, and report both")
+    p.add_argument("--hf-check-formats", nargs="*", default=list(HF_CHECKS), choices=list(HF_CHECKS))
     return p.parse_args(argv)
 
 
@@ -187,6 +188,7 @@ HF_GROUP = 32  # q_group_size, residual_length and tokens per forward of the tra
 def quanto_without_cpp_extension() -> None:
     """optimum-quanto unpacks its codes on CPU with a C++ extension built at first use (a JIT build that
     needs ninja and a compiler); route that op to the same arithmetic as quanto's Python `unpack` instead."""
+    import optimum.quanto  # noqa: F401  (registers its kernels first, so the one below replaces its CPU unpack)
     import torch.library
 
     def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:  # optimum/quanto/library/unpack.py
@@ -198,13 +200,14 @@ def quanto_without_cpp_extension() -> None:
 
 
 @torch.no_grad()
-def hf_quantized_check(model, windows, parts, batch_size, device) -> list[dict]:
+def hf_quantized_check(model, windows, parts, batch_size, device, names) -> list[dict]:
     """Perplexity of the source through transformers' QuantizedCache (quanto) and through ours, same windows."""
     from transformers import QuantizedCache
 
     quanto_without_cpp_extension()
     out = []
-    for name, (spec, nbits, axis_key, axis_value) in HF_CHECKS.items():
+    for name in names:
+        spec, nbits, axis_key, axis_value = HF_CHECKS[name]
         formats = parse_cache_formats(spec, parts)
         row = {"format": name, "ours_cache": describe_formats(formats), "nbits": nbits, "axis_key": axis_key,
                "axis_value": axis_value, "q_group_size": HF_GROUP, "residual_length": HF_GROUP}
@@ -490,7 +493,8 @@ def main(argv=None) -> None:
 
     src_model = load_model(source, dtype=torch.float32, device=args.device)
     if args.hf_check:
-        check = hf_quantized_check(src_model, windows[: args.hf_check], parts, args.batch_size, args.device)
+        check = hf_quantized_check(src_model, windows[: args.hf_check], parts, args.batch_size, args.device,
+                                   args.hf_check_formats)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}_hf_check.json").write_text(json.dumps({"command": command, "rows": check}, indent=1))
         if json_path.is_file():
