@@ -5,8 +5,9 @@ A format is an element encoding and a grouping, written `ENCODING[/GROUPING]`:
     bf16, fp16             a plain cast, no scale
     fp8_e4m3               FP8 (E4M3, saturating at +-448); bare: no scale (vLLM's default scale 1.0),
                            with a grouping: one float32 scale per group (amax / 448, as FlashMLA)
-    int8, int4, int2       asymmetric integers: per group a float16 scale and a float16 zero-point
-                           (the group minimum), KIVI's layout; codes packed 8 / 4 / 2 bits
+    int8, int4, int3, int2 asymmetric integers: per group a float16 scale and a float16 zero-point
+                           (the group minimum), KIVI's layout; codes packed 8 / 4 / 3 / 2 bits (int3:
+                           a token's codes as one dense bit string, 8 codes in 3 bytes)
 
     /token                 one group per token over every head of the cached tensor
     /head                  one group per token and head
@@ -60,6 +61,7 @@ ENCODINGS: dict[str, Encoding] = {
         Encoding("fp8_e4m3", "fp8", 8, torch.float8_e4m3fn, 4, "none", "float8 E4M3 codes, float32 scale per group"),
         Encoding("int8", "int", 8, None, 4, "head", "8-bit codes, float16 scale and zero-point per group"),
         Encoding("int4", "int", 4, None, 4, "g32", "4-bit codes, float16 scale and zero-point per group"),
+        Encoding("int3", "int", 3, None, 4, "g32", "3-bit codes, float16 scale and zero-point per group"),
         Encoding("int2", "int", 2, None, 4, "g32", "2-bit codes, float16 scale and zero-point per group"),
     )
 }
@@ -245,7 +247,10 @@ class Packed:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., n] < 2^bits -> [..., ceil(n * bits / 8)] bytes, lowest bits first."""
+    """uint8 codes [..., n] < 2^bits -> [..., ceil(n * bits / 8)] bytes, lowest bits first. Widths that do
+    not divide 8 (3 bits) are packed as one dense bit string per row, a code may straddle two bytes."""
+    if 8 % bits:
+        return _pack_dense(codes, bits)
     per_byte = 8 // bits
     n = codes.shape[-1]
     padded = torch.nn.functional.pad(codes, (0, -n % per_byte)).view(*codes.shape[:-1], -1, per_byte)
@@ -254,9 +259,24 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if 8 % bits:
+        return _unpack_dense(packed, bits, n)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & (2**bits - 1)
     return codes.flatten(-2)[..., :n]
+
+
+def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    n = codes.shape[-1]
+    planes = (codes[..., None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1  # [..., n, bits]
+    stream = torch.nn.functional.pad(planes.flatten(-2), (0, -(n * bits) % 8)).view(*codes.shape[:-1], -1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8, device=codes.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_dense(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    stream = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    planes = stream.flatten(-2)[..., : n * bits].view(*packed.shape[:-1], n, bits)
+    return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
 
 
 def token_rows(g: torch.Tensor, fmt: KVFormat, shape: torch.Size) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +50,13 @@ SOURCE_FORMATS = {
     "int4 KIVI": "keys=int4/channel32,values=int4/g32",
     "int2/g32": "int2/g32",
     "int2 KIVI": "keys=int2/channel32,values=int2/g32",
+    # the low end of quantization only: int3, and int2 KIVI with coarser scale groups (fewer scale bytes)
+    "int3 KIVI": "keys=int3/channel32,values=int3/g32",
+    "int3 KIVI, k128 v/head": "keys=int3/channel128,values=int3/head",
+    "int2 KIVI, v/head": "keys=int2/channel32,values=int2/head",
+    "int2 KIVI, k64 v/head": "keys=int2/channel64,values=int2/head",
+    "int2 KIVI, k128 v/head": "keys=int2/channel128,values=int2/head",
+    "int2 KIVI, k128 v/token": "keys=int2/channel128,values=int2/token",
 }
 # A latentkv model: the latent's format, the RoPE key in bf16 (as FlashMLA stores DeepSeek's), or both quantized.
 # A one-shot latent has outlier channels (per-channel spread of 30x or more, values past fp8's 448), so
@@ -63,6 +71,11 @@ LATENT_FORMATS = {
     "int4/g32": "int4/g32",
     "int2/g32 + bf16 RoPE": "latent=int2/g32,rope=bf16",
     "int2 KIVI + bf16 RoPE": "latent=int2/channel32,rope=bf16",
+    # the RoPE key quantized too (after RoPE, as the source's keys): unscaled fp8, or per channel as KIVI keys
+    "int4 KIVI + fp8_e4m3 RoPE": "latent=int4/channel32,rope=fp8_e4m3",
+    "int4 KIVI + int4 KIVI RoPE": "latent=int4/channel32,rope=int4/channel32",
+    "int3 KIVI + int4 KIVI RoPE": "latent=int3/channel32,rope=int4/channel32",
+    "int2 KIVI + int4 KIVI RoPE": "latent=int2/channel32,rope=int4/channel32",
 }
 
 
@@ -86,6 +99,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.md, PREFIX.json, PREFIX.png")
     p.add_argument("--report-only", action="store_true", help="rewrite PREFIX.md and PREFIX.png from PREFIX.json")
+    p.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
+                   help="add the rows (and commands) of these outputs of parallel runs, same protocol, to PREFIX.json "
+                        "and rewrite the report")
+    p.add_argument("--hf-check", type=int, default=0, metavar="WINDOWS",
+                   help="also run the source's int4 / int2 rows through transformers' QuantizedCache (optimum-quanto "
+                        "backend) and through latentkv's cache on the first WINDOWS windows, and report both")
+    p.add_argument("--hf-check-formats", nargs="*", default=list(HF_CHECKS), choices=list(HF_CHECKS))
     return p.parse_args(argv)
 
 
@@ -152,6 +172,68 @@ def measure(model, formats, windows, reference, batch_size, device, channel_chun
     }
 
 
+# --hf-check: the source's integer rows against transformers' own QuantizedCache (optimum-quanto backend).
+# label -> (our --kv-cache spec, quanto nbits, axis_key, axis_value). quanto's axis 0 groups q_group_size
+# consecutive values of one token and head (our /g32); axis -1 groups q_group_size consecutive tokens of one
+# channel (KIVI's per-channel keys, our /channel32).
+HF_CHECKS = {
+    "int4/g32": ("int4/g32", 4, 0, 0),
+    "int2/g32": ("int2/g32", 2, 0, 0),
+    "int4 KIVI": (SOURCE_FORMATS["int4 KIVI"], 4, -1, 0),
+    "int2 KIVI": (SOURCE_FORMATS["int2 KIVI"], 2, -1, 0),
+}
+HF_GROUP = 32  # q_group_size, residual_length and tokens per forward of the transformers runs
+
+
+def quanto_without_cpp_extension() -> None:
+    """optimum-quanto unpacks its codes on CPU with a C++ extension built at first use (a JIT build that
+    needs ninja and a compiler); route that op to the same arithmetic as quanto's Python `unpack` instead."""
+    import optimum.quanto  # noqa: F401  (registers its kernels first, so the one below replaces its CPU unpack)
+    import torch.library
+
+    def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:  # optimum/quanto/library/unpack.py
+        return torch.cat([(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]).to(torch.uint8)
+
+    global _QUANTO_LIB
+    _QUANTO_LIB = torch.library.Library("quanto", "IMPL")
+    _QUANTO_LIB.impl("unpack", unpack, "CPU")
+
+
+@torch.no_grad()
+def hf_quantized_check(model, windows, parts, batch_size, device, names) -> list[dict]:
+    """Perplexity of the source through transformers' QuantizedCache (quanto) and through ours, same windows."""
+    from transformers import QuantizedCache
+
+    quanto_without_cpp_extension()
+    out = []
+    for name in names:
+        spec, nbits, axis_key, axis_value = HF_CHECKS[name]
+        formats = parse_cache_formats(spec, parts)
+        row = {"format": name, "ours_cache": describe_formats(formats), "nbits": nbits, "axis_key": axis_key,
+               "axis_value": axis_value, "q_group_size": HF_GROUP, "residual_length": HF_GROUP}
+        for who in ("transformers", "latentkv"):
+            nll, tokens, t0 = 0.0, 0, time.perf_counter()
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                if who == "latentkv":
+                    chunk = HF_GROUP if any(f.per_channel for f in formats.values()) else batch.shape[1]
+                    logits = quantized_logits(model, batch, formats, chunk)
+                else:
+                    cache = QuantizedCache(backend="quanto", config=model.config, nbits=nbits, axis_key=axis_key,
+                                           axis_value=axis_value, q_group_size=HF_GROUP, residual_length=HF_GROUP)
+                    logits = torch.cat([model(batch[:, i : i + HF_GROUP], past_key_values=cache, use_cache=True).logits
+                                        for i in range(0, batch.shape[1], HF_GROUP)], dim=1)
+                nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                               batch[:, 1:].reshape(-1), reduction="sum"))
+                tokens += batch[:, 1:].numel()
+            row[f"{who}_perplexity"] = math.exp(nll / tokens)
+            row[f"{who}_seconds"] = round(time.perf_counter() - t0, 1)
+        row["windows"] = int(windows.shape[0])
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def frontier(rows: list[dict]) -> list[dict]:
     """The rows no other row beats on both bytes and perplexity, by bytes."""
     best, out = math.inf, []
@@ -201,8 +283,13 @@ def write_markdown(path: Path, rows, meta) -> None:
         "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA, GQA and GTA-T rows: one-shot "
         f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
         f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "
-        "of 32 tokens, a KIVI latent likewise per latent channel (the unfinished group unquantized), evaluated "
-        f"{meta['channel_chunk_note']}.",
+        "of 32 tokens (k64 / k128: 64 / 128 tokens), a KIVI latent or RoPE key likewise per channel, the unfinished "
+        "group unquantized and not counted in the bytes (KIVI's residual: larger groups leave more of a 512-token window "
+        "unquantized, which flatters k128 rows a little), values per token in groups of 32 (v/head: one group per "
+        "token and head, v/token: one per token over all heads); evaluated "
+        f"{meta['channel_chunk_note']}. The RoPE key is the one the cache holds, after RoPE; `fp8_e4m3 RoPE` is "
+        "unscaled float8 (no scale bytes), `int4 KIVI RoPE` int4 per channel over 32 tokens. int3 codes are packed "
+        "densely (8 codes in 3 bytes).",
         "",
         "| model | cache format | stored as | KV B / token / layer | of source bf16 | PPL | KL to source | top-1 |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -224,8 +311,88 @@ def write_markdown(path: Path, rows, meta) -> None:
         lines.append(f"| {c['bytes']:.1f} | {100 * c['fraction']:.1f}% | {label(q) if q else 'none fits'} | "
                      f"{fmt_ppl(q['perplexity']) if q else ''} | {label(m) if m else 'none fits'} | "
                      f"{fmt_ppl(m['perplexity']) if m else ''} | {c['leader'] or ''} | {ratio} |")
+    lines += ["", "## Where each family leads", "", *verdict(rows, source_bytes)]
+    check_path = Path(f"{path.with_suffix('')}_hf_check.json")
+    if check_path.is_file():
+        lines += ["", *hf_check_section(json.loads(check_path.read_text()))]
     lines += ["", "Commands:", "", "```", *meta["commands"], "```", ""]
     path.write_text("\n".join(lines))
+
+
+def _ratio(c) -> float:
+    return max(c["quant"]["perplexity"], c["latent"]["perplexity"]) / min(c["quant"]["perplexity"], c["latent"]["perplexity"])
+
+
+def verdict(rows, source_bytes) -> list[str]:
+    """The byte ranges where each family leads (consecutive byte levels of the frontier table with the
+    same leader), with the range of PPL ratios, and whether the bar (latentkv ahead at every budget up
+    to 1/6 of the source's bf16 bytes) holds."""
+    ranges = []
+    for c in comparison(rows, source_bytes):
+        state = c["leader"] or ("latentkv only" if c["latent"] else "quantization only, no latentkv row")
+        if ranges and ranges[-1]["state"] == state:
+            ranges[-1]["levels"].append(c)
+        else:
+            ranges.append({"state": state, "levels": [c]})
+    lines = ["| KV B / token / layer | leads | PPL ratio (other / leader) | rows at the ends of the range |",
+             "| --- | --- | --- | --- |"]
+    for r in ranges:
+        lo, hi = r["levels"][0], r["levels"][-1]
+        span = f"{lo['bytes']:.1f}" if lo is hi else f"{lo['bytes']:.1f} - {hi['bytes']:.1f}"
+        both = [c for c in r["levels"] if c["quant"] and c["latent"]]
+        ratios = sorted(_ratio(c) for c in both)
+        ratio = "" if not ratios else (f"{ratios[0]:.2f}x" if ratios[0] == ratios[-1] else f"{ratios[0]:.2f}x - {ratios[-1]:.2f}x")
+        state = "latentkv (no quantization-only row fits)" if r["state"] == "latentkv only" else r["state"]
+        ends = "; ".join(dict.fromkeys(
+            f"{label(c['latent'])} {fmt_ppl(c['latent']['perplexity'])}" + (
+                f" vs {label(c['quant'])} {fmt_ppl(c['quant']['perplexity'])}" if c["quant"] else "")
+            for c in (lo, hi) if c["latent"]))
+        lines.append(f"| {span} | {state} | {ratio} | {ends} |")
+    bar = source_bytes / 6
+    low = [c for c in comparison(rows, source_bytes) if c["bytes"] <= bar + 1e-9]
+    lost = [c for c in low if c["leader"] == "quantization only"]
+    empty = [c for c in low if c["latent"] and not c["quant"]]
+    won = [c for c in low if c["leader"] == "latentkv"]
+    lines.append("")
+    if lost:
+        lines.append(f"The bar (latentkv ahead at every budget up to {bar:.0f} B) is NOT met: quantization only leads at "
+                     + ", ".join(f"{c['bytes']:.1f} B" for c in lost) + ".")
+    elif not won:
+        lines.append(f"The bar (latentkv ahead at every budget up to {bar:.0f} B) holds only by default: no "
+                     f"quantization-only row fits at or below {bar:.0f} B, so no latentkv row there is compared with one.")
+    else:
+        lines.append(f"The bar (latentkv ahead at every budget up to {bar:.0f} B) is met on these rows: latentkv leads a "
+                     f"quantization-only row at {len(won)} of the {len(low)} byte levels up to {bar:.0f} B"
+                     + (f" ({won[0]['bytes']:.1f} - {won[-1]['bytes']:.1f} B)" if won else "")
+                     + (f"; at the other {len(empty)} ({empty[0]['bytes']:.1f} - {empty[-1]['bytes']:.1f} B) no "
+                        "quantization-only row fits at all, so latentkv leads there by default, not by comparison"
+                        if empty else "") + ".")
+    return lines
+
+
+def hf_check_section(check: dict) -> list[str]:
+    rows = check["rows"]
+    n = rows[0]["windows"] if rows else 0
+    lines = ["## Cross-check: transformers' QuantizedCache",
+             "",
+             f"The source's integer rows on the first {n} windows, through transformers' `QuantizedCache(backend=\"quanto\", "
+             f"nbits, axis_key, axis_value, q_group_size={HF_GROUP}, residual_length={HF_GROUP})` (optimum-quanto, fed "
+             f"{HF_GROUP} tokens per forward) and through latentkv's cache in the matching format. quanto's axis 0 groups "
+             f"{HF_GROUP} consecutive values of one token and head (latentkv's /g32), axis -1 {HF_GROUP} consecutive tokens "
+             "of one channel (KIVI keys, latentkv's /channel32). Differences by construction: transformers returns a "
+             "chunk's own new keys and values unquantized to that chunk's attention (latentkv's per-token formats read "
+             "them quantized; its per-channel groups are quantized once full), re-quantizes the dequantized cache each "
+             "time the residual is flushed, and keeps float32 scales and zero-points (latentkv stores float16, rounded "
+             "outward).",
+             "",
+             "| format | latentkv cache | quanto nbits, axis_key, axis_value | transformers PPL | latentkv PPL | ratio |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['ours_cache']} | {r['nbits']}, {r['axis_key']}, {r['axis_value']} | "
+                     f"{fmt_ppl(r['transformers_perplexity'])} | {fmt_ppl(r['latentkv_perplexity'])} | "
+                     f"{r['latentkv_perplexity'] / r['transformers_perplexity']:.3f} |")
+    lines += ["", "```", check["command"], "```"]
+    return lines
 
 
 def plot(path: Path, rows, meta) -> None:
@@ -285,6 +452,9 @@ def plot(path: Path, rows, meta) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        merge(args.out, args.merge)
+        return
     if args.report_only:
         if not args.out.with_suffix(".json").is_file():
             raise SystemExit(f"--report-only rewrites the report of {args.out.with_suffix('.json')}, which does not exist; "
@@ -322,6 +492,15 @@ def main(argv=None) -> None:
     rows = list(done.values())
 
     src_model = load_model(source, dtype=torch.float32, device=args.device)
+    if args.hf_check:
+        check = hf_quantized_check(src_model, windows[: args.hf_check], parts, args.batch_size, args.device,
+                                   args.hf_check_formats)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}_hf_check.json").write_text(json.dumps({"command": command, "rows": check}, indent=1))
+        if json_path.is_file():
+            recorded = json.loads(json_path.read_text())
+            write_outputs(args.out, recorded["rows"], recorded["meta"])
+        return
     reference = reference_logprobs(src_model, windows, args.batch_size, args.device)
     source_nll = -sum(float(ref.gather(-1, windows[i * args.batch_size : (i + 1) * args.batch_size, 1:, None]).sum())
                       for i, ref in enumerate(reference))
@@ -357,7 +536,7 @@ def save(args, rows, model_name, protocol, source_ppl, json_path, commands) -> N
     meta = {
         "model_name": model_name,
         "protocol": protocol.describe(),
-        "windows_note": "" if args.eval_windows == 64 else f" ({args.eval_windows} windows, not the protocol's 64)",
+        "windows_note": windows_note(args.eval_windows),
         "source_perplexity": source_ppl,
         "source_bf16_bytes_per_token_per_layer": source_bf16[0]["kv_bytes_per_token_per_layer"],
         "channel_chunk_note": ("one token per forward, as a decode loop writes them" if args.channel_chunk == 1 else
@@ -370,6 +549,32 @@ def save(args, rows, model_name, protocol, source_ppl, json_path, commands) -> N
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_outputs(args.out, rows, meta)
+
+
+def windows_note(windows: int) -> str:
+    if windows == 64:
+        return ""
+    return (f" ({windows} windows, not the protocol's 64: {windows * 511} predicted tokens per row, so perplexities a few "
+            "percent apart are within the noise of the sample, and the protocol's 64 windows may move every row)")
+
+
+def merge(out: Path, others: list[Path]) -> None:
+    """Rows of parallel runs (other PREFIX.json files of the same protocol) added to out's PREFIX.json."""
+    json_path = out.with_suffix(".json")
+    recorded = json.loads(json_path.read_text())
+    rows = {(r["model"], r["format"]): r for r in recorded["rows"]}
+    for other in others:
+        data = json.loads(Path(other).read_text())
+        if data["meta"]["protocol"] != recorded["meta"]["protocol"]:
+            raise SystemExit(f"{other}: protocol {data['meta']['protocol']!r}, not {recorded['meta']['protocol']!r}")
+        rows.update({(r["model"], r["format"]): r for r in data["rows"]})
+        commands = recorded["meta"]["commands"]
+        commands += [c.replace(str(Path(other).with_suffix("")), str(out)) for c in data["meta"]["commands"]
+                     if c.replace(str(Path(other).with_suffix("")), str(out)) not in commands]
+    recorded["rows"] = list(rows.values())
+    recorded["meta"]["windows_note"] = windows_note(int(re.search(r"(\d+) x", recorded["meta"]["protocol"]).group(1)))
+    json_path.write_text(json.dumps(recorded, indent=1))
+    write_outputs(out, recorded["rows"], recorded["meta"])
 
 
 def write_outputs(out: Path, rows, meta) -> None:

@@ -19,7 +19,8 @@ from tiny_models import TINY_TEXT
 
 runner = CliRunner()
 SPECS = ["bf16", "fp16", "fp8_e4m3", "fp8_e4m3/g128", "fp8_e4m3/head", "int8", "int8/token", "int4", "int4/g16",
-         "int4/head", "int2", "int2/g8", "int2/token", "int4/channel8", "int2/channel16"]
+         "int4/head", "int3", "int3/g8", "int3/head", "int3/token", "int2", "int2/g8", "int2/token", "int4/channel8",
+         "int3/channel8", "int2/channel16"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -43,7 +44,14 @@ def test_round_trip_within_the_format_bound_and_bytes_exact(spec, shape):
 def test_bytes_per_token_by_hand():
     """Guards the byte formula against counts done by hand for one head of 64 values."""
     expect = {"bf16": 128, "fp8_e4m3": 64, "fp8_e4m3/g64": 64 + 4, "int8/head": 64 + 4, "int4/g32": 32 + 2 * 4,
-              "int2/g32": 16 + 2 * 4, "int2/token": 16 + 4, "int4/channel32": 32 + 64 * 4 / 32}
+              "int2/g32": 16 + 2 * 4, "int2/token": 16 + 4, "int4/channel32": 32 + 64 * 4 / 32,
+              "int3/g32": 24 + 2 * 4, "int3/channel32": 24 + 64 * 4 / 32, "int3/head": 24 + 4,
+              "int2/channel128": 16 + 64 * 4 / 128}
+    # a 48-wide RoPE key: fp8 unscaled, int4 per channel over 32 tokens (as KIVI keys)
+    assert parse_format("fp8_e4m3").bytes_per_token(1, 48) == 48
+    assert parse_format("int4/channel32").bytes_per_token(1, 48) == 24 + 48 * 4 / 32
+    # int3 packs densely: 37 values take ceil(111 / 8) = 14 bytes of codes
+    assert parse_format("int3/head").bytes_per_token(1, 37) == 14 + 4
     assert {s: parse_format(s).bytes_per_token(1, 64) for s in expect} == expect
     # FlashMLA's DeepSeek cache: a 512-wide FP8 latent with 4 float32 scales + a 64-wide bf16 RoPE key = 656 B
     assert parse_format("fp8_e4m3/g128").bytes_per_token(1, 512) + parse_format("bf16").bytes_per_token(1, 64) == 656
@@ -62,6 +70,40 @@ def test_integer_codes_use_every_level_and_groups_are_independent():
     assert packed.scale.shape == (1, 1, 1, 2, 1) and packed.scale.dtype == torch.float16
 
 
+def test_int3_packs_eight_codes_in_three_bytes():
+    """Guards the dense 3-bit layout: code i occupies bits 3i..3i+2 of the row, lowest bits first."""
+    codes = torch.arange(8, dtype=torch.uint8)[None]
+    packed = pack_bits(codes, 3)
+    stream = sum(int(c) << (3 * i) for i, c in enumerate(codes[0]))
+    assert packed[0].tolist() == [stream & 255, (stream >> 8) & 255, stream >> 16]
+
+
+@pytest.mark.parametrize("spec", ["int4/channel32", "int3/channel32", "int2/channel32", "int3/g16", "int2/head"])
+def test_integer_round_trip_matches_an_independent_reference(spec):
+    """Guards the integer path against min/max quantization written out here: per group zero = min,
+    scale = (max - min) / (2^bits - 1), code = round((x - zero) / scale); the library's float16 scale and
+    zero-point (rounded outward) may move a value by at most one reference step."""
+    fmt = parse_format(spec)
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 64, 48) * torch.linspace(0.1, 8, 48)  # a RoPE key's channels of unequal range
+    levels = 2**fmt.encoding.bits - 1
+    if fmt.per_channel:
+        g = x.reshape(2, 1, 64 // fmt.group_size, fmt.group_size, 48)
+        lo, hi = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)
+    elif fmt.grouping == "head":
+        g, lo, hi = x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    else:
+        g = x.reshape(2, 1, 64, 48 // fmt.group_size, fmt.group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / levels
+    ref = (torch.round((g - lo) / step) * step + lo).reshape(x.shape)
+    back = dequantize(quantize(x, fmt))
+    step_full = (step.expand(g.shape)).reshape(x.shape)
+    assert (back - ref).abs().le(step_full * 1.01 + 1e-6).all()
+    assert (back - x).abs().max() <= 0.5 * step.max() * 1.01 + 1e-3
+    assert (back - x).abs().mean() < (x - ref).abs().mean() * 1.2 + 1e-6  # as good as the reference on average
+
+
 def test_fp8_saturates_and_scaled_fp8_does_not():
     x = torch.tensor([1000.0, -1000.0, 1.0, 0.01]).view(1, 1, 1, 4)
     assert fake_quantize(x, parse_format("fp8_e4m3"))[0, 0, 0, :2].tolist() == [448.0, -448.0]
@@ -70,14 +112,14 @@ def test_fp8_saturates_and_scaled_fp8_does_not():
 
 
 def test_pack_bits_round_trip():
-    for bits in (2, 4):
+    for bits in (2, 3, 4):
         codes = torch.randint(0, 2**bits, (3, 13), dtype=torch.uint8)
         packed = pack_bits(codes, bits)
         assert packed.shape == (3, math.ceil(13 * bits / 8)) and torch.equal(unpack_bits(packed, bits, 13), codes)
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("int3", "Unknown KV cache encoding"), ("bf16/g32", "takes no grouping"), ("int4/none", "needs scale groups"),
+    ("int5", "Unknown KV cache encoding"), ("bf16/g32", "takes no grouping"), ("int4/none", "needs scale groups"),
     ("int4/g0", "Unknown grouping"), ("int4/rows", "Unknown grouping"),
 ])
 def test_bad_formats_are_refused(spec, message):
@@ -87,7 +129,8 @@ def test_bad_formats_are_refused(spec, message):
 
 def test_table_defaults():
     """Guards the defaults the docs and the benchmark name: fp8 unscaled, int8 per head, int4/int2 in groups of 32."""
-    assert [parse_format(n).name for n in ENCODINGS] == ["bf16", "fp16", "fp8_e4m3", "int8/head", "int4/g32", "int2/g32"]
+    assert [parse_format(n).name for n in ENCODINGS] == ["bf16", "fp16", "fp8_e4m3", "int8/head", "int4/g32", "int3/g32",
+                                                   "int2/g32"]
 
 
 # ---- the evaluation cache -----------------------------------------------------------------------------------
@@ -172,6 +215,38 @@ def test_latent_and_rope_key_have_their_own_formats(tiny_mla):
     assert stored.per_token == by_hand and stored.layers == 2
 
 
+@pytest.mark.parametrize("rope", ["int4/channel8", "fp8_e4m3", "int3/channel8"])
+def test_rope_key_quantized_after_rope(tiny_mla, rope):
+    """Guards a quantized RoPE key: the rope slot holds the format's round trip of the rotated key a
+    plain cache holds (per-channel: groups of 8 tokens once full, the rest as written, as KIVI keys),
+    beside a per-channel latent; the bytes count both parts' codes, scales and zero-points."""
+    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, parse_cache_formats, slot_formats
+    from latentkv.modeling import cached_forward, load_model, new_dynamic_cache
+
+    model = load_model(tiny_mla[1])
+    formats = parse_cache_formats(f"latent=int4/channel8,rope={rope}", ("latent", "rope"))
+    ids = torch.randint(3, 256, (1, 20))
+    plain = _stored(model, ids, new_dynamic_cache(model.config))
+    cache = new_dynamic_cache(model.config, QuantizedKVCache, slot_formats=slot_formats(model.config, formats))
+    for t in range(20):
+        cached_forward(model, ids[:, t : t + 1], cache)
+    k_rope = cache.layers[0].values
+    fmt = formats["rope"]
+    if fmt.per_channel:
+        assert torch.allclose(k_rope[..., :16, :], fake_quantize(plain[0][1][..., :16, :], fmt), atol=1e-5)
+        assert torch.allclose(k_rope[..., 16:, :], plain[0][1][..., 16:, :], atol=1e-5)
+    else:
+        assert torch.allclose(k_rope, fake_quantize(plain[0][1], fmt), atol=1e-5)
+    assert not torch.allclose(k_rope[..., :16, :], plain[0][1][..., :16, :], atol=1e-4)
+    stored = cache_bytes(model, formats)
+    rope_bytes = {"int4/channel8": lambda d: d / 2 + 4 * d / 8, "int3/channel8": lambda d: math.ceil(3 * d / 8) + 4 * d / 8,
+                  "fp8_e4m3": lambda d: d}[rope]
+    by_hand = sum(math.ceil(s["kv_lora_rank"] / 2) + 4 * s["kv_lora_rank"] / 8 + rope_bytes(s["rope_dim"])
+                  for s in model.config.attention_layers)
+    assert stored.per_token == pytest.approx(by_hand) and stored.by_part["rope"] == pytest.approx(
+        sum(rope_bytes(s["rope_dim"]) for s in model.config.attention_layers))
+
+
 def _eval(*args):
     res = runner.invoke(app, ["eval", *map(str, args), "--json", "--eval-text", str(TINY_TEXT), "--eval-windows", "2",
                               "--eval-window", "64", "--batch-size", "2"])
@@ -196,6 +271,9 @@ def test_eval_kv_cache_cli(tiny_mla):
     assert int2["kv_bytes_per_token"] == 2 * ((8 + 4 * 32 / 16) + (8 + 4 * 4))
     latent = _eval(mla, "--kv-cache", "fp8_e4m3/g128", "--kv-cache-rope", "bf16", "--source", src)
     assert latent["cache_dtype"] == "latent=fp8_e4m3/g128, rope=bf16" and latent["agreement"]["kl_to_source"] > 0
+    kivi = _eval(mla, "--kv-cache", "latent=int2/channel16,rope=int4/channel16", "--source", src)
+    assert kivi["cache_dtype"] == "latent=int2/channel16, rope=int4/channel16" and kivi["kv_cache_chunk"] == 1
+    assert kivi["kv_bytes_per_token"] < latent["kv_bytes_per_token"]
     for args, message in [((src, "--kv-cache-rope", "bf16", "--kv-cache", "int4"), "--kv-cache-rope is for latentkv"),
                           ((mla, "--kv-cache", "keys=int4"), "caches latent and rope"),
                           ((src, "--kv-cache", "int5"), "Unknown KV cache encoding"),
