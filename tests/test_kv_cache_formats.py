@@ -220,7 +220,8 @@ def test_rope_key_quantized_after_rope(tiny_mla, rope):
     """Guards a quantized RoPE key: the rope slot holds the format's round trip of the rotated key a
     plain cache holds (per-channel: groups of 8 tokens once full, the rest as written, as KIVI keys),
     beside a per-channel latent; the bytes count both parts' codes, scales and zero-points."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, parse_cache_formats, slot_formats
+    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, slot_formats
+    from latentkv.kvformats import parse_cache_formats
     from latentkv.modeling import cached_forward, load_model, new_dynamic_cache
 
     model = load_model(tiny_mla[1])
