@@ -29,7 +29,10 @@ from bench_convert_gpu import train_tokenizer  # noqa: E402
 from latentkv.data import DEFAULT_CALIBRATION, resolve_text  # noqa: E402
 
 MB = 1e6
-LIBRARIES = "import torch, transformers; from transformers import AutoModelForCausalLM; import latentkv.cli, latentkv.convert.pipeline"
+# The libraries as a conversion of this checkpoint loads them: transformers' Llama modeling code (which
+# runs each layer, and pulls in transformers' model and generation stack, ~200 MB) and latentkv's own.
+LIBRARIES = ("import torch, transformers; import transformers.models.llama.modeling_llama; "
+             "import latentkv.cli, latentkv.convert.pipeline, latentkv.modeling.modeling_latentkv")
 # The libraries, then the calibration text tokenized into windows as `convert` does it.
 TOKENIZED = LIBRARIES + """
 import sys
@@ -64,7 +67,7 @@ def build_checkpoint(folder: Path, calib: Path, args) -> None:
     config.save_pretrained(folder)
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[int, int, float]:
+def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, int, float]:
     """(exit code, peak resident bytes, wall seconds) of one child process; its output goes to `log`.
     Linux carries the peak of the process that forks into the child's, so this parent must stay
     small: it imports neither torch nor transformers before the measurements (the checkpoint is
@@ -73,7 +76,7 @@ def run_measured(cmd: list[str], log: Path) -> tuple[int, int, float]:
 
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux counts KiB
@@ -102,6 +105,25 @@ def held_parts(src: Path, cache: Path, samples: int, seq_len: int) -> dict[str, 
         "calibration_activations": samples * seq_len * hidden * 4,  # the float32 hidden states of every window
         "statistics": sum(p.stat().st_size for p in cache.rglob("layer_*.pt")),
     }
+
+
+def stage_memory(log: str) -> list[dict]:
+    """The CLI's `memory after STAGE: N MB resident, peak so far P MB` lines (-v), stages in order,
+    the layers of one pass folded into one row (the highest resident figure among them)."""
+    import re
+
+    rows: list[dict] = []
+    for m in re.finditer(r"memory after (.+?): (\d+) MB resident, peak so far (\d+) MB", log):
+        stage = re.sub(r", layer \d+$", ", every layer", m.group(1))
+        resident, peak = int(m.group(2)) * 1_000_000, int(m.group(3)) * 1_000_000
+        if rows and rows[-1]["stage"] == stage:
+            rows[-1]["resident_after_max_bytes"] = max(rows[-1]["resident_after_max_bytes"], resident)
+            rows[-1]["resident_after_last_bytes"] = resident
+            rows[-1]["peak_so_far_bytes"] = peak
+        else:
+            rows.append({"stage": stage, "resident_after_max_bytes": resident, "resident_after_last_bytes": resident,
+                         "peak_so_far_bytes": peak})
+    return rows
 
 
 def main() -> None:
@@ -139,8 +161,9 @@ def main() -> None:
         sys.exit(f"importing the libraries or tokenizing failed: see {work}/libraries.log, tokenized.log")
     cmd = [sys.executable, "-m", "latentkv.cli", "convert", str(src), str(work / "out"), "--to", "mla",
            "--kv-budget", "0.5", "--calib-data", args.calib, "--calib-samples", str(args.samples),
-           "--calib-seq-len", str(args.seq_len), "--calib-cache", str(cache), "--overwrite"]
-    rc, peak, wall = run_measured(cmd, work / "convert.log")
+           "--calib-seq-len", str(args.seq_len), "--calib-cache", str(cache), "--overwrite", "-v"]
+    # -v: the CLI logs its memory at the end of every stage; a wide console keeps each line whole.
+    rc, peak, wall = run_measured(cmd, work / "convert.log", env={"COLUMNS": "400"})
     log = (work / "convert.log").read_text(errors="replace")
     if rc:
         sys.exit(f"the conversion failed (exit {rc}): see {work / 'convert.log'}")
@@ -162,6 +185,7 @@ def main() -> None:
         **{f"{k}_bytes": v for k, v in parts.items()},
         "held_bound_bytes": bound,
         "convert_log_line": logged[-1] if logged else None,
+        "stages": stage_memory(log),
     }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -176,13 +200,31 @@ def _markdown(r: dict) -> str:
         ("embeddings and LM head", r["embeddings_and_head_bytes"]),
         (f"calibration activations ({r['calibration']}, float32)", r["calibration_activations_bytes"]),
         ("statistics of every layer (cache files, memory-mapped)", r["statistics_bytes"]),
-        ("interpreter + torch + transformers + latentkv imported (own child process)", r["libraries_rss_bytes"]),
+        ("interpreter + torch + transformers (its Llama modeling code) + latentkv imported (own child process)",
+         r["libraries_rss_bytes"]),
         ("the same + the calibration text tokenized into windows (own child process)",
          r["libraries_and_tokenized_text_rss_bytes"]),
         ("sum of the four held parts + the libraries", r["held_bound_bytes"]),
         ("**peak resident memory of `latentkv convert`**", r["peak_rss_bytes"]),
     ]
     table = "\n".join(f"| {name} | {b / MB:,.1f} |" for name, b in rows)
+    gap = r["peak_rss_bytes"] - r["held_bound_bytes"]
+    stages = r.get("stages") or []
+    reached = next((st["stage"] for st in stages if st["peak_so_far_bytes"] >= r["peak_rss_bytes"] - MB), None)
+    stage_rows = "\n".join(
+        f"| {st['stage']} | {st['resident_after_max_bytes'] / MB:,.0f} | {st['peak_so_far_bytes'] / MB:,.0f} |"
+        for st in stages)
+    stage_table = f"""
+Memory at the end of each stage, from the CLI's own `-v` lines (`ru_maxrss` and `VmRSS` read in the
+process at each stage's end; a pass over the layers is one row, with the highest figure among its layers):
+
+| stage | resident after it (MB) | peak so far (MB) |
+| --- | ---: | ---: |
+{stage_rows}
+""" if stages else ""
+    verdict = (f"The peak is within the held parts and the libraries ({-gap / MB:,.0f} MB to spare)." if gap <= 0 else
+               f"The peak exceeds the held parts and the libraries by {gap / MB:,.0f} MB"
+               + (f"; it was reached while {reached}." if reached else "."))
     shape = ", ".join(f"{k} {v}" for k, v in r["shape"].items())
     return f"""# Peak memory of a CPU conversion ({r['machine']})
 
@@ -197,9 +239,9 @@ settings and the statistics cache.
 
 The peak is {r['peak_rss_bytes'] / r['checkpoint_bytes']:.2f}x the checkpoint and
 {r['peak_rss_bytes'] / r['held_bound_bytes']:.2f}x the sum of the held parts and the libraries;
-the checkpoint is {r['checkpoint_bytes'] / r['one_layer_bytes']:.0f} layers' worth. Conversion wall time
+the checkpoint is {r['checkpoint_bytes'] / r['one_layer_bytes']:.0f} layers' worth. {verdict} Conversion wall time
 {r['convert_wall_s']} s. The CLI's own line: `{r['convert_log_line']}`.
-
+{stage_table}
 Command: `{r['command']}` (runs `{r['convert_command']}`).
 Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.
 """

@@ -123,3 +123,32 @@ def test_checkpoint_reads_leave_no_mapping(tiny_model_dir, tmp_path):
     got = {name: ck.get(name) for name in ck.keys()}
     assert got and all(t.is_contiguous() for t in got.values())
     assert str((folder / "model.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
+
+
+def test_peak_memory_note_names_its_stage(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """The conversion's note gives its peak resident memory and the stage it was reached in; with
+    logging on, every stage's end (each layer of each pass) logs the memory then."""
+    import logging
+
+    from latentkv.calibration.runner import MemoryTrace, peak_memory_bytes
+
+    if peak_memory_bytes() is None:
+        pytest.skip("this OS reports no peak memory")
+    with caplog.at_level(logging.INFO, logger="latentkv"):
+        r = _convert(tiny_model_dir("llama"), tmp_path / "out", tmp_path / "cache", kv_budget=0.5)
+    notes = [n for n in r.notes if n.startswith("peak memory")]
+    assert len(notes) == 1 and re.fullmatch(r"peak memory \d+ MB for a checkpoint of [\d.]+ MB \(reached .+\)", notes[0])
+    logged = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("memory after")]
+    for stage in ("opening the source", "tokenizing the calibration text", "calibrating, layer 0", "planning the widths",
+                  "writing, layer 0", "writing the embeddings, head and config"):
+        assert any(m.startswith(f"memory after {stage}:") for m in logged), stage
+    reached = re.search(r"\(reached (.+)\)", notes[0]).group(1)  # pytest may have peaked before it began
+    assert reached == "before the first stage" or any(reached == f"while {m[len('memory after '):].split(':')[0]}"
+                                                      for m in logged), reached
+
+    readings = iter([100, 100, 250, 250, 250])  # the peak so far, as the OS would report it at each read
+    monkeypatch.setattr("latentkv.calibration.runner.peak_memory_bytes", lambda: next(readings))
+    trace = MemoryTrace()
+    for stage in ("quiet", "growing", "after"):
+        trace.mark(stage)
+    assert (trace.peak, trace.peak_stage) == (250, "growing")  # a peak that rose within a stage is put down to it

@@ -92,6 +92,45 @@ def peak_memory_bytes() -> int | None:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS counts bytes, Linux KiB
 
 
+def resident_memory_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class MemoryTrace:
+    """Which stage of a run its peak resident memory was reached in.
+
+    `mark(stage)` is called as each stage ends; the peak so far is read then, so a peak that rose
+    since the last mark was reached within `stage`. Each mark is logged (shown with -v) with the
+    memory resident at that point."""
+
+    def __init__(self) -> None:
+        self.peak = peak_memory_bytes() or 0
+        self.peak_stage: str | None = None  # None: the peak predates the first stage
+        self.marks: list[tuple[str, int | None, int | None]] = []  # (stage, resident after it, peak so far)
+
+    def mark(self, stage: str) -> None:
+        peak, now = peak_memory_bytes(), resident_memory_bytes()
+        self.marks.append((stage, now, peak))
+        if peak is None:
+            return
+        if peak > self.peak:
+            self.peak, self.peak_stage = peak, stage
+        log.info("memory after %s: %s MB resident, peak so far %.0f MB", stage,
+                 "?" if now is None else f"{now / 1e6:.0f}", peak / 1e6)
+
+    def where(self) -> str:
+        """When the peak was reached, for a note: 'while STAGE' or 'before the first stage'."""
+        return "before the first stage" if self.peak_stage is None else f"while {self.peak_stage}"
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The device a user named, refused at once if this machine does not have it."""
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentkv.calibration.runner import release_freed_memory
 from latentkv.arch import geometry_of, hybrid_sliding
 from latentkv.convert import mla
 from latentkv.convert.output import LAYERS_FILE, write_cards, write_globals, write_layer
@@ -266,7 +267,10 @@ class MLAMethod:
             if widest is not None:
                 candidates = [rd for rd in candidates if rd <= widest] or candidates[:1]
             curve = mla.error_curve(an, cfg, candidates)
-        return {rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()}
+        curve = {rd: (rot, [s.cpu() for s in spectra]) for rd, (rot, spectra) in curve.items()}
+        del an  # the layer's float64 analysis: its heap pages go back before the next layer's
+        release_freed_memory()
+        return curve
 
     @staticmethod
     def _reserve_ballast(widths: list[tuple[int, int]], cfg: mla.MLAConfig, fmt: str) -> list[tuple[int, int]]:
@@ -483,6 +487,8 @@ def write_latentkv(method, stream, stats, plan, cfg, opts, source, folder, save_
         tensors, spec = method.build(stream, i, stats[i], plan, cfg)
         specs.append(spec)
         write_layer(stream, writer, i, _filter_bias(tensors, config_probe), save_dtype)
+        del tensors
+        release_freed_memory()  # the layer's fit and tensors are freed: their pages go back now
         layer_rows.append({"layer": i, "rope_dim": spec["rope_dim"], "kv_lora_rank": spec["kv_lora_rank"],
                            "predicted_error": plan.predicted_error[i], **plan.reports.get(i, {})})
         if progress is not None:
