@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import TINY_CONFIGS, build_tiny_model  # noqa: E402
+from tiny_models import TINY_CONFIGS, TINY_TEXT, build_tiny_model  # noqa: E402
 
 ARCH_CASES = ["llama", "mistral", "qwen2", "mixtral"]
 
@@ -61,6 +61,28 @@ def tiny_model_dir(tiny_root):
             build_tiny_model(name, folder)
             built[name] = folder
         return built[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_model_dir, tmp_path_factory):
+    """Factory: tiny_converted("mla", kv_budget=0.5) -> output folder of a tiny random Llama converted
+    with these method options on the tiny text (converted once per session per method and options)."""
+    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+
+    built: dict[tuple, Path] = {}
+
+    def make(method: str, **method_options) -> Path:
+        key = (method, tuple(sorted(method_options.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"converted_{method}")
+            convert(ConvertOptions(source=str(tiny_model_dir("llama")), output=str(root / "out"), method=method,
+                                   method_options=dict(method_options),
+                                   calib=CalibOptions(data=str(TINY_TEXT), samples=8, seq_len=64,
+                                                      cache=str(root / "cache"))))
+            built[key] = root / "out"
+        return built[key]
 
     return make
 

@@ -753,7 +753,7 @@ def test_deepseek_export_of_a_biased_source(tiny_model_dir, tmp_path):
     for row in rows:
         assert {"q_rel_error", "kv_rel_error", "rope_key_bias_rel_error"} <= set(row)
         assert all(0 <= row[k] < 1 for k in ("q_rel_error", "kv_rel_error", "rope_key_bias_rel_error"))
-    fit = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["deepseek_bias_fit"]
+    fit = yaml.safe_load((tmp_path / "ds" / "latentkv_recipe.yaml").read_text())["measured"]["deepseek_bias_fit"]
     assert math.isclose(fit["q_rel_error"]["max"], max(row["q_rel_error"] for row in rows))
     assert "key bias on the latent's position-free part dropped (exact" in (tmp_path / "ds" / "README.md").read_text()
     assert "dropped (exact" in r.notes[0]

@@ -274,15 +274,8 @@ def test_sparse_kernel_equals_masked_reference(case, backend):
 # the decode loop with a policy (tiny converted model)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_mla_dir(tiny_model_dir, tmp_path_factory):
-    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
-
-    root = tmp_path_factory.mktemp("sparse_mla")
-    convert(ConvertOptions(source=str(tiny_model_dir("llama")), output=str(root / "out"), method="mla",
-                           method_options=dict(kv_budget=0.5),
-                           calib=CalibOptions(data=str(tiny_models.TINY_TEXT), samples=8, seq_len=64,
-                                              cache=str(root / "cache"))))
-    return root / "out"
+def tiny_mla_dir(tiny_converted):
+    return tiny_converted("mla", kv_budget=0.5)
 
 
 @pytest.fixture(scope="module")

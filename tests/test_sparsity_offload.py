@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import tiny_models
 
 from latentkv.errors import LatentKVError
 from latentkv.sparsity import SparseConfig
@@ -174,16 +173,10 @@ def test_pool_slots_for_budget():
 # the decode loop: offloaded sparse decode = sparse decode
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_mla(tiny_model_dir, tmp_path_factory):
-    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert
+def tiny_mla(tiny_converted):
     from latentkv.modeling import load_model
 
-    root = tmp_path_factory.mktemp("offload_mla")
-    convert(ConvertOptions(source=str(tiny_model_dir("llama")), output=str(root / "out"), method="mla",
-                           method_options=dict(kv_budget=0.5),
-                           calib=CalibOptions(data=str(tiny_models.TINY_TEXT), samples=8, seq_len=64,
-                                              cache=str(root / "cache"))))
-    return load_model(root / "out")
+    return load_model(tiny_converted("mla", kv_budget=0.5))
 
 
 IDS = [(7 * i + 3) % 250 + 3 for i in range(61)]  # 45 prompt tokens + 15 decode steps, pages of 8
