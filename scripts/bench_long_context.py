@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
     ap.add_argument("--skip-teacher-forced", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
+    ap.add_argument("--include", action="append", default=[],
+                    help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
+                         "command join the output; repeatable")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -125,6 +128,12 @@ def main() -> None:
                       file=sys.stderr, flush=True)
             save()
     result["seconds"]["teacher_forced"] = time.perf_counter() - t1
+    result["commands"] = [[command, result["seconds"]]]
+    for other in args.include:
+        earlier = json.loads(Path(other).read_text())
+        result["commands"] += earlier.get("commands", [[earlier["command"], earlier["seconds"]]])
+        result["retrieval"] += earlier["retrieval"]
+        result["teacher_forced"] += earlier["teacher_forced"]
     save()
     write_markdown(result, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
@@ -133,11 +142,12 @@ def main() -> None:
 def write_markdown(result: dict, path: Path) -> None:
     order = ["dense", "window", "last-step", "quest", "predictor", "oracle"]
     rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99)  # noqa: E731
-    secs = result["seconds"]
-    lines = [
-        "# Sparse decode at long context on CPU (SmolLM2-135M-Instruct converted to MLA)", "",
-        f"Command: `{result['command']}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
-        f"{secs.get('teacher_forced', 0):.0f} s).", "",
+    lines = ["# Sparse decode at long context on CPU (SmolLM2-135M-Instruct converted to MLA)", ""]
+    for command, secs in result.get("commands", [[result["command"], result["seconds"]]]):
+        lines.append(f"Command: `{command}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
+                     f"{secs.get('teacher_forced', 0):.0f} s).")
+    lines += [
+        "",
         f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
         f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
         "the sink page and the current page always kept; history refreshed densely every step; reference backend; "

@@ -183,3 +183,29 @@ def test_cli_long_text(tiny_mla_dir, tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and needle in res.output, (needle, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_bench_markdown(tmp_path):
+    """Guards the benchmark's table writer on rows of the shape the runs produce (no model)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_long_context", Path(__file__).resolve().parents[1] / "scripts" / "bench_long_context.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tf = lambda p, b, kl, off: {"context": 0, "policy": p, "budget": b, "kl_to_dense": kl, "top1_agreement": 0.5,  # noqa: E731
+                                "nll": 1.0, "blocks_per_decision": 4.0, "offload": off}
+    off = {"misses_per_step": 0.5, "miss_fraction": 0.1}
+    result = {"command": "cmd", "seconds": {"retrieval": 1, "teacher_forced": 2}, "text": "book", "text_tokens": 9000,
+              "skip": 10, "context_tokens": 256, "span": 16, "contexts": 1, "depths": [0.1, 0.9], "page_size": 16,
+              "offload": True,
+              "retrieval": [{"context_tokens": 256, "depth": d, "policy": p, "budget": b, "answer": " 123.", "match": m}
+                            for d in (0.1, 0.9) for p, b, m in (("dense", 1.0, True), ("window", 0.125, False))],
+              "teacher_forced": [tf("dense", 1.0, 0.0, off), tf("quest", 0.125, 0.25, off), tf("window", 0.125, 0.5, off)]}
+    bench.write_markdown(result, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "| 256 | 1 | dense | ✓ `123.` | ✓ `123.` | 2/2 |" in text
+    assert "| 256 | 0.125 | window | ✗ `123.` | ✗ `123.` | 0/2 |" in text
+    assert text.index("| 0.125 | window |") < text.index("| 0.125 | quest |")
+    assert "| 0.125 | quest | 4.0 | 0.2500 | 0.5000 | 2.718 | 0.50 | 0.100 |" in text
