@@ -142,6 +142,7 @@ def test_retrieve_on_tiny_model(tiny_mla):
     for r in rows:
         assert isinstance(r["match"], bool) and r["context_tokens"] == 300 and r["depth"] == 0.5
         assert r["decisions"] > 0
+    assert rows[0]["budget"] == 1.0 and rows[1]["budget"] == 0.25
     dense_ids = generate_ids(tiny_mla, [case.ids], 6, backend="reference", page_size=8, cuda_graph=False)[0]
     assert rows[0]["answer"] == tok.decode(dense_ids)[: len(rows[0]["answer"])]
     off = retrieve(tiny_mla, tok, case, CONFIGS[2], page_size=8, new_tokens=6, offload=True)
