@@ -5,7 +5,6 @@ model (paged and offloaded caches) and the CLI's refusals."""
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny_models
 
 from latentkv.errors import LatentKVError
