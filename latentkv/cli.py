@@ -308,6 +308,12 @@ def eval_cmd(
     sparse_budget: Annotated[str, typer.Option(help="Blocks per step: a fraction (0.25, 25%) or a count (16).", rich_help_panel="Sparse decode")] = "0.25",
     predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
     page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
+    long_text: Annotated[Optional[str], typer.Option(help="Instead of the perplexity pass, evaluate --sparse at long context on this text (a file, or a book of latentkv's Gutenberg set, e.g. chesterton-thursday): --context-tokens tokens, the last --long-span decoded teacher-forced, compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
+    context_tokens: Annotated[int, typer.Option(help="Tokens per --long-text context (prompt + span; the retrieval prompt).", rich_help_panel="Sparse decode")] = 4096,
+    long_span: Annotated[int, typer.Option(help="Tokens decoded teacher-forced at the end of the --long-text context.", rich_help_panel="Sparse decode")] = 64,
+    retrieval: Annotated[bool, typer.Option(help="With --long-text: also a passkey retrieval test (a needle at each --needle-depths, greedy answer under the policy and densely).", rich_help_panel="Sparse decode")] = False,
+    needle_depths: Annotated[str, typer.Option(help="Comma-separated needle depths in [0, 1] for --retrieval.", rich_help_panel="Sparse decode")] = "0.1,0.5,0.9",
+    offload: Annotated[bool, typer.Option(help="With --long-text: decode through an offloaded cache (host pages, a device pool sized to the budget) and report the forecast's misses.", rich_help_panel="Sparse decode")] = False,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int3, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
     kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
@@ -332,6 +338,21 @@ def eval_cmd(
 
         cfg = _run(lambda: SparseConfig(sparse, budget=parse_budget(sparse_budget), track_recall=True,
                                         predictor=str(predictor) if predictor else None))
+    if long_text or retrieval or offload:
+        from latentkv.sparsity.long_context import check_long_options, long_context_eval
+
+        depths = _run(check_long_options, sparse=sparse, long_text=long_text, retrieval=retrieval, offload=offload,
+                      context_tokens=context_tokens, span=long_span, depths=needle_depths)
+        report = _run(long_context_eval, model, cfg, text=long_text, context_tokens=context_tokens, span=long_span,
+                      retrieval=retrieval, depths=depths, page_size=page_size, offload=offload, device=device,
+                      dtype=dtype)
+        if as_json:
+            typer.echo(json.dumps(report, indent=None, default=str))
+        else:
+            from rich.console import Console
+
+            Console().print(report)
+        return
     report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
                   windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
                   trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens,

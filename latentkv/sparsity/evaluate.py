@@ -17,35 +17,34 @@ from latentkv.sparsity.policies import SparseConfig
 
 @torch.no_grad()
 def prefilled(model, ids: list[int], prompt_len: int, *, page_size: int = 16, keep_history: int = 64,
-              backend: str = "reference", prefill_chunk: int = 128, offload: int | None = None):
+              backend: str = "reference", prefill_chunk: int = 128, offload: int | None = None,
+              max_seq_len: int | None = None):
     """The dense prefill of ids[:prompt_len], shared by the policies that decode after it:
     (cache with its recorded history of ``keep_history`` steps, sequence id, last logits).
     ``offload``: the cache's pages in host memory, attended through device pools of that many
-    page slots per layer (``latentkv.sparsity.offload``)."""
+    page slots per layer (``latentkv.sparsity.offload``). ``max_seq_len``: the cache's room
+    (default len(ids); more for tokens generated after ids)."""
     from latentkv.runtime.decode import PagedLatentCache, prefill
     from latentkv.sparsity.runtime import SparseAttention
 
     if offload:
         from latentkv.sparsity.offload import OffloadedLatentCache
 
-        cache = OffloadedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size,
-                                               backend=backend, pool_pages=offload)
+        cache = OffloadedLatentCache.for_model(model, max_seqs=1, max_seq_len=max_seq_len or len(ids),
+                                               page_size=page_size, backend=backend, pool_pages=offload)
     else:
-        cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(ids), page_size=page_size,
-                                           backend=backend)
+        cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=max_seq_len or len(ids),
+                                           page_size=page_size, backend=backend)
     cache.sparsity = SparseAttention(SparseConfig("dense"), page_size, keep_history=keep_history)
     seq = cache.add_sequence()
     return cache, seq, prefill(model, cache, seq, ids[:prompt_len], prefill_chunk).cpu()
 
 
-@torch.no_grad()
-def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseConfig, *, predictor=None):
-    """Teacher-forced decode of ids[prompt_len:] from a copy of ``start`` (from ``prefilled``) under
-    ``config``: logits [len(ids) - prompt_len, vocab] predicting ids[prompt_len:] (float32, CPU)
-    and the policy's ``SparseStats`` summary."""
+def sparse_copy(start, config: SparseConfig, predictor=None):
+    """A copy of the cache of ``start`` (from ``prefilled``) decoding under ``config``, with the
+    prefill's history: (cache, sequence id, last logits, its SparseAttention)."""
     import copy
 
-    from latentkv.runtime.decode import forward_step
     from latentkv.sparsity.runtime import SparseAttention
 
     base, seq, first = start
@@ -55,13 +54,50 @@ def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseCo
     if keep:
         sparsity.history = {k: v[:, -keep:].clone() for k, v in base.sparsity.history.items()}
     cache.sparsity = sparsity
+    return cache, seq, first, sparsity
+
+
+def summarize(cache, sparsity) -> dict:
+    """The policy's ``SparseStats`` summary, with an offloaded cache's copies and misses."""
+    summary = sparsity.stats.summary()
+    if hasattr(cache, "offload_stats"):
+        summary["offload"] = cache.offload_stats.summary()
+    return summary
+
+
+@torch.no_grad()
+def greedy_after(model, start, ids: list[int], prompt_len: int, config: SparseConfig, *, new_tokens: int,
+                 predictor=None, stop=None):
+    """From a copy of ``start`` (the prefill of ids[:prompt_len]; its cache must have room for
+    len(ids) + new_tokens), feed ids[prompt_len:] one per step under ``config`` (teacher-forced),
+    then greedily generate up to ``new_tokens`` tokens under it; ``stop(tokens)`` true ends early.
+    Returns (generated ids, ``SparseStats`` summary)."""
+    from latentkv.runtime.decode import forward_step
+
+    cache, seq, logits, sparsity = sparse_copy(start, config, predictor)
+    for t in range(prompt_len, len(ids)):
+        logits = forward_step(model, cache, [seq], torch.tensor([[ids[t]]]))[0, -1]
+    out: list[int] = []
+    for i in range(new_tokens):
+        out.append(int(logits.argmax()))
+        if (stop is not None and stop(out)) or i == new_tokens - 1:
+            break
+        logits = forward_step(model, cache, [seq], torch.tensor([[out[-1]]]))[0, -1]
+    return out, summarize(cache, sparsity)
+
+
+@torch.no_grad()
+def decode_after(model, start, ids: list[int], prompt_len: int, config: SparseConfig, *, predictor=None):
+    """Teacher-forced decode of ids[prompt_len:] from a copy of ``start`` (from ``prefilled``) under
+    ``config``: logits [len(ids) - prompt_len, vocab] predicting ids[prompt_len:] (float32, CPU)
+    and the policy's ``SparseStats`` summary."""
+    from latentkv.runtime.decode import forward_step
+
+    cache, seq, first, sparsity = sparse_copy(start, config, predictor)
     rows = [first]
     for t in range(prompt_len, len(ids) - 1):
         rows.append(forward_step(model, cache, [seq], torch.tensor([[ids[t]]]))[0, -1].cpu())
-    summary = sparsity.stats.summary()
-    if hasattr(cache, "offload_stats"):  # an offloaded cache: its copies and misses over these steps
-        summary["offload"] = cache.offload_stats.summary()
-    return torch.stack(rows), summary
+    return torch.stack(rows), summarize(cache, sparsity)
 
 
 def teacher_forced(model, ids: list[int], prompt_len: int, config: SparseConfig, *, page_size: int = 16,

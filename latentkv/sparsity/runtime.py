@@ -67,6 +67,7 @@ class SparseStats:
         return {
             "decisions": self.decisions,
             "blocks_attended_fraction": self.blocks_attended / max(1, self.blocks_total),
+            "blocks_per_decision": self.blocks_attended / max(1, self.decisions),  # pages read per layer-step
             "attention_recall": self.recall_sum / self.recall_count if self.recall_count else None,
         }
 

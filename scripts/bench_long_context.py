@@ -1,0 +1,207 @@
+"""Sparse decode at long context on a real latentkv model (CPU): passkey retrieval and the
+teacher-forced comparison with dense decoding, for every policy at every budget.
+
+1. Retrieval (``latentkv.sparsity.retrieval``): a pass key inserted at each --depths of a book
+   excerpt of --retrieval-contexts tokens (instruction + haystack + "What is the pass key? The pass
+   key is"); the text before the question prefilled densely, the question and the greedy answer
+   decoded under the policy; exact match of the digits.
+2. Teacher-forced (``latentkv.sparsity.long_context``): --contexts excerpts of --context-tokens
+   tokens, the last --span decoded teacher-forced after a dense prefill of the rest: KL(dense ||
+   sparse), top-1 agreement, perplexity of the span, pages read per layer-step and, with --offload
+   (default), the forecast's misses of an offloaded cache whose pools hold what the budget attends.
+
+    PYTHONPATH=. python scripts/bench_long_context.py MODEL --predictor PRED_DIR \\
+        --out benchmarks/long_context_smollm2_cpu
+
+The text is a book of latentkv's Gutenberg set that the predictor's training left out
+(`latentkv predictor train --exclude chesterton-thursday.txt`); the teacher-forced excerpts and the
+retrieval haystack are disjoint parts of it. Rows are written to the JSON as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--predictor", help="AttentionPredictor folder (needed for the predictor policy)")
+    ap.add_argument("--out", default="runs/long_context_cpu", help="output path without suffix (.md, .json)")
+    ap.add_argument("--text", default="chesterton-thursday", help="a book of latentkv's Gutenberg set, or a file")
+    ap.add_argument("--context-tokens", type=int, default=4096, help="tokens per teacher-forced context")
+    ap.add_argument("--span", type=int, default=64, help="tokens decoded teacher-forced at the end of each context")
+    ap.add_argument("--contexts", type=int, default=2, help="teacher-forced contexts (disjoint excerpts)")
+    ap.add_argument("--retrieval-contexts", default="4096", help="comma-separated retrieval prompt lengths")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--budgets", default="0.125,0.0625")
+    ap.add_argument("--policies", default="window,last-step,quest,predictor,oracle")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of the text (front matter)")
+    ap.add_argument("--no-offload", action="store_true", help="decode through the paged cache (no miss counts)")
+    ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
+    ap.add_argument("--skip-teacher-forced", action="store_true")
+    ap.add_argument("--skip-retrieval", action="store_true")
+    ap.add_argument("--include", action="append", default=[],
+                    help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
+                         "command join the output; repeatable")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from latentkv.modeling import load_model
+    from latentkv.runtime.decode import latent_attentions
+    from latentkv.sparsity import SparseConfig
+    from latentkv.sparsity.long_context import long_text_compare, parse_depths, read_long_text
+    from latentkv.sparsity.predictor import load_predictor
+    from latentkv.sparsity.retrieval import make_key, needle_case, retrieval_start, retrieve
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(args.model)
+    latent_attentions(model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    predictor = load_predictor(args.predictor) if args.predictor else None
+    budgets = [float(b) for b in args.budgets.split(",")]
+    policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
+    configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None)
+               for b in budgets for p in policies]
+    offload = not args.no_offload
+    depths = parse_depths(args.depths)
+    lengths = [int(x) for x in args.retrieval_contexts.split(",")]
+    ids = tokenizer(read_long_text(args.text), add_special_tokens=False)["input_ids"]
+    need = args.skip + args.contexts * args.context_tokens + max(lengths)
+    if len(ids) < need:
+        raise SystemExit(f"{args.text} has {len(ids)} tokens; this run needs {need}.")
+    command = "PYTHONPATH=. python " + shlex.join(sys.argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": command, "text": args.text, "text_tokens": len(ids), "skip": args.skip,
+              "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
+              "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
+              "predictor": args.predictor, "teacher_forced": [], "retrieval": [], "seconds": {}}
+
+    def save():
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+    def pred_for(cfg):
+        return predictor if cfg.policy == "predictor" else None
+
+    t0 = time.perf_counter()
+    if not args.skip_retrieval:  # the haystack: the part of the text after the teacher-forced excerpts
+        hay = ids[args.skip + args.contexts * args.context_tokens :]
+        for length in lengths:
+            for i, depth in enumerate(depths):
+                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(i))
+                start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload)
+                for cfg in [SparseConfig("dense"), *configs]:
+                    t = time.perf_counter()
+                    row = retrieve(model, tokenizer, case, cfg, start=start, page_size=args.page_size,
+                                   predictor=pred_for(cfg), offload=offload)
+                    row["seconds"] = time.perf_counter() - t
+                    result["retrieval"].append(row)
+                    print(json.dumps({k: row[k] for k in ("context_tokens", "depth", "policy", "budget", "answer",
+                                                          "match")}), file=sys.stderr, flush=True)
+                    save()
+    result["seconds"]["retrieval"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    if not args.skip_teacher_forced:
+        for c in range(args.contexts):
+            a = args.skip + c * args.context_tokens
+            window = ids[a : a + args.context_tokens]
+            rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
+                                     page_size=args.page_size, predictor=predictor, offload=offload)
+            for r in rows:
+                result["teacher_forced"].append({"context": c, **r})
+                print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement")}),
+                      file=sys.stderr, flush=True)
+            save()
+    result["seconds"]["teacher_forced"] = time.perf_counter() - t1
+    result["commands"] = [[command, result["seconds"]]]
+    for other in args.include:
+        earlier = json.loads(Path(other).read_text())
+        result["commands"] += earlier.get("commands", [[earlier["command"], earlier["seconds"]]])
+        result["retrieval"] += earlier["retrieval"]
+        result["teacher_forced"] += earlier["teacher_forced"]
+    save()
+    write_markdown(result, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    order = ["dense", "window", "last-step", "quest", "predictor", "oracle"]
+    rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99)  # noqa: E731
+    lines = ["# Sparse decode at long context on CPU (SmolLM2-135M-Instruct converted to MLA)", ""]
+    for command, secs in result.get("commands", [[result["command"], result["seconds"]]]):
+        lines.append(f"Command: `{command}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
+                     f"{secs.get('teacher_forced', 0):.0f} s).")
+    lines += [
+        "",
+        f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
+        f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
+        "the sink page and the current page always kept; history refreshed densely every step; reference backend; "
+        + ("decode through an offloaded cache (host pages, per-layer pools of the slots the budget attends + 2)."
+           if result["offload"] else "decode through the paged cache."), "",
+    ]
+    if result["retrieval"]:
+        depths = result["depths"]
+        lines += [
+            "## Passkey retrieval", "",
+            f"A 5-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
+            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per depth), after a one-line "
+            "instruction and before \"What is the pass key? The pass key is\". The text before the question is "
+            "prefilled densely; the question and the greedy answer are decoded under the policy. Score: exact match "
+            "of the first number in the answer.", "",
+            "| context | budget | policy | " + " | ".join(f"depth {d:g}" for d in depths) + " | matches |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- |",
+        ]
+        keys = sorted({(r["context_tokens"], r["budget"], r["policy"]) for r in result["retrieval"]},
+                      key=lambda k: (k[0], -k[1], order.index(k[2]) if k[2] in order else 99))
+        for length, budget, policy in keys:
+            sel = {r["depth"]: r for r in result["retrieval"]
+                   if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)}
+            cells = [(("✓ " if sel[d]["match"] else "✗ ") + f"`{sel[d]['answer'].strip()[:12]}`") if d in sel else "-"
+                     for d in depths]
+            n = sum(bool(r["match"]) for r in sel.values())
+            lines.append(f"| {length} | {budget:g} | {policy} | " + " | ".join(cells) + f" | {n}/{len(sel)} |")
+        lines.append("")
+    if result["teacher_forced"]:
+        lines += [
+            "## Teacher-forced comparison with dense decoding", "",
+            f"{result['contexts']} disjoint excerpts of {result['context_tokens']} tokens: "
+            f"{result['context_tokens'] - result['span']} prefilled densely, the last {result['span']} decoded "
+            "teacher-forced. Means over the excerpts (perplexity: exp of the mean NLL of the span tokens). Pages read: "
+            "per layer and step, of "
+            f"{math.ceil(result['context_tokens'] / result['page_size'])} at the end of the span. Misses: pages the "
+            "offloaded cache's forecast (made a step ahead) did not have resident, per layer-step.", "",
+            "| budget | policy | pages read / step | KL(dense‖sparse) | top-1 agreement | perplexity | forecast misses / step | miss fraction |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        rows = result["teacher_forced"]
+        for budget, policy in sorted({(r["budget"], r["policy"]) for r in rows},
+                                     key=lambda k: rank({"budget": k[0], "policy": k[1]})):
+            sel = [r for r in rows if (r["budget"], r["policy"]) == (budget, policy)]
+            mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
+            off = [r.get("offload") for r in sel]
+            miss = (f"{mean(lambda r: r['offload']['misses_per_step']):.2f} | "
+                    f"{mean(lambda r: r['offload']['miss_fraction']):.3f}") if all(off) else "- | -"
+            lines.append(f"| {budget:g} | {policy} | {mean(lambda r: r['blocks_per_decision']):.1f} | "
+                         f"{mean(lambda r: r['kl_to_dense']):.4f} | {mean(lambda r: r['top1_agreement']):.4f} | "
+                         f"{math.exp(mean(lambda r: r['nll'])):.3f} | {miss} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
