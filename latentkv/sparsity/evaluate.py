@@ -10,6 +10,8 @@ layers, latent heads and steps).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from latentkv.sparsity.policies import SparseConfig
@@ -151,3 +153,37 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
     return {"policy": config.policy, "budget": config.budget, "page_size": page_size, "prompt_tokens": prompt_tokens,
             "dense_perplexity": compare_logits(dense, dense, targets)["perplexity"],
             **compare_logits(dense, sparse, targets), **stats}
+
+
+def long_prefill(model, ids: list[int], prompt_len: int, *, page_size: int = 16, predictor=None,
+                 offload: bool = False, extra: int = 0, backend: str = "reference", prefill_chunk: int = 128):
+    """``evaluate.prefilled`` for a cache with room for len(ids) + ``extra`` tokens; offloaded, its
+    pools hold every page (the dense run); ``for_config`` gives each policy its own pool size."""
+    room = len(ids) + extra
+    slots = math.ceil(room / page_size) + 2 if offload else None
+    return prefilled(model, ids, prompt_len, page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
+                     keep_history=predictor.config.history if predictor is not None else 1, offload=slots,
+                     max_seq_len=room)
+
+
+def for_config(start, config: SparseConfig, room: int):
+    """``start`` as the policy ``config`` decodes from it: unchanged for a paged cache; for an
+    offloaded one, a copy whose pools (empty) have the slots ``config`` needs for sequences of up to
+    ``room`` tokens (``pool_slots_for``), so forecast misses are counted at that pool size."""
+    import copy
+
+    cache, seq, first = start
+    if not hasattr(cache, "pools"):
+        return start
+    from latentkv.sparsity.offload import PagePool, pool_slots_for
+
+    slots = min(cache.num_pages, pool_slots_for(config, 1, room, cache.page_size))
+    sparsity, pools = cache.sparsity, cache.pools
+    cache.pools = []  # not copied: replaced
+    try:
+        new = copy.deepcopy(cache)
+    finally:
+        cache.pools = pools
+    new.pools = [PagePool(p, slots, new.device) for p in new.pages]
+    new._sparsity = sparsity  # the prefill's history (the setter would prefetch for it)
+    return new, seq, first

@@ -14,8 +14,6 @@ runs (one policy and budget against dense).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from latentkv.errors import LatentKVError
@@ -50,49 +48,13 @@ def check_long_options(*, sparse: str | None, long_text: str | None, retrieval: 
     return parse_depths(depths)
 
 
-def long_prefill(model, ids: list[int], prompt_len: int, *, page_size: int = 16, predictor=None,
-                 offload: bool = False, extra: int = 0, backend: str = "reference", prefill_chunk: int = 128):
-    """``evaluate.prefilled`` for a cache with room for len(ids) + ``extra`` tokens; offloaded, its
-    pools hold every page (the dense run); ``for_config`` gives each policy its own pool size."""
-    from latentkv.sparsity.evaluate import prefilled
-
-    room = len(ids) + extra
-    slots = math.ceil(room / page_size) + 2 if offload else None
-    return prefilled(model, ids, prompt_len, page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
-                     keep_history=predictor.config.history if predictor is not None else 1, offload=slots,
-                     max_seq_len=room)
-
-
-def for_config(start, config: SparseConfig, room: int):
-    """``start`` as the policy ``config`` decodes from it: unchanged for a paged cache; for an
-    offloaded one, a copy whose pools (empty) have the slots ``config`` needs for sequences of up to
-    ``room`` tokens (``pool_slots_for``), so forecast misses are counted at that pool size."""
-    import copy
-
-    cache, seq, first = start
-    if not hasattr(cache, "pools"):
-        return start
-    from latentkv.sparsity.offload import PagePool, pool_slots_for
-
-    slots = min(cache.num_pages, pool_slots_for(config, 1, room, cache.page_size))
-    sparsity, pools = cache.sparsity, cache.pools
-    cache.pools = []  # not copied: replaced
-    try:
-        new = copy.deepcopy(cache)
-    finally:
-        cache.pools = pools
-    new.pools = [PagePool(p, slots, new.device) for p in new.pages]
-    new._sparsity = sparsity  # the prefill's history (the setter would prefetch for it)
-    return new, seq, first
-
-
 def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[SparseConfig], *, page_size: int = 16,
                       predictor=None, offload: bool = False, backend: str = "reference",
                       prefill_chunk: int = 128, start=None) -> list[dict]:
     """Rows {"policy", "budget", top1_agreement, kl_to_dense, perplexity, nll, blocks_per_decision,
     ...} for dense decoding then each config, decoding ids[prompt_len:] teacher-forced after one
     dense prefill of ids[:prompt_len]."""
-    from latentkv.sparsity.evaluate import compare_logits, decode_after
+    from latentkv.sparsity.evaluate import compare_logits, decode_after, for_config, long_prefill
 
     if not 0 < prompt_len < len(ids) - 1:
         raise LatentKVError(f"the prompt ({prompt_len} tokens) must leave at least 2 of the {len(ids)} tokens to decode.")

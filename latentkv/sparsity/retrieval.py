@@ -89,7 +89,7 @@ def retrieve(model, tokenizer, case: NeedleCase, config: SparseConfig, *, start=
     """Greedy answer to ``case`` under ``config``: {"answer", "match", "depth", "key", stats...}.
     ``start``: a ``retrieval_start`` of this case to share its prefill between policies."""
     from latentkv.sparsity.evaluate import greedy_after
-    from latentkv.sparsity.long_context import for_config
+    from latentkv.sparsity.evaluate import for_config
 
     if start is None:
         start = retrieval_start(model, case, page_size=page_size, predictor=predictor, new_tokens=new_tokens,
@@ -113,7 +113,7 @@ def retrieval_start(model, case: NeedleCase, *, page_size: int = 16, predictor=N
                     question_in_prefill: bool = False, offload: bool = False, backend: str = "reference",
                     prefill_chunk: int = 128):
     """The dense prefill of ``case`` (up to the question, or all of it), to share between policies."""
-    from latentkv.sparsity.long_context import long_prefill
+    from latentkv.sparsity.evaluate import long_prefill
 
     prompt_len = len(case.ids) if question_in_prefill else case.question_at
     return long_prefill(model, case.ids, prompt_len, page_size=page_size, predictor=predictor, offload=offload,
