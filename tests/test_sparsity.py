@@ -193,27 +193,6 @@ def test_block_masses_match_explicit_softmax():
     torch.testing.assert_close(got.sum(-1), torch.ones(s, lh))
 
 
-def _masked_reference(q, kv, pages, length, ids, page, latent_heads, rope):
-    """Dense attention of the last token over the whole sequence with every token outside the
-    chosen blocks masked out (float64): what sparse attention must equal."""
-    width = kv.shape[-1]
-    rows = kv[pages.long()].reshape(-1, width)[:length].double()
-    keep = torch.zeros(length, dtype=torch.bool)
-    for j in ids.tolist():
-        keep[j * page : (j + 1) * page] = True
-    heads, qw = q.shape[-2:]
-    r_c = qw - rope
-    hg = heads // latent_heads
-    out = torch.empty(heads, r_c, dtype=torch.float64)
-    for h in range(heads):
-        c = h // hg
-        lat = rows[:, c * r_c : (c + 1) * r_c]
-        sc = q[h, :r_c].double() @ lat.T + q[h, r_c:].double() @ rows[:, latent_heads * r_c :].T
-        p = torch.softmax((sc / math.sqrt(qw)).masked_fill(~keep, float("-inf")), -1)
-        out[h] = p @ lat
-    return out
-
-
 KERNEL_CASES = {  # lens (odd, partly filled last pages), heads, latent_heads, r_c, rope, page
     "mla-page16": ((37, 70), 4, 1, 32, 16, 16),
     "mla-page8-norope": ((29, 51), 4, 1, 32, 0, 8),
@@ -254,7 +233,7 @@ def test_sparse_kernel_equals_masked_reference(case, backend):
         pages, new_len = reduced_pages(tables[b], ids, L, page)
         reduced.append(pages)
         new_lens.append(new_len)
-        refs.append(_masked_reference(q[b, 0], kv, tables[b], L, ids, page, lh, rope))
+        refs.append(tiny_models.masked_attention_reference(q[b, 0], kv, tables[b], L, ids, page, lh, rope))
     table = torch.zeros(len(lens), max(len(p) for p in reduced), dtype=torch.int32)
     for b, p in enumerate(reduced):
         table[b, : len(p)] = p

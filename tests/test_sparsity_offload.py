@@ -12,31 +12,12 @@ import math
 
 import pytest
 import torch
+import tiny_models
 
 from latentkv.errors import LatentKVError
 from latentkv.sparsity import SparseConfig
 from latentkv.sparsity.offload import OffloadedLatentCache, PagePool, _runs, pool_slots_for
 from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig
-
-
-def _masked_reference(q, host, pages, length, ids, page, latent_heads, rope):
-    """Dense attention of one query token over the whole sequence (float64) with every token outside
-    the chosen blocks masked out."""
-    width = host.shape[-1]
-    rows = host[torch.tensor(pages)].reshape(-1, width)[:length].double()
-    keep = torch.zeros(length, dtype=torch.bool)
-    for j in ids:
-        keep[j * page : (j + 1) * page] = True
-    heads, qw = q.shape
-    r_c = qw - rope
-    hg = heads // latent_heads
-    out = torch.empty(heads, r_c, dtype=torch.float64)
-    for h in range(heads):
-        c = h // hg
-        lat = rows[:, c * r_c : (c + 1) * r_c]
-        sc = q[h, :r_c].double() @ lat.T + q[h, r_c:].double() @ rows[:, latent_heads * r_c :].T
-        out[h] = torch.softmax((sc / math.sqrt(qw)).masked_fill(~keep, float("-inf")), -1) @ lat
-    return out
 
 
 POOL_CASES = {  # heads, latent_heads, r_c, rope, page, start lengths
@@ -117,7 +98,7 @@ def test_pool_attention_equals_masked_dense(case, backend):
                                rope_dim=rope, softmax_scale=1 / math.sqrt(r_c + rope), backend=backend,
                                num_splits=2).cpu()
         for b, ids in enumerate(chosen):
-            ref = _masked_reference(q[b, 0], host, tables[b][: math.ceil(lens[b] / page)], lens[b], ids, page, lh, rope)
+            ref = tiny_models.masked_attention_reference(q[b, 0], host, tables[b][: math.ceil(lens[b] / page)], lens[b], ids, page, lh, rope)
             torch.testing.assert_close(out[b, 0].double(), ref, atol=tol * float(ref.abs().max()), rtol=10 * tol)
         # a forecast for the next step that is partly wrong: a random other block of each sequence
         forecast = []

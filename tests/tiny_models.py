@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -171,3 +172,24 @@ def heal_adapter_and_merged(model_dir: Path, teacher_dir: Path, tmp_path: Path) 
         unmerged = load_adapter(model_dir, adapter)(input_ids=ids).logits
         folded = load_model(merged)(ids).logits
     return adapter, merged, kl, float((folded - unmerged).abs().max() / unmerged.abs().max())
+
+
+def masked_attention_reference(q, kv, pages, length, ids, page, latent_heads, rope):
+    """Dense attention of one query token ([heads, r_c + rope]) over the first `length` rows of the
+    cache pages `pages` (float64), with every token outside the chosen blocks `ids` masked out: what
+    sparse attention must equal."""
+    width = kv.shape[-1]
+    rows = kv[torch.as_tensor(pages).long()].reshape(-1, width)[:length].double()
+    keep = torch.zeros(length, dtype=torch.bool)
+    for j in torch.as_tensor(ids).tolist():
+        keep[j * page : (j + 1) * page] = True
+    heads, qw = q.shape[-2:]
+    r_c = qw - rope
+    hg = heads // latent_heads
+    out = torch.empty(heads, r_c, dtype=torch.float64)
+    for h in range(heads):
+        c = h // hg
+        lat = rows[:, c * r_c : (c + 1) * r_c]
+        sc = q[h, :r_c].double() @ lat.T + q[h, r_c:].double() @ rows[:, latent_heads * r_c :].T
+        out[h] = torch.softmax((sc / math.sqrt(qw)).masked_fill(~keep, float("-inf")), -1) @ lat
+    return out
