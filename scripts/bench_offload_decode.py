@@ -182,14 +182,15 @@ class Cache:
         self.num_pages = self.batch * self.per_seq
         self.context = context
         pin = device.type == "cuda"
-        self.host = []
+        # every layer's pages in one pinned tensor (the sparse row's pool gathers across layers)
+        self.host_all = torch.empty(args.layers, self.num_pages, self.page, stack.width, dtype=stack.dtype,
+                                    pin_memory=pin)
+        self.host = list(self.host_all.unbind(0))
         g = torch.Generator(device=device).manual_seed(1)
-        for _ in range(args.layers):
-            h = torch.empty(self.num_pages, self.page, stack.width, dtype=stack.dtype, pin_memory=pin)
+        for h in self.host:
             for start in range(0, self.num_pages, 4096):  # random rows made on the device, copied down
                 chunk = h[start : start + 4096]
                 chunk.copy_(torch.randn(chunk.shape, generator=g, device=device, dtype=torch.float32).to(stack.dtype))
-            self.host.append(h)
         self.table = (torch.arange(self.batch)[:, None] * self.per_seq + torch.arange(self.per_seq)[None]).to(torch.int32)
         self.reset()
 
@@ -286,22 +287,51 @@ def run_dense_offload(stack, cache, args, device, backend, steps):
     return result
 
 
+class Clock:
+    """Host time per phase of a step (perf_counter), and the device time of each step (CUDA events)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.host: dict[str, float] = {}
+        self.on = False
+        self.spans: list = []
+
+    def add(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        if self.on:
+            self.host[name] = self.host.get(name, 0.0) + t1 - t0
+        return t1
+
+    def event(self):
+        if self.device.type != "cuda" or not self.on:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def per_step_ms(self, steps: int) -> dict:
+        out = {k: 1e3 * v / steps for k, v in self.host.items()}
+        if self.spans:
+            out["gpu_span"] = sum(a.elapsed_time(b) for a, b in self.spans) / len(self.spans)
+        return out
+
+
 def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
-    """Quest page bounds scored with the previous step's query choose the next step's pages; the
-    pool of each layer prefetches them on a side stream while the step runs."""
+    """Quest page bounds scored with this step's query choose the next step's pages, for every
+    sequence at once on the device; one pool over every layer (``PagePool`` with a layer dimension)
+    places all layers' pages with one batch of device operations per step and copies the missing
+    ones per layer on a side stream while the next step's earlier layers run."""
     from latentkv.sparsity.offload import PagePool
 
     cuda = device.type == "cuda"
-    L, B, page = args.layers, cache.batch, cache.page
-    max_n = cache.per_seq
-    k_max = max(2, math.ceil(fraction * max_n))
-    pools = [PagePool(h, B * (k_max + 2), device) for h in cache.host]
-    table_dev = cache.table.to(device).long()
+    L, B, page, per_seq, width = args.layers, cache.batch, cache.page, cache.per_seq, stack.width
+    k = min(per_seq, max(2, math.ceil(fraction * math.ceil(cache.context / page))))  # sink + current + chosen
+    pool = PagePool(cache.host_all, B * k, device)
+    clock = Clock(device)
     # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
-    low, high = [], []
+    low = torch.full((L, cache.num_pages, width), float("inf"), dtype=stack.dtype, device=device)
+    high = torch.full_like(low, float("-inf"))
     for l in range(L):
-        lo = torch.full((cache.num_pages, stack.width), float("inf"), dtype=stack.dtype, device=device)
-        hi = torch.full_like(lo, float("-inf"))
         for b, n in enumerate(cache.lens):
             for start in range(0, n, 1 << 14):  # chunks of pages: bounded temporaries
                 stop = min(n, start + (1 << 14))
@@ -309,105 +339,110 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
                 rows = cache.host[l][int(cache.table[b, first]) : int(cache.table[b, last - 1]) + 1].to(device)
                 valid = (torch.arange(first * page, last * page, device=device) < n).view(-1, page, 1)
                 pg = cache.table[b, first:last].to(device).long()
-                lo[pg] = torch.minimum(lo[pg], rows.masked_fill(~valid, float("inf")).amin(1))
-                hi[pg] = torch.maximum(hi[pg], rows.masked_fill(~valid, float("-inf")).amax(1))
-        low.append(lo)
-        high.append(hi)
-    meta_bytes = sum(t.numel() * t.element_size() for t in low + high)
-    pinned = cuda
-    ids_host = [None] * L  # per layer: pinned [B, k] page ids of the next step, and their event
-    pending = []
+                low[l, pg] = torch.minimum(low[l, pg], rows.masked_fill(~valid, float("inf")).amin(1))
+                high[l, pg] = torch.maximum(high[l, pg], rows.masked_fill(~valid, float("-inf")).amax(1))
+    meta_bytes = 2 * low.numel() * low.element_size()
+    seq_base = (torch.arange(B, device=device) * per_seq)[:, None]  # page id of a sequence's first block
+    rows_host = torch.empty(L, B, width, dtype=stack.dtype, pin_memory=cuda)  # this step's rows, for the host pages
+    host_rows = cache.host_all.view(-1, width)
+    forced = {}
 
-    def choose(l, q, lens_next):
-        """Pages of the next step of layer l (device): sink, current, top bound scores with q."""
-        n = -(-lens_next // page)
-        k = min(n, max(2, math.ceil(fraction * n)))
-        pages = table_dev[:, :n]
-        qf = q[:, 0].float()  # [B, H, w]
-        lo, hi = low[l][pages].float(), high[l][pages].float()  # [B, n, w]
-        bound = (hi @ qf.clamp_min(0).transpose(1, 2) + lo @ qf.clamp_max(0).transpose(1, 2)).amax(-1)  # [B, n]
-        bound = torch.nan_to_num(bound, nan=float("-inf"), posinf=float("inf"))
-        bound[:, 0] = float("inf")
-        bound[:, n - 1] = float("inf")
-        ids = bound.topk(k, dim=-1).indices.sort(-1).values
-        chosen = torch.gather(pages, 1, ids)
-        buf = torch.empty(chosen.shape, dtype=torch.long, pin_memory=pinned)
-        buf.copy_(chosen, non_blocking=pinned)
-        ev = None
+    def choose(l, q, n):
+        """[B, k] page ids of the next step of layer l (n blocks then): sink, current, top bounds."""
+        qf = q[:, 0]  # [B, H, w]
+        lo, hi = low[l].view(B, per_seq, width)[:, :n], high[l].view(B, per_seq, width)[:, :n]
+        qp = qf.clamp_min(0)
+        bound = torch.baddbmm(torch.bmm(lo, (qf - qp).transpose(1, 2)), hi, qp.transpose(1, 2)).amax(-1)  # [B, n]
+        if n not in forced:
+            forced[n] = torch.tensor([0, n - 1], device=device)
+        bound = bound.float().nan_to_num_(nan=float("-inf")).index_fill_(1, forced[n], float("inf"))
+        return bound.topk(k, dim=-1).indices.sort(-1).values + seq_base
+
+    state = {}
+
+    def place(chosen):  # the next step's pages of every layer: placed now, copied from the next step's start
+        state["chosen"] = chosen
+        pool.prefetch(chosen, defer=True)
+        state["rows_ready"] = torch.cuda.Event() if cuda else None
         if cuda:
-            ev = torch.cuda.Event()
-            ev.record()
-        return buf, ev, -(-(lens_next - 1) // page)  # blocks holding rows once this step is written
+            state["rows_ready"].record()
 
-    def prefetch(l):
-        """Start the copies of layer l's next-step pages (a page the next step begins is adopted then)."""
-        buf, ev, have = ids_host[l]
-        if ev is not None:
-            ev.synchronize()
-        flat = buf.flatten()
-        pools[l].prefetch(flat[(flat % cache.per_seq) < have])
-
-    # the first step's choice: the sink and the most recent pages (no query yet), placed before timing
-    def initial():
-        for l in range(L):
-            n = -(-(cache.lens[0] + 1) // page)
-            k = min(n, max(2, math.ceil(fraction * n)))
-            ids = torch.tensor([0] + list(range(n - k + 1, n)))
-            ids_host[l] = (cache.table[:, ids].long(), None, -(-cache.lens[0] // page))
-            prefetch(l)
-
-    initial()
+    n0 = -(-(cache.lens[0] + 1) // page)  # the first step: the sink and the most recent pages (no query yet)
+    ids = torch.tensor([0] + list(range(n0 - k + 1, n0)), device=device)
+    place((ids[None, None] + seq_base[None]).expand(L, B, k).contiguous())
+    state["flat"] = None
 
     def step(x):
-        rows, fresh = cache.new_rows()
-        lens = [n + 1 for n in cache.lens]
-        new_lens = None
+        t = time.perf_counter()
+        span0 = clock.event()
+        rows, _ = cache.new_rows()
+        if state["flat"] is not None:  # the host pages get the last step's rows (the truth) first
+            if state["rows_ready"] is not None:
+                state["rows_ready"].synchronize()
+            t = clock.add("wait_device", t)
+            host_rows.index_copy_(0, state["flat"], rows_host.view(-1, width))
+            t = clock.add("host_rows", t)
+        waited = pool.host_wait_s
+        slots = pool.ensure(state["chosen"], wait=False).to(torch.int32)  # [L, B, k]; copies issued
+        t = clock.add("copy_issue", t)
+        if clock.on:  # the part of it spent waiting for the placed pairs
+            waited = pool.host_wait_s - waited
+            clock.host["copy_issue"] -= waited
+            clock.host["wait_device"] = clock.host.get("wait_device", 0.0) + waited
+        rows_t = torch.tensor(rows)
+        rows_dev = rows_t.to(device, non_blocking=True)
+        index = pool.row_index(rows_dev)  # [L, B] rows in the pools
+        pg = rows_dev // page
+        length = cache.lens[0] + 1
+        n = -(-length // page)
+        lens_dev = torch.full((B,), (k - 1) * page + length - (n - 1) * page, dtype=torch.int32, device=device)
+        state["flat"] = (torch.arange(L)[:, None] * (cache.num_pages * page) + rows_t[None]).flatten()
+        pool_rows = pool.rows_of()
+        t = clock.add("bookkeeping", t)
+        chosen = []
         for l in range(L):
-            pool = pools[l]
             q, row = stack.qkv(l, x)
-            cache.write_host(l, rows, row)
-            pg = torch.tensor([r // page for r in rows], device=device)
-            low[l][pg] = torch.minimum(low[l][pg], row)
-            high[l][pg] = torch.maximum(high[l][pg], row)
-            if fresh:
-                pool.adopt(fresh)
-            pool.write_rows(torch.tensor(rows), row)
-            chosen = ids_host[l][0]  # [B, k] host page ids, the current page last
-            k = chosen.shape[1]
-            tbl = pool.ensure(chosen.flatten()).to(torch.int32).view(B, k)
-            if new_lens is None:
-                new_lens = [(k - 1) * page + n - (-(-n // page) - 1) * page for n in lens]
-                lens_dev = torch.tensor(new_lens, dtype=torch.int32)
-                lens_dev = lens_dev.pin_memory().to(device, non_blocking=True) if cuda else lens_dev
-            tbl = tbl.pin_memory().to(device, non_blocking=True) if cuda else tbl
-            o = attend(stack, q, pool.pool, tbl, lens_dev, k * page, backend)
-            ids_host[l] = choose(l, q, lens[0] + 1)  # from this step's query: the next step's pages
+            t = clock.add("model", t)
+            rows_host[l].copy_(row, non_blocking=cuda)
+            pool.wait(l)
+            pool_rows.index_copy_(0, index[l], row)
+            low[l].index_reduce_(0, pg, row, "amin")
+            high[l].index_reduce_(0, pg, row, "amax")
+            t = clock.add("bookkeeping", t)
+            o = attend(stack, q, pool.pools[l], slots[l], lens_dev, k * page, backend)
+            t = clock.add("model", t)
+            chosen.append(choose(l, q, -(-(length + 1) // page)))  # from this step's query: the next step's
+            t = clock.add("choice", t)
             x = stack.out(l, x, o)
-            pending.append(l)
-            if len(pending) > 1:  # one layer behind: the host does not wait on the layer it just queued
-                prefetch(pending.pop(0))
-        cache.lens = lens
-        while pending:
-            prefetch(pending.pop(0))
-        return stack.logits(x)
+            t = clock.add("model", t)
+        place(torch.stack(chosen))
+        t = clock.add("bookkeeping", t)
+        cache.lens = [length] * B
+        logits = stack.logits(x)
+        clock.add("model", t)
+        if span0 is not None:
+            clock.spans.append((span0, clock.event()))
+        return logits
 
-    for p in pools:
-        p.stats.__init__()
-    result = timed(step, stack, cache, args, device, steps, reset=False, pools=pools)
-    result["cache_gpu_bytes"] = sum(p.pool.numel() * p.pool.element_size() for p in pools) + meta_bytes
-    result["pool_bytes"] = sum(p.pool.numel() * p.pool.element_size() for p in pools)
+    pool.reset_stats()
+    result = timed(step, stack, cache, args, device, steps, reset=False, pools=[pool], clock=clock)
+    result["cache_gpu_bytes"] = pool.pools.numel() * pool.pools.element_size() + meta_bytes
+    result["pool_bytes"] = pool.pools.numel() * pool.pools.element_size()
     result["page_bounds_bytes"] = meta_bytes
-    result["pages_attended_per_seq"] = k_max
-    del pools, low, high
+    result["pages_attended_per_seq"] = k
+    del pool, low, high
     return result
 
 
-def timed(step, stack, cache, args, device, steps, reset=True, pools=None):
-    """Warm-up steps, then ``steps`` timed steps from the context length: tokens/s of the batch."""
+def timed(step, stack, cache, args, device, steps, reset=True, pools=None, clock=None):
+    """Warm-up steps, then ``steps`` timed steps from the context length: tokens/s of the batch.
+    Also kept: the logits after ``warmup + check_steps`` steps (every mode stops there at the same
+    position, so the modes' logits can be compared)."""
     if reset:
         cache.reset()
     g = torch.Generator(device="cpu").manual_seed(2)
     token = torch.randint(0, args.vocab, (cache.batch,), generator=g)
+    check_at = min(args.steps, args.offload_steps)
 
     def one():
         ids = token if args.tokens == "same" else torch.randint(0, args.vocab, (cache.batch,), generator=g)
@@ -419,20 +454,27 @@ def timed(step, stack, cache, args, device, steps, reset=True, pools=None):
     sync(device)
     if pools is not None:
         for p in pools:
-            p.stats.__init__()
+            p.reset_stats()
+    if clock is not None:
+        clock.on = True
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    check = None
+    for i in range(steps):
         logits = one()
+        if i + 1 == check_at:
+            check = logits.float().clone()  # stays on the device: no sync inside the timed loop
     sync(device)
     seconds = time.perf_counter() - t0
+    if clock is not None:
+        clock.on = False
     if not bool(torch.isfinite(logits.float()).all()):
         raise SystemExit("non-finite logits: the benchmark's random stack diverged; report this as a bug.")
     out = {"steps": steps, "seconds": seconds, "tokens_per_s": cache.batch * steps / seconds,
            "step_ms": 1e3 * seconds / steps,
            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "last_logits": logits.float().cpu()}
+           "check_logits": check.cpu() if check is not None else None, "check_step": args.warmup + check_at}
     if pools is not None:
         from latentkv.sparsity.offload import OffloadStats
 
@@ -440,6 +482,8 @@ def timed(step, stack, cache, args, device, steps, reset=True, pools=None):
         for p in pools:
             total.add(p.stats)
         out["offload"] = total.summary()
+    if clock is not None:
+        out["breakdown_ms"] = clock.per_step_ms(steps)
     return out
 
 
@@ -510,20 +554,28 @@ def main(argv=None) -> dict:
             rows.append(r)
             print(f"context {context}, {name}: {r['tokens_per_s']:.1f} tokens/s, cache on the GPU "
                   f"{r['cache_gpu_bytes'] / GIB:.2f} GiB ({r['wall_s']:.1f} s)", file=sys.stderr)
+            if r.get("breakdown_ms"):
+                print("  per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items()),
+                      file=sys.stderr)
         del cache
-    for context in contexts:  # the same computation over the same rows: streamed must equal resident
-        got = {r["mode"]: r.pop("last_logits") for r in rows if r["context"] == context and "last_logits" in r}
-        if "dense-gpu" in got and "dense-offload" in got:
+    # the same computation over the same rows: the streamed dense row runs the resident row's
+    # kernels with the same split over the same rows, step for step, so its logits must be equal bit
+    # for bit at the same step (any difference is a copy or ordering bug, not rounding)
+    mismatch = []
+    for context in contexts:
+        got = {r["mode"]: r.pop("check_logits") for r in rows if r["context"] == context and "check_logits" in r}
+        if got.get("dense-gpu") is not None and got.get("dense-offload") is not None:
             ref, out = got["dense-gpu"], got["dense-offload"]
             err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             for r in rows:
                 if r["context"] == context and r["mode"] == "dense-offload":
                     r["max_rel_diff_vs_dense_gpu"] = err
-            if err > 1e-3:
-                raise SystemExit(f"context {context}: the dense-offload logits differ from dense-gpu's (max rel {err:.2e}); "
-                                 "the streamed cache is not the resident one -- a bug in the copies or their ordering.")
+            if err != 0.0:
+                mismatch.append(f"context {context}: the dense-offload logits differ from dense-gpu's at the same step "
+                                f"(max rel {err:.2e}); the streamed cache is not the resident one -- a bug in the copies "
+                                "or their ordering.")
     for r in rows:
-        r.pop("last_logits", None)
+        r.pop("check_logits", None)
         if "skipped" in r:
             continue
         base = {m: next((x for x in rows if x["context"] == r["context"] and x["mode"] == m and "skipped" not in x), None)
@@ -551,6 +603,8 @@ def main(argv=None) -> dict:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.md:
         Path(args.md).write_text(md)
+    if mismatch:
+        raise SystemExit("\n".join(mismatch))
     return result
 
 
@@ -575,6 +629,24 @@ def markdown(result) -> str:
             f"{fmt(r['vs_dense_gpu'], '.3f')} | {fmt(r['vs_dense_offload'], '.2f')} | {r['cache_gpu_bytes'] / GIB:.3f} | "
             f"{r['h2d_bytes_per_step'] / 1e6:.1f} | {fmt(o.get('pages_fetched_per_step'), '.1f')} | "
             f"{fmt(o.get('misses_per_step'), '.2f')} | {fmt(r['h2d_bound_tokens_per_s'], '.1f')} |")
+    parts = [r for r in result["rows"] if r.get("breakdown_ms")]
+    if parts:
+        names = ["model", "choice", "bookkeeping", "copy_issue", "host_rows", "wait_device", "gpu_span"]
+        lines += [
+            "",
+            "Per decode step (ms), sparse rows: host time launching the model's work (model), choosing the next "
+            "step's pages (choice), pool bookkeeping (placement, slot table, row writes, bounds), issuing the copies "
+            "(gather into the staging buffer, host-to-device), writing the last step's rows to the host pages "
+            "(host_rows), host time blocked on the device (wait_device); gpu_span: device time from a step's first "
+            "to its last operation.",
+            "",
+            "| context | mode | step ms | " + " | ".join(names) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |",
+        ]
+        for r in parts:
+            b = r["breakdown_ms"]
+            lines.append(f"| {r['context']} | {r['mode']} | {r['step_ms']:.2f} | "
+                         + " | ".join(fmt(b.get(n), ".2f") for n in names) + " |")
     lines.append("")
     lines.append(f"total {result['seconds']:.0f} s; `{result['command']}`")
     return "\n".join(lines) + "\n"

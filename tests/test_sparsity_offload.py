@@ -16,7 +16,7 @@ import tiny_models
 
 from latentkv.errors import LatentKVError
 from latentkv.sparsity import SparseConfig
-from latentkv.sparsity.offload import OffloadedLatentCache, PagePool, _runs, pool_slots_for
+from latentkv.sparsity.offload import OffloadedLatentCache, PagePool, pool_slots_for
 from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig
 
 
@@ -140,10 +140,6 @@ def test_pool_evicts_least_recently_used():
     assert set(pool.slot_of) == {1, 7, 8} and pool.stats.evictions == 2
 
 
-def test_runs_coalesce_consecutive_pages():
-    assert _runs([(5, 1), (3, 0), (4, 9), (6, 2)]) == [(3, 0, 1), (4, 9, 1), (5, 1, 2)]
-
-
 def test_pool_slots_for_budget():
     cfg = SparseConfig("window", budget=0.125)
     assert pool_slots_for(cfg, 8, 1024, 64) == 8 * (2 + 2)  # 16 pages: ceil(2) = sink + local forced
@@ -229,7 +225,7 @@ def test_offloaded_cache_keeps_host_pages(tiny_mla):
     cache = OffloadedLatentCache.for_model(tiny_mla, max_seqs=2, max_seq_len=64, page_size=8,
                                            sparse=SparseConfig("window", budget=3))
     assert cache.pool_pages == 2 * (3 + 2) and all(p.shape[0] == 16 for p in cache.pages)
-    assert all(p.pool.shape[0] == 10 for p in cache.pools)
+    assert all(p.slots == 10 and p.pool.shape[0] == 10 + 1 for p in cache.pools)  # + the trash slot
 
 
 def test_bench_offload_decode_smoke(capsys):

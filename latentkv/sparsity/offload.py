@@ -39,6 +39,7 @@ not offloaded: its peak is one layer's pages of the sequence being prefilled).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -96,29 +97,29 @@ def side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(host page, slot) pairs -> (first page, first slot, count) runs of consecutive pages in
-    consecutive slots (one copy each)."""
-    runs: list[list[int]] = []
-    for page, slot in sorted(pairs):
-        if runs and page == runs[-1][0] + runs[-1][2] and slot == runs[-1][1] + runs[-1][2]:
-            runs[-1][2] += 1
-        else:
-            runs.append([page, slot, 1])
-    return [tuple(r) for r in runs]
+_DEVICE_COUNTERS = ("evictions", "pages_attended", "pages_fresh", "peak_resident", "unchecked")
 
 
 class PagePool:
-    """One layer's device pool of ``slots`` page slots over a host page store.
+    """Device pools of ``slots`` page slots per layer over a host page store.
 
-    host: [num_pages, page_size, width] (pinned for a CUDA device, for asynchronous copies).
-    ``prefetch(pages)``: place pages ahead (side stream on CUDA); ``ensure(pages)``: the slots of
-    pages about to be attended, copying the missing ones now; ``write_rows``: new rows into
-    resident slots; ``adopt``: a slot for a page starting now (no copy).
+    host: [num_pages, page_size, width] (one layer) or [layers, num_pages, page_size, width] (every
+    layer of a step at once), pinned for a CUDA device. ``prefetch(pages)``: place pages ahead (the
+    copies on a side stream on CUDA); ``ensure(pages)``: the slots of pages about to be attended,
+    copying the missing ones now; ``write_rows`` / ``row_index``: new rows into resident slots;
+    ``adopt``: a slot for a page starting now (no copy). Pages are given as a tensor (any device)
+    of page ids, ``[n]`` for one layer or ``[layers, ...]``; -1 = no page; duplicates allowed (a
+    whole ``[batch, k]`` block table is one call).
 
-    The mapping is kept in host tensors (page -> slot, slot -> page, slot -> last use), so a call
-    costs a few vector operations whatever the number of pages, plus one copy per run of
-    consecutive missing pages.
+    The mapping lives on the device (page -> slot, slot -> page, slot -> last use, with spare
+    "trash" entries that masked-off writes land in), so placing any number of pages of any number
+    of layers is a fixed, short sequence of vector operations that never waits for the device. The
+    host learns which pages to copy from one small device-to-host transfer per call (the new
+    (page, slot) pairs); the copy is one gather of those host pages into a pinned staging buffer,
+    then per layer one host-to-device copy and one scatter into the pool (side stream, an event per
+    layer). ``prefetch(..., defer=True)`` leaves the host part for later (``issue``), so the host
+    need not wait for the device right away. ``ensure`` of the very tensor the last prefetch placed
+    completely skips the transfer: a prefetch's pages are never evicted before the next ``ensure``.
     """
 
     def __init__(self, host: torch.Tensor, slots: int, device: str | torch.device = "cpu",
@@ -126,141 +127,310 @@ class PagePool:
         if slots < 1:
             raise LatentKVError(f"a page pool needs at least one slot; got {slots}.")
         self.host = host
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self.device = dev = torch.device(device)
+        self.cuda = dev.type == "cuda"
         if self.cuda and not host.is_pinned():
             raise LatentKVError("the host pages of an offloaded cache must be pinned for asynchronous copies.")
-        self.slots = slots
-        self.pool = torch.zeros(slots, *host.shape[1:], dtype=host.dtype, device=self.device)
-        self.slot_of_page = torch.full((host.shape[0],), -1, dtype=torch.long)
-        self.page_of_slot = torch.full((slots,), -1, dtype=torch.long)
-        self.last_used = torch.full((slots,), -1, dtype=torch.long)  # call counter; -1: free
+        self.layered = host.dim() == 4
+        self.layers = host.shape[0] if self.layered else 1
+        self.num_pages = P = host.shape[-3]
+        self.slots = S = slots
+        L = self.layers
+        self._host_flat = host.reshape(L * P, *host.shape[-2:])  # a view: the same storage
+        # per layer slot S is its trash slot; global page L * P is the trash page
+        self.pools = torch.zeros(L, S + 1, *host.shape[-2:], dtype=host.dtype, device=dev)
+        self.pool = self.pools if self.layered else self.pools[0]
+        self._pool_flat = self.pools.view(L * (S + 1), *host.shape[-2:])
+        self.slot_of_page = torch.full((L * P + 1,), -1, dtype=torch.long, device=dev)  # global slot
+        self.page_of_slot = torch.full((L * (S + 1),), -1, dtype=torch.long, device=dev)  # global page
+        self.last_used = torch.full((L, S + 1), -1, dtype=torch.long, device=dev)  # call counter; -1: free
+        self.protect = torch.zeros(L, S + 1, dtype=torch.bool, device=dev)  # the last prefetch's slots
+        self.counters = torch.zeros(len(_DEVICE_COUNTERS), dtype=torch.long, device=dev)
+        self._page_base = (torch.arange(L, device=dev) * P)[:, None]
+        self._slot_base = (torch.arange(L, device=dev) * (S + 1))[:, None]
+        self._trash_slot = L * (S + 1) - 1
         self.tick = 0
-        self.stats = stats if stats is not None else OffloadStats()
-        self.ready = None  # CUDA event: the last prefetch's copies are done
-        self.page_bytes = host[0].numel() * host.element_size()
+        self._host_stats = stats if stats is not None else OffloadStats()
+        self.ready = [None] * L  # CUDA events: a layer's prefetched copies are done
+        self.page_bytes = host[..., 0, :, :].numel() // L * host.element_size()
+        self._pending = None  # a deferred prefetch: (pairs handle, the pages tensor given)
+        self._prefetched = None  # the pages tensor of the last prefetch, while all of it is resident
+        self._overflow = None  # device flag: an adopt did not fit (raised by the next ensure)
+        self._stage = self._stage_idx = self._pairs = None
+        self._stage_free = None  # CUDA event: the staging buffer's last copy has left it
+        self.host_wait_s = 0.0  # host time spent waiting for the device (placed pairs, staging buffer)
+
+    # stats --------------------------------------------------------------------------------
+    @property
+    def stats(self) -> OffloadStats:
+        """The counters (reading the device ones waits for the device)."""
+        values = dict(zip(_DEVICE_COUNTERS, self.counters.tolist()))
+        if values.pop("unchecked"):
+            raise LatentKVError("pages assumed resident were not: ensure(...) was given the tensor of a prefetch "
+                                "that had changed since.")
+        values["peak_resident"] = max(values["peak_resident"], self._resident_max())
+        st = self._host_stats
+        for name, v in values.items():
+            setattr(st, name, v)
+        return st
+
+    def reset_stats(self) -> None:
+        self.counters.zero_()
+        self._host_stats.__init__()
+
+    def _resident_max(self) -> int:
+        return int((self.page_of_slot.view(self.layers, -1)[:, : self.slots] >= 0).sum(1).max())
 
     # placement ----------------------------------------------------------------------------
-    def resident(self, page: int) -> bool:
-        return bool(self.slot_of_page[int(page)] >= 0)
+    def _pages(self, pages) -> torch.Tensor:
+        """[layers, n] device long (local page ids, -1 = none)."""
+        if not isinstance(pages, torch.Tensor):
+            pages = torch.as_tensor(list(pages), dtype=torch.long)
+        return pages.to(self.device, torch.long, non_blocking=True).reshape(self.layers, -1)
+
+    def resident(self, page: int, layer: int = 0) -> bool:
+        return bool(self.slot_of_page[layer * self.num_pages + int(page)] >= 0)
 
     @property
     def slot_of(self) -> dict[int, int]:
-        """{host page: slot} of the resident pages (inspection)."""
-        used = (self.page_of_slot >= 0).nonzero().flatten()
-        return dict(zip(self.page_of_slot[used].tolist(), used.tolist()))
+        """{host page: slot} of the resident pages of layer 0 (inspection)."""
+        page_of_slot = self.page_of_slot[: self.slots].cpu()
+        used = (page_of_slot >= 0).nonzero().flatten()
+        return dict(zip(page_of_slot[used].tolist(), used.tolist()))
 
-    def _place(self, pages, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots for the pages of ``pages`` not resident, evicting the least recently used pages
-        not among ``pages``; returns the new (pages, slots). ``strict``: raise when they cannot
-        fit, else place what fits, in the order given (a prefetch is best effort)."""
-        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
-        if pages.numel() == 0:
-            return pages, pages
-        uniq, inverse = torch.unique(pages, return_inverse=True)
-        first = torch.full((uniq.numel(),), pages.numel(), dtype=torch.long)
-        first.scatter_reduce_(0, inverse, torch.arange(pages.numel()), "amin")
-        pages = uniq[first.argsort()]  # unique, in the order first given
+    def _place(self, pages: torch.Tensor, strict: bool, protect: bool = False):
+        """Slots for the pages of ``pages`` ([layers, n] device long, -1 = none) not resident,
+        evicting per layer the least recently used pages not among ``pages`` (nor protected by the
+        last prefetch). Device operations only. Returns (new global pages [layers, n] (-1 where
+        none), their global slots, overflow [layers, 1]: some page did not fit -- ``strict``: then
+        that layer places nothing, else the pages that fit are placed, in ascending page order --,
+        the number of unique pages)."""
+        L, S, P, MAX = self.layers, self.slots, self.num_pages, torch.iinfo(torch.long).max
+        trash_page, trash_slot = L * P, self._trash_slot
         self.tick += 1
-        cur = self.slot_of_page[pages]
+        if protect:  # a new prefetch replaces the last one's protection
+            self.protect.zero_()
+        lp = torch.where(pages >= 0, pages, P).sort(dim=1).values  # no page (P) sorts last
+        uniq = torch.ones_like(lp, dtype=torch.bool)
+        uniq[:, 1:] = lp[:, 1:] != lp[:, :-1]
+        uniq &= lp < P
+        gp = torch.where(uniq, lp + self._page_base, trash_page)
+        cur = self.slot_of_page[gp]
         here = cur >= 0
-        self.last_used[cur[here]] = self.tick
-        missing = pages[~here]
-        if missing.numel() == 0:
-            return missing, missing
-        key = self.last_used.clone()
-        key[cur[here]] = torch.iinfo(torch.long).max  # the pages of this call stay
-        room = int((key < torch.iinfo(torch.long).max).sum())  # slots not holding a page of this call
-        if missing.numel() > room:
-            if strict:
-                raise LatentKVError(
-                    f"the device page pool has {self.slots} slots but this step attends to {pages.numel()} pages "
-                    "of this layer; build the offloaded cache with more pool pages (pool_pages) or lower the "
-                    "sparse budget."
-                )
-            missing = missing[:room]
-            if missing.numel() == 0:
-                return missing, missing
-        victims = torch.topk(key, missing.numel(), largest=False).indices
-        old = self.page_of_slot[victims]
-        old = old[old >= 0]
-        self.slot_of_page[old] = -1
-        self.stats.evictions += old.numel()
-        self.page_of_slot[victims] = missing
-        self.slot_of_page[missing] = victims
-        self.last_used[victims] = self.tick
-        self.stats.peak_resident = max(self.stats.peak_resident, int((self.page_of_slot >= 0).sum()))
-        return missing, victims
+        need = uniq & ~here
+        here_slot = torch.where(here, cur, trash_slot).flatten()
+        self.last_used.view(-1).index_fill_(0, here_slot, self.tick)
+        key = self.last_used.masked_fill(self.protect, MAX)
+        key.view(-1).index_fill_(0, here_slot, MAX)  # this call's pages stay
+        order = key[:, :S].sort(dim=1, stable=True)
+        room = (order.values < MAX).sum(1, keepdim=True)
+        rank = need.cumsum(1) - 1
+        if strict:
+            overflow = need.sum(1, keepdim=True) > room
+            ok = need & ~overflow
+        else:
+            ok = need & (rank < room)
+            overflow = (need & ~ok).any(1, keepdim=True)
+        gslot = torch.where(ok, order.indices.gather(1, rank.clamp(0, S - 1)) + self._slot_base, trash_slot)
+        old = self.page_of_slot[gslot]
+        evicted = ok & (old >= 0)
+        self.slot_of_page.index_fill_(0, torch.where(evicted, old, trash_page).flatten(), -1)
+        self.page_of_slot.index_copy_(0, gslot.flatten(), gp.flatten())
+        self.slot_of_page.index_copy_(0, torch.where(ok, gp, trash_page).flatten(), gslot.flatten())
+        self.slot_of_page[trash_page] = -1
+        self.last_used.view(-1).index_fill_(0, gslot.flatten(), self.tick)
+        if protect:
+            placed = self.slot_of_page[gp]
+            self.protect.view(-1).index_fill_(0, torch.where(placed >= 0, placed, trash_slot).flatten(), True)
+        self.counters[0:1].add_(evicted.sum())
+        return torch.where(ok, gp, -1), torch.where(ok, gslot, -1), overflow, uniq.sum()
 
-    def _copy(self, pages: torch.Tensor, slots: torch.Tensor, non_blocking: bool) -> None:
-        for page, slot, count in _runs(list(zip(pages.tolist(), slots.tolist()))):
-            self.pool[slot : slot + count].copy_(self.host[page : page + count], non_blocking=non_blocking)
-        self.stats.bytes_moved += pages.numel() * self.page_bytes
+    def _announce(self, new: torch.Tensor, slots: torch.Tensor, overflow: torch.Tensor):
+        """Start the device-to-host transfer of the placed pairs (one copy, then an event)."""
+        packed = torch.cat([new.flatten(), slots.flatten(), overflow.flatten().long()])
+        if not self.cuda:
+            return packed, None, new.numel()
+        if self._pairs is None or self._pairs.numel() < packed.numel():
+            self._pairs = torch.empty(packed.numel(), dtype=torch.long, pin_memory=True)
+        buf = self._pairs[: packed.numel()]
+        buf.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event, new.numel()
+
+    def _synchronize(self, event) -> None:
+        if event is not None:
+            t0 = time.perf_counter()
+            event.synchronize()
+            self.host_wait_s += time.perf_counter() - t0
+
+    def _overflowed(self, handle) -> bool:
+        buf, event, n = handle
+        self._synchronize(event)
+        return bool(buf[2 * n :].any())
+
+    def _copy(self, handle, side: bool) -> int:
+        """The host part of a placement: wait for its pairs, gather the host pages into the pinned
+        staging buffer, copy them in per layer (on the side stream, after the work queued so far,
+        when ``side``). Returns the pages copied."""
+        buf, event, n = handle
+        self._synchronize(event)
+        sel = (buf[:n] >= 0).nonzero().flatten()
+        m = sel.numel()
+        if m == 0:
+            return 0
+        pages, slots = buf[:n][sel], buf[n : 2 * n][sel]
+        self._host_stats.bytes_moved += m * self.page_bytes
+        if not self.cuda:
+            self._pool_flat.index_copy_(0, slots, self._host_flat.index_select(0, pages))
+            return m
+        self._synchronize(self._stage_free)  # the staging buffer's previous copy has left it
+        if self._stage is None or self._stage.shape[0] < m:
+            size = max(m, self.slots)
+            self._stage = torch.empty(size, *self._host_flat.shape[1:], dtype=self.host.dtype, pin_memory=True)
+            self._stage_idx = torch.empty(size, dtype=torch.long, pin_memory=True)
+        stage, idx = self._stage[:m], self._stage_idx[:m]
+        torch.index_select(self._host_flat, 0, pages, out=stage)
+        idx.copy_(slots)
+        # per layer: its own copy and event, so a layer waits only for its pages
+        ends = torch.bincount(sel // (n // self.layers), minlength=self.layers).cumsum(0).tolist()
+        compute = torch.cuda.current_stream(self.device)
+        stream = side_stream(self.device) if side else compute
+        if side:
+            stream.wait_stream(compute)  # queued reads of the evicted slots first
+        with torch.cuda.stream(stream):
+            start = 0
+            for layer, end in enumerate(ends):
+                if end == start:
+                    continue
+                rows = stage[start:end].to(self.device, non_blocking=True)  # made on (freed to) this stream
+                self._pool_flat.index_copy_(0, idx[start:end].to(self.device, non_blocking=True), rows)
+                if side:
+                    self.ready[layer] = torch.cuda.Event()
+                    self.ready[layer].record(stream)
+                start = end
+            self._stage_free = torch.cuda.Event()
+            self._stage_free.record(stream)
+        return m
 
     # the calls of a step ------------------------------------------------------------------
-    def prefetch(self, pages) -> int:
-        """Start copying the ``pages`` not resident (best effort: what fits beside them); on CUDA on
-        the side stream, after the work already queued on the compute stream. Returns the count."""
-        new, slots = self._place(pages, strict=False)
-        if new.numel():
-            if self.cuda:
-                stream = side_stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))  # queued reads of evicted slots first
-                with torch.cuda.stream(stream):
-                    self._copy(new, slots, non_blocking=True)
-                    self.ready = torch.cuda.Event()
-                    self.ready.record(stream)
-            else:
-                self._copy(new, slots, non_blocking=False)
-        self.stats.pages_prefetched += new.numel()
-        return new.numel()
+    def prefetch(self, pages, defer: bool = False) -> int | None:
+        """Place the ``pages`` not resident (best effort: what fits beside them) and copy them; on
+        CUDA on the side stream, after the work already queued on the compute stream. Returns the
+        count, or None with ``defer``: the host part (which waits for the device to have placed
+        them) is left to ``issue``, which ``ensure``, ``wait``, ``write_rows`` and the next
+        ``prefetch`` call first."""
+        self.issue()
+        new, slots, overflow, _ = self._place(self._pages(pages), strict=False, protect=True)
+        self._pending = (self._announce(new, slots, overflow), pages)
+        return None if defer else self.issue()
 
-    def wait(self) -> None:
-        """Order the compute stream after the last prefetch's copies (before the pool is written or read)."""
-        if self.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
-            self.ready = None
+    def issue(self) -> int:
+        """The host part of a deferred prefetch (no-op without one); returns the pages copied."""
+        if self._pending is None:
+            return 0
+        handle, given = self._pending
+        self._pending = None
+        m = self._copy(handle, side=self.cuda)
+        self._prefetched = None if self._overflowed(handle) else given
+        self._host_stats.pages_prefetched += m
+        return m
+
+    def wait(self, layer: int | None = None) -> None:
+        """Order the compute stream after the prefetched copies of ``layer`` (every layer when
+        None), before the pool is written or read there."""
+        self.issue()
+        for i in range(self.layers) if layer is None else (layer,):
+            if self.ready[i] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[i])
+                self.ready[i] = None
 
     def adopt(self, pages) -> None:
-        """Slots for pages whose first row is being written now (nothing to copy)."""
+        """Slots for pages whose first row is being written now (nothing to copy). Does not wait for
+        the device: a page that does not fit is reported by the next ``ensure``."""
         self.wait()
-        new, _ = self._place(pages, strict=True)
-        self.stats.pages_fresh += new.numel()
+        new, _, overflow, _ = self._place(self._pages(pages), strict=True)
+        self.counters[2:3].add_((new >= 0).sum())
+        self._overflow = overflow if self._overflow is None else self._overflow | overflow
+
+    def row_index(self, flat_rows) -> torch.Tensor:
+        """[layers, n] indices into ``rows_of(layer)`` of the rows ``flat_rows`` ([n], any device:
+        row ids in the [num_pages * page_size] view of a layer); a row of a page not resident goes
+        to the trash slot. Call after ``wait`` (placement order)."""
+        size = self.host.shape[-2]
+        flat_rows = flat_rows.to(self.device, torch.long, non_blocking=True) if isinstance(flat_rows, torch.Tensor) \
+            else torch.as_tensor(flat_rows, dtype=torch.long, device=self.device)
+        slot = self.slot_of_page[flat_rows // size + self._page_base]  # [layers, n] global
+        return (torch.where(slot >= 0, slot - self._slot_base, self.slots) + self._slot_base) * size + flat_rows % size
+
+    def rows_of(self) -> torch.Tensor:
+        """The pools of every layer as one [layers * (slots + 1) * page_size, width] row view."""
+        return self._pool_flat.view(-1, self._pool_flat.shape[-1])
 
     def write_rows(self, flat_rows, rows: torch.Tensor) -> None:
-        """flat_rows [n] (host, long): row ids in the [num_pages * page_size] view; rows [n, width]
-        (any device): written into the slots of the resident pages."""
-        size = self.host.shape[1]
-        flat_rows = torch.as_tensor(flat_rows, dtype=torch.long)
-        slot = self.slot_of_page[flat_rows // size]
-        keep = (slot >= 0).nonzero().flatten()
-        if keep.numel() == 0:
-            return
+        """flat_rows [n] (long, any device): row ids in a layer's [num_pages * page_size] view; rows
+        [n, width] (one layer) or [layers, n, width]: written into the slots of the resident pages."""
         self.wait()
-        dst = (slot[keep] * size + flat_rows[keep] % size).to(self.device)
-        self.pool.view(-1, self.pool.shape[-1]).index_copy_(0, dst, rows[keep.to(rows.device)].to(self.pool.dtype))
+        index = self.row_index(flat_rows)
+        self.rows_of().index_copy_(0, index.flatten(), rows.to(self.device, self.pool.dtype).reshape(index.numel(), -1))
 
-    def ensure(self, pages) -> torch.Tensor:
-        """Slots [len(pages)] (long, host) of ``pages``, copying the missing ones now on the compute
-        stream (misses)."""
-        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
-        self.wait()
-        new, slots = self._place(pages, strict=True)
-        if new.numel():
-            self._copy(new, slots, non_blocking=self.cuda)  # the compute stream: ordered before the attention
-        self.stats.pages_missed += new.numel()
-        self.stats.pages_attended += int(torch.unique(pages).numel())
-        self.stats.steps += 1
-        return self.slot_of_page[pages]
+    def ensure(self, pages, wait: bool = True) -> torch.Tensor:
+        """Slots (long, on the device, per layer; -1 for a -1 page) of ``pages``, in their shape,
+        copying the missing ones now on the compute stream (misses, counted). Without a transfer
+        to the host when ``pages`` is the very tensor the last prefetch placed completely.
+        ``wait=False``: the compute stream does not wait for the prefetched copies here; call
+        ``wait(layer)`` before the layer's pool is written or read."""
+        trusted = (self._pending is not None and pages is self._pending[1]) or \
+            (self._pending is None and pages is self._prefetched)
+        self.issue()
+        trusted = trusted and self._prefetched is not None
+        self._prefetched = None
+        if wait or not trusted:  # a miss's slot may be one a prefetch copy still targets
+            self.wait()
+        flat = self._pages(pages)
+        if trusted:  # every page is resident (a page that is not is counted; the stats read raises)
+            gp = torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)
+            slot = self.slot_of_page[gp]
+            self.counters[1:2].add_((slot >= 0).sum())
+            self.counters[4:5].add_(((slot < 0) & (flat >= 0)).sum())
+            self._host_stats.steps += self.layers
+        else:
+            self.protect.zero_()  # the prefetch is consumed: its pages not chosen now may go
+            new, slots, overflow, attended = self._place(flat, strict=True)
+            if self._overflow is not None:
+                overflow, self._overflow = overflow | self._overflow, None
+            handle = self._announce(new, slots, overflow)
+            if self._overflowed(handle):
+                raise LatentKVError(
+                    f"the device page pool has {self.slots} slots per layer but this step attends to more pages "
+                    "of a layer; build the offloaded cache with more pool pages (pool_pages) or lower the sparse "
+                    "budget."
+                )
+            self._host_stats.pages_missed += self._copy(handle, side=False)  # compute stream: before the attention
+            self.counters[1:2].add_(attended)
+            self._host_stats.steps += self.layers
+            slot = self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
+        self.protect.zero_()
+        out = torch.where(slot >= 0, slot - self._slot_base, -1)
+        if isinstance(pages, torch.Tensor):
+            return out.view(pages.shape)
+        return out.view(-1) if not self.layered else out
 
     def drop(self, pages) -> None:
         """Forget pages (a finished sequence's): their slots become free."""
-        pages = torch.as_tensor(pages, dtype=torch.long).flatten()
-        slots = self.slot_of_page[pages]
-        slots = slots[slots >= 0]
-        self.page_of_slot[slots] = -1
-        self.last_used[slots] = -1
-        self.slot_of_page[pages] = -1
+        self.wait()
+        flat = self._pages(pages)
+        if flat.numel() == 0:
+            return
+        peak = self.counters[3:4]
+        peak.copy_(torch.maximum(peak, (self.page_of_slot.view(self.layers, -1)[:, : self.slots] >= 0).sum(1).max()))
+        gp = torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)
+        slots = self.slot_of_page[gp]
+        slots = torch.where(slots >= 0, slots, self._trash_slot).flatten()
+        self.page_of_slot.index_fill_(0, slots, -1)
+        self.last_used.view(-1).index_fill_(0, slots, -1)
+        self.protect.view(-1).index_fill_(0, slots, False)
+        self.slot_of_page.index_fill_(0, gp.flatten(), -1)
 
     def __deepcopy__(self, memo):
         self.wait()
@@ -268,11 +438,17 @@ class PagePool:
             torch.cuda.current_stream(self.device).synchronize()
         other = PagePool.__new__(PagePool)
         other.__dict__.update(self.__dict__)
-        for name in ("pool", "slot_of_page", "page_of_slot", "last_used"):
+        for name in ("pools", "slot_of_page", "page_of_slot", "last_used", "protect"):
             setattr(other, name, getattr(self, name).clone())
-        other.stats = OffloadStats()
-        other.ready = None
+        other.pool = other.pools if other.layered else other.pools[0]
+        other._pool_flat = other.pools.view(-1, *other.pools.shape[2:])
+        other.counters = torch.zeros_like(self.counters)
+        other._host_stats = OffloadStats()
+        other.ready = [None] * self.layers
+        other._stage_free = other._pending = other._prefetched = other._overflow = None
+        other._stage = other._stage_idx = other._pairs = None
         other.host = memo.get(id(self.host), self.host)
+        other._host_flat = other.host.reshape(self._host_flat.shape)
         return other
 
 
@@ -387,13 +563,9 @@ class OffloadedLatentCache(PagedLatentCache):
             remap[order.long()] = torch.arange(len(order), dtype=torch.int32)
             dev_table = remap[table.long()]
         else:
-            dev_table = torch.zeros_like(table)
-            wanted = [table[r, : -(-lens_host[r] // size)].tolist() for r in range(b)]
-            slots = pool.ensure([p for w in wanted for p in w]).to(torch.int32)
-            at = 0
-            for r, w in enumerate(wanted):
-                dev_table[r, : len(w)] = slots[at : at + len(w)]
-                at += len(w)
+            blocks = (lens.cpu().long() + size - 1) // size
+            pages = torch.where(torch.arange(table.shape[1])[None] < blocks[:, None], table.long(), -1)
+            dev_table = pool.ensure(pages.to(self.device)).clamp_min(0).to(torch.int32)
             kv = pool.pool
         out = decode_attention(
             q, kv, dev_table.to(self.device), lens.to(self.device),
