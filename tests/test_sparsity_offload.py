@@ -247,3 +247,167 @@ def test_bench_offload_decode_smoke(capsys):
     sparse = result["rows"][2]
     assert sparse["offload"]["misses_per_step"] == 0 and sparse["cache_gpu_bytes"] < result["rows"][0]["cache_gpu_bytes"]
     assert "| 96 | sparse-offload 0.25 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# the device-side bookkeeping: every layer and sequence at once
+# ---------------------------------------------------------------------------------------------
+class _ReferencePool:
+    """The pool's placement rule one page at a time in Python (the per-page logic the vectorized
+    placement replaced): per call the unique pages in ascending order; a resident page is touched;
+    a missing page takes the free or least recently used slot (ties: the lower slot) that holds no
+    page of this call and is not protected by the last prefetch; a strict call that cannot fit
+    places nothing."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.slot_of, self.page_of = {}, [None] * slots
+        self.last_used, self.protect = [-1] * slots, set()
+        self.tick, self.evictions = 0, 0
+
+    def place(self, pages, strict, protect=False):
+        self.tick += 1
+        if protect:
+            self.protect = set()
+        uniq = sorted({p for p in pages if p >= 0})
+        keep = {self.slot_of[p] for p in uniq if p in self.slot_of}
+        for s in keep:
+            self.last_used[s] = self.tick
+        missing = [p for p in uniq if p not in self.slot_of]
+        free = sorted((s for s in range(self.slots) if s not in keep and s not in self.protect),
+                      key=lambda s: (self.last_used[s], s))
+        if strict and len(missing) > len(free):
+            return None
+        new = []
+        for p, s in zip(missing, free):
+            if self.page_of[s] is not None:
+                del self.slot_of[self.page_of[s]]
+                self.evictions += 1
+            self.page_of[s], self.slot_of[p], self.last_used[s] = p, s, self.tick
+            new.append(p)
+        if protect:
+            self.protect = {self.slot_of[p] for p in uniq if p in self.slot_of}
+        return new
+
+    def drop(self, pages):
+        for p in pages:
+            s = self.slot_of.pop(p, None)
+            if s is not None:
+                self.page_of[s], self.last_used[s] = None, -1
+                self.protect.discard(s)
+
+
+def test_vectorized_placement_equals_per_page_reference():
+    """Guards the device-side bookkeeping: over random calls (prefetch, ensure, adopt, drop) of
+    random page choices of a batch, with duplicates and padding, the pool's page -> slot map, its
+    evictions, the pages copied and the misses equal the per-page reference rule's, and every
+    resident slot holds its host page."""
+    g = torch.Generator().manual_seed(11)
+    host = torch.randn(40, 2, 3, generator=g)
+    slots = 12
+    pool, ref = PagePool(host, slots), _ReferencePool(slots)
+    missed = 0
+    for call in range(120):
+        kind = ["prefetch", "ensure", "ensure", "adopt", "drop"][int(torch.randint(0, 5, (1,), generator=g))]
+        n = int(torch.randint(1, 14 if kind != "adopt" else 3, (1,), generator=g))
+        pages = torch.randint(-1, 40, (n,), generator=g)  # -1: padding
+        if kind == "prefetch":
+            placed = ref.place(pages.tolist(), strict=False, protect=True)
+            assert pool.prefetch(pages) == len(placed)
+        elif kind == "ensure":
+            ref.protect = set()
+            placed = ref.place(pages.tolist(), strict=True)
+            if placed is None:
+                with pytest.raises(LatentKVError, match="pool"):
+                    pool.ensure(pages)
+                continue
+            missed += len(placed)
+            slot_ids = pool.ensure(pages)
+            assert slot_ids.tolist() == [ref.slot_of[p] if p >= 0 else -1 for p in pages.tolist()]
+        elif kind == "adopt":
+            fresh = [p for p in pages.tolist() if p >= 0 and p not in ref.slot_of]
+            if ref.place(fresh, strict=True) is None:
+                continue  # a pool that cannot adopt raises at the next ensure; covered below
+            pool.adopt(torch.tensor(fresh, dtype=torch.long))
+            if fresh:  # an adopted page is not copied: its rows are written (here all of them)
+                flat = (torch.tensor(fresh)[:, None] * 2 + torch.arange(2)[None]).flatten()
+                pool.write_rows(flat, host.view(-1, 3)[flat])
+        else:
+            ref.drop(pages.tolist())
+            pool.drop(pages)
+        assert pool.slot_of == ref.slot_of, (call, kind)
+        assert pool.stats.evictions == ref.evictions and pool.stats.pages_missed == missed
+        for page, slot in pool.slot_of.items():
+            assert torch.equal(pool.pool[slot], host[page])
+
+
+def test_adopt_that_cannot_fit_is_reported_by_ensure():
+    pool = PagePool(torch.randn(10, 2, 3), 2)
+    pool.ensure([0, 1])
+    pool.prefetch([0, 1])  # both protected until the next ensure
+    pool.adopt([5])
+    with pytest.raises(LatentKVError, match="pool"):
+        pool.ensure([0, 1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layered_offloaded_sparse_decode_equals_resident(backend):
+    """Guards the batched path (one pool over every layer, the choice and the slot tables as device
+    tensors, placement deferred): over several decode steps with changing pages, three sequences of
+    different lengths and two layers, attention through the pools is byte-identical to the same
+    sparse attention over the resident cache (same kernel, same reduced table, same split); a
+    forecast that is the attended tensor misses nothing and needs no transfer, a forecast that is
+    partly wrong is fetched synchronously and each missing page is counted once."""
+    _kernel_available(backend)
+    from latentkv.kernels.mla_decode import decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    layers, heads, lh, r_c, rope, page, k = 2, 4, 1, 32, 16, 8, 3
+    width = lh * r_c + rope
+    lens = [37, 50, 21]
+    B = len(lens)
+    steps = 5 if backend == "reference" else 2
+    per_seq = math.ceil((max(lens) + steps) / page)
+    host = torch.randn(layers, B * per_seq, page, width, generator=g)
+    pool = PagePool(host, B * k)
+    table = torch.arange(B)[:, None] * per_seq + torch.arange(per_seq)[None]
+
+    def choice(lengths):  # [layers, B, k] ascending page ids: the sink, k - 2 random, the current page
+        out = torch.empty(layers, B, k, dtype=torch.long)
+        for l in range(layers):
+            for b, n in enumerate(lengths):
+                blocks = math.ceil(n / page)
+                mid = (torch.randperm(blocks - 2, generator=g)[: k - 2] + 1).tolist()
+                out[l, b] = table[b, sorted({0, blocks - 1, *mid})]
+        return out
+
+    forecast = None
+    expected_missed = 0
+    for step in range(steps):
+        rows = torch.tensor([int(table[b, n // page]) * page + n % page for b, n in enumerate(lens)])
+        lens = [n + 1 for n in lens]
+        new = torch.randn(layers, B, width, generator=g)
+        host.view(layers, -1, width)[:, rows] = new  # the truth
+        exact = step % 2 == 0 and forecast is not None
+        chosen = forecast if exact else choice(lens)
+        if not exact:
+            expected_missed += sum(not pool.resident(int(p), l) for l in range(layers)
+                                   for p in chosen[l].flatten().unique())
+        slots = pool.ensure(chosen, wait=False)
+        pool.write_rows(rows, new)
+        assert pool.stats.pages_missed == expected_missed
+        seq_lens = torch.tensor([(k - 1) * page + n - (math.ceil(n / page) - 1) * page for n in lens], dtype=torch.int32)
+        q = torch.randn(B, 1, heads, width, generator=g)
+        for l in range(layers):
+            pool.wait(l)
+            args = dict(latent_heads=lh, rope_dim=rope, softmax_scale=1 / math.sqrt(width), backend=backend,
+                        num_splits=2, max_seq_len=k * page)
+            got = decode_attention(q, pool.pools[l], slots[l].to(torch.int32), seq_lens, **args)
+            want = decode_attention(q, host[l], chosen[l].to(torch.int32), seq_lens, **args)
+            assert torch.equal(got, want), (step, l)
+        # the next step's forecast: placed now, copied when the next step asks (deferred)
+        forecast = choice([n + 1 for n in lens])
+        pool.prefetch(forecast, defer=True)
+    stats = pool.stats
+    assert stats.pages_missed == expected_missed > 0 and stats.peak_resident <= B * k
+    assert stats.bytes_moved == (stats.pages_missed + stats.pages_prefetched) * pool.page_bytes
