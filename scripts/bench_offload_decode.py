@@ -392,7 +392,7 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
         rows_t = torch.tensor(rows)
         rows_dev = rows_t.to(device, non_blocking=True)
         index = pool.row_index(rows_dev)  # [L, B] rows in the pools
-        pg = rows_dev // page
+        pg = (rows_dev // page)[:, None].expand(B, width)  # the page of each new row, per column
         length = cache.lens[0] + 1
         n = -(-length // page)
         lens_dev = torch.full((B,), (k - 1) * page + length - (n - 1) * page, dtype=torch.int32, device=device)
@@ -406,8 +406,8 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
             rows_host[l].copy_(row, non_blocking=cuda)
             pool.wait(l)
             pool_rows.index_copy_(0, index[l], row)
-            low[l].index_reduce_(0, pg, row, "amin")
-            high[l].index_reduce_(0, pg, row, "amax")
+            low[l].scatter_reduce_(0, pg, row, "amin")
+            high[l].scatter_reduce_(0, pg, row, "amax")
             t = clock.add("bookkeeping", t)
             o = attend(stack, q, pool.pools[l], slots[l], lens_dev, k * page, backend)
             t = clock.add("model", t)

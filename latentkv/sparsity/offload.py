@@ -18,18 +18,26 @@ The order of one decode step t of one layer (``OffloadedLatentCache.attend_laten
 4. the kernel attends over the pool (exact: the same rows in the same order as the non-offloaded
    cache's reduced table, so the output is bit-identical);
 5. the policy's choice for step t + 1 is made from the history up to t (``SparseAttention.forecast``)
-   and the pages it lacks are copied host-to-device on a side CUDA stream (``PagePool.prefetch``:
-   non-blocking copies from pinned memory, an event the next step waits on), overlapped with the
-   rest of step t. The side stream first waits for the compute stream, so a slot is never
-   overwritten while queued work still reads it.
+   and placed in the pool on the device (``PagePool.prefetch(..., defer=True)``); one layer later
+   the host reads the placed (page, slot) pairs back and copies the missing pages host-to-device on
+   a side CUDA stream (``PagePool.issue``: one gather into a pinned staging buffer, non-blocking
+   copies, an event the next step waits on), overlapped with the rest of step t. The side stream
+   first waits for the compute stream, so a slot is never overwritten while queued work still
+   reads it.
 
 For history policies (window, last-step, predictor) the forecast is the next step's choice, so
 misses come only from refresh steps; Quest and the oracle need the next query, so their forecast is
 this step's choice moved to the next length, and what they change is fetched as misses.
 
 Eviction: the pool keeps its pages in least-recently-used order; a page is evicted only when a
-slot is needed and it is not among the pages being placed. The pool never holds more pages than
-its slots: a step whose pages cannot fit raises an error naming the size to ask for.
+slot is needed and it is not among the pages being placed (nor, until the next ``ensure``, among
+the last prefetch's). The pool never holds more pages than its slots: a step whose pages cannot
+fit raises an error naming the size to ask for.
+
+Bookkeeping: the maps are device tensors and one ``PagePool`` may hold every layer, so the pages of
+a whole batch (and of every layer) are placed by one fixed batch of vector operations without a
+loop over sequences or pages; see ``PagePool``. ``scripts/bench_offload_decode.py`` drives it that
+way (the choice made on the device for every sequence, one placement and one read-back per step).
 
 On the CPU (``device="cpu"``) the same code runs without streams or pinned memory (the tests).
 Prefill chunks attend densely over a temporary device copy of the sequence's pages (prefill is
@@ -577,6 +585,7 @@ class OffloadedLatentCache(PagedLatentCache):
             out, page_masses = out
             self.sparsity.record(layer, page_masses)
         self._prefetch_next(layer, step)
+        self.pools[layer - 1].issue()  # the last layer's forecast copies (its placement has had a layer's time)
         return out
 
     @property
@@ -608,7 +617,7 @@ class OffloadedLatentCache(PagedLatentCache):
             else:
                 ids = self.sparsity.forecast(seq, layer, length + 1).tolist()
             pages.extend(table[i] for i in ids if i < len(table) and i * size < length)
-        self.pools[layer].prefetch(pages)
+        self.pools[layer].prefetch(torch.tensor(pages, dtype=torch.long), defer=True)
 
     def free_sequence(self, seq: int) -> None:
         for pool in self.pools:
