@@ -13,17 +13,23 @@ paged latent cache, the output and MLP projections; then the LM head. Rows:
 - ``dense-offload``: the whole cache in pinned host memory, every page of a layer copied to the GPU
   each step (one copy per layer on a side stream into two alternating layer buffers, overlapped with
   the previous layer's compute) -- the bound of offloading without sparsity;
-- ``sparse-offload f``: the cache in pinned host memory, a device pool per layer of
-  batch x (ceil(f x pages) + 2) slots (``latentkv.sparsity.offload.PagePool``); the pages a step
-  attends are chosen from the history up to the previous step -- Quest page bounds (per-page min /
-  max of the cache rows, kept on the GPU) scored with the previous step's query, plus the sink and
-  the current page -- so the choice for step t + 1 is known while step t runs and its missing pages
-  are copied host-to-device on a side stream, overlapped with the rest of step t. Pages the pool
-  still lacks when attended are fetched synchronously (counted as misses).
+- ``sparse-gpu f``: the whole cache on the GPU, each step attending ceil(f x pages) pages of each
+  sequence (sink + current + chosen) -- Quest page bounds (per-page min / max of the cache rows,
+  kept on the GPU) scored with the previous step's query, for every sequence at once on the device
+  (a batched top-k), so the choice for step t + 1 is known while step t runs;
+- ``sparse-offload f``: the same choice with the cache in pinned host memory and one device pool
+  over every layer of batch x ceil(f x pages) slots per layer -- the budget, sink and current page
+  included (``latentkv.sparsity.offload.PagePool``): at the end of step t the next step's pages of
+  every layer are placed in one batch of device operations, and from the start of step t + 1 the
+  missing ones are gathered into a pinned staging buffer and copied host-to-device per layer on a
+  side stream (an event per layer), overlapped with the earlier layers. One read-back of the placed
+  pages and one host wait per step; its logits must equal ``sparse-gpu f``'s bit for bit (checked).
 
 Also measured in the same run: the host-to-device copy bandwidth from pinned memory. Reported:
 decode tokens/s, the GPU memory the cache takes in each mode (pool + page bounds for the sparse
-rows), the pages copied per layer-step, misses, and ratios against the baselines of the same run.
+rows), the pages copied per layer-step, misses, ratios against the baselines of the same run, and
+for the sparse rows where a step's time goes (host time per phase, host time blocked on the device,
+the device's span of a step).
 Random weights make the attention pattern -- hence how many chosen pages change per step and must
 be copied -- unlike a trained model's: read the pages fetched per step with the throughput. By
 default every step feeds the same token (``--tokens same``); ``--tokens random`` changes the query
@@ -316,17 +322,20 @@ class Clock:
         return out
 
 
-def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
+def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, resident=False):
     """Quest page bounds scored with this step's query choose the next step's pages, for every
     sequence at once on the device; one pool over every layer (``PagePool`` with a layer dimension)
     places all layers' pages with one batch of device operations per step and copies the missing
-    ones per layer on a side stream while the next step's earlier layers run."""
+    ones per layer on a side stream while the next step's earlier layers run. ``resident``: the
+    same choice over the whole cache on the GPU (no pool): the same attention, hence the same
+    logits, without the offload's work."""
     from latentkv.sparsity.offload import PagePool
 
     cuda = device.type == "cuda"
     L, B, page, per_seq, width = args.layers, cache.batch, cache.page, cache.per_seq, stack.width
     k = min(per_seq, max(2, math.ceil(fraction * math.ceil(cache.context / page))))  # sink + current + chosen
-    pool = PagePool(cache.host_all, B * k, device)
+    pool = None if resident else PagePool(cache.host_all, B * k, device)
+    kv_all = cache.host_all.to(device) if resident else None
     clock = Clock(device)
     # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
     low = torch.full((L, cache.num_pages, width), float("inf"), dtype=stack.dtype, device=device)
@@ -362,6 +371,8 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
 
     def place(chosen):  # the next step's pages of every layer: placed now, copied from the next step's start
         state["chosen"] = chosen
+        if resident:
+            return
         pool.prefetch(chosen, defer=True)
         state["rows_ready"] = torch.cuda.Event() if cuda else None
         if cuda:
@@ -371,6 +382,40 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
     ids = torch.tensor([0] + list(range(n0 - k + 1, n0)), device=device)
     place((ids[None, None] + seq_base[None]).expand(L, B, k).contiguous())
     state["flat"] = None
+
+    def step_resident(x):
+        t = time.perf_counter()
+        span0 = clock.event()
+        rows, _ = cache.new_rows()
+        rows_dev = torch.tensor(rows).to(device, non_blocking=True)
+        pg = (rows_dev // page)[:, None].expand(B, width)
+        length = cache.lens[0] + 1
+        n = -(-length // page)
+        lens_dev = torch.full((B,), (k - 1) * page + length - (n - 1) * page, dtype=torch.int32, device=device)
+        tables = state["chosen"].to(torch.int32)
+        t = clock.add("bookkeeping", t)
+        chosen = []
+        for l in range(L):
+            q, row = stack.qkv(l, x)
+            t = clock.add("model", t)
+            kv_all[l].view(-1, width).index_copy_(0, rows_dev, row)
+            low[l].scatter_reduce_(0, pg, row, "amin")
+            high[l].scatter_reduce_(0, pg, row, "amax")
+            t = clock.add("bookkeeping", t)
+            o = attend(stack, q, kv_all[l], tables[l], lens_dev, k * page, backend)
+            t = clock.add("model", t)
+            chosen.append(choose(l, q, -(-(length + 1) // page)))
+            t = clock.add("choice", t)
+            x = stack.out(l, x, o)
+            t = clock.add("model", t)
+        place(torch.stack(chosen))
+        t = clock.add("bookkeeping", t)
+        cache.lens = [length] * B
+        logits = stack.logits(x)
+        clock.add("model", t)
+        if span0 is not None:
+            clock.spans.append((span0, clock.event()))
+        return logits
 
     def step(x):
         t = time.perf_counter()
@@ -424,13 +469,17 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction):
             clock.spans.append((span0, clock.event()))
         return logits
 
-    pool.reset_stats()
-    result = timed(step, stack, cache, args, device, steps, reset=False, pools=[pool], clock=clock)
-    result["cache_gpu_bytes"] = pool.pools.numel() * pool.pools.element_size() + meta_bytes
-    result["pool_bytes"] = pool.pools.numel() * pool.pools.element_size()
+    if resident:
+        result = timed(step_resident, stack, cache, args, device, steps, reset=False, clock=clock)
+        result["cache_gpu_bytes"] = kv_all.numel() * kv_all.element_size() + meta_bytes
+    else:
+        pool.reset_stats()
+        result = timed(step, stack, cache, args, device, steps, reset=False, pools=[pool], clock=clock)
+        result["cache_gpu_bytes"] = pool.pools.numel() * pool.pools.element_size() + meta_bytes
+        result["pool_bytes"] = pool.pools.numel() * pool.pools.element_size()
     result["page_bounds_bytes"] = meta_bytes
     result["pages_attended_per_seq"] = k
-    del pool, low, high
+    del pool, kv_all, low, high
     return result
 
 
@@ -532,7 +581,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"context {context}: allocating {need / GIB:.1f} GiB of pinned host memory failed ({exc}); "
                              "lower --batch, --layers or --contexts.") from None
         print(f"context {context}: cache {need / GIB:.2f} GiB in pinned host memory", file=sys.stderr)
-        modes = [("dense-gpu", None), ("dense-offload", None)] + [(f"sparse-offload {f:g}", f) for f in fractions]
+        modes = [("dense-gpu", None), ("dense-offload", None)]
+        modes += [(f"sparse-{where} {f:g}", f) for f in fractions for where in ("gpu", "offload")]
         for name, fraction in modes:
             cache.reset()
             t0 = time.perf_counter()
@@ -542,7 +592,8 @@ def main(argv=None) -> dict:
                 elif name == "dense-offload":
                     r = run_dense_offload(stack, cache, args, device, backend, args.offload_steps)
                 else:
-                    r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction)
+                    r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction,
+                                           resident=name.startswith("sparse-gpu"))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"context {context}, {name}: out of GPU memory; skipped.", file=sys.stderr)
@@ -564,16 +615,19 @@ def main(argv=None) -> dict:
     mismatch = []
     for context in contexts:
         got = {r["mode"]: r.pop("check_logits") for r in rows if r["context"] == context and "check_logits" in r}
-        if got.get("dense-gpu") is not None and got.get("dense-offload") is not None:
-            ref, out = got["dense-gpu"], got["dense-offload"]
+        pairs = [("dense-offload", "dense-gpu")] + [(f"sparse-offload {f:g}", f"sparse-gpu {f:g}") for f in fractions]
+        for mode, base in pairs:
+            if got.get(mode) is None or got.get(base) is None:
+                continue
+            ref, out = got[base], got[mode]
             err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             for r in rows:
-                if r["context"] == context and r["mode"] == "dense-offload":
-                    r["max_rel_diff_vs_dense_gpu"] = err
+                if r["context"] == context and r["mode"] == mode:
+                    r["max_rel_diff_vs_" + base.split(" ")[0].replace("-", "_")] = err
             if err != 0.0:
-                mismatch.append(f"context {context}: the dense-offload logits differ from dense-gpu's at the same step "
-                                f"(max rel {err:.2e}); the streamed cache is not the resident one -- a bug in the copies "
-                                "or their ordering.")
+                mismatch.append(f"context {context}: the {mode} logits differ from {base}'s at the same step (max rel "
+                                f"{err:.2e}); the offloaded cache is not the resident one -- a bug in the copies or their "
+                                "ordering.")
     for r in rows:
         r.pop("check_logits", None)
         if "skipped" in r:

@@ -242,11 +242,15 @@ def test_bench_offload_decode_smoke(capsys):
     result = module.main(["--smoke", "--contexts", "96", "--layers", "1", "--steps", "1", "--offload-steps", "1",
                           "--fractions", "0.25"])
     modes = [r["mode"] for r in result["rows"]]
-    assert modes == ["dense-gpu", "dense-offload", "sparse-offload 0.25"]
+    assert modes == ["dense-gpu", "dense-offload", "sparse-gpu 0.25", "sparse-offload 0.25"]
     assert result["rows"][0]["vs_dense_gpu"] == 1.0 and result["rows"][1]["max_rel_diff_vs_dense_gpu"] == 0.0
-    sparse = result["rows"][2]
+    sparse = result["rows"][3]
+    assert sparse["max_rel_diff_vs_sparse_gpu"] == 0.0  # the pool attends the resident cache's rows
     assert sparse["offload"]["misses_per_step"] == 0 and sparse["cache_gpu_bytes"] < result["rows"][0]["cache_gpu_bytes"]
-    assert "| 96 | sparse-offload 0.25 |" in capsys.readouterr().out
+    assert sparse["offload"]["peak_resident"] <= sparse["pages_attended_per_seq"] * 2  # the budget, batch 2
+    assert {"model", "choice", "bookkeeping", "copy_issue"} <= set(sparse["breakdown_ms"])
+    out = capsys.readouterr().out
+    assert "| 96 | sparse-offload 0.25 |" in out and "| 96 | sparse-gpu 0.25 |" in out
 
 
 # ---------------------------------------------------------------------------------------------
