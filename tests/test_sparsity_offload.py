@@ -415,3 +415,23 @@ def test_layered_offloaded_sparse_decode_equals_resident(backend):
     stats = pool.stats
     assert stats.pages_missed == expected_missed > 0 and stats.peak_resident <= B * k
     assert stats.bytes_moved == (stats.pages_missed + stats.pages_prefetched) * pool.page_bytes
+
+
+def test_ensure_of_the_prefetched_tensor_reads_nothing_back(monkeypatch):
+    """Guards the no-read-back path: ``ensure`` of the very tensor a deferred prefetch placed
+    completely gives the slots without a device-to-host transfer of placed pages (the prefetch's own
+    transfer is the only one), and counts no miss; any other tensor is checked (one transfer)."""
+    pool = PagePool(torch.randn(2, 30, 4, 3), 6)  # two layers
+    calls = []
+    real = PagePool._announce
+    monkeypatch.setattr(PagePool, "_announce", lambda self, *a: calls.append(1) or real(self, *a))
+    chosen = torch.tensor([[[0, 4, 9], [10, 11, 12]], [[1, 2, 3], [20, 21, 29]]])  # [layers, batch, k]
+    pool.prefetch(chosen, defer=True)
+    assert len(calls) == 1
+    slots = pool.ensure(chosen)
+    assert len(calls) == 1 and slots.shape == chosen.shape
+    for l in range(2):
+        assert torch.equal(pool.pools[l][slots[l]], pool.host[l][chosen[l]])
+    assert pool.stats.pages_missed == 0 and pool.stats.pages_prefetched == 12
+    pool.ensure(chosen.clone())  # the same pages as another tensor: checked, nothing missing
+    assert len(calls) == 2 and pool.stats.pages_missed == 0 and pool.stats.pages_attended == 24
