@@ -355,19 +355,22 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     rows_host = torch.empty(L, B, width, dtype=stack.dtype, pin_memory=cuda)  # this step's rows, for the host pages
     host_rows = cache.host_all.view(-1, width)
     forced = {}
+    layer_base = (torch.arange(L, device=device) * cache.num_pages)[:, None]  # page id offset of a layer
 
-    def choose(l, q, n):
-        """[B, k] page ids of the next step of layer l (n blocks then): sink, current, top bounds."""
-        qf = q[:, 0]  # [B, H, w]
-        lo, hi = low[l].view(B, per_seq, width)[:, :n], high[l].view(B, per_seq, width)[:, :n]
+    def choose(qs, n):
+        """[L, B, k] page ids of the next step of every layer and sequence (n blocks then), from this
+        step's queries qs [L, B, H, w]: the sink, the current page and the top Quest bounds, one
+        batched top-k over every (layer, sequence)."""
+        qf = qs.view(L * B, *qs.shape[2:])
+        lo, hi = low.view(L * B, per_seq, width)[:, :n], high.view(L * B, per_seq, width)[:, :n]
         qp = qf.clamp_min(0)
-        bound = torch.baddbmm(torch.bmm(lo, (qf - qp).transpose(1, 2)), hi, qp.transpose(1, 2)).amax(-1)  # [B, n]
+        bound = torch.baddbmm(torch.bmm(lo, (qf - qp).transpose(1, 2)), hi, qp.transpose(1, 2)).amax(-1)  # [L*B, n]
         if n not in forced:
             forced[n] = torch.tensor([0, n - 1], device=device)
         bound = bound.float().nan_to_num_(nan=float("-inf")).index_fill_(1, forced[n], float("inf"))
-        return bound.topk(k, dim=-1).indices.sort(-1).values + seq_base
+        return bound.topk(k, dim=-1).indices.sort(-1).values.view(L, B, k) + seq_base
 
-    state = {}
+    state = {"flat": None}
 
     def place(chosen):  # the next step's pages of every layer: placed now, copied from the next step's start
         state["chosen"] = chosen
@@ -381,47 +384,11 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     n0 = -(-(cache.lens[0] + 1) // page)  # the first step: the sink and the most recent pages (no query yet)
     ids = torch.tensor([0] + list(range(n0 - k + 1, n0)), device=device)
     place((ids[None, None] + seq_base[None]).expand(L, B, k).contiguous())
-    state["flat"] = None
 
-    def step_resident(x):
-        t = time.perf_counter()
-        span0 = clock.event()
-        rows, _ = cache.new_rows()
-        rows_dev = torch.tensor(rows).to(device, non_blocking=True)
-        pg = (rows_dev // page)[:, None].expand(B, width)
-        length = cache.lens[0] + 1
-        n = -(-length // page)
-        lens_dev = torch.full((B,), (k - 1) * page + length - (n - 1) * page, dtype=torch.int32, device=device)
-        tables = state["chosen"].to(torch.int32)
-        t = clock.add("bookkeeping", t)
-        chosen = []
-        for l in range(L):
-            q, row = stack.qkv(l, x)
-            t = clock.add("model", t)
-            kv_all[l].view(-1, width).index_copy_(0, rows_dev, row)
-            low[l].scatter_reduce_(0, pg, row, "amin")
-            high[l].scatter_reduce_(0, pg, row, "amax")
-            t = clock.add("bookkeeping", t)
-            o = attend(stack, q, kv_all[l], tables[l], lens_dev, k * page, backend)
-            t = clock.add("model", t)
-            chosen.append(choose(l, q, -(-(length + 1) // page)))
-            t = clock.add("choice", t)
-            x = stack.out(l, x, o)
-            t = clock.add("model", t)
-        place(torch.stack(chosen))
-        t = clock.add("bookkeeping", t)
-        cache.lens = [length] * B
-        logits = stack.logits(x)
-        clock.add("model", t)
-        if span0 is not None:
-            clock.spans.append((span0, clock.event()))
-        return logits
-
-    def step(x):
-        t = time.perf_counter()
-        span0 = clock.event()
-        rows, _ = cache.new_rows()
-        if state["flat"] is not None:  # the host pages get the last step's rows (the truth) first
+    def fetch(t):
+        """The host part of the last placement: the host pages get the last step's rows (the truth),
+        then the placed pages are gathered and their copies issued; returns the slot tables."""
+        if state["flat"] is not None:
             if state["rows_ready"] is not None:
                 state["rows_ready"].synchronize()
             t = clock.add("wait_device", t)
@@ -429,38 +396,58 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
             t = clock.add("host_rows", t)
         waited = pool.host_wait_s
         slots = pool.ensure(state["chosen"], wait=False).to(torch.int32)  # [L, B, k]; copies issued
-        t = clock.add("copy_issue", t)
+        clock.add("copy_issue", t)
         if clock.on:  # the part of it spent waiting for the placed pairs
             waited = pool.host_wait_s - waited
             clock.host["copy_issue"] -= waited
             clock.host["wait_device"] = clock.host.get("wait_device", 0.0) + waited
+        return slots
+
+    def step(x):
+        t = time.perf_counter()
+        span0 = clock.event()
+        rows, _ = cache.new_rows()
         rows_t = torch.tensor(rows)
         rows_dev = rows_t.to(device, non_blocking=True)
-        index = pool.row_index(rows_dev)  # [L, B] rows in the pools
-        pg = (rows_dev // page)[:, None].expand(B, width)  # the page of each new row, per column
+        bound_index = ((rows_dev // page)[None] + layer_base).view(-1, 1).expand(L * B, width)
         length = cache.lens[0] + 1
         n = -(-length // page)
         lens_dev = torch.full((B,), (k - 1) * page + length - (n - 1) * page, dtype=torch.int32, device=device)
-        state["flat"] = (torch.arange(L)[:, None] * (cache.num_pages * page) + rows_t[None]).flatten()
-        pool_rows = pool.rows_of()
+        flat = (torch.arange(L)[:, None] * (cache.num_pages * page) + rows_t[None]).flatten()
+        if resident:
+            tables = state["chosen"].to(torch.int32)
         t = clock.add("bookkeeping", t)
-        chosen = []
+        qs, new_rows = [], []
         for l in range(L):
             q, row = stack.qkv(l, x)
             t = clock.add("model", t)
-            rows_host[l].copy_(row, non_blocking=cuda)
-            pool.wait(l)
-            pool_rows.index_copy_(0, index[l], row)
-            low[l].scatter_reduce_(0, pg, row, "amin")
-            high[l].scatter_reduce_(0, pg, row, "amax")
+            if resident:
+                kv, table = kv_all[l], tables[l]
+                kv.view(-1, width).index_copy_(0, rows_dev, row)
+            else:
+                if l == 0:  # layer 0's first kernels are queued: the device has work while the host waits
+                    tables = fetch(t)
+                    state["flat"] = flat
+                    t = time.perf_counter()
+                    index = pool.row_index(rows_dev)  # [L, B] rows in the pools (after any placement)
+                    pool_rows = pool.rows_of()
+                kv, table = pool.pools[l], tables[l]
+                pool.wait(l)
+                pool_rows.index_copy_(0, index[l], row)
             t = clock.add("bookkeeping", t)
-            o = attend(stack, q, pool.pools[l], slots[l], lens_dev, k * page, backend)
+            x = stack.out(l, x, attend(stack, q, kv, table, lens_dev, k * page, backend))
+            qs.append(q[:, 0])
+            new_rows.append(row)
             t = clock.add("model", t)
-            chosen.append(choose(l, q, -(-(length + 1) // page)))  # from this step's query: the next step's
-            t = clock.add("choice", t)
-            x = stack.out(l, x, o)
-            t = clock.add("model", t)
-        place(torch.stack(chosen))
+        rows_all = torch.stack(new_rows)  # [L, B, w]: the page bounds, and the host pages at the next step
+        low.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amin")
+        high.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amax")
+        if not resident:
+            rows_host.copy_(rows_all, non_blocking=cuda)
+        t = clock.add("bookkeeping", t)
+        chosen = choose(torch.stack(qs), -(-(length + 1) // page))  # from this step's queries: the next step's
+        t = clock.add("choice", t)
+        place(chosen)
         t = clock.add("bookkeeping", t)
         cache.lens = [length] * B
         logits = stack.logits(x)
@@ -470,7 +457,7 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
         return logits
 
     if resident:
-        result = timed(step_resident, stack, cache, args, device, steps, reset=False, clock=clock)
+        result = timed(step, stack, cache, args, device, steps, reset=False, clock=clock)
         result["cache_gpu_bytes"] = kv_all.numel() * kv_all.element_size() + meta_bytes
     else:
         pool.reset_stats()
