@@ -29,8 +29,9 @@ policy and ``track_recall`` still compute this step's full masses in PyTorch (me
 reference the kernel's masses are tested against). The predictor's forecast for step t reads
 only steps < t, so it can be computed while step t - 1 finishes (the paper's cross-token
 prefetch); here it runs at the start of step t, which gives the same blocks. The choice runs on
-the host, per sequence and layer (a small loop; on a GPU it costs a sync per layer -- a batched
-device-side top-k would remove it; not done here).
+the host, per sequence and layer (a small loop; on a GPU it costs a sync per layer). A batched
+device-side choice -- one top-k over every (layer, sequence) of Quest bounds, feeding a layered
+``offload.PagePool`` -- is what ``scripts/bench_offload_decode.py`` runs; this class does not yet.
 """
 
 from __future__ import annotations
