@@ -177,14 +177,15 @@ def run_decode_bench(
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=scale)
     rows = query_len * heads // latent_heads
     quantized = kv_format is not None
-    cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config)
+    cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config,
+                           kv_quant=kv.kernel.switch if quantized else "")
     if quantized and cfg.kernel == "wgmma" and config is None:
         cfg = replace(cfg, kernel="triton")  # the Gluon kernel reads bf16 / fp16 caches only (as mla_decode)
     splits = num_splits
     if splits is None:
-        n_hblocks = math.ceil(rows / cfg.block_m)
         splits = md.choose_num_splits(
-            batch * latent_heads * n_hblocks, context, md.sm_count(device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+            md.programs_per_split(batch, latent_heads, rows, r_c, cfg), context, md.sm_count(device), cfg.block_n,
+            ctas_per_sm=cfg.ctas_per_sm,
         )
 
     def fn():
