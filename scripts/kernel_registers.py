@@ -3,7 +3,8 @@
 
 The launcher's arguments for one shape and configuration are captured (the launch itself is not
 run), the kernel is compiled ahead of time for the target (default sm_90a: H100 / H200) and ptxas
-reports registers, spill stores / loads and stack bytes per thread. Useful to check that a
+reports registers, spill stores / loads and stack bytes per thread; Triton's own figure of the
+shared memory a program takes is printed beside them. Useful to check that a
 configuration fits the register file before timing it on a GPU. Triton and its bundled ptxas are
 needed, not a GPU; the figures come from the installed Triton, which may allocate differently from
 the version on the GPU machine.
@@ -15,7 +16,6 @@ the version on the GPU machine.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -133,7 +133,7 @@ def compile_ptx(call, cfg: md.DecodeConfig, arch: int) -> str:
             raise TypeError(f"argument {name}: {type(v).__name__}")
     src = ASTSource(fn, sig, consts, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return compiled.asm["ptx"], options
+    return compiled.asm["ptx"], options, compiled.metadata.shared
 
 
 def ptxas_usage(ptx: str, arch: int, maxnreg: int | None) -> dict:
@@ -177,10 +177,11 @@ def main(argv=None):
     for cfg in configs:
         call = capture(args.width, args.rows, cfg, dtype=dtype, splits=args.splits, latent_heads=args.latent_heads,
                        sq=args.query_len, page=args.page_size, kv_format=args.kv_format)
-        ptx, options = compile_ptx(call, cfg, args.arch)
+        ptx, options, shared = compile_ptx(call, cfg, args.arch)
         u = ptxas_usage(ptx, args.arch, options.get("maxnreg"))
         print(f"{args.width} rows {args.rows} {cfg}: regs {u['regs']}, spill stores {u['spill_stores']} B, "
-              f"spill loads {u['spill_loads']} B, stack {u['stack']} B", flush=True)
+              f"spill loads {u['spill_loads']} B, stack {u['stack']} B, shared memory {shared} B (an H100 program "
+              f"may use 232448)", flush=True)
 
 
 if __name__ == "__main__":
