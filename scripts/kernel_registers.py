@@ -172,8 +172,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     r_c, rope = (int(x) for x in args.width.split("+"))
+    kv_quant = ""
+    if args.kv_format:
+        from latentkv.kernels.quantized_pages import KERNEL_ENCODINGS
+        from latentkv.kvformats import parse_format
+
+        kv_quant = KERNEL_ENCODINGS[parse_format(args.kv_format).encoding.name].switch
     configs = [parse_config(c) for c in args.config] if args.config else [
-        md.default_config(args.rows, r_c, rope, dtype)]
+        md.default_config(args.rows, r_c, rope, dtype, kv_quant=kv_quant)]
     for cfg in configs:
         call = capture(args.width, args.rows, cfg, dtype=dtype, splits=args.splits, latent_heads=args.latent_heads,
                        sq=args.query_len, page=args.page_size, kv_format=args.kv_format)

@@ -280,6 +280,11 @@ def sweep_candidates(rows: int, r_c: int, which: str = "wide") -> list[md.Decode
     "wide": the second exploration on the H100 (see NOTES.md); "narrow": around the defaults.
     """
     C = md.DecodeConfig
+    if r_c > 512:  # wide latents: 16 rows a program, or the output columns split over programs
+        return [
+            C(16, 32, 8, 3), C(16, 64, 8, 2), C(16, 16, 8, 3), C(32, 16, 8, 3, out_splits=2),
+            C(32, 32, 8, 3, out_splits=2), C(16, 32, 8, 3, out_splits=2), C(32, 64, 8, 2, out_splits=4),
+        ]  # fmt: skip
     if which == "narrow":
         if r_c >= 512 and rows <= 32:
             return [

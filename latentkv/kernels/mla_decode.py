@@ -718,9 +718,8 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
     The rules shrink block_m to 16 first (two programs share each cache tile through L2; no score is
     computed twice) and split the output columns (``DecodeConfig.out_splits``) only where 16 rows
     still do not fit: a quantized tile (dequantized in registers), float32 caches, latents wider
-    than 1024. Register figures ahead of time (``scripts/kernel_registers.py``, sm_90a, 32 heads at
-    960 + 64): 254 at 32 x 16 tiles before; 178-186 at 16 x 32 (bf16); fp8 142 at 16 x 16 with 2
-    column slices; no spills. Not yet timed on a GPU.
+    than 1024. Each choice compiles without spills for sm_90a (``scripts/kernel_registers.py``);
+    not yet timed on a GPU.
     """
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 0
