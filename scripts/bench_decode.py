@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ LLAMA3_8B = (32, 8, 128)
 WIDTH_ROWS = [
     ("512+64 deepseek", dict(heads=32, latent_rank=512, rope_dim=64, batch=64, context=8192)),
     ("960+64 (50%)", dict(heads=32, latent_rank=960, rope_dim=64, batch=64, context=8192)),
+    ("640+64", dict(heads=32, latent_rank=640, rope_dim=64, batch=64, context=8192)),
+    ("768+64", dict(heads=32, latent_rank=768, rope_dim=64, batch=64, context=8192)),
+    ("1024+64", dict(heads=32, latent_rank=1024, rope_dim=64, batch=64, context=8192)),
     ("448+64 (25%)", dict(heads=32, latent_rank=448, rope_dim=64, batch=64, context=8192)),
     ("192+64 (12.5%)", dict(heads=32, latent_rank=192, rope_dim=64, batch=64, context=8192)),
     ("156+36", dict(heads=32, latent_rank=156, rope_dim=36, batch=64, context=8192)),
@@ -95,16 +97,16 @@ def parse_args(argv=None):
 def _cfg_str(c: md.DecodeConfig) -> str:
     extra = (" kvM" if c.kv_on_m else "") + (" fused" if c.fuse_combine else "") + (
         f" maxnreg{c.maxnreg}" if c.maxnreg else ""
-    )
+    ) + (f" O{c.out_splits}" if c.out_splits > 1 else "")
     return f"M{c.block_m} N{c.block_n} w{c.num_warps} s{c.num_stages}{extra}"
 
 
 def _splits_for(kw, cfg):
-    rows = kw["query_len"] * kw["heads"] // kw.get("latent_heads", 1)
-    n_hb = math.ceil(rows / cfg.block_m)
+    lh = kw.get("latent_heads", 1)
+    rows = kw["query_len"] * kw["heads"] // lh
     return md.choose_num_splits(
-        kw["batch"] * kw.get("latent_heads", 1) * n_hb, kw["context"], md.sm_count(torch.device("cuda")), cfg.block_n,
-        ctas_per_sm=cfg.ctas_per_sm,
+        md.programs_per_split(kw["batch"], lh, rows, kw["latent_rank"] // lh, cfg), kw["context"],
+        md.sm_count(torch.device("cuda")), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm,
     )
 
 
@@ -210,7 +212,7 @@ def main(argv=None):
         spd_s = f"{r['speedup_vs_source']:.2f}x" if "speedup_vs_source" in r else "-"
         kvm = (" gluon-wgmma" if c.get("kernel") == "wgmma" else "") + (" kvM" if c.get("kv_on_m") else "") + (" fused" if c.get("fuse_combine") else "") + (
             f" maxnreg{c['maxnreg']}" if c.get("maxnreg") else ""
-        )
+        ) + (f" O{c['out_splits']}" if c.get("out_splits", 1) > 1 else "")
         table.append(
             f"| {name} | M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}{kvm} | "
             f"{c['num_splits']} | {r['time_us']:.1f} | {tg_s} | {so_s} | {r['cache_bytes'] / 1e9:.3f} | "
@@ -255,6 +257,8 @@ def width_sweep(args, log, lines) -> None:
     for name, r in results.items():
         c, src, k = r["config"], r["source"], r.get("kernel") or {}
         kind = "gluon" if c.get("kernel") == "wgmma" else f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+        if c.get("out_splits", 1) > 1:
+            kind += f" O{c['out_splits']}"
         spd = r.get("speedup_vs_source")
         table.append(
             f"| {name} | {r['cache_bytes'] / 1e6:.0f} | {kind} ({c['num_splits']}) | {r['time_us']:.1f} | "

@@ -8,14 +8,15 @@
 # Steps: tests (pytest of the kernel and decode tests on the GPU), tune (scripts/tune_decode.py: writes
 # DEST/tuned.json; copy it to latentkv/kernels/tuned/<family>.json to make it the default), widths
 # (scripts/bench_decode.py --preset widths), quantized (scripts/bench_decode_quantized.py when present).
-# TUNE_MINUTES bounds the tuning (default 4); PYTHON (default python) runs everything.
+# TUNE_MINUTES bounds the tuning (default 4; the wide latents come first so that they are measured within
+# it); PYTHON (default python) runs everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 DEST=${DEST:-runs/check_gpu}
 STEPS=${STEPS:-tests tune widths quantized}
 TUNE_MINUTES=${TUNE_MINUTES:-4}
-TUNE_WIDTHS=${TUNE_WIDTHS:-"192+64 96+32 448+64 960+64 48+32 156+36"}
+TUNE_WIDTHS=${TUNE_WIDTHS:-"960+64 1024+64 192+64 96+32 448+64 48+32 156+36"}
 TUNE_ROWS=${TUNE_ROWS:-"32 16"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 mkdir -p "$DEST"

@@ -30,7 +30,8 @@ md = bench.md
 
 # (latent width, RoPE width): one non-power-of-2 width per latent block (whole-block loads and the
 # zeroing of the columns past the width are part of what is timed), RoPE 32 and 64.
-DEFAULT_WIDTHS = ["48+32", "96+32", "96+64", "192+32", "192+64", "448+64", "960+64", "512+64", "256+64", "128+64"]
+DEFAULT_WIDTHS = ["48+32", "96+32", "96+64", "192+32", "192+64", "448+64", "960+64", "1024+64", "640+64", "512+64",
+                  "256+64", "128+64"]
 DEFAULT_ROWS = [16, 32, 64]
 
 
@@ -80,7 +81,7 @@ def time_config(kw: dict, fields: dict) -> dict:
     ctas = occupancy(compiled, cfg.num_warps)
     cfg = md.DecodeConfig(**fields, ctas_per_sm=ctas)
     rows = kw["query_len"] * kw["heads"] // kw["latent_heads"]
-    splits = md.choose_num_splits(kw["batch"] * kw["latent_heads"] * math.ceil(rows / cfg.block_m), kw["context"],
+    splits = md.choose_num_splits(md.programs_per_split(kw["batch"], kw["latent_heads"], rows, r_c, cfg), kw["context"],
                                   md.sm_count(q.device), cfg.block_n, ctas_per_sm=ctas)  # fmt: skip
     out = md.mla_decode(q, kv, table, seq_lens, num_splits=splits, config=cfg, **args)
     ref = md.mla_decode_reference(q[:1], kv, table[:1], seq_lens[:1], out_dtype=torch.float32, **args)

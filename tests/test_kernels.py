@@ -126,6 +126,25 @@ CASES = {
     "odd-mla-rc44-rope20-sq2": ((2, 37, 19), 2, 4, 1, 44, 20, 8, FP32, 3, SMALL),
     "odd-gla3-rc24-rope12": ((3, 41), 3, 6, 3, 24, 12, 8, BF16, 2, None),
     "odd-gla2-rc20-norope-kv-on-m": ((4, 29), 2, 4, 2, 20, 0, 8, FP32, 2, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    # wide latents (1024-column blocks): the rules' choice, and the output columns split over programs
+    # (out_splits; 640 in slices of 256: 3 programs, the last one partly past the width)
+    "wide-rc960-rope64-default": ((1, 29, 50), 1, 4, 1, 960, 64, 16, BF16, None, None),
+    "wide-rc960-rope64-sq2-os2": ((2, 45), 2, 4, 1, 960, 64, 16, BF16, 2, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "wide-rc640-rope64-os2": ((5, 40), 1, 4, 1, 640, 64, 16, BF16, 2, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "wide-rc640-rope64-sq2-os4": ((3, 37), 2, 4, 1, 640, 64, 16, FP32, 3, DecodeConfig(16, 16, 4, 2, out_splits=4)),
+    "wide-rc1024-norope-os2-direct": ((7, 33), 1, 4, 1, 1024, 0, 16, BF16, 1, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "wide-rc1024-norope-sq2-default": ((2, 21), 2, 4, 1, 1024, 0, 16, FP16, 2, None),
+    "wide-rc1024-rope128-sq2-os4": ((5, 40), 2, 4, 1, 1024, 128, 16, FP16, 2, DecodeConfig(16, 16, 4, 2, out_splits=4)),
+    "wide-rc1024-rope128-fp32-default": ((5, 40), 1, 4, 1, 1024, 128, 16, FP32, 2, None),  # rule: out_splits 2
+    "wide-gla2-rc960-sq2-os2": ((2, 31, 47), 2, 8, 2, 960, 64, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "wide-gla2-rc640-sq1-os4": ((1, 23, 50), 1, 4, 2, 640, 64, 16, FP32, 2, DecodeConfig(16, 16, 4, 2, out_splits=4)),
+    "wide-rc960-os2-fused-combine": ((2, 33, 70), 2, 4, 1, 960, 64, 16, BF16, 3,
+                                     DecodeConfig(16, 16, 4, 2, fuse_combine=True, out_splits=2)),
+    "wide-gla2-rc640-os4-fused-empty-splits": ((3, 9, 41), 2, 4, 2, 640, 64, 8, FP32, 5,
+                                               DecodeConfig(16, 16, 4, 2, fuse_combine=True, out_splits=4)),
+    "wide-rc960-os2-kv-on-m": ((1, 33, 70), 1, 4, 1, 960, 64, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, kv_on_m=True,
+                                                                                       out_splits=2)),
+    "wide-rc640-peaky-scores-os2": ((2, 45, 61), 2, 4, 1, 640, 64, 16, BF16, 1, DecodeConfig(16, 16, 4, 2, out_splits=2)),
 }
 if CUDA:  # model-sized shapes where the kernels are compiled
     CASES.update(
@@ -149,6 +168,15 @@ if CUDA:  # model-sized shapes where the kernels are compiled
             "gpu-mla32-maxnreg": ((1, 777, 4099), 1, 32, 1, 512, 64, 64, BF16, 4, DecodeConfig(32, 32, 8, 5, maxnreg=128)),
             "gpu-mla128-peaky-scores": ((2, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, None, None),
             "gpu-gla2-fused-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, 3, DecodeConfig(128, 32, 8, 5, fuse_combine=True)),
+            "gpu-wide-rc1024-rope64": ((1, 777, 4099), 1, 32, 1, 1024, 64, 64, BF16, None, None),
+            "gpu-wide-rc640-rope64-sq2": ((2, 1000, 3001), 2, 32, 1, 640, 64, 64, BF16, None, None),
+            "gpu-wide-rc1024-rope128-fp16": ((1, 777, 4099), 1, 32, 1, 1024, 128, 64, FP16, None, None),
+            "gpu-wide-rc960-fp32": ((1, 700), 1, 32, 1, 960, 64, 64, FP32, 2, None),
+            "gpu-wide-rc960-os2": ((1, 777, 4099), 1, 32, 1, 960, 64, 64, BF16, None, DecodeConfig(32, 16, 8, 3, out_splits=2)),
+            "gpu-wide-rc640-os4-sq2": ((2, 1000, 3001), 2, 32, 1, 640, 64, 64, BF16, 3, DecodeConfig(16, 16, 8, 2, out_splits=4)),
+            "gpu-wide-gla2-rc960-os2-fused": ((2, 1500, 2049), 2, 32, 2, 960, 64, 64, BF16, 4,
+                                              DecodeConfig(16, 32, 8, 3, fuse_combine=True, out_splits=2)),
+            "gpu-wide-rc960-bm16-n64": ((1, 777, 4099), 1, 32, 1, 960, 64, 64, BF16, None, DecodeConfig(16, 64, 8, 2)),
         }
     )
 if CUDA and torch.cuda.get_device_capability()[0] == 9:  # the Gluon wgmma kernel (Hopper only)
@@ -353,6 +381,9 @@ MASSES_CASES = {
     "mla-kv-on-m-sq1": ((1, 33, 70), 1, 4, 1, 32, 16, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
     "mla-fused-combine-sq2": ((2, 33, 70), 2, 4, 1, 32, 16, 16, FP32, 3, DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
     "mla-sq2-peaky-scores": ((2, 45, 61), 2, 4, 1, 32, 16, 16, BF16, 2, SMALL),
+    "wide-rc640-sq2-os2": ((2, 33, 70), 2, 4, 1, 640, 64, 16, BF16, 3, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "wide-gla2-rc640-os4-fused": ((1, 23, 50), 1, 4, 2, 640, 64, 16, FP32, 2,
+                                  DecodeConfig(16, 16, 4, 2, fuse_combine=True, out_splits=4)),
 }
 if CUDA:
     MASSES_CASES.update({

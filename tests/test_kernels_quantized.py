@@ -83,6 +83,15 @@ CASES = {
     "int4-g16-fused-combine": ((2, 33), 2, 4, 1, 32, 16, 16, BF16, "int4/g16", 3,
                                DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
     "fp8-g16-norope": ((3, 21), 2, 4, 1, 32, 0, 16, FP32, "fp8_e4m3/g16", 2, None),
+    # wide latents, the output columns split over programs (each dequantizes its value slice)
+    "fp8-g128-rc960-default": ((1, 29, 50), 1, 4, 1, 960, 64, 16, BF16, "fp8_e4m3/g128", 2, None),  # out_splits 2
+    "fp8-g128-rc960-ragged-sq2-os4": ((2, 37), 2, 4, 1, 960, 64, 16, BF16, "fp8_e4m3/g128", 2,
+                                      DecodeConfig(16, 16, 4, 2, out_splits=4)),
+    "fp8-head-rc640-os2": ((5, 29), 1, 4, 1, 640, 64, 16, FP32, "fp8_e4m3/head", 3, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "fp8-g64-gla2-rc640-os4": ((2, 31, 47), 2, 8, 2, 640, 64, 16, BF16, "fp8_e4m3/g64", 3,
+                               DecodeConfig(16, 16, 4, 2, out_splits=4)),
+    "int4-g32-rc960-sq2-os2": ((2, 45), 2, 4, 1, 960, 64, 16, BF16, "int4/g32", 2, DecodeConfig(16, 16, 4, 2, out_splits=2)),
+    "int4-token-rc1024-default": ((3, 21), 1, 4, 1, 1024, 0, 16, FP32, "int4/token", 1, None),  # out_splits 4
 }
 if CUDA:  # model-sized shapes where the kernel is compiled (the 656-byte FlashMLA row first)
     CASES.update({
@@ -92,6 +101,8 @@ if CUDA:  # model-sized shapes where the kernel is compiled (the 656-byte FlashM
         "gpu-fp8-g128-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, "fp8_e4m3/g128", None, None),
         "gpu-int4-g64-gla2-fp16": ((2, 999), 2, 64, 2, 256, 64, 32, FP16, "int4/g64", 3, None),
         "gpu-fp8-g64-rc448": ((1, 900), 1, 32, 1, 448, 64, 64, BF16, "fp8_e4m3/g64", 2, None),
+        "gpu-fp8-g128-rc960": ((1, 777, 4099), 1, 32, 1, 960, 64, 64, BF16, "fp8_e4m3/g128", None, None),
+        "gpu-int4-g32-rc1024-sq2": ((2, 999), 2, 32, 1, 1024, 64, 64, BF16, "int4/g32", 3, None),
     })
 
 

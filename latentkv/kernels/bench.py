@@ -177,14 +177,15 @@ def run_decode_bench(
     kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, softmax_scale=scale)
     rows = query_len * heads // latent_heads
     quantized = kv_format is not None
-    cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config)
+    cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config,
+                           kv_quant=kv.kernel.switch if quantized else "")
     if quantized and cfg.kernel == "wgmma" and config is None:
         cfg = replace(cfg, kernel="triton")  # the Gluon kernel reads bf16 / fp16 caches only (as mla_decode)
     splits = num_splits
     if splits is None:
-        n_hblocks = math.ceil(rows / cfg.block_m)
         splits = md.choose_num_splits(
-            batch * latent_heads * n_hblocks, context, md.sm_count(device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+            md.programs_per_split(batch, latent_heads, rows, r_c, cfg), context, md.sm_count(device), cfg.block_n,
+            ctas_per_sm=cfg.ctas_per_sm,
         )
 
     def fn():
@@ -279,6 +280,11 @@ def sweep_candidates(rows: int, r_c: int, which: str = "wide") -> list[md.Decode
     "wide": the second exploration on the H100 (see NOTES.md); "narrow": around the defaults.
     """
     C = md.DecodeConfig
+    if r_c > 512:  # wide latents: 16 rows a program, or the output columns split over programs
+        return [
+            C(16, 32, 8, 3), C(16, 64, 8, 2), C(16, 16, 8, 3), C(32, 16, 8, 3, out_splits=2),
+            C(32, 32, 8, 3, out_splits=2), C(16, 32, 8, 3, out_splits=2), C(32, 64, 8, 2, out_splits=4),
+        ]  # fmt: skip
     if which == "narrow":
         if r_c >= 512 and rows <= 32:
             return [

@@ -18,7 +18,10 @@ Kernel shape (the design this code follows):
   key (``q @ tile^T``) and as the value (``p @ tile``). That turns MLA decode from a
   matrix-vector into a matrix-matrix problem;
 - online softmax in float32 (base 2, ``log2 e`` folded into the scale);
-- split-KV: grid ``(latent_heads * head_blocks, splits, batch)``; with one split the kernel
+- wide latents (r_c > 512): ``DecodeConfig.out_splits`` splits the output columns over adjacent
+  programs; each computes the full scores of its tiles but accumulates (and loads as value) only
+  its column slice, so its float32 accumulator shrinks by that factor;
+- split-KV: grid ``(latent_heads * head_blocks * column_slices, splits, batch)``; with one split the kernel
   writes the normalised output directly, otherwise each split writes a float32 partial output
   and its log-sum-exp and ``_mla_decode_combine_kernel`` merges them (or, with
   ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch).
@@ -61,6 +64,8 @@ __all__ = [
     "default_config",
     "mla_decode",
     "mla_decode_reference",
+    "output_slices",
+    "programs_per_split",
     "write_paged",
 ]
 
@@ -70,6 +75,69 @@ _LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
+def _load_latent_tile(  # triton.jit applied by _kernels() (bound as _latent_tile)
+    KV, LAT_CODES, LAT_SCALES,
+    kv_row,  # [BLOCK_N] element offsets of the cache rows in KV
+    page, slot,  # [BLOCK_N] or scalar page and [BLOCK_N] slot of each row (KV_QUANT only)
+    n_ok,  # [BLOCK_N] rows inside the split
+    c,  # latent head
+    col0,  # first column of the tile within the latent head
+    stride_cp, stride_ct, stride_sp, stride_st,
+    R_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # columns of the tile (a power of 2)
+    MASK_COLS: tl.constexpr,  # some columns of the tile lie past R_C
+    KV_QUANT: tl.constexpr,
+    GROUP: tl.constexpr,  # KV_QUANT: columns a scale covers
+    SUB: tl.constexpr,  # fp8: columns per [.., SUB] piece of the 3-D view, min(GROUP, BLOCK_C)
+    NUM_SUB: tl.constexpr,  # fp8: BLOCK_C // SUB
+    SCALE_OFF: tl.constexpr,
+    SCALE_FIELDS: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_C] columns col0 .. col0 + BLOCK_C of latent head c of the cache rows: the cache's
+    values (plain), or float32 dequantized values (fp8 / int4); columns past R_C read as 0."""
+    offs_c = col0 + tl.arange(0, BLOCK_C)
+    # Column masks only where the width is not a power of 2: a mask that varies along the
+    # contiguous dim stops 16-byte vector loads (and with them cp.async pipelining).
+    if MASK_COLS:
+        c_ok = offs_c[None, :] < R_C
+    else:
+        c_ok = tl.full([1, BLOCK_C], 1, tl.int1)
+    if KV_QUANT == "":
+        kv = tl.load(KV + kv_row[:, None] + (c * R_C + offs_c)[None, :], mask=n_ok[:, None] & c_ok, other=0.0)
+    elif KV_QUANT == "fp8":
+        # ---- fp8 latent: the code tile is loaded once and dequantized in registers, viewed as
+        # [BLOCK_N, NUM_SUB, SUB] so each token's group scale broadcasts along its columns
+        g_cols = col0 + tl.arange(0, NUM_SUB) * SUB  # first column of each piece within the latent head
+        in_group = tl.arange(0, SUB)
+        if MASK_COLS:
+            code_ok = n_ok[:, None, None] & ((g_cols[:, None] + in_group[None, :]) < R_C)[None, :, :]
+        else:
+            code_ok = n_ok[:, None, None]
+        codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None]
+                        + (c * R_C + g_cols[:, None] + in_group[None, :])[None, :, :],
+                        mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_SUB, SUB]
+        scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
+                    + ((c * SCALE_OFF + g_cols // GROUP) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_SUB]
+        scale = tl.load(scale_at, mask=n_ok[:, None] & (g_cols < R_C)[None, :], other=0.0).to(tl.float32)
+        values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+        kv = tl.reshape(values, [BLOCK_N, BLOCK_C])
+    else:
+        # ---- int4 latent: two codes a byte, lowest nibble first; asymmetric, code * scale + zero.
+        # Each column reads its byte and its group's scale and zero-point (repeated addresses are
+        # served by L1), so the tile is built in its [BLOCK_N, BLOCK_C] layout directly.
+        col_ok = n_ok[:, None] & c_ok
+        byte = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None] + ((c * R_C + offs_c) // 2)[None, :],
+                       mask=col_ok, other=0).to(tl.int32)
+        nibble = (byte >> ((offs_c % 2) * 4)[None, :]) & 15
+        scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
+                    + ((c * SCALE_OFF + offs_c // GROUP) * SCALE_FIELDS)[None, :])  # [BLOCK_N, BLOCK_C]
+        scale = tl.load(scale_at, mask=col_ok, other=0.0).to(tl.float32)
+        zero = tl.load(scale_at + 1, mask=col_ok, other=0.0).to(tl.float32)
+        kv = nibble.to(tl.float32) * scale + zero
+    return kv
+
+
 def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
     KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
@@ -77,8 +145,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     SEQ_LENS,  # [B] int32 (includes the SQ new tokens)
     OUT,  # [B, SQ, H, R_C] (written when DIRECT)
     O_PART,  # [B, SQ, H, num_splits, R_C] float32 (written unless DIRECT)
-    LSE_PART,  # [B, SQ, H, num_splits] float32, log2 domain
-    SEMAPHORE,  # [B * LATENT_HEADS * NUM_HBLOCKS] int32 zeros (FUSE_COMBINE only; left at zero)
+    LSE_PART,  # [NUM_OSPLITS, B, SQ, H, num_splits] float32, log2 domain (one copy per column slice)
+    SEMAPHORE,  # [B * LATENT_HEADS * NUM_HBLOCKS * NUM_OSPLITS] int32 zeros (FUSE_COMBINE only; left at zero)
     CHUNK_LSE,  # [B, n_chunks, SQ, H] float32, log2 domain (MASSES only): log2 sum_t exp2(s(t)) per chunk
     stride_qb,
     stride_qs,
@@ -125,10 +193,22 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
     SCALE_FIELDS: tl.constexpr = 1,  # KV_QUANT: values stored per group (fp8: scale; int4: scale, zero)
+    NUM_OSPLITS: tl.constexpr = 1,  # programs splitting the output columns (> 1: wide latents)
+    BLOCK_O: tl.constexpr = 16,  # output columns per program: BLOCK_R // out_splits
+    OGROUP: tl.constexpr = 1,  # fp8: min(GROUP, BLOCK_O), the 3-D view of a value slice
+    ONUM_GROUPS: tl.constexpr = 1,  # fp8: BLOCK_O // OGROUP
 ):
-    pid_hc = tl.program_id(0)  # latent head * NUM_HBLOCKS + head block (adjacent: L2 reuse)
+    # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
+    # programs that read one cache tile are adjacent, so they run together and share it in L2
+    pid_x = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
+    if NUM_OSPLITS > 1:
+        pid_o = pid_x % NUM_OSPLITS
+        pid_hc = pid_x // NUM_OSPLITS
+    else:
+        pid_o = 0
+        pid_hc = pid_x
     c = pid_hc // NUM_HBLOCKS
     hb = pid_hc % NUM_HBLOCKS
 
@@ -144,6 +224,17 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         r_ok = tl.full([1, BLOCK_R], 1, tl.int1)
     else:
         r_ok = offs_r[None, :] < R_C
+    # output columns of this program: all of them, or slice pid_o of a wide latent (the scores
+    # still take every column; only the value product and the accumulator are sliced)
+    if NUM_OSPLITS > 1:
+        offs_v = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        if BLOCK_O * NUM_OSPLITS == R_C:
+            v_ok = tl.full([1, BLOCK_O], 1, tl.int1)
+        else:
+            v_ok = offs_v[None, :] < R_C
+    else:
+        offs_v = offs_r
+        v_ok = r_ok
 
     q_row = Q + pid_b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
     q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok, other=0.0)
@@ -171,14 +262,18 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if KV_ON_M:
-        acc = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)  # o^T
+        acc = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)  # o^T
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     bt_row = BLOCK_TABLE + pid_b.to(tl.int64) * stride_btb
-    lat_cols = c * R_C + offs_r
     if MASSES:
         # [B, n_chunks, SQ, H]: the rows of one chunk are adjacent, so the stores coalesce
         lse_rows = CHUNK_LSE + pid_b.to(tl.int64) * n_chunks * (SQ * H) + tok * H + head  # [BLOCK_M]
+        if NUM_OSPLITS > 1:
+            # the column slices hold the same scores: the first writes them
+            mass_ok = row_ok & ((tok * 0 + pid_o) == 0)
+        else:
+            mass_ok = row_ok
 
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -189,45 +284,29 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         else:
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
-        # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key and as value
-        if KV_QUANT == "":
-            kv = tl.load(KV + kv_row[:, None] + lat_cols[None, :], mask=n_ok[:, None] & r_ok, other=0.0)
-        elif KV_QUANT == "fp8":
-            # ---- fp8 latent: the code tile is loaded once and dequantized in registers, viewed as
-            # [BLOCK_N, NUM_GROUPS, GROUP] so each token's group scale broadcasts along its columns
-            slot = offs_n % PAGE_SIZE
-            g_ids = tl.arange(0, NUM_GROUPS)
-            g_cols = g_ids * GROUP  # first column of each group within the latent head
-            in_group = tl.arange(0, GROUP)
-            if BLOCK_R == R_C:
-                code_ok = n_ok[:, None, None]
-            else:
-                code_ok = n_ok[:, None, None] & ((g_cols[:, None] + in_group[None, :]) < R_C)[None, :, :]
-            codes = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None, None]
-                            + (c * R_C + g_cols[:, None] + in_group[None, :])[None, :, :],
-                            mask=code_ok, other=0)  # uint8 [BLOCK_N, NUM_GROUPS, GROUP]
-            scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
-                        + ((c * SCALE_OFF + g_ids) * SCALE_FIELDS)[None, :])  # [BLOCK_N, NUM_GROUPS]
-            scale = tl.load(scale_at, mask=n_ok[:, None] & (g_cols < R_C)[None, :], other=0.0).to(tl.float32)
-            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
-            kv = tl.reshape(values, [BLOCK_N, BLOCK_R]).to(Q.dtype.element_ty)  # as the reference rounds it
-        else:
-            # ---- int4 latent: two codes a byte, lowest nibble first; asymmetric, code * scale + zero.
-            # Each column reads its byte and its group's scale and zero-point (repeated addresses are
-            # served by L1), so the tile is built in its [BLOCK_N, BLOCK_R] layout directly.
-            slot = offs_n % PAGE_SIZE
-            col_ok = n_ok[:, None] & r_ok
-            byte = tl.load(LAT_CODES + (page * stride_cp + slot * stride_ct)[:, None] + ((c * R_C + offs_r) // 2)[None, :],
-                           mask=col_ok, other=0).to(tl.int32)
-            nibble = (byte >> ((offs_r % 2) * 4)[None, :]) & 15
-            scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[:, None]
-                        + ((c * SCALE_OFF + offs_r // GROUP) * SCALE_FIELDS)[None, :])  # [BLOCK_N, BLOCK_R]
-            scale = tl.load(scale_at, mask=col_ok, other=0.0).to(tl.float32)
-            zero = tl.load(scale_at + 1, mask=col_ok, other=0.0).to(tl.float32)
-            kv = (nibble.to(tl.float32) * scale + zero).to(Q.dtype.element_ty)  # as the reference rounds it
+        slot = offs_n % PAGE_SIZE
+        # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key (and as value unless the output
+        # columns are split)
+        kv = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, 0,
+                          stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_R, BLOCK_R != R_C,
+                          KV_QUANT, GROUP, GROUP, NUM_GROUPS, SCALE_OFF, SCALE_FIELDS)
+        if KV_QUANT != "":
+            kv = kv.to(Q.dtype.element_ty)  # as the reference rounds it
         kv_d = kv
         if UPCAST_DOT:
             kv_d = kv.to(tl.float32)
+        if NUM_OSPLITS > 1:
+            # this program's value columns: the same rows again (from L2 -- the adjacent programs
+            # read the tile at the same time), BLOCK_O columns wide
+            kv_v = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, pid_o * BLOCK_O,
+                                stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_O,
+                                BLOCK_O * NUM_OSPLITS != R_C, KV_QUANT, GROUP, OGROUP, ONUM_GROUPS, SCALE_OFF,
+                                SCALE_FIELDS)
+            kv_v = kv_v.to(Q.dtype.element_ty)
+            if UPCAST_DOT:
+                kv_v = kv_v.to(tl.float32)
+        else:
+            kv_v = kv_d
         if ROPE_DIM > 0:
             k_pe = tl.load(
                 KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
@@ -263,7 +342,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
             if UPCAST_DOT:
                 p_d = p_d.to(tl.float32)
-            acc = tl.dot(tl.trans(kv_d), p_d, acc)
+            acc = tl.dot(tl.trans(kv_v), p_d, acc)
         else:
             s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
             if ROPE_DIM > 0:
@@ -289,14 +368,14 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             p_d = p.to(kv.dtype)
             if UPCAST_DOT:
                 p_d = p_d.to(tl.float32)
-            acc = tl.dot(p_d, kv_d, acc)
+            acc = tl.dot(p_d, kv_v, acc)
         if MASSES:
             # log2 of each chunk's sum of exp2(score), relative to the running max m_use: the
             # masses kernel normalises them with the row's final log-sum-exp afterwards
             if BLOCK_N == CHUNK:  # the tile is the chunk: its sum is the one the softmax took
                 seen = p_sum > 0.0  # else no visible key in the chunk: -inf (log2 of a dummy 1)
                 c_lse = tl.where(seen, m_use + tl.log2(tl.where(seen, p_sum, 1.0)), float("-inf"))
-                tl.store(lse_rows + (start_n // CHUNK) * (SQ * H), c_lse, mask=row_ok)
+                tl.store(lse_rows + (start_n // CHUNK) * (SQ * H), c_lse, mask=mass_ok)
             else:
                 seen = c_sum > 0.0
                 c_lse = tl.where(seen, m_use[:, None] + tl.log2(tl.where(seen, c_sum, 1.0)), float("-inf"))
@@ -304,7 +383,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 tl.store(
                     lse_rows[:, None] + chunk[None, :] * (SQ * H),
                     c_lse,
-                    mask=row_ok[:, None] & (chunk < n_chunks)[None, :],  # the last tile may pass the table
+                    mask=mass_ok[:, None] & (chunk < n_chunks)[None, :],  # the last tile may pass the table
                 )
         m_i = m_new
 
@@ -315,32 +394,38 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     if DIRECT:
         o_row = OUT + pid_b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
         tl.store(
-            o_row[:, None] + offs_r[None, :],
+            o_row[:, None] + offs_v[None, :],
             out.to(OUT.dtype.element_ty),
-            mask=row_ok[:, None] & r_ok,
+            mask=row_ok[:, None] & v_ok,
         )
     else:
         part = ((pid_b.to(tl.int64) * SQ + tok) * H + head) * num_splits + pid_s  # [BLOCK_M]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(LSE_PART + part, lse, mask=row_ok)
-        tl.store(O_PART + part[:, None] * R_C + offs_r[None, :], out, mask=row_ok[:, None] & r_ok)
+        if NUM_OSPLITS > 1:
+            # every column slice computes the same scores, so the same log-sum-exp; each writes its
+            # own copy (the fused merge below reads only what its own slice's programs wrote)
+            lse_part = LSE_PART + pid_o * (tl.num_programs(2) * (SQ * H) * num_splits)
+        else:
+            lse_part = LSE_PART
+        tl.store(lse_part + part, lse, mask=row_ok)
+        tl.store(O_PART + part[:, None] * R_C + offs_v[None, :], out, mask=row_ok[:, None] & v_ok)
         if FUSE_COMBINE:
             # Split-K "last block reduces": the CTA's stores are ordered before a release
             # atomic (barrier + acq_rel by one thread, CUTLASS's semaphore pattern); the CTA
             # that draws the last ticket acquires and merges every split of its rows.
             tl.debug_barrier()
-            sem = SEMAPHORE + pid_b * tl.num_programs(0) + pid_hc
+            sem = SEMAPHORE + pid_b * tl.num_programs(0) + pid_x
             ticket = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
                 row0 = part - pid_s
                 m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 den = tl.zeros([BLOCK_M], dtype=tl.float32)
-                final = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                final = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
                 for s_i in range(0, num_splits):
-                    lse_s = tl.load(LSE_PART + row0 + s_i, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    lse_s = tl.load(lse_part + row0 + s_i, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
                     o_s = tl.load(
-                        O_PART + (row0 + s_i)[:, None] * R_C + offs_r[None, :],
-                        mask=row_ok[:, None] & r_ok,
+                        O_PART + (row0 + s_i)[:, None] * R_C + offs_v[None, :],
+                        mask=row_ok[:, None] & v_ok,
                         other=0.0,
                         cache_modifier=".cg",
                     )
@@ -354,9 +439,9 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 final = final / tl.where(den > 0.0, den, 1.0)[:, None]
                 o_row = OUT + pid_b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
                 tl.store(
-                    o_row[:, None] + offs_r[None, :],
+                    o_row[:, None] + offs_v[None, :],
                     final.to(OUT.dtype.element_ty),
-                    mask=row_ok[:, None] & r_ok,
+                    mask=row_ok[:, None] & v_ok,
                 )
                 tl.atomic_xchg(sem, 0)  # leave the counter at zero for the next call
 
@@ -455,16 +540,18 @@ def _mla_decode_masses_kernel(  # triton.jit applied by _kernels()
 
 
 _JIT: dict[str, object] = {}
+_latent_tile = None  # triton.jit(_load_latent_tile), bound by _kernels(): the split kernel calls it by this name
 
 
 def _kernels():
     """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
-    global triton, tl
+    global triton, tl, _latent_tile
     if not _JIT:
         import triton as _triton
         import triton.language as _tl
 
         triton, tl = _triton, _tl
+        _latent_tile = triton.jit(_load_latent_tile)
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
         _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
@@ -488,6 +575,13 @@ class DecodeConfig:
     maxnreg: register cap per thread (e.g. 128 lets two 8-warp programs share an SM).
     ctas_per_sm: programs of this config resident per SM (from registers / shared memory as
         compiled); only used to choose the number of splits.
+    out_splits: split the latent's output columns over this many programs (a power of 2; each
+        program's slice, BLOCK_R // out_splits columns, at least 16). Every program of a (head block,
+        KV split) computes the full scores of its cache tiles but accumulates only its slice of the
+        output, so the float32 accumulator a program holds shrinks by this factor: for wide latents
+        (r_c > 512), whose [block_m, r_c] accumulator and query block do not fit the registers
+        together. The programs of one tile are adjacent in the grid and read it through L2. Slices
+        entirely past r_c are not launched.
     """
 
     block_m: int
@@ -499,6 +593,7 @@ class DecodeConfig:
     maxnreg: int | None = None
     ctas_per_sm: int = 1
     kernel: str = "triton"  # "wgmma": the Gluon Hopper kernel (mla_decode_wgmma; fixed 64 x 64 tiles, 8 warps)
+    out_splits: int = 1
 
 
 # The Gluon kernel's only configuration (block sizes are fixed by its layouts; see its module).
@@ -512,6 +607,27 @@ _MAX_SPLITS = 64
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def output_slices(r_c: int, out_splits: int) -> tuple[int, int]:
+    """(columns per program, programs) of the output of one latent head of width ``r_c`` split
+    ``out_splits`` ways (``DecodeConfig.out_splits``): slices of BLOCK_R // out_splits columns, and as
+    many as hold columns below r_c."""
+    block_r = max(16, _next_pow2(r_c))
+    if not isinstance(out_splits, int) or out_splits < 1 or out_splits & (out_splits - 1):
+        raise LatentKVError(f"DecodeConfig.out_splits must be a power of 2 (1, 2, 4, ...); got {out_splits!r}.")
+    if block_r // out_splits < 16:
+        raise LatentKVError(f"DecodeConfig.out_splits={out_splits} leaves fewer than 16 of the {block_r} latent "
+                            f"columns (r_c = {r_c}) to a program; use at most {block_r // 16}.")
+    block_o = block_r // out_splits
+    return block_o, -(-r_c // block_o)
+
+
+def programs_per_split(batch: int, latent_heads: int, rows: int, r_c: int, cfg: DecodeConfig) -> int:
+    """Programs of the split kernel per KV split (``choose_num_splits``' first argument): batch x latent
+    heads x head blocks of ``cfg.block_m`` query rows x output column slices."""
+    slices = 1 if cfg.kernel == "wgmma" else output_slices(r_c, cfg.out_splits)[1]
+    return batch * latent_heads * -(-rows // cfg.block_m) * slices
 
 
 def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) -> tuple[int, int, int, int, int]:
@@ -584,27 +700,46 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
     return batch, sq, heads, r_c, page_size
 
 
-def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, device=None) -> DecodeConfig:
+def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, device=None, *,
+                   kv_quant: str = "") -> DecodeConfig:
     """Block sizes for ``rows`` query rows per latent head and latent width ``r_c``: the measured
-    table of the GPU family of ``device`` where it covers the shape (``latentkv.kernels.tuning``),
-    else the rules below (tuned on an H100 at r_c = 512, estimates elsewhere).
+    table of the GPU family of ``device`` where it covers the shape (``latentkv.kernels.tuning``;
+    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4"), else the
+    rules below (tuned on an H100 at r_c = 512, estimates elsewhere).
 
     BLOCK_M x BLOCK_R float32 accumulators live in registers: keep them at most 32K elements
     (128 registers a thread at 8 warps), so BLOCK_M <= 64 at r_c = 512 and <= 128 at r_c = 256.
     Shared memory holds the query block plus the pipelined cache tiles (about two tiles at
     num_stages 5 or 2, one at 3); keep the estimate under ~200 KB of the 227 KB a program may use.
     Measurements behind the choices: latentkv/kernels/NOTES.md and benchmarks/decode_h100.md.
+
+    Wide latents (r_c > 512, a 1024-column block): at 16 or more query rows the [32, 1024] float32
+    accumulator and the tiles take every register (255 a thread and spills at 8 warps on an H100).
+    The rules shrink block_m to 16 first (two programs share each cache tile through L2; no score is
+    computed twice) and split the output columns (``DecodeConfig.out_splits``) only where 16 rows
+    still do not fit: a quantized tile (dequantized in registers), float32 caches, latents wider
+    than 1024. Each choice compiles without spills for sm_90a (``scripts/kernel_registers.py``);
+    not yet timed on a GPU.
     """
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 0
     elt = torch.finfo(dtype).bits // 8
-    if device is not None:
+    if device is not None and not kv_quant:
         from latentkv.kernels import tuning
 
         fields = tuning.tuned_config(device, rows, r_c, rope_dim, elt)
         if fields is not None:
             return DecodeConfig(**fields)
     row_bytes = (block_r + block_dr) * elt
+    if block_r >= 1024:
+        if kv_quant == "int4":  # per-column scale and zero-point loads: the heaviest tile in registers
+            return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 256)
+        if kv_quant or elt == 4:
+            return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=3 if elt == 2 else 2,
+                                out_splits=block_r // 512)
+        if block_r == 1024:
+            return DecodeConfig(block_m=16, block_n=32, num_warps=8, num_stages=3)
+        return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 512)
     block_m = max(16, min(_next_pow2(rows), 128, max(16, 32768 // block_r)))
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
@@ -624,7 +759,8 @@ _AUTO_CONFIGS: dict[tuple, DecodeConfig] = {}
 
 
 def choose_config(
-    q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False
+    q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False,
+    kv_quant: str = "",
 ) -> DecodeConfig:
     """The split kernel's configuration for this call: ``config`` if given (checked), else the
     Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
@@ -634,7 +770,7 @@ def choose_config(
 
     if config is None:  # the automatic choice depends only on these (cached: it runs on every launch)
         key = (q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], kv_cache.shape[1], kv_cache.stride(),
-               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses)  # fmt: skip
+               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant)  # fmt: skip
         cfg = _AUTO_CONFIGS.get(key)
         if cfg is None:
             rows = q.shape[1] * (q.shape[2] // latent_heads)
@@ -642,7 +778,7 @@ def choose_config(
             if wgmma and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
                 cfg = WGMMA_CONFIG
             else:
-                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device)
+                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant)
             _AUTO_CONFIGS[key] = cfg
         return cfg
     if config.kernel == "wgmma" and (need_masses or not mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads,
@@ -654,6 +790,9 @@ def choose_config(
         )
     if config.kernel not in ("triton", "wgmma"):
         raise LatentKVError(f"DecodeConfig.kernel must be 'triton' or 'wgmma'; got {config.kernel!r}.")
+    if config.kernel == "wgmma" and config.out_splits != 1:
+        raise LatentKVError("the wgmma decode kernel does not split the output columns; use out_splits=1.")
+    output_slices(q.shape[-1] - rope_dim, config.out_splits)  # a valid split of this width, else an error
     return config
 
 
@@ -796,7 +935,8 @@ def mla_decode(
 
     hg = heads // latent_heads
     rows = sq * hg
-    cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses)
+    cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
+                        kv_quant=quant.kernel.switch if quant else "")
     if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
         cfg = replace(cfg, kernel="triton") if config is None else cfg
         if cfg.kernel == "wgmma":
@@ -805,16 +945,17 @@ def mla_decode(
     if return_masses:
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
-    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r)
+    block_o, n_oslices = output_slices(r_c, cfg.out_splits) if cfg.kernel != "wgmma" else (block_r, 1)
+    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r, block_o)
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
     n_hblocks = -(-rows // cfg.block_m)
-    programs_per_split = batch * latent_heads * n_hblocks
+    n_programs = programs_per_split(batch, latent_heads, rows, r_c, cfg)
 
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if seq_lens.device.type == "cpu" else block_table.shape[1] * page_size
         num_splits = choose_num_splits(
-            programs_per_split, max_seq_len, sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
+            n_programs, max_seq_len, sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
         )
     if not isinstance(num_splits, int) or num_splits < 1:
         raise LatentKVError(f"num_splits must be a positive int or None; got {num_splits!r}.")
@@ -828,7 +969,8 @@ def mla_decode(
         )
     if num_splits > 1:
         o_part = torch.empty((batch, sq, heads, num_splits, r_c), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((batch, sq, heads, num_splits), dtype=torch.float32, device=q.device)
+        # one copy per output column slice (the same values); the combine reads the first
+        lse_part = torch.empty((n_oslices, batch, sq, heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out  # unused by the kernel
     if _poison:
@@ -849,9 +991,9 @@ def mla_decode(
         chunk, n_chunks, chunk_lse = cfg.block_n, 0, seq_lens  # unused by the kernel
 
     fuse = cfg.fuse_combine and num_splits > 1
-    sem = _semaphores(q.device, batch * latent_heads * n_hblocks) if fuse else seq_lens
+    sem = _semaphores(q.device, batch * latent_heads * n_hblocks * n_oslices) if fuse else seq_lens
     extra = {} if (cfg.maxnreg is None or interpret) else {"maxnreg": cfg.maxnreg}
-    grid = (latent_heads * n_hblocks, num_splits, batch)
+    grid = (latent_heads * n_hblocks * n_oslices, num_splits, batch)
     split_kernel, combine_kernel = _kernels()
     if cfg.kernel == "wgmma":
         from latentkv.kernels import mla_decode_wgmma
@@ -876,6 +1018,7 @@ def mla_decode(
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
             KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
             SOFTCAP=bool(softcap), WINDOW=bool(window), **quant_args["constants"],
+            NUM_OSPLITS=n_oslices, BLOCK_O=block_o,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -898,9 +1041,11 @@ def mla_decode(
     return out, masses
 
 
-def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent_heads: int, block_r: int) -> dict:
+def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent_heads: int, block_r: int,
+                    block_o: int) -> dict:
     """The split kernel's quantized-latent arguments: tensors and strides (unused placeholders for a
-    plain cache) and the constexprs that switch the dequantization on."""
+    plain cache) and the constexprs that switch the dequantization on (``block_o``: the columns of
+    an output slice, ``DecodeConfig.out_splits``)."""
     if quant is None:
         return {"tensors": (kv_cache, kv_cache, 0, 0, 0, 0), "constants": {}}
     group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
@@ -910,7 +1055,7 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
-                      "SCALE_OFF": scale_off,
+                      "SCALE_OFF": scale_off, "OGROUP": min(group, block_o), "ONUM_GROUPS": block_o // min(group, block_o),
                       "SCALE_FIELDS": quant.kernel.scale_fields},
     }
 

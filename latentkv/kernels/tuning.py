@@ -84,23 +84,28 @@ def tuned_config(device, rows: int, r_c: int, rope_dim: int, elt: int) -> dict |
 def candidate_configs(rows: int, r_c: int, rope_dim: int, elt: int) -> list[dict]:
     """Configurations worth timing for one shape: block sizes whose accumulators, query block and
     scores fit the registers (estimate: <= 192 32-bit registers a thread) and whose pipelined cache
-    tiles fit shared memory (<= 220 KB), with 4 or 8 warps and 2-7 stages."""
+    tiles fit shared memory (<= 220 KB), with 4 or 8 warps and 2-7 stages. Wide latents (a padded
+    block of >= 1024 columns) also try splitting the output columns over 2 or 4 programs
+    (``out_splits``: the accumulator shrinks by that factor; each program also loads its value
+    slice of every tile, counted in the shared-memory estimate)."""
     block_r, block_dr = padded_widths(r_c, rope_dim)
     m0 = row_bucket(rows)
     ms = [m for m in (128, 64, 32, 16) if m <= m0][:3]  # smaller M: a smaller accumulator (wide latents)
     out = []
-    for block_m in ms:
-        for block_n in (16, 32, 64, 128):
-            for num_warps in (4, 8):
-                threads = 32 * num_warps
-                regs = (block_m * block_r * 4 + block_m * (block_r + block_dr) * elt + 2 * block_m * block_n * 4) / (
-                    4 * threads
-                )
-                if regs > 192:
-                    continue
-                for num_stages in (2, 3, 5, 7):
-                    tile = block_n * (block_r + block_dr) * elt
-                    if (num_stages - 1) * tile + block_m * (block_r + block_dr) * elt > 220 * 1024:
+    for out_splits in (1, 2, 4) if block_r >= 1024 else (1,):
+        block_o = block_r // out_splits
+        for block_m in ms:
+            for block_n in (16, 32, 64, 128):
+                for num_warps in (4, 8):
+                    threads = 32 * num_warps
+                    regs = (block_m * block_o * 4 + block_m * (block_r + block_dr) * elt
+                            + 2 * block_m * block_n * 4) / (4 * threads)  # fmt: skip
+                    if regs > 192:
                         continue
-                    out.append(dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages))
+                    for num_stages in (2, 3, 5, 7):
+                        tile = block_n * (block_r + block_dr + (block_o if out_splits > 1 else 0)) * elt
+                        if (num_stages - 1) * tile + block_m * (block_r + block_dr) * elt > 220 * 1024:
+                            continue
+                        c = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                        out.append(c if out_splits == 1 else dict(c, out_splits=out_splits))
     return out
