@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from latentkv.convert.registry import TARGETS, target_help  # plain records: nothing heavy is imported
 from latentkv.data import DEFAULT_CALIBRATION
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def convert(
     ctx: typer.Context,
     source: SourceArg,
     output: OutputArg,
-    to: Annotated[str, typer.Option("--to", help="Target: mla, gla (grouped latent), gta (GTA-T: tied K/V state per KV head), gta-s (GTA-S: shared-map key heads + gated value latent; --set map_heads=N), gqa.")] = "mla",
+    to: Annotated[str, typer.Option("--to", help=target_help())] = "mla",
     kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA; the value latent of GTA-S).", rich_help_panel="Method")] = None,
     kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer. Default 0.5 when no --kv-lora-rank is given (MLA, GLA).", rich_help_panel="Method")] = None,
     qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
@@ -209,10 +210,11 @@ def convert(
         if value is not None:
             method_options[name] = value
     rope = pick("qk_rope_dim", qk_rope_dim)
-    if to in ("mla", "gla", "gta"):
+    shared_flags = TARGETS[to].cli_options if to in TARGETS else ()  # an unknown target is refused by convert
+    if "qk_rope_dim" in shared_flags:
         method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
-        if pick("sequential", sequential):
-            method_options["sequential"] = True
+    if "sequential" in shared_flags and pick("sequential", sequential):
+        method_options["sequential"] = True
     opts = ConvertOptions(
         source=source,
         output=str(output),
