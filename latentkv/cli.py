@@ -545,6 +545,7 @@ def finetune(
     seed: CalibSeed = 0,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML file of finetune settings (the option fields, or the latentkv_recipe.yaml a finetune wrote); flags given on the command line win.")] = None,
 ):
     """Heal a converted model: LoRA (or the new attention weights) distilled from the teacher.
     Several GPUs: `accelerate launch -m latentkv.cli finetune ...` (same flags)."""
@@ -552,18 +553,24 @@ def finetune(
     from latentkv.finetune.options import FinetuneOptions
     from latentkv.finetune.pipeline import finetune as run_finetune
 
-    opts = _run(FinetuneOptions, model=model, output=str(output), teacher=teacher, data=data, split=split,
-                text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
-                batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
-                temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
-                mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
-                anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
-                gradient_checkpointing=gradient_checkpointing,
-                compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
-                stop_after_seconds=stop_after_seconds, merge=merge, eval_window=eval_window, eval_windows=eval_windows,
-                eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
-                precision=precision, seed=seed, overwrite=overwrite,
-                trust_remote_code=trust_remote_code, command=_command_line(ctx))
+    settings = _run(_load_finetune_recipe, recipe)
+    fields = dict(model=model, output=str(output), teacher=teacher, data=data, split=split,
+                  text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
+                  batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
+                  temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
+                  mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
+                  anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
+                  gradient_checkpointing=gradient_checkpointing,
+                  compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
+                  stop_after_seconds=stop_after_seconds, merge=merge, eval_window=eval_window, eval_windows=eval_windows,
+                  eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
+                  precision=precision, seed=seed, overwrite=overwrite,
+                  trust_remote_code=trust_remote_code, command=_command_line(ctx))
+    for key, value in settings.items():  # the recipe's, unless the command line gives the flag
+        source = ctx.get_parameter_source(FINETUNE_FLAGS.get(key, key)) if ctx else None
+        if source is None or source.name != "COMMANDLINE":
+            fields[key] = value
+    opts = _run(FinetuneOptions, **fields)
     result = _run(run_finetune, opts)
     import os
 
@@ -572,6 +579,27 @@ def finetune(
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
                            "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals,
                            "before": result.before, "after": result.after}))
+
+
+# FinetuneOptions fields whose flag has another name.
+FINETUNE_FLAGS = {"kl_text": "kl_data"}
+
+
+def _load_finetune_recipe(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    from latentkv.errors import LatentKVError
+    from latentkv.finetune.options import recipe_settings
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LatentKVError(f"Recipe {path} must be a YAML mapping of finetune settings")
+    return recipe_settings(data, str(path))
 
 
 @predictor_app.command("train")
