@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from latentkv.convert.registry import TARGETS, target_help  # plain records: nothing heavy is imported
 from latentkv.data import DEFAULT_CALIBRATION
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def convert(
     ctx: typer.Context,
     source: SourceArg,
     output: OutputArg,
-    to: Annotated[str, typer.Option("--to", help="Target: mla, gla (grouped latent), gta (GTA-T: tied K/V state per KV head), gta-s (GTA-S: shared-map key heads + gated value latent; --set map_heads=N), gqa.")] = "mla",
+    to: Annotated[str, typer.Option("--to", help=target_help())] = "mla",
     kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA; the value latent of GTA-S).", rich_help_panel="Method")] = None,
     kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer. Default 0.5 when no --kv-lora-rank is given (MLA, GLA).", rich_help_panel="Method")] = None,
     qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
@@ -209,10 +210,11 @@ def convert(
         if value is not None:
             method_options[name] = value
     rope = pick("qk_rope_dim", qk_rope_dim)
-    if to in ("mla", "gla", "gta"):
+    shared_flags = TARGETS[to].cli_options if to in TARGETS else ()  # an unknown target is refused by convert
+    if "qk_rope_dim" in shared_flags:
         method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
-        if pick("sequential", sequential):
-            method_options["sequential"] = True
+    if "sequential" in shared_flags and pick("sequential", sequential):
+        method_options["sequential"] = True
     opts = ConvertOptions(
         source=source,
         output=str(output),
@@ -543,6 +545,7 @@ def finetune(
     seed: CalibSeed = 0,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML file of finetune settings (the option fields, or the latentkv_recipe.yaml a finetune wrote); flags given on the command line win.")] = None,
 ):
     """Heal a converted model: LoRA (or the new attention weights) distilled from the teacher.
     Several GPUs: `accelerate launch -m latentkv.cli finetune ...` (same flags)."""
@@ -550,18 +553,24 @@ def finetune(
     from latentkv.finetune.options import FinetuneOptions
     from latentkv.finetune.pipeline import finetune as run_finetune
 
-    opts = _run(FinetuneOptions, model=model, output=str(output), teacher=teacher, data=data, split=split,
-                text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
-                batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
-                temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
-                mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
-                anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
-                gradient_checkpointing=gradient_checkpointing,
-                compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
-                stop_after_seconds=stop_after_seconds, merge=merge, eval_window=eval_window, eval_windows=eval_windows,
-                eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
-                precision=precision, seed=seed, overwrite=overwrite,
-                trust_remote_code=trust_remote_code, command=_command_line(ctx))
+    settings = _run(_load_finetune_recipe, recipe)
+    fields = dict(model=model, output=str(output), teacher=teacher, data=data, split=split,
+                  text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
+                  batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
+                  temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
+                  mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
+                  anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
+                  gradient_checkpointing=gradient_checkpointing,
+                  compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
+                  stop_after_seconds=stop_after_seconds, merge=merge, eval_window=eval_window, eval_windows=eval_windows,
+                  eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
+                  precision=precision, seed=seed, overwrite=overwrite,
+                  trust_remote_code=trust_remote_code, command=_command_line(ctx))
+    for key, value in settings.items():  # the recipe's, unless the command line gives the flag
+        source = ctx.get_parameter_source(FINETUNE_FLAGS.get(key, key)) if ctx else None
+        if source is None or source.name != "COMMANDLINE":
+            fields[key] = value
+    opts = _run(FinetuneOptions, **fields)
     result = _run(run_finetune, opts)
     import os
 
@@ -570,6 +579,27 @@ def finetune(
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
                            "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals,
                            "before": result.before, "after": result.after}))
+
+
+# FinetuneOptions fields whose flag has another name.
+FINETUNE_FLAGS = {"kl_text": "kl_data"}
+
+
+def _load_finetune_recipe(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    from latentkv.errors import LatentKVError
+    from latentkv.finetune.options import recipe_settings
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LatentKVError(f"Recipe {path} must be a YAML mapping of finetune settings")
+    return recipe_settings(data, str(path))
 
 
 @predictor_app.command("train")

@@ -216,3 +216,40 @@ def test_no_deprecated_transformers_calls(tiny_model_dir, tmp_path):
     deprecated += [str(w.message) for w in caught if "deprecat" in str(w.message).lower()
                    and "latentkv" in w.filename]
     assert not deprecated, deprecated
+
+
+def test_finetune_recipe_replays_the_written_options(tiny_converted, tiny_model_dir, tmp_path, monkeypatch):
+    """Guards `finetune --recipe`: a run writes its resolved options into its output's recipe, and a
+    run from that file resolves to the same options; a hand-written recipe sets option fields that have
+    no flag, a flag given on the command line wins, and unknown keys are refused naming the known ones."""
+    import yaml
+
+    from latentkv.finetune import pipeline
+    from tiny_models import short_training_text
+
+    model, teacher, data = tiny_converted("mla", kv_budget=0.5), tiny_model_dir("llama"), short_training_text(tmp_path)
+    res = runner.invoke(app, ["finetune", str(model), str(tmp_path / "healed"), "--teacher", str(teacher), "--data",
+                              str(data), "--tokens", "1024", "--seq-len", "64", "--batch-size", "8",
+                              "--micro-batch-size", "4", "--lr", "3e-3", "--warmup", "0", "--eval-windows", "0",
+                              "--checkpoint-every", "0", "--mode", "attention"])
+    assert res.exit_code == 0, res.output
+    written = yaml.safe_load((tmp_path / "healed" / "latentkv_recipe.yaml").read_text())["finetune"]
+    seen = []
+
+    def capture(opts):
+        seen.append(opts)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "finetune", capture)
+    res = runner.invoke(app, ["finetune", str(model), str(tmp_path / "again"), "--recipe",
+                              str(tmp_path / "healed" / "latentkv_recipe.yaml")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(json.dumps(seen[-1].recipe())) == json.loads(json.dumps(written))
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(yaml.safe_dump({"lora_alpha": 8, "lr": 1e-3, "tokens": 4096, "data": str(data)}))
+    res = runner.invoke(app, ["finetune", str(model), str(tmp_path / "hand"), "--recipe", str(hand), "--lr", "2e-3"])
+    assert res.exit_code == 0, res.output
+    assert (seen[-1].lora_alpha, seen[-1].lr, seen[-1].tokens, seen[-1].data) == (8.0, 2e-3, 4096, str(data))
+    hand.write_text(yaml.safe_dump({"learning_rate": 1e-3}))
+    res = runner.invoke(app, ["finetune", str(model), str(tmp_path / "bad"), "--recipe", str(hand)])
+    assert res.exit_code != 0 and "Unknown finetune recipe keys" in res.output and "lora_alpha" in res.output

@@ -237,11 +237,15 @@ def engine_geometry(engine: Engine, geo, kv_budget: float | None = None, kv_lora
 
 def check_engine(name: str, method: str, fmt: str) -> Engine:
     """The engine of `--engine NAME`, once the method and format are ones it serves (no model needed)."""
+    from latentkv.convert.registry import TARGETS
+
     engine = get_engine(name)
     if method != "mla":
+        record = TARGETS.get(method)
         raise LatentKVError(f"--engine fits the MLA cache of --to mla --format deepseek; --to {method} "
                             + ("exports the source's own architecture, which every engine serves as it is: drop --engine"
-                               if method == "gqa" else "has no engine-served form: drop --engine"))
+                               if record is not None and record.attention == "source"
+                               else "has no engine-served form: drop --engine"))
     if fmt != "deepseek":
         raise LatentKVError("--engine applies to the DeepSeek format (what vLLM and SGLang serve): add --format deepseek")
     return engine

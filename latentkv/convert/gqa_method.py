@@ -18,6 +18,7 @@ import torch
 
 from latentkv.arch import geometry_of
 from latentkv.convert import gqa
+from latentkv.convert.method import Capabilities
 from latentkv.errors import LatentKVError
 from latentkv.typed import typed_settings
 
@@ -42,6 +43,8 @@ class GQAPlan:
 class GQAMethod:
     name = "gqa"
     config_cls = gqa.GQAConfig
+    # The converted pass feeds sequential calibration; the o_proj refit is MLA's alone.
+    capabilities = Capabilities(sequential_pass=True, formats=FORMATS)
 
     def make_config(self, options: dict, fmt: str) -> gqa.GQAConfig:
         if fmt not in FORMATS:

@@ -12,6 +12,7 @@ import logging
 from latentkv.arch import geometry_of
 from latentkv.convert import gqa, gtas
 from latentkv.convert.gqa_method import GQAMethod, GQAPlan
+from latentkv.convert.method import Capabilities
 from latentkv.errors import LatentKVError
 from latentkv.typed import typed_settings
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 class GTASMethod(GQAMethod):
     name = "gta-s"
     config_cls = gtas.GTASConfig
+    capabilities = Capabilities(formats=("latentkv",))  # no sequential pass yet (GTASConfig has no `sequential`)
 
     def make_config(self, options: dict, fmt: str) -> gtas.GTASConfig:
         if fmt != "latentkv":

@@ -17,6 +17,7 @@ import torch
 from latentkv.calibration.runner import release_freed_memory
 from latentkv.arch import geometry_of, hybrid_sliding
 from latentkv.convert import mla
+from latentkv.convert.method import Capabilities
 from latentkv.convert.output import LAYERS_FILE, write_cards, write_globals, write_layer
 from latentkv.convert.qk_norm import with_source_projections
 from latentkv.errors import LatentKVError
@@ -107,6 +108,7 @@ def shared_split(curves: list[dict], budget: int, latent_heads: int) -> list[tup
 class MLAMethod:
     name = "mla"
     config_cls = mla.MLAConfig
+    capabilities = Capabilities(sequential_pass=True, output_refit=True, plan_in_pass=True, formats=FORMATS)
 
     def make_config(self, options: dict, fmt: str) -> mla.MLAConfig:
         if fmt not in FORMATS:
@@ -331,6 +333,7 @@ class MLAMethod:
 
 class GLAMethod(MLAMethod):
     name = "gla"
+    capabilities = Capabilities(sequential_pass=True, output_refit=True, plan_in_pass=True, formats=("latentkv",))
 
     def make_config(self, options: dict, fmt: str) -> mla.MLAConfig:
         options = dict(options)
@@ -344,6 +347,7 @@ class GTAMethod(MLAMethod):
     """GTA-T: one tied state per KV head plus a half-head-dim shared RoPE key (`convert.gta`)."""
 
     name = "gta"
+    capabilities = Capabilities(sequential_pass=True, output_refit=True, plan_in_pass=True, formats=("latentkv",))
 
     def make_config(self, options: dict, fmt: str):
         from latentkv.convert.gta import GTAConfig

@@ -1,7 +1,8 @@
 """`latentkv convert`: load -> calibrate -> factorise -> rewrite -> save, as a short list of steps.
 
 Calibration streams the source one decoder layer at a time (`LayerStream`); statistics are cached
-with a fingerprint so a rerun resumes. Methods plug in through `convert.registry`.
+with a fingerprint so a rerun resumes. Methods plug in through `convert.registry` and implement
+`convert.method.ConversionMethod`.
 """
 
 from __future__ import annotations
@@ -320,8 +321,10 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
     spill = SpilledLayers(out.path)
     try:
         caches: list[StatsCache] = []
-        sequential = getattr(method_cfg, "sequential", False)
-        in_pass = getattr(method, "plan_in_pass", None)
+        caps = method.capabilities  # `convert.method.Capabilities`: which optional passes the method takes
+        sequential = caps.sequential_pass and method_cfg.sequential
+        refit = caps.output_refit and method_cfg.refit_output
+        in_pass = method.plan_in_pass if caps.plan_in_pass else None
         plan = None
         if sequential and in_pass is not None:
             plan = _spilling(in_pass(stream, method_cfg, opts.format), spill)
@@ -344,14 +347,14 @@ def convert(opts: ConvertOptions, progress_factory=None) -> ConvertResult:
             stats = collect_stats(stream, windows, cache, opts.calib, progress=progress)
             plan = _spilling(method.plan(stream, stats, method_cfg, opts.format), spill)
             memory.mark("planning the widths")
-            if sequential or getattr(method_cfg, "refit_output", False):
+            if sequential or refit:
                 # A pass through the converted layers: their statistics (sequential) and/or the o_proj refit.
                 seq_cache = _stats_cache(source, opts, windows,
                                          {"method": opts.method, **opts.method_options, "plan": plan.key()}, model_fp)
                 progress = progress_factory("sequential pass", stream.num_layers) if progress_factory else None
                 first_pass = stats
                 # The refit alone may run on fewer windows (the o_proj regression needs far fewer tokens).
-                refit_windows = getattr(method_cfg, "refit_windows", None) or len(windows)
+                refit_windows = (method_cfg.refit_windows if refit else None) or len(windows)
                 pass_windows = windows if sequential else windows[:refit_windows]
                 seq_stats = collect_stats(
                     stream, pass_windows, seq_cache, opts.calib, progress=progress,
@@ -420,11 +423,13 @@ def check_settings(opts: ConvertOptions) -> None:
 
 def check_cache_format(opts: ConvertOptions) -> None:
     """--cache-format: a latent format the paged cache stores, for a latentkv-format latent target."""
+    from latentkv.convert.registry import TARGETS, latent_target_names
     from latentkv.kvformats import parse_model_cache_format
 
-    if opts.format != "latentkv" or opts.method == "gqa":
-        raise LatentKVError("--cache-format is carried by latentkv-format outputs of a latent target (--to mla, gla, "
-                            "gta, gta-s); drop it, or convert with --format latentkv")
+    record = TARGETS.get(opts.method)  # an unknown target is refused by `get_method`
+    if opts.format != "latentkv" or (record is not None and record.attention == "source"):
+        raise LatentKVError("--cache-format is carried by latentkv-format outputs of a latent target (--to "
+                            f"{', '.join(latent_target_names())}); drop it, or convert with --format latentkv")
     parse_model_cache_format(opts.cache_format)
 
 

@@ -239,6 +239,17 @@ def cache_format_rows(config) -> dict:
     return {"KV cache format": stored[1], "KV bytes per token (all layers, scales included)": f"{stored[0]:g}"}
 
 
+def target_rows(geo, arch, config) -> list[tuple[str, str, int, bool]]:
+    """(target, what it caches, values per token per layer, keeps sliding layers) of every registered
+    target's `inspect` rows: those that keep the source's own architecture first, then the latent
+    targets in registration order."""
+    from latentkv.convert.registry import load, targets
+
+    records = sorted((r for r in targets() if r.inspect), key=lambda r: r.attention != "source")
+    return [(row.target, row.what, row.values, row.keeps_sliding)
+            for r in records for row in load(r.inspect)(geo, arch, config)]
+
+
 def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict:
     from latentkv.arch import geometry_of, get_arch
     from latentkv.convert.engines import engine_rows
@@ -318,16 +329,8 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
             f"that many; " + ("mla/gla keep them at the source's width, the budget goes to the full-attention layers)"
                               if kept else "every layer slides, so every layer is converted)"))
     info["KV bytes (bf16) per sequence"] = f"{at_context(src, False):,} at {context} tokens of context"
-    rows = [("source (GQA)" if G < geo.num_heads else "source (MHA)", f"K and V: 2 x {G} x {d}", src)]
-    for n in range(G - 1, 0, -1):
-        if G % n == 0 and not arch.gqa_refusal:
-            rows.append((f"gqa --num-kv-heads {n}", f"2 x {n} x {d}", 2 * n * d))
-    for frac in (0.5, 1 / 3, 0.25):
-        v = int(round(frac * src))
-        rows.append((f"mla --kv-budget {frac:.2g}", f"latent + RoPE key = {v}", v))
-    if geo.num_heads % 2 == 0 or geo.num_heads % 3 == 0:
-        hc = 2 if geo.num_heads % 2 == 0 else 3
-        rows.append((f"gla --latent-heads {hc} --kv-budget 0.5", f"{hc} latent heads + RoPE key", int(round(src / 2))))
+    rows = [("source (GQA)" if G < geo.num_heads else "source (MHA)", f"K and V: 2 x {G} x {d}", src, False)]
+    rows += target_rows(geo, arch, config)
     from latentkv.convert.export_deepseek import deepseek_refusal
 
     refusal = deepseek_refusal(config, arch)
@@ -336,13 +339,13 @@ def inspect_model(spec: str, *, gguf_file=None, trust_remote_code=False) -> dict
         "errors per layer in latentkv_layers.json)" if arch.has_bias(config, "q") or arch.has_bias(config, "o")
         else "held")
     if not refusal:
-        rows.append(("mla --format deepseek --kv-lora-rank 4d", f"{4 * d} + {min(64, d)}", 4 * d + min(64, d)))
+        rows.append(("mla --format deepseek --kv-lora-rank 4d", f"{4 * d} + {min(64, d)}", 4 * d + min(64, d), False))
     targets = [
         {"target": t, "what": w, "values": v, "percent": 100 * v / src, "bytes_bf16_all_layers": 2 * v * L,
          "context_tokens": context,
-         # GQA and the DeepSeek format rewrite every layer; mla/gla keep the sliding layers of a hybrid model
-         "bytes_bf16_at_context": at_context(v, kept and t.startswith(("mla --kv", "gla")))}
-        for t, w, v in rows
+         # GQA, GTA and the DeepSeek format rewrite every layer; mla/gla keep the sliding layers of a hybrid model
+         "bytes_bf16_at_context": at_context(v, kept and keeps_sliding)}
+        for t, w, v, keeps_sliding in rows
     ]
     engines = [] if refusal else engine_rows(geo)
     return {"architecture": info, "targets": targets, "engines": engines}

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import torch
 
+from latentkv.convert.registry import ATTENTION_KINDS, layer_classes
 from latentkv.errors import LatentKVError
 
 
 def latent_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The MLA layers (latentkv format) that annealing can narrow; refuses any other layer kind."""
-    layers = [m for m in model.modules() if type(m).__name__ in ("LatentAttention", "GroupedLatentAttention")]
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes()]
     if not layers:
         raise LatentKVError("--anneal-rank narrows the latent of a latentkv MLA model; this model has no latent "
                             "attention (convert with --to mla, latentkv format)")
     for m in layers:
-        if type(m).__name__ != "LatentAttention" or m.tied or m.latent_heads != 1 or m.qk_norm:
+        if type(m).__name__ != ATTENTION_KINDS["latent"]["layer_class"] or m.tied or m.latent_heads != 1 or m.qk_norm:
             raise LatentKVError(f"--anneal-rank works on MLA layers (one latent head, not tied, no QK-norm); layer "
                                 f"{m.layer_idx} is {type(m).__name__} with {getattr(m, 'latent_heads', '?')} latent "
                                 "heads: convert with --to mla, or drop --anneal-rank")

@@ -252,6 +252,31 @@ class FinetuneOptions:
         return d
 
 
+# What a finetune recipe records but never sets: the model to heal is the command's argument, and code
+# from a checkpoint runs only when the command line asks; where and whether to write is the command's.
+RECIPE_RECORD_ONLY = ("model", "trust_remote_code", "latentkv_version")
+RECIPE_NOT_SETTABLE = ("output", "overwrite", "command")
+
+
+def recipe_settings(recipe: dict, where: str) -> dict:
+    """The `FinetuneOptions` fields a `finetune --recipe` file sets, typed: a mapping of those fields,
+    or a `latentkv_recipe.yaml` that finetune wrote (its `finetune` section, `FinetuneOptions.recipe()`),
+    so running again from it resolves to the same options."""
+    from dataclasses import fields
+
+    from latentkv.typed import typed_settings
+
+    if isinstance(recipe.get("finetune"), dict):
+        recipe = recipe["finetune"]
+    out = {k: v for k, v in recipe.items() if k not in RECIPE_RECORD_ONLY}
+    known = sorted({f.name for f in fields(FinetuneOptions)} - set(RECIPE_RECORD_ONLY) - set(RECIPE_NOT_SETTABLE))
+    unknown = sorted(set(out) - set(known))
+    if unknown:
+        raise LatentKVError(f"Unknown finetune recipe keys in {where}: {', '.join(map(str, unknown))}; known: "
+                            f"{', '.join(known)} (the output folder and --overwrite are given on the command line)")
+    return typed_settings(FinetuneOptions, out, "finetune recipe")
+
+
 def check_held_out(held_out: str, data: str) -> None:
     """Refuse held-out text that is the training text or lies inside it (a file of a --data folder)."""
     from latentkv.data import resolve_text

@@ -14,6 +14,7 @@ import types
 
 import torch
 
+from latentkv.convert.registry import ATTENTION_KINDS
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def use_frequency_buffers(model: torch.nn.Module) -> int:
     """Give every LatentAttention its RoPE frequencies as a buffer and read them from there."""
     patched = 0
     for module in model.modules():
-        if type(module).__name__ == "LatentAttention" and not hasattr(module, "rope_freq"):
+        if type(module).__name__ == ATTENTION_KINDS["latent"]["layer_class"] and not hasattr(module, "rope_freq"):
             weight = module.q_proj.weight
             freq = torch.tensor(module.rope_inv_freq, dtype=torch.float32, device=weight.device)
             module.register_buffer("rope_freq", freq, persistent=False)

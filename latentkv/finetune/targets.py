@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latentkv.convert.registry import trainable_modules
 from latentkv.errors import LatentKVError
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,10 @@ class FormatTargets:
 
 
 FORMAT_TARGETS: dict[str, FormatTargets] = {
-    # model_type -> targets. latentkv: LatentAttention of modeling_latentkv.py (k_proj, v_proj and the
-    # per-head query map q_head_proj exist in the qk_norm layers of a Qwen3 conversion only), and GTA-S's
-    # GroupedLatentAttention (map keys k_proj, value latent c_proj, its gated decoder v_up_proj / g_proj).
-    "latentkv": FormatTargets(attention=("q_proj", "k_proj", "v_proj", "kv_a_proj", "kv_b_proj", "o_proj",
-                                         "c_proj", "v_up_proj", "g_proj"),
-                              extra=("q_head_proj",)),
+    # model_type -> targets. latentkv: every latent target's `TargetRecord.trainable` (LatentAttention's
+    # projections; GTA-S's GroupedLatentAttention: map keys k_proj, value latent c_proj, its gated decoder
+    # v_up_proj / g_proj), and the per-head query map q_head_proj of the qk_norm layers of a Qwen3 conversion.
+    "latentkv": FormatTargets(attention=trainable_modules(), extra=("q_head_proj",)),
     # Stock transformers DeepseekV3ForCausalLM written by `--format deepseek`.
     "deepseek_v3": FormatTargets(
         attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),

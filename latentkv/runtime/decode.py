@@ -308,15 +308,28 @@ def latent_attentions(model) -> list:
     if not attns or not all(hasattr(a, "absorbed_weights") or hasattr(a, "rope_dim") for a in attns):
         raise LatentKVError(
             f"{type(model).__name__} has no latent attention; the decode loop runs models converted to the "
-            "latentkv format with MLA or GLA (latentkv convert --format latentkv)."
+            f"latentkv format with --to {', '.join(paged_targets())} (latentkv convert --format latentkv)."
         )
     return attns
 
 
-def _has_gtas(model) -> bool:
+def paged_targets() -> list[str]:
+    """The conversion targets whose layers this loop decodes (`TargetRecord.paged_decode`)."""
+    from latentkv.convert.registry import targets
+
+    return [r.name for r in targets() if r.paged_decode]
+
+
+def _shared_rotary(model) -> bool:
+    """Whether some layer rotates with the decoder's shared (cos, sin): a layer of a target whose
+    decode adapter is "grouped" (GTA-S; its modules carry `map_heads`)."""
+    from latentkv.convert.registry import targets
+
+    grouped = {r.layer_class for r in targets() if r.decode_adapter == "grouped"}
     names = getattr(model.config, "source_modules", None) or {}
     layers = getattr(model.get_decoder(), "layers", [])
-    return any(hasattr(getattr(layer, names.get("attention", "self_attn"), None), "map_heads") for layer in layers)
+    return any(type(getattr(layer, names.get("attention", "self_attn"), None)).__name__ in grouped
+               for layer in layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +340,7 @@ def _run_layers(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, 
     input_ids [b, n] -> logits [b, n or 1, vocab] (float32)."""
     hidden = model.get_input_embeddings()(input_ids)
     # GTA-S layers rotate with the decoder's shared (cos, sin); MLA / GLA / GTA-T layers rotate themselves
-    rotary = getattr(model.get_decoder(), "rotary_emb", None) if _has_gtas(model) else None
+    rotary = getattr(model.get_decoder(), "rotary_emb", None) if _shared_rotary(model) else None
     pos_emb = rotary(hidden, positions) if rotary is not None else None
     layers = model.get_decoder().layers
     cache_kw = {cache_keyword(type(layers[0]).forward): cache}  # the name depends on the transformers version
