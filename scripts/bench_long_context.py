@@ -46,6 +46,13 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--budgets", default="0.125,0.0625")
     ap.add_argument("--policies", default="window,last-step,quest,predictor,oracle")
+    ap.add_argument("--needles", type=int, default=1, help="pass keys per depth (a different key each)")
+    ap.add_argument("--chat", action="store_true", help="retrieval prompt in the tokenizer's chat template")
+    ap.add_argument("--question-in-prefill", action="store_true",
+                    help="prefill the question densely too (only the answer is decoded under the policy)")
+    ap.add_argument("--first-context", type=int, default=0, help="index of the first teacher-forced excerpt")
+    ap.add_argument("--sink-blocks", type=int, default=1)
+    ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of the text (front matter)")
     ap.add_argument("--no-offload", action="store_true", help="decode through the paged cache (no miss counts)")
@@ -74,13 +81,14 @@ def main() -> None:
     predictor = load_predictor(args.predictor) if args.predictor else None
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
-    configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None)
+    configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None,
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks)
                for b in budgets for p in policies]
     offload = not args.no_offload
     depths = parse_depths(args.depths)
     lengths = [int(x) for x in args.retrieval_contexts.split(",")]
     ids = tokenizer(read_long_text(args.text), add_special_tokens=False)["input_ids"]
-    need = args.skip + args.contexts * args.context_tokens + max(lengths)
+    need = args.skip + (args.first_context + args.contexts) * args.context_tokens + max(lengths)
     if len(ids) < need:
         raise SystemExit(f"{args.text} has {len(ids)} tokens; this run needs {need}.")
     command = "PYTHONPATH=. python " + shlex.join(sys.argv)
@@ -89,7 +97,10 @@ def main() -> None:
     result = {"command": command, "text": args.text, "text_tokens": len(ids), "skip": args.skip,
               "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
               "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
-              "predictor": args.predictor, "teacher_forced": [], "retrieval": [], "seconds": {}}
+              "predictor": args.predictor, "needles": args.needles, "chat": args.chat,
+              "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
+              "local_blocks": args.local_blocks, "recall": args.recall,
+              "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -99,15 +110,21 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if not args.skip_retrieval:  # the haystack: the part of the text after the teacher-forced excerpts
-        hay = ids[args.skip + args.contexts * args.context_tokens :]
+        hay = ids[args.skip + (args.first_context + args.contexts) * args.context_tokens :]
         for length in lengths:
+          for needle in range(args.needles):
             for i, depth in enumerate(depths):
-                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(i))
-                start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload)
+                seed = 1000 * needle + int(round(1000 * depth))  # the key of a (needle, depth), whatever the run
+                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(seed),
+                                   chat=args.chat)
+                start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload,
+                                        question_in_prefill=args.question_in_prefill)
                 for cfg in [SparseConfig("dense"), *configs]:
                     t = time.perf_counter()
                     row = retrieve(model, tokenizer, case, cfg, start=start, page_size=args.page_size,
-                                   predictor=pred_for(cfg), offload=offload)
+                                   predictor=pred_for(cfg), offload=offload,
+                                   question_in_prefill=args.question_in_prefill)
+                    row["needle"] = needle
                     row["seconds"] = time.perf_counter() - t
                     result["retrieval"].append(row)
                     print(json.dumps({k: row[k] for k in ("context_tokens", "depth", "policy", "budget", "answer",
@@ -117,14 +134,15 @@ def main() -> None:
 
     t1 = time.perf_counter()
     if not args.skip_teacher_forced:
-        for c in range(args.contexts):
+        for c in range(args.first_context, args.first_context + args.contexts):
             a = args.skip + c * args.context_tokens
             window = ids[a : a + args.context_tokens]
             rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
                                      page_size=args.page_size, predictor=predictor, offload=offload)
             for r in rows:
                 result["teacher_forced"].append({"context": c, **r})
-                print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement")}),
+                print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement",
+                                                        "attention_recall")}),
                       file=sys.stderr, flush=True)
             save()
     result["seconds"]["teacher_forced"] = time.perf_counter() - t1

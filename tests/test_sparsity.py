@@ -139,6 +139,54 @@ def test_quest_decodes_through_the_hook(tiny_mla):
         torch.testing.assert_close(tri, ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * float(ref.abs().max()))
 
 
+def test_quest_bound_holds_in_the_kernel_space(tiny_mla):
+    """Guards Quest against a brute-force reference on a real decode: at every decode step and layer,
+    with the query the kernel attends with and the cache rows it reads, each page's true largest score
+    (per query head: q_h[:r_c] . latent of its latent head + q_h[r_c:] . rotated RoPE key, over the
+    page's rows written so far) never exceeds the page's bound sum_j max(q_j min_j, q_j max_j) from
+    the element-wise min / max of the page's rows; the bounds are those of this step's cache (a page
+    that filled since the last step included); and the policy attends exactly the forced blocks plus
+    the best pages by the head-averaged softmax of the scaled bounds."""
+    from latentkv.runtime.decode import forward_step
+    from latentkv.sparsity.evaluate import prefilled, sparse_copy
+    from latentkv.sparsity.policies import bound_scores, head_bounds
+
+    size, prompt = 8, 45
+    start = prefilled(tiny_mla, IDS, prompt, page_size=size, prefill_chunk=16)
+    cache, seq, _, sparse = sparse_copy(start, SparseConfig("quest", budget=3))
+    seen = []
+    select = sparse.select
+
+    def checked(module, q, kv, step):
+        table, lens, max_len = select(module, q, kv, step)
+        length, lh, rope = int(step["seq_lens"][0]), module.latent_heads, module.rope_dim
+        n = -(-length // size)
+        rows = kv[step["block_table"][0, :n].long()].reshape(-1, kv.shape[-1])[:length].float()
+        qf = q[0, 0].float()  # [H, r_c + rope]: this step's query, W_UK folded in
+        heads, r_c = qf.shape[0], qf.shape[1] - rope
+        true = torch.empty(n, heads)
+        for h in range(heads):
+            c = h // (heads // lh)
+            score = rows[:, c * r_c : (c + 1) * r_c] @ qf[h, :r_c] + rows[:, lh * r_c :] @ qf[h, r_c:]
+            true[:, h] = torch.stack([score[j * size : (j + 1) * size].max() for j in range(n)])
+        low = torch.stack([rows[j * size : (j + 1) * size].amin(0) for j in range(n)])
+        high = torch.stack([rows[j * size : (j + 1) * size].amax(0) for j in range(n)])
+        bound = head_bounds(qf, *sparse.page_bounds(seq, module.layer_idx, kv, step["block_table"][0, :n], length),
+                            lh, rope)
+        torch.testing.assert_close(bound, head_bounds(qf, low, high, lh, rope))  # kept bounds = fresh bounds
+        assert torch.all(true <= bound + 1e-4 * bound.abs().clamp_min(1))
+        scores = bound_scores(qf, low, high, lh, rope, scale=module.scaling)
+        want = choose_blocks(scores, SparseConfig("quest", budget=3).blocks_for(n))
+        assert torch.equal(sparse.last_choice[seq, module.layer_idx], want)
+        seen.append(n)
+        return table, lens, max_len
+
+    sparse.select = checked
+    for t in range(prompt, len(IDS) - 1):
+        forward_step(tiny_mla, cache, [seq], torch.tensor([[IDS[t]]]))
+    assert len(seen) == (len(IDS) - 1 - prompt) * len(cache.pages) and min(seen) < max(seen)  # pages filled
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(budget=0), "budget"),
     (dict(budget=-0.5), "budget"),
