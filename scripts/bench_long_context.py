@@ -168,30 +168,38 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
         f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
-        "the sink page and the current page always kept; history refreshed densely every step; reference backend; "
+        f"the first {result.get('sink_blocks', 1)} (sink) and the last {result.get('local_blocks', 1)} pages (the current "
+        "page last) always kept; history refreshed densely every step; reference backend; "
         + ("decode through an offloaded cache (host pages, per-layer pools of the slots the budget attends + 2)."
            if result["offload"] else "decode through the paged cache."), "",
     ]
     if result["retrieval"]:
-        depths = result["depths"]
+        depths = sorted({r["depth"] for r in result["retrieval"]})
+        chat = result.get("chat")
         lines += [
             "## Passkey retrieval", "",
             f"A 5-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
-            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per depth), after a one-line "
-            "instruction and before \"What is the pass key? The pass key is\". The text before the question is "
-            "prefilled densely; the question and the greedy answer are decoded under the policy. Score: exact match "
-            "of the first number in the answer.", "",
+            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per needle and depth), after a "
+            "one-line instruction and before "
+            + ("\"What is the pass key?\", all in one user turn of the tokenizer's chat template, the assistant's turn "
+               "begun with \"The pass key is\". " if chat else "\"What is the pass key? The pass key is\". ")
+            + ("The whole prompt is prefilled densely; the greedy answer is decoded under the policy. "
+               if result.get("question_in_prefill") else
+               "The text before the question is prefilled densely; the question and the greedy answer are decoded "
+               "under the policy. ")
+            + "Score: exact match of the first number in the answer; cells: matches / needles.", "",
             "| context | budget | policy | " + " | ".join(f"depth {d:g}" for d in depths) + " | matches |",
             "| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- |",
         ]
         keys = sorted({(r["context_tokens"], r["budget"], r["policy"]) for r in result["retrieval"]},
                       key=lambda k: (k[0], -k[1], order.index(k[2]) if k[2] in order else 99))
         for length, budget, policy in keys:
-            sel = {r["depth"]: r for r in result["retrieval"]
-                   if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)}
-            cells = [(("✓ " if sel[d]["match"] else "✗ ") + f"`{sel[d]['answer'].strip()[:12]}`") if d in sel else "-"
-                     for d in depths]
-            n = sum(bool(r["match"]) for r in sel.values())
+            sel = [r for r in result["retrieval"] if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)]
+            cells = []
+            for d in depths:
+                at = [r for r in sel if r["depth"] == d]
+                cells.append(f"{sum(bool(r['match']) for r in at)}/{len(at)}" if at else "-")
+            n = sum(bool(r["match"]) for r in sel)
             lines.append(f"| {length} | {budget:g} | {policy} | " + " | ".join(cells) + f" | {n}/{len(sel)} |")
         lines.append("")
     if result["teacher_forced"]:

@@ -546,6 +546,44 @@ def test_training_learns_temporal_pattern():
     assert report["val_recall_predictor"] > report["val_recall_last_step"] + 0.1, report
 
 
+def test_recall_objective_scores_the_kept_mass():
+    """Guards the "recall" objective: it is lowest when the logits' top-k (k = the budget's free
+    blocks) holds the heavy blocks, one minus the kept mass (+ 0.1 x the cross-entropy); training on
+    it beats last-step on the moving-diagonal pattern too, and its report gives every budget asked."""
+    from latentkv.sparsity.train import _loss, fit
+
+    class Fixed(torch.nn.Module):  # a "predictor" returning given logits
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def feature(self, x):
+            return x
+
+        def forward(self, x):
+            return self.logits
+
+    y = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05, 0.0]])  # blocks 1..4 rankable; 6 blocks exist
+    rankable = torch.tensor([[False, True, True, True, True, False]])
+    n_exist = torch.tensor([6])
+    x = torch.zeros(1, 2, 6)
+    good = torch.tensor([[0.0, 9.0, -9.0, 8.0, -9.0, 0.0]])  # top-2 free blocks: 1 and 3 (0.8 of 0.9)
+    bad = torch.tensor([[0.0, -9.0, 9.0, -9.0, 8.0, 0.0]])
+    budget = 4 / 6  # 4 blocks: sink + current + 2 free
+    for logits, kept in ((good, 0.8 / 0.9), (bad, 0.1 / 0.9)):  # of the 0.9 on the rankable blocks
+        recall = _loss(Fixed(logits), x, y, rankable, n_exist, budget, "recall")
+        ce = _loss(Fixed(logits), x, y, rankable, n_exist, budget, "ce")
+        assert float(recall - 0.1 * ce) == pytest.approx(1 - kept, abs=1e-3)
+    with pytest.raises(LatentKVError, match="objective"):
+        fit(_pattern_maps(2), _pattern_maps(1), PredictorConfig(history=4), steps=1, batch_size=2, lr=1e-3,
+            budget=0.1, seed=0, objective="mse")
+    maps = _pattern_maps(12)
+    _, report = fit(maps[:10], maps[10:], PredictorConfig(history=4, channels=6, page_size=4), steps=150,
+                    batch_size=32, lr=1e-2, budget=0.1, seed=0, objective="recall", report_budgets=(0.1, 0.2))
+    assert report["val_recall_predictor"] > report["val_recall_last_step"] + 0.1, report
+    assert set(report["val_recall"]) == {"0.1", "0.2"} and report["objective"] == "recall"
+
+
 def test_cli_train_and_sparse_eval(tiny_mla_dir, tmp_path):
     """Guards the two commands end to end on a tiny model: `predictor train` collects, trains and
     writes a loadable predictor (and refuses a non-empty --out), `eval --sparse predictor` reports

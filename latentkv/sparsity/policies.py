@@ -9,7 +9,7 @@ block holding the current token) and fills the rest of the budget with the best-
 | dense | (all blocks kept) | nothing |
 | window | recency (StreamingLLM: sinks + the most recent blocks) | nothing |
 | last-step | its attention mass at the previous step | the history |
-| quest | the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space) | the query + per-block bounds (kept by the runtime, updated per new block) |
+| quest | per query head, the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space); the block's score is the head-mean of the softmax over blocks of the scaled bounds | the query + per-block bounds (kept by the runtime, updated per new block) |
 | oracle | its attention mass at this step (the upper bound; costs a dense QK pass) | this step's masses |
 | predictor | the AttentionPredictor's forecast from the last T steps | the history + a trained predictor |
 """
