@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--policies", default="window,last-step,quest,predictor,oracle")
     ap.add_argument("--needles", type=int, default=1, help="pass keys per depth (a different key each)")
     ap.add_argument("--chat", action="store_true", help="retrieval prompt in the tokenizer's chat template")
+    ap.add_argument("--key-digits", type=int, default=5, help="digits of each pass key")
     ap.add_argument("--question-in-prefill", action="store_true",
                     help="prefill the question densely too (only the answer is decoded under the policy)")
     ap.add_argument("--first-context", type=int, default=0, help="index of the first teacher-forced excerpt")
@@ -97,7 +98,7 @@ def main() -> None:
     result = {"command": command, "text": args.text, "text_tokens": len(ids), "skip": args.skip,
               "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
               "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
-              "predictor": args.predictor, "needles": args.needles, "chat": args.chat,
+              "predictor": args.predictor, "needles": args.needles, "chat": args.chat, "key_digits": args.key_digits,
               "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
               "local_blocks": args.local_blocks, "recall": args.recall,
               "teacher_forced": [], "retrieval": [], "seconds": {}}
@@ -115,7 +116,7 @@ def main() -> None:
           for needle in range(args.needles):
             for i, depth in enumerate(depths):
                 seed = 1000 * needle + int(round(1000 * depth))  # the key of a (needle, depth), whatever the run
-                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(seed),
+                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(seed, args.key_digits),
                                    chat=args.chat)
                 start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload,
                                         question_in_prefill=args.question_in_prefill)
@@ -178,7 +179,7 @@ def write_markdown(result: dict, path: Path) -> None:
         chat = result.get("chat")
         lines += [
             "## Passkey retrieval", "",
-            f"A 5-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
+            f"A {result.get('key_digits', 5)}-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
             f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per needle and depth), after a "
             "one-line instruction and before "
             + ("\"What is the pass key?\", all in one user turn of the tokenizer's chat template, the assistant's turn "
