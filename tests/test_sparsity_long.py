@@ -237,7 +237,7 @@ def test_bench_markdown(tmp_path):
               "teacher_forced": [tf("dense", 1.0, 0.0, off), tf("quest", 0.125, 0.25, off), tf("window", 0.125, 0.5, off)]}
     bench.write_markdown(result, tmp_path / "t.md")
     text = (tmp_path / "t.md").read_text()
-    assert "| 256 | 1 | dense | ✓ `123.` | ✓ `123.` | 2/2 |" in text
-    assert "| 256 | 0.125 | window | ✗ `123.` | ✗ `123.` | 0/2 |" in text
+    assert "| 256 | 1 | dense | 1/1 | 1/1 | 2/2 |" in text  # matches / needles at each depth, then in all
+    assert "| 256 | 0.125 | window | 0/1 | 0/1 | 0/2 |" in text
     assert text.index("| 0.125 | window |") < text.index("| 0.125 | quest |")
     assert "| 0.125 | quest | 4.0 | 0.2500 | 0.5000 | 2.718 | 0.50 | 0.100 |" in text
