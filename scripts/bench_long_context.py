@@ -104,7 +104,7 @@ def main() -> None:
               "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.parent / (out.name + ".json").write_text(json.dumps(result, indent=1))
 
     def pred_for(cfg):
         return predictor if cfg.policy == "predictor" else None
@@ -154,8 +154,8 @@ def main() -> None:
         result["retrieval"] += earlier["retrieval"]
         result["teacher_forced"] += earlier["teacher_forced"]
     save()
-    write_markdown(result, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    write_markdown(result, out.parent / (out.name + ".md"))
+    print(out.parent / (out.name + ".md").read_text())
 
 
 def write_markdown(result: dict, path: Path) -> None:
