@@ -315,6 +315,7 @@ def eval_cmd(
     long_span: Annotated[int, typer.Option(help="Tokens decoded teacher-forced at the end of the --long-text context.", rich_help_panel="Sparse decode")] = 64,
     retrieval: Annotated[bool, typer.Option(help="With --long-text: also a passkey retrieval test (a needle at each --needle-depths, greedy answer under the policy and densely).", rich_help_panel="Sparse decode")] = False,
     needle_depths: Annotated[str, typer.Option(help="Comma-separated needle depths in [0, 1] for --retrieval.", rich_help_panel="Sparse decode")] = "0.1,0.5,0.9",
+    retrieval_chat: Annotated[bool, typer.Option(help="With --retrieval: the prompt as one user turn of the tokenizer's chat template, the assistant's answer begun with 'The pass key is' (what an instruct model retrieves with).", rich_help_panel="Sparse decode")] = False,
     offload: Annotated[bool, typer.Option(help="With --long-text: decode through an offloaded cache (host pages, a device pool sized to the budget) and report the forecast's misses.", rich_help_panel="Sparse decode")] = False,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int3, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
@@ -347,7 +348,7 @@ def eval_cmd(
                       context_tokens=context_tokens, span=long_span, depths=needle_depths)
         report = _run(long_context_eval, model, cfg, text=long_text, context_tokens=context_tokens, span=long_span,
                       retrieval=retrieval, depths=depths, page_size=page_size, offload=offload, device=device,
-                      dtype=dtype)
+                      dtype=dtype, chat=retrieval_chat)
         if as_json:
             typer.echo(json.dumps(report, indent=None, default=str))
         else:

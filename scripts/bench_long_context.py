@@ -46,6 +46,14 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--budgets", default="0.125,0.0625")
     ap.add_argument("--policies", default="window,last-step,quest,predictor,oracle")
+    ap.add_argument("--needles", type=int, default=1, help="pass keys per depth (a different key each)")
+    ap.add_argument("--chat", action="store_true", help="retrieval prompt in the tokenizer's chat template")
+    ap.add_argument("--key-digits", type=int, default=5, help="digits of each pass key")
+    ap.add_argument("--question-in-prefill", action="store_true",
+                    help="prefill the question densely too (only the answer is decoded under the policy)")
+    ap.add_argument("--first-context", type=int, default=0, help="index of the first teacher-forced excerpt")
+    ap.add_argument("--sink-blocks", type=int, default=1)
+    ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of the text (front matter)")
     ap.add_argument("--no-offload", action="store_true", help="decode through the paged cache (no miss counts)")
@@ -74,13 +82,14 @@ def main() -> None:
     predictor = load_predictor(args.predictor) if args.predictor else None
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
-    configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None)
+    configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None,
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks)
                for b in budgets for p in policies]
     offload = not args.no_offload
     depths = parse_depths(args.depths)
     lengths = [int(x) for x in args.retrieval_contexts.split(",")]
     ids = tokenizer(read_long_text(args.text), add_special_tokens=False)["input_ids"]
-    need = args.skip + args.contexts * args.context_tokens + max(lengths)
+    need = args.skip + (args.first_context + args.contexts) * args.context_tokens + max(lengths)
     if len(ids) < need:
         raise SystemExit(f"{args.text} has {len(ids)} tokens; this run needs {need}.")
     command = "PYTHONPATH=. python " + shlex.join(sys.argv)
@@ -89,25 +98,34 @@ def main() -> None:
     result = {"command": command, "text": args.text, "text_tokens": len(ids), "skip": args.skip,
               "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
               "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
-              "predictor": args.predictor, "teacher_forced": [], "retrieval": [], "seconds": {}}
+              "predictor": args.predictor, "needles": args.needles, "chat": args.chat, "key_digits": args.key_digits,
+              "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
+              "local_blocks": args.local_blocks, "recall": args.recall,
+              "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.parent / (out.name + ".json").write_text(json.dumps(result, indent=1))
 
     def pred_for(cfg):
         return predictor if cfg.policy == "predictor" else None
 
     t0 = time.perf_counter()
     if not args.skip_retrieval:  # the haystack: the part of the text after the teacher-forced excerpts
-        hay = ids[args.skip + args.contexts * args.context_tokens :]
+        hay = ids[args.skip + (args.first_context + args.contexts) * args.context_tokens :]
         for length in lengths:
+          for needle in range(args.needles):
             for i, depth in enumerate(depths):
-                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(i))
-                start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload)
+                seed = 1000 * needle + int(round(1000 * depth))  # the key of a (needle, depth), whatever the run
+                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(seed, args.key_digits),
+                                   chat=args.chat)
+                start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload,
+                                        question_in_prefill=args.question_in_prefill)
                 for cfg in [SparseConfig("dense"), *configs]:
                     t = time.perf_counter()
                     row = retrieve(model, tokenizer, case, cfg, start=start, page_size=args.page_size,
-                                   predictor=pred_for(cfg), offload=offload)
+                                   predictor=pred_for(cfg), offload=offload,
+                                   question_in_prefill=args.question_in_prefill)
+                    row["needle"] = needle
                     row["seconds"] = time.perf_counter() - t
                     result["retrieval"].append(row)
                     print(json.dumps({k: row[k] for k in ("context_tokens", "depth", "policy", "budget", "answer",
@@ -117,14 +135,15 @@ def main() -> None:
 
     t1 = time.perf_counter()
     if not args.skip_teacher_forced:
-        for c in range(args.contexts):
+        for c in range(args.first_context, args.first_context + args.contexts):
             a = args.skip + c * args.context_tokens
             window = ids[a : a + args.context_tokens]
             rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
                                      page_size=args.page_size, predictor=predictor, offload=offload)
             for r in rows:
                 result["teacher_forced"].append({"context": c, **r})
-                print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement")}),
+                print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement",
+                                                        "attention_recall")}),
                       file=sys.stderr, flush=True)
             save()
     result["seconds"]["teacher_forced"] = time.perf_counter() - t1
@@ -135,8 +154,8 @@ def main() -> None:
         result["retrieval"] += earlier["retrieval"]
         result["teacher_forced"] += earlier["teacher_forced"]
     save()
-    write_markdown(result, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    write_markdown(result, out.parent / (out.name + ".md"))
+    print(out.parent / (out.name + ".md").read_text())
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -150,30 +169,38 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
         f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
-        "the sink page and the current page always kept; history refreshed densely every step; reference backend; "
+        f"the first {result.get('sink_blocks', 1)} (sink) and the last {result.get('local_blocks', 1)} pages (the current "
+        "page last) always kept; history refreshed densely every step; reference backend; "
         + ("decode through an offloaded cache (host pages, per-layer pools of the slots the budget attends + 2)."
            if result["offload"] else "decode through the paged cache."), "",
     ]
     if result["retrieval"]:
-        depths = result["depths"]
+        depths = sorted({r["depth"] for r in result["retrieval"]})
+        chat = result.get("chat")
         lines += [
             "## Passkey retrieval", "",
-            f"A 5-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
-            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per depth), after a one-line "
-            "instruction and before \"What is the pass key? The pass key is\". The text before the question is "
-            "prefilled densely; the question and the greedy answer are decoded under the policy. Score: exact match "
-            "of the first number in the answer.", "",
+            f"A {result.get('key_digits', 5)}-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
+            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per needle and depth), after a "
+            "one-line instruction and before "
+            + ("\"What is the pass key?\", all in one user turn of the tokenizer's chat template, the assistant's turn "
+               "begun with \"The pass key is\". " if chat else "\"What is the pass key? The pass key is\". ")
+            + ("The whole prompt is prefilled densely; the greedy answer is decoded under the policy. "
+               if result.get("question_in_prefill") else
+               "The text before the question is prefilled densely; the question and the greedy answer are decoded "
+               "under the policy. ")
+            + "Score: exact match of the first number in the answer; cells: matches / needles.", "",
             "| context | budget | policy | " + " | ".join(f"depth {d:g}" for d in depths) + " | matches |",
             "| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- |",
         ]
         keys = sorted({(r["context_tokens"], r["budget"], r["policy"]) for r in result["retrieval"]},
                       key=lambda k: (k[0], -k[1], order.index(k[2]) if k[2] in order else 99))
         for length, budget, policy in keys:
-            sel = {r["depth"]: r for r in result["retrieval"]
-                   if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)}
-            cells = [(("✓ " if sel[d]["match"] else "✗ ") + f"`{sel[d]['answer'].strip()[:12]}`") if d in sel else "-"
-                     for d in depths]
-            n = sum(bool(r["match"]) for r in sel.values())
+            sel = [r for r in result["retrieval"] if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)]
+            cells = []
+            for d in depths:
+                at = [r for r in sel if r["depth"] == d]
+                cells.append(f"{sum(bool(r['match']) for r in at)}/{len(at)}" if at else "-")
+            n = sum(bool(r["match"]) for r in sel)
             lines.append(f"| {length} | {budget:g} | {policy} | " + " | ".join(cells) + f" | {n}/{len(sel)} |")
         lines.append("")
     if result["teacher_forced"]:

@@ -43,6 +43,36 @@ def test_needle_depth_and_length(depth):
     assert case.depth == depth and case.key == "68231"
 
 
+class ChatTokenizer(CharTokenizer):
+    """CharTokenizer with a chat template of the SmolLM2 kind (a system turn, then the user's)."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "<s>system\nYou help.</s>\n" + "".join(f"<s>{m['role']}\n{m['content']}</s>\n" for m in messages)
+        return text + ("<s>assistant\n" if add_generation_prompt else "")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_chat_needle_case(depth):
+    """Guards the chat form of the retrieval prompt: one user turn of the template holds the
+    instruction, the haystack with the needle and the question; the assistant's turn starts with the
+    answer's prefix; the length and the needle's place are exact, and the question part (fed under the
+    policy) is the question, the end of the user turn and that prefix."""
+    from latentkv.sparsity.retrieval import CHAT_ANSWER, CHAT_QUESTION, chat_frame
+
+    tok = ChatTokenizer()
+    hay = [ord("a") + i % 26 for i in range(3000)]
+    case = needle_case(tok, hay, context_tokens=900, depth=depth, key="48213", chat=True)
+    text = tok.decode(case.ids)
+    head, tail = chat_frame(tok)
+    assert len(case.ids) == 900 and text.startswith(head + INTRO) and text.count("48213") == 2
+    assert tok.decode(case.ids[case.question_at :]) == CHAT_QUESTION + tail + CHAT_ANSWER
+    assert text.endswith("<s>assistant\nThe pass key is")
+    needle = [ord(c) for c in NEEDLE.format(key="48213")]
+    assert case.ids[case.needle_at : case.needle_at + len(needle)] == needle
+    fill = case.question_at - len(head + INTRO) - len(needle)
+    assert case.needle_at - len(head + INTRO) == round(depth * fill)
+
+
 def test_needle_refuses_bad_input():
     tok = CharTokenizer()
     hay = list(range(97, 123)) * 100
@@ -64,6 +94,8 @@ def test_exact_match_scoring():
     assert not exact_match(" 6823.", "68231")
     assert not exact_match(" 12 68231", "68231")  # the first number counts
     assert not exact_match(" unknown", "68231")
+    assert exact_match(" 48213.", "48213") and exact_match(" 48213<|im_end|>", "48213")  # a greedy answer's tail
+    assert not exact_match(" 4821", "48213") and not exact_match("48213"[::-1], "48213")
     assert answer_number("key is 42, no 7") == "42" and answer_number("none") is None
     keys = {make_key(i) for i in range(20)}
     assert all(len(k) == 5 and k[0] != "0" for k in keys) and len(keys) > 15 and make_key(3) == make_key(3)
@@ -205,7 +237,7 @@ def test_bench_markdown(tmp_path):
               "teacher_forced": [tf("dense", 1.0, 0.0, off), tf("quest", 0.125, 0.25, off), tf("window", 0.125, 0.5, off)]}
     bench.write_markdown(result, tmp_path / "t.md")
     text = (tmp_path / "t.md").read_text()
-    assert "| 256 | 1 | dense | ✓ `123.` | ✓ `123.` | 2/2 |" in text
-    assert "| 256 | 0.125 | window | ✗ `123.` | ✗ `123.` | 0/2 |" in text
+    assert "| 256 | 1 | dense | 1/1 | 1/1 | 2/2 |" in text  # matches / needles at each depth, then in all
+    assert "| 256 | 0.125 | window | 0/1 | 0/1 | 0/2 |" in text
     assert text.index("| 0.125 | window |") < text.index("| 0.125 | quest |")
     assert "| 0.125 | quest | 4.0 | 0.2500 | 0.5000 | 2.718 | 0.50 | 0.100 |" in text

@@ -90,10 +90,11 @@ def read_long_text(path: str) -> str:
 def long_context_eval(model_path: str, config: SparseConfig, *, text: str, context_tokens: int = 4096,
                       span: int = 64, skip: int = 2000, retrieval: bool = False, depths=DEFAULT_DEPTHS,
                       page_size: int = 16, offload: bool = False, device: str = "cpu",
-                      dtype: str = "float32") -> dict:
+                      dtype: str = "float32", chat: bool = False) -> dict:
     """`latentkv eval --sparse POLICY --long-text TEXT`: the teacher-forced comparison over
     ``context_tokens`` tokens of the text (after ``skip``; the last ``span`` decoded) and, with
-    ``retrieval``, the passkey test at each depth, for ``config`` and dense decoding."""
+    ``retrieval``, the passkey test at each depth (``chat``: the prompt in the tokenizer's chat
+    template, ``retrieval.needle_case``), for ``config`` and dense decoding."""
     from latentkv.calibration.runner import resolve_dtype
     from latentkv.io.source import open_source
     from latentkv.modeling import load_model
@@ -116,13 +117,14 @@ def long_context_eval(model_path: str, config: SparseConfig, *, text: str, conte
         raise LatentKVError(f"{text} has {len(ids)} tokens; {skip} skipped + {context_tokens} are needed.")
     window = ids[skip : skip + context_tokens]
     configs = [] if config.policy == "dense" else [config]
-    report = {"text": text, "context_tokens": context_tokens, "span": span, "page_size": page_size,
+    report = {"text": text, "context_tokens": context_tokens, "span": span, "page_size": page_size, "chat": chat,
               "teacher_forced": long_text_compare(model, window, context_tokens - span, configs, page_size=page_size,
                                                   predictor=predictor, offload=offload)}
     if retrieval:
         rows = []
         for i, depth in enumerate(depths):
-            case = needle_case(tokenizer, window, context_tokens=context_tokens, depth=depth, key=make_key(i))
+            case = needle_case(tokenizer, window, context_tokens=context_tokens, depth=depth, key=make_key(i),
+                               chat=chat)
             start = retrieval_start(model, case, page_size=page_size, predictor=predictor, offload=offload)
             for cfg in [SparseConfig("dense"), *configs]:
                 rows.append(retrieve(model, tokenizer, case, cfg, start=start, page_size=page_size,

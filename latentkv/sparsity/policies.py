@@ -9,7 +9,7 @@ block holding the current token) and fills the rest of the budget with the best-
 | dense | (all blocks kept) | nothing |
 | window | recency (StreamingLLM: sinks + the most recent blocks) | nothing |
 | last-step | its attention mass at the previous step | the history |
-| quest | the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space) | the query + per-block bounds (kept by the runtime, updated per new block) |
+| quest | per query head, the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space); the block's score is the head-mean of the softmax over blocks of the scaled bounds | the query + per-block bounds (kept by the runtime, updated per new block) |
 | oracle | its attention mass at this step (the upper bound; costs a dense QK pass) | this step's masses |
 | predictor | the AttentionPredictor's forecast from the last T steps | the history + a trained predictor |
 """
@@ -142,16 +142,30 @@ def head_columns(heads: int, latent_heads: int, r_c: int, rope_dim: int) -> torc
     return torch.cat([latent, rope], dim=1)
 
 
-def bound_scores(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_heads: int, rope_dim: int) -> torch.Tensor:
-    """Quest's page scores in the absorbed space: q [H, r_c + rope_dim] (one query token, W_UK folded
+def head_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_heads: int, rope_dim: int) -> torch.Tensor:
+    """Quest's page bounds in the absorbed space: q [H, r_c + rope_dim] (one query token, W_UK folded
     in), low / high [n_blocks, width] the element-wise min / max of each block's cache rows ->
-    [n_blocks], the largest over the query heads of the upper bound sum_j max(q_j low_j, q_j high_j)
-    of q . k for every row k of the block (exact for a block of one row)."""
+    [n_blocks, H] the upper bound sum_j max(q_j low_j, q_j high_j) of q_h . k for every row k of the
+    block (exact for a block of one row), per query head."""
     heads, width = q.shape
     cols = head_columns(heads, latent_heads, width - rope_dim, rope_dim).to(low.device)
     qf = q.float().to(low.device)[None]  # [1, H, w]
-    bound = torch.maximum(qf * low[:, cols], qf * high[:, cols]).sum(-1)  # [n_blocks, H]
-    return bound.max(-1).values
+    return torch.maximum(qf * low[:, cols], qf * high[:, cols]).sum(-1)
+
+
+def bound_scores(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_heads: int, rope_dim: int,
+                 scale: float | None = None) -> torch.Tensor:
+    """Quest's page scores [n_blocks] from the per-head bounds of ``head_bounds``.
+
+    scale=None: the largest bound over the query heads (raw logits: a head with large query norms
+    decides for every head). scale (the softmax scale): per head, softmax over the blocks of
+    ``scale * bound`` -- each block's attention mass were its best key to reach the bound -- then the
+    mean over the heads, the quantity the oracle ranks by (its true masses, mean over heads) and
+    what a page set shared by all the heads of the latent cache has to cover."""
+    bound = head_bounds(q, low, high, latent_heads, rope_dim)
+    if scale is None:
+        return bound.max(-1).values
+    return torch.softmax(scale * bound, dim=0).mean(-1)
 
 
 def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | None, current: torch.Tensor | None,

@@ -26,6 +26,8 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
          "Find it and memorize it. I will quiz you about it.\n\n")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+CHAT_QUESTION = "\n\nWhat is the pass key?"
+CHAT_ANSWER = "The pass key is"
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,34 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def needle_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: float, key: str) -> NeedleCase:
+def chat_frame(tokenizer) -> tuple[str, str]:
+    """(head, tail): the text a chat model's template puts before and after one user message, the
+    tail ending in the assistant's turn (``add_generation_prompt``)."""
+    mark = "\x00MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True)
+    if text.count(mark) != 1:
+        raise LatentKVError("the tokenizer's chat template does not render the user message once; retrieve without chat.")
+    head, tail = text.split(mark)
+    return head, tail
+
+
+def needle_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: float, key: str,
+                chat: bool = False) -> NeedleCase:
     """The prompt of ``context_tokens`` tokens: the instruction, the first tokens of ``haystack``
-    (token ids) with the needle inserted after ``round(depth * fill)`` of them, then the question."""
+    (token ids) with the needle inserted after ``round(depth * fill)`` of them, then the question.
+    ``chat``: instruction, haystack and "What is the pass key?" form one user message of the
+    tokenizer's chat template, and the assistant's turn begins with "The pass key is" (the question
+    part, from ``question_at``, is then the question, the end of the user turn and that prefix)."""
     if not 0.0 <= depth <= 1.0:
         raise LatentKVError(f"needle depth must be in [0, 1]; got {depth}.")
     if not key.isdigit():
         raise LatentKVError(f"the pass key must be digits; got {key!r}.")
-    intro, needle, question = _encode(tokenizer, INTRO), _encode(tokenizer, NEEDLE.format(key=key)), \
-        _encode(tokenizer, QUESTION)
+    if chat:
+        head, tail = chat_frame(tokenizer)
+        intro, question = _encode(tokenizer, head + INTRO), _encode(tokenizer, CHAT_QUESTION + tail + CHAT_ANSWER)
+    else:
+        intro, question = _encode(tokenizer, INTRO), _encode(tokenizer, QUESTION)
+    needle = _encode(tokenizer, NEEDLE.format(key=key))
     fill = context_tokens - len(intro) - len(needle) - len(question)
     if fill < 16:
         raise LatentKVError(f"a context of {context_tokens} tokens leaves no room for the haystack around the "

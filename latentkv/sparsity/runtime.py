@@ -180,7 +180,8 @@ class SparseAttention:
                 current = true
                 if cfg.policy == "quest":
                     low, high = self.page_bounds(seq, layer, kv, pages, length)
-                    current = bound_scores(q[row, 0], low, high, module.latent_heads, module.rope_dim).cpu()
+                    current = bound_scores(q[row, 0], low, high, module.latent_heads, module.rope_dim,
+                                           scale=module.scaling).cpu()
                 scores = policy_scores(cfg, n, self.history.get((seq, layer)), current, self.predictor)
                 ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
             if want_history:

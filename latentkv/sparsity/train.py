@@ -113,12 +113,37 @@ def _samples(maps: list[torch.Tensor], count: int, history: int, page_size: int,
     return x, y, rankable, n_exist
 
 
-def _loss(model: AttentionPredictor, x, y, rankable) -> torch.Tensor:
+OBJECTIVES = ("ce", "recall")
+
+
+def _loss(model: AttentionPredictor, x, y, rankable, n_exist=None, budget: float | None = None,
+          objective: str = "ce") -> torch.Tensor:
+    """"ce": the cross-entropy between the target masses (renormalised over the rankable blocks) and
+    softmax(logits). "recall": what a top-k choice at ``budget`` keeps -- one minus the target mass
+    inside a soft top-k of the logits (a sigmoid around the midpoint between the k-th and (k+1)-th
+    logit, k the blocks the budget leaves after the forced ones), plus 0.1 x the cross-entropy to
+    keep the ranking of the blocks below the cut informative."""
     logits = model(model.feature(x)).masked_fill(~rankable, float("-inf"))
     target = y * rankable
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
     logp = torch.log_softmax(logits, -1).masked_fill(~rankable, 0.0)
-    return -(target * logp).sum(-1).mean()
+    ce = -(target * logp).sum(-1).mean()
+    if objective == "ce":
+        return ce
+    from latentkv.sparsity.policies import SparseConfig
+
+    cfg = SparseConfig("window", budget=budget)
+    n_rank = rankable.sum(-1)
+    k = torch.tensor([cfg.blocks_for(int(n)) for n in n_exist.tolist()]) - (n_exist - n_rank)  # free choices
+    k = k.clamp(min=1)
+    ordered = logits.detach().sort(-1, descending=True).values.clamp_min(-1e4)
+    kth = ordered.gather(1, (k - 1).clamp(max=ordered.shape[1] - 1)[:, None])
+    nxt = ordered.gather(1, k.clamp(max=ordered.shape[1] - 1)[:, None])
+    cut = (kth + nxt) / 2
+    keep = torch.sigmoid(logits.clamp_min(-1e4) - cut).masked_fill(~rankable, 0.0)
+    full = (k >= n_rank)[:, None]  # the budget covers every rankable block: nothing to learn
+    kept = torch.where(full, target, target * keep).sum(-1)
+    return (1 - kept).mean() + 0.1 * ce
 
 
 @torch.no_grad()
@@ -136,8 +161,12 @@ def recall_at(scores: torch.Tensor, y: torch.Tensor, n_exist: torch.Tensor, budg
 
 
 def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: PredictorConfig, *, steps: int,
-        batch_size: int, lr: float, budget: float, seed: int, progress=None) -> tuple[AttentionPredictor, dict]:
-    """Train on ``maps``; report validation loss and recall (predictor and last-step) at ``budget``."""
+        batch_size: int, lr: float, budget: float, seed: int, progress=None, objective: str = "ce",
+        report_budgets: tuple[float, ...] = ()) -> tuple[AttentionPredictor, dict]:
+    """Train on ``maps`` with ``objective`` (``_loss``; "recall" at ``budget``); report validation loss
+    and recall (predictor and last-step) at ``budget`` and at each of ``report_budgets``."""
+    if objective not in OBJECTIVES:
+        raise LatentKVError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AttentionPredictor(config)
@@ -148,8 +177,8 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
     log_every = max(1, steps // 10)
     history = []
     for step in range(1, steps + 1):
-        x, y, rankable, _ = _samples(maps, batch_size, config.history, config.page_size, gen)
-        loss = _loss(model, x, y, rankable)
+        x, y, rankable, n_exist = _samples(maps, batch_size, config.history, config.page_size, gen)
+        loss = _loss(model, x, y, rankable, n_exist, budget, objective)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -158,7 +187,7 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
             progress(step, float(loss.detach()))
         if step % log_every == 0 or step == steps:
             with torch.no_grad():
-                val_loss = float(_loss(model, val[0], val[1], val[2]))
+                val_loss = float(_loss(model, *val, budget, objective))
             history.append({"step": step, "train_loss": float(loss.detach()), "val_loss": val_loss})
             log.info("step %d: train loss %.4f, validation loss %.4f", step, float(loss.detach()), val_loss)
     model.eval()
@@ -171,6 +200,9 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
         "val_recall_predictor": recall_at(pred, y, n_exist, budget),
         "val_recall_last_step": recall_at(x[:, -1], y, n_exist, budget),
         "val_recall_budget": budget,
+        "objective": objective,
+        "val_recall": {str(b): {"predictor": recall_at(pred, y, n_exist, b), "last_step": recall_at(x[:, -1], y, n_exist, b)}
+                       for b in report_budgets},
         "loss_curve": history,
     }
     return model, report
