@@ -64,9 +64,14 @@ SOURCE_FORMATS = {
     "int2 KIVI, v residual": "keys=int2/channel32,values=int2/g32",
     "int2 KIVI, k128 v/head, v residual": "keys=int2/channel128,values=int2/head",
     "int4 KIVI, v residual": "keys=int4/channel32,values=int4/g32",
+    "int2 KIVI, v/head, v residual": "keys=int2/channel32,values=int2/head",
+    "int2 KIVI, k64 v/head, v residual": "keys=int2/channel64,values=int2/head",
+    "int2 KIVI, k128 v/token, v residual": "keys=int2/channel128,values=int2/token",
 }
 # rows whose per-token values also keep an unfinished block of this many newest tokens at full precision
-VALUE_RESIDUAL = {"int2 KIVI, v residual": 32, "int2 KIVI, k128 v/head, v residual": 128, "int4 KIVI, v residual": 32}
+VALUE_RESIDUAL = {"int2 KIVI, v residual": 32, "int2 KIVI, k128 v/head, v residual": 128, "int4 KIVI, v residual": 32,
+                  "int2 KIVI, v/head, v residual": 32, "int2 KIVI, k64 v/head, v residual": 64,
+                  "int2 KIVI, k128 v/token, v residual": 128}
 # A latentkv model: the latent's format, the RoPE key in bf16 (as FlashMLA stores DeepSeek's), or both quantized.
 # A one-shot latent has outlier channels (per-channel spread of 30x or more, values past fp8's 448), so
 # scaled fp8 and per-channel (KIVI-style) integer groups are listed beside the per-token ones.
