@@ -287,8 +287,9 @@ def write_markdown(path: Path, rows, meta) -> None:
         "of 32 tokens (k64 / k128: 64 / 128 tokens), a KIVI latent or RoPE key likewise per channel, the unfinished "
         "group read at full precision and not counted in the bytes (KIVI's residual: larger groups leave more of a "
         "512-token window unquantized, which flatters k128 rows a little), values per token in groups of 32 (v/head: "
-        "one group per token and head, v/token: one per token over all heads), quantized on write (KIVI and "
-        "transformers' QuantizedCache also keep the newest values at full precision: see the cross-check below). "
+        "one group per token and head, v/token: one per token over all heads), quantized on write; `v residual` "
+        "rows keep the values of the unfinished key group at full precision too, as KIVI and transformers' "
+        "QuantizedCache do (their bytes count every value quantized, as the keys' residual is not counted). "
         "The RoPE key is the one the cache holds, after RoPE; `fp8_e4m3 RoPE` is "
         "unscaled float8 (no scale bytes), `int4 KIVI RoPE` int4 per channel over 32 tokens. int3 codes are packed "
         "densely (8 codes in 3 bytes).",
