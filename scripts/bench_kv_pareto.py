@@ -3,9 +3,11 @@
 
 The source model is evaluated with its cache stored in each of --source-formats (quantization only),
 and one-shot MLA conversions of it (`latentkv convert SRC OUT --kv-budget B`) with their latent and
-RoPE key stored in each of --latent-formats. Each evaluation writes every token to a cache in that
-format and reads it back dequantized (`latentkv eval --kv-cache`), after RoPE for keys; bytes per
-token per layer count codes, scales and zero-points. The agreement with the source (KL per token,
+RoPE key stored in each of --latent-formats. Each evaluation reads, for every query, the keys and
+values a streaming cache in that format holds after writing the query's token (`latentkv eval
+--kv-cache`, one forward per window): per-token formats quantized on write, per-channel (KIVI) groups
+quantized once complete, the unfinished group (KIVI's residual) at full precision; keys after RoPE.
+Bytes per token per layer count codes, scales and zero-points. The agreement with the source (KL per token,
 top-1) is taken against the source's fp32 logits on the same windows.
 
 Outputs PREFIX.md (table, frontier comparison), PREFIX.json (every row) and PREFIX.png (Pareto plot:
@@ -37,7 +39,8 @@ import torch  # noqa: E402
 from latentkv.errors import LatentKVError  # noqa: E402
 from latentkv.eval.agreement import compare_logits  # noqa: E402
 from latentkv.eval.perplexity import PerplexityProtocol, eval_windows  # noqa: E402
-from latentkv.eval.quantized_cache import cache_bytes, default_chunk, quantized_logits  # noqa: E402
+from latentkv.eval.quantized_cache import (cache_bytes, quantized_logits, streaming_logits,  # noqa: E402
+                                           transformers_quantized_logits)
 from latentkv.kvformats import cache_parts, describe_formats, parse_cache_formats  # noqa: E402
 from latentkv.modeling import load_model  # noqa: E402
 
@@ -57,7 +60,18 @@ SOURCE_FORMATS = {
     "int2 KIVI, k64 v/head": "keys=int2/channel64,values=int2/head",
     "int2 KIVI, k128 v/head": "keys=int2/channel128,values=int2/head",
     "int2 KIVI, k128 v/token": "keys=int2/channel128,values=int2/token",
+    # KIVI proper: the newest values kept at full precision too, in a residual as long as a key group
+    "int2 KIVI, v residual": "keys=int2/channel32,values=int2/g32",
+    "int2 KIVI, k128 v/head, v residual": "keys=int2/channel128,values=int2/head",
+    "int4 KIVI, v residual": "keys=int4/channel32,values=int4/g32",
+    "int2 KIVI, v/head, v residual": "keys=int2/channel32,values=int2/head",
+    "int2 KIVI, k64 v/head, v residual": "keys=int2/channel64,values=int2/head",
+    "int2 KIVI, k128 v/token, v residual": "keys=int2/channel128,values=int2/token",
 }
+# rows whose per-token values also keep an unfinished block of this many newest tokens at full precision
+VALUE_RESIDUAL = {"int2 KIVI, v residual": 32, "int2 KIVI, k128 v/head, v residual": 128, "int4 KIVI, v residual": 32,
+                  "int2 KIVI, v/head, v residual": 32, "int2 KIVI, k64 v/head, v residual": 64,
+                  "int2 KIVI, k128 v/token, v residual": 128}
 # A latentkv model: the latent's format, the RoPE key in bf16 (as FlashMLA stores DeepSeek's), or both quantized.
 # A one-shot latent has outlier channels (per-channel spread of 30x or more, values past fp8's 448), so
 # scaled fp8 and per-channel (KIVI-style) integer groups are listed beside the per-token ones.
@@ -93,9 +107,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--source-formats", nargs="*", default=list(SOURCE_FORMATS), choices=list(SOURCE_FORMATS))
     p.add_argument("--latent-formats", nargs="*", default=list(LATENT_FORMATS), choices=list(LATENT_FORMATS))
-    p.add_argument("--channel-chunk", type=int, default=1,
-                   help="tokens per forward for per-channel (KIVI) rows: 1 is a decode loop's order; N (their group "
-                        "size) is faster but lets a chunk's queries read their own group already quantized")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.md, PREFIX.json, PREFIX.png")
     p.add_argument("--report-only", action="store_true", help="rewrite PREFIX.md and PREFIX.png from PREFIX.json")
@@ -109,7 +120,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-PESSIMISTIC = "pessimistic, by much for int2: see the cross-check with transformers below"
+EVALUATION_NOTE = ("per-token formats quantized on write (a token reads its own row quantized), per-channel (KIVI) "
+                   "groups quantized on the write that completes them, the unfinished group (KIVI's residual) read at "
+                   "full precision; this equals a token-by-token decode loop through the same cache")
 
 
 # Conversions besides MLA at --budgets: --targets NAME -> (row label, folder name, convert options, formats).
@@ -147,15 +160,12 @@ def reference_logprobs(model, windows, batch_size, device) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-def measure(model, formats, windows, reference, batch_size, device, channel_chunk: int) -> dict:
-    chunk = default_chunk(formats, windows.shape[1])
-    if any(f.per_channel for f in formats.values()):
-        chunk = channel_chunk
+def measure(model, formats, windows, reference, batch_size, device, residual: int = 0) -> dict:
     vocab = model.config.vocab_size
     sums, tokens, t0 = {"kl": 0.0, "top1_agreement": 0.0, "nll": 0.0}, 0, time.perf_counter()
     for i, start in enumerate(range(0, windows.shape[0], batch_size)):
         batch = windows[start : start + batch_size].to(device)
-        logits = quantized_logits(model, batch, formats, chunk)[:, :-1, :vocab].float().cpu()
+        logits = streaming_logits(model, batch, formats, residual=residual)[:, :-1, :vocab].float().cpu()
         r = compare_logits(reference[i][..., :vocab].reshape(-1, vocab), logits.reshape(-1, vocab),
                            batch[:, 1:].reshape(-1).cpu())
         for key in sums:
@@ -170,7 +180,7 @@ def measure(model, formats, windows, reference, batch_size, device, channel_chun
         "kl_to_source": sums["kl"] / tokens,
         "top1_agreement": sums["top1_agreement"] / tokens,
         "tokens": tokens,
-        "chunk": chunk,
+        "evaluation": "one pass" + (f", values with a {residual}-token residual" if residual else ""),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -185,47 +195,34 @@ HF_CHECKS = {
     "int4 KIVI": (SOURCE_FORMATS["int4 KIVI"], 4, -1, 0),
     "int2 KIVI": (SOURCE_FORMATS["int2 KIVI"], 2, -1, 0),
 }
-HF_GROUP = 32  # q_group_size, residual_length and tokens per forward of the transformers runs
-
-
-def quanto_without_cpp_extension() -> None:
-    """optimum-quanto unpacks its codes on CPU with a C++ extension built at first use (a JIT build that
-    needs ninja and a compiler); route that op to the same arithmetic as quanto's Python `unpack` instead."""
-    import optimum.quanto  # noqa: F401  (registers its kernels first, so the one below replaces its CPU unpack)
-    import torch.library
-
-    def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:  # optimum/quanto/library/unpack.py
-        return torch.cat([(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]).to(torch.uint8)
-
-    global _QUANTO_LIB
-    _QUANTO_LIB = torch.library.Library("quanto", "IMPL")
-    _QUANTO_LIB.impl("unpack", unpack, "CPU")
+HF_GROUP = 32  # q_group_size and residual_length of the transformers runs, and their prefill
 
 
 @torch.no_grad()
 def hf_quantized_check(model, windows, parts, batch_size, device, names) -> list[dict]:
-    """Perplexity of the source through transformers' QuantizedCache (quanto) and through ours, same windows."""
-    from transformers import QuantizedCache
-
-    quanto_without_cpp_extension()
+    """Perplexity of the source through transformers' QuantizedCache (quanto; one group of prefill, then one
+    token per forward, as generate() feeds it) and through latentkv's evaluation of the matching format on the
+    same windows: as the table measures it, with transformers' residual rules (values kept in the residual too,
+    the completing token reading its group unquantized), and the earlier chunked rule (32 tokens per forward)."""
     out = []
+    readings = {
+        "latentkv": lambda batch, formats: streaming_logits(model, batch, formats),
+        "latentkv_matched": lambda batch, formats: streaming_logits(model, batch, formats, residual=HF_GROUP,
+                                                                     quantize_after_read=True),
+        "latentkv_chunked": lambda batch, formats: quantized_logits(model, batch, formats, HF_GROUP),
+    }
     for name in names:
         spec, nbits, axis_key, axis_value = HF_CHECKS[name]
         formats = parse_cache_formats(spec, parts)
         row = {"format": name, "ours_cache": describe_formats(formats), "nbits": nbits, "axis_key": axis_key,
                "axis_value": axis_value, "q_group_size": HF_GROUP, "residual_length": HF_GROUP}
-        for who in ("transformers", "latentkv"):
+        readings["transformers"] = lambda batch, formats: transformers_quantized_logits(
+            model, batch, nbits=nbits, axis_key=axis_key, axis_value=axis_value, group=HF_GROUP)
+        for who in ("transformers", "latentkv", "latentkv_matched", "latentkv_chunked"):
             nll, tokens, t0 = 0.0, 0, time.perf_counter()
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device)
-                if who == "latentkv":
-                    chunk = HF_GROUP if any(f.per_channel for f in formats.values()) else batch.shape[1]
-                    logits = quantized_logits(model, batch, formats, chunk)
-                else:
-                    cache = QuantizedCache(backend="quanto", config=model.config, nbits=nbits, axis_key=axis_key,
-                                           axis_value=axis_value, q_group_size=HF_GROUP, residual_length=HF_GROUP)
-                    logits = torch.cat([model(batch[:, i : i + HF_GROUP], past_key_values=cache, use_cache=True).logits
-                                        for i in range(0, batch.shape[1], HF_GROUP)], dim=1)
+                logits = readings[who](batch, formats)
                 nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                                batch[:, 1:].reshape(-1), reduction="sum"))
                 tokens += batch[:, 1:].numel()
@@ -280,17 +277,20 @@ def write_markdown(path: Path, rows, meta) -> None:
     lines = [
         f"# KV cache: quantize, convert, or both ({meta['model_name']})",
         "",
-        f"Perplexity: {meta['protocol']}, fp32 compute{meta['windows_note']}. Each row writes every token to a "
-        "cache in the given format and reads it back dequantized (`latentkv eval --kv-cache`; keys after RoPE). "
+        f"Perplexity: {meta['protocol']}, fp32 compute{meta['windows_note']}. Each row reads, for every query, the "
+        "keys and values a streaming cache in the given format holds right after writing the query's token "
+        f"(`latentkv eval --kv-cache`, one forward per window; keys after RoPE): {meta['evaluation_note']}. "
         "KV bytes: per token per layer, codes plus scales and zero-points (`latentkv/kvformats.py`). "
         "KL and top-1: agreement with the source's fp32 logits on the same tokens. MLA, GQA and GTA-T rows: one-shot "
         f"`latentkv convert SRC OUT --kv-budget B --calib-samples {meta['calib_samples']} --calib-seq-len "
         f"{meta['calib_seq_len']}` (default calibration text), no training. KIVI rows: per-channel keys in groups "
         "of 32 tokens (k64 / k128: 64 / 128 tokens), a KIVI latent or RoPE key likewise per channel, the unfinished "
-        "group unquantized and not counted in the bytes (KIVI's residual: larger groups leave more of a 512-token window "
-        "unquantized, which flatters k128 rows a little), values per token in groups of 32 (v/head: one group per "
-        "token and head, v/token: one per token over all heads); evaluated "
-        f"{meta['channel_chunk_note']}. The RoPE key is the one the cache holds, after RoPE; `fp8_e4m3 RoPE` is "
+        "group read at full precision and not counted in the bytes (KIVI's residual: larger groups leave more of a "
+        "512-token window unquantized, which flatters k128 rows a little), values per token in groups of 32 (v/head: "
+        "one group per token and head, v/token: one per token over all heads), quantized on write; `v residual` "
+        "rows keep the values of the unfinished key group at full precision too, as KIVI and transformers' "
+        "QuantizedCache do (their bytes count every value quantized, as the keys' residual is not counted). "
+        "The RoPE key is the one the cache holds, after RoPE; `fp8_e4m3 RoPE` is "
         "unscaled float8 (no scale bytes), `int4 KIVI RoPE` int4 per channel over 32 tokens. int3 codes are packed "
         "densely (8 codes in 3 bytes).",
         "",
@@ -360,7 +360,14 @@ def verdict(rows, source_bytes) -> list[str]:
     lines.append("")
     if lost:
         lines.append(f"The bar (latentkv ahead at every budget up to {bar:.0f} B) is NOT met: quantization only leads at "
-                     + ", ".join(f"{c['bytes']:.1f} B" for c in lost) + ".")
+                     f"{len(lost)} of the {len(low)} byte levels up to {bar:.0f} B: "
+                     + "; ".join(f"{c['bytes']:.1f} B ({label(c['quant'])} {fmt_ppl(c['quant']['perplexity'])} against "
+                                 f"{label(c['latent'])} {fmt_ppl(c['latent']['perplexity'])}, {_ratio(c):.2f}x)"
+                                 for c in lost)
+                     + (f". latentkv leads at {len(won)} ("
+                        + ", ".join(f"{c['bytes']:.1f} B" for c in won) + ")" if won else "")
+                     + (f"; at {len(empty)} ({empty[0]['bytes']:.1f} - {empty[-1]['bytes']:.1f} B) no quantization-only "
+                        "row fits, so latentkv leads there by default, not by comparison" if empty else "") + ".")
     elif not won:
         lines.append(f"The bar (latentkv ahead at every budget up to {bar:.0f} B) holds only by default: no "
                      f"quantization-only row fits at or below {bar:.0f} B, so no latentkv row there is compared with one.")
@@ -370,10 +377,7 @@ def verdict(rows, source_bytes) -> list[str]:
                      + (f" ({won[0]['bytes']:.1f} - {won[-1]['bytes']:.1f} B)" if won else "")
                      + (f"; at the other {len(empty)} ({empty[0]['bytes']:.1f} - {empty[-1]['bytes']:.1f} B) no "
                         "quantization-only row fits at all, so latentkv leads there by default, not by comparison"
-                        if empty else "") + ". Both families' per-channel (KIVI) rows are measured under the same "
-                     "chunked rule, which the cross-check with transformers shows to be much harsher on a 2-bit cache "
-                     "than a decode loop with KIVI's full-precision residual: under such a loop latentkv's lead over the "
-                     "int2 rows may shrink or flip.")
+                        if empty else "") + ".")
     return lines
 
 
@@ -382,34 +386,31 @@ def hf_check_section(check: dict) -> list[str]:
     n = rows[0]["windows"] if rows else 0
     lines = ["## Cross-check: transformers' QuantizedCache",
              "",
-             f"The source's integer rows on the first {n} window{'s' if n > 1 else ''}, through transformers' `QuantizedCache(backend=\"quanto\", "
-             f"nbits, axis_key, axis_value, q_group_size={HF_GROUP}, residual_length={HF_GROUP})` (optimum-quanto, fed "
-             f"{HF_GROUP} tokens per forward) and through latentkv's cache in the matching format. quanto's axis 0 groups "
-             f"{HF_GROUP} consecutive values of one token and head (latentkv's /g32), axis -1 {HF_GROUP} consecutive tokens "
-             "of one channel (KIVI keys, latentkv's /channel32). Differences by construction: transformers returns a "
-             "chunk's own new keys and values unquantized to that chunk's attention (latentkv's per-token formats read "
-             "them quantized; its per-channel groups are quantized once full), re-quantizes the dequantized cache each "
-             "time the residual is flushed, and keeps float32 scales and zero-points (latentkv stores float16, rounded "
-             "outward).",
+             f"The source's integer rows on the first {n} window{'s' if n > 1 else ''}, through transformers' "
+             f"`QuantizedCache(backend=\"quanto\", nbits, axis_key, axis_value, q_group_size={HF_GROUP}, "
+             f"residual_length={HF_GROUP})` (optimum-quanto; the first {HF_GROUP} tokens in one forward, then one token "
+             "per forward, as generate() feeds it) and through latentkv's evaluation of the matching format. quanto's "
+             f"axis 0 groups {HF_GROUP} consecutive values of one token and head (latentkv's /g32), axis -1 {HF_GROUP} "
+             "consecutive tokens of one channel (KIVI keys, latentkv's /channel32). transformers keeps the newest keys "
+             "and values (up to 32) at full precision and quantizes them after the step that fills the residual, which "
+             "reads them unquantized; it re-quantizes the dequantized cache at each flush and keeps float32 scales and "
+             "zero-points (latentkv stores float16, rounded outward). Columns: `latentkv` is the table's evaluation "
+             "(per-token values quantized on write, a completed key group quantized before the completing token "
+             "reads it); `matched` the same with transformers' rules (values kept in a 32-token residual too, the "
+             "completing token reading its group unquantized: `streaming_logits(..., residual=32, "
+             "quantize_after_read=True)`); `chunked` the earlier evaluation, 32 tokens per forward, each chunk reading "
+             "the group it completes quantized.",
              "",
-             "| format | latentkv cache | quanto nbits, axis_key, axis_value | transformers PPL | latentkv PPL | ratio |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+             "| format | latentkv cache | quanto nbits, axis_key, axis_value | transformers PPL | latentkv PPL | matched PPL | chunked PPL |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['format']} | {r['ours_cache']} | {r['nbits']}, {r['axis_key']}, {r['axis_value']} | "
                      f"{fmt_ppl(r['transformers_perplexity'])} | {fmt_ppl(r['latentkv_perplexity'])} | "
-                     f"{r['latentkv_perplexity'] / r['transformers_perplexity']:.3f} |")
+                     f"{fmt_ppl(r['latentkv_matched_perplexity'])} | {fmt_ppl(r['latentkv_chunked_perplexity'])} |")
     if "source_fp32_perplexity" in check:
         lines += ["", f"The source with no cache quantization on the same window{'s' if n > 1 else ''}: PPL "
                       f"{fmt_ppl(check['source_fp32_perplexity'])} (`{check.get('source_fp32_command', '')}`)."]
-    lines += ["", "What the gap means: with a 32-token chunk and 32-token groups, every chunk of latentkv's evaluation "
-                  "reads its own 32 keys and values quantized, while transformers (like KIVI's decode loop, which keeps "
-                  "the newest tokens in a full-precision residual) reads them unquantized. The newest tokens carry much "
-                  "of the attention, so this rule costs a 2-bit cache a lot. It applies to every per-channel (KIVI) row of both families, but it likely costs "
-                  "the source's int2 rows more than the latentkv rows whose per-channel latent is int4 or int3: the "
-                  "frontier comparison below 240 B is made under this rule and may tilt toward latentkv. A decode-order "
-                  "run of the KIVI rows (--channel-chunk 1, which keeps a key group unquantized until it is full; values "
-                  "in /g32 groups are still quantized on write, where KIVI keeps them in the residual too) is what "
-                  "would settle it.", "", "```", check["command"], "```"]
+    lines += ["", "```", check["command"], "```"]
     return lines
 
 
@@ -540,7 +541,7 @@ def main(argv=None) -> None:
         for key, fmt in todo.items():
             row = {"model": name, "family": family, "format": key, **measure(model, fmt, windows, reference,
                                                                               args.batch_size, args.device,
-                                                                              args.channel_chunk)}
+                                                                              VALUE_RESIDUAL.get(key, 0))}
             print(json.dumps(row), flush=True)
             rows.append(row)
             save(args, rows, model_name, protocol, source_ppl, json_path, commands)
@@ -549,24 +550,21 @@ def main(argv=None) -> None:
 
 def save(args, rows, model_name, protocol, source_ppl, json_path, commands) -> None:
     source_bf16 = [r for r in rows if r["model"] == "source" and r["format"] == "bf16"]
-    if not source_bf16:
-        return
     meta = {
         "model_name": model_name,
         "protocol": protocol.describe(),
         "windows_note": windows_note(args.eval_windows),
         "source_perplexity": source_ppl,
-        "source_bf16_bytes_per_token_per_layer": source_bf16[0]["kv_bytes_per_token_per_layer"],
-        "channel_chunk_note": ("one token per forward, as a decode loop writes them" if args.channel_chunk == 1 else
-                               f"{args.channel_chunk} tokens per forward (a chunk's queries read their own finished "
-                               f"group quantized, which a decode loop would still hold unquantized: {PESSIMISTIC})"),
+        "source_bf16_bytes_per_token_per_layer": source_bf16[0]["kv_bytes_per_token_per_layer"] if source_bf16 else None,
+        "evaluation_note": EVALUATION_NOTE,
         "calib_samples": args.calib_samples,
         "calib_seq_len": args.calib_seq_len,
         "commands": commands,  # every run whose rows are in the file (a run reuses the rows already there)
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    write_outputs(args.out, rows, meta)
+    if source_bf16:  # a run of other rows only (to be merged) writes its PREFIX.json alone
+        write_outputs(args.out, rows, meta)
 
 
 def windows_note(windows: int) -> str:
@@ -590,8 +588,6 @@ def merge(out: Path, others: list[Path]) -> None:
         commands += [c.replace(str(Path(other).with_suffix("")), str(out)) for c in data["meta"]["commands"]
                      if c.replace(str(Path(other).with_suffix("")), str(out)) not in commands]
     recorded["rows"] = list(rows.values())
-    recorded["meta"]["channel_chunk_note"] = recorded["meta"]["channel_chunk_note"].replace("slightly pessimistic",
-                                                                                              PESSIMISTIC)
     recorded["meta"]["windows_note"] = windows_note(int(re.search(r"(\d+) x", recorded["meta"]["protocol"]).group(1)))
     json_path.write_text(json.dumps(recorded, indent=1))
     write_outputs(out, recorded["rows"], recorded["meta"])

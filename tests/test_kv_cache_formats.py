@@ -267,13 +267,17 @@ def test_eval_kv_cache_cli(tiny_mla):
     int8 = _eval(src, "--kv-cache", "int8", "--source", src)
     int2 = _eval(src, "--kv-cache", "keys=int2/channel16,values=int2/g8", "--source", src)
     assert 0 < int8["agreement"]["kl_to_source"] < int2["agreement"]["kl_to_source"]
-    assert int2["kv_cache_chunk"] == 1 and int8["kv_cache_chunk"] == 64
+    assert int2["kv_cache_chunk"] is None and int2["kv_cache_reads"].startswith("one forward per window")
+    assert "unfinished group (KIVI's residual) at full precision" in int2["kv_cache_reads"]
+    assert "KIVI" not in int8["kv_cache_reads"]
+    decode = _eval(src, "--kv-cache", "keys=int2/channel16,values=int2/g8", "--kv-cache-chunk", "1")
+    assert decode["kv_cache_chunk"] == 1 and decode["perplexity"] == pytest.approx(int2["perplexity"], rel=1e-4)
     # 2 layers x (keys: 32 values at 2 bits + 32 / 16 channel groups... per token; values: 4 groups of 8)
     assert int2["kv_bytes_per_token"] == 2 * ((8 + 4 * 32 / 16) + (8 + 4 * 4))
     latent = _eval(mla, "--kv-cache", "fp8_e4m3/g128", "--kv-cache-rope", "bf16", "--source", src)
     assert latent["cache_dtype"] == "latent=fp8_e4m3/g128, rope=bf16" and latent["agreement"]["kl_to_source"] > 0
     kivi = _eval(mla, "--kv-cache", "latent=int2/channel16,rope=int4/channel16", "--source", src)
-    assert kivi["cache_dtype"] == "latent=int2/channel16, rope=int4/channel16" and kivi["kv_cache_chunk"] == 1
+    assert kivi["cache_dtype"] == "latent=int2/channel16, rope=int4/channel16" and kivi["kv_cache_chunk"] is None
     assert kivi["kv_bytes_per_token"] < latent["kv_bytes_per_token"]
     for args, message in [((src, "--kv-cache-rope", "bf16", "--kv-cache", "int4"), "--kv-cache-rope is for latentkv"),
                           ((mla, "--kv-cache", "keys=int4"), "caches latent and rope"),

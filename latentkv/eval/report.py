@@ -87,8 +87,10 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
              kv_cache=None, kv_cache_rope=None, kv_cache_chunk=None) -> dict:
     """Perplexity and KV values of ``spec``; with ``source`` also its agreement with that model
     (KL(source || model) per token and top-1 agreement on the same windows). With ``kv_cache`` (a
-    format spec, see latentkv.kvformats.parse_cache_formats) the windows are run through a
-    cache stored in that format, ``kv_cache_chunk`` tokens per forward, and the KV bytes are the format's.
+    format spec, see latentkv.kvformats.parse_cache_formats) every query reads the keys and values a
+    streaming cache in that format holds after writing its token (one forward per window, see
+    latentkv.eval.quantized_cache), or with ``kv_cache_chunk`` the windows are fed that many tokens per
+    forward through a cache that quantizes on write; the KV bytes are the format's.
     A model whose config carries a cache format (``convert --cache-format``) runs in it by default: its
     own attention quantizes, and the bytes are that format's; ``kv_cache`` overrides it."""
     from latentkv.calibration.runner import check_device, resolve_dtype
@@ -112,12 +114,14 @@ def evaluate(spec: str, *, eval_text=None, window=512, windows=64, batch_size=4,
         check_decodable(model, min(ids.shape[1], 64) + decode_tokens)
     logits_of, chunk = None, None
     if formats is not None:
-        from latentkv.eval.quantized_cache import default_chunk, own_cache_format_off, quantized_logits
+        from latentkv.eval.quantized_cache import own_cache_format_off, quantized_logits, streaming_logits
 
-        chunk = kv_cache_chunk or default_chunk(formats, window)
+        chunk = kv_cache_chunk
 
         def logits_of(batch):  # the model's own format off: what it computes is quantized once, in `formats`
             with own_cache_format_off(model):
+                if chunk is None:
+                    return streaming_logits(model, batch, formats)
                 return quantized_logits(model, batch, formats, chunk)
     kv = kv_report(model, torch_dtype, formats or carried, chunk)
     if carried is not None:
@@ -152,7 +156,8 @@ def kv_report(model, torch_dtype, formats=None, chunk=None) -> dict:
     """KV values and bytes of a model from its real cache (checked against what a latentkv or
     table config declares), per token and for one sequence at the model's context length, where
     a sliding-window layer holds at most its window. With cache ``formats`` (``--kv-cache``) the bytes
-    are those formats' (codes, scales and zero-points), the windows run ``chunk`` tokens per forward."""
+    are those formats' (codes, scales and zero-points), and ``kv_cache_reads`` says how the cache was read
+    (one forward per window as a streaming cache holds it, or ``chunk`` tokens per forward)."""
     from latentkv.arch import LayerAttention, kv_values_at_context
 
     measured_layers = measured_kv_layers(model)
@@ -183,7 +188,7 @@ def kv_report(model, torch_dtype, formats=None, chunk=None) -> dict:
                      else "measured in transformers' cache (architecture outside the conversion table)",
     }
     if formats is not None:
-        from latentkv.eval.quantized_cache import cache_bytes
+        from latentkv.eval.quantized_cache import cache_bytes, describe_evaluation
         from latentkv.kvformats import describe_formats
 
         stored = cache_bytes(model, formats)
@@ -193,6 +198,7 @@ def kv_report(model, torch_dtype, formats=None, chunk=None) -> dict:
             "kv_bytes_by_part": stored.by_part,
             "cache_dtype": describe_formats(formats),
             "kv_cache_chunk": chunk,
+            "kv_cache_reads": describe_evaluation(formats, chunk),
         })
     if expanded:
         report["transformers_cache_values_per_token"] = measured
