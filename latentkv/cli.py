@@ -112,9 +112,8 @@ def _progress_factory(console):
     return factory
 
 
-def _load_recipe(path: Path | None) -> dict:
-    if path is None:
-        return {}
+def _read_recipe_mapping(path: Path, what: str) -> dict:
+    """The YAML mapping in a recipe file, or a one-line error naming the file."""
     import yaml
 
     from latentkv.errors import LatentKVError
@@ -124,7 +123,14 @@ def _load_recipe(path: Path | None) -> dict:
     except (OSError, yaml.YAMLError) as exc:
         raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise LatentKVError(f"Recipe {path} must be a YAML mapping of settings")
+        raise LatentKVError(f"Recipe {path} must be a YAML mapping of {what}")
+    return data
+
+
+def _load_recipe(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    data = _read_recipe_mapping(path, "settings")
     from latentkv.convert.pipeline import recipe_settings
     from latentkv.typed import check_types
 
@@ -589,18 +595,9 @@ FINETUNE_FLAGS = {"kl_text": "kl_data"}
 def _load_finetune_recipe(path: Path | None) -> dict:
     if path is None:
         return {}
-    import yaml
-
-    from latentkv.errors import LatentKVError
     from latentkv.finetune.options import recipe_settings
 
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise LatentKVError(f"Could not read recipe {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise LatentKVError(f"Recipe {path} must be a YAML mapping of finetune settings")
-    return recipe_settings(data, str(path))
+    return recipe_settings(_read_recipe_mapping(path, "finetune settings"), str(path))
 
 
 @predictor_app.command("train")
