@@ -143,6 +143,20 @@ def _stored(model, ids, cache):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _plain_and_token_by_token(model, formats, steps=20):
+    """Layer caches of one plain write of `steps` random tokens, and the quantized cache after writing
+    the same tokens one at a time."""
+    from latentkv.eval.quantized_cache import QuantizedKVCache, slot_formats
+    from latentkv.modeling import cached_forward, new_dynamic_cache
+
+    ids = torch.randint(3, 256, (1, steps))
+    plain = _stored(model, ids, new_dynamic_cache(model.config))
+    cache = new_dynamic_cache(model.config, QuantizedKVCache, slot_formats=slot_formats(model.config, formats))
+    for t in range(steps):
+        cached_forward(model, ids[:, t : t + 1], cache)
+    return plain, cache
+
+
 def test_source_cache_stores_quantized_keys_after_rope(tiny_model_dir):
     """Guards what the source's cache stores: layer 0 (whose inputs a quantized cache cannot change)
     holds exactly the format's round trip of the keys and values a plain cache holds (which
@@ -167,17 +181,12 @@ def test_source_cache_stores_quantized_keys_after_rope(tiny_model_dir):
 
 def test_per_channel_keys_keep_the_unfinished_group_unquantized(tiny_model_dir):
     """Guards KIVI's per-channel keys: groups of N tokens are quantized once full, the rest stays as written."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, slot_formats
     from latentkv.kvformats import parse_cache_formats
-    from latentkv.modeling import cached_forward, load_model, new_dynamic_cache
+    from latentkv.modeling import load_model
 
     model = load_model(tiny_model_dir("llama"))
     formats = parse_cache_formats("keys=int2/channel8,values=bf16", ("keys", "values"))
-    ids = torch.randint(3, 256, (1, 20))
-    plain = _stored(model, ids, new_dynamic_cache(model.config))
-    cache = new_dynamic_cache(model.config, QuantizedKVCache, slot_formats=slot_formats(model.config, formats))
-    for t in range(20):
-        cached_forward(model, ids[:, t : t + 1], cache)
+    plain, cache = _plain_and_token_by_token(model, formats)
     keys = cache.layers[0].keys
     assert torch.allclose(keys[..., :16, :], fake_quantize(plain[0][0][..., :16, :], formats["keys"]), atol=1e-5)
     assert torch.allclose(keys[..., 16:, :], plain[0][0][..., 16:, :], atol=1e-5)
@@ -220,17 +229,13 @@ def test_rope_key_quantized_after_rope(tiny_mla, rope):
     """Guards a quantized RoPE key: the rope slot holds the format's round trip of the rotated key a
     plain cache holds (per-channel: groups of 8 tokens once full, the rest as written, as KIVI keys),
     beside a per-channel latent; the bytes count both parts' codes, scales and zero-points."""
-    from latentkv.eval.quantized_cache import QuantizedKVCache, cache_bytes, slot_formats
+    from latentkv.eval.quantized_cache import cache_bytes
     from latentkv.kvformats import parse_cache_formats
-    from latentkv.modeling import cached_forward, load_model, new_dynamic_cache
+    from latentkv.modeling import load_model
 
     model = load_model(tiny_mla[1])
     formats = parse_cache_formats(f"latent=int4/channel8,rope={rope}", ("latent", "rope"))
-    ids = torch.randint(3, 256, (1, 20))
-    plain = _stored(model, ids, new_dynamic_cache(model.config))
-    cache = new_dynamic_cache(model.config, QuantizedKVCache, slot_formats=slot_formats(model.config, formats))
-    for t in range(20):
-        cached_forward(model, ids[:, t : t + 1], cache)
+    plain, cache = _plain_and_token_by_token(model, formats)
     k_rope = cache.layers[0].values
     fmt = formats["rope"]
     if fmt.per_channel:
