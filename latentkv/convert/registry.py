@@ -105,12 +105,6 @@ def unregister_target(name: str) -> None:
         table.pop(name, None)
 
 
-def register_method(name: str, target: str, papers: list[str]) -> None:
-    """A target known by its method class and papers alone (a latent target without CLI or inspect
-    extras); `register_target` says more."""
-    register_target(TargetRecord(name=name, method=target, papers=tuple(papers)))
-
-
 def get_target(name: str) -> TargetRecord:
     record = TARGETS.get(name)
     if record is None:
