@@ -21,9 +21,11 @@ paged latent cache, the output and MLP projections; then the LM head. Rows:
   over every layer of batch x ceil(f x pages) slots per layer -- the budget, sink and current page
   included (``latentkv.sparsity.offload.PagePool``): at the end of step t the next step's pages of
   every layer are placed in one batch of device operations, and from the start of step t + 1 the
-  missing ones are gathered into a pinned staging buffer and copied host-to-device per layer on a
-  side stream (an event per layer), overlapped with the earlier layers. One read-back of the placed
-  pages and one host wait per step; its logits must equal ``sparse-gpu f``'s bit for bit (checked).
+  missing ones are brought in per layer on a side stream (an event per layer), overlapped with the
+  earlier layers: by default (``--host-reads direct``) one device gather per layer reading the
+  chosen pages of the pinned host cache in place; ``sparse-offload f staging`` gathers them on the
+  host into a pinned staging buffer and copies that. One read-back of the placed pages and one
+  host wait per step; its logits must equal ``sparse-gpu f``'s bit for bit (checked).
 
 Also measured in the same run: the host-to-device copy bandwidth from pinned memory. Reported:
 decode tokens/s, the GPU memory the cache takes in each mode (pool + page bounds for the sparse
@@ -75,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--fractions", default="0.125,0.0625", help="fractions of the pages a sparse step attends")
+    p.add_argument("--host-reads", default="direct,staging",
+                   help="how the sparse-offload rows read the missing pages, comma separated (a row each): direct "
+                        "(device gathers from the pinned host pages in place), staging (host gather into a pinned "
+                        "buffer, then a copy)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed row")
     p.add_argument("--steps", type=int, default=10, help="timed steps (GPU-resident and sparse rows)")
     p.add_argument("--offload-steps", type=int, default=3, help="timed steps of the dense-offload row (slow)")
@@ -322,7 +328,7 @@ class Clock:
         return out
 
 
-def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, resident=False):
+def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, resident=False, host_reads="auto"):
     """Quest page bounds scored with this step's query choose the next step's pages, for every
     sequence at once on the device; one pool over every layer (``PagePool`` with a layer dimension)
     places all layers' pages with one batch of device operations per step and copies the missing
@@ -334,7 +340,7 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     cuda = device.type == "cuda"
     L, B, page, per_seq, width = args.layers, cache.batch, cache.page, cache.per_seq, stack.width
     k = min(per_seq, max(2, math.ceil(fraction * math.ceil(cache.context / page))))  # sink + current + chosen
-    pool = None if resident else PagePool(cache.host_all, B * k, device)
+    pool = None if resident else PagePool(cache.host_all, B * k, device, host_reads=host_reads)
     kv_all = cache.host_all.to(device) if resident else None
     clock = Clock(device)
     # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
@@ -531,6 +537,11 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+def offload_mode(fraction: float, reads: str, all_reads: list[str]) -> str:
+    """Row name of a sparse-offload run; the first read mode listed keeps the plain name."""
+    return f"sparse-offload {fraction:g}" + ("" if reads == all_reads[0] else f" {reads}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -546,6 +557,12 @@ def main(argv=None) -> dict:
         except ImportError:
             raise SystemExit("triton is not installed: the GPU rows need the Triton decode kernel.") from None
     contexts = [int(c) for c in str(args.contexts).split(",")]
+    host_reads = [h for h in str(args.host_reads).split(",") if h]
+    unknown = sorted(set(host_reads) - {"direct", "staging", "auto"})
+    if unknown or not host_reads:
+        raise SystemExit(f"--host-reads: {','.join(unknown) or 'nothing given'}; give direct, staging or auto")
+    if not cuda:
+        host_reads = ["auto"]  # on the CPU there is nothing to read across
     fractions = [float(f) for f in str(args.fractions).split(",")]
     t_start = time.perf_counter()
     bw = h2d_bandwidth(device, args.copy_mib)
@@ -569,7 +586,9 @@ def main(argv=None) -> dict:
                              "lower --batch, --layers or --contexts.") from None
         print(f"context {context}: cache {need / GIB:.2f} GiB in pinned host memory", file=sys.stderr)
         modes = [("dense-gpu", None), ("dense-offload", None)]
-        modes += [(f"sparse-{where} {f:g}", f) for f in fractions for where in ("gpu", "offload")]
+        for f in fractions:
+            modes.append((f"sparse-gpu {f:g}", f))
+            modes += [(offload_mode(f, reads, host_reads), f) for reads in host_reads]
         for name, fraction in modes:
             cache.reset()
             t0 = time.perf_counter()
@@ -580,7 +599,9 @@ def main(argv=None) -> dict:
                     r = run_dense_offload(stack, cache, args, device, backend, args.offload_steps)
                 else:
                     r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction,
-                                           resident=name.startswith("sparse-gpu"))
+                                           resident=name.startswith("sparse-gpu"),
+                                           host_reads=next((h for h in host_reads if name == offload_mode(
+                                               fraction, h, host_reads)), "auto"))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"context {context}, {name}: out of GPU memory; skipped.", file=sys.stderr)
@@ -602,7 +623,8 @@ def main(argv=None) -> dict:
     mismatch = []
     for context in contexts:
         got = {r["mode"]: r.pop("check_logits") for r in rows if r["context"] == context and "check_logits" in r}
-        pairs = [("dense-offload", "dense-gpu")] + [(f"sparse-offload {f:g}", f"sparse-gpu {f:g}") for f in fractions]
+        pairs = [("dense-offload", "dense-gpu")] + [(offload_mode(f, h, host_reads), f"sparse-gpu {f:g}")
+                                                    for f in fractions for h in host_reads]
         for mode, base in pairs:
             if got.get(mode) is None or got.get(base) is None:
                 continue

@@ -373,7 +373,10 @@ def test_layered_offloaded_sparse_decode_equals_resident(backend):
     steps = 5 if backend == "reference" else 2
     per_seq = math.ceil((max(lens) + steps) / page)
     host = torch.randn(layers, B * per_seq, page, width, generator=g)
-    pool = PagePool(host, B * k)
+    # the compiled kernel on a GPU: a device pool over pinned host pages (copies on the side stream)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    pool = PagePool(host.pin_memory() if device == "cuda" else host, B * k, device=device)
+    host = pool.host
     table = torch.arange(B)[:, None] * per_seq + torch.arange(per_seq)[None]
 
     def choice(lengths):  # [layers, B, k] ascending page ids: the sink, k - 2 random, the current page
@@ -400,14 +403,15 @@ def test_layered_offloaded_sparse_decode_equals_resident(backend):
         slots = pool.ensure(chosen, wait=False)
         pool.write_rows(rows, new)
         assert pool.stats.pages_missed == expected_missed
-        seq_lens = torch.tensor([(k - 1) * page + n - (math.ceil(n / page) - 1) * page for n in lens], dtype=torch.int32)
-        q = torch.randn(B, 1, heads, width, generator=g)
+        seq_lens = torch.tensor([(k - 1) * page + n - (math.ceil(n / page) - 1) * page for n in lens],
+                                dtype=torch.int32, device=device)
+        q = torch.randn(B, 1, heads, width, generator=g).to(device)
         for l in range(layers):
             pool.wait(l)
             args = dict(latent_heads=lh, rope_dim=rope, softmax_scale=1 / math.sqrt(width), backend=backend,
                         num_splits=2, max_seq_len=k * page)
-            got = decode_attention(q, pool.pools[l], slots[l].to(torch.int32), seq_lens, **args)
-            want = decode_attention(q, host[l], chosen[l].to(torch.int32), seq_lens, **args)
+            got = decode_attention(q, pool.pools[l], slots[l].to(device, torch.int32), seq_lens, **args)
+            want = decode_attention(q, host[l].to(device), chosen[l].to(device, torch.int32), seq_lens, **args)
             assert torch.equal(got, want), (step, l)
         # the next step's forecast: placed now, copied when the next step asks (deferred)
         forecast = choice([n + 1 for n in lens])

@@ -718,8 +718,9 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
     The rules shrink block_m to 16 first (two programs share each cache tile through L2; no score is
     computed twice) and split the output columns (``DecodeConfig.out_splits``) only where 16 rows
     still do not fit: a quantized tile (dequantized in registers), float32 caches, latents wider
-    than 1024. Each choice compiles without spills for sm_90a (``scripts/kernel_registers.py``);
-    not yet timed on a GPU.
+    than 1024. Each choice compiles without spills for sm_90a (``scripts/kernel_registers.py``).
+    Timed on an H100: 16 rows x 64 columns of cache per tile, 8 warps, 2 stages is the fastest
+    candidate at 960 + 64 and 1024 + 64 (benchmarks/decode_widths_h100.md).
     """
     block_r = max(16, _next_pow2(r_c))
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 0
@@ -737,6 +738,10 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         if kv_quant or elt == 4:
             return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=3 if elt == 2 else 2,
                                 out_splits=block_r // 512)
+        if block_r == 1024 and block_dr <= 64:
+            # measured on an H100 at 960 + 64 and 1024 + 64, 16 and 32 rows: the fastest of the tuner's
+            # candidates at both widths (698 us against 780 us at block_n 32, num_stages 3)
+            return DecodeConfig(block_m=16, block_n=64, num_warps=8, num_stages=2)
         if block_r == 1024:
             return DecodeConfig(block_m=16, block_n=32, num_warps=8, num_stages=3)
         return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 512)

@@ -20,8 +20,10 @@ The order of one decode step t of one layer (``OffloadedLatentCache.attend_laten
 5. the policy's choice for step t + 1 is made from the history up to t (``SparseAttention.forecast``)
    and placed in the pool on the device (``PagePool.prefetch(..., defer=True)``); one layer later
    the host reads the placed (page, slot) pairs back and copies the missing pages host-to-device on
-   a side CUDA stream (``PagePool.issue``: one gather into a pinned staging buffer, non-blocking
-   copies, an event the next step waits on), overlapped with the rest of step t. The side stream
+   a side CUDA stream (``PagePool.issue``: per layer, one device gather that reads the pinned host
+   pages in place over the host link -- or, where the driver maps no pinned memory into the device's
+   address space, one host gather into a pinned staging buffer and a non-blocking copy --, an event
+   the next step waits on), overlapped with the rest of step t. The side stream
    first waits for the compute stream, so a slot is never overwritten while queued work still
    reads it.
 
@@ -56,7 +58,36 @@ from latentkv.errors import LatentKVError
 from latentkv.runtime.decode import PagedLatentCache, score_options
 from latentkv.kernels.mla_decode import decode_attention
 
-__all__ = ["OffloadStats", "OffloadedLatentCache", "PagePool", "pool_slots_for"]
+__all__ = ["OffloadStats", "OffloadedLatentCache", "PagePool", "mapped_host_rows", "pool_slots_for"]
+
+HOST_READS = ("auto", "direct", "staging")
+
+
+class _DeviceArray:
+    """A pointer described by the CUDA array interface (what ``torch.as_tensor`` reads)."""
+
+    def __init__(self, ptr: int, shape: tuple, typestr: str):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, False), "version": 2,
+                                         "strides": None}
+
+
+def mapped_host_rows(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor over the pinned ``host`` tensor's own memory, one row per ``host[i]`` as 8-, 4-
+    or 2-byte words, or None where the driver does not map it. With unified addressing a pinned
+    page is readable by device kernels at its host address, so a device gather reads only the
+    pages it selects, straight over the host link: no host-side gather, no staging copy."""
+    if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
+        return None
+    rows = host.reshape(host.shape[0], -1)
+    nbytes = rows.shape[1] * rows.element_size()
+    word, typestr = next((w, t) for w, t in ((torch.int64, "<i8"), (torch.int32, "<i4"), (torch.int16, "<i2"),
+                                             (torch.uint8, "|u1")) if nbytes % w.itemsize == 0)
+    try:
+        view = torch.as_tensor(_DeviceArray(rows.data_ptr(), (rows.shape[0], nbytes // word.itemsize), typestr),
+                               device=device)
+    except (RuntimeError, TypeError, ValueError):  # no unified addressing, or memory not registered
+        return None
+    return view if view.is_cuda and view.data_ptr() == rows.data_ptr() else None
 
 
 @dataclass
@@ -131,9 +162,11 @@ class PagePool:
     """
 
     def __init__(self, host: torch.Tensor, slots: int, device: str | torch.device = "cpu",
-                 stats: OffloadStats | None = None):
+                 stats: OffloadStats | None = None, host_reads: str = "auto"):
         if slots < 1:
             raise LatentKVError(f"a page pool needs at least one slot; got {slots}.")
+        if host_reads not in HOST_READS:
+            raise LatentKVError(f"host_reads must be one of {', '.join(HOST_READS)}; got {host_reads!r}.")
         self.host = host
         self.device = dev = torch.device(device)
         self.cuda = dev.type == "cuda"
@@ -166,6 +199,14 @@ class PagePool:
         self._overflow = None  # device flag: an adopt did not fit (raised by the next ensure)
         self._stage = self._stage_idx = self._pairs = None
         self._stage_free = None  # CUDA event: the staging buffer's last copy has left it
+        # direct reads: device gathers from the pinned host pages themselves (see mapped_host_rows)
+        self._host_words = mapped_host_rows(self._host_flat, dev) if self.cuda and host_reads != "staging" else None
+        if host_reads == "direct" and self._host_words is None:
+            raise LatentKVError("host_reads='direct' needs pinned host pages that the CUDA driver maps into the "
+                                "device's address space (unified addressing); use host_reads='auto' or 'staging'.")
+        self._pool_words = (self._pool_flat.reshape(self._pool_flat.shape[0], -1).view(self._host_words.dtype)
+                            if self._host_words is not None else None)
+        self.host_reads = "direct" if self._host_words is not None else ("staging" if self.cuda else "cpu")
         self.host_wait_s = 0.0  # host time spent waiting for the device (placed pairs, staging buffer)
 
     # stats --------------------------------------------------------------------------------
@@ -292,14 +333,19 @@ class PagePool:
         if not self.cuda:
             self._pool_flat.index_copy_(0, slots, self._host_flat.index_select(0, pages))
             return m
-        self._synchronize(self._stage_free)  # the staging buffer's previous copy has left it
-        if self._stage is None or self._stage.shape[0] < m:
-            size = max(m, self.slots)
-            self._stage = torch.empty(size, *self._host_flat.shape[1:], dtype=self.host.dtype, pin_memory=True)
+        self._synchronize(self._stage_free)  # the staging buffers' previous copy has left them
+        direct = self._host_words is not None
+        if self._stage_idx is None or self._stage_idx.shape[0] < 2 * m:
+            size = 2 * max(m, self.slots)
             self._stage_idx = torch.empty(size, dtype=torch.long, pin_memory=True)
-        stage, idx = self._stage[:m], self._stage_idx[:m]
-        torch.index_select(self._host_flat, 0, pages, out=stage)
-        idx.copy_(slots)
+            if not direct:
+                self._stage = torch.empty(size // 2, *self._host_flat.shape[1:], dtype=self.host.dtype, pin_memory=True)
+        idx = self._stage_idx[: 2 * m]
+        idx[m:].copy_(slots)
+        if direct:
+            idx[:m].copy_(pages)
+        else:
+            torch.index_select(self._host_flat, 0, pages, out=self._stage[:m])
         # per layer: its own copy and event, so a layer waits only for its pages
         ends = torch.bincount(sel // (n // self.layers), minlength=self.layers).cumsum(0).tolist()
         compute = torch.cuda.current_stream(self.device)
@@ -307,12 +353,17 @@ class PagePool:
         if side:
             stream.wait_stream(compute)  # queued reads of the evicted slots first
         with torch.cuda.stream(stream):
+            idx_dev = idx.to(self.device, non_blocking=True)  # made on (freed to) this stream
             start = 0
             for layer, end in enumerate(ends):
                 if end == start:
                     continue
-                rows = stage[start:end].to(self.device, non_blocking=True)  # made on (freed to) this stream
-                self._pool_flat.index_copy_(0, idx[start:end].to(self.device, non_blocking=True), rows)
+                slot_ids = idx_dev[m + start : m + end]
+                if direct:  # the device reads the chosen host pages in place
+                    self._pool_words.index_copy_(0, slot_ids, self._host_words.index_select(0, idx_dev[start:end]))
+                else:
+                    rows = self._stage[start:end].to(self.device, non_blocking=True)
+                    self._pool_flat.index_copy_(0, slot_ids, rows)
                 if side:
                     self.ready[layer] = torch.cuda.Event()
                     self.ready[layer].record(stream)
