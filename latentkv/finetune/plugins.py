@@ -39,7 +39,9 @@ class TrainerPlugin:
     `autocast()` and `eager()` contexts are there for plug-ins to use.
     """
 
-    #: the first `phase_steps` optimizer steps are this plug-in's phase (see `micro_step`); 0 = none
+    #: the first `phase_steps` optimizer steps are this plug-in's phase (see `micro_step`); 0 = none.
+    #: One plug-in of a run may have a phase. The learning rate follows the `StepPlan`, whose
+    #: schedule has a phase of its own for attention transfer only.
     phase_steps: int = 0
     #: extra arguments of the student's and the teacher's forward on steps outside a phase
     forward_kwargs: dict = {}

@@ -149,8 +149,8 @@ class Trainer:
         if len(phases) > 1:
             raise LatentKVError(f"plug-ins {', '.join(p.name for p in phases)} each ask for a leading phase; the loop "
                                 "runs one: drop all but one of them")
-        self.phase_steps = phases[0].phase_steps if phases else 0  # steps [0, phase_steps) are the phase's
-        self.phase = phases[0] if phases else None
+        self.phase = phases[0] if phases else None  # steps [0, phase_steps) take its loss
+        self.phase_steps = self.phase.phase_steps if self.phase else 0
         self.forward_kwargs = {k: v for p in self.plugins for k, v in p.forward_kwargs.items()}
         for plugin in self.plugins:
             plugin.setup(self)
