@@ -98,7 +98,7 @@ def finetune(opts: FinetuneOptions, progress=None, plugins: Sequence[TrainerPlug
         trained = trainer.trained_tensors()
         if acc.is_main_process:
             with out:
-                write_output(opts, model_dir, row, trained, out.tmp, result)
+                write_output(opts, model_dir, row, trained, out.tmp, result, trainer.plugins)
             if not opts.keep_checkpoints_after:
                 shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
             result.output = out.path
@@ -128,8 +128,10 @@ def build_student(opts: FinetuneOptions, model_dir: Path, row: tg.FormatTargets)
     return model.train()
 
 
-def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst: Path, result: FinetuneResult):
-    """Rebuild the model on CPU with the trained tensors, then merge/write it or save the adapter."""
+def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst: Path, result: FinetuneResult,
+                 plugins: Sequence[TrainerPlugin] = ()):
+    """Rebuild the model on CPU with the trained tensors, let the run's plug-ins finish it, then
+    merge/write it or save the adapter."""
     from latentkv.finetune.save import results_rows, write_card, write_full_model
 
     model = build_student(opts, model_dir, row)
@@ -140,10 +142,8 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
     with torch.no_grad():
         for name, t in trained.items():
             params[name].copy_(t.to("cpu", params[name].dtype))
-    if opts.anneal_rank is not None:  # the faded latent dimensions are zero: dropping them changes nothing
-        from latentkv.finetune.anneal import narrow_latent
-
-        narrow_latent(model, opts.anneal_rank)
+    for plugin in plugins:
+        plugin.finish_model(model)
     from latentkv.eval.perplexity import PerplexityProtocol
 
     protocol = PerplexityProtocol(**_protocol_kwargs(opts)).describe()
@@ -156,9 +156,10 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
             model = model.merge_and_unload()
         save_dtype = _resolve(opts.save_dtype)
         write_full_model(model, model_dir, dst, save_dtype, opts.max_shard_size)
-        if opts.anneal_rank is not None:
-            config = json.loads((dst / "config.json").read_text())
-            config["attention_layers"] = model.config.attention_layers
+        config = json.loads((dst / "config.json").read_text())
+        layers = getattr(model.config, "attention_layers", None)
+        if layers is not None and config.get("attention_layers") != layers:  # a plug-in changed them (annealing)
+            config["attention_layers"] = layers
             (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_card(dst, opts, rows, adapter, result.tokens, model_dir)
     (dst / "latentkv_finetune.json").write_text(json.dumps({

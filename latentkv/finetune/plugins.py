@@ -12,6 +12,7 @@ at fixed places; a plug-in overrides only the hooks it needs:
     forward_kwargs, extra_loss(...) a term added to the distillation loss of every other step
     after_step(trainer, step)      after each optimizer step (`step`: steps done)
     state_dict(), load_state_dict() what a resumed run needs, kept in the checkpoints
+    finish_model(model)            on the model rebuilt with the trained weights, before it is written
 
 At the end of a leading phase the loop restarts the optimizer's moments (the phase's loss has
 gradients of another scale), closes the logged window (none mixes two losses) and starts timing
@@ -72,6 +73,10 @@ class TrainerPlugin:
 
     def after_step(self, trainer, step: int) -> None:
         """After optimizer step `step` (1-based: steps done), before the learning rate moves on."""
+
+    def finish_model(self, model: torch.nn.Module) -> None:
+        """On the model rebuilt on CPU with the trained weights (unmerged), before it is written; a
+        change of its layers' specs (`config.attention_layers`) is written to its config."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs to go on as if never stopped (JSON-serialisable); {}: nothing."""
@@ -134,6 +139,11 @@ class LatentAnnealing(TrainerPlugin):
 
     def after_step(self, trainer, step: int) -> None:
         self.anneal.after_step(step)
+
+    def finish_model(self, model: torch.nn.Module) -> None:
+        from latentkv.finetune.anneal import narrow_latent
+
+        narrow_latent(model, self.rank)  # the faded latent dimensions are zero: dropping them changes nothing
 
 
 class HiddenStateMatch(TrainerPlugin):
