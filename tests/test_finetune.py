@@ -407,3 +407,78 @@ def test_latent_annealing_narrows_the_written_model(healing, tmp_path):
         _opts(healing, "bad-anneal", anneal_rank=12)
     with pytest.raises(LatentKVError, match="--anneal-rank"):
         _opts(healing, "bad-anneal", mode="attention", anneal_tokens=64)
+
+
+def test_plugins_for_builds_the_built_ins(healing):
+    """Guards the map from options to the loop's plug-ins (one per optional part, in a fixed order)
+    and the FSDP refusals, which are the plug-ins' own."""
+    from types import SimpleNamespace
+
+    from latentkv.finetune.plugins import AttentionTransferPhase, HiddenStateMatch, LatentAnnealing, plugins_for
+    from latentkv.finetune.trainer import StepPlan
+
+    def built(**kw):
+        opts = _opts(healing, "plugins", mode="attention", tokens=8 * 64 * 8, **kw)
+        return plugins_for(opts, StepPlan.make(opts, 1))
+
+    assert built() == []
+    transfer, anneal, hidden = built(transfer_tokens=8 * 64 * 3, anneal_rank=12, anneal_tokens=8 * 64 * 4,
+                                     hidden_weight=0.5)
+    assert isinstance(transfer, AttentionTransferPhase) and transfer.phase_steps == 3
+    assert isinstance(anneal, LatentAnnealing) and (anneal.rank, anneal.steps) == (12, 4)
+    assert isinstance(hidden, HiddenStateMatch) and hidden.weight == 0.5
+    assert hidden.forward_kwargs == {"output_hidden_states": True}
+    for plugin, flag in ((transfer, "--transfer-tokens"), (anneal, "--anneal-rank")):
+        plugin.prepare(SimpleNamespace(fsdp=False))
+        with pytest.raises(LatentKVError, match=flag):
+            plugin.prepare(SimpleNamespace(fsdp=True))
+
+
+def test_a_user_plugin_runs_through_the_loop(healing):
+    """Guards the plug-in hooks as a user sees them: setup, prepare, a loss term (here zero, so the
+    weights are those of the run without it) logged with the others, after_step with the count of
+    steps done, and a state kept across a stop and resume; two leading phases are refused."""
+    from latentkv.finetune.plugins import TrainerPlugin
+
+    class StepCounter(TrainerPlugin):
+        def __init__(self):
+            self.steps, self.seen, self.calls = 0, [], []
+
+        def setup(self, trainer):
+            self.calls.append("setup")
+
+        def prepare(self, trainer):
+            self.calls.append("prepare")
+
+        def extra_loss(self, trainer, ids, out, teacher_out):
+            zero = 0.0 * out.logits.float().mean()
+            return zero, {"zero": zero.detach()}
+
+        def after_step(self, trainer, step):
+            self.steps += 1
+            self.seen.append(step)
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    kw = dict(lr=1e-2, merge=True, checkpoint_every=2, tokens=8 * 64 * 4)
+    plain = finetune(_opts(healing, "no-plugin", **kw))
+    first, logged = StepCounter(), []
+    stopped = finetune(_opts(healing, "plugin", stop_after_steps=3, **kw), plugins=[first],
+                       progress=lambda event, info: logged.append(info) if event == "step" else None)
+    assert stopped.output is None and first.calls == ["setup", "prepare"] and first.seen == [1, 2, 3]
+    assert [s["zero"] for s in logged] == [0.0] * 3 and all("kl" in s for s in logged)
+    second = StepCounter()
+    r = finetune(_opts(healing, "plugin", **kw), plugins=[second])
+    assert r.resumed_from == 3 and second.seen == [4] and second.steps == 4  # 3 from the checkpoint
+    a, b = _weights(plain.output), _weights(r.output)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    class Phase(TrainerPlugin):
+        phase_steps = 1
+
+    with pytest.raises(LatentKVError, match="leading phase"):
+        finetune(_opts(healing, "two-phases", **kw), plugins=[Phase(), Phase()])

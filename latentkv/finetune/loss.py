@@ -1,15 +1,19 @@
 """The healing loss: KL divergence to the teacher's next-token distribution, mixed with the LM loss,
-plus an optional match of every layer's hidden state.
 
     loss = (1 - w) * T^2 * KL(p_teacher^T || p_student^T) + w * CE(student, next token)
-           + h * mean_l ||x_student^l - x_teacher^l||^2 / ||x_teacher^l||^2
 
 with p^T = softmax(logits / T), the KL averaged over every position (the last one too: the teacher
-has a distribution there), the CE over every position that has a next token, x^l the residual
-stream after decoder layer l (summed over positions and rows before the ratio, so each layer counts
-the same whatever its scale). The converted model keeps the source's layers, widths and residual
-stream, so the teacher's hidden states are a target it can reach layer by layer: the term gives
-hundreds of numbers per token where the KL gives one. Computed in float32.
+has a distribution there), the CE over every position that has a next token. Computed in float32.
+
+`hidden_state_loss` is the optional match of every layer's hidden state (`--hidden-weight`, added
+by a trainer plug-in, latentkv/finetune/plugins.py) and the attention-transfer loss:
+
+    mean_l ||x_student^l - x_teacher^l||^2 / ||x_teacher^l||^2
+
+with x^l the residual stream after decoder layer l (summed over positions and rows before the
+ratio, so each layer counts the same whatever its scale). The converted model keeps the source's
+layers, widths and residual stream, so the teacher's hidden states are a target it can reach layer
+by layer: the term gives hundreds of numbers per token where the KL gives one.
 """
 
 from __future__ import annotations
@@ -24,11 +28,8 @@ def distillation_loss(
     input_ids: torch.Tensor,  # [b, s]
     temperature: float = 1.0,
     lm_weight: float = 0.0,
-    student_hidden: tuple[torch.Tensor, ...] = (),  # per layer [b, s, d]
-    teacher_hidden: tuple[torch.Tensor, ...] = (),
-    hidden_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The scalar loss and its parts (detached): {"kl": ..., "lm": ..., "hidden": ...}."""
+    """The scalar loss and its parts (detached): {"kl": ..., "lm": ...}."""
     vocab = student_logits.shape[-1]
     parts: dict[str, torch.Tensor] = {}
     loss = student_logits.new_zeros((), dtype=torch.float32)
@@ -44,10 +45,6 @@ def distillation_loss(
         kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
         parts["kl"] = kl.detach()
         loss = loss + (1.0 - lm_weight) * kl
-    if hidden_weight > 0 and student_hidden:
-        hidden = hidden_state_loss(student_hidden, teacher_hidden)
-        parts["hidden"] = hidden.detach()
-        loss = loss + hidden_weight * hidden
     return loss, parts
 
 

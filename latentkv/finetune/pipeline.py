@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,17 +21,19 @@ from latentkv.finetune import targets as tg
 from latentkv.finetune.data import PackedSequences
 from latentkv.finetune.flops import FORMULA, device_peak_flops, flops_per_token
 from latentkv.finetune.options import FinetuneOptions, FinetuneResult
+from latentkv.finetune.plugins import TrainerPlugin, plugins_for
 from latentkv.finetune.trainer import StepPlan, Trainer
 from latentkv.io.source import check_same_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
+def finetune(opts: FinetuneOptions, progress=None, plugins: Sequence[TrainerPlugin] = ()) -> FinetuneResult:
     """Run (or resume) one healing run; the output folder appears only when everything succeeded.
 
     `progress(event, info)` is called on the main process with event "start", "step" (info: step,
-    steps, tokens, loss, kl, lm, lr, tokens_per_s) or "eval" (tokens, perplexity).
+    steps, tokens, loss, kl, lm, lr, tokens_per_s) or "eval" (tokens, perplexity). `plugins`: more
+    `TrainerPlugin`s for the loop, called after the built-in ones `opts` asks for.
     """
     from latentkv.io.writer import OutputFolder
 
@@ -56,12 +59,10 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
         autocast = _autocast_dtype(opts, acc.device)
         student = build_student(opts, model_dir, row).to(acc.device)
         teacher = _load_teacher(teacher_dir, acc.device) if teacher_dir else None
-        if opts.hidden_weight > 0:
-            check_same_residual_stream(student.config, teacher.config, opts.teacher)
         eval_windows = _eval_windows(opts, tokenizer)
         kl_windows = _kl_windows(opts, tokenizer)
         trainer = Trainer(opts, acc, student, teacher, data, plan, autocast, eval_windows, progress,
-                          kl_windows=kl_windows, started=t0)
+                          kl_windows=kl_windows, started=t0, plugins=plugins_for(opts, plan) + list(plugins))
         _log_plan(opts, plan, data, trainer, student, teacher)
         trainer.resume_if_possible()
         st = trainer.state
@@ -97,7 +98,7 @@ def finetune(opts: FinetuneOptions, progress=None) -> FinetuneResult:
         trained = trainer.trained_tensors()
         if acc.is_main_process:
             with out:
-                write_output(opts, model_dir, row, trained, out.tmp, result)
+                write_output(opts, model_dir, row, trained, out.tmp, result, trainer.plugins)
             if not opts.keep_checkpoints_after:
                 shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
             result.output = out.path
@@ -127,8 +128,10 @@ def build_student(opts: FinetuneOptions, model_dir: Path, row: tg.FormatTargets)
     return model.train()
 
 
-def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst: Path, result: FinetuneResult):
-    """Rebuild the model on CPU with the trained tensors, then merge/write it or save the adapter."""
+def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst: Path, result: FinetuneResult,
+                 plugins: Sequence[TrainerPlugin] = ()):
+    """Rebuild the model on CPU with the trained tensors, let the run's plug-ins finish it, then
+    merge/write it or save the adapter."""
     from latentkv.finetune.save import results_rows, write_card, write_full_model
 
     model = build_student(opts, model_dir, row)
@@ -139,10 +142,8 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
     with torch.no_grad():
         for name, t in trained.items():
             params[name].copy_(t.to("cpu", params[name].dtype))
-    if opts.anneal_rank is not None:  # the faded latent dimensions are zero: dropping them changes nothing
-        from latentkv.finetune.anneal import narrow_latent
-
-        narrow_latent(model, opts.anneal_rank)
+    for plugin in plugins:
+        plugin.finish_model(model)
     from latentkv.eval.perplexity import PerplexityProtocol
 
     protocol = PerplexityProtocol(**_protocol_kwargs(opts)).describe()
@@ -155,9 +156,10 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
             model = model.merge_and_unload()
         save_dtype = _resolve(opts.save_dtype)
         write_full_model(model, model_dir, dst, save_dtype, opts.max_shard_size)
-        if opts.anneal_rank is not None:
-            config = json.loads((dst / "config.json").read_text())
-            config["attention_layers"] = model.config.attention_layers
+        config = json.loads((dst / "config.json").read_text())
+        layers = getattr(model.config, "attention_layers", None)
+        if layers is not None and config.get("attention_layers") != layers:  # a plug-in changed them (annealing)
+            config["attention_layers"] = layers
             (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_card(dst, opts, rows, adapter, result.tokens, model_dir)
     (dst / "latentkv_finetune.json").write_text(json.dumps({
@@ -251,17 +253,6 @@ def _tokenizer(folder: Path, trust_remote_code: bool):
     except Exception as exc:  # transformers raises many types for a missing tokenizer
         raise LatentKVError(f"Could not load the tokenizer of {folder} ({type(exc).__name__}); copy the source's "
                             "tokenizer files into it") from exc
-
-
-def check_same_residual_stream(student_cfg, teacher_cfg, teacher_name: str) -> None:
-    """--hidden-weight compares layer l of the student with layer l of the teacher."""
-    shape = lambda c: (getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None))  # noqa: E731
-    if shape(student_cfg) != shape(teacher_cfg):
-        raise LatentKVError(
-            f"--hidden-weight needs a teacher with the student's layers and width; the student has "
-            f"{shape(student_cfg)} (layers, hidden size), {teacher_name} has {shape(teacher_cfg)}. "
-            "Pass as --teacher the model the student was converted from, or drop --hidden-weight"
-        )
 
 
 def _teacher_dir(opts: FinetuneOptions, student_tok) -> Path:

@@ -3,6 +3,8 @@
 The same code runs on one process (CPU or one GPU) and under `accelerate launch` on several GPUs:
 each optimizer step reads one global batch of `batch_size` sequences; process r takes every
 world-th row and accumulates micro-batches, so a run's numbers do not depend on the GPU count.
+Optional parts (attention transfer, latent annealing, the hidden-state term) are plug-ins that
+the loop calls at fixed places (latentkv/finetune/plugins.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from latentkv.finetune import state as ckpt
 from latentkv.finetune.data import PackedSequences
 from latentkv.finetune.loss import distillation_loss
 from latentkv.finetune.options import FinetuneOptions
+from latentkv.finetune.plugins import TrainerPlugin, plugins_for
 from latentkv.finetune.speed import compile_layers
 
 log = logging.getLogger(__name__)
@@ -117,9 +120,13 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], opts: FinetuneOptions
 
 
 class Trainer:
+    """The loop: `plugins` (None: the built-in ones `opts` asks for, `plugins_for`) are called at
+    the hooks of `TrainerPlugin`."""
+
     def __init__(self, opts: FinetuneOptions, accelerator, student, teacher, data: PackedSequences,
                  plan: StepPlan, autocast_dtype: torch.dtype | None, eval_windows: torch.Tensor | None,
-                 progress=None, kl_windows: torch.Tensor | None = None, started: float | None = None):
+                 progress=None, kl_windows: torch.Tensor | None = None, started: float | None = None,
+                 plugins: list[TrainerPlugin] | None = None):
         self.opts, self.acc, self.plan, self.data = opts, accelerator, plan, data
         self.student = student  # the module itself (eval, state); self.model is what trains
         self.teacher = teacher
@@ -137,16 +144,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.trainable, opts), betas=(0.9, 0.95), eps=1e-8, weight_decay=opts.weight_decay
         )
-        self.transfer = None
-        if plan.transfer_steps:
-            from latentkv.finetune.transfer import AttentionTransfer
-
-            self.transfer = AttentionTransfer(student, teacher)
-        self.anneal = None
-        if opts.anneal_rank is not None:
-            from latentkv.finetune.anneal import LatentAnneal
-
-            self.anneal = LatentAnneal(student, opts.anneal_rank, plan.steps_for(opts.anneal_tokens))
+        self.plugins = plugins_for(opts, plan) if plugins is None else list(plugins)
+        phases = [p for p in self.plugins if p.phase_steps]
+        if len(phases) > 1:
+            raise LatentKVError(f"plug-ins {', '.join(p.name for p in phases)} each ask for a leading phase; the loop "
+                                "runs one: drop all but one of them")
+        self.phase = phases[0] if phases else None  # steps [0, phase_steps) take its loss
+        self.phase_steps = self.phase.phase_steps if self.phase else 0
+        self.forward_kwargs = {k: v for p in self.plugins for k, v in p.forward_kwargs.items()}
+        for plugin in self.plugins:
+            plugin.setup(self)
         self.state = RunState()
         self.timed_tokens = self.all_tokens = 0
         self.timed_seconds = self.all_seconds = 0.0
@@ -169,6 +176,10 @@ class Trainer:
                                                     saved.get("world", 1))
         self._scheduler_state = saved["scheduler"]
         ckpt.set_rng_state(saved["rng"])
+        plugin_states = saved.get("plugins", {})
+        for plugin in self.plugins:
+            if plugin.name in plugin_states:
+                plugin.load_state_dict(plugin_states[plugin.name])
         self.state = RunState(step=saved["step"], evals=saved.get("evals", []), before=saved.get("before"),
                               teacher_perplexity=saved.get("teacher_perplexity"), resumed_from=saved["step"],
                               train_seconds=saved.get("train_seconds", 0.0))
@@ -188,12 +199,8 @@ class Trainer:
             self.scheduler.load_state_dict(self._scheduler_state)
             self._optimizer_state = None
         self.fsdp = "FSDP" in str(acc.distributed_type)
-        if self.fsdp and self.transfer is not None:
-            raise LatentKVError("--transfer-tokens calls each attention module outside the FSDP-wrapped model, which "
-                                "holds only a shard of its weights; run it data parallel (no FSDP) or drop it")
-        if self.fsdp and self.anneal is not None:
-            raise LatentKVError("--anneal-rank scales latent rows of the whole weights, which FSDP shards; run it "
-                                "data parallel (no FSDP) or drop it")
+        for plugin in self.plugins:
+            plugin.prepare(self)
         self.eval_model = self.model if self.fsdp else self.student
         self.loss_fn = distillation_loss
         if self.opts.compile:
@@ -204,65 +211,60 @@ class Trainer:
             log.info("compiling %d decoder layers and the loss with torch.compile", n)
 
     # --- pieces of a step ---------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The training forward's autocast (none in float32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.acc.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def eager():
+        """Compiled layers run eagerly inside (forward hooks, other shapes)."""
+        return _eager()
 
     def _local_rows(self, step: int) -> torch.Tensor:
         batch = self.data.batch(step * self.opts.batch_size, self.opts.batch_size)  # [B, seq]
         return batch[self.acc.process_index :: self.plan.world]
 
-    def _micro_step(self, ids: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
-        ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+    def _micro_step(self, ids: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+        """The distillation loss of one micro-batch, the plug-ins' terms added, and its backward."""
+        ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
         with ctx:
-            with self._autocast():
-                hidden = self.opts.hidden_weight > 0
-                teacher_logits, teacher_hidden = None, ()
+            with self.autocast():
+                teacher_out = None
                 if self.teacher is not None:
                     with torch.no_grad():
-                        t_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                    teacher_logits, teacher_hidden = t_out.logits, (t_out.hidden_states[1:] if hidden else ())
-                out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                loss, parts = self.loss_fn(out.logits, teacher_logits, ids, self.opts.temperature, self.opts.lm_weight,
-                                           out.hidden_states[1:] if hidden else (), teacher_hidden,
-                                           self.opts.hidden_weight)
-            self.acc.backward(loss / self.plan.accum)
-        parts["loss"] = loss.detach()
-        return parts
-
-    def _transfer_micro_step(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The attention modules are called outside the (DDP-wrapped) model, whose gradient hooks must
-        # stay idle (no_sync); _step averages the gradients over the processes itself. Eager: the
-        # teacher's attention calls are read by forward hooks, which compiled layers would not run.
-        with self.acc.no_sync(self.model), _eager():
-            with self._autocast():
-                loss, parts = self.transfer.loss(ids)
+                        teacher_out = self.teacher(input_ids=ids, use_cache=False, **self.forward_kwargs)
+                out = self.model(input_ids=ids, use_cache=False, **self.forward_kwargs)
+                loss, parts = self.loss_fn(out.logits, teacher_out.logits if teacher_out is not None else None, ids,
+                                           self.opts.temperature, self.opts.lm_weight)
+                for plugin in self.plugins:
+                    extra = plugin.extra_loss(self, ids, out, teacher_out)
+                    if extra is not None:
+                        loss = loss + extra[0]
+                        parts.update(extra[1])
             self.acc.backward(loss / self.plan.accum)
         parts["loss"] = loss.detach()
         return parts
 
     def _step(self, step: int) -> dict[str, torch.Tensor]:
         rows = self._local_rows(step).to(self.acc.device)
-        transfer = self.plan.in_transfer(step)
-        if step == self.plan.transfer_steps > 0:
-            # The KL phase starts from fresh moments: the transfer loss's gradients have another scale.
+        if step == self.phase_steps > 0:
+            # The steps after a phase start from fresh moments: its loss's gradients have another scale.
             _inner(self.optimizer).state.clear()
+        phase = self.phase if step < self.phase_steps else None
         sums: dict[str, torch.Tensor] = {}
         for k in range(self.plan.accum):
             ids = rows[k * self.plan.micro : (k + 1) * self.plan.micro]
-            parts = self._transfer_micro_step(ids) if transfer else self._micro_step(ids, sync=k == self.plan.accum - 1)
+            last = k == self.plan.accum - 1
+            parts = phase.micro_step(self, ids, last) if phase is not None else self._micro_step(ids, last)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0) + value / self.plan.accum
-        if transfer and self.acc.num_processes > 1:
-            for p in self.trainable.values():
-                if p.grad is not None:
-                    p.grad.copy_(self.acc.reduce(p.grad, "mean"))
         if self.opts.max_grad_norm > 0:
             sums["grad_norm"] = self.acc.clip_grad_norm_(list(self.trainable.values()), self.opts.max_grad_norm)
         self.optimizer.step()
-        if self.anneal is not None:
-            self.anneal.after_step(step + 1)
+        for plugin in self.plugins:
+            plugin.after_step(self, step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums
@@ -301,14 +303,14 @@ class Trainer:
             due_ckpt = (opts.checkpoint_every and st.step % opts.checkpoint_every == 0 and st.step < plan.total_steps)
             last = st.step == stop_at
             st.train_seconds = seconds_before + time.perf_counter() - loop_start
-            phase_end = st.step == plan.transfer_steps > 0  # so no logged window mixes the two losses
+            phase_end = st.step == self.phase_steps > 0  # so no logged window mixes two losses
             if st.step % opts.log_every == 0 or due_eval or due_ckpt or last or phase_end:
                 now = self._sync()
                 seconds = now - mark
                 self.all_seconds += seconds
                 self.all_tokens += (st.step - mark_step) * plan.tokens_per_step
-                # the KL phase alone is timed (the transfer phase runs other, eager work)
-                if mark_step - max(first, plan.transfer_steps) >= min(TIMING_SKIP_STEPS, opts.log_every):
+                # the steps after a phase alone are timed (a phase runs other work)
+                if mark_step - max(first, self.phase_steps) >= min(TIMING_SKIP_STEPS, opts.log_every):
                     self.timed_seconds += seconds
                     self.timed_tokens += (st.step - mark_step) * plan.tokens_per_step
                 metrics = {k: float(self.acc.reduce(torch.as_tensor(v, device=self.acc.device).float(), "mean"))
@@ -318,7 +320,7 @@ class Trainer:
                                tokens_per_s=(st.step - mark_step) * plan.tokens_per_step / max(seconds, 1e-9))
                 log.info("step %d/%d  tokens %.3gM  loss %.4f%s  lr %.3g  %.0f tokens/s", st.step, plan.total_steps,
                          tokens / 1e6, metrics.get("loss", float("nan")),
-                         "".join(f"  {k} {metrics[k]:.4f}" for k in ("transfer", "kl", "lm", "hidden") if k in metrics),
+                         "".join(f"  {k} {metrics[k]:.4f}" for k in window if k not in ("loss", "grad_norm")),
                          metrics["lr"], metrics["tokens_per_s"])
                 if self.progress:
                     self.progress("step", metrics)
@@ -444,6 +446,9 @@ class Trainer:
                 "train_seconds": st.train_seconds,
                 "resume_key": self.opts.resume_key(),
             }
+            plugin_states = {p.name: p.state_dict() for p in self.plugins}
+            if any(plugin_states.values()):
+                state["plugins"] = {k: v for k, v in plugin_states.items() if v}
             ckpt.finish(tmp, st.step, state, self.opts.keep_checkpoints)
         acc.wait_for_everyone()
 
