@@ -8,6 +8,7 @@ the bf16 cache measured in the same run.
 
   python scripts/bench_decode_quantized.py                       # MLA 512 + 64, 32 heads, batch 64, 8192
   python scripts/bench_decode_quantized.py --formats fp8_e4m3/g128 int4/g32 --heads 128 --json out.json
+  python scripts/bench_decode_quantized.py --sweep               # also search block sizes per format
 """
 
 from __future__ import annotations
@@ -34,8 +35,36 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--query-len", type=int, default=1)
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time a grid of launch configurations for each quantized format (block_n, warps, "
+                        "stages; block_m from the rules) and report the fastest that passes the check")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p.parse_args(argv)
+
+
+def sweep(shape: dict, fmt: str, rule: dict) -> dict:
+    """The fastest configuration of a small grid around the rules' choice for one quantized format
+    (each one checked against the reference; ones that fail to compile or to match are skipped)."""
+    from latentkv.kernels.mla_decode import DecodeConfig
+
+    best = None
+    for block_n in (16, 32, 64):
+        for num_warps in (4, 8):
+            for num_stages in (2, 3, 5):
+                cfg = DecodeConfig(block_m=rule["block_m"], block_n=block_n, num_warps=num_warps,
+                                   num_stages=num_stages, out_splits=rule.get("out_splits", 1))
+                try:
+                    r = bench.run_decode_bench(**shape, kv_format=fmt, config=cfg)
+                except Exception as exc:  # noqa: BLE001 -- a configuration the GPU cannot run is skipped
+                    print(f"{fmt} {cfg}: skipped ({type(exc).__name__}: {str(exc)[:80]})", file=sys.stderr)
+                    continue
+                print(f"{fmt} M{cfg.block_m} N{block_n} w{num_warps} s{num_stages}: {r['time_us']:.1f} us"
+                      f"{'' if r['check']['ok'] else ' (check failed)'}", file=sys.stderr)
+                if r["check"]["ok"] and (best is None or r["time_us"] < best["time_us"]):
+                    best = r
+    if best is None:
+        raise SystemExit(f"{fmt}: no configuration of the sweep ran and passed the check")
+    return best
 
 
 def main(argv=None) -> int:
@@ -45,11 +74,16 @@ def main(argv=None) -> int:
                  page_size=args.page_size, source_geometry=None)
     rows = {fmt: bench.run_decode_bench(**shape, kv_format=None if fmt == "bf16" else fmt)
             for fmt in ["bf16", *args.formats]}
+    if args.sweep:
+        for fmt in args.formats:
+            rows[f"{fmt} best"] = sweep(shape, fmt, rows[fmt]["config"])
     base = rows["bf16"]["time_us"]
-    print(f"{'format':<16} {'time us':>9} {'bytes/token':>12} {'TB/s':>6} {'vs bf16':>8}  check")
+    print(f"{'format':<21} {'config (splits)':<18} {'time us':>9} {'bytes/token':>12} {'TB/s':>6} {'vs bf16':>8}  check")
     for fmt, r in rows.items():
         per_token = r["cache_bytes"] / (args.batch * args.context)
-        print(f"{fmt:<16} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
+        c = r["config"]
+        config = f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']} ({c['num_splits']})"
+        print(f"{fmt:<21} {config:<18} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
               f"{base / r['time_us']:7.2f}x  {'ok' if r['check']['ok'] else 'FAILED'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
