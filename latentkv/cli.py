@@ -140,45 +140,50 @@ def _load_recipe(path: Path | None) -> dict:
 COMMAND_LINE_ONLY = ("recipe", "overwrite", "trust_remote_code", "as_json", "verbose")
 
 
-def _recipe_parameters(command) -> dict:
-    """The settings a recipe may give `command` (a click command): its options that have a default."""
-    return {p.name: p for p in command.params
-            if p.param_type_name == "option" and not p.required and p.name not in COMMAND_LINE_ONLY}
+def _recipe_kinds(params) -> dict:
+    """The settings a recipe may give a command of these (evaluated) parameters: its options that have
+    a default, each as (type, repeatable)."""
+    from typing import get_args, get_origin
+
+    kinds = {}
+    for p in params:
+        annotation, *info = get_args(p.annotation) or (p.annotation,)
+        is_option = any(isinstance(i, typer.models.OptionInfo) for i in info)
+        if not is_option or p.default is Parameter.empty or p.name in COMMAND_LINE_ONLY:
+            continue
+        kind = next((a for a in get_args(annotation) if a is not type(None)), annotation)  # Optional[X] -> X
+        repeatable = get_origin(kind) is list
+        kinds[p.name] = (get_args(kind)[0] if repeatable else kind, repeatable)
+    return kinds
 
 
-def _command_recipe(ctx, path: Path | None) -> dict:
-    """The settings of a `--recipe` file for the command of `ctx`, keyed by its parameter names and
-    typed as its options are: an unknown key or a wrongly typed value is refused before any work."""
+def _command_recipe(path: Path | None, kinds: dict) -> dict:
+    """The settings of a `--recipe` file, each of its option's type (`kinds`, `_recipe_kinds`): an
+    unknown key or a value of another type is refused before any work."""
     if path is None:
         return {}
-    import click
-
     from latentkv.errors import LatentKVError
     from latentkv.typed import as_type
 
-    known = _recipe_parameters(ctx.command)
     data = _read_recipe_mapping(path, "settings")
-    unknown = sorted(map(str, set(data) - set(known)))
+    unknown = sorted(map(str, set(data) - set(kinds)))
     if unknown:
-        raise LatentKVError(f"Unknown recipe keys in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise LatentKVError(f"Unknown recipe keys in {path}: {', '.join(unknown)}; known: {', '.join(sorted(kinds))}")
     out = {}
     for name, value in data.items():
-        param = known[name]
-        kind = {click.types.BoolParamType: bool, click.types.IntParamType: int,
-                click.types.FloatParamType: float}.get(type(param.type), str)
+        kind, repeatable = kinds[name]
+        plain = str if kind is Path else kind  # a path is written as text
         try:
-            if value is None and param.default is None:
+            if value is None:
                 out[name] = None
-            elif param.multiple:
+            elif repeatable:
                 if not isinstance(value, list):
                     raise ValueError("a list")
-                out[name] = [as_type(v, kind) for v in value]
+                out[name] = [kind(as_type(v, plain)) for v in value]
             else:
-                out[name] = as_type(value, kind)
+                out[name] = kind(as_type(value, plain))
         except ValueError as exc:
             raise LatentKVError(f"Recipe {path}: {name} must be {exc}, got {value!r}") from None
-        if isinstance(param.type, click.Path) and out[name] is not None:
-            out[name] = [Path(v) for v in out[name]] if param.multiple else Path(out[name])
     return out
 
 
@@ -186,6 +191,7 @@ def takes_recipe(fn):
     """Decorator: the command also takes `--recipe FILE`, a YAML mapping of its own option names; a
     value given on the command line wins over the recipe's, the recipe's over the default."""
     own = list(signature(fn, eval_str=True).parameters.values())
+    kinds = _recipe_kinds(own)
     wants_ctx = any(p.name == "ctx" for p in own)
     extra = [Parameter("recipe", Parameter.KEYWORD_ONLY, annotation=RecipeOption, default=None)]
     if not wants_ctx:
@@ -193,7 +199,7 @@ def takes_recipe(fn):
 
     @functools.wraps(fn)
     def command(ctx: typer.Context, recipe: Optional[Path] = None, **values):
-        settings = _run(_command_recipe, ctx, recipe)
+        settings = _run(_command_recipe, recipe, kinds)
         merged = merge_settings(ctx, values, settings)
         return fn(ctx=ctx, **merged) if wants_ctx else fn(**merged)
 
