@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 # Plain records and option dataclasses: nothing heavy is imported.
-from latentkv.calibration.options import SEED, CalibOptions
+from latentkv.calibration.options import SEED, CalibOptions, recipe_keys as calib_recipe_keys
 from latentkv.convert.registry import TARGETS, target_help
 from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.finetune.options import FinetuneOptions
@@ -142,7 +142,7 @@ COMMAND_LINE_ONLY = ("recipe", "overwrite", "trust_remote_code", "as_json", "ver
 
 def _recipe_kinds(params) -> dict:
     """The settings a recipe may give a command of these (evaluated) parameters: its options that have
-    a default, each as (type, repeatable)."""
+    a default, each as (type, repeatable, may be none)."""
     from typing import get_args, get_origin
 
     kinds = {}
@@ -153,7 +153,7 @@ def _recipe_kinds(params) -> dict:
             continue
         kind = next((a for a in get_args(annotation) if a is not type(None)), annotation)  # Optional[X] -> X
         repeatable = get_origin(kind) is list
-        kinds[p.name] = (get_args(kind)[0] if repeatable else kind, repeatable)
+        kinds[p.name] = (get_args(kind)[0] if repeatable else kind, repeatable, p.default is None)
     return kinds
 
 
@@ -171,10 +171,12 @@ def _command_recipe(path: Path | None, kinds: dict) -> dict:
         raise LatentKVError(f"Unknown recipe keys in {path}: {', '.join(unknown)}; known: {', '.join(sorted(kinds))}")
     out = {}
     for name, value in data.items():
-        kind, repeatable = kinds[name]
+        kind, repeatable, optional = kinds[name]
         plain = str if kind is Path else kind  # a path is written as text
         try:
             if value is None:
+                if not optional:
+                    raise ValueError(f"a value ({'a list' if repeatable else plain.__name__})")
                 out[name] = None
             elif repeatable:
                 if not isinstance(value, list):
@@ -187,7 +189,7 @@ def _command_recipe(path: Path | None, kinds: dict) -> dict:
     return out
 
 
-def takes_recipe(fn):
+def _takes_recipe(fn):
     """Decorator: the command also takes `--recipe FILE`, a YAML mapping of its own option names; a
     value given on the command line wins over the recipe's, the recipe's over the default."""
     own = list(signature(fn, eval_str=True).parameters.values())
@@ -212,8 +214,7 @@ def takes_recipe(fn):
 RECIPE_TYPES: dict = {
     "to": str, "kv_lora_rank": (int, None), "kv_budget": (float, None), "qk_rope_dim": (int, str),
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
-    "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
-    "calib_profile_samples": int, "text_field": str, "batch_size": int, "gguf_file": (str, None),
+    **dict(calib_recipe_keys().values()), "batch_size": int, "gguf_file": (str, None),
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
     "grouping": (str, None), "engine": (str, None), "cache_format": (str, None),
 }
@@ -282,9 +283,8 @@ def convert(
         method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
     if "sequential" in shared_flags and picked["sequential"]:
         method_options["sequential"] = True
-    calib = from_command_line(CalibOptions, picked)
-    if "calib_profile_samples" in picked:  # a recipe-only setting
-        calib["profile_samples"] = picked["calib_profile_samples"]
+    calib = from_command_line(CalibOptions, picked)  # the flags; then the recipe's settings that are no flag
+    calib.update({f: picked[key] for f, (key, _) in calib_recipe_keys().items() if f not in calib and key in picked})
     opts = ConvertOptions(
         source=source,
         output=str(output),
@@ -362,7 +362,7 @@ def _int_or_fail(value, flag: str) -> int:
 
 
 @app.command("eval")
-@takes_recipe
+@_takes_recipe
 def eval_cmd(
     model: SourceArg,
     eval_text: EvalText = None,
@@ -515,7 +515,7 @@ def push(
 
 
 @app.command()
-@takes_recipe
+@_takes_recipe
 def generate(
     model: SourceArg,
     prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for a batch).")],
@@ -536,7 +536,7 @@ def generate(
 
 
 @app.command()
-@takes_recipe
+@_takes_recipe
 def sample(
     teacher: SourceArg,
     output: Annotated[Path, typer.Argument(help="JSONL file to write ({\"text\": ...} per document).")],
@@ -605,7 +605,7 @@ def _load_finetune_recipe(path: Path | None) -> dict:
 
 
 @predictor_app.command("train")
-@takes_recipe
+@_takes_recipe
 def predictor_train(
     model: Annotated[str, typer.Argument(help="Converted model folder (latentkv format, MLA or GLA).")],
     out: Annotated[Path, typer.Option(help="Folder for attention_predictor.safetensors + .json.")],

@@ -25,16 +25,14 @@ TRUST_REMOTE_CODE = dict(panel="Dangerous", help="Run model code shipped with th
 
 
 def setting(default=dataclasses.MISSING, *, help: str, panel: str | None = None, flag: str | None = None,
-            cli_type=None, argument: bool = False, default_factory=dataclasses.MISSING):
+            cli_type=None, argument: bool = False):
     """A dataclass field that is also a command-line flag.
 
     help / panel: the flag's help text and rich-help panel. flag: the parameter name when it differs
     from the field's (`kl_data` gives `--kl-data` for the field `kl_text`). cli_type: the type the
     command line parses when it differs from the field's (a `Path` for a `str` field, a list for a
-    tuple); argument: a positional argument instead of an option."""
+    tuple); argument: a positional argument instead of an option. No default: a required argument."""
     meta = {CLI: {"help": help, "panel": panel, "flag": flag, "type": cli_type, "argument": argument}}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -49,11 +47,7 @@ def parameter_names(cls) -> dict[str, str]:
 
 
 def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return inspect.Parameter.empty
+    return inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
 
 
 def cli_parameters(cls) -> list[inspect.Parameter]:
@@ -84,7 +78,9 @@ def add_options(*classes, after: str | None = None):
     (declare `**options`)."""
 
     def decorate(fn):
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn, eval_str=True).parameters.values()
+        # Keyword-only: typer passes every parameter by name, and those without a default may follow.
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(fn, eval_str=True).parameters.values()
                if p.kind is not inspect.Parameter.VAR_KEYWORD]
         extra = [p for cls in classes for p in cli_parameters(cls)]
         at = next(i + 1 for i, p in enumerate(own) if p.name == after) if after else len(own)

@@ -135,6 +135,8 @@ def test_eval_recipe(tmp_path, calls):
     run_ok(["eval", "m", "--json", "--recipe", recipe, "--eval-windows", "5"])
     kwargs = calls[-1][2]
     assert (kwargs["window"], kwargs["windows"], kwargs["eval_text"], kwargs["dtype"]) == (32, 5, str(text), "bfloat16")
+    res = runner.invoke(app, ["eval", "m", "--recipe", recipe_file(tmp_path, {"eval_window": None, "source": None})])
+    assert res.exit_code == 2 and "eval_window must be a value" in res.output, res.output  # only a flag without default may be none
 
 
 def test_generate_recipe(tmp_path, calls):

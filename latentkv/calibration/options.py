@@ -4,11 +4,12 @@ is imported."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from latentkv.data import DEFAULT_CALIBRATION
-from latentkv.schema import setting
+from latentkv.schema import parameter_names, setting
 
 PANEL = "Calibration"
 # Flags that other commands share with calibration (`setting(..., **SPLIT)`): one help text each.
@@ -32,3 +33,12 @@ class CalibOptions:
         "Folder for resumable statistics (default: ~/.cache/latentkv/calibration/<fingerprint>)."))
     # Windows used to measure each head's attention distances (for the RoPE shrink); recipe only.
     profile_samples: int = 8
+
+
+def recipe_keys() -> dict[str, tuple[str, type]]:
+    """Each field's (name, type) in a flat `convert` recipe: its flag's name (`calib_samples`,
+    `text_field`), else `calib_<field>`. The statistics' folder is a place on one machine: no recipe
+    sets it."""
+    names, hints = parameter_names(CalibOptions), typing.get_type_hints(CalibOptions)
+    return {f.name: (names.get(f.name, f"calib_{f.name}"), hints[f.name]) for f in fields(CalibOptions)
+            if f.name != "cache"}

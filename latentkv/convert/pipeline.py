@@ -17,7 +17,7 @@ import torch
 
 from latentkv.errors import LatentKVError
 from latentkv.arch import geometry_of, get_arch
-from latentkv.calibration.options import CalibOptions
+from latentkv.calibration.options import CalibOptions, recipe_keys
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
 from latentkv.calibration.runner import (LayerStream, MemoryTrace, check_device, check_seq_len, freed_memory_held,
                                        peak_memory_bytes, release_freed_memory, resolve_dtype)
@@ -83,11 +83,10 @@ def recipe_settings(recipe: dict) -> dict:
         out.setdefault("to", out.pop("method"))
     calib = out.pop("calib", None)
     if isinstance(calib, dict):
-        calib = {k: v for k, v in calib.items() if k != "cache"}
-        if "text_field" in calib:
-            out.setdefault("text_field", calib.pop("text_field"))
+        keys = recipe_keys()
         for key, value in calib.items():
-            out.setdefault(f"calib_{key}", value)
+            if key != "cache":
+                out.setdefault(keys[key][0] if key in keys else f"calib_{key}", value)
     elif calib is not None:
         out["calib"] = calib  # left for the caller's type check to refuse
     resolved = out.pop("resolved", None)
