@@ -31,9 +31,10 @@ def command_params(command) -> list[dict]:
     out = []
     for p in command.params:
         default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
+        shown = getattr(p, "help", None)
         out.append({"name": p.name, "kind": p.param_type_name, "opts": list(p.opts),
                     "secondary_opts": list(p.secondary_opts), "default": default, "multiple": p.multiple,
-                    "required": p.required, "help": getattr(p, "help", None),
+                    "required": p.required, "help": shown and shown.replace("\\[", "["),  # rich markup escapes
                     "panel": getattr(p, "rich_help_panel", None)})
     return out
 
@@ -61,6 +62,13 @@ def test_every_flag_keeps_its_name_default_and_help():
             assert now.pop("recipe")["opts"] == ["--recipe"], name
         before = {p["name"]: {k: p[k] for k in keys} for p in frozen[name]}
         assert {n: {k: p[k] for k in keys} for n, p in now.items()} == before, name
+
+
+def test_every_help_renders():
+    """Guards `--help` of each command: its help texts are valid rich markup (a literal `[` escaped)."""
+    for name in all_commands(typer.main.get_command(app)):
+        res = runner.invoke(app, [*name.split(), "--help"])
+        assert res.exit_code == 0 and "Usage" in res.output, (name, res.output)
 
 
 def test_flags_are_the_option_fields():
