@@ -3,17 +3,24 @@ function of the package. Heavy imports happen inside the commands so `--help` is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
 import sys
+from inspect import Parameter, Signature, signature  # (`inspect` is a command here)
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from latentkv.convert.registry import TARGETS, target_help  # plain records: nothing heavy is imported
+# Plain records and option dataclasses: nothing heavy is imported.
+from latentkv.calibration.options import SEED, CalibOptions, recipe_keys as calib_recipe_keys
+from latentkv.convert.registry import TARGETS, target_help
 from latentkv.data import DEFAULT_CALIBRATION
+from latentkv.finetune.options import FinetuneOptions
+from latentkv.schema import (OVERWRITE, TRUST_REMOTE_CODE, add_options, from_command_line, merge_settings,
+                             parameter_names)
 
 app = typer.Typer(
     name="latentkv",
@@ -31,34 +38,25 @@ cache_app = typer.Typer(help="The cache folder ($LATENTKV_CACHE, else ~/.cache/l
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-DEFAULT_CORPUS = DEFAULT_CALIBRATION  # the Gutenberg books shipped in latentkv/data
+
+def _option(spec: dict, *decls: str):
+    """A typer option from a shared flag's help text and panel (`latentkv.schema.OVERWRITE`, ...)."""
+    return typer.Option(*decls, help=spec["help"], rich_help_panel=spec.get("panel"))
+
 
 # Shared options: one definition each, so a flag means the same in every command.
 SourceArg = Annotated[str, typer.Argument(help="Local HF folder, .gguf file, or Hub id.")]
 OutputArg = Annotated[Path, typer.Argument(help="Output folder (must be empty unless --overwrite).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", rich_help_panel="Runtime")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16.", rich_help_panel="Runtime")]
-Overwrite = Annotated[bool, typer.Option(help="Replace a non-empty output folder.", rich_help_panel="Output")]
+Overwrite = Annotated[bool, _option(OVERWRITE)]
 GgufFile = Annotated[Optional[str], typer.Option(help="GGUF file name inside SOURCE (a folder or Hub repo).")]
-TrustRemoteCode = Annotated[
-    bool, typer.Option(help="Run model code shipped with the checkpoint.", rich_help_panel="Dangerous")
-]
-CalibData = Annotated[
-    str, typer.Option(help="Calibration text: file/folder (.txt/.jsonl/.parquet) or datasets name[:config].",
-                      rich_help_panel="Calibration")
-]
-CalibSplit = Annotated[str, typer.Option(help="Split when --calib-data is a datasets name.", rich_help_panel="Calibration")]
-CalibSamples = Annotated[int, typer.Option(help="Number of calibration windows.", rich_help_panel="Calibration")]
-CalibSeqLen = Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")]
-CalibSeed = Annotated[int, typer.Option(help="Seed for picking windows.", rich_help_panel="Calibration")]
-CalibCache = Annotated[
-    Optional[Path], typer.Option(help="Folder for resumable statistics (default: ~/.cache/latentkv/calibration/<fingerprint>).",
-                                 rich_help_panel="Calibration")
-]
-TextField = Annotated[str, typer.Option(help="Text column/field in .jsonl/.parquet/datasets.", rich_help_panel="Calibration")]
+TrustRemoteCode = Annotated[bool, _option(TRUST_REMOTE_CODE)]
+Seed = Annotated[int, _option(SEED)]
 EvalText = Annotated[Optional[Path], typer.Option(help="Evaluation text: .txt/.raw, or .jsonl of {\"text\": ...} rows (default: WikiText-2 test).", rich_help_panel="Evaluation")]
 EvalWindow = Annotated[int, typer.Option(help="Tokens per evaluation window.", rich_help_panel="Evaluation")]
 EvalWindows = Annotated[int, typer.Option(help="Number of evaluation windows.", rich_help_panel="Evaluation")]
+RecipeOption = Annotated[Optional[Path], typer.Option(help="YAML file of these same settings (flags given on the command line win).")]
 
 
 def _setup_logging(output: Path | None = None, verbose: bool = False) -> None:
@@ -137,13 +135,86 @@ def _load_recipe(path: Path | None) -> dict:
     return check_types(recipe_settings(data), RECIPE_TYPES, f"Recipe {path}")
 
 
+# Parameters a command's recipe never sets: where and whether to write, how to print, and running code
+# from a checkpoint are the command line's.
+COMMAND_LINE_ONLY = ("recipe", "overwrite", "trust_remote_code", "as_json", "verbose")
+
+
+def _recipe_kinds(params) -> dict:
+    """The settings a recipe may give a command of these (evaluated) parameters: its options that have
+    a default, each as (type, repeatable, may be none)."""
+    from typing import get_args, get_origin
+
+    kinds = {}
+    for p in params:
+        annotation, *info = get_args(p.annotation) or (p.annotation,)
+        is_option = any(isinstance(i, typer.models.OptionInfo) for i in info)
+        if not is_option or p.default is Parameter.empty or p.name in COMMAND_LINE_ONLY:
+            continue
+        kind = next((a for a in get_args(annotation) if a is not type(None)), annotation)  # Optional[X] -> X
+        repeatable = get_origin(kind) is list
+        kinds[p.name] = (get_args(kind)[0] if repeatable else kind, repeatable, p.default is None)
+    return kinds
+
+
+def _command_recipe(path: Path | None, kinds: dict) -> dict:
+    """The settings of a `--recipe` file, each of its option's type (`kinds`, `_recipe_kinds`): an
+    unknown key or a value of another type is refused before any work."""
+    if path is None:
+        return {}
+    from latentkv.errors import LatentKVError
+    from latentkv.typed import as_type
+
+    data = _read_recipe_mapping(path, "settings")
+    unknown = sorted(map(str, set(data) - set(kinds)))
+    if unknown:
+        raise LatentKVError(f"Unknown recipe keys in {path}: {', '.join(unknown)}; known: {', '.join(sorted(kinds))}")
+    out = {}
+    for name, value in data.items():
+        kind, repeatable, optional = kinds[name]
+        plain = str if kind is Path else kind  # a path is written as text
+        try:
+            if value is None:
+                if not optional:
+                    raise ValueError(f"a value ({'a list' if repeatable else plain.__name__})")
+                out[name] = None
+            elif repeatable:
+                if not isinstance(value, list):
+                    raise ValueError("a list")
+                out[name] = [kind(as_type(v, plain)) for v in value]
+            else:
+                out[name] = kind(as_type(value, plain))
+        except ValueError as exc:
+            raise LatentKVError(f"Recipe {path}: {name} must be {exc}, got {value!r}") from None
+    return out
+
+
+def _takes_recipe(fn):
+    """Decorator: the command also takes `--recipe FILE`, a YAML mapping of its own option names; a
+    value given on the command line wins over the recipe's, the recipe's over the default."""
+    own = list(signature(fn, eval_str=True).parameters.values())
+    kinds = _recipe_kinds(own)
+    wants_ctx = any(p.name == "ctx" for p in own)
+    extra = [Parameter("recipe", Parameter.KEYWORD_ONLY, annotation=RecipeOption, default=None)]
+    if not wants_ctx:
+        extra.insert(0, Parameter("ctx", Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
+    @functools.wraps(fn)
+    def command(ctx: typer.Context, recipe: Optional[Path] = None, **values):
+        settings = _run(_command_recipe, recipe, kinds)
+        merged = merge_settings(ctx, values, settings)
+        return fn(ctx=ctx, **merged) if wants_ctx else fn(**merged)
+
+    command.__signature__ = Signature([p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + extra)
+    return command
+
+
 # What a convert recipe may set, and the type of each (None: may be left empty). A recipe that
 # `convert` wrote (`latentkv_recipe.yaml`) is flattened into these names first (`recipe_settings`).
 RECIPE_TYPES: dict = {
     "to": str, "kv_lora_rank": (int, None), "kv_budget": (float, None), "qk_rope_dim": (int, str),
     "latent_heads": (int, None), "num_kv_heads": (int, None), "format": str, "device": str, "dtype": str,
-    "calib_data": str, "calib_split": str, "calib_samples": int, "calib_seq_len": int, "calib_seed": int,
-    "calib_profile_samples": int, "text_field": str, "batch_size": int, "gguf_file": (str, None),
+    **dict(calib_recipe_keys().values()), "batch_size": int, "gguf_file": (str, None),
     "method_options": dict, "max_shard_size": (int, str), "save_dtype": (str, None), "sequential": bool,
     "grouping": (str, None), "engine": (str, None), "cache_format": (str, None),
 }
@@ -151,6 +222,7 @@ RECIPE_KEYS = set(RECIPE_TYPES)
 
 
 @app.command()
+@add_options(CalibOptions, after="recipe")
 def convert(
     ctx: typer.Context,
     source: SourceArg,
@@ -167,13 +239,6 @@ def convert(
     engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
     cache_format: Annotated[Optional[str], typer.Option(help="KV cache format the output carries in its config, honoured by its modeling file, `latentkv eval` and the paged decode kernels: a latent format (fp8_e4m3/g<N>, int4/g<N>, fp8_e4m3/head, int4/head, bf16, fp16; N a power of 2) with the RoPE key at bf16, or latent=FORMAT,rope=bf16|fp16.", rich_help_panel="Output")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
-    calib_data: CalibData = DEFAULT_CORPUS,
-    calib_split: CalibSplit = "train",
-    calib_samples: CalibSamples = 128,
-    calib_seq_len: CalibSeqLen = 512,
-    calib_seed: CalibSeed = 0,
-    calib_cache: CalibCache = None,
-    text_field: TextField = "text",
     device: Device = "cpu",
     dtype: Dtype = "float32",
     save_dtype: Annotated[Optional[str], typer.Option(help="dtype of the written weights (default: the source's).", rich_help_panel="Output")] = None,
@@ -182,12 +247,13 @@ def convert(
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemoteCode = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every decision (ranks per layer...).")] = False,
+    **calib_flags,
 ):
     """Convert SOURCE's attention to a cheaper-to-cache form and write OUTPUT."""
     _setup_logging(verbose=verbose)
     from rich.console import Console
 
-    from latentkv.convert.pipeline import CalibOptions, ConvertOptions, convert as run_convert
+    from latentkv.convert.pipeline import ConvertOptions, convert as run_convert
     from latentkv.errors import LatentKVError
 
     console = Console(stderr=True)
@@ -196,55 +262,47 @@ def convert(
     if unknown:
         _fail(LatentKVError(f"Unknown recipe keys in {recipe}: {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}"))
 
-    def pick(name, value):
-        """Command-line value if given explicitly, else the recipe's, else the default."""
-        src = ctx.get_parameter_source(name) if ctx else None
-        if src is not None and src.name == "COMMANDLINE":
-            return value
-        return settings.get(name, value)
-
-    to = pick("to", to)
-    method_options: dict = dict(settings.get("method_options", {}))
+    given = dict(to=to, kv_lora_rank=kv_lora_rank, kv_budget=kv_budget, latent_heads=latent_heads,
+                 num_kv_heads=num_kv_heads, grouping=None, qk_rope_dim=qk_rope_dim, sequential=sequential,
+                 format=format, engine=engine, cache_format=cache_format, device=device, dtype=dtype,
+                 save_dtype=save_dtype, max_shard_size=max_shard_size, gguf_file=gguf_file, **calib_flags)
+    picked = merge_settings(ctx, given, settings)
+    to = picked["to"]
+    method_options: dict = dict(picked.get("method_options", {}))
     for item in method_option or []:
         key, sep, val = item.partition("=")
         if not sep:
             _fail(LatentKVError(f"--set expects KEY=VALUE, got {item!r}"))
         method_options[key.strip()] = _parse_value(val.strip())
-    for name, value in (("kv_lora_rank", kv_lora_rank), ("kv_budget", kv_budget), ("latent_heads", latent_heads),
-                        ("num_kv_heads", num_kv_heads), ("grouping", None)):
-        value = pick(name, value)
-        if value is not None:
-            method_options[name] = value
-    rope = pick("qk_rope_dim", qk_rope_dim)
+    for name in ("kv_lora_rank", "kv_budget", "latent_heads", "num_kv_heads", "grouping"):
+        if picked[name] is not None:
+            method_options[name] = picked[name]
+    rope = picked["qk_rope_dim"]
     shared_flags = TARGETS[to].cli_options if to in TARGETS else ()  # an unknown target is refused by convert
     if "qk_rope_dim" in shared_flags:
         method_options.setdefault("qk_rope_dim", rope if rope == "auto" else _int_or_fail(rope, "--qk-rope-dim"))
-    if "sequential" in shared_flags and pick("sequential", sequential):
+    if "sequential" in shared_flags and picked["sequential"]:
         method_options["sequential"] = True
+    calib = from_command_line(CalibOptions, picked)  # the flags; then the recipe's settings that are no flag
+    calib.update({f: picked[key] for f, (key, _) in calib_recipe_keys().items() if f not in calib and key in picked})
     opts = ConvertOptions(
         source=source,
         output=str(output),
         method=to,
         method_options=method_options,
-        format=pick("format", format),
-        engine=pick("engine", engine),
-        cache_format=pick("cache_format", cache_format),
-        calib=CalibOptions(
-            data=pick("calib_data", calib_data), split=pick("calib_split", calib_split),
-            text_field=pick("text_field", text_field), samples=pick("calib_samples", calib_samples),
-            seq_len=pick("calib_seq_len", calib_seq_len), seed=pick("calib_seed", calib_seed),
-            cache=str(calib_cache) if calib_cache else None,
-            **({"profile_samples": settings["calib_profile_samples"]} if "calib_profile_samples" in settings else {}),
-        ),
-        device=pick("device", device),
-        dtype=pick("dtype", dtype),
-        save_dtype=pick("save_dtype", save_dtype),
+        format=picked["format"],
+        engine=picked["engine"],
+        cache_format=picked["cache_format"],
+        calib=CalibOptions(**calib),
+        device=picked["device"],
+        dtype=picked["dtype"],
+        save_dtype=picked["save_dtype"],
         overwrite=overwrite,
-        max_shard_size=pick("max_shard_size", max_shard_size),
-        gguf_file=pick("gguf_file", gguf_file),
+        max_shard_size=picked["max_shard_size"],
+        gguf_file=picked["gguf_file"],
         trust_remote_code=trust_remote_code,
         command=_command_line(ctx),
-        **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {}),
+        **({"batch_size": picked["batch_size"]} if "batch_size" in picked else {}),
     )
     factory = _progress_factory(console)
     try:
@@ -304,6 +362,7 @@ def _int_or_fail(value, flag: str) -> int:
 
 
 @app.command("eval")
+@_takes_recipe
 def eval_cmd(
     model: SourceArg,
     eval_text: EvalText = None,
@@ -324,7 +383,7 @@ def eval_cmd(
     retrieval_chat: Annotated[bool, typer.Option(help="With --retrieval: the prompt as one user turn of the tokenizer's chat template, the assistant's answer begun with 'The pass key is' (what an instruct model retrieves with).", rich_help_panel="Sparse decode")] = False,
     offload: Annotated[bool, typer.Option(help="With --long-text: decode through an offloaded cache (host pages, a device pool sized to the budget) and report the forecast's misses.", rich_help_panel="Sparse decode")] = False,
     source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
-    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int3, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING\\[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int3, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
     kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
     kv_cache_chunk: Annotated[Optional[int], typer.Option(help="Feed N tokens per forward through a cache that quantizes on write, instead of the default one forward per window in which every query reads the cache a streaming decode loop holds after writing its token (per-token formats quantized on write, /channel<N> groups once complete, the unfinished group at full precision). 1 is that decode loop; a larger N lets a chunk read the groups it completes quantized.", rich_help_panel="KV cache format")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -456,6 +515,7 @@ def push(
 
 
 @app.command()
+@_takes_recipe
 def generate(
     model: SourceArg,
     prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for a batch).")],
@@ -476,6 +536,7 @@ def generate(
 
 
 @app.command()
+@_takes_recipe
 def sample(
     teacher: SourceArg,
     output: Annotated[Path, typer.Argument(help="JSONL file to write ({\"text\": ...} per document).")],
@@ -511,73 +572,20 @@ def sample(
 
 
 @app.command()
+@add_options(FinetuneOptions, after="ctx")
 def finetune(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Converted model folder (latentkv or deepseek format).")],
-    output: OutputArg,
-    teacher: Annotated[Optional[str], typer.Option(help="Model to distil from (usually the conversion's source).")] = None,
-    data: Annotated[str, typer.Option(help="Training text: file/folder or datasets name (WikiText refused).", rich_help_panel="Data")] = DEFAULT_CORPUS,
-    split: CalibSplit = "train",
-    text_field: TextField = "text",
-    mode: Annotated[str, typer.Option(help="lora (peft adapters) or attention (full weights of the new attention only).", rich_help_panel="Training")] = "lora",
-    target: Annotated[str, typer.Option(help="attention: latentkv format q_proj, kv_a_proj, kv_b_proj, o_proj (deepseek: q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj); attention+mlp adds the MLP.", rich_help_panel="Training")] = "attention",
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel="Training")] = 32,
-    tokens: Annotated[int, typer.Option(help="Training tokens in all.", rich_help_panel="Training")] = 20_000_000,
-    seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.", rich_help_panel="Training")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step (all GPUs).", rich_help_panel="Training")] = 64,
-    micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one GPU.", rich_help_panel="Training")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-4).", rich_help_panel="Training")] = None,
-    warmup: Annotated[float, typer.Option(help="Warm-up fraction, then cosine decay.", rich_help_panel="Training")] = 0.05,
-    temperature: Annotated[float, typer.Option(help="KL temperature.", rich_help_panel="Training")] = 1.0,
-    lm_weight: Annotated[float, typer.Option(help="Weight of the LM loss against the KL to the teacher (0-1).", rich_help_panel="Training")] = 0.0,
-    hidden_weight: Annotated[float, typer.Option(help="Weight of matching every layer's hidden state to the teacher's (0 = off).", rich_help_panel="Training")] = 0.0,
-    mlp_lr_scale: Annotated[float, typer.Option(help="With --target attention+mlp: the MLP's learning rate as a fraction of --lr.", rich_help_panel="Training")] = 1.0,
-    transfer_tokens: Annotated[int, typer.Option(help="Tokens of --tokens spent first on attention transfer (each attention layer trained alone toward the teacher's output; 0 = off).", rich_help_panel="Training")] = 0,
-    transfer_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the attention-transfer phase (default: --lr).", rich_help_panel="Training")] = None,
-    anneal_rank: Annotated[Optional[int], typer.Option(help="MLA, --mode attention: latent width to keep; the dims past it fade to zero over --anneal-tokens and are dropped from the output (convert wider first, same --qk-rope-dim).", rich_help_panel="Training")] = None,
-    anneal_tokens: Annotated[Optional[int], typer.Option(help="Tokens over which --anneal-rank fades the extra latent dims (default: half of --tokens).", rich_help_panel="Training")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.", rich_help_panel="Training")] = False,
-    compile: Annotated[bool, typer.Option(help="torch.compile student and teacher.", rich_help_panel="Training")] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel="Training")] = 500,
-    stop_after_steps: Annotated[Optional[int], typer.Option(help="Stop with a checkpoint after this many steps of this process (rerun the same command to go on).", rich_help_panel="Training")] = None,
-    stop_after_seconds: Annotated[Optional[float], typer.Option(help="Stop with a checkpoint before this many seconds since the start would pass (at least one step is made; rerun the same command to go on).", rich_help_panel="Training")] = None,
-    merge: Annotated[bool, typer.Option(help="Fold LoRA into the weights and write the model's own format.", rich_help_panel="Output")] = False,
-    eval_window: EvalWindow = 512,
-    eval_windows: EvalWindows = 64,
-    eval_at: Annotated[Optional[list[int]], typer.Option(help="Token counts at which to measure perplexity during training (0: the untrained model).", rich_help_panel="Evaluation")] = None,
-    kl_data: Annotated[Optional[str], typer.Option(help="Held-out text (not the training text) on which every evaluation also measures KL(teacher || student).", rich_help_panel="Evaluation")] = None,
-    kl_windows: Annotated[int, typer.Option(help="Windows of --kl-data.", rich_help_panel="Evaluation")] = 16,
-    kl_window: Annotated[int, typer.Option(help="Tokens per --kl-data window.", rich_help_panel="Evaluation")] = 512,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), bf16 or fp32.", rich_help_panel="Runtime")] = "auto",
-    seed: CalibSeed = 0,
-    overwrite: Overwrite = False,
-    trust_remote_code: TrustRemoteCode = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file of finetune settings (the option fields, or the latentkv_recipe.yaml a finetune wrote); flags given on the command line win.")] = None,
+    **flags,
 ):
     """Heal a converted model: LoRA (or the new attention weights) distilled from the teacher.
     Several GPUs: `accelerate launch -m latentkv.cli finetune ...` (same flags)."""
     _setup_logging()
-    from latentkv.finetune.options import FinetuneOptions
     from latentkv.finetune.pipeline import finetune as run_finetune
 
     settings = _run(_load_finetune_recipe, recipe)
-    fields = dict(model=model, output=str(output), teacher=teacher, data=data, split=split,
-                  text_field=text_field, mode=mode, target=target, lora_rank=lora_rank, tokens=tokens, seq_len=seq_len,
-                  batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup=warmup,
-                  temperature=temperature, lm_weight=lm_weight, hidden_weight=hidden_weight,
-                  mlp_lr_scale=mlp_lr_scale, transfer_tokens=transfer_tokens, transfer_lr=transfer_lr,
-                  anneal_rank=anneal_rank, anneal_tokens=anneal_tokens,
-                  gradient_checkpointing=gradient_checkpointing,
-                  compile=compile, checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
-                  stop_after_seconds=stop_after_seconds, merge=merge, eval_window=eval_window, eval_windows=eval_windows,
-                  eval_at=tuple(eval_at or ()), kl_text=kl_data, kl_windows=kl_windows, kl_window=kl_window,
-                  precision=precision, seed=seed, overwrite=overwrite,
-                  trust_remote_code=trust_remote_code, command=_command_line(ctx))
-    for key, value in settings.items():  # the recipe's, unless the command line gives the flag
-        source = ctx.get_parameter_source(FINETUNE_FLAGS.get(key, key)) if ctx else None
-        if source is None or source.name != "COMMANDLINE":
-            fields[key] = value
-    opts = _run(FinetuneOptions, **fields)
+    fields = merge_settings(ctx, from_command_line(FinetuneOptions, flags), settings, parameter_names(FinetuneOptions))
+    opts = _run(FinetuneOptions, **fields, command=_command_line(ctx))
     result = _run(run_finetune, opts)
     import os
 
@@ -586,10 +594,6 @@ def finetune(
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
                            "tokens_per_s": round(result.tokens_per_s), "mfu": result.mfu, "evals": result.evals,
                            "before": result.before, "after": result.after}))
-
-
-# FinetuneOptions fields whose flag has another name.
-FINETUNE_FLAGS = {"kl_text": "kl_data"}
 
 
 def _load_finetune_recipe(path: Path | None) -> dict:
@@ -601,17 +605,18 @@ def _load_finetune_recipe(path: Path | None) -> dict:
 
 
 @predictor_app.command("train")
+@_takes_recipe
 def predictor_train(
     model: Annotated[str, typer.Argument(help="Converted model folder (latentkv format, MLA or GLA).")],
     out: Annotated[Path, typer.Option(help="Folder for attention_predictor.safetensors + .json.")],
-    data: Annotated[str, typer.Option(help="Training text, file or folder (WikiText refused).")] = DEFAULT_CORPUS,
+    data: Annotated[str, typer.Option(help="Training text, file or folder (WikiText refused).")] = DEFAULT_CALIBRATION,
     exclude: Annotated[Optional[list[str]], typer.Option(help="File name under --data to hold out; repeatable.")] = None,
     windows: Annotated[int, typer.Option(help="Text windows to collect attention from (10% validate).")] = 24,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
     page_size: Annotated[int, typer.Option(help="Tokens per block (= the decode cache's page size).")] = 16,
     history: Annotated[int, typer.Option(help="Steps of history the predictor reads.")] = 16,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
-    seed: CalibSeed = 0,
+    seed: Seed = 0,
     overwrite: Overwrite = False,
 ):
     """Collect MODEL's block-pooled attention on --data and train an AttentionPredictor."""

@@ -17,8 +17,8 @@ import torch
 
 from latentkv.errors import LatentKVError
 from latentkv.arch import geometry_of, get_arch
+from latentkv.calibration.options import CalibOptions, recipe_keys
 from latentkv.calibration.data import TextSource, fingerprint_tokens, token_windows
-from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.calibration.runner import (LayerStream, MemoryTrace, check_device, check_seq_len, freed_memory_held,
                                        peak_memory_bytes, release_freed_memory, resolve_dtype)
 from latentkv.calibration.stats import (
@@ -33,21 +33,6 @@ log = logging.getLogger(__name__)
 
 # Attention inputs kept per layer for fits that moments cannot give (the DeepSeek latent norm).
 SAMPLE_TOKENS = 2048
-
-
-@dataclass
-class CalibOptions:
-    """Calibration data and how much of it: shared by every command that calibrates."""
-
-    data: str = DEFAULT_CALIBRATION
-    split: str = "train"
-    text_field: str = "text"
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    cache: str | None = None
-    # Windows used to measure each head's attention distances (for the RoPE shrink).
-    profile_samples: int = 8
 
 
 @dataclass
@@ -98,11 +83,10 @@ def recipe_settings(recipe: dict) -> dict:
         out.setdefault("to", out.pop("method"))
     calib = out.pop("calib", None)
     if isinstance(calib, dict):
-        calib = {k: v for k, v in calib.items() if k != "cache"}
-        if "text_field" in calib:
-            out.setdefault("text_field", calib.pop("text_field"))
+        keys = recipe_keys()
         for key, value in calib.items():
-            out.setdefault(f"calib_{key}", value)
+            if key != "cache":
+                out.setdefault(keys[key][0] if key in keys else f"calib_{key}", value)
     elif calib is not None:
         out["calib"] = calib  # left for the caller's type check to refuse
     resolved = out.pop("resolved", None)

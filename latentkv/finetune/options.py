@@ -1,6 +1,8 @@
 """The typed options of `latentkv finetune` and what a run returns.
 
-Every field maps to one CLI flag (cli.py); nothing here parses arguments.
+A field declared with `setting` is a flag of `latentkv finetune` (its help text and panel are here,
+the CLI generates the option from it: `latentkv.schema`); the others a recipe may set. Nothing here
+parses arguments, and nothing heavy is imported (`--help` stays instant).
 """
 
 from __future__ import annotations
@@ -8,12 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from latentkv.calibration.options import SEED, SPLIT, TEXT_FIELD
 from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.errors import LatentKVError
+from latentkv.schema import OVERWRITE, TRUST_REMOTE_CODE, setting
 
 MODES = ("lora", "attention")
 TARGETS = ("attention", "attention+mlp")
 PRECISIONS = ("auto", "bf16", "fp32")
+DATA, TRAINING, EVALUATION = "Data", "Training", "Evaluation"  # help panels
 
 # Fields that change what is trained: a checkpoint made with other values cannot be resumed.
 _RESUME_KEYS = (
@@ -86,57 +91,72 @@ class FinetuneOptions:
         also measures KL(teacher || student) in nats per token, over kl_windows x kl_window tokens.
     """
 
-    model: str
-    output: str
-    data: str = DEFAULT_CALIBRATION
-    split: str = "train"
-    text_field: str = "text"
-    teacher: str | None = None
-    mode: str = "lora"
-    target: str = "attention"
-    lora_rank: int = 32
+    model: str = setting(argument=True, help="Converted model folder (latentkv or deepseek format).")
+    output: str = setting(argument=True, cli_type=Path, help="Output folder (must be empty unless --overwrite).")
+    data: str = setting(DEFAULT_CALIBRATION, panel=DATA, help="Training text: file/folder or datasets name (WikiText refused).")
+    split: str = setting("train", **SPLIT)
+    text_field: str = setting("text", **TEXT_FIELD)
+    teacher: str | None = setting(None, help="Model to distil from (usually the conversion's source).")
+    mode: str = setting("lora", panel=TRAINING, help="lora (peft adapters) or attention (full weights of the new attention only).")
+    target: str = setting("attention", panel=TRAINING, help=(
+        "attention: latentkv format q_proj, kv_a_proj, kv_b_proj, o_proj (deepseek: q_proj, kv_a_proj_with_mqa, "
+        "kv_b_proj, o_proj); attention+mlp adds the MLP."))
+    lora_rank: int = setting(32, panel=TRAINING, help="LoRA rank.")
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
-    tokens: int = 20_000_000
-    seq_len: int = 1024
-    batch_size: int = 64
-    micro_batch_size: int | None = None
-    lr: float | None = None
-    warmup: float = 0.05
+    tokens: int = setting(20_000_000, panel=TRAINING, help="Training tokens in all.")
+    seq_len: int = setting(1024, panel=TRAINING, help="Tokens per packed sequence.")
+    batch_size: int = setting(64, panel=TRAINING, help="Sequences per optimizer step (all GPUs).")
+    micro_batch_size: int | None = setting(None, panel=TRAINING, help="Sequences per forward on one GPU.")
+    lr: float | None = setting(None, panel=TRAINING, help="Peak learning rate (default 1e-4).")
+    warmup: float = setting(0.05, panel=TRAINING, help="Warm-up fraction, then cosine decay.")
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    lm_weight: float = 0.0
-    hidden_weight: float = 0.0
-    anneal_rank: int | None = None
-    anneal_tokens: int | None = None
-    transfer_tokens: int = 0
-    transfer_lr: float | None = None
-    mlp_lr_scale: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
+    temperature: float = setting(1.0, panel=TRAINING, help="KL temperature.")
+    lm_weight: float = setting(0.0, panel=TRAINING, help="Weight of the LM loss against the KL to the teacher (0-1).")
+    hidden_weight: float = setting(0.0, panel=TRAINING, help=(
+        "Weight of matching every layer's hidden state to the teacher's (0 = off)."))
+    anneal_rank: int | None = setting(None, panel=TRAINING, help=(
+        "MLA, --mode attention: latent width to keep; the dims past it fade to zero over --anneal-tokens and are "
+        "dropped from the output (convert wider first, same --qk-rope-dim)."))
+    anneal_tokens: int | None = setting(None, panel=TRAINING, help=(
+        "Tokens over which --anneal-rank fades the extra latent dims (default: half of --tokens)."))
+    transfer_tokens: int = setting(0, panel=TRAINING, help=(
+        "Tokens of --tokens spent first on attention transfer (each attention layer trained alone toward the "
+        "teacher's output; 0 = off)."))
+    transfer_lr: float | None = setting(None, panel=TRAINING, help=(
+        "Peak learning rate of the attention-transfer phase (default: --lr)."))
+    mlp_lr_scale: float = setting(1.0, panel=TRAINING, help=(
+        "With --target attention+mlp: the MLP's learning rate as a fraction of --lr."))
+    seed: int = setting(0, **SEED)
+    precision: str = setting("auto", panel="Runtime", help="auto (bf16 on GPU), bf16 or fp32.")
     device: str | None = None
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    checkpoint_every: int = 500
+    gradient_checkpointing: bool = setting(False, panel=TRAINING, help="Recompute activations in backward.")
+    compile: bool = setting(False, panel=TRAINING, help="torch.compile student and teacher.")
+    checkpoint_every: int = setting(500, panel=TRAINING, help="Steps between resumable checkpoints.")
     keep_checkpoints: int = 2
     keep_checkpoints_after: bool = False
-    stop_after_steps: int | None = None
-    stop_after_seconds: float | None = None
-    merge: bool = False
+    stop_after_steps: int | None = setting(None, panel=TRAINING, help=(
+        "Stop with a checkpoint after this many steps of this process (rerun the same command to go on)."))
+    stop_after_seconds: float | None = setting(None, panel=TRAINING, help=(
+        "Stop with a checkpoint before this many seconds since the start would pass (at least one step is made; "
+        "rerun the same command to go on)."))
+    merge: bool = setting(False, panel="Output", help="Fold LoRA into the weights and write the model's own format.")
     save_dtype: str | None = None
     max_shard_size: str = "5GB"
     eval_text: str | None = None
-    eval_windows: int = 64
-    eval_window: int = 512
-    eval_at: tuple[int, ...] = ()
-    kl_text: str | None = None
-    kl_windows: int = 16
-    kl_window: int = 512
+    eval_windows: int = setting(64, panel=EVALUATION, help="Number of evaluation windows.")
+    eval_window: int = setting(512, panel=EVALUATION, help="Tokens per evaluation window.")
+    eval_at: tuple[int, ...] = setting((), panel=EVALUATION, cli_type=list[int] | None, help=(
+        "Token counts at which to measure perplexity during training (0: the untrained model)."))
+    kl_text: str | None = setting(None, flag="kl_data", panel=EVALUATION, help=(
+        "Held-out text (not the training text) on which every evaluation also measures KL(teacher || student)."))
+    kl_windows: int = setting(16, panel=EVALUATION, help="Windows of --kl-data.")
+    kl_window: int = setting(512, panel=EVALUATION, help="Tokens per --kl-data window.")
     log_every: int = 10
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    overwrite: bool = setting(False, **OVERWRITE)
+    trust_remote_code: bool = setting(False, **TRUST_REMOTE_CODE)
     teacher_gguf_file: str | None = None
     command: str = ""
 
