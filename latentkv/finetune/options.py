@@ -116,15 +116,17 @@ class FinetuneOptions:
     temperature: float = setting(1.0, panel=TRAINING, help="KL temperature.")
     lm_weight: float = setting(0.0, panel=TRAINING, help="Weight of the LM loss against the KL to the teacher (0-1).")
     hidden_weight: float = setting(0.0, panel=TRAINING, help=(
-        "Weight of matching every layer's hidden state to the teacher's (0 = off)."))
+        "Experimental (measured no better than KL alone, docs/healing.md): weight of matching every layer's hidden "
+        "state to the teacher's (0 = off)."))
     anneal_rank: int | None = setting(None, panel=TRAINING, help=(
-        "MLA, --mode attention: latent width to keep; the dims past it fade to zero over --anneal-tokens and are "
+        "Experimental (measured no better than converting narrow, docs/healing.md). MLA, --mode attention: latent width "
+        "to keep; the dims past it fade to zero over --anneal-tokens and are "
         "dropped from the output (convert wider first, same --qk-rope-dim)."))
     anneal_tokens: int | None = setting(None, panel=TRAINING, help=(
         "Tokens over which --anneal-rank fades the extra latent dims (default: half of --tokens)."))
     transfer_tokens: int = setting(0, panel=TRAINING, help=(
-        "Tokens of --tokens spent first on attention transfer (each attention layer trained alone toward the "
-        "teacher's output; 0 = off)."))
+        "Experimental (measured no better than KL alone, docs/healing.md): tokens of --tokens spent first on attention "
+        "transfer (each attention layer trained alone toward the teacher's output; 0 = off)."))
     transfer_lr: float | None = setting(None, panel=TRAINING, help=(
         "Peak learning rate of the attention-transfer phase (default: --lr)."))
     mlp_lr_scale: float = setting(1.0, panel=TRAINING, help=(
