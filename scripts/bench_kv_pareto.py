@@ -88,6 +88,8 @@ LATENT_FORMATS = {
     # the RoPE key quantized too (after RoPE, as the source's keys): unscaled fp8, or per channel as KIVI keys
     "int4 KIVI + fp8_e4m3 RoPE": "latent=int4/channel32,rope=fp8_e4m3",
     "int4 KIVI + int4 KIVI RoPE": "latent=int4/channel32,rope=int4/channel32",
+    "int4 KIVI k64 + int4 KIVI k64 RoPE": "latent=int4/channel64,rope=int4/channel64",
+    "int4 KIVI k128 + int4 KIVI k128 RoPE": "latent=int4/channel128,rope=int4/channel128",
     "int3 KIVI + int4 KIVI RoPE": "latent=int3/channel32,rope=int4/channel32",
     "int2 KIVI + int4 KIVI RoPE": "latent=int2/channel32,rope=int4/channel32",
 }
@@ -97,6 +99,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, help="source model folder (default: SmolLM2-135M-Instruct, built once)")
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25], help="MLA --kv-budget values")
+    p.add_argument("--sequential-budgets", type=float, nargs="*", default=[],
+                   help="MLA --kv-budget values converted with --sequential --set refit_output=true (the best one-shot "
+                        "settings: each layer calibrated on the converted layers before it, the output projection refit)")
     p.add_argument("--targets", nargs="*", default=[], choices=list(OTHER_TARGETS),
                    help="other one-shot conversions: gqa1 (GQA with one KV head), gta (GTA-T)")
     p.add_argument("--work", type=Path, default=Path("runs/kv_pareto"), help="where converted models are kept")
@@ -134,9 +139,14 @@ OTHER_TARGETS = {
 }
 
 
-def converted(source: Path, budget: float | None, args, target: str | None = None) -> Path:
+SEQUENTIAL_OPTIONS = ["--sequential", "--set", "refit_output=true"]
+
+
+def converted(source: Path, budget: float | None, args, target: str | None = None, sequential: bool = False) -> Path:
     """The one-shot conversion (MLA at `budget`, or an OTHER_TARGETS entry), made with the CLI unless already there."""
-    if target is None:
+    if target is None and sequential:
+        out, options = args.work / f"mla-seq-{budget:g}", ["--kv-budget", f"{budget:g}", *SEQUENTIAL_OPTIONS]
+    elif target is None:
         out, options = args.work / f"mla-{budget:g}", ["--kv-budget", f"{budget:g}"]
     else:
         _, folder, options, _ = OTHER_TARGETS[target]
@@ -437,8 +447,10 @@ def plot(path: Path, rows, meta) -> None:
         pts = [r for r in rows if r["model"] == model]
         ax.scatter([r["kv_bytes_per_token_per_layer"] for r in pts], [shown(r) for r in pts], marker=marker,
                    s=36, color=colors[pts[0]["family"]], alpha=0.75, label=model, zorder=3)
-    # neighbours by bytes take turns above and below their marker, so close labels do not overlap
-    for i, r in enumerate(sorted(rows, key=lambda r: (r["kv_bytes_per_token_per_layer"], r["perplexity"]))):
+    # only the rows on a frontier are labelled (the others are in the table); neighbours by bytes take
+    # turns above and below their marker, so close labels do not overlap
+    on_frontier = [r for family in colors for r in frontier([x for x in rows if x["family"] == family])]
+    for i, r in enumerate(sorted(on_frontier, key=lambda r: (r["kv_bytes_per_token_per_layer"], r["perplexity"]))):
         text = r["format"] if r["perplexity"] < top / 1.08 else f"{r['format']} (PPL {r['perplexity']:.3g}, off scale)"
         ax.annotate(text, (r["kv_bytes_per_token_per_layer"], shown(r)), fontsize=6,
                     xytext=(3, (5, -9, 12, -16)[i % 4]), textcoords="offset points", color="0.25")
@@ -528,6 +540,11 @@ def main(argv=None) -> None:
     for b in args.budgets:  # converted when first needed
         plan.append((f"MLA {100 * b:g}%", "latentkv",
                      lambda b=b: load_model(converted(source, b, args), dtype=torch.float32, device=args.device),
+                     latent_formats))
+    for b in args.sequential_budgets:
+        plan.append((f"MLA {100 * b:g}% sequential + refit", "latentkv",
+                     lambda b=b: load_model(converted(source, b, args, sequential=True), dtype=torch.float32,
+                                            device=args.device),
                      latent_formats))
     for t in args.targets:
         plan.append((OTHER_TARGETS[t][0], "latentkv",
