@@ -585,11 +585,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"context {context}: allocating {need / GIB:.1f} GiB of pinned host memory failed ({exc}); "
                              "lower --batch, --layers or --contexts.") from None
         print(f"context {context}: cache {need / GIB:.2f} GiB in pinned host memory", file=sys.stderr)
-        modes = [("dense-gpu", None), ("dense-offload", None)]
+        modes = [("dense-gpu", None, None), ("dense-offload", None, None)]  # (row, fraction, host reads)
         for f in fractions:
-            modes.append((f"sparse-gpu {f:g}", f))
-            modes += [(offload_mode(f, reads, host_reads), f) for reads in host_reads]
-        for name, fraction in modes:
+            modes.append((f"sparse-gpu {f:g}", f, None))
+            modes += [(offload_mode(f, reads, host_reads), f, reads) for reads in host_reads]
+        for name, fraction, reads in modes:
             cache.reset()
             t0 = time.perf_counter()
             try:
@@ -599,9 +599,7 @@ def main(argv=None) -> dict:
                     r = run_dense_offload(stack, cache, args, device, backend, args.offload_steps)
                 else:
                     r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction,
-                                           resident=name.startswith("sparse-gpu"),
-                                           host_reads=next((h for h in host_reads if name == offload_mode(
-                                               fraction, h, host_reads)), "auto"))
+                                           resident=reads is None, host_reads=reads or "auto")
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"context {context}, {name}: out of GPU memory; skipped.", file=sys.stderr)
