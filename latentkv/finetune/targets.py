@@ -147,7 +147,8 @@ def route_projections_through_modules(model: torch.nn.Module, adapted: Collectio
             continue
         prefix = f"{name}." if name else ""
         bypassed = [proj for proj, reader in WEIGHT_READ_PROJECTIONS.items()
-                    if callable(getattr(module, reader, None)) and isinstance(getattr(module, proj, None), torch.nn.Module)
+                    if callable(getattr(module, reader, None))
+                    and isinstance(getattr(module, proj, None), torch.nn.Module)
                     and (adapted is None or prefix + proj in adapted)]
         if bypassed:
             raise LatentKVError(

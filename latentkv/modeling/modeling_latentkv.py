@@ -42,12 +42,12 @@ per-head up-projection and a sigmoid gate of the current token:
 
     out_h = sigmoid(g_proj(x)_h) * (W_up,h . sum_s a_h,s c_s),   o = o_proj([out_1 .. out_H])
 
-Fine-tuning hooks: the attention classes read some weights directly (GLA's kv_b_proj, GTA-S's
-v_up_proj: einsums over heads), so an adapter wrapping those modules would never run, and keep their
-RoPE frequencies as a Python list. `route_projections_through_modules()` (every class) makes them call
-the modules instead, and `use_rope_frequency_buffer()` (the classes with their own RoPE) reads the
-frequencies from a non-persistent buffer, for torch.compile. Both keep the numbers; inference calls
-neither and runs the direct path.
+Fine-tuning hooks: the forward reads some weights directly (GLA's kv_b_proj, GTA-S's v_up_proj:
+einsums over heads), so an adapter wrapping those modules would never run, and LatentAttention keeps
+its RoPE frequencies as a Python list, on which torch.compile guards. `route_projections_through_modules()`
+(every attention class) makes it call those modules instead, and `use_rope_frequency_buffer()`
+(LatentAttention and TiedLatentAttention) reads the frequencies from a non-persistent buffer. Both
+keep the numbers; inference calls neither and runs the direct path.
 """
 
 from __future__ import annotations
