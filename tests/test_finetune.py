@@ -229,7 +229,7 @@ def test_target_table_and_latent_routing():
         c, x = torch.randn(2, 3, 8), torch.randn(2, 5, 16)
         pos = torch.arange(3, 8)[None].expand(2, 5)
         expected, out = layer.expand_latent(c), layer(x, position_ids=pos)[0]
-        tg.route_latent_expansion_through_modules(layer)
+        tg.route_projections_through_modules(layer)
         use_frequency_buffers(layer)
         for got, want in zip(layer.expand_latent(c), expected):
             assert torch.allclose(got, want, atol=1e-6), latent_heads

@@ -185,8 +185,6 @@ def test_incremental_decode_equals_full_forward(converted):
 def test_lora_reaches_the_gated_decoder():
     """Guards the LoRA routing of GTA-S's per-head up-projection: through the module (where a LoRA
     wrapper applies) it equals the direct per-head einsum on random inputs."""
-    import types
-
     from latentkv.finetune import targets as tg
     from latentkv.modeling.modeling_latentkv import GroupedLatentAttention, LatentKVConfig
 
@@ -199,7 +197,7 @@ def test_lora_reaches_the_gated_decoder():
     attn = GroupedLatentAttention(config, 0)
     out = torch.randn(2, 5, 4, 12, generator=torch.Generator().manual_seed(6))
     direct = attn.decode_values(out)
-    attn.decode_values = types.MethodType(tg._decode_values_via_module, attn)
+    attn.route_projections_through_modules()
     assert torch.allclose(attn.decode_values(out), direct, atol=1e-6, rtol=1e-6)
     row = tg.FORMAT_TARGETS["latentkv"]
     assert {"k_proj", "c_proj", "v_up_proj", "g_proj", "q_proj", "o_proj"} <= set(row.attention)

@@ -468,12 +468,13 @@ def _kept(tensors: dict) -> dict:
 
 
 def attention_module(stream, i: int, tensors: dict, spec: dict, source_attn=None):
-    """Layer i's LatentAttention from its tensors; `source_attn` lends a qk_norm layer the source's norms."""
-    from latentkv.modeling.modeling_latentkv import LatentAttention
+    """Layer i's attention (the modeling class of its spec: LatentAttention, or TiedLatentAttention for
+    GTA-T) from its tensors; `source_attn` lends a qk_norm layer the source's norms."""
+    from latentkv.modeling.modeling_latentkv import attention_class
 
     specs = [spec] * stream.num_layers
     config = latent_config(stream, specs, "mla", o_bias="o_proj.bias" in tensors)
-    module = LatentAttention(config, i, source_attention=source_attn)
+    module = attention_class(spec)(config, i, source_attention=source_attn)
     state = {k: v.to(stream.dtype) for k, v in _filter_bias(tensors, config).items()}
     module.load_state_dict(state, strict=False)
     return module.to(stream.device).eval()

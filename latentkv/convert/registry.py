@@ -13,14 +13,18 @@ from dataclasses import dataclass
 
 from latentkv.errors import LatentKVError
 
-# Attention kinds of a converted layer: the latentkv modeling class each one is, and whether the paged
-# latent cache of `runtime.decode` runs it. "source": the output keeps the source's own attention.
+# Attention kinds of a converted layer: the latentkv modeling class each one is (the class
+# `attention_class` of modeling_latentkv.py builds for its layer spec), whether the paged latent cache
+# of `runtime.decode` runs it, and how it feeds that cache (`TargetRecord.decode_adapter`).
+# "source": the output keeps the source's own attention.
 ATTENTION_KINDS: dict[str, dict] = {
-    # MLA / GLA / GTA-T: absorbed up-projections over one cached row of [latent | RoPE key]
-    "latent": {"layer_class": "LatentAttention", "paged_decode": True},
+    # MLA / GLA: absorbed up-projections (kv_b_proj) over one cached row of [latent | RoPE key]
+    "latent": {"layer_class": "LatentAttention", "paged_decode": True, "decode_adapter": "latent"},
+    # GTA-T: the same row, each latent head a tied state that is key and value (identity up-projections)
+    "tied": {"layer_class": "TiedLatentAttention", "paged_decode": True, "decode_adapter": "latent"},
     # GTA-S: cached [value latent | map keys], rotated by the decoder's shared RoPE, gated per-head decoder
-    "grouped": {"layer_class": "GroupedLatentAttention", "paged_decode": True},
-    "source": {"layer_class": None, "paged_decode": False},
+    "grouped": {"layer_class": "GroupedLatentAttention", "paged_decode": True, "decode_adapter": "grouped"},
+    "source": {"layer_class": None, "paged_decode": False, "decode_adapter": None},
 }
 
 
@@ -84,7 +88,7 @@ class TargetRecord:
     def decode_adapter(self) -> str | None:
         """How the paged decode loop feeds its layers: "latent" (absorbed, each layer rotates itself) or
         "grouped" (the decoder's shared RoPE); None where it does not decode there."""
-        return self.attention if self.paged_decode else None
+        return ATTENTION_KINDS[self.attention]["decode_adapter"] if self.paged_decode else None
 
 
 TARGETS: dict[str, TargetRecord] = {}
@@ -153,7 +157,8 @@ def trainable_modules() -> tuple[str, ...]:
 
 
 _HARDWARE_EFFICIENT = "Hardware-Efficient Attention for Fast Decoding, Zadouri, Strauss, Dao (arXiv 2505.21487)"
-# LatentAttention: k_proj, v_proj and the per-head query map exist in the qk_norm layers of a Qwen3 conversion only.
+# LatentAttention / TiedLatentAttention (GTA-T: no kv_b_proj): k_proj, v_proj and the per-head query map exist
+# in the qk_norm layers of a Qwen3 conversion only.
 _LATENT_TRAINABLE = ("q_proj", "k_proj", "v_proj", "kv_a_proj", "kv_b_proj", "o_proj")
 _MLA_FLAGS = ("qk_rope_dim", "sequential")
 
@@ -168,7 +173,7 @@ register_target(TargetRecord(
     inspect="latentkv.convert.sizes:gla_rows"))
 register_target(TargetRecord(
     name="gta", method="latentkv.convert.mla_method:GTAMethod", papers=(_HARDWARE_EFFICIENT,),
-    help="GTA-T: tied K/V state per KV head", attention="latent", trainable=_LATENT_TRAINABLE,
+    help="GTA-T: tied K/V state per KV head", attention="tied", trainable=_LATENT_TRAINABLE,
     cli_options=_MLA_FLAGS, inspect="latentkv.convert.sizes:gta_rows"))
 register_target(TargetRecord(
     name="gta-s", method="latentkv.convert.gtas_method:GTASMethod",

@@ -173,16 +173,20 @@ def write_output(opts: FinetuneOptions, model_dir: Path, row, trained: dict, dst
 def load_adapter(model: str | Path, adapter: str | Path, device: str = "cpu"):
     """A converted model with a healing adapter applied (unmerged), ready for inference.
 
-    Use this rather than plain `PeftModel.from_pretrained`: the latentkv attention reads
-    kv_b_proj's weight directly, and this routes it through the module so its adapter applies.
+    Use this rather than plain `PeftModel.from_pretrained`: the latentkv attention reads some
+    up-projections' weights directly (GLA's kv_b_proj, GTA-S's v_up_proj), and this routes them
+    through their modules (the attention's `route_projections_through_modules` hook) so their
+    adapters apply.
     """
     from peft import PeftModel
 
     from latentkv.modeling import load_model
 
     base = load_model(Path(model), dtype=torch.float32, device=device)
-    tg.route_latent_expansion_through_modules(base)
-    return PeftModel.from_pretrained(base, str(adapter)).to(device).eval()
+    peft_model = PeftModel.from_pretrained(base, str(adapter))
+    adapted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    tg.route_projections_through_modules(peft_model, adapted)
+    return peft_model.to(device).eval()
 
 
 # --- helpers ----------------------------------------------------------------------------------

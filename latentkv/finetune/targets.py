@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,7 @@ def add_lora(model: torch.nn.Module, row: FormatTargets, target: str, rank: int,
     pattern = target_pattern(row, target, attention_name(model))
     names = matching_modules(model, pattern)
     _check_found(model, names, pattern, target)
-    route_latent_expansion_through_modules(model)
+    route_projections_through_modules(model, names)
     extra = [n for n in row.extra if any(name.endswith("." + n) for name, _ in model.named_modules())]
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none",
@@ -121,51 +122,42 @@ def lora_config_of(peft_model):
     return peft_model.peft_config["default"]
 
 
-# --- LatentAttention reads kv_b_proj.weight directly (an einsum over latent heads), so a LoRA
-# wrapper's forward would never run. Route the expansion through the module instead: the same
-# numbers for the plain weight, and the adapter's delta is now applied (and merges exactly).
-
-def _expand_latent_via_module(self, c: torch.Tensor):
-    """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v], calling `self.kv_b_proj`."""
-    b, s, _ = c.shape
-    if self.latent_heads == 1:
-        kv = self.kv_b_proj(c).view(b, s, self.num_heads, -1)
-    else:
-        # Each latent head serves a contiguous group of query heads: expand every latent head
-        # with the whole projection, then keep for each group only its own heads' rows.
-        groups, per = self.latent_heads, self.num_heads // self.latent_heads
-        full = self.kv_b_proj(c.view(b, s, groups, self.latent_head_dim))  # [b, s, L, H * D]
-        full = full.view(b, s, groups, groups, per, -1)  # [b, s, latent head, head group, per, D]
-        kv = torch.diagonal(full, dim1=2, dim2=3).permute(0, 1, 4, 2, 3).reshape(b, s, self.num_heads, -1)
-    kv = kv.transpose(1, 2)
-    return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+# Projections a latentkv attention reads as weights (einsums over heads: GLA's kv_b_proj, GTA-S's
+# v_up_proj), so that a LoRA wrapper's forward would not run, unless its hook
+# `route_projections_through_modules` makes them module calls; each with the attention method that
+# reads it (in every modeling file, also those written before the hook).
+WEIGHT_READ_PROJECTIONS = {"kv_b_proj": "expand_latent", "v_up_proj": "decode_values"}
 
 
-def _decode_values_via_module(self, out: torch.Tensor) -> torch.Tensor:
-    """GTA-S: out [b, s, H, r] -> [b, s, H, d] calling `self.v_up_proj` (every head's rows on every
-    head's attention output, then each head's own block)."""
-    b, s, heads, _ = out.shape
-    full = self.v_up_proj(out).view(b, s, heads, heads, -1)  # [b, s, output of head, rows of head, d]
-    return torch.diagonal(full, dim1=2, dim2=3).permute(0, 1, 3, 2)
+def route_projections_through_modules(model: torch.nn.Module, adapted: Collection[str] | None = None) -> int:
+    """Have every latentkv attention in `model` call its up-projections as modules (its
+    `route_projections_through_modules` hook; the same numbers for plain weights), so adapters on
+    kv_b_proj / v_up_proj apply and merge exactly. Returns the number of attention layers routed.
 
-
-# class name -> patch applied to every module of that class before LoRA is added.
-_LORA_PATCHES = {
-    "LatentAttention": ("expand_latent", _expand_latent_via_module),
-    "GroupedLatentAttention": ("decode_values", _decode_values_via_module),
-}
-
-
-def route_latent_expansion_through_modules(model: torch.nn.Module) -> int:
-    import types
-
-    patched = 0
-    for module in model.modules():
-        patch = _LORA_PATCHES.get(type(module).__name__)
-        if patch is not None and not getattr(module, "tied", False):  # tied (GTA-T) layers have no kv_b_proj
-            setattr(module, patch[0], types.MethodType(patch[1], module))
-            patched += 1
-    if patched:
-        log.info("routing the latent expansion of %d attention layers through kv_b_proj / v_up_proj so LoRA "
-                 "applies to it", patched)
-    return patched
+    adapted: full module names (in `model`) that carry or will carry adapters. An attention whose
+    modeling file predates the hook is refused where one of its weight-read projections is among them
+    (None: wherever it has one); elsewhere it is left as it is, having nothing to route.
+    """
+    routed = 0
+    for name, module in model.named_modules():
+        hook = getattr(module, "route_projections_through_modules", None)
+        if callable(hook):
+            hook()
+            routed += 1
+            continue
+        prefix = f"{name}." if name else ""
+        bypassed = [proj for proj, reader in WEIGHT_READ_PROJECTIONS.items()
+                    if callable(getattr(module, reader, None))
+                    and isinstance(getattr(module, proj, None), torch.nn.Module)
+                    and (adapted is None or prefix + proj in adapted)]
+        if bypassed:
+            raise LatentKVError(
+                f"{name or type(module).__name__}: its modeling file, written by an older latentkv, has no "
+                f"`route_projections_through_modules` hook, so LoRA adapters on {' and '.join(bypassed)} could be "
+                "bypassed (its forward may read their weights directly). Convert the source again with the current "
+                "latentkv (`latentkv convert`), or train full weights with --mode attention."
+            )
+    if routed:
+        log.info("routing the latent up-projections of %d attention layers through kv_b_proj / v_up_proj so LoRA "
+                 "applies to them", routed)
+    return routed

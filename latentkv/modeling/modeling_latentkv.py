@@ -6,17 +6,18 @@ It imports only torch and transformers.
 
 The model is the source architecture (built by transformers from `config.source_config`: its
 embeddings, norms, MLP or MoE, residual layout, and its own cache/mask handling) with every layer's
-attention (`self_attn`, or the name in `config.source_modules`) replaced by `LatentAttention`,
-which caches per token only a latent `c` (width r, split into `latent_heads`
-equal heads) and a shared RoPE key of width `rope_dim`:
+attention (`self_attn`, or the name in `config.source_modules`) replaced by the class its layer spec
+names (`attention_class`). `LatentAttention` (MLA; GLA where `latent_heads` > 1) caches per token only
+a latent `c` (width r, split into `latent_heads` equal heads) and a shared RoPE key of width `rope_dim`:
 
     q_h      = q_proj(x)_h = [q_nope_h (d_nope) | q_rope_h (rope_dim)]
     [c | kr] = kv_a_proj(x)                       # the cache: r + rope_dim values per token
     k_nope_h, v_h = kv_b_proj(c_{latent head of h})_h
     score_h  = scale * (q_nope_h . k_nope_h + RoPE(q_rope_h) . RoPE(kr))
 
-A `tied` layer (GTA-T) has no kv_b_proj: each latent head is one state s of the value width, used
-whole as the value and whose first `qk_nope_head_dim` dims are the key's non-rotated part.
+A `tied` layer (GTA-T) is a `TiedLatentAttention`, which has no kv_b_proj: each latent head is one
+state s of the value width, used whole as the value and whose first `qk_nope_head_dim` dims are the
+key's non-rotated part.
 
 A `qk_norm` layer (a source that RMS-normalises queries and keys before RoPE: each head, Qwen3 and
 Gemma 3, or all heads at once, OLMo-2) keeps the source's q_proj, k_proj, v_proj, q_norm and k_norm
@@ -40,6 +41,13 @@ value latent c is cached beside them; each head decodes its attention output ove
 per-head up-projection and a sigmoid gate of the current token:
 
     out_h = sigmoid(g_proj(x)_h) * (W_up,h . sum_s a_h,s c_s),   o = o_proj([out_1 .. out_H])
+
+Fine-tuning hooks: the forward reads some weights directly (GLA's kv_b_proj, GTA-S's v_up_proj:
+einsums over heads), so an adapter wrapping those modules would never run, and LatentAttention keeps
+its RoPE frequencies as a Python list, on which torch.compile guards. `route_projections_through_modules()`
+(every attention class) makes it call those modules instead, and `use_rope_frequency_buffer()`
+(LatentAttention and TiedLatentAttention) reads the frequencies from a non-persistent buffer. Both
+keep the numbers; inference calls neither and runs the direct path.
 """
 
 from __future__ import annotations
@@ -294,12 +302,22 @@ class HeadwiseLinear(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """MLA / GLA attention that caches only the latent and the shared RoPE key. `source_attention`:
-    the source's attention module of this layer, whose q/k norms a qk_norm layer keeps."""
+    """MLA attention (GLA where `latent_heads` > 1) that caches only the latent and the shared RoPE key;
+    kv_b_proj expands each latent head into the non-rotated keys and the values of the query heads it
+    serves. `source_attention`: the source's attention module of this layer, whose q/k norms a qk_norm
+    layer keeps.
+
+    Fine-tuning hooks (inference never calls them): `route_projections_through_modules` and
+    `use_rope_frequency_buffer`."""
+
+    tied = False  # a tied (GTA-T) layer is a TiedLatentAttention
 
     def __init__(self, config: LatentKVConfig, layer_idx: int, source_attention: nn.Module | None = None):
         super().__init__()
         spec = config.attention_layers[layer_idx]
+        if bool(spec.get("tied", False)) != self.tied:
+            raise ValueError(f"layer {layer_idx}: a layer spec with tied={bool(spec.get('tied', False))} is a "
+                             f"{attention_class(spec).__name__}, not a {type(self).__name__}")
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.kv_lora_rank = int(spec["kv_lora_rank"])
@@ -308,10 +326,6 @@ class LatentAttention(nn.Module):
         self.latent_heads = int(spec.get("latent_heads", 1))
         self.v_head_dim = int(config.v_head_dim)
         self.latent_head_dim = self.kv_lora_rank // self.latent_heads
-        self.tied = bool(spec.get("tied", False))
-        if self.tied and (self.latent_head_dim != self.v_head_dim or self.qk_nope_head_dim > self.v_head_dim):
-            raise ValueError(f"layer {layer_idx}: a tied state must have the value width {self.v_head_dim}, "
-                             f"got {self.latent_head_dim} (key part {self.qk_nope_head_dim})")
         self.scaling = float(config.softmax_scale)
         self.rope_attention_scaling = float(spec.get("rope_attention_scaling", config.rope_attention_scaling))
         cap = getattr(config, "attn_logit_softcapping", None)
@@ -342,21 +356,39 @@ class LatentAttention(nn.Module):
         else:
             self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=config.q_bias)
         self.kv_a_proj = nn.Linear(kv_in, self.kv_lora_rank + self.rope_dim, bias=bool(spec.get("latent_bias", False)))
-        if not self.tied:
-            # Each latent head expands into the k_nope and v of the query heads it serves.
-            self.kv_b_proj = nn.Linear(
-                self.latent_head_dim, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
-            )
+        self.add_up_projection()
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.o_bias)
         # Kept as a plain list, not a buffer: meta-device loading would leave a buffer uninitialised.
         self.rope_inv_freq = [float(f) for f in spec.get("rope_inv_freq", [])]
         self._inv_freq_cache: dict = {}
+        # Set by the fine-tuning hooks only; None / False leave the inference path as it is.
+        self.register_buffer("rope_freq", None, persistent=False)
+        self.projections_through_modules = False
+
+    def add_up_projection(self) -> None:
+        """kv_b_proj: each latent head expands into the k_nope and v of the query heads it serves."""
+        self.kv_b_proj = nn.Linear(
+            self.latent_head_dim, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+
+    # ---- fine-tuning hooks (`latentkv finetune` calls them; the same numbers as without them)
+    def route_projections_through_modules(self) -> None:
+        """Call kv_b_proj as a module where the forward would read its weight (GLA's per-latent-head
+        expansion), so that an adapter wrapping it (LoRA) applies; the same numbers for a plain weight."""
+        self.projections_through_modules = True
+
+    def use_rope_frequency_buffer(self) -> None:
+        """Read the RoPE frequencies from a non-persistent buffer (the same numbers), which torch.compile
+        takes as an input, where it would guard on this layer's Python list and recompile for every layer."""
+        self.rope_freq = torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=self.q_proj.weight.device)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [b, heads, s, rope_dim]; positions: [b, s]
         if self.rope_dim == 0:
             return x
-        inv_freq = self._inv_freq_cache.get(x.device)
+        inv_freq = self.rope_freq
+        if inv_freq is None:
+            inv_freq = self._inv_freq_cache.get(x.device)
         if inv_freq is None:
             inv_freq = self._inv_freq_cache[x.device] = torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=x.device)
         freqs = positions[:, None, :, None].float() * inv_freq[None, None, None, :]
@@ -391,28 +423,32 @@ class LatentAttention(nn.Module):
     def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]."""
         b, s, _ = c.shape
-        if self.tied:  # the state of each query head's group: whole as value, its head as key
-            state = c.view(b, s, self.latent_heads, 1, self.latent_head_dim)
-            state = state.expand(-1, -1, -1, self.num_heads // self.latent_heads, -1)
-            state = state.reshape(b, s, self.num_heads, self.latent_head_dim).transpose(1, 2)
-            return state[..., : self.qk_nope_head_dim], state
         if self.latent_heads == 1:  # through the module, so adapters on kv_b_proj (LoRA) take effect
             return self.kv_b_proj(c).view(b, s, self.num_heads, -1).transpose(1, 2).split(
                 [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if self.projections_through_modules:
+            kv = self._expand_latent_heads_through_module(c)
+            return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         heads_per_latent = self.num_heads // self.latent_heads
         c = c.view(b, s, self.latent_heads, self.latent_head_dim)
         w = self.kv_b_proj.weight.view(self.latent_heads, heads_per_latent, -1, self.latent_head_dim)
         kv = torch.einsum("bslr,lhdr->bslhd", c, w).reshape(b, s, self.num_heads, -1).transpose(1, 2)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
+    def _expand_latent_heads_through_module(self, c: torch.Tensor) -> torch.Tensor:
+        """GLA's expansion calling kv_b_proj: c [b, s, r] -> [b, H, s, d_nope + d_v]. Each latent head is
+        expanded by the whole projection, then each group of query heads keeps its own latent head's rows
+        (latent_heads times the work of the einsum, which reads the weight and so bypasses an adapter)."""
+        b, s, _ = c.shape
+        groups, per = self.latent_heads, self.num_heads // self.latent_heads
+        full = self.kv_b_proj(c.view(b, s, groups, self.latent_head_dim))  # [b, s, L, H * D]
+        full = full.view(b, s, groups, groups, per, -1)  # [b, s, latent head, head group, per, D]
+        kv = torch.diagonal(full, dim1=2, dim2=3).permute(0, 1, 4, 2, 3).reshape(b, s, self.num_heads, -1)
+        return kv.transpose(1, 2)
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_nope, r_c] and W_UV [H, d_v, r_c], views of kv_b_proj: k_nope_h = W_UK_h c and
-        v_h = W_UV_h c, c the latent head of query head h (h // (H // latent_heads)).
-        Tied: W_UK_h = [I 0] and W_UV_h = I."""
-        if self.tied:
-            eye = torch.eye(self.latent_head_dim, dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
-            eye = eye.expand(self.num_heads, -1, -1)
-            return eye[:, : self.qk_nope_head_dim], eye
+        v_h = W_UV_h c, c the latent head of query head h (h // (H // latent_heads))."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.latent_head_dim)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
@@ -465,8 +501,43 @@ class LatentAttention(nn.Module):
         return self.o_proj(out), None
 
 
+class TiedLatentAttention(LatentAttention):
+    """GTA-T attention (a `tied` layer spec): each latent head is one state s of the value width, used
+    whole as the value of the query heads it serves and whose first `qk_nope_head_dim` dims are their
+    keys' non-rotated part. No kv_b_proj; everything else is LatentAttention's."""
+
+    tied = True
+
+    def add_up_projection(self) -> None:
+        """None: the state is the key and the value itself; it must have the value width."""
+        if self.latent_head_dim != self.v_head_dim or self.qk_nope_head_dim > self.v_head_dim:
+            raise ValueError(f"layer {self.layer_idx}: a tied state must have the value width {self.v_head_dim}, "
+                             f"got {self.latent_head_dim} (key part {self.qk_nope_head_dim})")
+
+    def route_projections_through_modules(self) -> None:
+        """Nothing to route: there is no up-projection (the cached state is the key and the value)."""
+
+    def expand_latent(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c: [b, s, r] -> k_nope [b, H, s, d_nope], v [b, H, s, d_v]: the state of each query head's
+        group, whole as value, its head as key."""
+        b, s, _ = c.shape
+        state = c.view(b, s, self.latent_heads, 1, self.latent_head_dim)
+        state = state.expand(-1, -1, -1, self.num_heads // self.latent_heads, -1)
+        state = state.reshape(b, s, self.num_heads, self.latent_head_dim).transpose(1, 2)
+        return state[..., : self.qk_nope_head_dim], state
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK_h = [I 0] [H, d_nope, r_c] and W_UV_h = I [H, d_v, r_c]."""
+        eye = torch.eye(self.latent_head_dim, dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
+        eye = eye.expand(self.num_heads, -1, -1)
+        return eye[:, : self.qk_nope_head_dim], eye
+
+
 class GroupedLatentAttention(nn.Module):
-    """GTA-S attention: caches `map_heads` RoPE keys and one value latent per token."""
+    """GTA-S attention: caches `map_heads` RoPE keys and one value latent per token.
+
+    Fine-tuning hook (inference never calls it): `route_projections_through_modules`. Its keys are
+    rotated by the decoder's shared rotary embedding, so it keeps no RoPE frequencies of its own."""
 
     def __init__(self, config: LatentKVConfig, layer_idx: int):
         super().__init__()
@@ -495,9 +566,21 @@ class GroupedLatentAttention(nn.Module):
         self.v_up_proj = nn.Linear(self.kv_lora_rank, width, bias=False)  # W_up,h = rows of head h
         self.g_proj = nn.Linear(hidden, width, bias=True)
         self.o_proj = nn.Linear(width, hidden, bias=config.o_bias)
+        self.projections_through_modules = False  # set by the fine-tuning hook only
+
+    def route_projections_through_modules(self) -> None:
+        """Call v_up_proj as a module in `decode_values`, which otherwise reads its weight, so that an
+        adapter wrapping it (LoRA) applies; the same numbers for a plain weight."""
+        self.projections_through_modules = True
 
     def decode_values(self, out: torch.Tensor) -> torch.Tensor:
         """out: [b, s, H, r] attention over the latent -> [b, s, H, d], each head through its W_up,h."""
+        if self.projections_through_modules:
+            # every head's rows on every head's attention output, then each head's own block (H times
+            # the work of the einsum)
+            b, s, heads, _ = out.shape
+            full = self.v_up_proj(out).view(b, s, heads, heads, -1)  # [b, s, output of head, rows of head, d]
+            return torch.diagonal(full, dim1=2, dim2=3).permute(0, 1, 3, 2)
         w = self.v_up_proj.weight.view(self.num_heads, self.head_dim, self.kv_lora_rank)
         return torch.einsum("bshr,hdr->bshd", out, w)
 
@@ -559,8 +642,10 @@ def stored(module: nn.Module, x: torch.Tensor, part: str) -> torch.Tensor:
 
 
 def attention_class(spec: dict) -> type:
-    """The attention module of one layer's spec."""
-    return GroupedLatentAttention if spec.get("kind") == "gta-s" else LatentAttention
+    """The attention module of one layer's spec: GTA-S by its `kind`, GTA-T by `tied`, else MLA / GLA."""
+    if spec.get("kind") == "gta-s":
+        return GroupedLatentAttention
+    return TiedLatentAttention if spec.get("tied", False) else LatentAttention
 
 
 class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
@@ -568,7 +653,7 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["LatentAttention", "GroupedLatentAttention"]
+    _no_split_modules = ["LatentAttention", "TiedLatentAttention", "GroupedLatentAttention"]
 
     def __init__(self, config: LatentKVConfig):
         super().__init__(config)
@@ -578,9 +663,9 @@ class LatentKVForCausalLM(PreTrainedModel, GenerationMixin):
         setattr(self, names["base_model"], getattr(source, names["base_model"]))
         setattr(self, names["lm_head"], getattr(source, names["lm_head"]))
         for i, layer in enumerate(self.get_decoder().layers):
-            spec = config.attention_layers[i]
-            kwargs = {} if spec.get("kind") == "gta-s" else {"source_attention": getattr(layer, names["attention"])}
-            setattr(layer, names["attention"], attention_class(spec)(config, i, **kwargs))
+            cls = attention_class(config.attention_layers[i])
+            kwargs = {} if cls is GroupedLatentAttention else {"source_attention": getattr(layer, names["attention"])}
+            setattr(layer, names["attention"], cls(config, i, **kwargs))
         if config.tie_word_embeddings:
             self._tied_weights_keys = {f"{names['lm_head']}.weight": f"{names['base_model']}.{names['embed']}.weight"}
         self.post_init()
