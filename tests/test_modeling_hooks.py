@@ -98,11 +98,12 @@ def test_lora_on_the_up_projection_applies_once_routed(kind, tiny_converted):
 
 
 class HooklessLatentAttention(torch.nn.Module):
-    """An attention as a modeling file written before the hooks has it: its forward reads kv_b_proj's
-    weight, and it keeps its RoPE frequencies as a Python list."""
+    """An attention as a modeling file written before the hooks has it: with several latent heads
+    (GLA) its forward reads kv_b_proj's weight, and it keeps its RoPE frequencies as a Python list."""
 
-    def __init__(self):
+    def __init__(self, latent_heads: int = 2):
         super().__init__()
+        self.latent_heads = latent_heads
         self.q_proj = torch.nn.Linear(4, 4)
         self.kv_b_proj = torch.nn.Linear(2, 4, bias=False)
         self.rope_inv_freq = [1.0, 0.1]
@@ -123,6 +124,9 @@ def test_a_modeling_file_without_the_hooks_is_refused_where_they_are_needed():
     assert tg.route_projections_through_modules(model, {"self_attn.q_proj"}) == 0
     with pytest.raises(LatentKVError, match="without --compile"):
         use_frequency_buffers(model)
+    # one latent head: such a forward already called kv_b_proj as a module, so LoRA on it goes on
+    model.self_attn = HooklessLatentAttention(latent_heads=1)
+    assert tg.route_projections_through_modules(model, {"self_attn.kv_b_proj"}) == 0
 
 
 def test_the_layer_spec_picks_the_class_the_registry_names():

@@ -149,7 +149,9 @@ def route_projections_through_modules(model: torch.nn.Module, adapted: Collectio
         bypassed = [proj for proj, reader in WEIGHT_READ_PROJECTIONS.items()
                     if callable(getattr(module, reader, None))
                     and isinstance(getattr(module, proj, None), torch.nn.Module)
-                    and (adapted is None or prefix + proj in adapted)]
+                    and (adapted is None or prefix + proj in adapted)
+                    # one latent head: older forwards already call kv_b_proj as a module
+                    and not (proj == "kv_b_proj" and getattr(module, "latent_heads", 1) == 1)]
         if bypassed:
             raise LatentKVError(
                 f"{name or type(module).__name__}: its modeling file, written by an older latentkv, has no "
