@@ -207,7 +207,7 @@ RECIPE_KEYS = set(RECIPE_TYPES)
 
 
 @app.command()
-@add_options(CalibOptions, after="recipe")
+@add_options(CalibOptions, after="recipe")  # where --help has always listed the calibration flags
 @add_options(ConvertFlags, after="output")
 def convert(ctx: typer.Context, source: SourceArg, output: OutputArg, **flags):
     """Convert SOURCE's attention to a cheaper-to-cache form and write OUTPUT."""

@@ -10,12 +10,6 @@ from latentkv.schema import AS_JSON, DEVICE, DTYPE, GGUF_FILE, SOURCE, TRUST_REM
 
 EVALUATION, SPARSE, KV_CACHE = "Evaluation", "Sparse decode", "KV cache format"  # help panels
 
-# Flags other commands share with eval (`setting(..., **EVAL_TEXT)`): one help text each.
-EVAL_TEXT = dict(panel=EVALUATION, help=(
-    "Evaluation text: .txt/.raw, or .jsonl of {\"text\": ...} rows (default: WikiText-2 test)."))
-EVAL_WINDOW = dict(panel=EVALUATION, help="Tokens per evaluation window.")
-EVAL_WINDOWS = dict(panel=EVALUATION, help="Number of evaluation windows.")
-
 
 @dataclass
 class EvalOptions:
@@ -24,9 +18,10 @@ class EvalOptions:
     decoding (at long context: `long_text`)."""
 
     model: str = setting(**SOURCE)
-    eval_text: Path | None = setting(None, **EVAL_TEXT)
-    eval_window: int = setting(512, **EVAL_WINDOW)
-    eval_windows: int = setting(64, **EVAL_WINDOWS)
+    eval_text: Path | None = setting(None, panel=EVALUATION, help=(
+        "Evaluation text: .txt/.raw, or .jsonl of {\"text\": ...} rows (default: WikiText-2 test)."))
+    eval_window: int = setting(512, panel=EVALUATION, help="Tokens per evaluation window.")
+    eval_windows: int = setting(64, panel=EVALUATION, help="Number of evaluation windows.")
     batch_size: int = setting(4, panel=EVALUATION, help="Windows per forward pass.")
     decode_check: bool = setting(False, panel=EVALUATION, help=(
         "Also check that our paged-kernel decode loop equals the HF forward pass (latentkv format)."))
