@@ -3,24 +3,26 @@ function of the package. Heavy imports happen inside the commands so `--help` is
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shlex
 import sys
-from inspect import Parameter, Signature, signature  # (`inspect` is a command here)
+from inspect import Parameter  # (`inspect` is a command here)
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 # Plain records and option dataclasses: nothing heavy is imported.
-from latentkv.calibration.options import SEED, CalibOptions, recipe_keys as calib_recipe_keys
-from latentkv.convert.registry import TARGETS, target_help
-from latentkv.data import DEFAULT_CALIBRATION
-from latentkv.finetune.options import FinetuneOptions
-from latentkv.schema import (OVERWRITE, TRUST_REMOTE_CODE, add_options, from_command_line, merge_settings,
-                             parameter_names)
+from latentkv.calibration.options import CalibOptions, recipe_keys as calib_recipe_keys
+from latentkv.convert.options import ConvertFlags
+from latentkv.convert.registry import TARGETS
+from latentkv.eval.options import EvalOptions
+from latentkv.finetune.options import FinetuneOptions, SampleOptions
+from latentkv.runtime.options import GenerateOptions
+from latentkv.schema import (AS_JSON, GGUF_FILE, SOURCE, TRUST_REMOTE_CODE, add_options, cli_parameters,
+                             from_command_line, merge_settings, parameter_names)
+from latentkv.sparsity.options import TrainOptions
 
 app = typer.Typer(
     name="latentkv",
@@ -39,23 +41,18 @@ cache_app = typer.Typer(help="The cache folder ($LATENTKV_CACHE, else ~/.cache/l
 app.add_typer(cache_app, name="cache")
 
 
-def _option(spec: dict, *decls: str):
-    """A typer option from a shared flag's help text and panel (`latentkv.schema.OVERWRITE`, ...)."""
-    return typer.Option(*decls, help=spec["help"], rich_help_panel=spec.get("panel"))
+def _option(spec: dict):
+    """A typer option from a shared flag's spec (`latentkv.schema.TRUST_REMOTE_CODE`, ...)."""
+    return typer.Option(*spec.get("opts", ()), help=spec["help"], rich_help_panel=spec.get("panel"))
 
 
-# Shared options: one definition each, so a flag means the same in every command.
-SourceArg = Annotated[str, typer.Argument(help="Local HF folder, .gguf file, or Hub id.")]
+# Shared parameters of the commands written out here: one definition each (`latentkv.schema`), so a
+# flag means the same in every command.
+SourceArg = Annotated[str, typer.Argument(help=SOURCE["help"])]
 OutputArg = Annotated[Path, typer.Argument(help="Output folder (must be empty unless --overwrite).")]
-Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", rich_help_panel="Runtime")]
-Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16.", rich_help_panel="Runtime")]
-Overwrite = Annotated[bool, _option(OVERWRITE)]
-GgufFile = Annotated[Optional[str], typer.Option(help="GGUF file name inside SOURCE (a folder or Hub repo).")]
+GgufFile = Annotated[Optional[str], _option(GGUF_FILE)]
 TrustRemoteCode = Annotated[bool, _option(TRUST_REMOTE_CODE)]
-Seed = Annotated[int, _option(SEED)]
-EvalText = Annotated[Optional[Path], typer.Option(help="Evaluation text: .txt/.raw, or .jsonl of {\"text\": ...} rows (default: WikiText-2 test).", rich_help_panel="Evaluation")]
-EvalWindow = Annotated[int, typer.Option(help="Tokens per evaluation window.", rich_help_panel="Evaluation")]
-EvalWindows = Annotated[int, typer.Option(help="Number of evaluation windows.", rich_help_panel="Evaluation")]
+AsJson = Annotated[bool, _option(AS_JSON)]
 RecipeOption = Annotated[Optional[Path], typer.Option(help="YAML file of these same settings (flags given on the command line win).")]
 
 
@@ -189,24 +186,12 @@ def _command_recipe(path: Path | None, kinds: dict) -> dict:
     return out
 
 
-def _takes_recipe(fn):
-    """Decorator: the command also takes `--recipe FILE`, a YAML mapping of its own option names; a
-    value given on the command line wins over the recipe's, the recipe's over the default."""
-    own = list(signature(fn, eval_str=True).parameters.values())
-    kinds = _recipe_kinds(own)
-    wants_ctx = any(p.name == "ctx" for p in own)
-    extra = [Parameter("recipe", Parameter.KEYWORD_ONLY, annotation=RecipeOption, default=None)]
-    if not wants_ctx:
-        extra.insert(0, Parameter("ctx", Parameter.KEYWORD_ONLY, annotation=typer.Context))
-
-    @functools.wraps(fn)
-    def command(ctx: typer.Context, recipe: Optional[Path] = None, **values):
-        settings = _run(_command_recipe, recipe, kinds)
-        merged = merge_settings(ctx, values, settings)
-        return fn(ctx=ctx, **merged) if wants_ctx else fn(**merged)
-
-    command.__signature__ = Signature([p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + extra)
-    return command
+def _options(ctx, cls, recipe: Path | None, flags: dict):
+    """`cls` (an options dataclass whose flags the command took: `add_options`) from the command line,
+    the `--recipe` file (keyed by parameter name) and the defaults, by `merge_settings`. A recipe sets
+    the flags that have a default, save those of the command line only (`COMMAND_LINE_ONLY`)."""
+    settings = _run(_command_recipe, recipe, _recipe_kinds(cli_parameters(cls)))
+    return _run(cls, **from_command_line(cls, merge_settings(ctx, flags, settings)))
 
 
 # What a convert recipe may set, and the type of each (None: may be left empty). A recipe that
@@ -222,54 +207,51 @@ RECIPE_KEYS = set(RECIPE_TYPES)
 
 
 @app.command()
-@add_options(CalibOptions, after="recipe")
-def convert(
-    ctx: typer.Context,
-    source: SourceArg,
-    output: OutputArg,
-    to: Annotated[str, typer.Option("--to", help=target_help())] = "mla",
-    kv_lora_rank: Annotated[Optional[int], typer.Option(help="Latent width per layer (MLA/GLA; the value latent of GTA-S).", rich_help_panel="Method")] = None,
-    kv_budget: Annotated[Optional[float], typer.Option(help="Fraction of the source KV cache to keep (0-1]; widths then per layer. Default 0.5 when no --kv-lora-rank is given (MLA, GLA).", rich_help_panel="Method")] = None,
-    qk_rope_dim: Annotated[str, typer.Option(help="Width of the cached RoPE key (even), or 'auto' (chosen per layer from the statistics; latentkv format).", rich_help_panel="Method")] = "auto",
-    latent_heads: Annotated[Optional[int], typer.Option(help="GLA latent heads (must divide the query heads).", rich_help_panel="Method")] = None,
-    num_kv_heads: Annotated[Optional[int], typer.Option(help="GQA target: KV heads to keep.", rich_help_panel="Method")] = None,
-    method_option: Annotated[Optional[list[str]], typer.Option("--set", help="Extra method setting KEY=VALUE (e.g. --set rope_mix=real); repeatable.", rich_help_panel="Method")] = None,
-    sequential: Annotated[bool, typer.Option(help="Sequential calibration: each layer sees the converted layers before it (one pass; with --set refit_output=true the best one-shot quality).", rich_help_panel="Method")] = False,
-    format: Annotated[str, typer.Option("--format", help="latentkv (self-contained remote code) or deepseek (stock DeepseekV3).", rich_help_panel="Output")] = "latentkv",
-    engine: Annotated[Optional[str], typer.Option(help="Serving engine of the --format deepseek export (vllm-cpu, vllm-triton-mla, vllm-flashmla, sglang-fa3, ...; see `latentkv inspect`): the cache gets a geometry it runs, or the conversion is refused before any work.", rich_help_panel="Output")] = None,
-    cache_format: Annotated[Optional[str], typer.Option(help="KV cache format the output carries in its config, honoured by its modeling file, `latentkv eval` and the paged decode kernels: a latent format (fp8_e4m3/g<N>, int4/g<N>, fp8_e4m3/head, int4/head, bf16, fp16; N a power of 2) with the RoPE key at bf16, or latent=FORMAT,rope=bf16|fp16.", rich_help_panel="Output")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML file with these same settings (flags given on the command line win).")] = None,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
-    save_dtype: Annotated[Optional[str], typer.Option(help="dtype of the written weights (default: the source's).", rich_help_panel="Output")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.", rich_help_panel="Output")] = "5GB",
-    overwrite: Overwrite = False,
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemoteCode = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log every decision (ranks per layer...).")] = False,
-    **calib_flags,
-):
+@add_options(CalibOptions, after="recipe")  # where --help has always listed the calibration flags
+@add_options(ConvertFlags, after="output")
+def convert(ctx: typer.Context, source: SourceArg, output: OutputArg, **flags):
     """Convert SOURCE's attention to a cheaper-to-cache form and write OUTPUT."""
-    _setup_logging(verbose=verbose)
+    _setup_logging(verbose=flags["verbose"])
     from rich.console import Console
 
-    from latentkv.convert.pipeline import ConvertOptions, convert as run_convert
-    from latentkv.errors import LatentKVError
+    from latentkv.convert.pipeline import convert as run_convert
 
     console = Console(stderr=True)
+    opts = _convert_options(ctx, source, output, flags)
+    factory = _progress_factory(console)
+    try:
+        result = _run(run_convert, opts, progress_factory=factory)
+    finally:
+        factory.stop()
+    kept = 100 * result.kv_values_per_token / result.source_kv_values_per_token
+    console.print(
+        f"[bold green]wrote[/] {result.output}: KV values per token {result.kv_values_per_token} "
+        f"(source {result.source_kv_values_per_token}, {kept:.1f}% kept) in {result.seconds:.0f} s"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def _convert_options(ctx, source: str, output: Path, flags: dict):
+    """The `ConvertOptions` of convert's flags (`ConvertFlags`, `CalibOptions`) merged with its
+    `--recipe` (the command line wins): the method's widths, RoPE key, sequential pass and `--set`
+    settings go into `method_options`, the rest onto the fields of the same name."""
+    from latentkv.convert.pipeline import ConvertOptions
+    from latentkv.errors import LatentKVError
+
+    recipe = flags["recipe"]
     settings = _run(_load_recipe, recipe)
     unknown = sorted(set(settings) - RECIPE_KEYS)
     if unknown:
         _fail(LatentKVError(f"Unknown recipe keys in {recipe}: {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}"))
 
-    given = dict(to=to, kv_lora_rank=kv_lora_rank, kv_budget=kv_budget, latent_heads=latent_heads,
-                 num_kv_heads=num_kv_heads, grouping=None, qk_rope_dim=qk_rope_dim, sequential=sequential,
-                 format=format, engine=engine, cache_format=cache_format, device=device, dtype=dtype,
-                 save_dtype=save_dtype, max_shard_size=max_shard_size, gguf_file=gguf_file, **calib_flags)
+    given = {name: flags[name] for name in parameter_names(ConvertFlags).values()
+             if name not in ("method_option", *COMMAND_LINE_ONLY)}
+    given.update(grouping=None, **{name: flags[name] for name in parameter_names(CalibOptions).values()})
     picked = merge_settings(ctx, given, settings)
     to = picked["to"]
     method_options: dict = dict(picked.get("method_options", {}))
-    for item in method_option or []:
+    for item in flags["method_option"] or []:
         key, sep, val = item.partition("=")
         if not sep:
             _fail(LatentKVError(f"--set expects KEY=VALUE, got {item!r}"))
@@ -285,7 +267,7 @@ def convert(
         method_options["sequential"] = True
     calib = from_command_line(CalibOptions, picked)  # the flags; then the recipe's settings that are no flag
     calib.update({f: picked[key] for f, (key, _) in calib_recipe_keys().items() if f not in calib and key in picked})
-    opts = ConvertOptions(
+    return ConvertOptions(
         source=source,
         output=str(output),
         method=to,
@@ -297,25 +279,13 @@ def convert(
         device=picked["device"],
         dtype=picked["dtype"],
         save_dtype=picked["save_dtype"],
-        overwrite=overwrite,
+        overwrite=flags["overwrite"],
         max_shard_size=picked["max_shard_size"],
         gguf_file=picked["gguf_file"],
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=flags["trust_remote_code"],
         command=_command_line(ctx),
         **({"batch_size": picked["batch_size"]} if "batch_size" in picked else {}),
     )
-    factory = _progress_factory(console)
-    try:
-        result = _run(run_convert, opts, progress_factory=factory)
-    finally:
-        factory.stop()
-    kept = 100 * result.kv_values_per_token / result.source_kv_values_per_token
-    console.print(
-        f"[bold green]wrote[/] {result.output}: KV values per token {result.kv_values_per_token} "
-        f"(source {result.source_kv_values_per_token}, {kept:.1f}% kept) in {result.seconds:.0f} s"
-    )
-    for note in result.notes:
-        console.print(f"note: {note}")
 
 
 def _command_line(ctx) -> str:
@@ -362,80 +332,53 @@ def _int_or_fail(value, flag: str) -> int:
 
 
 @app.command("eval")
-@_takes_recipe
-def eval_cmd(
-    model: SourceArg,
-    eval_text: EvalText = None,
-    eval_window: EvalWindow = 512,
-    eval_windows: EvalWindows = 64,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Evaluation")] = 4,
-    decode_check: Annotated[bool, typer.Option(help="Also check that our paged-kernel decode loop equals the HF forward pass (latentkv format).", rich_help_panel="Evaluation")] = False,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens for --decode-check.", rich_help_panel="Evaluation")] = 256,
-    sparse: Annotated[Optional[str], typer.Option(help="Also decode --decode-tokens teacher-forced after an --eval-window-token prompt with a sparse KV policy (dense, window, last-step, quest, oracle, predictor), compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
-    sparse_budget: Annotated[str, typer.Option(help="Blocks per step: a fraction (0.25, 25%) or a count (16).", rich_help_panel="Sparse decode")] = "0.25",
-    predictor: Annotated[Optional[Path], typer.Option(help="AttentionPredictor folder (--sparse predictor).", rich_help_panel="Sparse decode")] = None,
-    page_size: Annotated[int, typer.Option(help="Tokens per cache page (= block) for --sparse.", rich_help_panel="Sparse decode")] = 16,
-    long_text: Annotated[Optional[str], typer.Option(help="Instead of the perplexity pass, evaluate --sparse at long context on this text (a file, or a book of latentkv's Gutenberg set, e.g. chesterton-thursday): --context-tokens tokens, the last --long-span decoded teacher-forced, compared with dense decoding.", rich_help_panel="Sparse decode")] = None,
-    context_tokens: Annotated[int, typer.Option(help="Tokens per --long-text context (prompt + span; the retrieval prompt).", rich_help_panel="Sparse decode")] = 4096,
-    long_span: Annotated[int, typer.Option(help="Tokens decoded teacher-forced at the end of the --long-text context.", rich_help_panel="Sparse decode")] = 64,
-    retrieval: Annotated[bool, typer.Option(help="With --long-text: also a passkey retrieval test (a needle at each --needle-depths, greedy answer under the policy and densely).", rich_help_panel="Sparse decode")] = False,
-    needle_depths: Annotated[str, typer.Option(help="Comma-separated needle depths in [0, 1] for --retrieval.", rich_help_panel="Sparse decode")] = "0.1,0.5,0.9",
-    retrieval_chat: Annotated[bool, typer.Option(help="With --retrieval: the prompt as one user turn of the tokenizer's chat template, the assistant's answer begun with 'The pass key is' (what an instruct model retrieves with).", rich_help_panel="Sparse decode")] = False,
-    offload: Annotated[bool, typer.Option(help="With --long-text: decode through an offloaded cache (host pages, a device pool sized to the budget) and report the forecast's misses.", rich_help_panel="Sparse decode")] = False,
-    source: Annotated[Optional[str], typer.Option(help="Also measure agreement with this model (the one MODEL was converted from): KL(source || model) per token and top-1 agreement on the same windows.", rich_help_panel="Evaluation")] = None,
-    kv_cache: Annotated[Optional[str], typer.Option(help="Run the windows through a KV cache stored in this format (quantized on write, dequantized on read) and report its bytes: ENCODING\\[/GROUPING] with bf16, fp16, fp8_e4m3, int8, int4, int3, int2 and /token, /head, /g<N>, /channel<N> (KIVI keys); or per part, e.g. keys=int2/channel32,values=int2/g32 (source) or latent=fp8_e4m3/g128,rope=bf16 (latentkv). Replaces the format a converted model's config carries (convert --cache-format), which is used by default.", rich_help_panel="KV cache format")] = None,
-    kv_cache_rope: Annotated[Optional[str], typer.Option(help="Format of the RoPE key of a latentkv model (default: --kv-cache's).", rich_help_panel="KV cache format")] = None,
-    kv_cache_chunk: Annotated[Optional[int], typer.Option(help="Feed N tokens per forward through a cache that quantizes on write, instead of the default one forward per window in which every query reads the cache a streaming decode loop holds after writing its token (per-token formats quantized on write, /channel<N> groups once complete, the unfinished group at full precision). 1 is that decode loop; a larger N lets a chunk read the groups it completes quantized.", rich_help_panel="KV cache format")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemoteCode = False,
-):
+@add_options(EvalOptions, after="ctx")
+def eval_cmd(ctx: typer.Context, recipe: RecipeOption = None, **flags):
     """Perplexity (protocol: docs/evaluation.md) and KV cache bytes of MODEL; with --source, its agreement with the source."""
     _setup_logging()
+    o = _options(ctx, EvalOptions, recipe, flags)
     from latentkv.eval.report import evaluate
 
-    if kv_cache and (sparse or decode_check):  # those decode with the paged cache, which keeps the model's dtype
+    if o.kv_cache and (o.sparse or o.decode_check):  # those decode with the paged cache, which keeps the model's dtype
         from latentkv.errors import LatentKVError
 
         _fail(LatentKVError("--kv-cache applies to the perplexity pass only; run --sparse / --decode-check without it"))
-    if sparse:  # settings checked before the perplexity run
+    if o.sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval
 
-        cfg = _run(lambda: SparseConfig(sparse, budget=parse_budget(sparse_budget), track_recall=True,
-                                        predictor=str(predictor) if predictor else None))
-    if long_text or retrieval or offload:
+        cfg = _run(lambda: SparseConfig(o.sparse, budget=parse_budget(o.sparse_budget), track_recall=True,
+                                        predictor=str(o.predictor) if o.predictor else None))
+    if o.long_text or o.retrieval or o.offload:
         from latentkv.sparsity.long_context import check_long_options, long_context_eval
 
-        depths = _run(check_long_options, sparse=sparse, long_text=long_text, retrieval=retrieval, offload=offload,
-                      context_tokens=context_tokens, span=long_span, depths=needle_depths)
-        report = _run(long_context_eval, model, cfg, text=long_text, context_tokens=context_tokens, span=long_span,
-                      retrieval=retrieval, depths=depths, page_size=page_size, offload=offload, device=device,
-                      dtype=dtype, chat=retrieval_chat)
-        if as_json:
+        depths = _run(check_long_options, sparse=o.sparse, long_text=o.long_text, retrieval=o.retrieval, offload=o.offload,
+                      context_tokens=o.context_tokens, span=o.long_span, depths=o.needle_depths)
+        report = _run(long_context_eval, o.model, cfg, text=o.long_text, context_tokens=o.context_tokens, span=o.long_span,
+                      retrieval=o.retrieval, depths=depths, page_size=o.page_size, offload=o.offload, device=o.device,
+                      dtype=o.dtype, chat=o.retrieval_chat)
+        if o.as_json:
             typer.echo(json.dumps(report, indent=None, default=str))
         else:
             from rich.console import Console
 
             Console().print(report)
         return
-    report = _run(evaluate, model, eval_text=str(eval_text) if eval_text else None, window=eval_window,
-                  windows=eval_windows, batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                  trust_remote_code=trust_remote_code, decode_check=decode_check, decode_tokens=decode_tokens,
-                  source=source, kv_cache=kv_cache, kv_cache_rope=kv_cache_rope, kv_cache_chunk=kv_cache_chunk)
-    if sparse:
-        report["sparse"] = _run(sparse_eval, model, cfg, eval_text=str(eval_text) if eval_text else None,
-                                tokens=decode_tokens, prompt_tokens=eval_window, page_size=page_size, device=device,
-                                dtype=dtype)
-    if as_json:
+    report = _run(evaluate, o.model, eval_text=str(o.eval_text) if o.eval_text else None, window=o.eval_window,
+                  windows=o.eval_windows, batch_size=o.batch_size, device=o.device, dtype=o.dtype, gguf_file=o.gguf_file,
+                  trust_remote_code=o.trust_remote_code, decode_check=o.decode_check, decode_tokens=o.decode_tokens,
+                  source=o.source, kv_cache=o.kv_cache, kv_cache_rope=o.kv_cache_rope, kv_cache_chunk=o.kv_cache_chunk)
+    if o.sparse:
+        report["sparse"] = _run(sparse_eval, o.model, cfg, eval_text=str(o.eval_text) if o.eval_text else None,
+                                tokens=o.decode_tokens, prompt_tokens=o.eval_window, page_size=o.page_size, device=o.device,
+                                dtype=o.dtype)
+    if o.as_json:
         typer.echo(json.dumps(report, indent=None, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"latentkv eval: {model}")
+    table = Table(title=f"latentkv eval: {o.model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report.items():
@@ -459,7 +402,7 @@ def inspect(
     model: SourceArg,
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemoteCode = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: AsJson = False,
 ):
     """Architecture summary of MODEL and what each target would cache."""
     _setup_logging()
@@ -515,52 +458,32 @@ def push(
 
 
 @app.command()
-@_takes_recipe
-def generate(
-    model: SourceArg,
-    prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for a batch).")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
-    backend: Annotated[str, typer.Option(help="auto (Triton on CUDA), triton, reference.")] = "auto",
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
-):
+@add_options(GenerateOptions, after="ctx")
+def generate(ctx: typer.Context, recipe: RecipeOption = None, **flags):
     """Greedy generation with latentkv's paged latent cache and fused decode kernels."""
     _setup_logging()
+    o = _options(ctx, GenerateOptions, recipe, flags)
     from latentkv.calibration.runner import check_device
     from latentkv.runtime.decode import generate_cli
 
-    _run(check_device, device)
+    _run(check_device, o.device)
 
-    for text in _run(generate_cli, model, prompt, max_new_tokens=max_new_tokens, backend=backend, device=device, dtype=dtype):
+    for text in _run(generate_cli, o.model, list(o.prompt), max_new_tokens=o.max_new_tokens, backend=o.backend,
+                     device=o.device, dtype=o.dtype):
         typer.echo(text)
 
 
 @app.command()
-@_takes_recipe
-def sample(
-    teacher: SourceArg,
-    output: Annotated[Path, typer.Argument(help="JSONL file to write ({\"text\": ...} per document).")],
-    tokens: Annotated[int, typer.Option(help="Tokens to sample in all.")] = 5_000_000,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sampled row (cut into documents at EOS).")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="Rows sampled together.")] = 512,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (1 = the teacher's own distribution).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed (round r of rows draws from seed and r).")] = 0,
-    device: Device = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Runtime")] = "auto",
-    gguf_file: GgufFile = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.", rich_help_panel="Output")] = False,
-    trust_remote_code: TrustRemoteCode = False,
-):
+@add_options(SampleOptions, after="ctx")
+def sample(ctx: typer.Context, recipe: RecipeOption = None, **flags):
     """Sample training text from the teacher, for `latentkv finetune --data` (resumable: rerun the
     same command to continue)."""
     _setup_logging()
     from rich.console import Console
 
-    from latentkv.finetune.teacher_text import SampleOptions, sample_teacher_text
+    from latentkv.finetune.teacher_text import sample_teacher_text
 
-    opts = _run(SampleOptions, teacher=teacher, output=str(output), tokens=tokens, seq_len=seq_len,
-                batch_size=batch_size, temperature=temperature, seed=seed, device=device, dtype=dtype,
-                overwrite=overwrite, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    opts = _options(ctx, SampleOptions, recipe, flags)
     factory = _progress_factory(Console(stderr=True))
     advance = factory("sampling rounds", opts.rounds)
     try:
@@ -605,28 +528,15 @@ def _load_finetune_recipe(path: Path | None) -> dict:
 
 
 @predictor_app.command("train")
-@_takes_recipe
-def predictor_train(
-    model: Annotated[str, typer.Argument(help="Converted model folder (latentkv format, MLA or GLA).")],
-    out: Annotated[Path, typer.Option(help="Folder for attention_predictor.safetensors + .json.")],
-    data: Annotated[str, typer.Option(help="Training text, file or folder (WikiText refused).")] = DEFAULT_CALIBRATION,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="File name under --data to hold out; repeatable.")] = None,
-    windows: Annotated[int, typer.Option(help="Text windows to collect attention from (10% validate).")] = 24,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
-    page_size: Annotated[int, typer.Option(help="Tokens per block (= the decode cache's page size).")] = 16,
-    history: Annotated[int, typer.Option(help="Steps of history the predictor reads.")] = 16,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
-    seed: Seed = 0,
-    overwrite: Overwrite = False,
-):
+@add_options(TrainOptions, after="ctx")
+def predictor_train(ctx: typer.Context, recipe: RecipeOption = None, **flags):
     """Collect MODEL's block-pooled attention on --data and train an AttentionPredictor."""
     _setup_logging(verbose=True)
     from rich.console import Console
 
-    from latentkv.sparsity.train import TrainOptions, train_predictor
+    from latentkv.sparsity.train import train_predictor
 
-    opts = _run(TrainOptions, model=model, out=str(out), data=data, exclude=tuple(exclude or ()), windows=windows,
-                seq_len=seq_len, page_size=page_size, history=history, steps=steps, seed=seed, overwrite=overwrite)
+    opts = _options(ctx, TrainOptions, recipe, flags)
     factory = _progress_factory(Console(stderr=True))
     try:
         result = _run(train_predictor, opts, progress_factory=factory)
@@ -636,7 +546,7 @@ def predictor_train(
 
 
 @cache_app.command("list")
-def cache_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
+def cache_list(as_json: AsJson = False):
     """Every cache folder with its size and when it was last used."""
     import time
 

@@ -22,17 +22,23 @@ CLI = "latentkv.cli"  # the key of a field's metadata that holds its flag
 # Flags several commands share (`setting(False, **OVERWRITE)`): one help text each.
 OVERWRITE = dict(panel="Output", help="Replace a non-empty output folder.")
 TRUST_REMOTE_CODE = dict(panel="Dangerous", help="Run model code shipped with the checkpoint.")
+SOURCE = dict(help="Local HF folder, .gguf file, or Hub id.", argument=True)
+DEVICE = dict(panel="Runtime", help="cpu, cuda or cuda:N.")
+DTYPE = dict(panel="Runtime", help="Compute dtype: float32, bfloat16, float16.")
+GGUF_FILE = dict(help="GGUF file name inside SOURCE (a folder or Hub repo).")
+AS_JSON = dict(help="Print one JSON object.", opts=("--json",))
 
 
 def setting(default=dataclasses.MISSING, *, help: str, panel: str | None = None, flag: str | None = None,
-            cli_type=None, argument: bool = False):
+            cli_type=None, argument: bool = False, opts: tuple[str, ...] = ()):
     """A dataclass field that is also a command-line flag.
 
     help / panel: the flag's help text and rich-help panel. flag: the parameter name when it differs
     from the field's (`kl_data` gives `--kl-data` for the field `kl_text`). cli_type: the type the
     command line parses when it differs from the field's (a `Path` for a `str` field, a list for a
-    tuple); argument: a positional argument instead of an option. No default: a required argument."""
-    meta = {CLI: {"help": help, "panel": panel, "flag": flag, "type": cli_type, "argument": argument}}
+    tuple); argument: a positional argument instead of an option. No default: a required argument (or
+    option). opts: the option's spellings where they are not `--<flag-name>` (`("-v", "--verbose")`)."""
+    meta = {CLI: {"help": help, "panel": panel, "flag": flag, "type": cli_type, "argument": argument, "opts": opts}}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -63,7 +69,7 @@ def cli_parameters(cls) -> list[inspect.Parameter]:
         if type(None) in typing.get_args(kind):  # `X | None` as typer reads it
             kind = typing.Optional[next(a for a in typing.get_args(kind) if a is not type(None))]
         info = typer.Argument(help=meta["help"]) if meta["argument"] else \
-            typer.Option(help=meta["help"], rich_help_panel=meta["panel"])
+            typer.Option(*meta["opts"], help=meta["help"], rich_help_panel=meta["panel"])
         default = _default(f)
         if meta["type"] is not None and isinstance(default, tuple):  # a repeatable flag: unset is None
             default = None

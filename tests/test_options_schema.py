@@ -95,7 +95,8 @@ def test_flags_are_the_option_fields():
 
 def test_option_modules_import_nothing_heavy():
     """Guards instant `--help`: the modules the CLI reads its flags from load no torch/transformers."""
-    code = ("import sys, latentkv.schema, latentkv.finetune.options, latentkv.calibration.options; "
+    code = ("import sys, latentkv.schema, latentkv.finetune.options, latentkv.calibration.options, "
+            "latentkv.eval.options, latentkv.runtime.options, latentkv.sparsity.options, latentkv.convert.options; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -186,3 +187,83 @@ def test_recipe_refuses_unknown_keys_and_wrong_types_before_any_work(tmp_path, c
     res = runner.invoke(app, [*argv, "--recipe", recipe_file(tmp_path, {setting: [1]})])
     assert res.exit_code == 2 and f"{setting} must be" in res.output, res.output
     assert not calls
+
+
+def option_classes():
+    from latentkv.convert.options import ConvertFlags
+    from latentkv.eval.options import EvalOptions
+    from latentkv.finetune.options import SampleOptions
+    from latentkv.runtime.options import GenerateOptions
+    from latentkv.sparsity.options import TrainOptions
+
+    return {"eval": EvalOptions, "generate": GenerateOptions, "sample": SampleOptions,
+            "predictor train": TrainOptions, "convert": ConvertFlags}
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "sample", "predictor train", "convert"])
+def test_commands_take_their_option_fields(command):
+    """Guards the one source for eval, generate, sample, predictor train and convert: each flag field of
+    the command's dataclass is one of its parameters, with the field's help text, panel, default and
+    spelling; the command's other parameters are the few written out in the CLI."""
+    from latentkv.calibration.options import CalibOptions
+    from latentkv.schema import CLI, cli_fields, parameter_names
+
+    cls = option_classes()[command]
+    params = {p.name: p for p in all_commands(typer.main.get_command(app))[command].params}
+    names = parameter_names(cls)
+    for f in cli_fields(cls):
+        meta, p = f.metadata[CLI], params.pop(names[f.name])
+        assert (p.help, getattr(p, "rich_help_panel", None)) == (meta["help"], meta["panel"]), f.name
+        assert p.param_type_name == ("argument" if meta["argument"] else "option"), f.name
+        if meta["opts"]:
+            assert [*p.opts, *p.secondary_opts] == list(meta["opts"]), f.name
+        if f.default is dataclasses.MISSING:
+            assert p.required, f.name
+        elif not isinstance(f.default, tuple):
+            assert p.default == f.default, f.name
+    rest = {"convert": {"source", "output", *parameter_names(CalibOptions).values()}}.get(command, {"recipe"})
+    assert set(params) == rest
+
+
+def test_moved_option_classes_are_the_same_from_their_old_modules():
+    """Guards imports of the options from the modules that run them."""
+    from latentkv.finetune import teacher_text
+    from latentkv.sparsity import train
+
+    assert teacher_text.SampleOptions is option_classes()["sample"]
+    assert train.TrainOptions is option_classes()["predictor train"]
+
+
+@pytest.fixture
+def converts(monkeypatch):
+    """`convert`'s work replaced by a recorder of the ConvertOptions it is given."""
+    from latentkv.convert import pipeline
+
+    seen = []
+
+    def record(opts, progress_factory=None):
+        seen.append(opts)
+        return SimpleNamespace(output=opts.output, kv_values_per_token=1, source_kv_values_per_token=2, seconds=0.0,
+                               notes=[])
+
+    monkeypatch.setattr(pipeline, "convert", record)
+    return seen
+
+
+def test_convert_flags_recipe(tmp_path, converts):
+    """Guards `convert --recipe` over ConvertFlags: a recipe's settings are used, a flag given on the
+    command line wins, and an unset flag keeps its default."""
+    recipe = recipe_file(tmp_path, {"to": "gqa", "num_kv_heads": 2, "max_shard_size": "1GB", "save_dtype": "bfloat16",
+                                    "dtype": "bfloat16", "calib_samples": 4, "method_options": {"grouping": "mean"}})
+    run_ok(["convert", "m", str(tmp_path / "o"), "--recipe", recipe, "--num-kv-heads", "1", "--dtype", "float16",
+            "--set", "keep=1"])
+    opts = converts[-1]
+    assert (opts.method, opts.max_shard_size, opts.save_dtype, opts.dtype, opts.calib.samples) == \
+        ("gqa", "1GB", "bfloat16", "float16", 4)
+    assert opts.method_options == {"grouping": "mean", "keep": 1, "num_kv_heads": 1}
+    assert (opts.format, opts.device, opts.engine, opts.cache_format, opts.overwrite) == \
+        ("latentkv", "cpu", None, None, False)
+    run_ok(["convert", "m", str(tmp_path / "o"), "--recipe", recipe, "--to", "mla", "--kv-budget", "0.25"])
+    opts = converts[-1]
+    assert (opts.method, opts.method_options["kv_budget"], opts.method_options["num_kv_heads"]) == ("mla", 0.25, 2)
+    assert opts.method_options["qk_rope_dim"] == "auto"  # the flag's default, which MLA takes

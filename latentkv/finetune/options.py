@@ -13,7 +13,7 @@ from pathlib import Path
 from latentkv.calibration.options import SEED, SPLIT, TEXT_FIELD
 from latentkv.data import DEFAULT_CALIBRATION
 from latentkv.errors import LatentKVError
-from latentkv.schema import OVERWRITE, TRUST_REMOTE_CODE, setting
+from latentkv.schema import DEVICE, GGUF_FILE, OVERWRITE, SOURCE, TRUST_REMOTE_CODE, setting
 
 MODES = ("lora", "attention")
 TARGETS = ("attention", "attention+mlp")
@@ -307,6 +307,50 @@ def check_held_out(held_out: str, data: str) -> None:
     if h == d or d in h.parents:
         raise LatentKVError(f"--kl-data {held_out} is part of the training text {data}; the KL must be measured on "
                             "held-out text (e.g. `latentkv sample` with another --seed)")
+
+
+@dataclass
+class SampleOptions:
+    """What `latentkv sample` draws from the teacher: `tokens` in all, in rows of `seq_len` sampled
+    `batch_size` at a time (each a round), cut into documents at EOS; a partial output file with the
+    same `resume_key` is continued."""
+
+    teacher: str = setting(**SOURCE)  # folder, .gguf file or Hub id
+    output: str = setting(argument=True, cli_type=Path, help="JSONL file to write ({\"text\": ...} per document).")
+    tokens: int = setting(5_000_000, help="Tokens to sample in all.")
+    seq_len: int = setting(1024, help="Tokens per sampled row (cut into documents at EOS).")
+    batch_size: int = setting(512, help="Rows sampled together.")
+    temperature: float = setting(1.0, help="Sampling temperature (1 = the teacher's own distribution).")
+    seed: int = setting(0, help="Sampling seed (round r of rows draws from seed and r).")
+    device: str = setting("cpu", **DEVICE)
+    dtype: str = setting("auto", panel=DEVICE["panel"], help=(
+        "auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16."))
+    overwrite: bool = setting(False, panel="Output", help="Replace an existing file.")
+    gguf_file: str | None = setting(None, **GGUF_FILE)
+    trust_remote_code: bool = setting(False, **TRUST_REMOTE_CODE)
+
+    def __post_init__(self):
+        from latentkv.calibration.runner import check_device, resolve_dtype  # torch: only when sampling
+
+        if not str(self.output).endswith(".jsonl"):
+            raise LatentKVError(f"The output is a JSONL file; name it *.jsonl (got {self.output})")
+        for name in ("tokens", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
+        check_device(self.device)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
+
+    @property
+    def rounds(self) -> int:
+        return -(-int(self.tokens) // (self.batch_size * self.seq_len))
+
+    def resume_key(self) -> dict:
+        """What must match for a partial file to be continued."""
+        keep = ("teacher", "seq_len", "batch_size", "temperature", "seed", "dtype")
+        return {k: v for k, v in asdict(self).items() if k in keep}
 
 
 @dataclass

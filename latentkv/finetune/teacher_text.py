@@ -21,53 +21,17 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from latentkv.calibration.runner import check_device, resolve_dtype
+from latentkv.calibration.runner import resolve_dtype
 from latentkv.modeling import cached_forward, output_cache
 from latentkv.errors import LatentKVError
+from latentkv.finetune.options import SampleOptions  # re-exported: its flags are read without torch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SampleOptions:
-    teacher: str  # folder, .gguf file or Hub id
-    output: str  # .jsonl file
-    tokens: int = 5_000_000
-    seq_len: int = 1024  # sampled tokens per row
-    batch_size: int = 512  # rows per round
-    temperature: float = 1.0
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"  # bf16 on GPU, float32 on CPU
-    overwrite: bool = False
-    gguf_file: str | None = None
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        if not str(self.output).endswith(".jsonl"):
-            raise LatentKVError(f"The output is a JSONL file; name it *.jsonl (got {self.output})")
-        for name in ("tokens", "seq_len", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise LatentKVError(f"--temperature must be > 0, got {self.temperature}")
-        check_device(self.device)
-        if self.dtype != "auto":
-            resolve_dtype(self.dtype)
-
-    @property
-    def rounds(self) -> int:
-        return -(-int(self.tokens) // (self.batch_size * self.seq_len))
-
-    def resume_key(self) -> dict:
-        """What must match for a partial file to be continued."""
-        keep = ("teacher", "seq_len", "batch_size", "temperature", "seed", "dtype")
-        return {k: v for k, v in asdict(self).items() if k in keep}
 
 
 @dataclass

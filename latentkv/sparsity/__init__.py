@@ -5,7 +5,16 @@ paged cache calls: ``runtime``; the predictor model: ``predictor``; training: ``
 teacher-forced comparison with dense decoding: ``evaluate``; the cache in host memory with a
 device page pool and prefetch of the forecast pages: ``offload``."""
 
-from latentkv.sparsity.policies import POLICIES, SparseConfig, choose_blocks, parse_budget
-from latentkv.sparsity.runtime import SparseAttention
+import importlib
+
+# Loaded on first use: the CLI reads `latentkv.sparsity.options` without torch (`--help` stays instant).
+_EXPORTS = {"POLICIES": "policies", "SparseConfig": "policies", "choose_blocks": "policies",
+            "parse_budget": "policies", "SparseAttention": "runtime"}
 
 __all__ = ["POLICIES", "SparseAttention", "SparseConfig", "choose_blocks", "parse_budget"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -16,48 +16,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from latentkv.errors import LatentKVError
+from latentkv.sparsity.options import TrainOptions  # re-exported: its flags are read without torch
 from latentkv.sparsity.predictor import AttentionPredictor, PredictorConfig, save_predictor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """model: a latentkv-format MLA/GLA folder; out: predictor folder; data: training text (folder
-    or file; WikiText refused); exclude: file names under ``data`` left out (held out for
-    evaluation); windows / seq_len: collected windows (10% go to validation); steps / batch_size / lr:
-    Adam on the predictor; budget: fraction of blocks at which validation recall is reported."""
-
-    model: str
-    out: str
-    data: str
-    exclude: tuple[str, ...] = ()
-    windows: int = 24
-    seq_len: int = 1024
-    page_size: int = 16
-    history: int = 16
-    channels: int = 8
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 3e-3
-    budget: float = 0.25
-    seed: int = 0
-    overwrite: bool = False
-
-    def __post_init__(self):
-        if self.windows < 2:
-            raise LatentKVError("--windows must be >= 2 (one at least for validation).")
-        if self.seq_len < 4 * self.page_size or self.seq_len <= self.history + 1:
-            raise LatentKVError(f"--seq-len {self.seq_len} is too short for pages of {self.page_size} and a "
-                                f"history of {self.history}; use >= {max(4 * self.page_size, self.history + 2)}.")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise LatentKVError("--steps, --batch-size and --lr must be positive.")
 
 
 def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: int, seq_len: int, seed: int):
