@@ -441,7 +441,7 @@ def plot(path: Path, rows, meta) -> None:
     shown = lambda r: min(r["perplexity"], top / 1.08)  # noqa: E731
     markers = {}
     for r in rows:
-        markers.setdefault(r["model"], "os^Dvp"[len(markers) % 6])
+        markers.setdefault(r["model"], "os^Dvp*hX<>P"[len(markers) % 12])
     colors = {"quantization only": "tab:orange", "latentkv": "tab:blue"}
     for model, marker in markers.items():
         pts = [r for r in rows if r["model"] == model]
