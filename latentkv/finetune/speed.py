@@ -15,6 +15,7 @@ import logging
 import torch
 
 from latentkv.errors import LatentKVError
+from latentkv.finetune.targets import call_attention_hooks
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +23,17 @@ log = logging.getLogger(__name__)
 def use_frequency_buffers(model: torch.nn.Module) -> int:
     """Have every latentkv attention with RoPE frequencies of its own read them from a buffer (its
     `use_rope_frequency_buffer` hook; the same numbers). Returns the number of layers."""
-    switched = 0
-    for name, module in model.named_modules():
-        hook = getattr(module, "use_rope_frequency_buffer", None)
-        if callable(hook):
-            hook()
-            switched += 1
-        elif isinstance(getattr(module, "rope_inv_freq", None), list):
+
+    def check_older(name: str, module: torch.nn.Module) -> None:
+        if isinstance(getattr(module, "rope_inv_freq", None), list):
             raise LatentKVError(
                 f"{name or type(module).__name__}: its modeling file was written by an older latentkv and keeps "
                 "the RoPE frequencies as a Python list (no `use_rope_frequency_buffer` hook), on which "
                 "torch.compile would recompile every layer. Convert the source again with the current latentkv "
                 "(`latentkv convert`), or run without --compile."
             )
-    return switched
+
+    return call_attention_hooks(model, "use_rope_frequency_buffer", check_older)
 
 
 def compile_layers(model: torch.nn.Module) -> int:

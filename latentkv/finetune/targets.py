@@ -129,6 +129,22 @@ def lora_config_of(peft_model):
 WEIGHT_READ_PROJECTIONS = {"kv_b_proj": "expand_latent", "v_up_proj": "decode_values"}
 
 
+def call_attention_hooks(model: torch.nn.Module, hook: str, check_older) -> int:
+    """Call the method `hook` of every module of `model` that has it (the attention classes of the
+    modeling file); `check_older(name, module)` sees each module without it, which may be an attention
+    from a modeling file written before the hook (and refuses it where that would be silently wrong).
+    Returns the number of hooks called."""
+    called = 0
+    for name, module in model.named_modules():
+        method = getattr(module, hook, None)
+        if callable(method):
+            method()
+            called += 1
+        else:
+            check_older(name, module)
+    return called
+
+
 def route_projections_through_modules(model: torch.nn.Module, adapted: Collection[str] | None = None) -> int:
     """Have every latentkv attention in `model` call its up-projections as modules (its
     `route_projections_through_modules` hook; the same numbers for plain weights), so adapters on
@@ -138,13 +154,8 @@ def route_projections_through_modules(model: torch.nn.Module, adapted: Collectio
     modeling file predates the hook is refused where one of its weight-read projections is among them
     (None: wherever it has one); elsewhere it is left as it is, having nothing to route.
     """
-    routed = 0
-    for name, module in model.named_modules():
-        hook = getattr(module, "route_projections_through_modules", None)
-        if callable(hook):
-            hook()
-            routed += 1
-            continue
+
+    def check_older(name: str, module: torch.nn.Module) -> None:
         prefix = f"{name}." if name else ""
         bypassed = [proj for proj, reader in WEIGHT_READ_PROJECTIONS.items()
                     if callable(getattr(module, reader, None))
@@ -159,6 +170,8 @@ def route_projections_through_modules(model: torch.nn.Module, adapted: Collectio
                 "bypassed (its forward may read their weights directly). Convert the source again with the current "
                 "latentkv (`latentkv convert`), or train full weights with --mode attention."
             )
+
+    routed = call_attention_hooks(model, "route_projections_through_modules", check_older)
     if routed:
         log.info("routing the latent up-projections of %d attention layers through kv_b_proj / v_up_proj so LoRA "
                  "applies to them", routed)
