@@ -220,6 +220,26 @@ def test_kernel_matches_reference(case_id):
     check(out, ref, dtype, f"{case_id} seed={seed}")
 
 
+def test_aligned_rows_decode_as_contiguous_ones():
+    """The runtime's pages (``empty_pages``: row stride rounded up to 16 bytes) decode to the same
+    bytes as a contiguous copy of the same rows; the padding columns hold NaN, so a read of them
+    shows. 36 + 10 bf16 values: a row of 92 bytes in a stride of 96."""
+    seed = random.SystemRandom().randrange(2**31)
+    q, kv, table, seq_lens, scale = make_case(batch_lens=(21, 40), sq=1, heads=4, latent_heads=1, r_c=36, rope=10,
+                                              page=16, dtype=BF16, seed=seed)
+    aligned = md.empty_pages(kv.shape[0], kv.shape[1], kv.shape[2], dtype=BF16, device=DEVICE)
+    assert aligned.stride(1) == 48 and aligned.data_ptr() % 16 == 0
+    full = aligned.as_strided((kv.shape[0], kv.shape[1], 48), aligned.stride())
+    full.fill_(float("nan"))
+    aligned.copy_(kv)
+    kw = dict(latent_heads=1, rope_dim=10, softmax_scale=scale)
+    out = md.mla_decode(q, aligned, table, seq_lens, num_splits=2, **kw)
+    ref = md.mla_decode(q, kv.contiguous(), table, seq_lens, num_splits=2, **kw)
+    assert torch.equal(out, ref), f"seed={seed}"
+    rows = md.page_rows(aligned)
+    assert rows.shape == (kv.shape[0] * kv.shape[1], 46) and torch.equal(rows[17], aligned[1, 1])
+
+
 def test_wgmma_config_refused_where_it_cannot_run():
     """Guards the dispatch: asking for the Gluon wgmma kernel where it cannot run (CPU, GLA, too
     few query rows, float32) is a clear error, not a crash inside the compiler."""

@@ -72,7 +72,7 @@ def make_paged_inputs(
     pages_per_seq = math.ceil(context / page_size)
     num_pages = batch * pages_per_seq
     g = torch.Generator(device=device).manual_seed(seed)
-    kv = torch.empty(num_pages, page_size, width, dtype=dtype, device=device)
+    kv = md.empty_pages(num_pages, page_size, width, dtype=dtype, device=device)  # the runtime cache's layout
     kv.normal_(generator=g)
     table = torch.randperm(num_pages, device=device, generator=g).view(batch, pages_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -81,7 +81,7 @@ def make_paged_inputs(
         from latentkv.kvformats import parse_format
         from latentkv.kernels.quantized_pages import QuantizedPages
 
-        rows = kv.view(-1, width)
+        rows = md.page_rows(kv)
         kv = QuantizedPages.empty(parse_format(kv_format), num_pages=num_pages, page_size=page_size,
                                   latent_width=latent_rank, rope_dim=rope_dim, dtype=dtype, device=device)
         kv.write_rows(torch.arange(rows.shape[0], device=device), rows)

@@ -31,7 +31,7 @@ import torch
 from latentkv.errors import LatentKVError
 from latentkv.kvformats import KVFormat, fake_quantize
 from latentkv.kvformats import model_cache_formats
-from latentkv.kernels.mla_decode import decode_attention
+from latentkv.kernels.mla_decode import decode_attention, empty_pages, page_rows
 from latentkv.kernels.quantized_pages import QuantizedPages, check_groups
 from latentkv.kvformats import check_paged_formats
 from latentkv.modeling.modeling_latentkv import cache_keyword
@@ -90,8 +90,8 @@ class PagedLatentCache:
             self.pages = [QuantizedPages.empty(latent, num_pages=num_pages, page_size=page_size, latent_width=r,
                                                rope_dim=w - r, dtype=dtype, device=self.device)
                           for w, r in zip(self.layer_widths, self.latent_widths)]
-        else:  # one [num_pages, page_size, width] tensor per layer
-            self.pages = [torch.zeros(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
+        else:  # one [num_pages, page_size, width] tensor per layer, rows 16-byte aligned
+            self.pages = [empty_pages(num_pages, page_size, w, dtype=dtype, device=self.device) for w in layer_widths]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._tables: dict[int, list[int]] = {}  # sequence id -> its pages
         self._lens: dict[int, int] = {}  # sequence id -> tokens written
@@ -259,7 +259,7 @@ class PagedLatentCache:
         if isinstance(kv, QuantizedPages):
             kv.write_rows(step["rows"], rows)
         else:
-            kv.view(-1, width).index_copy_(0, step["rows"], rows.to(kv.dtype))
+            page_rows(kv).index_copy_(0, step["rows"], rows.to(kv.dtype))
         q = q.to(kv.dtype)
         table, lens, max_len = step["block_table"], step["seq_lens"], step["max_len"]
         masses = False
