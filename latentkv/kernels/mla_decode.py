@@ -857,6 +857,14 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         # int4 tiles load a scale and a zero-point per column: narrow tiles over 8 warps were the
         # fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms against 4.8 ms)
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
+    if kv_quant == "fp8" and elt == 2 and block_r == 512:
+        # First estimates, to be measured (scripts/bench_decode_quantized.py --sweep): with the scales on
+        # the scores the tile in registers is the codes in bf16 / fp16, as a plain tile, plus a float32
+        # [groups, block_m, block_n] product of the batched score dot, so tiles of 32 cache rows; the
+        # fp8 tile is 20 KB of shared memory a stage against 36 KB plain.
+        if block_m <= 32:
+            return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
+        return DecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
         # 36 KB tiles in flight; 255 regs x 128 threads and 112 KB smem -> 2 programs per SM.
