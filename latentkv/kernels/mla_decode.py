@@ -173,6 +173,46 @@ def _load_fp8_groups(  # triton.jit applied by _kernels() (bound as _fp8_groups)
     return codes.to(tl.float8e4nv, bitcast=True), scale
 
 
+def _load_int4_groups(  # triton.jit applied by _kernels() (bound as _int4_groups)
+    LAT_CODES, LAT_SCALES,
+    page, slot, n_ok, c, col0,  # as _load_fp8_groups
+    stride_cp, stride_ct, stride_sp, stride_st,
+    R_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PIECE: tl.constexpr,  # columns of a piece: min(GROUP, tile width); every piece lies in one group
+    NUM_PIECES: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    SCALE_FIELDS: tl.constexpr,
+):
+    """int4 codes of columns col0 .. col0 + NUM_PIECES * PIECE of latent head c, split by the nibble order
+    (two codes a byte, lowest nibble first): the even columns (low nibbles) and the odd columns (high
+    nibbles), each [NUM_PIECES, BLOCK_N, PIECE // 2] float32, and each piece's float32 scale and zero-point
+    per row, [NUM_PIECES, BLOCK_N] (0 outside the split). The codes come centred, code - 8 in -8..7 (exact in
+    any dtype), with the zero-point moved to zero + 8 * scale: the value is the same, and the two terms the
+    kernel sums apart, p x scale x code and p x zero, are about half as large, so the rounding of p x scale
+    to the model dtype costs half as much. Columns past R_C read as code -8 (q is 0 there, and those output
+    columns are not stored)."""
+    p_cols = col0 + tl.arange(0, NUM_PIECES) * PIECE  # first column of each piece within the latent head (even)
+    pair = tl.arange(0, PIECE // 2)
+    cols = p_cols[:, None, None] + 2 * pair[None, None, :]  # [NUM_PIECES, 1, PIECE // 2] even columns
+    if MASK_COLS:  # R_C is even: an even column inside R_C has its odd neighbour inside too
+        code_ok = n_ok[None, :, None] & (cols < R_C)
+    else:
+        code_ok = n_ok[None, :, None]
+    row_at = (page * stride_cp + slot * stride_ct)[None, :, None]  # [1, BLOCK_N, 1]
+    byte = tl.load(LAT_CODES + row_at + (c * R_C + cols) // 2, mask=code_ok, other=0)  # uint8
+    scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[None, :]
+                + ((c * SCALE_OFF + p_cols // GROUP) * SCALE_FIELDS)[:, None])  # [NUM_PIECES, BLOCK_N]
+    g_ok = n_ok[None, :] & (p_cols < R_C)[:, None]
+    scale = tl.load(scale_at, mask=g_ok, other=0.0).to(tl.float32)
+    zero = tl.load(scale_at + 1, mask=g_ok, other=0.0).to(tl.float32)
+    lo = (byte & 15).to(tl.float32) - 8.0
+    hi = (byte >> 4).to(tl.float32) - 8.0
+    return lo, hi, scale, zero + 8.0 * scale
+
+
 def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
     KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
@@ -232,7 +272,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     BLOCK_O: tl.constexpr = 16,  # output columns per program: BLOCK_R // out_splits
     OGROUP: tl.constexpr = 1,  # fp8: min(GROUP, BLOCK_O), the 3-D view of a value slice
     ONUM_GROUPS: tl.constexpr = 1,  # fp8: BLOCK_O // OGROUP
-    SCALED_DOTS: tl.constexpr = False,  # fp8, GROUP >= 16: scales on scores / probabilities, batched dots per group
+    SCALED_DOTS: tl.constexpr = False,  # fp8 (GROUP >= 16), int4 (GROUP >= 32): scales on scores / probabilities
     P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS: power of 2 on p * scale (fp16: keeps it out of the subnormals)
 ):
     # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
@@ -274,7 +314,20 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         v_ok = r_ok
 
     q_row = Q + pid_b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
-    if SCALED_DOTS:
+    if SCALED_DOTS and KV_QUANT == "int4":
+        # the even and the odd columns of q as [NUM_GROUPS, BLOCK_M, GROUP // 2], as the code tiles
+        # (low and high nibbles), and the float32 sum of each group's columns (for the zero-points)
+        g_cols = (tl.arange(0, NUM_GROUPS) * GROUP)[:, None, None] + 2 * tl.arange(0, GROUP // 2)[None, None, :]
+        if BLOCK_R == R_C:
+            q_ok = row_ok[None, :, None]
+        else:
+            q_ok = row_ok[None, :, None] & (g_cols < R_C)
+        q = tl.load(q_row[None, :, None] + g_cols, mask=q_ok, other=0.0)
+        q_hi = tl.load(q_row[None, :, None] + g_cols + 1, mask=q_ok, other=0.0)
+        q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32), 2)  # [NUM_GROUPS, BLOCK_M]
+        if UPCAST_DOT:
+            q_hi = q_hi.to(tl.float32)
+    elif SCALED_DOTS:
         # q as [NUM_GROUPS, BLOCK_M, GROUP], the layout of the code tiles: one batched dot gives every
         # group's partial scores, which its scale weights before the sum over groups
         g_cols = (tl.arange(0, NUM_GROUPS) * GROUP)[:, None, None] + tl.arange(0, GROUP)[None, None, :]
@@ -308,7 +361,15 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SCALED_DOTS:  # one accumulator per group of output columns, [groups, columns, rows] with KV_ON_M
+    if SCALED_DOTS and KV_QUANT == "int4":  # even and odd columns apart, and p . zero-point per group
+        if KV_ON_M:
+            acc = tl.zeros([ONUM_GROUPS, OGROUP // 2, BLOCK_M], dtype=tl.float32)
+            acc_hi = tl.zeros([ONUM_GROUPS, OGROUP // 2, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP // 2], dtype=tl.float32)
+            acc_hi = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP // 2], dtype=tl.float32)
+        acc_z = tl.zeros([ONUM_GROUPS, BLOCK_M], dtype=tl.float32)
+    elif SCALED_DOTS:  # one accumulator per group of output columns, [groups, columns, rows] with KV_ON_M
         if KV_ON_M:
             acc = tl.zeros([ONUM_GROUPS, OGROUP, BLOCK_M], dtype=tl.float32)
         else:
@@ -337,7 +398,26 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
         slot = offs_n % PAGE_SIZE
-        if SCALED_DOTS:
+        if SCALED_DOTS and KV_QUANT == "int4":
+            # int4 codes as even / odd column tiles [groups, BLOCK_N, GROUP // 2] of the model dtype (-8..7,
+            # exact) and their scales and zero-points [groups, BLOCK_N]
+            codes, codes_hi, scale, zero = _int4_groups(
+                LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp, stride_st, R_C,
+                BLOCK_N, GROUP, NUM_GROUPS, BLOCK_R != R_C, GROUP, SCALE_OFF, SCALE_FIELDS)
+            if not UPCAST_DOT:
+                codes = codes.to(Q.dtype.element_ty)
+                codes_hi = codes_hi.to(Q.dtype.element_ty)
+            if NUM_OSPLITS > 1:  # this program's value columns (from L2, as below)
+                codes_v, codes_hi_v, scale_v, zero_v = _int4_groups(
+                    LAT_CODES, LAT_SCALES, page, slot, n_ok, c, pid_o * BLOCK_O, stride_cp, stride_ct, stride_sp,
+                    stride_st, R_C, BLOCK_N, OGROUP, ONUM_GROUPS, BLOCK_O * NUM_OSPLITS != R_C, GROUP, SCALE_OFF,
+                    SCALE_FIELDS)
+                if not UPCAST_DOT:
+                    codes_v = codes_v.to(Q.dtype.element_ty)
+                    codes_hi_v = codes_hi_v.to(Q.dtype.element_ty)
+            else:
+                codes_v, codes_hi_v, scale_v, zero_v = codes, codes_hi, scale, zero
+        elif SCALED_DOTS:
             # fp8 codes as [groups, BLOCK_N, GROUP] tiles of the model dtype (every e4m3 value is exact
             # there) and their scales [groups, BLOCK_N]: no dequantized float32 tile, no reshape
             codes, scale = _fp8_groups(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp,
@@ -390,7 +470,10 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         if KV_ON_M:
             # cache rows on the M side: s^T = tile @ q^T, o^T += tile^T @ p^T (no padding of
             # the MMA's M when a latent head serves few query rows)
-            if SCALED_DOTS:  # sum over groups of scale x (codes . q): [BLOCK_N, BLOCK_M]
+            if SCALED_DOTS and KV_QUANT == "int4":  # + zero x (sum of q's group columns)
+                s = tl.dot(codes_hi, tl.trans(q_hi, (0, 2, 1)), tl.dot(codes, tl.trans(q, (0, 2, 1))))
+                s = tl.sum(s * scale[:, :, None] + zero[:, :, None] * q_sum[:, None, :], 0)
+            elif SCALED_DOTS:  # sum over groups of scale x (codes . q): [BLOCK_N, BLOCK_M]
                 s = tl.sum(tl.dot(codes, tl.trans(q, (0, 2, 1))) * scale[:, :, None], 0)
             else:
                 s = tl.dot(kv_d, tl.trans(q))  # [BLOCK_N, BLOCK_M]
@@ -419,6 +502,9 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 if UPCAST_DOT:
                     p_g = p_g.to(tl.float32)
                 acc = tl.dot(tl.trans(codes_v, (0, 2, 1)), p_g, acc)
+                if KV_QUANT == "int4":  # odd columns; the zero-point adds p . zero to every column
+                    acc_hi = tl.dot(tl.trans(codes_hi_v, (0, 2, 1)), p_g, acc_hi * alpha[None, None, :])
+                    acc_z = acc_z * alpha[None, :] + tl.sum(p[None, :, :] * zero_v[:, :, None], 1)
             else:
                 acc = acc * alpha[None, :]
                 p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
@@ -426,7 +512,10 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                     p_d = p_d.to(tl.float32)
                 acc = tl.dot(tl.trans(kv_v), p_d, acc)
         else:
-            if SCALED_DOTS:  # sum over groups of scale x (q . codes): [BLOCK_M, BLOCK_N]
+            if SCALED_DOTS and KV_QUANT == "int4":  # + zero x (sum of q's group columns)
+                s = tl.dot(q_hi, tl.trans(codes_hi, (0, 2, 1)), tl.dot(q, tl.trans(codes, (0, 2, 1))))
+                s = tl.sum(s * scale[:, None, :] + q_sum[:, :, None] * zero[:, None, :], 0)
+            elif SCALED_DOTS:  # sum over groups of scale x (q . codes): [BLOCK_M, BLOCK_N]
                 s = tl.sum(tl.dot(q, tl.trans(codes, (0, 2, 1))) * scale[:, None, :], 0)
             else:
                 s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
@@ -455,6 +544,9 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 if UPCAST_DOT:
                     p_g = p_g.to(tl.float32)
                 acc = tl.dot(p_g, codes_v, acc)
+                if KV_QUANT == "int4":  # odd columns; the zero-point adds p . zero to every column
+                    acc_hi = tl.dot(p_g, codes_hi_v, acc_hi * alpha[None, :, None])
+                    acc_z = acc_z * alpha[None, :] + tl.sum(p[None, :, :] * zero_v[:, None, :], 2)
             else:
                 acc = acc * alpha[:, None]
                 p_d = p.to(kv.dtype)
@@ -481,10 +573,13 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
 
     if SCALED_DOTS:  # [groups, rows, columns] (or [groups, columns, rows]) -> [BLOCK_M, BLOCK_O], once
         if KV_ON_M:
-            acc = tl.permute(acc, (2, 0, 1))
-        else:
-            acc = tl.permute(acc, (1, 0, 2))
-        acc = tl.reshape(acc, [BLOCK_M, BLOCK_O])
+            acc = tl.permute(acc, (0, 2, 1))
+            if KV_QUANT == "int4":
+                acc_hi = tl.permute(acc_hi, (0, 2, 1))
+        if KV_QUANT == "int4":  # interleave the even and odd columns, add the zero-point terms
+            acc = tl.reshape(tl.join(acc + acc_z[:, :, None], acc_hi + acc_z[:, :, None]),
+                             [ONUM_GROUPS, BLOCK_M, OGROUP])
+        acc = tl.reshape(tl.permute(acc, (1, 0, 2)), [BLOCK_M, BLOCK_O])
         if P_SCALE != 1.0:
             acc = acc * (1.0 / P_SCALE)
     elif KV_ON_M:
@@ -642,11 +737,12 @@ def _mla_decode_masses_kernel(  # triton.jit applied by _kernels()
 _JIT: dict[str, object] = {}
 _latent_tile = None  # triton.jit(_load_latent_tile), bound by _kernels(): the split kernel calls it by this name
 _fp8_groups = None  # triton.jit(_load_fp8_groups), likewise
+_int4_groups = None  # triton.jit(_load_int4_groups), likewise
 
 
 def _kernels():
     """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
-    global triton, tl, _latent_tile, _fp8_groups
+    global triton, tl, _latent_tile, _fp8_groups, _int4_groups
     if not _JIT:
         import triton as _triton
         import triton.language as _tl
@@ -654,6 +750,7 @@ def _kernels():
         triton, tl = _triton, _tl
         _latent_tile = triton.jit(_load_latent_tile)
         _fp8_groups = triton.jit(_load_fp8_groups)
+        _int4_groups = triton.jit(_load_int4_groups)
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
         _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
@@ -1177,8 +1274,10 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     if codes.stride(-1) != 1 or scales.stride(-1) != 1 or scales.stride(-2) != scales.shape[-1]:
         raise LatentKVError("QuantizedPages codes and scales must be contiguous per token (QuantizedPages.empty).")
     ogroup = min(group, block_o)
-    # scales on the scores: every batched dot needs 16 or more columns a group (tl.dot's K and N)
-    scaled = quant.kernel.switch == "fp8" and not dequant_tile and ogroup >= 16
+    # scales on the scores: every batched dot needs 16 or more columns a group (tl.dot's K and N); int4
+    # dots take the even and the odd columns of a group apart, so 32
+    min_group = {"fp8": 16, "int4": 32}[quant.kernel.switch]
+    scaled = not dequant_tile and ogroup >= min_group
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
@@ -1186,7 +1285,8 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
                       "SCALE_FIELDS": quant.kernel.scale_fields, "SCALED_DOTS": scaled,
                       # fp16: p x scale (scale = amax / 448 <= 146) times 256 stays below 65504 and
                       # above the subnormals where small probabilities would lose bits
-                      "P_SCALE": 256.0 if scaled and quant.dtype == torch.float16 else 1.0},
+                      "P_SCALE": 256.0 if scaled and quant.kernel.switch == "fp8" and quant.dtype == torch.float16
+                      else 1.0},
     }
 
 
