@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.kernels.quantized_pages import QuantizedPages, kernel_groups
+from latentkv.kernels.quantized_pages import QuantizedPages, group_width, kernel_groups
 
 # triton is an optional dependency (extra "kernels") and is imported on the first launch, not
 # here: TRITON_INTERPRET is read when triton is imported, so importing latentkv.kernels (the
@@ -781,10 +781,11 @@ class DecodeConfig:
         (r_c > 512), whose [block_m, r_c] accumulator and query block do not fit the registers
         together. The programs of one tile are adjacent in the grid and read it through L2. Slices
         entirely past r_c are not launched.
-    dequant_tile: fp8 caches: dequantize each tile of codes to a [block_n, width] tile in registers and
-        use it in the plain dots. Off (the default), groups of at least 16 columns keep the codes exact
-        in the model dtype and apply the scales to the scores and the probabilities instead, through
-        one batched dot over the groups (narrower groups always take the dequantized tile).
+    dequant_tile: quantized caches: dequantize each tile of codes to a [block_n, width] tile in registers
+        and use it in the plain dots. Off (the default), fp8 groups of at least 16 columns and int4 groups
+        of at least 32 keep the codes exact in the model dtype and apply the scales (and int4's
+        zero-points) to the scores and the probabilities instead, through batched dots over the groups
+        (narrower groups always take the dequantized tile).
     """
 
     block_m: int
@@ -905,11 +906,12 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
 
 
 def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, device=None, *,
-                   kv_quant: str = "") -> DecodeConfig:
+                   kv_quant: str = "", kv_group: int = 0) -> DecodeConfig:
     """Block sizes for ``rows`` query rows per latent head and latent width ``r_c``: the measured
     table of the GPU family of ``device`` where it covers the shape (``latentkv.kernels.tuning``;
-    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4"), else the
-    rules below (tuned on an H100 at r_c = 512, estimates elsewhere).
+    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4", with
+    ``kv_group`` columns a scale, 0 if unknown), else the rules below (tuned on an H100 at r_c = 512,
+    estimates elsewhere).
 
     BLOCK_M x BLOCK_R float32 accumulators live in registers: keep them at most 32K elements
     (128 registers a thread at 8 warps), so BLOCK_M <= 64 at r_c = 512 and <= 128 at r_c = 256.
@@ -950,15 +952,17 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
             return DecodeConfig(block_m=16, block_n=32, num_warps=8, num_stages=3)
         return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 512)
     block_m = max(16, min(_next_pow2(rows), 128, max(16, 32768 // block_r)))
-    if kv_quant == "int4":
-        # int4 tiles load a scale and a zero-point per column: narrow tiles over 8 warps were the
-        # fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms against 4.8 ms)
+    scaled = (kv_quant == "fp8" and kv_group >= 16) or (kv_quant == "int4" and kv_group >= 32)
+    if kv_quant == "int4" and not (scaled and elt == 2 and block_r == 512):
+        # int4 tiles dequantized in registers load a scale and a zero-point per column: narrow tiles over
+        # 8 warps were the fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms
+        # against 4.8 ms)
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
-    if kv_quant == "fp8" and elt == 2 and block_r == 512:
+    if scaled and elt == 2 and block_r == 512:
         # First estimates, to be measured (scripts/bench_decode_quantized.py --sweep): with the scales on
         # the scores the tile in registers is the codes in bf16 / fp16, as a plain tile, plus a float32
-        # [groups, block_m, block_n] product of the batched score dot, so tiles of 32 cache rows; the
-        # fp8 tile is 20 KB of shared memory a stage against 36 KB plain.
+        # [groups, block_m, block_n] product of the batched score dot, so tiles of 32 cache rows; an
+        # fp8 tile is 20 KB of shared memory a stage (int4 12 KB) against 36 KB plain.
         if block_m <= 32:
             return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
         return DecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
@@ -981,7 +985,7 @@ _AUTO_CONFIGS: dict[tuple, DecodeConfig] = {}
 
 def choose_config(
     q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False,
-    kv_quant: str = "",
+    kv_quant: str = "", kv_group: int = 0,
 ) -> DecodeConfig:
     """The split kernel's configuration for this call: ``config`` if given (checked), else the
     Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
@@ -991,7 +995,7 @@ def choose_config(
 
     if config is None:  # the automatic choice depends only on these (cached: it runs on every launch)
         key = (q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], kv_cache.shape[1], kv_cache.stride(),
-               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant)  # fmt: skip
+               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant, kv_group)  # fmt: skip
         cfg = _AUTO_CONFIGS.get(key)
         if cfg is None:
             rows = q.shape[1] * (q.shape[2] // latent_heads)
@@ -999,7 +1003,8 @@ def choose_config(
             if wgmma and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
                 cfg = WGMMA_CONFIG
             else:
-                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant)
+                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant,
+                                     kv_group=kv_group)
             _AUTO_CONFIGS[key] = cfg
         return cfg
     if config.kernel == "wgmma" and (need_masses or not mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads,
@@ -1157,7 +1162,8 @@ def mla_decode(
     hg = heads // latent_heads
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
-                        kv_quant=quant.kernel.switch if quant else "")
+                        kv_quant=quant.kernel.switch if quant else "",
+                        kv_group=group_width(quant.fmt, quant.latent_width) if quant else 0)
     if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
         cfg = replace(cfg, kernel="triton") if config is None else cfg
         if cfg.kernel == "wgmma":
