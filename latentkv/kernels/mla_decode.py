@@ -24,7 +24,11 @@ Kernel shape (the design this code follows):
 - split-KV: grid ``(latent_heads * head_blocks * column_slices, splits, batch)``; with one split the kernel
   writes the normalised output directly, otherwise each split writes a float32 partial output
   and its log-sum-exp and ``_mla_decode_combine_kernel`` merges them (or, with
-  ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch).
+  ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch);
+- quantized latents (``QuantizedPages``): fp8 / int4 codes stay exact in the model dtype, as
+  [groups, BLOCK_N, group width] tiles; batched dots over the groups give per-group scores that the
+  token's group scales (and int4 zero-points) weight in float32, and the probabilities times each
+  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile.
 Block sizes per shape: ``default_config`` (tuned on an H100; numbers in NOTES.md).
 
 Order in this file (Triton tutorial order): kernels, launcher, reference, facade and helpers.
@@ -263,7 +267,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     CHUNK: tl.constexpr,  # tokens per CHUNK_LSE entry: min(BLOCK_N, PAGE_SIZE), one divides the other
     SOFTCAP: tl.constexpr = False,  # soft-capped scores (Gemma 2); off: the kernel is unchanged
     WINDOW: tl.constexpr = False,  # sliding-window attention; off: the kernel is unchanged
-    KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent tile is dequantized here; "": the kernel is unchanged
+    KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent is read as codes and scales; "": the kernel is unchanged
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
