@@ -252,7 +252,8 @@ def test_quantized_kernel_masses_match_reference(fmt, config):
     cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name="masses")
 
 
-@pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL), ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+@pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, dequant_tile=True)),
                                          ("int4/g32", SMALL)])
 def test_quantized_kernel_softcap_window_match_reference(fmt, config):
