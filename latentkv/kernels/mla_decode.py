@@ -956,20 +956,23 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
             return DecodeConfig(block_m=16, block_n=32, num_warps=8, num_stages=3)
         return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 512)
     block_m = max(16, min(_next_pow2(rows), 128, max(16, 32768 // block_r)))
-    scaled = (kv_quant == "fp8" and kv_group >= 16) or (kv_quant == "int4" and kv_group >= 32)
-    if kv_quant == "int4" and not (scaled and elt == 2 and block_r == 512):
+    if kv_quant == "int4":
         # int4 tiles dequantized in registers load a scale and a zero-point per column: narrow tiles over
         # 8 warps were the fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms
-        # against 4.8 ms)
+        # against 4.8 ms). The batched-dot path (groups of >= 32) compiles without spills here too
+        # (sm_90a, 512 + 64, 32 rows, g32: 246 registers); its speed is not measured yet.
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
-    if scaled and elt == 2 and block_r == 512:
-        # First estimates, to be measured (scripts/bench_decode_quantized.py --sweep): with the scales on
-        # the scores the tile in registers is the codes in bf16 / fp16, as a plain tile, plus a float32
-        # [groups, block_m, block_n] product of the batched score dot, so tiles of 32 cache rows; an
-        # fp8 tile is 20 KB of shared memory a stage (int4 12 KB) against 36 KB plain.
-        if block_m <= 32:
+    if kv_quant == "fp8" and kv_group >= 16 and elt == 2 and block_r == 512:
+        # First estimates for the batched-dot path, to be timed (scripts/bench_decode_quantized.py
+        # --sweep); registers from scripts/kernel_registers.py (sm_90a, g128). Triton puts one warp
+        # on each group of the batched dots, so at 4 warps a warp holds a [32, 128] float32
+        # accumulator, its q slice and a [32, block_n] float32 score product: 32 rows spill (280 B)
+        # at 4 warps and fit at 8 (254 registers). The fp8 tile is 20 KB of shared memory a stage.
+        if block_m <= 16:
             return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
-        return DecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
+        if block_m == 32:
+            return DecodeConfig(block_m=32, block_n=32, num_warps=8, num_stages=4)
+        return DecodeConfig(block_m=64, block_n=16, num_warps=8, num_stages=2)  # 8 B of spills
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
         # 36 KB tiles in flight; 255 regs x 128 threads and 112 KB smem -> 2 programs per SM.
