@@ -9,6 +9,7 @@ the bf16 cache measured in the same run.
   python scripts/bench_decode_quantized.py                       # MLA 512 + 64, 32 heads, batch 64, 8192
   python scripts/bench_decode_quantized.py --formats fp8_e4m3/g128 int4/g32 --heads 128 --json out.json
   python scripts/bench_decode_quantized.py --sweep               # also search block sizes per format
+  python scripts/bench_decode_quantized.py --dequant-tile        # also each format with the dequantized tile
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also time a grid of launch configurations for each quantized format (block_n, warps, "
                         "stages; block_m from the rules) and report the fastest that passes the check")
+    p.add_argument("--dequant-tile", action="store_true",
+                   help="also time each format with its tile dequantized in registers (DecodeConfig.dequant_tile) "
+                        "at the same launch configuration")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p.parse_args(argv)
 
@@ -74,6 +78,13 @@ def main(argv=None) -> int:
                  page_size=args.page_size, source_geometry=None)
     rows = {fmt: bench.run_decode_bench(**shape, kv_format=None if fmt == "bf16" else fmt)
             for fmt in ["bf16", *args.formats]}
+    if args.dequant_tile:
+        from latentkv.kernels.mla_decode import DecodeConfig
+
+        for fmt in args.formats:
+            rule = {k: v for k, v in rows[fmt]["config"].items() if k != "num_splits"}
+            rows[f"{fmt} deq"] = bench.run_decode_bench(**shape, kv_format=fmt,
+                                                        config=DecodeConfig(**{**rule, "dequant_tile": True}))
     if args.sweep:
         for fmt in args.formats:
             rows[f"{fmt} best"] = sweep(shape, fmt, rows[fmt]["config"])

@@ -92,6 +92,27 @@ CASES = {
                                DecodeConfig(16, 16, 4, 2, out_splits=4)),
     "int4-g32-rc960-sq2-os2": ((2, 45), 2, 4, 1, 960, 64, 16, BF16, "int4/g32", 2, DecodeConfig(16, 16, 4, 2, out_splits=2)),
     "int4-token-rc1024-default": ((3, 21), 1, 4, 1, 1024, 0, 16, FP32, "int4/token", 1, None),  # out_splits 4
+    # fp8 groups of >= 16 columns: scales on the scores and probabilities (batched dots per group)
+    "fp8-token-mla48-sq2": ((2, 37), 2, 4, 1, 48, 16, 16, BF16, "fp8_e4m3/token", 2, SMALL),  # one group, masked
+    "fp8-g32-gla2-rc96-fused": ((2, 31, 47), 2, 8, 2, 96, 16, 16, BF16, "fp8_e4m3/g32", 3,
+                                DecodeConfig(16, 16, 4, 2, fuse_combine=True)),  # a group past r_c
+    "fp8-g16-fp16-kv-on-m-sq2": ((3, 29), 2, 4, 1, 32, 16, 16, FP16, "fp8_e4m3/g16", 2,
+                                 DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+    "fp8-g64-rc160-kv-on-m-os2": ((2, 45), 2, 4, 1, 160, 32, 16, BF16, "fp8_e4m3/g64", 2,
+                                  DecodeConfig(16, 32, 4, 2, kv_on_m=True, out_splits=2)),
+    "fp8-g32-fp16-direct-n32": ((3, 21, 70), 1, 8, 1, 64, 16, 16, FP16, "fp8_e4m3/g32", 1,
+                                DecodeConfig(16, 32, 4, 2)),  # tiles of two pages
+    "fp8-g16-dequant-tile": ((2, 33, 70), 2, 4, 1, 48, 16, 16, BF16, "fp8_e4m3/g16", 3,
+                             DecodeConfig(16, 16, 4, 2, dequant_tile=True)),  # the dequantized-tile path
+    # int4 groups of >= 32 columns: the same with the even and odd columns of each group apart
+    "int4-g32-mla64-sq2-bf16": ((2, 37, 70), 2, 4, 1, 64, 16, 16, BF16, "int4/g32", 3, SMALL),
+    "int4-token-mla48-fp16": ((3, 29), 1, 8, 1, 48, 16, 16, FP16, "int4/token", 2, SMALL),  # one group, masked
+    "int4-g32-gla2-rc96-kv-on-m": ((2, 31, 47), 2, 8, 2, 96, 16, 16, BF16, "int4/g32", 3,
+                                   DecodeConfig(16, 16, 4, 2, kv_on_m=True)),  # a group past r_c
+    "int4-g64-rc160-kv-on-m-os2-fused": ((2, 45), 2, 4, 1, 160, 32, 16, FP16, "int4/g64", 2,
+                                         DecodeConfig(16, 32, 4, 2, kv_on_m=True, out_splits=2, fuse_combine=True)),
+    "int4-g32-dequant-tile": ((2, 33), 1, 4, 1, 64, 16, 16, BF16, "int4/g32", 2,
+                              DecodeConfig(16, 16, 4, 2, dequant_tile=True)),
 }
 if CUDA:  # model-sized shapes where the kernel is compiled (the 656-byte FlashMLA row first)
     CASES.update({
@@ -213,16 +234,70 @@ def test_bench_quantized_smoke(fmt):
     assert r["cache_bytes"] == 4 * 1024 * per_token
 
 
-def test_quantized_kernel_masses_match_reference():
+@pytest.mark.parametrize("fmt, config", [("int4/g16", SMALL), ("fp8_e4m3/g16", SMALL),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 32, 4, 2, kv_on_m=True)),
+                                         ("int4/g32", SMALL)])
+def test_quantized_kernel_masses_match_reference(fmt, config):
     """Guards the per-page masses (sparse decode's history) over a quantized cache: the same switch
     combinations compile and give the reference's masses."""
     q, pages, table, seq_lens, _, scale = make_quantized_case(
-        lens=(2, 33, 70), sq=2, heads=4, latent_heads=1, r_c=32, rope=16, page=16, dtype=FP32, fmt="int4/g16",
+        lens=(2, 33, 70), sq=2, heads=4, latent_heads=1, r_c=32, rope=16, page=16, dtype=FP32, fmt=fmt,
         seed=random.SystemRandom().randrange(2**31))
     kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale, return_masses=True)
-    out, masses = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=SMALL, **kw)
+    out, masses = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=config, **kw)
     ref, ref_masses = md.mla_decode_reference(q, pages, table, seq_lens, out_dtype=torch.float32, **kw)
     rtol, atol_frac, max_cos = TOL[FP32]
     cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos, name="out")
     atol = 2e-3 if CUDA else 1e-5  # as tests/test_kernels.py's masses: compiled fp32 dots run in TF32
     cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name="masses")
+
+
+@pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, dequant_tile=True)),
+                                         ("int4/g32", SMALL)])
+def test_quantized_kernel_softcap_window_match_reference(fmt, config):
+    """Guards soft-capped and sliding-window scores over a quantized cache (the scales applied to the
+    scores, in both orientations, and the dequantized tile)."""
+    q, pages, table, seq_lens, _, scale = make_quantized_case(
+        lens=(5, 40, 70), sq=2, heads=4, latent_heads=1, r_c=64, rope=16, page=16, dtype=BF16, fmt=fmt,
+        seed=random.SystemRandom().randrange(2**31))
+    kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale, softcap=2.0, window=23)
+    out = md.mla_decode(q, pages, table, seq_lens, num_splits=3, config=config, _poison=True, **kw)
+    ref = md.mla_decode_reference(q, pages, table, seq_lens, out_dtype=torch.float32, **kw)
+    rtol, atol_frac, max_cos = TOL[BF16]
+    cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos,
+                         name="softcap window")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3/g32", "int4/g32"])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_scaled_dots_at_least_as_exact_as_the_dequantized_tile(fmt, dtype):
+    """The path with scales on the scores rounds differently from the reference: the codes stay
+    exact, the float32 scale (and int4's zero-point) applies to float32 scores, and p x scale (not p
+    and code x scale + zero) is rounded to the model dtype for the value dot. So besides matching the
+    model-dtype reference within TOL (the case table), its error against the exact attention of the
+    dequantized values (code x scale + zero in float32, float32 math) is compared with the
+    dequantized tile's on the same inputs: summed over a few random caches, it must not be larger."""
+    err = {True: 0.0, False: 0.0}
+    for _ in range(3):
+        q, pages, table, seq_lens, _, scale = make_quantized_case(
+            lens=(40, 90), sq=2, heads=8, latent_heads=1, r_c=64, rope=16, page=16, dtype=dtype,
+            fmt=fmt, seed=random.SystemRandom().randrange(2**31))
+        n_pages, page = pages.codes.shape[:2]
+        fields = pages.scales.float()  # [pages, page, 2 groups, scale (, zero-point)]
+        if fmt.startswith("fp8"):
+            codes = pages.codes.view(torch.float8_e4m3fn).float()
+            latent = codes.view(n_pages, page, 2, 32) * fields
+        else:  # two codes a byte, lowest nibble first
+            byte = pages.codes.long()
+            codes = torch.stack([byte & 15, byte >> 4], -1).float()
+            latent = codes.view(n_pages, page, 2, 32) * fields[..., :1] + fields[..., 1:]
+        exact_kv = torch.cat([latent.view(n_pages, page, 64), pages.rope.float()], -1)
+        kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale)
+        exact = md.mla_decode_reference(q.float(), exact_kv, table, seq_lens, **kw)
+        for dequant in (True, False):
+            out = md.mla_decode(q, pages, table, seq_lens, num_splits=2,
+                                config=DecodeConfig(16, 16, 4, 2, dequant_tile=dequant), **kw)
+            err[dequant] += float((out.float() - exact).pow(2).mean().sqrt())
+    assert err[False] <= err[True], err

@@ -24,7 +24,11 @@ Kernel shape (the design this code follows):
 - split-KV: grid ``(latent_heads * head_blocks * column_slices, splits, batch)``; with one split the kernel
   writes the normalised output directly, otherwise each split writes a float32 partial output
   and its log-sum-exp and ``_mla_decode_combine_kernel`` merges them (or, with
-  ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch).
+  ``DecodeConfig.fuse_combine``, the last split to finish merges them in the same launch);
+- quantized latents (``QuantizedPages``): fp8 / int4 codes stay exact in the model dtype, as
+  [groups, BLOCK_N, group width] tiles; batched dots over the groups give per-group scores that the
+  token's group scales (and int4 zero-points) weight in float32, and the probabilities times each
+  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile.
 Block sizes per shape: ``default_config`` (tuned on an H100; numbers in NOTES.md).
 
 Order in this file (Triton tutorial order): kernels, launcher, reference, facade and helpers.
@@ -42,7 +46,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.kernels.quantized_pages import QuantizedPages, kernel_groups
+from latentkv.kernels.quantized_pages import QuantizedPages, group_width, kernel_groups
 
 # triton is an optional dependency (extra "kernels") and is imported on the first launch, not
 # here: TRITON_INTERPRET is read when triton is imported, so importing latentkv.kernels (the
@@ -138,6 +142,81 @@ def _load_latent_tile(  # triton.jit applied by _kernels() (bound as _latent_til
     return kv
 
 
+def _load_fp8_groups(  # triton.jit applied by _kernels() (bound as _fp8_groups)
+    LAT_CODES, LAT_SCALES,
+    page, slot,  # [BLOCK_N] or scalar page and [BLOCK_N] slot of each row
+    n_ok,  # [BLOCK_N] rows inside the split
+    c,  # latent head
+    col0,  # first column of the tile within the latent head
+    stride_cp, stride_ct, stride_sp, stride_st,
+    R_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PIECE: tl.constexpr,  # columns of a piece: min(GROUP, tile width); every piece lies in one group
+    NUM_PIECES: tl.constexpr,  # pieces of the tile
+    MASK_COLS: tl.constexpr,  # some columns of the tile lie past R_C
+    GROUP: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    SCALE_FIELDS: tl.constexpr,
+):
+    """fp8 codes of columns col0 .. col0 + NUM_PIECES * PIECE of latent head c as [NUM_PIECES, BLOCK_N,
+    PIECE] float8e4nv (the contiguous columns innermost; columns past R_C and rows outside the split
+    read as 0) and each piece's float32 scale per row, [NUM_PIECES, BLOCK_N] (0 outside the split).
+    Nothing is dequantized: the scales go to the scores and the probabilities (see the split kernel)."""
+    p_cols = col0 + tl.arange(0, NUM_PIECES) * PIECE  # first column of each piece within the latent head
+    in_piece = tl.arange(0, PIECE)
+    cols = p_cols[:, None, None] + in_piece[None, None, :]  # [NUM_PIECES, 1, PIECE]
+    if MASK_COLS:
+        code_ok = n_ok[None, :, None] & (cols < R_C)
+    else:
+        code_ok = n_ok[None, :, None]
+    row_at = (page * stride_cp + slot * stride_ct)[None, :, None]  # [1, BLOCK_N, 1]
+    codes = tl.load(LAT_CODES + row_at + c * R_C + cols, mask=code_ok, other=0)  # uint8
+    scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[None, :]
+                + ((c * SCALE_OFF + p_cols // GROUP) * SCALE_FIELDS)[:, None])  # [NUM_PIECES, BLOCK_N]
+    scale = tl.load(scale_at, mask=n_ok[None, :] & (p_cols < R_C)[:, None], other=0.0).to(tl.float32)
+    return codes.to(tl.float8e4nv, bitcast=True), scale
+
+
+def _load_int4_groups(  # triton.jit applied by _kernels() (bound as _int4_groups)
+    LAT_CODES, LAT_SCALES,
+    page, slot, n_ok, c, col0,  # as _load_fp8_groups
+    stride_cp, stride_ct, stride_sp, stride_st,
+    R_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PIECE: tl.constexpr,  # columns of a piece: min(GROUP, tile width); every piece lies in one group
+    NUM_PIECES: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    SCALE_FIELDS: tl.constexpr,
+):
+    """int4 codes of columns col0 .. col0 + NUM_PIECES * PIECE of latent head c, split by the nibble order
+    (two codes a byte, lowest nibble first): the even columns (low nibbles) and the odd columns (high
+    nibbles), each [NUM_PIECES, BLOCK_N, PIECE // 2] float32, and each piece's float32 scale and zero-point
+    per row, [NUM_PIECES, BLOCK_N] (0 outside the split). The codes come centred, code - 8 in -8..7 (exact in
+    any dtype), with the zero-point moved to zero + 8 * scale: the value is the same, and the two terms the
+    kernel sums apart, p x scale x code and p x zero, are about half as large, so the rounding of p x scale
+    to the model dtype costs half as much. Columns past R_C read as code -8 (q is 0 there, and those output
+    columns are not stored)."""
+    p_cols = col0 + tl.arange(0, NUM_PIECES) * PIECE  # first column of each piece within the latent head (even)
+    pair = tl.arange(0, PIECE // 2)
+    cols = p_cols[:, None, None] + 2 * pair[None, None, :]  # [NUM_PIECES, 1, PIECE // 2] even columns
+    if MASK_COLS:  # R_C is even: an even column inside R_C has its odd neighbour inside too
+        code_ok = n_ok[None, :, None] & (cols < R_C)
+    else:
+        code_ok = n_ok[None, :, None]
+    row_at = (page * stride_cp + slot * stride_ct)[None, :, None]  # [1, BLOCK_N, 1]
+    byte = tl.load(LAT_CODES + row_at + (c * R_C + cols) // 2, mask=code_ok, other=0)  # uint8
+    scale_at = (LAT_SCALES + (page * stride_sp + slot * stride_st)[None, :]
+                + ((c * SCALE_OFF + p_cols // GROUP) * SCALE_FIELDS)[:, None])  # [NUM_PIECES, BLOCK_N]
+    g_ok = n_ok[None, :] & (p_cols < R_C)[:, None]
+    scale = tl.load(scale_at, mask=g_ok, other=0.0).to(tl.float32)
+    zero = tl.load(scale_at + 1, mask=g_ok, other=0.0).to(tl.float32)
+    lo = (byte & 15).to(tl.float32) - 8.0
+    hi = (byte >> 4).to(tl.float32) - 8.0
+    return lo, hi, scale, zero + 8.0 * scale
+
+
 def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
     KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
@@ -188,7 +267,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     CHUNK: tl.constexpr,  # tokens per CHUNK_LSE entry: min(BLOCK_N, PAGE_SIZE), one divides the other
     SOFTCAP: tl.constexpr = False,  # soft-capped scores (Gemma 2); off: the kernel is unchanged
     WINDOW: tl.constexpr = False,  # sliding-window attention; off: the kernel is unchanged
-    KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent tile is dequantized here; "": the kernel is unchanged
+    KV_QUANT: tl.constexpr = "",  # "fp8" / "int4": the latent is read as codes and scales; "": the kernel is unchanged
     GROUP: tl.constexpr = 1,  # KV_QUANT: columns per scale group within a tile (a power of 2)
     NUM_GROUPS: tl.constexpr = 1,  # KV_QUANT: BLOCK_R // GROUP
     SCALE_OFF: tl.constexpr = 0,  # KV_QUANT: latent head c's first group is c * SCALE_OFF
@@ -197,6 +276,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     BLOCK_O: tl.constexpr = 16,  # output columns per program: BLOCK_R // out_splits
     OGROUP: tl.constexpr = 1,  # fp8: min(GROUP, BLOCK_O), the 3-D view of a value slice
     ONUM_GROUPS: tl.constexpr = 1,  # fp8: BLOCK_O // OGROUP
+    SCALED_DOTS: tl.constexpr = False,  # fp8 (GROUP >= 16), int4 (GROUP >= 32): scales on scores / probabilities
+    P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS: power of 2 on p * scale (fp16: keeps it out of the subnormals)
 ):
     # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
     # programs that read one cache tile are adjacent, so they run together and share it in L2
@@ -237,7 +318,30 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         v_ok = r_ok
 
     q_row = Q + pid_b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
-    q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok, other=0.0)
+    if SCALED_DOTS and KV_QUANT == "int4":
+        # the even and the odd columns of q as [NUM_GROUPS, BLOCK_M, GROUP // 2], as the code tiles
+        # (low and high nibbles), and the float32 sum of each group's columns (for the zero-points)
+        g_cols = (tl.arange(0, NUM_GROUPS) * GROUP)[:, None, None] + 2 * tl.arange(0, GROUP // 2)[None, None, :]
+        if BLOCK_R == R_C:
+            q_ok = row_ok[None, :, None]
+        else:
+            q_ok = row_ok[None, :, None] & (g_cols < R_C)
+        q = tl.load(q_row[None, :, None] + g_cols, mask=q_ok, other=0.0)
+        q_hi = tl.load(q_row[None, :, None] + g_cols + 1, mask=q_ok, other=0.0)
+        q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32), 2)  # [NUM_GROUPS, BLOCK_M]
+        if UPCAST_DOT:
+            q_hi = q_hi.to(tl.float32)
+    elif SCALED_DOTS:
+        # q as [NUM_GROUPS, BLOCK_M, GROUP], the layout of the code tiles: one batched dot gives every
+        # group's partial scores, which its scale weights before the sum over groups
+        g_cols = (tl.arange(0, NUM_GROUPS) * GROUP)[:, None, None] + tl.arange(0, GROUP)[None, None, :]
+        if BLOCK_R == R_C:
+            q_ok = row_ok[None, :, None]
+        else:
+            q_ok = row_ok[None, :, None] & (g_cols < R_C)
+        q = tl.load(q_row[None, :, None] + g_cols, mask=q_ok, other=0.0)
+    else:
+        q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok, other=0.0)
     if ROPE_DIM > 0:
         offs_dr = tl.arange(0, BLOCK_DR)
         if BLOCK_DR == ROPE_DIM:
@@ -261,7 +365,20 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if KV_ON_M:
+    if SCALED_DOTS and KV_QUANT == "int4":  # even and odd columns apart, and p . zero-point per group
+        if KV_ON_M:
+            acc = tl.zeros([ONUM_GROUPS, OGROUP // 2, BLOCK_M], dtype=tl.float32)
+            acc_hi = tl.zeros([ONUM_GROUPS, OGROUP // 2, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP // 2], dtype=tl.float32)
+            acc_hi = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP // 2], dtype=tl.float32)
+        acc_z = tl.zeros([ONUM_GROUPS, BLOCK_M], dtype=tl.float32)
+    elif SCALED_DOTS:  # one accumulator per group of output columns, [groups, columns, rows] with KV_ON_M
+        if KV_ON_M:
+            acc = tl.zeros([ONUM_GROUPS, OGROUP, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP], dtype=tl.float32)
+    elif KV_ON_M:
         acc = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)  # o^T
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
@@ -285,28 +402,67 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt  # [BLOCK_N] element offsets
         slot = offs_n % PAGE_SIZE
-        # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key (and as value unless the output
-        # columns are split)
-        kv = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, 0,
-                          stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_R, BLOCK_R != R_C,
-                          KV_QUANT, GROUP, GROUP, NUM_GROUPS, SCALE_OFF, SCALE_FIELDS)
-        if KV_QUANT != "":
-            kv = kv.to(Q.dtype.element_ty)  # as the reference rounds it
-        kv_d = kv
-        if UPCAST_DOT:
-            kv_d = kv.to(tl.float32)
-        if NUM_OSPLITS > 1:
-            # this program's value columns: the same rows again (from L2 -- the adjacent programs
-            # read the tile at the same time), BLOCK_O columns wide
-            kv_v = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, pid_o * BLOCK_O,
-                                stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_O,
-                                BLOCK_O * NUM_OSPLITS != R_C, KV_QUANT, GROUP, OGROUP, ONUM_GROUPS, SCALE_OFF,
-                                SCALE_FIELDS)
-            kv_v = kv_v.to(Q.dtype.element_ty)
+        if SCALED_DOTS and KV_QUANT == "int4":
+            # int4 codes as even / odd column tiles [groups, BLOCK_N, GROUP // 2] of the model dtype (-8..7,
+            # exact) and their scales and zero-points [groups, BLOCK_N]
+            codes, codes_hi, scale, zero = _int4_groups(
+                LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp, stride_st, R_C,
+                BLOCK_N, GROUP, NUM_GROUPS, BLOCK_R != R_C, GROUP, SCALE_OFF, SCALE_FIELDS)
+            if not UPCAST_DOT:
+                codes = codes.to(Q.dtype.element_ty)
+                codes_hi = codes_hi.to(Q.dtype.element_ty)
+            if NUM_OSPLITS > 1:  # this program's value columns (from L2, as below)
+                codes_v, codes_hi_v, scale_v, zero_v = _int4_groups(
+                    LAT_CODES, LAT_SCALES, page, slot, n_ok, c, pid_o * BLOCK_O, stride_cp, stride_ct, stride_sp,
+                    stride_st, R_C, BLOCK_N, OGROUP, ONUM_GROUPS, BLOCK_O * NUM_OSPLITS != R_C, GROUP, SCALE_OFF,
+                    SCALE_FIELDS)
+                if not UPCAST_DOT:
+                    codes_v = codes_v.to(Q.dtype.element_ty)
+                    codes_hi_v = codes_hi_v.to(Q.dtype.element_ty)
+            else:
+                codes_v, codes_hi_v, scale_v, zero_v = codes, codes_hi, scale, zero
+        elif SCALED_DOTS:
+            # fp8 codes as [groups, BLOCK_N, GROUP] tiles of the model dtype (every e4m3 value is exact
+            # there) and their scales [groups, BLOCK_N]: no dequantized float32 tile, no reshape
+            codes, scale = _fp8_groups(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp,
+                                       stride_st, R_C, BLOCK_N, GROUP, NUM_GROUPS, BLOCK_R != R_C, GROUP, SCALE_OFF,
+                                       SCALE_FIELDS)
+            codes = codes.to(Q.dtype.element_ty)
             if UPCAST_DOT:
-                kv_v = kv_v.to(tl.float32)
+                codes = codes.to(tl.float32)
+            if NUM_OSPLITS > 1:  # this program's value columns (from L2, as below)
+                codes_v, scale_v = _fp8_groups(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, pid_o * BLOCK_O, stride_cp,
+                                               stride_ct, stride_sp, stride_st, R_C, BLOCK_N, OGROUP, ONUM_GROUPS,
+                                               BLOCK_O * NUM_OSPLITS != R_C, GROUP, SCALE_OFF, SCALE_FIELDS)
+                codes_v = codes_v.to(Q.dtype.element_ty)
+                if UPCAST_DOT:
+                    codes_v = codes_v.to(tl.float32)
+            else:
+                codes_v, scale_v = codes, scale
+            scale_v = scale_v * P_SCALE
         else:
-            kv_v = kv_d
+            # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key (and as value unless the output
+            # columns are split)
+            kv = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, 0,
+                              stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_R, BLOCK_R != R_C,
+                              KV_QUANT, GROUP, GROUP, NUM_GROUPS, SCALE_OFF, SCALE_FIELDS)
+            if KV_QUANT != "":
+                kv = kv.to(Q.dtype.element_ty)  # as the reference rounds it
+            kv_d = kv
+            if UPCAST_DOT:
+                kv_d = kv.to(tl.float32)
+            if NUM_OSPLITS > 1:
+                # this program's value columns: the same rows again (from L2 -- the adjacent programs
+                # read the tile at the same time), BLOCK_O columns wide
+                kv_v = _latent_tile(KV, LAT_CODES, LAT_SCALES, kv_row, page, slot, n_ok, c, pid_o * BLOCK_O,
+                                    stride_cp, stride_ct, stride_sp, stride_st, R_C, BLOCK_N, BLOCK_O,
+                                    BLOCK_O * NUM_OSPLITS != R_C, KV_QUANT, GROUP, OGROUP, ONUM_GROUPS, SCALE_OFF,
+                                    SCALE_FIELDS)
+                kv_v = kv_v.to(Q.dtype.element_ty)
+                if UPCAST_DOT:
+                    kv_v = kv_v.to(tl.float32)
+            else:
+                kv_v = kv_d
         if ROPE_DIM > 0:
             k_pe = tl.load(
                 KV + kv_row[:, None] + (ROPE_OFF + offs_dr)[None, :],
@@ -318,7 +474,13 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         if KV_ON_M:
             # cache rows on the M side: s^T = tile @ q^T, o^T += tile^T @ p^T (no padding of
             # the MMA's M when a latent head serves few query rows)
-            s = tl.dot(kv_d, tl.trans(q))  # [BLOCK_N, BLOCK_M]
+            if SCALED_DOTS and KV_QUANT == "int4":  # + zero x (sum of q's group columns)
+                s = tl.dot(codes_hi, tl.trans(q_hi, (0, 2, 1)), tl.dot(codes, tl.trans(q, (0, 2, 1))))
+                s = tl.sum(s * scale[:, :, None] + zero[:, :, None] * q_sum[:, None, :], 0)
+            elif SCALED_DOTS:  # sum over groups of scale x (codes . q): [BLOCK_N, BLOCK_M]
+                s = tl.sum(tl.dot(codes, tl.trans(q, (0, 2, 1))) * scale[:, :, None], 0)
+            else:
+                s = tl.dot(kv_d, tl.trans(q))  # [BLOCK_N, BLOCK_M]
             if ROPE_DIM > 0:
                 s = tl.dot(k_pe, tl.trans(q_pe), s)
             if SOFTCAP:  # cap * tanh(x / cap), tanh(y) = 2 sigmoid(2y) - 1; qk_scale = scale * log2(e)
@@ -338,13 +500,29 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             if MASSES:
                 if BLOCK_N != CHUNK:  # several pages per tile: [BLOCK_M, BLOCK_N // CHUNK] page sums
                     c_sum = tl.trans(tl.sum(tl.reshape(p, [BLOCK_N // CHUNK, CHUNK, BLOCK_M]), 1))
-            acc = acc * alpha[None, :]
-            p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
-            if UPCAST_DOT:
-                p_d = p_d.to(tl.float32)
-            acc = tl.dot(tl.trans(kv_v), p_d, acc)
+            if SCALED_DOTS:  # o_g^T += codes_g^T @ (p x scale_g)^T per group of output columns
+                acc = acc * alpha[None, None, :]
+                p_g = (p[None, :, :] * scale_v[:, :, None]).to(Q.dtype.element_ty)  # [groups, BLOCK_N, BLOCK_M]
+                if UPCAST_DOT:
+                    p_g = p_g.to(tl.float32)
+                acc = tl.dot(tl.trans(codes_v, (0, 2, 1)), p_g, acc)
+                if KV_QUANT == "int4":  # odd columns; the zero-point adds p . zero to every column
+                    acc_hi = tl.dot(tl.trans(codes_hi_v, (0, 2, 1)), p_g, acc_hi * alpha[None, None, :])
+                    acc_z = acc_z * alpha[None, :] + tl.sum(p[None, :, :] * zero_v[:, :, None], 1)
+            else:
+                acc = acc * alpha[None, :]
+                p_d = p.to(kv.dtype)  # rounded to the cache dtype, as the tensor cores take it
+                if UPCAST_DOT:
+                    p_d = p_d.to(tl.float32)
+                acc = tl.dot(tl.trans(kv_v), p_d, acc)
         else:
-            s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
+            if SCALED_DOTS and KV_QUANT == "int4":  # + zero x (sum of q's group columns)
+                s = tl.dot(q_hi, tl.trans(codes_hi, (0, 2, 1)), tl.dot(q, tl.trans(codes, (0, 2, 1))))
+                s = tl.sum(s * scale[:, None, :] + q_sum[:, :, None] * zero[:, None, :], 0)
+            elif SCALED_DOTS:  # sum over groups of scale x (q . codes): [BLOCK_M, BLOCK_N]
+                s = tl.sum(tl.dot(q, tl.trans(codes, (0, 2, 1))) * scale[:, None, :], 0)
+            else:
+                s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
             if ROPE_DIM > 0:
                 s = tl.dot(q_pe, tl.trans(k_pe), s)
             if SOFTCAP:
@@ -364,11 +542,21 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             if MASSES:
                 if BLOCK_N != CHUNK:
                     c_sum = tl.sum(tl.reshape(p, [BLOCK_M, BLOCK_N // CHUNK, CHUNK]), 2)
-            acc = acc * alpha[:, None]
-            p_d = p.to(kv.dtype)
-            if UPCAST_DOT:
-                p_d = p_d.to(tl.float32)
-            acc = tl.dot(p_d, kv_v, acc)
+            if SCALED_DOTS:  # o_g += (p x scale_g) @ codes_g per group of output columns
+                acc = acc * alpha[None, :, None]
+                p_g = (p[None, :, :] * scale_v[:, None, :]).to(Q.dtype.element_ty)  # [groups, BLOCK_M, BLOCK_N]
+                if UPCAST_DOT:
+                    p_g = p_g.to(tl.float32)
+                acc = tl.dot(p_g, codes_v, acc)
+                if KV_QUANT == "int4":  # odd columns; the zero-point adds p . zero to every column
+                    acc_hi = tl.dot(p_g, codes_hi_v, acc_hi * alpha[None, :, None])
+                    acc_z = acc_z * alpha[None, :] + tl.sum(p[None, :, :] * zero_v[:, None, :], 2)
+            else:
+                acc = acc * alpha[:, None]
+                p_d = p.to(kv.dtype)
+                if UPCAST_DOT:
+                    p_d = p_d.to(tl.float32)
+                acc = tl.dot(p_d, kv_v, acc)
         if MASSES:
             # log2 of each chunk's sum of exp2(score), relative to the running max m_use: the
             # masses kernel normalises them with the row's final log-sum-exp afterwards
@@ -387,7 +575,18 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 )
         m_i = m_new
 
-    if KV_ON_M:
+    if SCALED_DOTS:  # [groups, rows, columns] (or [groups, columns, rows]) -> [BLOCK_M, BLOCK_O], once
+        if KV_ON_M:
+            acc = tl.permute(acc, (0, 2, 1))
+            if KV_QUANT == "int4":
+                acc_hi = tl.permute(acc_hi, (0, 2, 1))
+        if KV_QUANT == "int4":  # interleave the even and odd columns, add the zero-point terms
+            acc = tl.reshape(tl.join(acc + acc_z[:, :, None], acc_hi + acc_z[:, :, None]),
+                             [ONUM_GROUPS, BLOCK_M, OGROUP])
+        acc = tl.reshape(tl.permute(acc, (1, 0, 2)), [BLOCK_M, BLOCK_O])
+        if P_SCALE != 1.0:
+            acc = acc * (1.0 / P_SCALE)
+    elif KV_ON_M:
         acc = tl.trans(acc)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -541,17 +740,21 @@ def _mla_decode_masses_kernel(  # triton.jit applied by _kernels()
 
 _JIT: dict[str, object] = {}
 _latent_tile = None  # triton.jit(_load_latent_tile), bound by _kernels(): the split kernel calls it by this name
+_fp8_groups = None  # triton.jit(_load_fp8_groups), likewise
+_int4_groups = None  # triton.jit(_load_int4_groups), likewise
 
 
 def _kernels():
     """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
-    global triton, tl, _latent_tile
+    global triton, tl, _latent_tile, _fp8_groups, _int4_groups
     if not _JIT:
         import triton as _triton
         import triton.language as _tl
 
         triton, tl = _triton, _tl
         _latent_tile = triton.jit(_load_latent_tile)
+        _fp8_groups = triton.jit(_load_fp8_groups)
+        _int4_groups = triton.jit(_load_int4_groups)
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
         _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
@@ -582,6 +785,11 @@ class DecodeConfig:
         (r_c > 512), whose [block_m, r_c] accumulator and query block do not fit the registers
         together. The programs of one tile are adjacent in the grid and read it through L2. Slices
         entirely past r_c are not launched.
+    dequant_tile: quantized caches: dequantize each tile of codes to a [block_n, width] tile in registers
+        and use it in the plain dots. Off (the default), fp8 groups of at least 16 columns and int4 groups
+        of at least 32 keep the codes exact in the model dtype and apply the scales (and int4's
+        zero-points) to the scores and the probabilities instead, through batched dots over the groups
+        (narrower groups always take the dequantized tile).
     """
 
     block_m: int
@@ -594,6 +802,7 @@ class DecodeConfig:
     ctas_per_sm: int = 1
     kernel: str = "triton"  # "wgmma": the Gluon Hopper kernel (mla_decode_wgmma; fixed 64 x 64 tiles, 8 warps)
     out_splits: int = 1
+    dequant_tile: bool = False
 
 
 # The Gluon kernel's only configuration (block sizes are fixed by its layouts; see its module).
@@ -701,11 +910,12 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
 
 
 def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, device=None, *,
-                   kv_quant: str = "") -> DecodeConfig:
+                   kv_quant: str = "", kv_group: int = 0) -> DecodeConfig:
     """Block sizes for ``rows`` query rows per latent head and latent width ``r_c``: the measured
     table of the GPU family of ``device`` where it covers the shape (``latentkv.kernels.tuning``;
-    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4"), else the
-    rules below (tuned on an H100 at r_c = 512, estimates elsewhere).
+    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4", with
+    ``kv_group`` columns a scale, 0 if unknown), else the rules below (tuned on an H100 at r_c = 512,
+    estimates elsewhere).
 
     BLOCK_M x BLOCK_R float32 accumulators live in registers: keep them at most 32K elements
     (128 registers a thread at 8 warps), so BLOCK_M <= 64 at r_c = 512 and <= 128 at r_c = 256.
@@ -747,9 +957,22 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         return DecodeConfig(block_m=16, block_n=16, num_warps=8, num_stages=2, out_splits=block_r // 512)
     block_m = max(16, min(_next_pow2(rows), 128, max(16, 32768 // block_r)))
     if kv_quant == "int4":
-        # int4 tiles load a scale and a zero-point per column: narrow tiles over 8 warps were the
-        # fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms against 4.8 ms)
+        # int4 tiles dequantized in registers load a scale and a zero-point per column: narrow tiles over
+        # 8 warps were the fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms
+        # against 4.8 ms). The batched-dot path (groups of >= 32) compiles without spills here too
+        # (sm_90a, 512 + 64, 32 rows, g32: 246 registers); its speed is not measured yet.
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
+    if kv_quant == "fp8" and kv_group >= 16 and elt == 2 and block_r == 512:
+        # First estimates for the batched-dot path, to be timed (scripts/bench_decode_quantized.py
+        # --sweep); registers from scripts/kernel_registers.py (sm_90a, g128). Triton puts one warp
+        # on each group of the batched dots, so at 4 warps a warp holds a [32, 128] float32
+        # accumulator, its q slice and a [32, block_n] float32 score product: 32 rows spill (280 B)
+        # at 4 warps and fit at 8 (254 registers). The fp8 tile is 20 KB of shared memory a stage.
+        if block_m <= 16:
+            return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
+        if block_m == 32:
+            return DecodeConfig(block_m=32, block_n=32, num_warps=8, num_stages=4)
+        return DecodeConfig(block_m=64, block_n=16, num_warps=8, num_stages=2)  # 8 B of spills
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
         # 36 KB tiles in flight; 255 regs x 128 threads and 112 KB smem -> 2 programs per SM.
@@ -774,7 +997,7 @@ _AUTO_CONFIGS: dict[tuple, DecodeConfig] = {}
 
 def choose_config(
     q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False,
-    kv_quant: str = "",
+    kv_quant: str = "", kv_group: int = 0,
 ) -> DecodeConfig:
     """The split kernel's configuration for this call: ``config`` if given (checked), else the
     Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
@@ -784,7 +1007,7 @@ def choose_config(
 
     if config is None:  # the automatic choice depends only on these (cached: it runs on every launch)
         key = (q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], kv_cache.shape[1], kv_cache.stride(),
-               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant)  # fmt: skip
+               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant, kv_group)  # fmt: skip
         cfg = _AUTO_CONFIGS.get(key)
         if cfg is None:
             rows = q.shape[1] * (q.shape[2] // latent_heads)
@@ -792,7 +1015,8 @@ def choose_config(
             if wgmma and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
                 cfg = WGMMA_CONFIG
             else:
-                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant)
+                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant,
+                                     kv_group=kv_group)
             _AUTO_CONFIGS[key] = cfg
         return cfg
     if config.kernel == "wgmma" and (need_masses or not mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads,
@@ -950,7 +1174,8 @@ def mla_decode(
     hg = heads // latent_heads
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
-                        kv_quant=quant.kernel.switch if quant else "")
+                        kv_quant=quant.kernel.switch if quant else "",
+                        kv_group=group_width(quant.fmt, quant.latent_width) if quant else 0)
     if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
         cfg = replace(cfg, kernel="triton") if config is None else cfg
         if cfg.kernel == "wgmma":
@@ -960,7 +1185,7 @@ def mla_decode(
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
     block_o, n_oslices = output_slices(r_c, cfg.out_splits) if cfg.kernel != "wgmma" else (block_r, 1)
-    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r, block_o)
+    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r, block_o, dequant_tile=cfg.dequant_tile)
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
     n_hblocks = -(-rows // cfg.block_m)
     n_programs = programs_per_split(batch, latent_heads, rows, r_c, cfg)
@@ -1056,21 +1281,30 @@ def mla_decode(
 
 
 def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent_heads: int, block_r: int,
-                    block_o: int) -> dict:
+                    block_o: int, *, dequant_tile: bool = False) -> dict:
     """The split kernel's quantized-latent arguments: tensors and strides (unused placeholders for a
     plain cache) and the constexprs that switch the dequantization on (``block_o``: the columns of
-    an output slice, ``DecodeConfig.out_splits``)."""
+    an output slice, ``DecodeConfig.out_splits``; ``dequant_tile``: ``DecodeConfig.dequant_tile``)."""
     if quant is None:
         return {"tensors": (kv_cache, kv_cache, 0, 0, 0, 0), "constants": {}}
     group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
     codes, scales = quant.codes, quant.scales
     if codes.stride(-1) != 1 or scales.stride(-1) != 1 or scales.stride(-2) != scales.shape[-1]:
         raise LatentKVError("QuantizedPages codes and scales must be contiguous per token (QuantizedPages.empty).")
+    ogroup = min(group, block_o)
+    # scales on the scores: every batched dot needs 16 or more columns a group (tl.dot's K and N); int4
+    # dots take the even and the odd columns of a group apart, so 32
+    min_group = {"fp8": 16, "int4": 32}[quant.kernel.switch]
+    scaled = not dequant_tile and ogroup >= min_group
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
-                      "SCALE_OFF": scale_off, "OGROUP": min(group, block_o), "ONUM_GROUPS": block_o // min(group, block_o),
-                      "SCALE_FIELDS": quant.kernel.scale_fields},
+                      "SCALE_OFF": scale_off, "OGROUP": ogroup, "ONUM_GROUPS": block_o // ogroup,
+                      "SCALE_FIELDS": quant.kernel.scale_fields, "SCALED_DOTS": scaled,
+                      # fp16: p x scale (scale = amax / 448 <= 146) times 256 stays below 65504 and
+                      # above the subnormals where small probabilities would lose bits
+                      "P_SCALE": 256.0 if scaled and quant.kernel.switch == "fp8" and quant.dtype == torch.float16
+                      else 1.0},
     }
 
 
