@@ -172,16 +172,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     r_c, rope = (int(x) for x in args.width.split("+"))
-    kv_quant, kv_group = "", 0
+    kv_quant = ""
     if args.kv_format:
-        from latentkv.kernels.quantized_pages import KERNEL_ENCODINGS, group_width
+        from latentkv.kernels.quantized_pages import KERNEL_ENCODINGS
         from latentkv.kvformats import parse_format
 
-        fmt = parse_format(args.kv_format)
-        kv_quant = KERNEL_ENCODINGS[fmt.encoding.name].switch
-        kv_group = group_width(fmt, args.latent_heads * r_c)
+        kv_quant = KERNEL_ENCODINGS[parse_format(args.kv_format).encoding.name].switch
     configs = [parse_config(c) for c in args.config] if args.config else [
-        md.default_config(args.rows, r_c, rope, dtype, kv_quant=kv_quant, kv_group=kv_group)]
+        md.default_config(args.rows, r_c, rope, dtype, kv_quant=kv_quant)]
     for cfg in configs:
         call = capture(args.width, args.rows, cfg, dtype=dtype, splits=args.splits, latent_heads=args.latent_heads,
                        sq=args.query_len, page=args.page_size, kv_format=args.kv_format)

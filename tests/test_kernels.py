@@ -237,7 +237,8 @@ def test_aligned_rows_decode_as_contiguous_ones():
     ref = md.mla_decode(q, kv.contiguous(), table, seq_lens, num_splits=2, **kw)
     assert torch.equal(out, ref), f"seed={seed}"
     rows = md.page_rows(aligned)
-    assert rows.shape == (kv.shape[0] * kv.shape[1], 46) and torch.equal(rows[17], aligned[1, 1])
+    assert rows.shape == (kv.shape[0] * kv.shape[1], 46)
+    assert torch.equal(rows[17].view(torch.int16), aligned[1, 1].view(torch.int16))  # bits: unowned rows hold NaN
 
 
 def test_wgmma_config_refused_where_it_cannot_run():

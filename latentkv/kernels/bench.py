@@ -21,7 +21,6 @@ import torch
 
 from latentkv.errors import LatentKVError
 from latentkv.kernels.compare import compare
-from latentkv.kernels.quantized_pages import group_width
 
 md = importlib.import_module("latentkv.kernels.mla_decode")  # the module (the package attribute is the function)
 
@@ -179,8 +178,7 @@ def run_decode_bench(
     rows = query_len * heads // latent_heads
     quantized = kv_format is not None
     cfg = md.choose_config(q, kv.rope if quantized else kv, latent_heads, rope_dim, config,
-                           kv_quant=kv.kernel.switch if quantized else "",
-                           kv_group=group_width(kv.fmt, kv.latent_width) if quantized else 0)
+                           kv_quant=kv.kernel.switch if quantized else "")
     if quantized and cfg.kernel == "wgmma" and config is None:
         cfg = replace(cfg, kernel="triton")  # the Gluon kernel reads bf16 / fp16 caches only (as mla_decode)
     splits = num_splits

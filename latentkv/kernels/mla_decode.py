@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from latentkv.errors import LatentKVError
-from latentkv.kernels.quantized_pages import QuantizedPages, group_width, kernel_groups
+from latentkv.kernels.quantized_pages import QuantizedPages, kernel_groups
 
 # triton is an optional dependency (extra "kernels") and is imported on the first launch, not
 # here: TRITON_INTERPRET is read when triton is imported, so importing latentkv.kernels (the
@@ -910,12 +910,11 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
 
 
 def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, device=None, *,
-                   kv_quant: str = "", kv_group: int = 0) -> DecodeConfig:
+                   kv_quant: str = "") -> DecodeConfig:
     """Block sizes for ``rows`` query rows per latent head and latent width ``r_c``: the measured
     table of the GPU family of ``device`` where it covers the shape (``latentkv.kernels.tuning``;
-    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4", with
-    ``kv_group`` columns a scale, 0 if unknown), else the rules below (tuned on an H100 at r_c = 512,
-    estimates elsewhere).
+    measured on plain caches, so not for a quantized one: ``kv_quant`` "fp8" / "int4"), else the
+    rules below (tuned on an H100 at r_c = 512, estimates elsewhere).
 
     BLOCK_M x BLOCK_R float32 accumulators live in registers: keep them at most 32K elements
     (128 registers a thread at 8 warps), so BLOCK_M <= 64 at r_c = 512 and <= 128 at r_c = 256.
@@ -959,20 +958,15 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
     if kv_quant == "int4":
         # int4 tiles dequantized in registers load a scale and a zero-point per column: narrow tiles over
         # 8 warps were the fastest of a block_n x warps x stages grid on an H100 at 512 + 64 (2.1 ms
-        # against 4.8 ms). The batched-dot path (groups of >= 32) compiles without spills here too
-        # (sm_90a, 512 + 64, 32 rows, g32: 246 registers); its speed is not measured yet.
+        # against 4.8 ms). The batched-dot path (groups of >= 32, scales on the scores) at the same
+        # configuration: 1990 us against 2122 us for the dequantized tile (H100, g32, 32 rows).
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
-    if kv_quant == "fp8" and kv_group >= 16 and elt == 2 and block_r == 512:
-        # First estimates for the batched-dot path, to be timed (scripts/bench_decode_quantized.py
-        # --sweep); registers from scripts/kernel_registers.py (sm_90a, g128). Triton puts one warp
-        # on each group of the batched dots, so at 4 warps a warp holds a [32, 128] float32
-        # accumulator, its q slice and a [32, block_n] float32 score product: 32 rows spill (280 B)
-        # at 4 warps and fit at 8 (254 registers). The fp8 tile is 20 KB of shared memory a stage.
-        if block_m <= 16:
-            return DecodeConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=5, ctas_per_sm=2)
-        if block_m == 32:
-            return DecodeConfig(block_m=32, block_n=32, num_warps=8, num_stages=4)
-        return DecodeConfig(block_m=64, block_n=16, num_warps=8, num_stages=2)  # 8 B of spills
+    if kv_quant == "fp8":
+        # Timed on an H100 at 512 + 64, g128, 32 rows, batch 64, context 8192: the batched-dot path
+        # (scales on the scores) 1331 us at 32 x 32, 8 warps, 4 stages; the dequantized tile 741 us at
+        # that configuration and 427 us at the plain cache's rule (bf16: 232 us). fp8 reads the
+        # dequantized tile at the plain rules; DecodeConfig(dequant_tile=False) selects the other path.
+        return replace(default_config(rows, r_c, rope_dim, dtype), dequant_tile=True)
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
         # 36 KB tiles in flight; 255 regs x 128 threads and 112 KB smem -> 2 programs per SM.
@@ -997,7 +991,7 @@ _AUTO_CONFIGS: dict[tuple, DecodeConfig] = {}
 
 def choose_config(
     q, kv_cache, latent_heads: int, rope_dim: int, config: DecodeConfig | None = None, *, need_masses: bool = False,
-    kv_quant: str = "", kv_group: int = 0,
+    kv_quant: str = "",
 ) -> DecodeConfig:
     """The split kernel's configuration for this call: ``config`` if given (checked), else the
     Gluon wgmma kernel where it applies (Hopper, MLA with >= 64 query rows: it computes each score
@@ -1007,7 +1001,7 @@ def choose_config(
 
     if config is None:  # the automatic choice depends only on these (cached: it runs on every launch)
         key = (q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], kv_cache.shape[1], kv_cache.stride(),
-               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant, kv_group)  # fmt: skip
+               kv_cache.data_ptr() % 16, latent_heads, rope_dim, need_masses, kv_quant)  # fmt: skip
         cfg = _AUTO_CONFIGS.get(key)
         if cfg is None:
             rows = q.shape[1] * (q.shape[2] // latent_heads)
@@ -1015,8 +1009,7 @@ def choose_config(
             if wgmma and latent_heads == 1 and rows >= WGMMA_CONFIG.block_m:
                 cfg = WGMMA_CONFIG
             else:
-                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant,
-                                     kv_group=kv_group)
+                cfg = default_config(rows, q.shape[-1] - rope_dim, rope_dim, q.dtype, q.device, kv_quant=kv_quant)
             _AUTO_CONFIGS[key] = cfg
         return cfg
     if config.kernel == "wgmma" and (need_masses or not mla_decode_wgmma.wgmma_supported(q, kv_cache, latent_heads,
@@ -1174,8 +1167,7 @@ def mla_decode(
     hg = heads // latent_heads
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
-                        kv_quant=quant.kernel.switch if quant else "",
-                        kv_group=group_width(quant.fmt, quant.latent_width) if quant else 0)
+                        kv_quant=quant.kernel.switch if quant else "")
     if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
         cfg = replace(cfg, kernel="triton") if config is None else cfg
         if cfg.kernel == "wgmma":
