@@ -47,7 +47,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.125,0.0625")
     ap.add_argument("--policies", default="window,last-step,quest,predictor,oracle")
     ap.add_argument("--needles", type=int, default=1, help="pass keys per depth (a different key each)")
-    ap.add_argument("--chat", action="store_true", help="retrieval prompt in the tokenizer's chat template")
+    ap.add_argument("--task", choices=["passkey", "numbers"], default="passkey",
+                    help="retrieval task: a pass key to answer, or a run of numbers to continue (numbers_case)")
+    ap.add_argument("--chat", action="store_true", help="retrieval prompt in the tokenizer's chat template (passkey)")
     ap.add_argument("--key-digits", type=int, default=5, help="digits of each pass key")
     ap.add_argument("--question-in-prefill", action="store_true",
                     help="prefill the question densely too (only the answer is decoded under the policy)")
@@ -72,7 +74,7 @@ def main() -> None:
     from latentkv.sparsity import SparseConfig
     from latentkv.sparsity.long_context import long_text_compare, parse_depths, read_long_text
     from latentkv.sparsity.predictor import load_predictor
-    from latentkv.sparsity.retrieval import make_key, needle_case, retrieval_start, retrieve
+    from latentkv.sparsity.retrieval import make_key, needle_case, numbers_case, retrieval_start, retrieve
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -99,12 +101,13 @@ def main() -> None:
               "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
               "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
               "predictor": args.predictor, "needles": args.needles, "chat": args.chat, "key_digits": args.key_digits,
+              "task": args.task,
               "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
               "local_blocks": args.local_blocks, "recall": args.recall,
               "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
-        out.parent / (out.name + ".json").write_text(json.dumps(result, indent=1))
+        (out.parent / (out.name + ".json")).write_text(json.dumps(result, indent=1))
 
     def pred_for(cfg):
         return predictor if cfg.policy == "predictor" else None
@@ -116,8 +119,12 @@ def main() -> None:
           for needle in range(args.needles):
             for i, depth in enumerate(depths):
                 seed = 1000 * needle + int(round(1000 * depth))  # the key of a (needle, depth), whatever the run
-                case = needle_case(tokenizer, hay, context_tokens=length, depth=depth, key=make_key(seed, args.key_digits),
-                                   chat=args.chat)
+                if args.task == "numbers":
+                    case = numbers_case(tokenizer, hay, context_tokens=length, depth=depth, seed=seed,
+                                        digits=args.key_digits)
+                else:
+                    case = needle_case(tokenizer, hay, context_tokens=length, depth=depth,
+                                       key=make_key(seed, args.key_digits), chat=args.chat)
                 start = retrieval_start(model, case, page_size=args.page_size, predictor=predictor, offload=offload,
                                         question_in_prefill=args.question_in_prefill)
                 for cfg in [SparseConfig("dense"), *configs]:
@@ -155,7 +162,7 @@ def main() -> None:
         result["teacher_forced"] += earlier["teacher_forced"]
     save()
     write_markdown(result, out.parent / (out.name + ".md"))
-    print(out.parent / (out.name + ".md").read_text())
+    print((out.parent / (out.name + ".md")).read_text())
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -177,18 +184,31 @@ def write_markdown(result: dict, path: Path) -> None:
     if result["retrieval"]:
         depths = sorted({r["depth"] for r in result["retrieval"]})
         chat = result.get("chat")
-        lines += [
-            "## Passkey retrieval", "",
-            f"A {result.get('key_digits', 5)}-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
-            f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per needle and depth), after a "
-            "one-line instruction and before "
-            + ("\"What is the pass key?\", all in one user turn of the tokenizer's chat template, the assistant's turn "
-               "begun with \"The pass key is\". " if chat else "\"What is the pass key? The pass key is\". ")
-            + ("The whole prompt is prefilled densely; the greedy answer is decoded under the policy. "
-               if result.get("question_in_prefill") else
-               "The text before the question is prefilled densely; the question and the greedy answer are decoded "
-               "under the policy. ")
-            + "Score: exact match of the first number in the answer; cells: matches / needles.", "",
+        if result.get("task") == "numbers":
+            intro = [
+                "## Retrieval: continuing a run of numbers", "",
+                f"Four random {result.get('key_digits', 5)}-digit numbers (\"The numbers are A B C D.\") at depths "
+                f"{', '.join(f'{d:g}' for d in depths)} of the haystack (different numbers per needle and depth); the "
+                "prompt ends with \"The numbers are A\" and the answer must be B. "
+                + ("The whole prompt is prefilled densely; the greedy answer is decoded under the policy. "
+                   if result.get("question_in_prefill") else
+                   "The text before \"The numbers are A\" is prefilled densely; that line and the greedy answer "
+                   "are decoded under the policy. ")
+                + "Score: exact match of the first number in the answer; cells: matches / needles.", ""]
+        else:
+            intro = [
+                "## Passkey retrieval", "",
+                f"A {result.get('key_digits', 5)}-digit pass key (\"The pass key is K. Remember it. K is the pass key.\") at depths "
+                f"{', '.join(f'{d:g}' for d in depths)} of the haystack (a different key per needle and depth), after a "
+                "one-line instruction and before "
+                + ("\"What is the pass key?\", all in one user turn of the tokenizer's chat template, the assistant's turn "
+                   "begun with \"The pass key is\". " if chat else "\"What is the pass key? The pass key is\". ")
+                + ("The whole prompt is prefilled densely; the greedy answer is decoded under the policy. "
+                   if result.get("question_in_prefill") else
+                   "The text before the question is prefilled densely; the question and the greedy answer are decoded "
+                   "under the policy. ")
+                + "Score: exact match of the first number in the answer; cells: matches / needles.", ""]
+        lines += intro + [
             "| context | budget | policy | " + " | ".join(f"depth {d:g}" for d in depths) + " | matches |",
             "| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- |",
         ]

@@ -9,7 +9,8 @@ import tiny_models
 
 from latentkv.errors import LatentKVError
 from latentkv.sparsity import SparseConfig
-from latentkv.sparsity.retrieval import INTRO, NEEDLE, answer_number, exact_match, make_key, needle_case
+from latentkv.sparsity.retrieval import (INTRO, NEEDLE, answer_number, exact_match, make_key, needle_case,
+                                         numbers_case)
 
 
 class CharTokenizer:
@@ -71,6 +72,26 @@ def test_chat_needle_case(depth):
     assert case.ids[case.needle_at : case.needle_at + len(needle)] == needle
     fill = case.question_at - len(head + INTRO) - len(needle)
     assert case.needle_at - len(head + INTRO) == round(depth * fill)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_numbers_case(depth):
+    """The numbers task: no instruction, the run of numbers at its depth, the prompt ending in the run's
+    first number; the key is the second number, found in the prompt only inside the needle."""
+    tok = CharTokenizer()
+    hay = [ord("a") + i % 26 for i in range(3000)]
+    case = numbers_case(tok, hay, context_tokens=800, depth=depth, seed=7)
+    again = numbers_case(tok, hay, context_tokens=800, depth=depth, seed=7)
+    other = numbers_case(tok, hay, context_tokens=800, depth=depth, seed=8)
+    assert case.ids == again.ids and case.key != other.key  # the seed decides the numbers
+    text = tok.decode(case.ids)
+    needle = text[case.needle_at : text.index(". ", case.needle_at) + 2]
+    nums = needle.split("are ")[1].rstrip(". ").split()
+    assert len(case.ids) == 800 and len(nums) == 4 and all(len(n) == 5 for n in nums)
+    assert case.key == nums[1] and text.endswith(f"The numbers are {nums[0]}")
+    assert text.count(case.key) == 1 and case.needle_at == round(depth * (case.question_at - len(needle)))
+    with pytest.raises(LatentKVError, match="at least 2"):
+        numbers_case(tok, hay, context_tokens=800, depth=0.5, seed=1, count=1)
 
 
 def test_needle_refuses_bad_input():
@@ -241,3 +262,7 @@ def test_bench_markdown(tmp_path):
     assert "| 256 | 0.125 | window | 0/1 | 0/1 | 0/2 |" in text
     assert text.index("| 0.125 | window |") < text.index("| 0.125 | quest |")
     assert "| 0.125 | quest | 4.0 | 0.2500 | 0.5000 | 2.718 | 0.50 | 0.100 |" in text
+    bench.write_markdown({**result, "task": "numbers"}, tmp_path / "n.md")
+    numbers = (tmp_path / "n.md").read_text()
+    assert "continuing a run of numbers" in numbers and "Passkey" not in numbers
+    assert "| 256 | 1 | dense | 1/1 | 1/1 | 2/2 |" in numbers

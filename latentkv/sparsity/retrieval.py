@@ -8,6 +8,10 @@ is then fed one token per decode step under the policy (``question_in_prefill=Tr
 too, so the first answer token comes from the dense prefill), and the answer is decoded greedily
 under the policy. Score: exact match of the first run of digits in the answer with the key.
 
+``numbers_case`` builds the second task, for models too small to follow the pass-key instruction at
+long contexts: a run of random numbers in the haystack, and at the end the run's first number again;
+the key is the number that followed it (measured with SmolLM2-135M-Instruct: docs/sparse-decode.md).
+
     case = needle_case(tokenizer, haystack_ids, context_tokens=4096, depth=0.5, key="68231")
     result = retrieve(model, tokenizer, case, SparseConfig("quest", budget=0.125))
     result["match"]   # True / False
@@ -28,6 +32,9 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 CHAT_QUESTION = "\n\nWhat is the pass key?"
 CHAT_ANSWER = "The pass key is"
+NUMBERS = " The numbers are {numbers}. "
+NUMBERS_QUESTION = "\n\nThe numbers are {first}"
+TASKS = ("passkey", "numbers")
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,6 @@ def needle_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: f
     ``chat``: instruction, haystack and "What is the pass key?" form one user message of the
     tokenizer's chat template, and the assistant's turn begins with "The pass key is" (the question
     part, from ``question_at``, is then the question, the end of the user turn and that prefix)."""
-    if not 0.0 <= depth <= 1.0:
-        raise LatentKVError(f"needle depth must be in [0, 1]; got {depth}.")
     if not key.isdigit():
         raise LatentKVError(f"the pass key must be digits; got {key!r}.")
     if chat:
@@ -80,7 +85,30 @@ def needle_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: f
         intro, question = _encode(tokenizer, head + INTRO), _encode(tokenizer, CHAT_QUESTION + tail + CHAT_ANSWER)
     else:
         intro, question = _encode(tokenizer, INTRO), _encode(tokenizer, QUESTION)
-    needle = _encode(tokenizer, NEEDLE.format(key=key))
+    return _place(haystack, intro, _encode(tokenizer, NEEDLE.format(key=key)), question,
+                  context_tokens=context_tokens, depth=depth, key=key)
+
+
+def numbers_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: float, seed: int,
+                 count: int = 4, digits: int = 5) -> NeedleCase:
+    """A recall prompt that needs no instruction following: ``count`` random numbers ("The numbers
+    are 84712 93018 27465 10293.") inserted at ``depth`` of the haystack, and at the end "The numbers
+    are 84712": the key is the second number, which only attention back to the needle can give (an
+    induction copy, which small models do at long contexts where they fail the pass-key instruction)."""
+    if count < 2:
+        raise LatentKVError(f"a numbers needle needs at least 2 numbers; got {count}.")
+    nums = [make_key(seed * 100 + i, digits) for i in range(count)]
+    needle = _encode(tokenizer, NUMBERS.format(numbers=" ".join(nums)))
+    question = _encode(tokenizer, NUMBERS_QUESTION.format(first=nums[0]))
+    return _place(haystack, [], needle, question, context_tokens=context_tokens, depth=depth, key=nums[1])
+
+
+def _place(haystack: list[int], intro: list[int], needle: list[int], question: list[int], *, context_tokens: int,
+           depth: float, key: str) -> NeedleCase:
+    """intro + haystack with the needle after ``round(depth * fill)`` of its tokens + question, in
+    ``context_tokens`` tokens."""
+    if not 0.0 <= depth <= 1.0:
+        raise LatentKVError(f"needle depth must be in [0, 1]; got {depth}.")
     fill = context_tokens - len(intro) - len(needle) - len(question)
     if fill < 16:
         raise LatentKVError(f"a context of {context_tokens} tokens leaves no room for the haystack around the "
@@ -88,7 +116,7 @@ def needle_case(tokenizer, haystack: list[int], *, context_tokens: int, depth: f
     if len(haystack) < fill:
         raise LatentKVError(f"the haystack has {len(haystack)} tokens; a context of {context_tokens} needs {fill}.")
     cut = round(depth * fill)
-    ids = intro + list(haystack[:cut]) + needle + list(haystack[cut:fill]) + question
+    ids = list(intro) + list(haystack[:cut]) + list(needle) + list(haystack[cut:fill]) + list(question)
     return NeedleCase(ids=ids, key=key, depth=depth, needle_at=len(intro) + cut,
                       question_at=len(ids) - len(question))
 
