@@ -511,6 +511,36 @@ def test_load_predictor_errors(tmp_path):
         load_predictor(tmp_path / "p")
 
 
+def test_untrained_predictor_is_last_step():
+    """Guards the starting point of training: before any step the predictor's forecast is the last
+    step's masses (normalised), so it chooses exactly what last-step chooses."""
+    model = AttentionPredictor(PredictorConfig(history=6, channels=5))
+    hist = torch.softmax(3 * torch.randn(4, 6, 40), -1).clamp_min(1e-5)
+    hist = hist / hist.sum(-1, keepdim=True)
+    pred = model.predict(hist)
+    torch.testing.assert_close(pred, hist[:, -1], rtol=1e-4, atol=1e-7)
+    for row in range(4):
+        assert torch.equal(choose_blocks(pred[row], 9), choose_blocks(hist[row, -1], 9))
+
+
+def test_with_repeats_copies_spans_forward():
+    """Guards the copy augmentation of training windows: each repeated span is an exact copy of an
+    earlier span of the same window, placed after it; no repeats leaves the windows as they were, and
+    the same seed gives the same windows."""
+    from latentkv.sparsity.train import with_repeats
+
+    windows = torch.arange(2 * 400).reshape(2, 400)  # every token distinct: copies are detectable
+    assert torch.equal(with_repeats(windows, 0, 20, 0), windows)
+    out = with_repeats(windows, 3, 20, 0)
+    assert torch.equal(out, with_repeats(windows, 3, 20, 0)) and out.shape == windows.shape
+    for row, orig in zip(out, windows):
+        moved = (row != orig).nonzero().flatten()
+        assert len(moved) > 0
+        for i in moved.tolist():  # every changed token is an earlier token of the window
+            src = int(row[i] - orig[0])
+            assert src < i and orig[src] == row[i]
+
+
 def _pattern_maps(count: int, length: int = 160, page: int = 4, seed: int = 0) -> list[torch.Tensor]:
     """Synthetic block-mass maps: a sink stripe, a fixed heavy stripe, and a diagonal that moves one
     block forward every step (a re-read that last-step always misses by one block)."""

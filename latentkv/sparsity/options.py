@@ -17,7 +17,8 @@ from latentkv.schema import OVERWRITE, setting
 class TrainOptions:
     """model: a latentkv-format MLA/GLA folder; out: predictor folder; data: training text (folder
     or file; WikiText refused); exclude: file names under ``data`` left out (held out for
-    evaluation); windows / seq_len: collected windows (10% go to validation); steps / batch_size / lr:
+    evaluation); windows / seq_len: collected windows (10% go to validation); repeats / repeat_len:
+    spans of each window copied to a later point of it (``train.with_repeats``); steps / batch_size / lr:
     Adam on the predictor; budget: fraction of blocks at which validation recall is reported."""
 
     model: str = setting(argument=True, help="Converted model folder (latentkv format, MLA or GLA).")
@@ -27,6 +28,8 @@ class TrainOptions:
                                        help="File name under --data to hold out; repeatable.")
     windows: int = setting(24, help="Text windows to collect attention from (10% validate).")
     seq_len: int = setting(1024, help="Tokens per window.")
+    repeats: int = setting(0, help="Spans of each window repeated later in it (teaches copy / retrieval).")
+    repeat_len: int = setting(48, help="Tokens per repeated span.")
     page_size: int = setting(16, help="Tokens per block (= the decode cache's page size).")
     history: int = setting(16, help="Steps of history the predictor reads.")
     channels: int = 8
@@ -43,5 +46,8 @@ class TrainOptions:
         if self.seq_len < 4 * self.page_size or self.seq_len <= self.history + 1:
             raise LatentKVError(f"--seq-len {self.seq_len} is too short for pages of {self.page_size} and a "
                                 f"history of {self.history}; use >= {max(4 * self.page_size, self.history + 2)}.")
+        if self.repeats < 0 or self.repeat_len < 1 or (self.repeats and self.seq_len < 4 * self.repeat_len):
+            raise LatentKVError(f"--repeats must be >= 0 and --repeat-len >= 1, with --seq-len >= 4 x --repeat-len; got "
+                                f"{self.repeats}, {self.repeat_len}, {self.seq_len}.")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise LatentKVError("--steps, --batch-size and --lr must be positive.")

@@ -10,7 +10,11 @@ context length works.
     x = feature(masses)                [B, T, N]   log-scaled into [0, 1]
     h = relu(conv3x3(relu(conv3x3(x))))  [B, C, T, N]
     z = sum_t w[c, t] h[:, c, t]       [B, C, N]   learned weighting of the steps (the paper pools them)
-    logits = conv1x1(z) + a * x[:, -1]  [B, N]      a skip from the last step: starts as "last-step"
+    logits = conv1x1(z) + a * x[:, -1]  [B, N]      a skip from the last step
+
+It starts as exactly "last-step": the head starts at zero and ``a`` at -log(mass_floor), so the logits
+start as the log of the last step's masses (+ a constant) and their softmax as those masses; training
+moves it only where the history says more than the last step does.
 
 Saved as ``attention_predictor.safetensors`` + ``attention_predictor.json`` in one folder.
 """
@@ -57,7 +61,9 @@ class AttentionPredictor(nn.Module):
         self.conv2 = nn.Conv2d(c, c, 3, padding=1)
         self.step_weights = nn.Parameter(torch.full((c, config.history), 1.0 / config.history))
         self.head = nn.Conv1d(c, 1, 1)
-        self.skip = nn.Parameter(torch.tensor(4.0))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.skip = nn.Parameter(torch.tensor(-math.log(config.mass_floor)))
 
     def feature(self, masses: torch.Tensor) -> torch.Tensor:
         """Block masses in [0, 1] -> log scale in [0, 1] (floor -> 0, 1 -> 1); absent blocks are 0."""

@@ -47,6 +47,25 @@ def training_windows(tokenizer, data: str, exclude: tuple[str, ...], windows: in
     return sample_windows(tokens, windows, seq_len, seed)
 
 
+def with_repeats(windows: torch.Tensor, repeats: int, span: int, seed: int) -> torch.Tensor:
+    """Each window with ``repeats`` of its spans of ``span`` tokens copied over a later part of it (at
+    least ``span`` tokens after the span's end). Books rarely repeat themselves, so their attention
+    rarely shows a copy: a block that lights up at one step and stays the target while the copy runs,
+    which is what retrieval and quoting in long prompts look like. A predictor trained on books alone
+    learns that a fresh spike fades; the repeats show it the other case."""
+    if repeats == 0:
+        return windows
+    gen = torch.Generator().manual_seed(seed + 7)
+    out = windows.clone()
+    length = windows.shape[1]
+    for row in out:
+        for _ in range(repeats):
+            src = int(torch.randint(0, length - 3 * span, (1,), generator=gen))
+            dst = int(torch.randint(src + 2 * span, length - span + 1, (1,), generator=gen))
+            row[dst : dst + span] = row[src : src + span].clone()
+    return out
+
+
 @torch.no_grad()
 def collect_maps(model, windows: torch.Tensor, page_size: int, progress=None) -> list[torch.Tensor]:
     """Block-mass maps [L, n_blocks] (float16) of every (window, layer, latent head)."""
@@ -190,6 +209,7 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     model = load_model(source.folder)
     latent_attentions(model)  # a clear error for models without latent attention
     windows = training_windows(source.tokenizer(), opts.data, opts.exclude, opts.windows, opts.seq_len, opts.seed)
+    windows = with_repeats(windows, opts.repeats, opts.repeat_len, opts.seed)
     n_val = max(1, opts.windows // 10)
     advance = progress_factory("collecting attention", opts.windows) if progress_factory else None
     maps = collect_maps(model, windows, opts.page_size, progress=advance)
