@@ -523,6 +523,36 @@ def test_untrained_predictor_is_last_step():
         assert torch.equal(choose_blocks(pred[row], 9), choose_blocks(hist[row, -1], 9))
 
 
+def test_keep_last_step_never_ranks_a_block_below_its_last_mass():
+    """Guards the forecast's floor: whatever the weights, every block's forecast mass is at least its
+    normalised last-step mass over the forecast's normaliser, so a block with more last-step mass than
+    the whole chosen set's weakest forecast is kept; without the option (older predictors) no floor."""
+    hist = torch.softmax(4 * torch.randn(5, 6, 30), -1)
+    for keep in (True, False):
+        model = AttentionPredictor(PredictorConfig(history=6, channels=4, keep_last_step=keep))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(std=3.0)
+            envelope = model(model.feature(hist)).exp()  # unnormalised forecast
+        last = hist[:, -1].clamp_min(1e-6)
+        last = last / last.sum(-1, keepdim=True)
+        assert bool((envelope >= last * (1 - 1e-5)).all()) == keep
+
+
+def test_older_predictor_files_load_without_the_floor(tmp_path):
+    """Guards compatibility: a predictor saved before ``keep_last_step`` existed loads as it was
+    trained (no floor), a new one keeps its setting."""
+    import json
+
+    save_predictor(AttentionPredictor(PredictorConfig(channels=4)), tmp_path / "new")
+    assert load_predictor(tmp_path / "new").config.keep_last_step
+    cfg = tmp_path / "new" / "attention_predictor.json"
+    raw = json.loads(cfg.read_text())
+    del raw["keep_last_step"]
+    cfg.write_text(json.dumps(raw))
+    assert not load_predictor(tmp_path / "new").config.keep_last_step
+
+
 def test_with_repeats_copies_spans_forward():
     """Guards the copy augmentation of training windows: each repeated span is an exact copy of an
     earlier span of the same window, placed after it; no repeats leaves the windows as they were, and

@@ -12,6 +12,12 @@ context length works.
     z = sum_t w[c, t] h[:, c, t]       [B, C, N]   learned weighting of the steps (the paper pools them)
     logits = conv1x1(z) + a * x[:, -1]  [B, N]      a skip from the last step
 
+With ``keep_last_step`` (the default of a new predictor) the forecast is the element-wise maximum of
+that softmax and the last step's masses (normalised): the model can raise a block above what the last
+step gave it, never lower one below. A block that has just lit up (a copy, a retrieval) is then
+never dropped for being new -- on books a fresh spike usually fades, so a free model learns to
+discount it, and loses exactly the steps a retrieval needs.
+
 It starts as exactly "last-step": the head starts at zero and ``a`` at -log(mass_floor), so the logits
 start as the log of the last step's masses (+ a constant) and their softmax as those masses; training
 moves it only where the history says more than the last step does.
@@ -39,12 +45,14 @@ CONFIG_FILE = "attention_predictor.json"
 class PredictorConfig:
     """history: steps T the model reads (4-64); channels: conv width (8-32); page_size: tokens per
     block the masses were pooled over (the predictor is used with the same page size);
-    mass_floor: masses below it read as it (the feature's zero)."""
+    mass_floor: masses below it read as it (the feature's zero); keep_last_step: the forecast is at
+    least the last step's masses (module docstring)."""
 
     history: int = 16
     channels: int = 8
     page_size: int = 16
     mass_floor: float = 1e-6
+    keep_last_step: bool = True
 
     def __post_init__(self):
         if self.history < 2 or self.channels < 1 or self.page_size < 1 or not 0 < self.mass_floor < 1:
@@ -75,7 +83,12 @@ class AttentionPredictor(nn.Module):
         h = torch.relu(self.conv1(x[:, None]))
         h = torch.relu(self.conv2(h))  # [B, C, T, N]
         z = torch.einsum("bctn,ct->bcn", h, self.step_weights)
-        return self.head(z)[:, 0] + self.skip * x[:, -1]
+        logits = self.head(z)[:, 0] + self.skip * x[:, -1]
+        if not self.config.keep_last_step:
+            return logits
+        log_floor = math.log(self.config.mass_floor)
+        last = torch.log_softmax(x[:, -1] * -log_floor, dim=-1)  # the last step's masses (>= floor), normalised
+        return torch.maximum(torch.log_softmax(logits, dim=-1), last)
 
     @torch.no_grad()
     def predict(self, history: torch.Tensor) -> torch.Tensor:
@@ -114,6 +127,7 @@ def load_predictor(folder: str | Path) -> AttentionPredictor:
             "`latentkv predictor train MODEL --out FOLDER`."
         )
     raw = json.loads(config_path.read_text())
+    raw.setdefault("keep_last_step", False)  # saved before the option existed: trained without it
     fields = PredictorConfig.__dataclass_fields__
     model = AttentionPredictor(PredictorConfig(**{k: v for k, v in raw.items() if k in fields}))
     try:
