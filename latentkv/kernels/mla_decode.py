@@ -243,12 +243,28 @@ def _load_fp8_group(  # triton.jit applied by _kernels() (bound as _fp8_group)
     else:
         code_ok = n_ok[:, None]
     codes = tl.load(LAT_CODES + row_at[:, None] + (c * R_C + cols)[None, :], mask=code_ok, other=0)  # uint8
-    codes = codes.to(tl.float8e4nv, bitcast=True).to(Q.dtype.element_ty)
-    if UPCAST_DOT:
-        codes = codes.to(tl.float32)
+    codes = codes.to(tl.float8e4nv, bitcast=True)
+    # the same codes as [GROUP, BLOCK_N] for the score dot (its second operand, columns on K): a load of
+    # its own, so that each load has one user and goes through the software pipeline (the second read
+    # of the bytes is served by L2)
+    codes_t = tl.load(LAT_CODES + row_at[None, :] + (c * R_C + cols)[:, None], mask=tl.trans(code_ok), other=0)
+    codes_t = codes_t.to(tl.float8e4nv, bitcast=True)
     scale_at = LAT_SCALES + page * stride_sp + slot * stride_st + (c * SCALE_OFF + g) * SCALE_FIELDS
     scale = tl.load(scale_at, mask=n_ok & (g * GROUP < R_C), other=0.0).to(tl.float32)
-    return codes, scale
+    return codes, codes_t, scale
+
+
+def _upcast_codes(  # triton.jit applied by _kernels() (bound as _up)
+    codes,  # float8e4nv tile
+    Q,  # the query pointer: its element type is the model dtype
+    UPCAST_DOT: tl.constexpr,
+):
+    """fp8 codes in the model dtype (exact), at the dot that reads them: converted after the layout change
+    of the dot operand, so the 8-bit tile is what the pipeline stages in shared memory."""
+    x = codes.to(Q.dtype.element_ty)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
 
 
 def _load_q_group(  # triton.jit applied by _kernels() (bound as _q_group)
@@ -514,17 +530,17 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             scale_v = scale_v * P_SCALE
         elif GROUP_DOTS:
             # each group's fp8 codes as its own [BLOCK_N, GROUP] tile of the model dtype and its scales
-            kv, scale = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp,
+            kv, kv_t, scale = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp,
                                    stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS, UPCAST_DOT)
             if NUM_GROUPS > 1:
-                kv_1, scale_1 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 1, stride_cp, stride_ct,
+                kv_1, kv_t_1, scale_1 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 1, stride_cp, stride_ct,
                                            stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
                                            UPCAST_DOT)
             if NUM_GROUPS > 2:
-                kv_2, scale_2 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 2, stride_cp, stride_ct,
+                kv_2, kv_t_2, scale_2 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 2, stride_cp, stride_ct,
                                            stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
                                            UPCAST_DOT)
-                kv_3, scale_3 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 3, stride_cp, stride_ct,
+                kv_3, kv_t_3, scale_3 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 3, stride_cp, stride_ct,
                                            stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
                                            UPCAST_DOT)
         else:
@@ -609,12 +625,12 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             elif SCALED_DOTS:  # sum over groups of scale x (q . codes): [BLOCK_M, BLOCK_N]
                 s = tl.sum(tl.dot(q, tl.trans(codes, (0, 2, 1))) * scale[:, None, :], 0)
             elif GROUP_DOTS:  # sum over groups of scale_g x (q_g . codes_g), 2-D dots
-                s = tl.dot(q, tl.trans(kv)) * scale[None, :]
+                s = tl.dot(q, _up(kv_t, Q, UPCAST_DOT)) * scale[None, :]
                 if NUM_GROUPS > 1:
-                    s += tl.dot(q_1, tl.trans(kv_1)) * scale_1[None, :]
+                    s += tl.dot(q_1, _up(kv_t_1, Q, UPCAST_DOT)) * scale_1[None, :]
                 if NUM_GROUPS > 2:
-                    s += tl.dot(q_2, tl.trans(kv_2)) * scale_2[None, :]
-                    s += tl.dot(q_3, tl.trans(kv_3)) * scale_3[None, :]
+                    s += tl.dot(q_2, _up(kv_t_2, Q, UPCAST_DOT)) * scale_2[None, :]
+                    s += tl.dot(q_3, _up(kv_t_3, Q, UPCAST_DOT)) * scale_3[None, :]
             else:
                 s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
             if ROPE_DIM > 0:
@@ -649,21 +665,21 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 p_g = (p * (scale * P_SCALE)[None, :]).to(Q.dtype.element_ty)
                 if UPCAST_DOT:
                     p_g = p_g.to(tl.float32)
-                acc = tl.dot(p_g, kv, acc * alpha[:, None])
+                acc = tl.dot(p_g, _up(kv, Q, UPCAST_DOT), acc * alpha[:, None])
                 if NUM_GROUPS > 1:
                     p_g = (p * (scale_1 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
                     if UPCAST_DOT:
                         p_g = p_g.to(tl.float32)
-                    acc_1 = tl.dot(p_g, kv_1, acc_1 * alpha[:, None])
+                    acc_1 = tl.dot(p_g, _up(kv_1, Q, UPCAST_DOT), acc_1 * alpha[:, None])
                 if NUM_GROUPS > 2:
                     p_g = (p * (scale_2 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
                     if UPCAST_DOT:
                         p_g = p_g.to(tl.float32)
-                    acc_2 = tl.dot(p_g, kv_2, acc_2 * alpha[:, None])
+                    acc_2 = tl.dot(p_g, _up(kv_2, Q, UPCAST_DOT), acc_2 * alpha[:, None])
                     p_g = (p * (scale_3 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
                     if UPCAST_DOT:
                         p_g = p_g.to(tl.float32)
-                    acc_3 = tl.dot(p_g, kv_3, acc_3 * alpha[:, None])
+                    acc_3 = tl.dot(p_g, _up(kv_3, Q, UPCAST_DOT), acc_3 * alpha[:, None])
             else:
                 acc = acc * alpha[:, None]
                 p_d = p.to(kv.dtype)
@@ -867,7 +883,7 @@ _int4_groups = None  # triton.jit(_load_int4_groups), likewise
 
 def _kernels():
     """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
-    global triton, tl, _latent_tile, _fp8_groups, _int4_groups, _fp8_group, _q_group
+    global triton, tl, _latent_tile, _fp8_groups, _int4_groups, _fp8_group, _q_group, _up
     if not _JIT:
         import triton as _triton
         import triton.language as _tl
@@ -878,6 +894,7 @@ def _kernels():
         _int4_groups = triton.jit(_load_int4_groups)
         _fp8_group = triton.jit(_load_fp8_group)
         _q_group = triton.jit(_load_q_group)
+        _up = triton.jit(_upcast_codes)
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
         _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
