@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--group-dots", action="store_true",
                    help="also time each fp8 format by one 2-D dot per scale group (DecodeConfig.group_dots) at the "
                         "rules' configuration and at --group-dots-config ones, and by the batched dots")
-    p.add_argument("--group-dots-config", nargs="*", default=["32,64,4,3", "32,32,4,5", "32,64,4,4"],
+    p.add_argument("--group-dots-config", nargs="*", default=["32,32,8,5", "32,32,4,5"],
                    metavar="M,N,WARPS,STAGES", help="block_m,block_n,num_warps,num_stages of the extra --group-dots rows "
                    "(ctas_per_sm 2 at 4 warps, for the split choice)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
@@ -91,16 +91,27 @@ def main(argv=None) -> int:
         for fmt in args.formats:
             rule = {k: v for k, v in rows[fmt]["config"].items() if k != "num_splits"}
             rows[f"{fmt} deq"] = bench.run_decode_bench(**shape, kv_format=fmt,
-                                                        config=DecodeConfig(**{**rule, "dequant_tile": True}))
+                                                        config=DecodeConfig(**{**rule, "dequant_tile": True,
+                                                                                 "group_dots": False}))
     if args.group_dots:
-        from latentkv.kernels.mla_decode import DecodeConfig
+        from dataclasses import replace
+
+        import torch
+
+        from latentkv.kernels.mla_decode import DecodeConfig, default_config
 
         for fmt in (f for f in args.formats if f.startswith("fp8")):
             rule = {k: v for k, v in rows[fmt]["config"].items() if k != "num_splits"}
             rows[f"{fmt} batched"] = bench.run_decode_bench(
                 **shape, kv_format=fmt, config=DecodeConfig(**{**rule, "dequant_tile": False, "group_dots": False}))
-            rows[f"{fmt} groups"] = bench.run_decode_bench(
-                **shape, kv_format=fmt, config=DecodeConfig(**{**rule, "group_dots": True}))
+            if not rule["group_dots"]:  # else the format's row above
+                rows[f"{fmt} groups"] = bench.run_decode_bench(
+                    **shape, kv_format=fmt, config=DecodeConfig(**{**rule, "group_dots": True}))
+            # the dequantized tile at the plain cache's rule (fp8's default before group_dots)
+            plain = default_config(args.heads * args.query_len // args.latent_heads,
+                                   args.latent_rank // args.latent_heads, args.rope_dim, torch.bfloat16)
+            rows[f"{fmt} deq plain rule"] = bench.run_decode_bench(
+                **shape, kv_format=fmt, config=replace(plain, dequant_tile=True))
             for spec in args.group_dots_config:
                 m, n, w, st = (int(x) for x in spec.split(","))
                 cfg = DecodeConfig(block_m=m, block_n=n, num_warps=w, num_stages=st, ctas_per_sm=2 if w == 4 else 1,
