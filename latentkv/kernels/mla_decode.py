@@ -1107,12 +1107,6 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         # against 4.8 ms). The batched-dot path (groups of >= 32, scales on the scores) at the same
         # configuration: 1990 us against 2122 us for the dequantized tile (H100, g32, 32 rows).
         return DecodeConfig(block_m=block_m, block_n=16, num_warps=8, num_stages=2)
-    if kv_quant == "fp8" and elt == 2 and block_r == 512 and block_m <= 32:
-        # MLA 512 + 64 with few heads (memory-bound): 2-D dots per scale group (group_dots; the dequantized
-        # tile where they do not apply). 16-row tiles, 7 stages: no spills and 94 KB of shared memory
-        # (two programs an SM) compiled for sm_90a.
-        return DecodeConfig(block_m=block_m, block_n=16, num_warps=4, num_stages=7, ctas_per_sm=2,
-                            dequant_tile=True, group_dots=True)
     if kv_quant == "fp8":
         # Timed on an H100 at 512 + 64, g128, 32 rows, batch 64, context 8192: the batched-dot path
         # (scales on the scores) 1331 us at 32 x 32, 8 warps, 4 stages; the dequantized tile 741 us at
