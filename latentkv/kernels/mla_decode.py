@@ -28,7 +28,9 @@ Kernel shape (the design this code follows):
 - quantized latents (``QuantizedPages``): fp8 / int4 codes stay exact in the model dtype, as
   [groups, BLOCK_N, group width] tiles; batched dots over the groups give per-group scores that the
   token's group scales (and int4 zero-points) weight in float32, and the probabilities times each
-  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile.
+  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile;
+  fp8 with at most 4 groups a tile can instead take one plain 2-D dot per group (``GROUP_DOTS``,
+  ``DecodeConfig.group_dots``).
 Block sizes per shape: ``default_config`` (tuned on an H100; numbers in NOTES.md).
 
 Order in this file (Triton tutorial order): kernels, launcher, reference, facade and helpers.
@@ -218,7 +220,6 @@ def _load_int4_groups(  # triton.jit applied by _kernels() (bound as _int4_group
 
 
 def _load_fp8_group(  # triton.jit applied by _kernels() (bound as _fp8_group)
-    Q,  # the query pointer: its element type is the model dtype the codes are converted to
     LAT_CODES, LAT_SCALES,
     page, slot,  # [BLOCK_N] or scalar page and [BLOCK_N] slot of each row
     n_ok,  # [BLOCK_N] rows inside the split
@@ -230,12 +231,11 @@ def _load_fp8_group(  # triton.jit applied by _kernels() (bound as _fp8_group)
     MASK_COLS: tl.constexpr,  # some columns of the tile lie past R_C
     SCALE_OFF: tl.constexpr,
     SCALE_FIELDS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
 ):
-    """fp8 codes of group g of latent head c as a plain [BLOCK_N, GROUP] tile of the model dtype (every
-    e4m3 value is exact there; columns past R_C and rows outside the split read as 0) and the group's
-    float32 scale per row, [BLOCK_N] (0 outside the split). Each group has its own 2-D load, so the
-    tile goes to the MMAs as the plain cache's tile does (no 3-D view, no reshape, no scale in it)."""
+    """fp8 codes of group g of latent head c as plain 2-D float8e4nv tiles, [BLOCK_N, GROUP] (for the value
+    dot) and [GROUP, BLOCK_N] (for the score dot), columns past R_C and rows outside the split read as 0,
+    and the group's float32 scale per row, [BLOCK_N] (0 outside the split). No scale in the tiles, no 3-D
+    view, no reshape: the caller converts them to the model dtype at the dots (``_up``; exact)."""
     cols = g * GROUP + tl.arange(0, GROUP)
     row_at = page * stride_cp + slot * stride_ct  # [BLOCK_N]
     if MASK_COLS:
@@ -348,7 +348,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     OGROUP: tl.constexpr = 1,  # fp8: min(GROUP, BLOCK_O), the 3-D view of a value slice
     ONUM_GROUPS: tl.constexpr = 1,  # fp8: BLOCK_O // OGROUP
     SCALED_DOTS: tl.constexpr = False,  # fp8 (GROUP >= 16), int4 (GROUP >= 32): scales on scores / probabilities
-    P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS / GROUP_DOTS: power of 2 on p * scale (fp16: keeps it out of the subnormals)
+    P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS / GROUP_DOTS: power of 2 on p * scale (fp16: out of the subnormals)
     GROUP_DOTS: tl.constexpr = False,  # fp8, NUM_GROUPS <= 4, no KV_ON_M, one output slice: a 2-D dot per group
 ):
     # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
@@ -530,19 +530,19 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             scale_v = scale_v * P_SCALE
         elif GROUP_DOTS:
             # each group's fp8 codes as its own [BLOCK_N, GROUP] tile of the model dtype and its scales
-            kv, kv_t, scale = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct, stride_sp,
-                                   stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS, UPCAST_DOT)
+            kv, kv_t, scale = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct,
+                                         stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS)
             if NUM_GROUPS > 1:
-                kv_1, kv_t_1, scale_1 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 1, stride_cp, stride_ct,
-                                           stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
-                                           UPCAST_DOT)
+                kv_1, kv_t_1, scale_1 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 1, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
             if NUM_GROUPS > 2:
-                kv_2, kv_t_2, scale_2 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 2, stride_cp, stride_ct,
-                                           stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
-                                           UPCAST_DOT)
-                kv_3, kv_t_3, scale_3 = _fp8_group(Q, LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 3, stride_cp, stride_ct,
-                                           stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS,
-                                           UPCAST_DOT)
+                kv_2, kv_t_2, scale_2 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 2, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
+                kv_3, kv_t_3, scale_3 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 3, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
         else:
             # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key (and as value unless the output
             # columns are split)
@@ -1112,6 +1112,8 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         # (scales on the scores) 1331 us at 32 x 32, 8 warps, 4 stages; the dequantized tile 741 us at
         # that configuration and 427 us at the plain cache's rule (bf16: 232 us). fp8 reads the
         # dequantized tile at the plain rules; DecodeConfig(dequant_tile=False) selects the other path.
+        # The 2-D dots per group (group_dots) at the same shape: 501 us at 32 x 16, 4 warps, 7 stages and
+        # 538 us at 32 x 32, 8 warps, 5 stages (bf16 224 us, dequantized tile 427 us in the same run).
         return replace(default_config(rows, r_c, rope_dim, dtype), dequant_tile=True)
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
