@@ -10,6 +10,7 @@ the bf16 cache measured in the same run.
   python scripts/bench_decode_quantized.py --formats fp8_e4m3/g128 int4/g32 --heads 128 --json out.json
   python scripts/bench_decode_quantized.py --sweep               # also search block sizes per format
   python scripts/bench_decode_quantized.py --dequant-tile        # also each format with the dequantized tile
+  python scripts/bench_decode_quantized.py --group-dots          # also fp8 by 2-D dots per group (and configs)
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--dequant-tile", action="store_true",
                    help="also time each format with its tile dequantized in registers (DecodeConfig.dequant_tile) "
                         "at the same launch configuration")
+    p.add_argument("--group-dots", action="store_true",
+                   help="also time each fp8 format by one 2-D dot per scale group (DecodeConfig.group_dots) at the "
+                        "rules' configuration and at --group-dots-config ones, and by the batched dots")
+    p.add_argument("--group-dots-config", nargs="*", default=["32,32,8,5", "32,32,4,5"],
+                   metavar="M,N,WARPS,STAGES", help="block_m,block_n,num_warps,num_stages of the extra --group-dots rows "
+                   "(ctas_per_sm 2 at 4 warps, for the split choice)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p.parse_args(argv)
 
@@ -84,17 +91,42 @@ def main(argv=None) -> int:
         for fmt in args.formats:
             rule = {k: v for k, v in rows[fmt]["config"].items() if k != "num_splits"}
             rows[f"{fmt} deq"] = bench.run_decode_bench(**shape, kv_format=fmt,
-                                                        config=DecodeConfig(**{**rule, "dequant_tile": True}))
+                                                        config=DecodeConfig(**{**rule, "dequant_tile": True,
+                                                                                 "group_dots": False}))
+    if args.group_dots:
+        from dataclasses import replace
+
+        import torch
+
+        from latentkv.kernels.mla_decode import DecodeConfig, default_config
+
+        for fmt in (f for f in args.formats if f.startswith("fp8")):
+            rule = {k: v for k, v in rows[fmt]["config"].items() if k != "num_splits"}
+            rows[f"{fmt} batched"] = bench.run_decode_bench(
+                **shape, kv_format=fmt, config=DecodeConfig(**{**rule, "dequant_tile": False, "group_dots": False}))
+            if not rule["group_dots"]:  # else the format's row above
+                rows[f"{fmt} groups"] = bench.run_decode_bench(
+                    **shape, kv_format=fmt, config=DecodeConfig(**{**rule, "group_dots": True}))
+            # the dequantized tile at the plain cache's rule (fp8's default before group_dots)
+            plain = default_config(args.heads * args.query_len // args.latent_heads,
+                                   args.latent_rank // args.latent_heads, args.rope_dim, torch.bfloat16)
+            rows[f"{fmt} deq plain rule"] = bench.run_decode_bench(
+                **shape, kv_format=fmt, config=replace(plain, dequant_tile=True))
+            for spec in args.group_dots_config:
+                m, n, w, st = (int(x) for x in spec.split(","))
+                cfg = DecodeConfig(block_m=m, block_n=n, num_warps=w, num_stages=st, ctas_per_sm=2 if w == 4 else 1,
+                                   group_dots=True)
+                rows[f"{fmt} groups {spec}"] = bench.run_decode_bench(**shape, kv_format=fmt, config=cfg)
     if args.sweep:
         for fmt in args.formats:
             rows[f"{fmt} best"] = sweep(shape, fmt, rows[fmt]["config"])
     base = rows["bf16"]["time_us"]
-    print(f"{'format':<21} {'config (splits)':<18} {'time us':>9} {'bytes/token':>12} {'TB/s':>6} {'vs bf16':>8}  check")
+    print(f"{'format':<32} {'config (splits)':<18} {'time us':>9} {'bytes/token':>12} {'TB/s':>6} {'vs bf16':>8}  check")
     for fmt, r in rows.items():
         per_token = r["cache_bytes"] / (args.batch * args.context)
         c = r["config"]
         config = f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']} ({c['num_splits']})"
-        print(f"{fmt:<21} {config:<18} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
+        print(f"{fmt:<32} {config:<18} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
               f"{base / r['time_us']:7.2f}x  {'ok' if r['check']['ok'] else 'FAILED'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")

@@ -104,6 +104,21 @@ CASES = {
                                 DecodeConfig(16, 32, 4, 2)),  # tiles of two pages
     "fp8-g16-dequant-tile": ((2, 33, 70), 2, 4, 1, 48, 16, 16, BF16, "fp8_e4m3/g16", 3,
                              DecodeConfig(16, 16, 4, 2, dequant_tile=True)),  # the dequantized-tile path
+    # fp8 group_dots: a plain 2-D dot per group (4, 2 or 1 groups a tile), or the fallback where it does not apply
+    "fp8-g16-group-dots-mla48-sq2": ((2, 33, 70), 2, 4, 1, 48, 16, 16, BF16, "fp8_e4m3/g16", 3,
+                                     DecodeConfig(16, 16, 4, 2, group_dots=True)),  # a group past r_c
+    "fp8-g32-group-dots-fp32-fused": ((2, 31, 47), 1, 8, 1, 64, 16, 16, FP32, "fp8_e4m3/g32", 3,
+                                      DecodeConfig(16, 16, 4, 2, fuse_combine=True, group_dots=True)),
+    "fp8-head-group-dots-gla2-fp16-sq2": ((2, 31, 47), 2, 8, 2, 32, 16, 16, FP16, "fp8_e4m3/head", 2,
+                                          DecodeConfig(16, 16, 4, 2, group_dots=True)),  # one group
+    "fp8-g16-group-dots-gla2-direct-n32": ((3, 21, 70), 1, 8, 2, 32, 16, 16, BF16, "fp8_e4m3/g16", 1,
+                                           DecodeConfig(16, 32, 4, 2, group_dots=True)),  # tiles of two pages
+    "fp8-g16-group-dots-kv-on-m-fallback": ((2, 33), 2, 4, 1, 32, 16, 16, BF16, "fp8_e4m3/g16", 2,
+                                            DecodeConfig(16, 16, 4, 2, kv_on_m=True, group_dots=True)),
+    "fp8-g16-group-dots-8-groups-fallback": ((2, 33), 1, 4, 1, 128, 16, 16, BF16, "fp8_e4m3/g16", 2,
+                                             DecodeConfig(16, 16, 4, 2, group_dots=True)),
+    "fp8-g64-group-dots-rc640-os2-fallback": ((2, 29), 1, 4, 1, 640, 64, 16, BF16, "fp8_e4m3/g64", 2,
+                                              DecodeConfig(16, 16, 4, 2, out_splits=2, group_dots=True)),
     # int4 groups of >= 32 columns: the same with the even and odd columns of each group apart
     "int4-g32-mla64-sq2-bf16": ((2, 37, 70), 2, 4, 1, 64, 16, 16, BF16, "int4/g32", 3, SMALL),
     "int4-token-mla48-fp16": ((3, 29), 1, 8, 1, 48, 16, 16, FP16, "int4/token", 2, SMALL),  # one group, masked
@@ -236,6 +251,7 @@ def test_bench_quantized_smoke(fmt):
 
 @pytest.mark.parametrize("fmt, config", [("int4/g16", SMALL), ("fp8_e4m3/g16", SMALL),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 32, 4, 2, kv_on_m=True)),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, group_dots=True)),
                                          ("int4/g32", SMALL)])
 def test_quantized_kernel_masses_match_reference(fmt, config):
     """Guards the per-page masses (sparse decode's history) over a quantized cache: the same switch
@@ -255,10 +271,11 @@ def test_quantized_kernel_masses_match_reference(fmt, config):
 @pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, dequant_tile=True)),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, group_dots=True)),
                                          ("int4/g32", SMALL)])
 def test_quantized_kernel_softcap_window_match_reference(fmt, config):
     """Guards soft-capped and sliding-window scores over a quantized cache (the scales applied to the
-    scores, in both orientations, and the dequantized tile)."""
+    scores, in both orientations, the dequantized tile and fp8's 2-D dots per group)."""
     q, pages, table, seq_lens, _, scale = make_quantized_case(
         lens=(5, 40, 70), sq=2, heads=4, latent_heads=1, r_c=64, rope=16, page=16, dtype=BF16, fmt=fmt,
         seed=random.SystemRandom().randrange(2**31))
@@ -278,8 +295,12 @@ def test_scaled_dots_at_least_as_exact_as_the_dequantized_tile(fmt, dtype):
     and code x scale + zero) is rounded to the model dtype for the value dot. So besides matching the
     model-dtype reference within TOL (the case table), its error against the exact attention of the
     dequantized values (code x scale + zero in float32, float32 math) is compared with the
-    dequantized tile's on the same inputs: summed over a few random caches, it must not be larger."""
-    err = {True: 0.0, False: 0.0}
+    dequantized tile's on the same inputs: summed over a few random caches, it must not be larger. fp8's
+    2-D dots per group (``group_dots``) round as the batched dots do and are held to the same."""
+    paths = {"dequant": DecodeConfig(16, 16, 4, 2, dequant_tile=True), "scaled": DecodeConfig(16, 16, 4, 2)}
+    if fmt.startswith("fp8"):
+        paths["group"] = DecodeConfig(16, 16, 4, 2, group_dots=True)
+    err = dict.fromkeys(paths, 0.0)
     for _ in range(3):
         q, pages, table, seq_lens, _, scale = make_quantized_case(
             lens=(40, 90), sq=2, heads=8, latent_heads=1, r_c=64, rope=16, page=16, dtype=dtype,
@@ -296,8 +317,7 @@ def test_scaled_dots_at_least_as_exact_as_the_dequantized_tile(fmt, dtype):
         exact_kv = torch.cat([latent.view(n_pages, page, 64), pages.rope.float()], -1)
         kw = dict(latent_heads=1, rope_dim=16, softmax_scale=scale)
         exact = md.mla_decode_reference(q.float(), exact_kv, table, seq_lens, **kw)
-        for dequant in (True, False):
-            out = md.mla_decode(q, pages, table, seq_lens, num_splits=2,
-                                config=DecodeConfig(16, 16, 4, 2, dequant_tile=dequant), **kw)
-            err[dequant] += float((out.float() - exact).pow(2).mean().sqrt())
-    assert err[False] <= err[True], err
+        for path, config in paths.items():
+            out = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=config, **kw)
+            err[path] += float((out.float() - exact).pow(2).mean().sqrt())
+    assert all(e <= err["dequant"] for e in err.values()), err

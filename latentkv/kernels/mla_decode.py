@@ -28,7 +28,9 @@ Kernel shape (the design this code follows):
 - quantized latents (``QuantizedPages``): fp8 / int4 codes stay exact in the model dtype, as
   [groups, BLOCK_N, group width] tiles; batched dots over the groups give per-group scores that the
   token's group scales (and int4 zero-points) weight in float32, and the probabilities times each
-  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile.
+  group's scale multiply that group's codes (``SCALED_DOTS``); narrow groups dequantize the tile;
+  fp8 with at most 4 groups a tile can instead take one plain 2-D dot per group (``GROUP_DOTS``,
+  ``DecodeConfig.group_dots``).
 Block sizes per shape: ``default_config`` (tuned on an H100; numbers in NOTES.md).
 
 Order in this file (Triton tutorial order): kernels, launcher, reference, facade and helpers.
@@ -217,6 +219,75 @@ def _load_int4_groups(  # triton.jit applied by _kernels() (bound as _int4_group
     return lo, hi, scale, zero + 8.0 * scale
 
 
+def _load_fp8_group(  # triton.jit applied by _kernels() (bound as _fp8_group)
+    LAT_CODES, LAT_SCALES,
+    page, slot,  # [BLOCK_N] or scalar page and [BLOCK_N] slot of each row
+    n_ok,  # [BLOCK_N] rows inside the split
+    c,  # latent head
+    g,  # group of the tile (its columns g * GROUP .. (g + 1) * GROUP within the latent head)
+    stride_cp, stride_ct, stride_sp, stride_st,
+    R_C: tl.constexpr,
+    GROUP: tl.constexpr,
+    MASK_COLS: tl.constexpr,  # some columns of the tile lie past R_C
+    SCALE_OFF: tl.constexpr,
+    SCALE_FIELDS: tl.constexpr,
+):
+    """fp8 codes of group g of latent head c as plain 2-D float8e4nv tiles, [BLOCK_N, GROUP] (for the value
+    dot) and [GROUP, BLOCK_N] (for the score dot), columns past R_C and rows outside the split read as 0,
+    and the group's float32 scale per row, [BLOCK_N] (0 outside the split). No scale in the tiles, no 3-D
+    view, no reshape: the caller converts them to the model dtype at the dots (``_up``; exact)."""
+    cols = g * GROUP + tl.arange(0, GROUP)
+    row_at = page * stride_cp + slot * stride_ct  # [BLOCK_N]
+    if MASK_COLS:
+        code_ok = n_ok[:, None] & (cols < R_C)[None, :]
+    else:
+        code_ok = n_ok[:, None]
+    codes = tl.load(LAT_CODES + row_at[:, None] + (c * R_C + cols)[None, :], mask=code_ok, other=0)  # uint8
+    codes = codes.to(tl.float8e4nv, bitcast=True)
+    # the same codes as [GROUP, BLOCK_N] for the score dot (its second operand, columns on K): a load of
+    # its own, so that each load has one user and goes through the software pipeline (the second read
+    # of the bytes is served by L2)
+    codes_t = tl.load(LAT_CODES + row_at[None, :] + (c * R_C + cols)[:, None], mask=tl.trans(code_ok), other=0)
+    codes_t = codes_t.to(tl.float8e4nv, bitcast=True)
+    scale_at = LAT_SCALES + page * stride_sp + slot * stride_st + (c * SCALE_OFF + g) * SCALE_FIELDS
+    scale = tl.load(scale_at, mask=n_ok & (g * GROUP < R_C), other=0.0).to(tl.float32)
+    return codes, codes_t, scale
+
+
+def _upcast_codes(  # triton.jit applied by _kernels() (bound as _up)
+    codes,  # float8e4nv tile
+    Q,  # the query pointer: its element type is the model dtype
+    UPCAST_DOT: tl.constexpr,
+):
+    """fp8 codes in the model dtype (exact), at the dot that reads them: converted after the layout change
+    of the dot operand, so the 8-bit tile is what the pipeline stages in shared memory."""
+    x = codes.to(Q.dtype.element_ty)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+def _load_q_group(  # triton.jit applied by _kernels() (bound as _q_group)
+    q_row,  # [BLOCK_M] pointers to the query rows
+    row_ok,  # [BLOCK_M]
+    g,  # group: columns g * GROUP .. (g + 1) * GROUP
+    R_C: tl.constexpr,
+    GROUP: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """[BLOCK_M, GROUP] columns of group g of the query rows (0 past R_C)."""
+    cols = g * GROUP + tl.arange(0, GROUP)
+    if MASK_COLS:
+        ok = row_ok[:, None] & (cols < R_C)[None, :]
+    else:
+        ok = row_ok[:, None]
+    qg = tl.load(q_row[:, None] + cols[None, :], mask=ok, other=0.0)
+    if UPCAST_DOT:
+        qg = qg.to(tl.float32)
+    return qg
+
+
 def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
     KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
@@ -277,7 +348,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     OGROUP: tl.constexpr = 1,  # fp8: min(GROUP, BLOCK_O), the 3-D view of a value slice
     ONUM_GROUPS: tl.constexpr = 1,  # fp8: BLOCK_O // OGROUP
     SCALED_DOTS: tl.constexpr = False,  # fp8 (GROUP >= 16), int4 (GROUP >= 32): scales on scores / probabilities
-    P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS: power of 2 on p * scale (fp16: keeps it out of the subnormals)
+    P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS / GROUP_DOTS: power of 2 on p * scale (fp16: out of the subnormals)
+    GROUP_DOTS: tl.constexpr = False,  # fp8, NUM_GROUPS <= 4, no KV_ON_M, one output slice: a 2-D dot per group
 ):
     # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
     # programs that read one cache tile are adjacent, so they run together and share it in L2
@@ -340,6 +412,15 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         else:
             q_ok = row_ok[None, :, None] & (g_cols < R_C)
         q = tl.load(q_row[None, :, None] + g_cols, mask=q_ok, other=0.0)
+    elif GROUP_DOTS:
+        # q split by group once: [BLOCK_M, GROUP] pieces, one per group's 2-D score dot
+        tl.static_assert(NUM_GROUPS <= 4)
+        q = _q_group(q_row, row_ok, 0, R_C, GROUP, BLOCK_R != R_C, UPCAST_DOT)
+        if NUM_GROUPS > 1:
+            q_1 = _q_group(q_row, row_ok, 1, R_C, GROUP, BLOCK_R != R_C, UPCAST_DOT)
+        if NUM_GROUPS > 2:
+            q_2 = _q_group(q_row, row_ok, 2, R_C, GROUP, BLOCK_R != R_C, UPCAST_DOT)
+            q_3 = _q_group(q_row, row_ok, 3, R_C, GROUP, BLOCK_R != R_C, UPCAST_DOT)
     else:
         q = tl.load(q_row[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok, other=0.0)
     if ROPE_DIM > 0:
@@ -351,7 +432,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
         q_pe = tl.load(q_row[:, None] + R_C + offs_dr[None, :], mask=row_ok[:, None] & dr_ok, other=0.0)
         if UPCAST_DOT:
             q_pe = q_pe.to(tl.float32)
-    if UPCAST_DOT:
+    if UPCAST_DOT and not GROUP_DOTS:
         q = q.to(tl.float32)
 
     seq_len = tl.load(SEQ_LENS + pid_b)
@@ -378,6 +459,13 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             acc = tl.zeros([ONUM_GROUPS, OGROUP, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([ONUM_GROUPS, BLOCK_M, OGROUP], dtype=tl.float32)
+    elif GROUP_DOTS:  # one [BLOCK_M, GROUP] accumulator per group
+        acc = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
+        if NUM_GROUPS > 1:
+            acc_1 = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
+        if NUM_GROUPS > 2:
+            acc_2 = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
+            acc_3 = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
     elif KV_ON_M:
         acc = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)  # o^T
     else:
@@ -440,6 +528,21 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             else:
                 codes_v, scale_v = codes, scale
             scale_v = scale_v * P_SCALE
+        elif GROUP_DOTS:
+            # each group's fp8 codes as its own [BLOCK_N, GROUP] tile of the model dtype and its scales
+            kv, kv_t, scale = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 0, stride_cp, stride_ct,
+                                         stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C, SCALE_OFF, SCALE_FIELDS)
+            if NUM_GROUPS > 1:
+                kv_1, kv_t_1, scale_1 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 1, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
+            if NUM_GROUPS > 2:
+                kv_2, kv_t_2, scale_2 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 2, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
+                kv_3, kv_t_3, scale_3 = _fp8_group(LAT_CODES, LAT_SCALES, page, slot, n_ok, c, 3, stride_cp,
+                                                   stride_ct, stride_sp, stride_st, R_C, GROUP, BLOCK_R != R_C,
+                                                   SCALE_OFF, SCALE_FIELDS)
         else:
             # [BLOCK_N, BLOCK_R] latent tile: loaded once, used as key (and as value unless the output
             # columns are split)
@@ -521,6 +624,13 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 s = tl.sum(s * scale[:, None, :] + q_sum[:, :, None] * zero[:, None, :], 0)
             elif SCALED_DOTS:  # sum over groups of scale x (q . codes): [BLOCK_M, BLOCK_N]
                 s = tl.sum(tl.dot(q, tl.trans(codes, (0, 2, 1))) * scale[:, None, :], 0)
+            elif GROUP_DOTS:  # sum over groups of scale_g x (q_g . codes_g), 2-D dots
+                s = tl.dot(q, _up(kv_t, Q, UPCAST_DOT)) * scale[None, :]
+                if NUM_GROUPS > 1:
+                    s += tl.dot(q_1, _up(kv_t_1, Q, UPCAST_DOT)) * scale_1[None, :]
+                if NUM_GROUPS > 2:
+                    s += tl.dot(q_2, _up(kv_t_2, Q, UPCAST_DOT)) * scale_2[None, :]
+                    s += tl.dot(q_3, _up(kv_t_3, Q, UPCAST_DOT)) * scale_3[None, :]
             else:
                 s = tl.dot(q, tl.trans(kv_d))  # [BLOCK_M, BLOCK_N]
             if ROPE_DIM > 0:
@@ -551,6 +661,25 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
                 if KV_QUANT == "int4":  # odd columns; the zero-point adds p . zero to every column
                     acc_hi = tl.dot(p_g, codes_hi_v, acc_hi * alpha[None, :, None])
                     acc_z = acc_z * alpha[None, :] + tl.sum(p[None, :, :] * zero_v[:, None, :], 2)
+            elif GROUP_DOTS:  # o_g += (p x scale_g) @ codes_g, rounded to the model dtype as the MMAs take it
+                p_g = (p * (scale * P_SCALE)[None, :]).to(Q.dtype.element_ty)
+                if UPCAST_DOT:
+                    p_g = p_g.to(tl.float32)
+                acc = tl.dot(p_g, _up(kv, Q, UPCAST_DOT), acc * alpha[:, None])
+                if NUM_GROUPS > 1:
+                    p_g = (p * (scale_1 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
+                    if UPCAST_DOT:
+                        p_g = p_g.to(tl.float32)
+                    acc_1 = tl.dot(p_g, _up(kv_1, Q, UPCAST_DOT), acc_1 * alpha[:, None])
+                if NUM_GROUPS > 2:
+                    p_g = (p * (scale_2 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
+                    if UPCAST_DOT:
+                        p_g = p_g.to(tl.float32)
+                    acc_2 = tl.dot(p_g, _up(kv_2, Q, UPCAST_DOT), acc_2 * alpha[:, None])
+                    p_g = (p * (scale_3 * P_SCALE)[None, :]).to(Q.dtype.element_ty)
+                    if UPCAST_DOT:
+                        p_g = p_g.to(tl.float32)
+                    acc_3 = tl.dot(p_g, _up(kv_3, Q, UPCAST_DOT), acc_3 * alpha[:, None])
             else:
                 acc = acc * alpha[:, None]
                 p_d = p.to(kv.dtype)
@@ -584,6 +713,14 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
             acc = tl.reshape(tl.join(acc + acc_z[:, :, None], acc_hi + acc_z[:, :, None]),
                              [ONUM_GROUPS, BLOCK_M, OGROUP])
         acc = tl.reshape(tl.permute(acc, (1, 0, 2)), [BLOCK_M, BLOCK_O])
+        if P_SCALE != 1.0:
+            acc = acc * (1.0 / P_SCALE)
+    elif GROUP_DOTS:  # the groups' accumulators side by side as [BLOCK_M, BLOCK_R], once
+        if NUM_GROUPS == 2:
+            acc = tl.reshape(tl.permute(tl.join(acc, acc_1), (0, 2, 1)), [BLOCK_M, BLOCK_R])
+        if NUM_GROUPS == 4:  # join(join(0, 1), join(2, 3))[m, j, x, y] is group 2y + x
+            acc = tl.join(tl.join(acc, acc_1), tl.join(acc_2, acc_3))
+            acc = tl.reshape(tl.permute(acc, (0, 3, 2, 1)), [BLOCK_M, BLOCK_R])
         if P_SCALE != 1.0:
             acc = acc * (1.0 / P_SCALE)
     elif KV_ON_M:
@@ -746,7 +883,7 @@ _int4_groups = None  # triton.jit(_load_int4_groups), likewise
 
 def _kernels():
     """(split kernel, combine kernel), jitted on first use (see the note at the imports)."""
-    global triton, tl, _latent_tile, _fp8_groups, _int4_groups
+    global triton, tl, _latent_tile, _fp8_groups, _int4_groups, _fp8_group, _q_group, _up
     if not _JIT:
         import triton as _triton
         import triton.language as _tl
@@ -755,6 +892,9 @@ def _kernels():
         _latent_tile = triton.jit(_load_latent_tile)
         _fp8_groups = triton.jit(_load_fp8_groups)
         _int4_groups = triton.jit(_load_int4_groups)
+        _fp8_group = triton.jit(_load_fp8_group)
+        _q_group = triton.jit(_load_q_group)
+        _up = triton.jit(_upcast_codes)
         _JIT["split"] = triton.jit(_mla_decode_split_kernel)
         _JIT["combine"] = triton.jit(_mla_decode_combine_kernel)
         _JIT["masses"] = triton.jit(_mla_decode_masses_kernel)
@@ -790,6 +930,11 @@ class DecodeConfig:
         of at least 32 keep the codes exact in the model dtype and apply the scales (and int4's
         zero-points) to the scores and the probabilities instead, through batched dots over the groups
         (narrower groups always take the dequantized tile).
+    group_dots: fp8 caches: one plain 2-D dot per scale group and tile, each group's codes loaded as their
+        own [block_n, group width] tile of the model dtype; the group's scale weights its partial scores
+        and p x scale multiplies its codes into that group's accumulator. Taken where it applies (groups of
+        16 or more columns, at most 4 groups a tile, no kv_on_m, one output slice); elsewhere the call
+        falls back to the path ``dequant_tile`` selects.
     """
 
     block_m: int
@@ -803,6 +948,7 @@ class DecodeConfig:
     kernel: str = "triton"  # "wgmma": the Gluon Hopper kernel (mla_decode_wgmma; fixed 64 x 64 tiles, 8 warps)
     out_splits: int = 1
     dequant_tile: bool = False
+    group_dots: bool = False
 
 
 # The Gluon kernel's only configuration (block sizes are fixed by its layouts; see its module).
@@ -966,6 +1112,8 @@ def default_config(rows: int, r_c: int, rope_dim: int, dtype: torch.dtype, devic
         # (scales on the scores) 1331 us at 32 x 32, 8 warps, 4 stages; the dequantized tile 741 us at
         # that configuration and 427 us at the plain cache's rule (bf16: 232 us). fp8 reads the
         # dequantized tile at the plain rules; DecodeConfig(dequant_tile=False) selects the other path.
+        # The 2-D dots per group (group_dots) at the same shape: 501 us at 32 x 16, 4 warps, 7 stages and
+        # 538 us at 32 x 32, 8 warps, 5 stages (bf16 224 us, dequantized tile 427 us in the same run).
         return replace(default_config(rows, r_c, rope_dim, dtype), dequant_tile=True)
     if elt == 2 and block_r == 512 and block_m <= 32:
         # MLA with few heads per latent head (memory-bound): mma.sync tiles, 4 warps, two
@@ -1177,7 +1325,8 @@ def mla_decode(
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
     block_o, n_oslices = output_slices(r_c, cfg.out_splits) if cfg.kernel != "wgmma" else (block_r, 1)
-    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r, block_o, dequant_tile=cfg.dequant_tile)
+    quant_args = _quantized_args(quant, kv_cache, latent_heads, block_r, block_o, dequant_tile=cfg.dequant_tile,
+                                 group_dots=cfg.group_dots and not cfg.kv_on_m)
     block_dr = max(16, _next_pow2(rope_dim)) if rope_dim > 0 else 16
     n_hblocks = -(-rows // cfg.block_m)
     n_programs = programs_per_split(batch, latent_heads, rows, r_c, cfg)
@@ -1272,11 +1421,23 @@ def mla_decode(
     return out, masses
 
 
+def group_dots_apply(quant: QuantizedPages, latent_heads: int, block_r: int, block_o: int) -> bool:
+    """Whether ``DecodeConfig.group_dots`` (a 2-D dot per fp8 scale group) can read this cache at this
+    tiling: fp8, groups of 16 or more columns (tl.dot's K and N), at most 4 groups in a tile of ``block_r``
+    columns (one accumulator each), and the whole width in one program (``block_o == block_r``); the
+    orientation (no kv_on_m) is the caller's to check."""
+    if quant.kernel.switch != "fp8":
+        return False
+    group, num_groups, _ = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
+    return group >= 16 and num_groups <= 4 and block_o == block_r
+
+
 def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent_heads: int, block_r: int,
-                    block_o: int, *, dequant_tile: bool = False) -> dict:
+                    block_o: int, *, dequant_tile: bool = False, group_dots: bool = False) -> dict:
     """The split kernel's quantized-latent arguments: tensors and strides (unused placeholders for a
     plain cache) and the constexprs that switch the dequantization on (``block_o``: the columns of
-    an output slice, ``DecodeConfig.out_splits``; ``dequant_tile``: ``DecodeConfig.dequant_tile``)."""
+    an output slice, ``DecodeConfig.out_splits``; ``dequant_tile``: ``DecodeConfig.dequant_tile``;
+    ``group_dots``: ``DecodeConfig.group_dots`` and no kv_on_m, taken where ``group_dots_apply``)."""
     if quant is None:
         return {"tensors": (kv_cache, kv_cache, 0, 0, 0, 0), "constants": {}}
     group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, block_r)
@@ -1287,7 +1448,8 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
     # scales on the scores: every batched dot needs 16 or more columns a group (tl.dot's K and N); int4
     # dots take the even and the odd columns of a group apart, so 32
     min_group = {"fp8": 16, "int4": 32}[quant.kernel.switch]
-    scaled = not dequant_tile and ogroup >= min_group
+    per_group = group_dots and group_dots_apply(quant, latent_heads, block_r, block_o)
+    scaled = not per_group and not dequant_tile and ogroup >= min_group
     return {
         "tensors": (codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)),
         "constants": {"KV_QUANT": quant.kernel.switch, "GROUP": group, "NUM_GROUPS": num_groups,
@@ -1295,8 +1457,9 @@ def _quantized_args(quant: QuantizedPages | None, kv_cache: torch.Tensor, latent
                       "SCALE_FIELDS": quant.kernel.scale_fields, "SCALED_DOTS": scaled,
                       # fp16: p x scale (scale = amax / 448 <= 146) times 256 stays below 65504 and
                       # above the subnormals where small probabilities would lose bits
-                      "P_SCALE": 256.0 if scaled and quant.kernel.switch == "fp8" and quant.dtype == torch.float16
-                      else 1.0},
+                      "P_SCALE": 256.0 if (scaled or per_group) and quant.kernel.switch == "fp8"
+                      and quant.dtype == torch.float16 else 1.0,
+                      "GROUP_DOTS": per_group},
     }
 
 
