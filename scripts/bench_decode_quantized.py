@@ -11,6 +11,7 @@ the bf16 cache measured in the same run.
   python scripts/bench_decode_quantized.py --sweep               # also search block sizes per format
   python scripts/bench_decode_quantized.py --dequant-tile        # also each format with the dequantized tile
   python scripts/bench_decode_quantized.py --group-dots          # also fp8 by 2-D dots per group (and configs)
+  python scripts/bench_decode_quantized.py --wgmma 1 2 3 4       # also bf16 and fp8 through the Gluon kernel
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--group-dots-config", nargs="*", default=["32,32,8,5", "32,32,4,5"],
                    metavar="M,N,WARPS,STAGES", help="block_m,block_n,num_warps,num_stages of the extra --group-dots rows "
                    "(ctas_per_sm 2 at 4 warps, for the split choice)")
+    p.add_argument("--wgmma", nargs="*", type=int, default=None, metavar="SPLITS",
+                   help="also time bf16 and each fp8 format through the Gluon wgmma kernel (Hopper), at these "
+                        "numbers of splits (none given: the launcher's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p.parse_args(argv)
 
@@ -117,6 +121,13 @@ def main(argv=None) -> int:
                 cfg = DecodeConfig(block_m=m, block_n=n, num_warps=w, num_stages=st, ctas_per_sm=2 if w == 4 else 1,
                                    group_dots=True)
                 rows[f"{fmt} groups {spec}"] = bench.run_decode_bench(**shape, kv_format=fmt, config=cfg)
+    if args.wgmma is not None:
+        from latentkv.kernels.mla_decode import WGMMA_CONFIG
+
+        for fmt in ["bf16", *(f for f in args.formats if f.startswith("fp8"))]:
+            for splits in args.wgmma or [None]:
+                rows[f"{fmt} gluon" + (f" /{splits}" if splits else "")] = bench.run_decode_bench(
+                    **shape, kv_format=None if fmt == "bf16" else fmt, config=WGMMA_CONFIG, num_splits=splits)
     if args.sweep:
         for fmt in args.formats:
             rows[f"{fmt} best"] = sweep(shape, fmt, rows[fmt]["config"])
@@ -125,7 +136,8 @@ def main(argv=None) -> int:
     for fmt, r in rows.items():
         per_token = r["cache_bytes"] / (args.batch * args.context)
         c = r["config"]
-        config = f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']} ({c['num_splits']})"
+        config = ("gluon" if c.get("kernel") == "wgmma" else f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} "
+                  f"s{c['num_stages']}") + f" ({c['num_splits']})"
         print(f"{fmt:<32} {config:<18} {r['time_us']:9.1f} {per_token:12.0f} {r['achieved_bytes_per_s'] / 1e12:6.2f} "
               f"{base / r['time_us']:7.2f}x  {'ok' if r['check']['ok'] else 'FAILED'}")
     if args.json:

@@ -140,6 +140,17 @@ if CUDA:  # model-sized shapes where the kernel is compiled (the 656-byte FlashM
         "gpu-fp8-g128-rc960": ((1, 777, 4099), 1, 32, 1, 960, 64, 64, BF16, "fp8_e4m3/g128", None, None),
         "gpu-int4-g32-rc1024-sq2": ((2, 999), 2, 32, 1, 1024, 64, 64, BF16, "int4/g32", 3, None),
     })
+if CUDA and torch.cuda.get_device_capability()[0] == 9:  # fp8 through the Gluon kernel (Hopper)
+    WG = md.WGMMA_CONFIG
+    CASES.update({
+        "gpu-wgmma-fp8-g128-mla32": ((1, 777, 2048, 4099), 1, 32, 1, 512, 64, 64, BF16, "fp8_e4m3/g128", None, WG),
+        "gpu-wgmma-fp8-g128-mla32-splits3": ((1, 63, 65, 700), 1, 32, 1, 512, 64, 64, BF16, "fp8_e4m3/g128", 3, WG),
+        "gpu-wgmma-fp8-g128-mla128-sq2-direct": ((5, 1000, 3001), 2, 128, 1, 512, 64, 64, BF16, "fp8_e4m3/g128", 1, WG),
+        "gpu-wgmma-fp8-g128-mla64-page16": ((3, 500, 1025), 1, 64, 1, 512, 64, 16, BF16, "fp8_e4m3/g128", 2, WG),
+        "gpu-wgmma-fp8-g32-rc256-page128-fp16": ((2, 999), 2, 32, 1, 256, 32, 128, FP16, "fp8_e4m3/g32", 3, WG),
+        "gpu-wgmma-fp8-g64-gla2-h128-sq2": ((2, 1500, 2049), 2, 128, 2, 256, 64, 64, BF16, "fp8_e4m3/g64", None, WG),
+        "gpu-wgmma-fp8-g16-rc64-rope16": ((1, 333), 1, 64, 1, 64, 16, 32, BF16, "fp8_e4m3/g16", 2, WG),
+    })
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -324,3 +335,20 @@ def test_scaled_dots_as_exact_as_the_dequantized_tile(fmt, dtype):
             out = md.mla_decode(q, pages, table, seq_lens, num_splits=2, config=config, **kw)
             err[path] += float((out.float() - exact).pow(2).mean().sqrt())
     assert all(e <= 1.1 * err["dequant"] for e in err.values()), err
+
+
+@pytest.mark.parametrize("fmt, r_c, rope, latent_heads, expected", [
+    ("fp8_e4m3/g128", 512, 64, 1, (128, 4, 4)),  # FlashMLA's 656-byte row
+    ("fp8_e4m3/g64", 256, 64, 2, (64, 4, 4)),  # GLA-2: latent head 1's scales start at group 4
+    ("fp8_e4m3/g32", 256, 32, 1, (32, 8, 8)),
+    ("fp8_e4m3/g64", 512, 64, 1, None),  # 8 scales a token: two tiles no longer fit beside q
+    ("fp8_e4m3/head", 512, 64, 1, None),  # one scale a token is under TMA's 16-byte box
+    ("fp8_e4m3/g8", 64, 16, 1, None),  # groups under 16 columns
+    ("int4/g32", 512, 64, 1, None),
+])
+def test_which_quantized_caches_the_gluon_kernel_reads(fmt, r_c, rope, latent_heads, expected):
+    from latentkv.kernels import mla_decode_wgmma
+
+    pages = QuantizedPages.empty(parse_format(fmt), num_pages=2, page_size=16, latent_width=latent_heads * r_c,
+                                 rope_dim=rope, dtype=BF16, device="cpu")
+    assert mla_decode_wgmma.fp8_groups(pages, latent_heads) == expected

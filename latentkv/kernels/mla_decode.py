@@ -1316,11 +1316,11 @@ def mla_decode(
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
                         kv_quant=quant.kernel.switch if quant else "")
-    if cfg.kernel == "wgmma" and (softcap or window or quant):  # the Gluon kernel has none: the portable one
-        cfg = replace(cfg, kernel="triton") if config is None else cfg
+    if cfg.kernel == "wgmma" and (softcap or window or (quant and not _wgmma_reads(quant, latent_heads))):
+        cfg = replace(cfg, kernel="triton") if config is None else cfg  # the Gluon kernel has none: the portable one
         if cfg.kernel == "wgmma":
-            raise LatentKVError("the wgmma decode kernel has no soft-cap, sliding window or quantized cache; "
-                                "drop its config")
+            raise LatentKVError("the wgmma decode kernel has no soft-cap or sliding window, and reads only fp8 "
+                                "caches with 4 or more scale groups a latent head; drop its config")
     if return_masses:
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
@@ -1380,7 +1380,7 @@ def mla_decode(
 
         LAST_COMPILED["split"] = mla_decode_wgmma.launch(
             q, kv_cache, block_table, seq_lens, out, o_part, lse_part,
-            rope_dim=rope_dim, softmax_scale=softmax_scale, num_splits=num_splits,
+            rope_dim=rope_dim, softmax_scale=softmax_scale, num_splits=num_splits, quant=quant,
         )  # fmt: skip
     else:
         LAST_COMPILED["split"] = split_kernel[grid](
@@ -1419,6 +1419,12 @@ def mla_decode(
         BLOCK_P=max(2, min(128, _next_pow2(block_table.shape[1]))), num_warps=4,
     )  # fmt: skip
     return out, masses
+
+
+def _wgmma_reads(quant: QuantizedPages, latent_heads: int) -> bool:
+    from latentkv.kernels import mla_decode_wgmma
+
+    return mla_decode_wgmma.fp8_groups(quant, latent_heads) is not None
 
 
 def group_dots_apply(quant: QuantizedPages, latent_heads: int, block_r: int, block_o: int) -> bool:
