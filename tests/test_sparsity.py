@@ -588,6 +588,30 @@ def test_per_latent_head_changes_nothing_with_one_latent_head(tiny_mla):
     assert torch.equal(*runs)
 
 
+def test_cli_sparse_eval_per_head(tiny_converted):
+    """Guards `eval --sparse-per-head` end to end on a tiny GLA model: the report comes from the policy
+    choosing per latent head (the budgeted fraction of blocks, recall in (0, 1]); with --offload it is a
+    one-line error before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentkv.cli import app
+
+    folder = str(tiny_converted("gla", kv_budget=0.5, latent_heads=2))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", folder, "--eval-text", str(tiny_models.TINY_TEXT), "--eval-window", "40",
+                              "--eval-windows", "1", "--decode-tokens", "9", "--sparse", "last-step",
+                              "--sparse-budget", "2", "--sparse-per-head", "--page-size", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    sparse = json.loads(last[last.index('{"model"') :])["sparse"]
+    assert sparse["per_latent_head"] and sparse["blocks_attended_fraction"] < 1 and 0 < sparse["attention_recall"] <= 1
+    bad = runner.invoke(app, ["eval", folder, "--sparse", "window", "--sparse-per-head", "--offload",
+                              "--long-text", "x"])
+    assert bad.exit_code == 2 and "--sparse-per-head" in bad.output
+
+
 def test_per_latent_head_policy_scores():
     """Guards the per-head scores: each latent head's row is what the shared choice would compute from
     that head alone (last-step, oracle, quest bounds over its own query heads), and choose_blocks picks a
