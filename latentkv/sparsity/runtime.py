@@ -239,7 +239,7 @@ class SparseAttention:
             return torch.arange(n)
         if cfg.policy in ("quest", "oracle"):
             last = self.last_choice.get((seq, layer))
-            lasts = last.view(-1, last.shape[-1]) if last is not None else torch.empty(1, 0, dtype=torch.long)
+            lasts = last.reshape(-1, last.shape[-1]) if last is not None else torch.empty(1, 0, dtype=torch.long)
             scores = (torch.arange(n, dtype=torch.float32) / n).repeat(lasts.shape[0], 1)  # a row per head's choice
             for row, ids in zip(scores, lasts):
                 row[ids[ids < n]] += 1.0
