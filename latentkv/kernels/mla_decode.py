@@ -1527,8 +1527,9 @@ def mla_decode_reference(
                                     softcap=softcap, window=window)
             heads_rows = ((c, p, rows[:, c * r_c : (c + 1) * r_c]) for c, p in probs)
         else:
-            heads_rows = _head_table_probs(q[b], kv_cache, block_table[b, :, :n_pages], length, latent_heads=latent_heads,
-                                           rope_dim=rope_dim, scale=softmax_scale, softcap=softcap, window=window)
+            heads_rows = _head_table_probs(q[b], kv_cache, block_table[b, :, :n_pages], length,
+                                           latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale,
+                                           softcap=softcap, window=window)
         for c, p, latent in heads_rows:
             out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, latent)
             if return_masses:
