@@ -342,6 +342,9 @@ def _bad(**over):
         (dict(q=lambda t: t[0]), "4-d tensor"),
         (dict(seq_lens=lambda t: t[:1]), "batch sizes disagree"),
         (dict(rope_dim=-1), "non-negative"),
+        (dict(block_table=lambda t: t[:, None].expand(-1, 3, -1).contiguous()), "one row of pages per latent head"),
+        (dict(block_table=lambda t: t[:, None, None]), r"int32 tensor \[batch, max_pages\]"),
+        (dict(block_table=lambda t: t[:, None].expand(-1, 2, -1).long()), "int32"),
     ],
 )
 def test_launcher_rejects_bad_input(over, message):
@@ -476,6 +479,148 @@ def test_masses_page_size_errors():
     )
     with pytest.raises(LatentKVError, match="divide one another"):
         md.mla_decode(q, kv, table, seq_lens, return_masses=True, config=DecodeConfig(16, 32, 4, 2), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# a block table per latent head ([B, latent_heads, max_pages]): GLA sparse decode choosing pages per head
+# --------------------------------------------------------------------------------------------
+# id: (lens, Sq, H, latent_heads, r_c, rope, page, dtype, num_splits, config)
+HEAD_TABLE_CASES = {
+    "gla2-sq1-splits3": ((23, 90, 133), 1, 4, 2, 16, 16, 16, FP32, 3, SMALL),
+    "gla2-sq2-direct-bf16": ((31, 110), 2, 8, 2, 32, 16, 16, BF16, 1, SMALL),
+    "gla3-sq2-page8-splits2": ((41, 75), 2, 6, 3, 16, 16, 8, FP32, 2, DecodeConfig(16, 16, 4, 2)),
+    "gla2-sq1-page8-kv-on-m-fused": ((29, 50), 1, 4, 2, 16, 16, 8, FP32, 3,
+                                     DecodeConfig(16, 32, 4, 2, kv_on_m=True, fuse_combine=True)),
+}
+if CUDA:
+    HEAD_TABLE_CASES.update({
+        "gpu-gla2-h128-sq2": ((1500, 2049), 2, 128, 2, 256, 64, 64, BF16, None, None),
+        "gpu-gla4-h32-sq1-fused": ((777, 4099), 1, 32, 4, 128, 64, 16, BF16, 4,
+                                   DecodeConfig(16, 32, 8, 3, fuse_combine=True)),
+    })
+
+
+def _head_choices(lens, sq, page, latent_heads, g):
+    """Per sequence, a set of blocks for every latent head, all of one size: the first block, the blocks
+    of the last ``sq`` tokens (the last one partly filled) and half of the rest, in a random order taken
+    from a different start by each head (so the heads' sets differ where there are enough blocks)."""
+    choices = []
+    for length in lens:
+        n = math.ceil(length / page)
+        forced = {0, *range((length - sq) // page, n)}
+        rest = [j for j in range(n) if j not in forced]
+        order = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+        extra = len(rest) // 2
+        choices.append([sorted(forced | {order[(c + i) % len(rest)] for i in range(extra)})
+                        for c in range(latent_heads)])
+    return choices
+
+
+def _masked_dense(q, kv, pages, length, keep_blocks, latent_heads, rope, page, scale):
+    """Dense causal attention (float64) of one sequence's Sq query tokens over its first ``length`` rows,
+    latent head c seeing only the tokens of its blocks ``keep_blocks[c]``: (output [Sq, H, r_c], masses
+    [Sq, latent_heads, blocks] per block of the sequence, mean over the head's query heads)."""
+    sq, heads, qw = q.shape
+    r_c, hg = qw - rope, heads // latent_heads
+    rows = kv[pages.long()].reshape(-1, kv.shape[-1])[:length].double()
+    n = math.ceil(length / page)
+    out = torch.empty(sq, heads, r_c, dtype=torch.float64)
+    masses = torch.zeros(sq, latent_heads, n, dtype=torch.float64)
+    for c in range(latent_heads):
+        keep = torch.zeros(length, dtype=torch.bool)
+        for j in keep_blocks[c]:
+            keep[j * page : (j + 1) * page] = True
+        lat = rows[:, c * r_c : (c + 1) * r_c]
+        for i in range(sq):
+            visible = keep & (torch.arange(length) <= length - sq + i)
+            for h in range(c * hg, (c + 1) * hg):
+                s = (lat @ q[i, h, :r_c].double() + rows[:, latent_heads * r_c :] @ q[i, h, r_c:].double()) * scale
+                p = torch.softmax(s.masked_fill(~visible, float("-inf")), 0)
+                out[i, h] = p @ lat
+                masses[i, c] += torch.nn.functional.pad(p, (0, n * page - length)).view(n, page).sum(-1) / hg
+    return out, masses
+
+
+@pytest.mark.parametrize("case_id", list(HEAD_TABLE_CASES))
+def test_head_tables_equal_masked_dense_attention(case_id):
+    """Guards a block table per latent head: each latent head attends only the pages of its own row
+    (different blocks per head, shuffled page ids, the partly filled current block last, compacted
+    lengths) and equals dense attention with every other block masked for that head; the masses column j
+    of head c is the mass of head c's j-th block, 0 past the length. The Triton kernel (splits, fused
+    combine, both MMA orientations, Sq 1 and 2) and the reference both; unowned rows hold NaN."""
+    lens, sq, heads, hc, r_c, rope, page, dtype, splits, config = HEAD_TABLE_CASES[case_id]
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    q, kv, table, seq_lens, scale = make_case(batch_lens=lens, sq=sq, heads=heads, latent_heads=hc, r_c=r_c, rope=rope,
+                                              page=page, dtype=dtype, seed=seed)
+    choices = _head_choices(lens, sq, page, hc, g)
+    width = max(len(c[0]) for c in choices) + 1  # a spare column: the rows are wider than any length needs
+    head_table = torch.full((len(lens), hc, width), -1, dtype=torch.int32)
+    new_lens = []
+    for b, (length, heads_ids) in enumerate(zip(lens, choices)):
+        n = math.ceil(length / page)
+        for c, ids in enumerate(heads_ids):
+            head_table[b, c, : len(ids)] = table[b, ids].cpu()
+        new_lens.append(length - (n - len(heads_ids[0])) * page)  # every chosen block is full but the last
+    head_table, new_lens = head_table.to(DEVICE), torch.tensor(new_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(latent_heads=hc, rope_dim=rope, softmax_scale=scale)
+    out, masses = md.mla_decode(q, kv, head_table, new_lens, num_splits=splits, config=config, return_masses=True,
+                                _poison=True, **kw)
+    ref_out, ref_masses = md.mla_decode_reference(q, kv, head_table, new_lens, return_masses=True,
+                                                  out_dtype=torch.float32, **kw)
+    assert masses.shape == (len(lens), sq, hc, width)
+    for b, (length, heads_ids) in enumerate(zip(lens, choices)):
+        name = f"{case_id} seq {b} seed={seed}"
+        n = math.ceil(length / page)
+        want, want_masses = _masked_dense(q[b].cpu(), kv.cpu(), table[b, :n].cpu(), length, heads_ids, hc, rope,
+                                          page, scale)
+        check(out[b].cpu(), want, dtype, name)
+        cmp_mod.assert_close(ref_out[b].cpu().double(), want, atol=1e-5 * float(want.abs().max()), rtol=1e-4,
+                             max_cos_diff=1e-9, name=f"reference {name}")
+        k = len(heads_ids[0])
+        per_head = torch.stack([want_masses[:, c, ids] for c, ids in enumerate(heads_ids)], dim=1)  # [Sq, hc, k]
+        atol = 2e-3 if (CUDA and dtype == FP32) else 1e-5  # compiled fp32 dots run in TF32
+        for got, src in ((masses, "kernel"), (ref_masses, "reference")):
+            cmp_mod.assert_close(got[b, :, :, :k].cpu().double(), per_head, atol=atol, rtol=1e-3, max_cos_diff=1e-6,
+                                 name=f"{src} masses {name}")
+            assert not got[b, :, :, k:].any(), f"{src} masses {name}: columns past the length are not 0"
+
+
+@pytest.mark.parametrize("case_id", ["gla2-sq2-fp16-splits2", "gla3-sq1-fused", "mla-sq1-auto"])
+def test_equal_head_rows_decode_as_one_table(case_id):
+    """Guards that a per-latent-head table whose rows are all equal is the 2-d table exactly: the same
+    output and masses, bit for bit (the kernel reads the same pages in the same order)."""
+    lens, sq, heads, hc, config = {
+        "gla2-sq2-fp16-splits2": ((5, 40, 61), 2, 4, 2, SMALL),
+        "gla3-sq1-fused": ((17, 33), 1, 6, 3, DecodeConfig(16, 16, 4, 2, fuse_combine=True)),
+        "mla-sq1-auto": ((29, 70), 1, 4, 1, None),
+    }[case_id]
+    dtype = FP16 if "fp16" in case_id else BF16
+    seed = random.SystemRandom().randrange(2**31)
+    q, kv, table, seq_lens, scale = make_case(batch_lens=lens, sq=sq, heads=heads, latent_heads=hc, r_c=16, rope=16,
+                                              page=16, dtype=dtype, seed=seed)
+    kw = dict(latent_heads=hc, rope_dim=16, softmax_scale=scale, num_splits=2, config=config, return_masses=True)
+    out, masses = md.mla_decode(q, kv, table, seq_lens, **kw)
+    same = table[:, None].expand(-1, hc, -1)
+    out_3d, masses_3d = md.mla_decode(q, kv, same, seq_lens, **kw)
+    assert torch.equal(out, out_3d) and torch.equal(masses, masses_3d), f"{case_id} seed={seed}"
+    ref, ref_masses = md.mla_decode_reference(q, kv, table, seq_lens, **kw)
+    ref_3d, ref_masses_3d = md.mla_decode_reference(q, kv, same, seq_lens, **kw)
+    assert torch.equal(ref, ref_3d) and torch.equal(ref_masses, ref_masses_3d), f"reference {case_id} seed={seed}"
+
+
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability()[0] == 9), reason="the Gluon kernel: Hopper only")
+def test_wgmma_refuses_head_tables():
+    """Guards the Gluon kernel, which reads one table row for every head: asked for explicitly with a
+    per-latent-head table it is a clear error; chosen automatically (MLA, many heads) the call falls
+    back to the Triton kernel and gives the 2-d table's answer."""
+    q, kv, table, seq_lens, scale = make_case(batch_lens=(100, 300), sq=1, heads=128, latent_heads=1, r_c=512,
+                                              rope=64, page=64, dtype=BF16, seed=6)
+    kw = dict(latent_heads=1, rope_dim=64, softmax_scale=scale, num_splits=2)
+    with pytest.raises(LatentKVError, match="block table per latent head"):
+        md.mla_decode(q, kv, table[:, None], seq_lens, config=md.WGMMA_CONFIG, **kw)
+    out = md.mla_decode(q, kv, table[:, None], seq_lens, **kw)
+    check(out, md.mla_decode_reference(q, kv, table, seq_lens, out_dtype=torch.float32, **kw), BF16, "wgmma fallback")
 
 
 def test_bench_sparse_decode_smoke(capsys):

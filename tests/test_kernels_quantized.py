@@ -279,6 +279,37 @@ def test_quantized_kernel_masses_match_reference(fmt, config):
     cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name="masses")
 
 
+@pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL), ("int4/g32", SMALL),
+                                         ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True))])
+def test_quantized_kernel_head_tables_match_reference(fmt, config):
+    """Guards a block table per latent head ([B, latent_heads, max_pages], sparse decode choosing per GLA
+    latent head) over a quantized cache: each head reads the codes and scales of its own pages, output
+    and masses as the reference's."""
+    seed = random.SystemRandom().randrange(2**31)
+    lens, page, hc = (37, 90), 16, 2
+    q, pages, table, seq_lens, _, scale = make_quantized_case(
+        lens=lens, sq=1, heads=4, latent_heads=hc, r_c=32, rope=16, page=page, dtype=FP32, fmt=fmt, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    head_table = torch.full((len(lens), hc, table.shape[1]), -1, dtype=torch.int32)
+    new_lens = []
+    for b, length in enumerate(lens):
+        n = math.ceil(length / page)
+        keep = n // 2 + 1  # blocks per head: some of the full ones, then the partly filled last one
+        for c in range(hc):
+            ids = torch.randperm(n - 1, generator=g)[: keep - 1].sort().values.tolist() + [n - 1]
+            head_table[b, c, :keep] = table[b, ids].cpu()
+        new_lens.append(length - (n - keep) * page)
+    head_table, new_lens = head_table.to(DEVICE), torch.tensor(new_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(latent_heads=hc, rope_dim=16, softmax_scale=scale, return_masses=True)
+    out, masses = md.mla_decode(q, pages, head_table, new_lens, num_splits=2, config=config, _poison=True, **kw)
+    ref, ref_masses = md.mla_decode_reference(q, pages, head_table, new_lens, out_dtype=torch.float32, **kw)
+    rtol, atol_frac, max_cos = TOL[FP32]
+    name = f"{fmt} seed={seed}"
+    cmp_mod.assert_close(out, ref, atol=atol_frac * float(ref.abs().max()), rtol=rtol, max_cos_diff=max_cos, name=name)
+    atol = 2e-3 if CUDA else 1e-5
+    cmp_mod.assert_close(masses, ref_masses, atol=atol, rtol=1e-3, max_cos_diff=1e-6, name=f"masses {name}")
+
+
 @pytest.mark.parametrize("fmt, config", [("fp8_e4m3/g16", SMALL),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, kv_on_m=True)),
                                          ("fp8_e4m3/g16", DecodeConfig(16, 16, 4, 2, dequant_tile=True)),

@@ -475,6 +475,178 @@ def test_decode_history_needs_no_separate_pass(tiny_mla, monkeypatch):
     assert calls
 
 
+# ---------------------------------------------------------------------------------------------
+# blocks chosen per latent head (GLA, SparseConfig.per_latent_head)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gla(tiny_converted):
+    from latentkv.modeling import load_model
+
+    return load_model(tiny_converted("gla", kv_budget=0.5, latent_heads=2))
+
+
+PER_HEAD_CASES = {  # name: SparseConfig kwargs (IDS: 45 prompt tokens, 15 decode steps, pages of 8)
+    "last-step-attended-history": dict(policy="last-step", budget=3, refresh=1000),  # rows: attended blocks only
+    "predictor-refresh4": dict(policy="predictor", budget=3, refresh=4, predictor="random"),
+    "quest": dict(policy="quest", budget=3),
+    "oracle": dict(policy="oracle", budget=0.5),
+    "window": dict(policy="window", budget=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PER_HEAD_CASES))
+def test_per_latent_head_attends_each_heads_blocks(tiny_gla, case, monkeypatch):
+    """Guards per-latent-head sparse decode on a GLA model (2 latent heads) through a whole teacher-forced
+    decode: at every step and layer the block table is [1, latent_heads, k] with row c the pages of the
+    blocks latent head c chose (ascending, the current block last); the attention output equals dense
+    attention in which latent head c sees only its own blocks (each head's blocks from its own history,
+    bounds or masses, so the heads' choices differ); a history row taken from the attention covers, per
+    head, exactly that head's blocks with that head's masked masses."""
+    import latentkv.runtime.decode as decode_mod
+    from latentkv.runtime.decode import forward_step
+    from latentkv.sparsity.evaluate import prefilled, sparse_copy
+
+    size, prompt = 8, 45
+    cfg = SparseConfig(**PER_HEAD_CASES[case], per_latent_head=True)
+    start = prefilled(tiny_gla, IDS, prompt, page_size=size, prefill_chunk=16, keep_history=4)
+    cache, seq, _, sparse = sparse_copy(start, cfg, _random_predictor() if cfg.policy == "predictor" else None)
+    want = {}  # the masked dense reference of the step in flight
+    seen = {"steps": 0, "differ": 0, "history_rows": 0}
+    select, record, attend = sparse.select, sparse.record, decode_mod.decode_attention
+
+    def checked_select(module, q, kv, step):
+        table, lens, max_len = select(module, q, kv, step)
+        lh, length = module.latent_heads, int(step["seq_lens"][0])
+        n = -(-length // size)
+        full = step["block_table"][0, :n].cpu()
+        ids = sparse.last_choice[seq, module.layer_idx]
+        assert lh == 2 and ids.shape == (lh, cfg.blocks_for(n)) and table.shape == (1, lh, ids.shape[-1])
+        assert torch.equal(table[0].cpu().long(), full[ids].long()) and bool((ids[:, -1] == n - 1).all())
+        assert int(lens[0]) == (ids.shape[-1] - 1) * size + length - (n - 1) * size
+        want["out"], want["masses"] = tiny_models.masked_attention_reference(
+            q[0, 0].cpu(), kv.cpu(), full, length, ids, size, lh, module.rope_dim, module.scaling, return_masses=True)
+        want["ids"] = ids
+        seen["differ"] += not torch.equal(ids[0], ids[1])
+        return table, lens, max_len
+
+    def checked_attention(q, kv, table, lens, **kw):
+        result = attend(q, kv, table, lens, **kw)
+        out = result[0] if isinstance(result, tuple) else result
+        torch.testing.assert_close(out[0, 0].cpu().double(), want["out"], rtol=1e-4, atol=1e-5)
+        seen["steps"] += 1
+        return result
+
+    def checked_record(layer, masses):
+        pending = sparse.wants_masses
+        record(layer, masses)
+        row = sparse.history[seq, layer][:, -1]  # [latent_heads, n]
+        if pending and row.shape[-1] > want["ids"].shape[-1]:  # a sparse step: the row covers the attended blocks
+            for c, ids in enumerate(want["ids"]):
+                assert set(row[c].nonzero().flatten().tolist()) == set(ids.tolist())
+                torch.testing.assert_close(row[c, ids].double(), want["masses"][c, ids], rtol=1e-4, atol=1e-6)
+            seen["history_rows"] += 1
+
+    sparse.select, sparse.record = checked_select, checked_record
+    monkeypatch.setattr(decode_mod, "decode_attention", checked_attention)
+    for t in range(prompt, len(IDS) - 1):
+        forward_step(tiny_gla, cache, [seq], torch.tensor([[IDS[t]]]))
+    layers = len(cache.pages)
+    assert seen["steps"] == (len(IDS) - 1 - prompt) * layers
+    if cfg.policy != "window":  # the window is one page set for every head by construction
+        assert seen["differ"] > 0
+    if cfg.needs_history:
+        assert seen["history_rows"] > 0
+
+
+def test_per_latent_head_kernel_and_history_sources_agree(tiny_gla, monkeypatch):
+    """Guards the per-latent-head table through the Triton kernel and both history sources: a last-step
+    policy choosing per latent head (refresh 3) makes the same choices at every (step, layer) with the
+    kernel's per-page masses, the reference backend's, and the separate PyTorch pass over each head's
+    blocks, with the same logits."""
+    pytest.importorskip("triton")
+    runs = {}
+    for backend, source in (("reference", "separate"), ("reference", "decode"), ("triton", "decode")):
+        if backend == "triton" and CUDA:
+            continue  # compiled Triton reads CUDA tensors only; the kernel itself is tested in test_kernels.py
+        cfg = SparseConfig("last-step", budget=3, refresh=3, history_masses=source, per_latent_head=True)
+        runs[backend, source] = _decode_recording_choices(tiny_gla, cfg, backend, monkeypatch)
+    (lg_ref, st_ref, ch_ref) = runs["reference", "separate"]
+    assert any(len(ids) == 2 and ids[0] != ids[1] for _, ids in ch_ref)  # [latent_heads, k] choices that differ
+    for key, (lg, st, ch) in runs.items():
+        assert ch == ch_ref, key
+        assert st["blocks_attended_fraction"] == st_ref["blocks_attended_fraction"]
+        torch.testing.assert_close(lg, lg_ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * float(lg_ref.abs().max()))
+
+
+def test_per_latent_head_changes_nothing_with_one_latent_head(tiny_mla):
+    """Guards the option's scope: on an MLA model (one latent head) per_latent_head decodes bit-identically
+    to the shared choice."""
+    from latentkv.sparsity.evaluate import teacher_forced
+
+    runs = [teacher_forced(tiny_mla, IDS[:53], 45, SparseConfig("last-step", budget=3, per_latent_head=flag),
+                           page_size=8, prefill_chunk=16)[0] for flag in (False, True)]
+    assert torch.equal(*runs)
+
+
+def test_cli_sparse_eval_per_head(tiny_converted):
+    """Guards `eval --sparse-per-head` end to end on a tiny GLA model: the report comes from the policy
+    choosing per latent head (the budgeted fraction of blocks, recall in (0, 1]); with --offload it is a
+    one-line error before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentkv.cli import app
+
+    folder = str(tiny_converted("gla", kv_budget=0.5, latent_heads=2))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", folder, "--eval-text", str(tiny_models.TINY_TEXT), "--eval-window", "40",
+                              "--eval-windows", "1", "--decode-tokens", "9", "--sparse", "last-step",
+                              "--sparse-budget", "2", "--sparse-per-head", "--page-size", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    sparse = json.loads(last[last.index('{"model"') :])["sparse"]
+    assert sparse["per_latent_head"] and sparse["blocks_attended_fraction"] < 1
+    assert 0 < sparse["attention_recall"] <= 1
+    bad = runner.invoke(app, ["eval", folder, "--sparse", "window", "--sparse-per-head", "--offload",
+                              "--long-text", "x"])
+    assert bad.exit_code == 2 and "--sparse-per-head" in bad.output
+
+
+def test_per_latent_head_policy_scores():
+    """Guards the per-head scores: each latent head's row is what the shared choice would compute from
+    that head alone (last-step, oracle, quest bounds over its own query heads), and choose_blocks picks a
+    row of blocks per head under the same contract (forced blocks, ascending, k each)."""
+    from latentkv.sparsity.policies import bound_scores
+
+    g = torch.Generator().manual_seed(3)
+    n, lh, heads, r_c, rope = 12, 2, 4, 8, 4
+    history = torch.softmax(torch.randn(lh, 3, n, generator=g) * 3, -1)
+    current = torch.softmax(torch.randn(lh, n, generator=g) * 3, -1)
+    for policy in ("last-step", "oracle"):
+        cfg = SparseConfig(policy, budget=4)
+        per_head = policy_scores(cfg, n, history, current, latent_heads=lh)
+        for c in range(lh):
+            alone = policy_scores(cfg, n, history[c : c + 1], current[c : c + 1])
+            torch.testing.assert_close(per_head[c], alone)
+        ids = choose_blocks(per_head, 4)
+        assert ids.shape == (lh, 4)
+        for c in range(lh):
+            assert torch.equal(ids[c], choose_blocks(per_head[c], 4))
+    q = torch.randn(heads, r_c + rope, generator=g)
+    rows = torch.randn(n, 5, lh * r_c + rope, generator=g)
+    low, high = rows.amin(1), rows.amax(1)
+    for scale in (None, 0.3):
+        per_head = bound_scores(q, low, high, lh, rope, scale, per_latent_head=True)
+        for c in range(lh):
+            heads_c = slice(c * heads // lh, (c + 1) * heads // lh)
+            cols = torch.cat([torch.arange(c * r_c, (c + 1) * r_c), torch.arange(lh * r_c, lh * r_c + rope)])
+            alone = bound_scores(q[heads_c], low[:, cols], high[:, cols], 1, rope, scale)
+            torch.testing.assert_close(per_head[c], alone)
+    window = choose_blocks(policy_scores(SparseConfig("window", budget=4), n, None, None, latent_heads=lh), 4)
+    assert torch.equal(window, torch.tensor([[0, 9, 10, 11]] * lh))
+
+
 def test_predictor_page_size_mismatch(tmp_path):
     """Guards a silent misuse: a predictor trained on blocks of 16 refuses a cache of pages of 8."""
     with pytest.raises(LatentKVError, match="--page-size 16"):

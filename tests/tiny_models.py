@@ -174,22 +174,32 @@ def heal_adapter_and_merged(model_dir: Path, teacher_dir: Path, tmp_path: Path) 
     return adapter, merged, kl, float((folded - unmerged).abs().max() / unmerged.abs().max())
 
 
-def masked_attention_reference(q, kv, pages, length, ids, page, latent_heads, rope):
+def masked_attention_reference(q, kv, pages, length, ids, page, latent_heads, rope, scale=None, *,
+                               return_masses=False):
     """Dense attention of one query token ([heads, r_c + rope]) over the first `length` rows of the
     cache pages `pages` (float64), with every token outside the chosen blocks `ids` masked out: what
-    sparse attention must equal."""
+    sparse attention must equal. ids: [k] block ids, or [latent_heads, k] the blocks of each latent
+    head; scale: the softmax scale (default 1 / sqrt(r_c + rope)). return_masses: also the masses
+    [latent_heads, blocks] (each block's probability, mean over the latent head's query heads)."""
     width = kv.shape[-1]
     rows = kv[torch.as_tensor(pages).long()].reshape(-1, width)[:length].double()
-    keep = torch.zeros(length, dtype=torch.bool)
-    for j in torch.as_tensor(ids).tolist():
-        keep[j * page : (j + 1) * page] = True
+    ids = torch.as_tensor(ids).expand(latent_heads, -1)
+    keep = torch.zeros(latent_heads, length, dtype=torch.bool)
+    for c in range(latent_heads):
+        for j in ids[c].tolist():
+            keep[c, j * page : (j + 1) * page] = True
     heads, qw = q.shape[-2:]
     r_c = qw - rope
     hg = heads // latent_heads
+    scale = 1 / math.sqrt(qw) if scale is None else scale
+    n = math.ceil(length / page)
     out = torch.empty(heads, r_c, dtype=torch.float64)
+    masses = torch.zeros(latent_heads, n, dtype=torch.float64)
     for h in range(heads):
         c = h // hg
         lat = rows[:, c * r_c : (c + 1) * r_c]
         sc = q[h, :r_c].double() @ lat.T + q[h, r_c:].double() @ rows[:, latent_heads * r_c :].T
-        out[h] = torch.softmax((sc / math.sqrt(qw)).masked_fill(~keep, float("-inf")), -1) @ lat
-    return out
+        p = torch.softmax((sc * scale).masked_fill(~keep[c], float("-inf")), -1)
+        out[h] = p @ lat
+        masses[c] += torch.nn.functional.pad(p, (0, n * page - length)).view(n, page).sum(-1) / hg
+    return (out, masses) if return_masses else out

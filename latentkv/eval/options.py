@@ -30,6 +30,9 @@ class EvalOptions:
         "Also decode --decode-tokens teacher-forced after an --eval-window-token prompt with a sparse KV "
         "policy (dense, window, last-step, quest, oracle, predictor), compared with dense decoding."))
     sparse_budget: str = setting("0.25", panel=SPARSE, help="Blocks per step: a fraction (0.25, 25%) or a count (16).")
+    sparse_per_head: bool = setting(False, panel=SPARSE, help=(
+        "With --sparse on a GLA model (several latent heads): each latent head chooses its own blocks "
+        "from its own scores, attended through a block table per latent head."))
     predictor: Path | None = setting(None, panel=SPARSE, help="AttentionPredictor folder (--sparse predictor).")
     page_size: int = setting(16, panel=SPARSE, help="Tokens per cache page (= block) for --sparse.")
     long_text: str | None = setting(None, panel=SPARSE, help=(

@@ -291,7 +291,7 @@ def _load_q_group(  # triton.jit applied by _kernels() (bound as _q_group)
 def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     Q,  # [B, SQ, H, R_C + ROPE_DIM], last dim contiguous
     KV,  # [num_pages, PAGE_SIZE, LATENT_HEADS * R_C + ROPE_DIM], last dim contiguous
-    BLOCK_TABLE,  # [B, max_pages] int32
+    BLOCK_TABLE,  # [B, max_pages] int32, or [B, LATENT_HEADS, max_pages] with HEAD_TABLES
     SEQ_LENS,  # [B] int32 (includes the SQ new tokens)
     OUT,  # [B, SQ, H, R_C] (written when DIRECT)
     O_PART,  # [B, SQ, H, num_splits, R_C] float32 (written unless DIRECT)
@@ -304,6 +304,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     stride_kvp,
     stride_kvt,
     stride_btb,
+    stride_btc,  # a latent head's row of a [B, LATENT_HEADS, max_pages] table (HEAD_TABLES only)
     stride_ob,
     stride_os,
     stride_oh,
@@ -350,6 +351,7 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     SCALED_DOTS: tl.constexpr = False,  # fp8 (GROUP >= 16), int4 (GROUP >= 32): scales on scores / probabilities
     P_SCALE: tl.constexpr = 1.0,  # SCALED_DOTS / GROUP_DOTS: power of 2 on p * scale (fp16: out of the subnormals)
     GROUP_DOTS: tl.constexpr = False,  # fp8, NUM_GROUPS <= 4, no KV_ON_M, one output slice: a 2-D dot per group
+    HEAD_TABLES: tl.constexpr = False,  # each latent head reads its own row of the block table; off: unchanged
 ):
     # program_id(0) = (latent head * NUM_HBLOCKS + head block) * NUM_OSPLITS + column slice: the
     # programs that read one cache tile are adjacent, so they run together and share it in L2
@@ -471,6 +473,8 @@ def _mla_decode_split_kernel(  # triton.jit applied by _kernels()
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     bt_row = BLOCK_TABLE + pid_b.to(tl.int64) * stride_btb
+    if HEAD_TABLES:  # latent head c attends its own pages (a sparse choice per latent head)
+        bt_row += c * stride_btc
     if MASSES:
         # [B, n_chunks, SQ, H]: the rows of one chunk are adjacent, so the stores coalesce
         lse_rows = CHUNK_LSE + pid_b.to(tl.int64) * n_chunks * (SQ * H) + tok * H + head  # [BLOCK_M]
@@ -1002,10 +1006,11 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
             f"q and kv_cache must share one dtype among bfloat16, float16, float32; got q {q.dtype}, "
             f"kv_cache {kv_cache.dtype}. Cast the query to the cache dtype."
         )
-    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+    if block_table.dim() not in (2, 3) or block_table.dtype != torch.int32:
         raise LatentKVError(
-            f"block_table must be a 2-d int32 tensor [batch, max_pages]; got {block_table.dtype} of shape "
-            f"{tuple(block_table.shape)}. Use block_table.to(torch.int32)."
+            f"block_table must be an int32 tensor [batch, max_pages] (or [batch, latent_heads, max_pages]: a "
+            f"table per latent head); got {block_table.dtype} of shape {tuple(block_table.shape)}. "
+            "Use block_table.to(torch.int32)."
         )
     if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
         raise LatentKVError(
@@ -1021,6 +1026,12 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
         )
     if not isinstance(latent_heads, int) or latent_heads < 1:
         raise LatentKVError(f"latent_heads must be a positive int; got {latent_heads!r}.")
+    if block_table.dim() == 3 and block_table.shape[1] != latent_heads:
+        raise LatentKVError(
+            f"a 3-d block_table holds one row of pages per latent head, [batch, latent_heads={latent_heads}, "
+            f"max_pages]; got shape {tuple(block_table.shape)}. Give every latent head a row (the same pages "
+            "for all heads: a 2-d table [batch, max_pages])."
+        )
     if not isinstance(rope_dim, int) or rope_dim < 0:
         raise LatentKVError(f"rope_dim must be a non-negative int; got {rope_dim!r}.")
     if heads % latent_heads:
@@ -1047,9 +1058,9 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim) ->
                 f"seq_lens must include the {sq} new query tokens (every length >= query_len); smallest is {lo}. "
                 "Write the new tokens into the cache before attending."
             )
-        if hi > block_table.shape[1] * page_size:
+        if hi > block_table.shape[-1] * page_size:
             raise LatentKVError(
-                f"a sequence of length {hi} needs more than the block table's {block_table.shape[1]} pages of "
+                f"a sequence of length {hi} needs more than the block table's {block_table.shape[-1]} pages of "
                 f"{page_size}; grow block_table."
             )
     return batch, sq, heads, r_c, page_size
@@ -1267,7 +1278,9 @@ def mla_decode(
     q:           [B, Sq, H, r_c + rope_dim]  latent part first, rotated RoPE part last
     kv_cache:    [num_pages, page_size, latent_heads * r_c + rope_dim], or a ``QuantizedPages`` (the
                  latent as fp8 / int4 codes with per-token group scales, dequantized inside the kernel)
-    block_table: [B, max_pages] int32;  seq_lens: [B] int32, including the Sq new tokens
+    block_table: [B, max_pages] int32, or [B, latent_heads, max_pages] int32: latent head c attends the
+                 pages of row c (sparse decode choosing pages per latent head); every row covers the same
+                 seq_len positions.  seq_lens: [B] int32, including the Sq new tokens
     returns      [B, Sq, H, r_c] in q's dtype; query head h reads latent head h // (H // latent_heads).
     Query token i sits at position seq_len - Sq + i and sees keys 0..that position.
 
@@ -1278,7 +1291,8 @@ def mla_decode(
     config:      block sizes override (tuning and tests); None picks ``default_config``.
     return_masses: also return the attention masses per page of the block table,
                  [B, Sq, latent_heads, max_pages] float32: for latent head c, the probability its
-                 query heads put on the tokens of table column j, summed over the tokens, averaged
+                 query heads put on the tokens of table column j (of its own row with a 3-d table),
+                 summed over the tokens, averaged
                  over the heads (0 for columns past a sequence's length; ``mla_decode_reference``
                  and ``latentkv.sparsity.masses.block_masses`` compute the same). The split kernel
                  writes per chunk of ``min(block_n, page_size)`` tokens the log2-sum-exp2 of its
@@ -1316,11 +1330,14 @@ def mla_decode(
     rows = sq * hg
     cfg = choose_config(q, kv_cache, latent_heads, rope_dim, config, need_masses=return_masses,
                         kv_quant=quant.kernel.switch if quant else "")
-    if cfg.kernel == "wgmma" and (softcap or window or (quant and not _wgmma_reads(quant, latent_heads))):
+    head_tables = block_table.dim() == 3
+    gluon_cannot = softcap or window or head_tables or (quant and not _wgmma_reads(quant, latent_heads))
+    if cfg.kernel == "wgmma" and gluon_cannot:
         cfg = replace(cfg, kernel="triton") if config is None else cfg  # the Gluon kernel has none: the portable one
         if cfg.kernel == "wgmma":
-            raise LatentKVError("the wgmma decode kernel has no soft-cap or sliding window, and reads only fp8 "
-                                "caches with 4 or more scale groups a latent head; drop its config")
+            raise LatentKVError("the wgmma decode kernel has no soft-cap, sliding window or block table per latent "
+                                "head, and reads only fp8 caches with 4 or more scale groups a latent head; drop its "
+                                "config")
     if return_masses:
         cfg = _masses_config(cfg, page_size, explicit=config is not None)
     block_r = max(16, _next_pow2(r_c))
@@ -1333,7 +1350,7 @@ def mla_decode(
 
     if num_splits is None:
         if max_seq_len is None:
-            max_seq_len = int(seq_lens.max()) if seq_lens.device.type == "cpu" else block_table.shape[1] * page_size
+            max_seq_len = int(seq_lens.max()) if seq_lens.device.type == "cpu" else block_table.shape[-1] * page_size
         num_splits = choose_num_splits(
             n_programs, max_seq_len, sm_count(q.device), cfg.block_n, ctas_per_sm=cfg.ctas_per_sm
         )
@@ -1361,9 +1378,9 @@ def mla_decode(
 
     if return_masses:
         chunk = min(cfg.block_n, page_size)
-        n_chunks = block_table.shape[1] * page_size // chunk
+        n_chunks = block_table.shape[-1] * page_size // chunk
         chunk_lse = torch.empty((batch, n_chunks, sq, heads), dtype=torch.float32, device=q.device)
-        masses = torch.empty((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
+        masses = torch.empty((batch, sq, latent_heads, block_table.shape[-1]), dtype=torch.float32, device=q.device)
         if _poison:
             chunk_lse.fill_(float("nan"))
             masses.fill_(float("nan"))
@@ -1387,7 +1404,7 @@ def mla_decode(
             q, kv_cache, block_table, seq_lens, out, o_part, lse_part, sem, chunk_lse,
             q.stride(0), q.stride(1), q.stride(2),
             kv_cache.stride(0), kv_cache.stride(1),
-            block_table.stride(0),
+            block_table.stride(0), block_table.stride(1) if head_tables else 0,
             out.stride(0), out.stride(1), out.stride(2),
             float(softmax_scale) * _LOG2E,
             num_splits, n_chunks, float(softcap or 1.0), int(window or 0),
@@ -1398,7 +1415,7 @@ def mla_decode(
             UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
             KV_ON_M=cfg.kv_on_m, FUSE_COMBINE=fuse, MASSES=return_masses, CHUNK=chunk,
             SOFTCAP=bool(softcap), WINDOW=bool(window), **quant_args["constants"],
-            NUM_OSPLITS=n_oslices, BLOCK_O=block_o,
+            NUM_OSPLITS=n_oslices, BLOCK_O=block_o, HEAD_TABLES=head_tables,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )  # fmt: skip
     if num_splits > 1 and not fuse and not _skip_combine:
@@ -1413,10 +1430,10 @@ def mla_decode(
     if not return_masses:
         return out
     _JIT["masses"][(batch * sq * latent_heads,)](
-        chunk_lse, seq_lens, masses, n_chunks, block_table.shape[1],
+        chunk_lse, seq_lens, masses, n_chunks, block_table.shape[-1],
         SQ=sq, H=heads, HG=hg, LATENT_HEADS=latent_heads, CHUNK=chunk, CHUNKS_PER_PAGE=page_size // chunk,
         BLOCK_H=max(2, _next_pow2(hg)), BLOCK_C=max(2, min(128, _next_pow2(n_chunks))),
-        BLOCK_P=max(2, min(128, _next_pow2(block_table.shape[1]))), num_warps=4,
+        BLOCK_P=max(2, min(128, _next_pow2(block_table.shape[-1]))), num_warps=4,
     )  # fmt: skip
     return out, masses
 
@@ -1489,7 +1506,8 @@ def mla_decode_reference(
     **_unused,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch MLA / GLA decode: gathers each sequence's pages, float32 math (a ``QuantizedPages``
-    cache: its pages dequantized to the model dtype, as the kernel dequantizes them).
+    cache: its pages dequantized to the model dtype, as the kernel dequantizes them). A block table
+    [B, latent_heads, max_pages] gives each latent head its own pages (see ``mla_decode``).
 
     Returns [B, Sq, H, r_c] in ``out_dtype`` (default: q's dtype); with ``return_masses`` also the
     per-page masses [B, Sq, latent_heads, max_pages] float32 (see ``mla_decode``), from the same
@@ -1498,26 +1516,49 @@ def mla_decode_reference(
     batch, sq, heads, r_c, page_size = _check_inputs(q, kv_cache, block_table, seq_lens, latent_heads, rope_dim)
     hg = heads // latent_heads
     width = kv_cache.shape[2]
+    max_pages = block_table.shape[-1]
     out = torch.empty((batch, sq, heads, r_c), dtype=torch.float32, device=q.device)
     if return_masses:
-        masses = torch.zeros((batch, sq, latent_heads, block_table.shape[1]), dtype=torch.float32, device=q.device)
+        masses = torch.zeros((batch, sq, latent_heads, max_pages), dtype=torch.float32, device=q.device)
     lens = seq_lens.tolist()
     for b in range(batch):
         length = int(lens[b])
-        if length < sq or length > block_table.shape[1] * page_size:
+        if length < sq or length > max_pages * page_size:
             raise LatentKVError(
                 f"sequence {b}: length {length} must lie in [query_len={sq}, block table capacity "
-                f"{block_table.shape[1] * page_size}]."
+                f"{max_pages * page_size}]."
             )
-        pages = block_table[b, : -(-length // page_size)].long()
-        rows = kv_cache[pages].reshape(-1, width)[:length].float()  # [L, width]
-        for c, p in attention_probs(q[b], rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale,
-                                    softcap=softcap, window=window):
-            out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, rows[:, c * r_c : (c + 1) * r_c])
+        n_pages = -(-length // page_size)
+        if block_table.dim() == 2:  # every latent head reads the same rows
+            rows = kv_cache[block_table[b, :n_pages].long()].reshape(-1, width)[:length].float()  # [L, width]
+            probs = attention_probs(q[b], rows, latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale,
+                                    softcap=softcap, window=window)
+            heads_rows = ((c, p, rows[:, c * r_c : (c + 1) * r_c]) for c, p in probs)
+        else:
+            heads_rows = _head_table_probs(q[b], kv_cache, block_table[b, :, :n_pages], length,
+                                           latent_heads=latent_heads, rope_dim=rope_dim, scale=softmax_scale,
+                                           softcap=softcap, window=window)
+        for c, p, latent in heads_rows:
+            out[b, :, c * hg : (c + 1) * hg] = torch.einsum("shl,lr->shr", p, latent)
             if return_masses:
-                masses[b, :, c, : len(pages)] = pool_pages(p, page_size)
+                masses[b, :, c, :n_pages] = pool_pages(p, page_size)
     out = out.to(out_dtype or q.dtype)
     return (out, masses) if return_masses else out
+
+
+def _head_table_probs(q, kv_cache, tables, length, *, latent_heads, rope_dim, scale, softcap, window):
+    """Yields (latent head c, probabilities [s, H // latent_heads, L] of its query heads, its latent rows
+    [L, r_c]) where latent head c reads the pages tables[c] (one sequence of a per-latent-head table):
+    each head is an MLA problem of its own over its rows ``[latent_c | k_rope]``."""
+    r_c = q.shape[-1] - rope_dim
+    hg = q.shape[1] // latent_heads
+    width = kv_cache.shape[2]
+    for c in range(latent_heads):
+        rows = kv_cache[tables[c].long()].reshape(-1, width)[:length].float()
+        head_rows = torch.cat([rows[:, c * r_c : (c + 1) * r_c], rows[:, latent_heads * r_c :]], dim=1)
+        (_, p), = attention_probs(q[:, c * hg : (c + 1) * hg], head_rows, latent_heads=1, rope_dim=rope_dim,
+                                  scale=scale, softcap=softcap, window=window)
+        yield c, p, head_rows[:, :r_c]
 
 
 def attention_probs(q: torch.Tensor, rows: torch.Tensor, *, latent_heads: int, rope_dim: int, scale: float,

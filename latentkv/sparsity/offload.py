@@ -623,7 +623,8 @@ class OffloadedLatentCache(PagedLatentCache):
             dev_table = remap[table.long()]
         else:
             blocks = (lens.cpu().long() + size - 1) // size
-            pages = torch.where(torch.arange(table.shape[1])[None] < blocks[:, None], table.long(), -1)
+            blocks = blocks.view(-1, *[1] * (table.dim() - 1))  # a table per latent head: [b, latent_heads, k]
+            pages = torch.where(torch.arange(table.shape[-1]) < blocks, table.long(), -1)
             dev_table = pool.ensure(pages.to(self.device)).clamp_min(0).to(torch.int32)
             kv = pool.pool
         out = decode_attention(

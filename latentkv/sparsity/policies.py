@@ -12,6 +12,11 @@ block holding the current token) and fills the rest of the budget with the best-
 | quest | per query head, the largest score any key inside the block's bounding box could give this step's query (Quest: per block the element-wise min / max of its cache rows, in the absorbed latent + RoPE space); the block's score is the head-mean of the softmax over blocks of the scaled bounds | the query + per-block bounds (kept by the runtime, updated per new block) |
 | oracle | its attention mass at this step (the upper bound; costs a dense QK pass) | this step's masses |
 | predictor | the AttentionPredictor's forecast from the last T steps | the history + a trained predictor |
+
+The scores above are the mean over the latent heads (one page set for all of them). With
+``SparseConfig.per_latent_head`` a GLA model (latent_heads > 1) scores and chooses the blocks of each
+latent head from that head's own forecast (its history row, its query heads' bounds, its masses), the
+same number for every head; the decode kernel then reads a block table per latent head.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class SparseConfig:
     predictor: folder of a trained AttentionPredictor (policy "predictor").
     track_recall: also compute this step's true masses to record the attention recall (cost: a
         dense QK pass per step; for measurement).
+    per_latent_head: models with latent_heads > 1 (GLA): each latent head gets its own blocks, chosen
+        from its own scores (the budget and forced blocks apply per head), attended through a block table
+        per latent head; each head's history row covers its own blocks. No effect with one latent head.
     """
 
     policy: str = "dense"
@@ -62,6 +70,7 @@ class SparseConfig:
     track_recall: bool = False
     dense_refresh: bool = False
     history_masses: str = "decode"
+    per_latent_head: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -121,16 +130,17 @@ def forced_blocks(n_blocks: int, sink_blocks: int, local_blocks: int) -> torch.T
 def choose_blocks(scores: torch.Tensor, k: int, sink_blocks: int = 1, local_blocks: int = 1) -> torch.Tensor:
     """Ascending ids of the ``k`` blocks to attend: the forced blocks, then the top scores.
 
-    scores: [n_blocks] (any real values; higher = keep). Ties go to the lower id (topk's order is
-    not specified, so a stable sort decides). The last id is always the current block.
+    scores: [n_blocks] (any real values; higher = keep), or [latent_heads, n_blocks]: then [latent_heads, k],
+    a choice per row. Ties go to the lower id (topk's order is not specified, so a stable sort decides).
+    The last id is always the current block.
     """
     n = scores.shape[-1]
     if k >= n:
-        return torch.arange(n)
+        return torch.arange(n).expand(*scores.shape[:-1], n)
     s = scores.detach().float().clone()
-    s[forced_blocks(n, sink_blocks, local_blocks)] = float("inf")
-    order = torch.sort(-s, stable=True).indices
-    return order[:k].sort().values
+    s[..., forced_blocks(n, sink_blocks, local_blocks)] = float("inf")
+    order = torch.sort(-s, dim=-1, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
 
 
 def head_columns(heads: int, latent_heads: int, r_c: int, rope_dim: int) -> torch.Tensor:
@@ -154,31 +164,41 @@ def head_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_h
 
 
 def bound_scores(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, latent_heads: int, rope_dim: int,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, *, per_latent_head: bool = False) -> torch.Tensor:
     """Quest's page scores [n_blocks] from the per-head bounds of ``head_bounds``.
 
     scale=None: the largest bound over the query heads (raw logits: a head with large query norms
     decides for every head). scale (the softmax scale): per head, softmax over the blocks of
     ``scale * bound`` -- each block's attention mass were its best key to reach the bound -- then the
     mean over the heads, the quantity the oracle ranks by (its true masses, mean over heads) and
-    what a page set shared by all the heads of the latent cache has to cover."""
-    bound = head_bounds(q, low, high, latent_heads, rope_dim)
-    if scale is None:
-        return bound.max(-1).values
-    return torch.softmax(scale * bound, dim=0).mean(-1)
+    what a page set shared by all the heads of the latent cache has to cover. per_latent_head: the
+    same over each latent head's query heads only, [latent_heads, n_blocks]."""
+    bound = head_bounds(q, low, high, latent_heads, rope_dim)  # [n_blocks, H]
+    if scale is not None:
+        bound = torch.softmax(scale * bound, dim=0)
+    if per_latent_head:  # query head h belongs to latent head h // (H // latent_heads)
+        bound = bound.view(bound.shape[0], latent_heads, -1).transpose(0, 1)  # [latent_heads, n_blocks, hg]
+    return bound.max(-1).values if scale is None else bound.mean(-1)
 
 
 def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | None, current: torch.Tensor | None,
-                  predictor=None) -> torch.Tensor:
+                  predictor=None, *, latent_heads: int | None = None) -> torch.Tensor:
     """Scores [n_blocks] of one (sequence, layer).
 
     history: [latent_heads, t, n_blocks] block masses of the last t steps (t may be 0);
     current: [latent_heads, n_blocks] this step's masses (oracle), or [n_blocks] the page-bound
     scores of ``bound_scores`` (quest); predictor: an
     AttentionPredictor (policy "predictor"). Without history yet, last-step and predictor score
-    by recency (the window policy).
+    by recency (the window policy). latent_heads: score each latent head apart, [latent_heads,
+    n_blocks] (quest's ``current`` then per latent head too, ``bound_scores(per_latent_head=True)``);
+    None: the mean over the latent heads.
     """
+    def per_head_or_mean(scores: torch.Tensor) -> torch.Tensor:  # [latent_heads, n]
+        return scores if latent_heads else scores.mean(0)
+
     recency = torch.arange(n_blocks, dtype=torch.float32)
+    if latent_heads:
+        recency = recency.expand(latent_heads, n_blocks)
     if config.policy in ("dense", "window"):
         return recency
     if config.policy == "quest":
@@ -188,13 +208,13 @@ def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | N
     if config.policy == "oracle":
         if current is None:
             raise LatentKVError("the oracle policy needs this step's block masses.")
-        return current.float().mean(0)
+        return per_head_or_mean(current.float())
     if history is None or history.shape[1] == 0:
         return recency
     if config.policy == "last-step":
-        scores = history[:, -1].float().mean(0)
+        scores = per_head_or_mean(history[:, -1].float())
     else:
-        scores = predictor.predict(history).mean(0)  # [latent_heads, n] probabilities -> [n]
+        scores = per_head_or_mean(predictor.predict(history))  # [latent_heads, n] probabilities
     # a block begun since the last history row has no mass yet: score 0 (the current block is forced
     # anyway); without this the scores would cover one block too few and the current block be lost
     return torch.nn.functional.pad(scores, (0, n_blocks - scores.shape[-1])) if scores.shape[-1] < n_blocks else scores

@@ -32,6 +32,12 @@ prefetch); here it runs at the start of step t, which gives the same blocks. The
 the host, per sequence and layer (a small loop; on a GPU it costs a sync per layer). A batched
 device-side choice -- one top-k over every (layer, sequence) of Quest bounds, feeding a layered
 ``offload.PagePool`` -- is what ``scripts/bench_offload_decode.py`` runs; this class does not yet.
+
+With ``SparseConfig.per_latent_head`` and a GLA layer (latent_heads > 1), each latent head chooses
+its own ``k`` blocks from its own scores, and the reduced table is [b, latent_heads, k_max] (the
+kernel's block table per latent head); the length above is the same for every head, since each
+keeps ``k`` blocks and the current block last. Each head's history row holds the masses of its own
+attended blocks.
 """
 
 from __future__ import annotations
@@ -46,11 +52,18 @@ from latentkv.sparsity.policies import SparseConfig, bound_scores, choose_blocks
 
 
 def reduced_pages(pages: torch.Tensor, ids: torch.Tensor, length: int, page_size: int) -> tuple[torch.Tensor, int]:
-    """The pages of blocks ``ids`` (ascending, the sequence's last block last) of a sequence of
-    ``length`` tokens whose pages are ``pages``, and the length to attend with: every chosen block
-    is full except the last, which holds ``length - (n - 1) * page_size`` tokens."""
+    """The pages of blocks ``ids`` (ascending, the sequence's last block last; or [latent_heads, k], a
+    row per latent head) of a sequence of ``length`` tokens whose pages are ``pages``, and the length
+    to attend with: every chosen block is full except the last, which holds ``length - (n - 1) *
+    page_size`` tokens."""
     n = pages.shape[0]
-    return pages[ids], (len(ids) - 1) * page_size + length - (n - 1) * page_size
+    return pages[ids], (ids.shape[-1] - 1) * page_size + length - (n - 1) * page_size
+
+
+def spread_masses(part: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """part [..., latent_heads, k]: masses of the attended blocks (column j: block ids[j], or ids[c, j]
+    for latent head c) -> [..., latent_heads, n_blocks], zero on the blocks not attended."""
+    return torch.zeros(*part.shape[:-1], n_blocks).scatter_(-1, ids.expand(part.shape), part)
 
 
 @dataclass
@@ -102,6 +115,7 @@ class SparseAttention:
         self.last_choice: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> chosen block ids
         self._pending: list[tuple] = []  # history rows waiting for this layer's attention masses (record)
         self.bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (seq, layer) -> full blocks' min / max
+        self.head_choice: dict[int, int] = {}  # layer -> latent heads choosing apart (per_latent_head)
 
     def page_bounds(self, seq: int, layer: int, kv: torch.Tensor, pages: torch.Tensor, length: int):
         """(low, high) [n_blocks, width] float32: the element-wise min / max of each block's rows. A
@@ -136,8 +150,10 @@ class SparseAttention:
     # the hooks PagedLatentCache calls --------------------------------------------------------
     def select(self, module, q: torch.Tensor, kv: torch.Tensor, step: dict):
         """q [b, s, H, r_c + rope_dim] (cache dtype), kv [num_pages, page_size, width] (this step's
-        rows written) -> (block_table [b, k_max] int32, seq_lens [b] int32, max_len) to attend with.
-        When ``wants_masses`` is then true, pass the attention's ``return_masses`` output to ``record``."""
+        rows written) -> (block_table [b, k_max] int32, seq_lens [b] int32, max_len) to attend with;
+        a decode step with ``per_latent_head`` on a layer of several latent heads gives a block table
+        [b, latent_heads, k_max]. When ``wants_masses`` is then true, pass the attention's
+        ``return_masses`` output to ``record``."""
         cfg, size = self.config, self.page_size
         layer = module.layer_idx
         b, s = q.shape[:2]
@@ -159,6 +175,9 @@ class SparseAttention:
                         self._push(seq, layer, block_masses(q[row, -take:].cpu(), rows.cpu(), **geometry))
             return step["block_table"], step["seq_lens"], step["max_len"]
 
+        heads = module.latent_heads if cfg.per_latent_head and module.latent_heads > 1 else None
+        if heads:
+            self.head_choice[layer] = heads
         chosen_rows, new_lens = [], []
         for row, seq in enumerate(step["seqs"]):
             if layer == 0:
@@ -175,33 +194,33 @@ class SparseAttention:
             if need_true:
                 true = block_masses(q[row].cpu(), paged_rows(kv, pages, length).cpu(), **geometry)[0]  # [lh, n]
             if attend_all:
-                ids = torch.arange(n)
+                ids = torch.arange(n).expand(heads, n) if heads else torch.arange(n)
             else:
                 current = true
                 if cfg.policy == "quest":
                     low, high = self.page_bounds(seq, layer, kv, pages, length)
                     current = bound_scores(q[row, 0], low, high, module.latent_heads, module.rope_dim,
-                                           scale=module.scaling).cpu()
-                scores = policy_scores(cfg, n, self.history.get((seq, layer)), current, self.predictor)
-                ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
+                                           scale=module.scaling, per_latent_head=bool(heads)).cpu()
+                scores = policy_scores(cfg, n, self.history.get((seq, layer)), current, self.predictor,
+                                       latent_heads=heads)
+                ids = choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)  # [k], or [heads, k]
             if want_history:
                 if from_decode and (attend_all or not full_history):  # the attention pass gives this row
                     self._pending.append((row, seq, ids, n, 1))
                 elif full_history:
                     self._push(seq, layer, true[None])
                 else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
-                    part = block_masses(q[row].cpu(), paged_rows(kv, *reduced_pages(pages, ids, length, size)).cpu(),
-                                        **geometry)[0]
-                    self._push(seq, layer, torch.zeros(part.shape[0], n).index_copy_(1, ids, part)[None])
+                    part = self._attended_masses(q[row], kv, pages, ids, length, geometry)
+                    self._push(seq, layer, spread_masses(part, ids, n)[None])
             self._record(layer, ids, n, true)
             self.last_choice[seq, layer] = ids
             chosen, new_len = reduced_pages(pages, ids, length, size)
             chosen_rows.append(chosen)
             new_lens.append(new_len)
-        k_max = max(len(r) for r in chosen_rows)
-        reduced = torch.zeros(b, k_max, dtype=torch.int32)
+        k_max = max(r.shape[-1] for r in chosen_rows)
+        reduced = torch.zeros(b, *([heads] if heads else []), k_max, dtype=torch.int32)
         for row, pages in enumerate(chosen_rows):
-            reduced[row, : len(pages)] = pages
+            reduced[row, ..., : pages.shape[-1]] = pages
         dev = step["block_table"].device
         return reduced.to(dev), torch.tensor(new_lens, dtype=torch.int32).to(dev), max(new_lens)
 
@@ -211,20 +230,23 @@ class SparseAttention:
         offloaded cache prefetches, ``latentkv.sparsity.offload``). For window, last-step and
         predictor this is the choice ``select`` will make (the history it reads is already here);
         Quest and the oracle need the next query, so their forecast is the last choice (plus the
-        forced blocks), the rest of the budget by recency."""
+        forced blocks), the rest of the budget by recency. With ``per_latent_head``: the union of
+        the latent heads' choices."""
         cfg, size = self.config, self.page_size
         n = -(-length // size)
         k = cfg.blocks_for(n)
         if k >= n or (cfg.dense_refresh and (self.steps.get(seq, 0) + 1) % cfg.refresh == 0):
             return torch.arange(n)
         if cfg.policy in ("quest", "oracle"):
-            scores = torch.arange(n, dtype=torch.float32) / n
             last = self.last_choice.get((seq, layer))
-            if last is not None:
-                scores[last[last < n]] += 1.0
+            lasts = last.reshape(-1, last.shape[-1]) if last is not None else torch.empty(1, 0, dtype=torch.long)
+            scores = (torch.arange(n, dtype=torch.float32) / n).repeat(lasts.shape[0], 1)  # a row per head's choice
+            for row, ids in zip(scores, lasts):
+                row[ids[ids < n]] += 1.0
         else:
-            scores = policy_scores(cfg, n, self.history.get((seq, layer)), None, self.predictor)
-        return choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks)
+            scores = policy_scores(cfg, n, self.history.get((seq, layer)), None, self.predictor,
+                                   latent_heads=self.head_choice.get(layer))
+        return choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks).unique()
 
     @property
     def wants_masses(self) -> bool:
@@ -240,16 +262,29 @@ class SparseAttention:
             return
         masses = masses.float().cpu()
         for row, seq, ids, n, take in pending:
-            part = masses[row, -take:, :, : len(ids)]  # [take, lh, len(ids)]
-            self._push(seq, layer, torch.zeros(*part.shape[:2], n).index_copy_(2, ids, part))
+            part = masses[row, -take:, :, : ids.shape[-1]]  # [take, lh, attended blocks]
+            self._push(seq, layer, spread_masses(part, ids, n))
+
+    def _attended_masses(self, q: torch.Tensor, kv: torch.Tensor, pages: torch.Tensor, ids: torch.Tensor,
+                         length: int, geometry: dict) -> torch.Tensor:
+        """[latent_heads, k] masses of one decode query (q [1, H, w]) over the blocks ``ids`` it attends
+        (a separate PyTorch pass); ids [latent_heads, k]: each latent head over its own blocks."""
+        def masses(head_ids):
+            rows = paged_rows(kv, *reduced_pages(pages, head_ids, length, self.page_size))
+            return block_masses(q.cpu(), rows.cpu(), **geometry)[0]  # [lh, k]
+
+        if ids.dim() == 1:
+            return masses(ids)
+        return torch.stack([masses(head_ids)[c] for c, head_ids in enumerate(ids)])
 
     def _record(self, layer: int, ids: torch.Tensor, n: int, true: torch.Tensor | None) -> None:
+        """ids [k], or [latent_heads, k] (the blocks each latent head attended)."""
         st = self.stats
         st.decisions += 1
-        st.blocks_attended += len(ids)
+        st.blocks_attended += ids.shape[-1]
         st.blocks_total += n
         if true is not None and self.config.track_recall:
-            recall = float(true[:, ids].sum(-1).mean())
+            recall = float(true.gather(1, ids.expand(true.shape[0], -1)).sum(-1).mean())
             st.recall_sum += recall
             st.recall_count += 1
             acc = st.per_layer_recall.setdefault(layer, [0.0, 0])
