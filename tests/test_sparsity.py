@@ -673,3 +673,70 @@ def test_cli_train_and_sparse_eval(tiny_mla_dir, tmp_path):
     assert sparse["blocks_attended_fraction"] < 1 and sparse["kl_to_dense"] >= 0
     bad = runner.invoke(app, ["eval", str(tiny_mla_dir), "--sparse", "window", "--sparse-budget", "0"])
     assert bad.exit_code == 2 and "budget" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# histories recorded under sparse refreshes, replayed over dense maps (training on them)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gla(tiny_converted):
+    """Every query head its own latent head: a map's per-latent-head masses are then one query
+    head's, so a replayed partial row is exactly the runtime's (histories.py)."""
+    from latentkv.modeling import load_model
+
+    return load_model(tiny_converted("mla", kv_budget=0.5, latent_heads=4))
+
+
+def _recorded_history(model, cfg, predictor=None):
+    """Decode IDS (45 prompt tokens, then one per step, pages of 8) under ``cfg`` keeping every history
+    row: -> (SparseAttention.history, [(layer, chosen ids)] in decision order)."""
+    from latentkv.runtime.decode import PagedLatentCache, forward_step, prefill
+
+    cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(IDS), page_size=8, backend="reference")
+    cache.sparsity = SparseAttention(cfg, 8, predictor, keep_history=None)
+    seq = cache.add_sequence()
+    prefill(model, cache, seq, IDS[:45], 16)
+    choices = []
+    for t in range(45, len(IDS)):
+        forward_step(model, cache, [seq], torch.tensor([[IDS[t]]]))
+        choices.append(cache.sparsity.last_choice[seq, 0])
+    return cache.sparsity.history, choices
+
+
+REPLAY_CASES = {  # name: SparseConfig kwargs (45 prompt tokens, 16 decode steps of up to 8 blocks, budget 3)
+    "last-step-refresh3": dict(policy="last-step", budget=3, refresh=3),
+    "predictor-refresh4": dict(policy="predictor", budget=3, refresh=4, predictor="random"),
+    "predictor-dense-refresh2": dict(policy="predictor", budget=3, refresh=2, dense_refresh=True, predictor="random"),
+    "last-step-separate-refresh5": dict(policy="last-step", budget=4, refresh=5, history_masses="separate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLAY_CASES))
+def test_replayed_history_equals_the_recorded_one(tiny_gla, case):
+    """Guards the training histories of --refresh: ``histories.rollout`` over the dense maps of a
+    decode gives the history ``SparseAttention`` records in a real sparse decode of it (the first
+    layer, whose queries a sparse step leaves as they are): the same blocks chosen at every step,
+    the prefill rows and the refresh rows bit for bit, the partial rows (the attended blocks' masses,
+    renormalised, zero elsewhere) to float rounding -- for last-step and a predictor, sparse and dense
+    refresh steps, masses from the attention pass and from the separate pass."""
+    from latentkv.sparsity.histories import rollout
+
+    cfg = SparseConfig(**REPLAY_CASES[case])
+    predictor = _random_predictor() if cfg.policy == "predictor" else None
+    dense, _ = _recorded_history(tiny_gla, SparseConfig("dense"))
+    recorded, choices = _recorded_history(tiny_gla, cfg, predictor)
+    maps = dense[0, 0][None]  # [1 (sequence, layer), latent_heads, 61 rows, 8 blocks]
+    steps = len(IDS) - 45
+    replayed = rollout(maps, 45, steps, cfg, 8, predictor)
+    assert [ids.tolist() for ids in choices] == [ids[0].tolist() for ids in replayed.chosen]
+    assert any(len(ids) < 8 for ids in choices)  # some steps were sparse
+    rows = recorded[0, 0]  # [latent_heads, 61, 8]
+    assert torch.equal(rows[:, :45], maps[0, :, :45])
+    for i in range(1, steps + 1):
+        full = i % cfg.refresh == 0 or len(choices[i - 1]) == 8
+        got, want = replayed.rows[0, :, i - 1], rows[:, 44 + i]
+        if full:
+            assert torch.equal(got, want), i
+        else:
+            assert (want == 0).any() and torch.equal(got == 0, want == 0), i
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

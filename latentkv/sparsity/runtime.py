@@ -53,6 +53,19 @@ def reduced_pages(pages: torch.Tensor, ids: torch.Tensor, length: int, page_size
     return pages[ids], (len(ids) - 1) * page_size + length - (n - 1) * page_size
 
 
+def is_refresh_step(decode_step: int, refresh: int) -> bool:
+    """Whether decode step ``decode_step`` (1 = the first after the prefill) records the full masses."""
+    return decode_step % refresh == 0
+
+
+def attended_history_row(part: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The history row of a step that attended only blocks ``ids``: part [..., k] their masses (the
+    sparse attention's own, so they sum to 1 over the attended blocks) -> [..., n_blocks], zero on
+    every block not attended (the step saw nothing of them). ids: [k], or any shape that broadcasts
+    to ``part`` (a batch of choices)."""
+    return part.new_zeros(*part.shape[:-1], n_blocks).scatter_(-1, ids.expand(part.shape), part)
+
+
 @dataclass
 class SparseStats:
     """Running totals over decode steps x layers x sequences."""
@@ -167,7 +180,7 @@ class SparseAttention:
             n = -(-length // size)
             pages = table[row, :n]
             k = cfg.blocks_for(n)
-            refresh = self.steps.get(seq, 1) % cfg.refresh == 0
+            refresh = is_refresh_step(self.steps.get(seq, 1), cfg.refresh)
             attend_all = k >= n or (refresh and cfg.dense_refresh)
             full_history = want_history and (refresh or attend_all)  # the history row covers every block
             need_true = cfg.policy == "oracle" or cfg.track_recall or (full_history and not (from_decode and attend_all))
@@ -192,7 +205,7 @@ class SparseAttention:
                 else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
                     part = block_masses(q[row].cpu(), paged_rows(kv, *reduced_pages(pages, ids, length, size)).cpu(),
                                         **geometry)[0]
-                    self._push(seq, layer, torch.zeros(part.shape[0], n).index_copy_(1, ids, part)[None])
+                    self._push(seq, layer, attended_history_row(part, ids, n)[None])
             self._record(layer, ids, n, true)
             self.last_choice[seq, layer] = ids
             chosen, new_len = reduced_pages(pages, ids, length, size)
@@ -215,7 +228,7 @@ class SparseAttention:
         cfg, size = self.config, self.page_size
         n = -(-length // size)
         k = cfg.blocks_for(n)
-        if k >= n or (cfg.dense_refresh and (self.steps.get(seq, 0) + 1) % cfg.refresh == 0):
+        if k >= n or (cfg.dense_refresh and is_refresh_step(self.steps.get(seq, 0) + 1, cfg.refresh)):
             return torch.arange(n)
         if cfg.policy in ("quest", "oracle"):
             scores = torch.arange(n, dtype=torch.float32) / n
@@ -241,7 +254,7 @@ class SparseAttention:
         masses = masses.float().cpu()
         for row, seq, ids, n, take in pending:
             part = masses[row, -take:, :, : len(ids)]  # [take, lh, len(ids)]
-            self._push(seq, layer, torch.zeros(*part.shape[:2], n).index_copy_(2, ids, part))
+            self._push(seq, layer, attended_history_row(part, ids, n))
 
     def _record(self, layer: int, ids: torch.Tensor, n: int, true: torch.Tensor | None) -> None:
         st = self.stats
