@@ -382,9 +382,9 @@ HISTORY_CASES = {  # name: SparseConfig kwargs (decoded over IDS[:53]: 45 prompt
 }
 
 
-def _random_predictor():
+def _random_predictor(page_size: int = 8):
     g = torch.Generator().manual_seed(5)
-    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=8))
+    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=page_size))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
@@ -740,3 +740,57 @@ def test_replayed_history_equals_the_recorded_one(tiny_gla, case):
         else:
             assert (want == 0).any() and torch.equal(got == 0, want == 0), i
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_1_trains_on_the_same_examples_as_before(monkeypatch):
+    """Guards --refresh 1 (the default) against any change to training: the batches fit trains and
+    validates on are byte-identical to those of the trainer before --refresh existed (their sha256,
+    recorded with it), and a replayed decode with a refresh every step records the maps' own rows."""
+    import hashlib
+
+    import latentkv.sparsity.train as train
+    from latentkv.sparsity.histories import rollout
+
+    digests = []
+    real = train._loss
+
+    def spy(model, x, y, rankable, n_exist=None, *args):
+        data = b"".join(t.numpy().tobytes() for t in (x, y, rankable, n_exist))
+        digests.append(hashlib.sha256(data).hexdigest()[:16])
+        return real(model, x, y, rankable, n_exist, *args)
+
+    monkeypatch.setattr(train, "_loss", spy)
+    maps = _pattern_maps(12)
+    train.fit(maps[:10], maps[10:], PredictorConfig(history=4, channels=6, page_size=4), steps=3, batch_size=32,
+              lr=1e-2, budget=0.1, seed=0, refresh=1)
+    # training batch, validation set, alternately (validation every step when steps < 10)
+    assert digests[:6] == ["da037afff5d41bc1", "ccf59fd6652be948", "ebbd7f9e8bc7cfed", "ccf59fd6652be948",
+                           "145b631f86925ff9", "ccf59fd6652be948"]
+    stacked = torch.stack(maps[:4]).float()[:, None]  # [4, 1, 160, 40]
+    for policy in ("last-step", "predictor"):
+        cfg = SparseConfig(policy, budget=0.1, refresh=1, predictor="random")
+        replayed = rollout(stacked, 40, 100, cfg, 4, _random_predictor(4) if policy == "predictor" else None)
+        assert torch.equal(replayed.rows, stacked[:, :, 40:140])
+
+
+
+def test_refresh_trains_on_the_partial_histories_it_decodes_from():
+    """Guards --refresh > 1: the training histories are replayed decodes -- rows off the refresh steps
+    hold only the attended blocks (zero on others that exist), each row a distribution over its
+    blocks, the targets the dense masses -- and fit reports each policy's recall on its own replayed
+    decode of the validation maps, at every budget asked."""
+    from latentkv.sparsity.train import OnPolicyHistories, Replay, fit
+
+    maps = _pattern_maps(6)
+    config = PredictorConfig(history=4, channels=4, page_size=4)
+    histories = OnPolicyHistories(maps[:4], 1, config, refresh=4, budget=0.1, starts=2, steps=24,
+                                  gen=torch.Generator().manual_seed(0))
+    x, y, rankable, n_exist = histories.sample(256)
+    torch.testing.assert_close(x.sum(-1), torch.ones(x.shape[:2]), atol=2e-2, rtol=0)
+    existed = torch.arange(x.shape[-1])[None] < (n_exist - 1)[:, None]  # blocks the last row's step had
+    assert ((x[:, -1] == 0) & existed).any(-1).float().mean() > 0.5  # most last rows are partial (3 steps of 4)
+    assert (y[existed] > 0).all()  # the targets are dense
+    _, report = fit(maps[:4], maps[4:], config, steps=12, batch_size=16, lr=1e-2, budget=0.1, seed=0, refresh=4,
+                    report_budgets=(0.1, 0.2), replay=Replay(starts=2, steps=24, every=5, val_starts=2, val_steps=24))
+    assert report["val_refresh"] == 4 and set(report["val_recall"]) == {"0.1", "0.2"}
+    assert all(0 < r <= 1 for r in report["val_recall"]["0.2"].values())
