@@ -100,7 +100,8 @@ def main() -> None:
                             progress=lambda s, loss: s % 25 == 0 and print(f"  step {s}: loss {loss:.4f}", flush=True),
                             replay=Replay())
         report["seconds"] = time.perf_counter() - t1
-        trained_on = {k: v for k, v in vars(args).items() if k not in ("predictor", "out")}
+        trained_on = {"command": "python " + " ".join(sys.argv),
+                      **{k: v for k, v in vars(args).items() if k not in ("predictor", "out")}}
         save_predictor(model, args.train, extra={"trained_on": {**trained_on, "maps": len(maps["train"])},
                                                  "report": report})
         print(f"trained in {report['seconds']:.0f} s: {json.dumps(report['val_recall'])}", flush=True)
