@@ -794,3 +794,27 @@ def test_refresh_trains_on_the_partial_histories_it_decodes_from():
                     report_budgets=(0.1, 0.2), replay=Replay(starts=2, steps=24, every=5, val_starts=2, val_steps=24))
     assert report["val_refresh"] == 4 and set(report["val_recall"]) == {"0.1", "0.2"}
     assert all(0 < r <= 1 for r in report["val_recall"]["0.2"].values())
+
+
+def test_cli_train_with_refresh(tiny_mla_dir, tmp_path):
+    """Guards `predictor train --refresh --budget` end to end: the predictor trains on replayed
+    refresh-2 histories and its file records the refresh and the on-policy validation recall;
+    a window too short for the replay fails before any work with a one-line error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentkv.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "pred"
+    args = ["predictor", "train", str(tiny_mla_dir), "--out", str(out), "--data", str(tiny_models.TINY_TEXT),
+            "--windows", "3", "--seq-len", "96", "--page-size", "8", "--history", "4", "--steps", "4",
+            "--refresh", "2", "--budget", "0.3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "attention_predictor.json").read_text())
+    assert saved["trained_on"]["refresh"] == 2 and saved["report"]["val_refresh"] == 2
+    assert 0 < saved["report"]["val_recall_predictor"] <= 1
+    short = runner.invoke(app, args[:10] + ["64"] + args[11:] + ["--overwrite"])
+    assert short.exit_code != 0 and "--seq-len" in short.output

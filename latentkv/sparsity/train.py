@@ -122,6 +122,7 @@ class OnPolicyHistories:
                                 f"{steps} replayed steps.")
         self.maps, self.latent_heads, self.config = maps, latent_heads, config
         self.starts, self.steps, self.gen = starts, steps, gen
+        # the model goes to rollout itself; the config only needs a predictor named
         self.policy = {name: SparseConfig(name, budget=budget, refresh=refresh, predictor="training")
                        for name in ("last-step", "predictor")}
         self.rerecord(None)
