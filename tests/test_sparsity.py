@@ -382,9 +382,9 @@ HISTORY_CASES = {  # name: SparseConfig kwargs (decoded over IDS[:53]: 45 prompt
 }
 
 
-def _random_predictor():
+def _random_predictor(page_size: int = 8):
     g = torch.Generator().manual_seed(5)
-    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=8))
+    model = AttentionPredictor(PredictorConfig(history=4, channels=4, page_size=page_size))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
@@ -852,3 +852,148 @@ def test_cli_train_and_sparse_eval(tiny_mla_dir, tmp_path):
     assert sparse["blocks_attended_fraction"] < 1 and sparse["kl_to_dense"] >= 0
     bad = runner.invoke(app, ["eval", str(tiny_mla_dir), "--sparse", "window", "--sparse-budget", "0"])
     assert bad.exit_code == 2 and "budget" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# histories recorded under sparse refreshes, replayed over dense maps (training on them)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_mla_head_per_latent(tiny_converted):
+    """Every query head its own latent head: a map's per-latent-head masses are then one query
+    head's, so a replayed partial row is exactly the runtime's (histories.py)."""
+    from latentkv.modeling import load_model
+
+    return load_model(tiny_converted("mla", kv_budget=0.5, latent_heads=4))
+
+
+def _recorded_history(model, cfg, predictor=None):
+    """Decode IDS (45 prompt tokens, then one per step, pages of 8) under ``cfg`` keeping every history
+    row: -> (SparseAttention.history, [(layer, chosen ids)] in decision order)."""
+    from latentkv.runtime.decode import PagedLatentCache, forward_step, prefill
+
+    cache = PagedLatentCache.for_model(model, max_seqs=1, max_seq_len=len(IDS), page_size=8, backend="reference")
+    cache.sparsity = SparseAttention(cfg, 8, predictor, keep_history=None)
+    seq = cache.add_sequence()
+    prefill(model, cache, seq, IDS[:45], 16)
+    choices = []
+    for t in range(45, len(IDS)):
+        forward_step(model, cache, [seq], torch.tensor([[IDS[t]]]))
+        choices.append(cache.sparsity.last_choice[seq, 0])
+    return cache.sparsity.history, choices
+
+
+REPLAY_CASES = {  # name: SparseConfig kwargs (45 prompt tokens, 16 decode steps of up to 8 blocks, budget 3)
+    "last-step-refresh3": dict(policy="last-step", budget=3, refresh=3),
+    "predictor-refresh4": dict(policy="predictor", budget=3, refresh=4, predictor="random"),
+    "predictor-dense-refresh2": dict(policy="predictor", budget=3, refresh=2, dense_refresh=True, predictor="random"),
+    "last-step-separate-refresh5": dict(policy="last-step", budget=4, refresh=5, history_masses="separate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLAY_CASES))
+def test_replayed_history_equals_the_recorded_one(tiny_mla_head_per_latent, case):
+    """Guards the training histories of --refresh: ``histories.rollout`` over the dense maps of a
+    decode gives the history ``SparseAttention`` records in a real sparse decode of it (the first
+    layer, whose queries a sparse step leaves as they are): the same blocks chosen at every step,
+    the prefill rows and the refresh rows bit for bit, the partial rows (the attended blocks' masses,
+    renormalised, zero elsewhere) to float rounding -- for last-step and a predictor, sparse and dense
+    refresh steps, masses from the attention pass and from the separate pass."""
+    from latentkv.sparsity.histories import rollout
+
+    cfg = SparseConfig(**REPLAY_CASES[case])
+    predictor = _random_predictor() if cfg.policy == "predictor" else None
+    dense, _ = _recorded_history(tiny_mla_head_per_latent, SparseConfig("dense"))
+    recorded, choices = _recorded_history(tiny_mla_head_per_latent, cfg, predictor)
+    maps = dense[0, 0][None]  # [1 (sequence, layer), latent_heads, 61 rows, 8 blocks]
+    steps = len(IDS) - 45
+    replayed = rollout(maps, 45, steps, cfg, 8, predictor)
+    assert [ids.tolist() for ids in choices] == [ids[0].tolist() for ids in replayed.chosen]
+    assert any(len(ids) < 8 for ids in choices)  # some steps were sparse
+    rows = recorded[0, 0]  # [latent_heads, 61, 8]
+    assert torch.equal(rows[:, :45], maps[0, :, :45])
+    for i in range(1, steps + 1):
+        full = i % cfg.refresh == 0 or len(choices[i - 1]) == 8
+        got, want = replayed.rows[0, :, i - 1], rows[:, 44 + i]
+        if full:
+            assert torch.equal(got, want), i
+        else:
+            assert (want == 0).any() and torch.equal(got == 0, want == 0), i
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_1_trains_on_the_same_examples_as_before(monkeypatch):
+    """Guards --refresh 1 (the default) against any change to training: the batches fit trains and
+    validates on are byte-identical to those of the trainer before --refresh existed (their sha256,
+    recorded with it), and a replayed decode with a refresh every step records the maps' own rows."""
+    import hashlib
+
+    import latentkv.sparsity.train as train
+    from latentkv.sparsity.histories import rollout
+
+    digests = []
+    real = train._loss
+
+    def spy(model, x, y, rankable, n_exist=None, *args):
+        data = b"".join(t.numpy().tobytes() for t in (x, y, rankable, n_exist))
+        digests.append(hashlib.sha256(data).hexdigest()[:16])
+        return real(model, x, y, rankable, n_exist, *args)
+
+    monkeypatch.setattr(train, "_loss", spy)
+    maps = _pattern_maps(12)
+    train.fit(maps[:10], maps[10:], PredictorConfig(history=4, channels=6, page_size=4), steps=3, batch_size=32,
+              lr=1e-2, budget=0.1, seed=0, refresh=1)
+    # training batch, validation set, alternately (validation every step when steps < 10)
+    assert digests[:6] == ["da037afff5d41bc1", "ccf59fd6652be948", "ebbd7f9e8bc7cfed", "ccf59fd6652be948",
+                           "145b631f86925ff9", "ccf59fd6652be948"]
+    stacked = torch.stack(maps[:4]).float()[:, None]  # [4, 1, 160, 40]
+    for policy in ("last-step", "predictor"):
+        cfg = SparseConfig(policy, budget=0.1, refresh=1, predictor="random")
+        replayed = rollout(stacked, 40, 100, cfg, 4, _random_predictor(4) if policy == "predictor" else None)
+        assert torch.equal(replayed.rows, stacked[:, :, 40:140])
+
+
+
+def test_refresh_trains_on_the_partial_histories_it_decodes_from():
+    """Guards --refresh > 1: the training histories are replayed decodes -- rows off the refresh steps
+    hold only the attended blocks (zero on others that exist), each row a distribution over its
+    blocks, the targets the dense masses -- and fit reports each policy's recall on its own replayed
+    decode of the validation maps, at every budget asked."""
+    from latentkv.sparsity.train import OnPolicyHistories, Replay, fit
+
+    maps = _pattern_maps(6)
+    config = PredictorConfig(history=4, channels=4, page_size=4)
+    histories = OnPolicyHistories(maps[:4], 1, config, refresh=4, budget=0.1, starts=2, steps=24,
+                                  gen=torch.Generator().manual_seed(0))
+    x, y, rankable, n_exist = histories.sample(256)
+    torch.testing.assert_close(x.sum(-1), torch.ones(x.shape[:2]), atol=2e-2, rtol=0)
+    existed = torch.arange(x.shape[-1])[None] < (n_exist - 1)[:, None]  # blocks the last row's step had
+    assert ((x[:, -1] == 0) & existed).any(-1).float().mean() > 0.5  # most last rows are partial (3 steps of 4)
+    assert (y[existed] > 0).all()  # the targets are dense
+    _, report = fit(maps[:4], maps[4:], config, steps=12, batch_size=16, lr=1e-2, budget=0.1, seed=0, refresh=4,
+                    report_budgets=(0.1, 0.2), replay=Replay(starts=2, steps=24, every=5, val_starts=2, val_steps=24))
+    assert report["val_refresh"] == 4 and set(report["val_recall"]) == {"0.1", "0.2"}
+    assert all(0 < r <= 1 for r in report["val_recall"]["0.2"].values())
+
+
+def test_cli_train_with_refresh(tiny_mla_dir, tmp_path):
+    """Guards `predictor train --refresh --budget` end to end: the predictor trains on replayed
+    refresh-2 histories and its file records the refresh and the on-policy validation recall;
+    a window too short for the replay fails before any work with a one-line error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentkv.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "pred"
+    args = ["predictor", "train", str(tiny_mla_dir), "--out", str(out), "--data", str(tiny_models.TINY_TEXT),
+            "--windows", "3", "--seq-len", "96", "--page-size", "8", "--history", "4", "--steps", "4",
+            "--refresh", "2", "--budget", "0.3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "attention_predictor.json").read_text())
+    assert saved["trained_on"]["refresh"] == 2 and saved["report"]["val_refresh"] == 2
+    assert 0 < saved["report"]["val_recall_predictor"] <= 1
+    short = runner.invoke(app, args[:10] + ["64"] + args[11:] + ["--overwrite"])
+    assert short.exit_code != 0 and "--seq-len" in short.output

@@ -130,13 +130,13 @@ def forced_blocks(n_blocks: int, sink_blocks: int, local_blocks: int) -> torch.T
 def choose_blocks(scores: torch.Tensor, k: int, sink_blocks: int = 1, local_blocks: int = 1) -> torch.Tensor:
     """Ascending ids of the ``k`` blocks to attend: the forced blocks, then the top scores.
 
-    scores: [n_blocks] (any real values; higher = keep), or [latent_heads, n_blocks]: then [latent_heads, k],
-    a choice per row. Ties go to the lower id (topk's order is not specified, so a stable sort decides).
-    The last id is always the current block.
+    scores: [n_blocks] (any real values; higher = keep), or [rows, n_blocks] (-> [rows, k], a choice per
+    row: latent heads, or a batch). Ties go to the lower id (topk's order is not specified, so a stable
+    sort decides). The last id is always the current block.
     """
     n = scores.shape[-1]
     if k >= n:
-        return torch.arange(n).expand(*scores.shape[:-1], n)
+        return torch.arange(n).expand(scores.shape)
     s = scores.detach().float().clone()
     s[..., forced_blocks(n, sink_blocks, local_blocks)] = float("inf")
     order = torch.sort(-s, dim=-1, stable=True).indices
@@ -185,7 +185,8 @@ def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | N
                   predictor=None, *, latent_heads: int | None = None) -> torch.Tensor:
     """Scores [n_blocks] of one (sequence, layer).
 
-    history: [latent_heads, t, n_blocks] block masses of the last t steps (t may be 0);
+    history: [latent_heads, t, n_blocks] block masses of the last t steps (t may be 0), or
+    [batch, latent_heads, t, n_blocks] for as many (sequence, layer)s at one length (-> [batch, n_blocks]);
     current: [latent_heads, n_blocks] this step's masses (oracle), or [n_blocks] the page-bound
     scores of ``bound_scores`` (quest); predictor: an
     AttentionPredictor (policy "predictor"). Without history yet, last-step and predictor score
@@ -193,8 +194,8 @@ def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | N
     n_blocks] (quest's ``current`` then per latent head too, ``bound_scores(per_latent_head=True)``);
     None: the mean over the latent heads.
     """
-    def per_head_or_mean(scores: torch.Tensor) -> torch.Tensor:  # [latent_heads, n]
-        return scores if latent_heads else scores.mean(0)
+    def per_head_or_mean(scores: torch.Tensor) -> torch.Tensor:  # [..., latent_heads, n]
+        return scores if latent_heads else scores.mean(-2)
 
     recency = torch.arange(n_blocks, dtype=torch.float32)
     if latent_heads:
@@ -209,12 +210,12 @@ def policy_scores(config: SparseConfig, n_blocks: int, history: torch.Tensor | N
         if current is None:
             raise LatentKVError("the oracle policy needs this step's block masses.")
         return per_head_or_mean(current.float())
-    if history is None or history.shape[1] == 0:
+    if history is None or history.shape[-2] == 0:
         return recency
     if config.policy == "last-step":
-        scores = per_head_or_mean(history[:, -1].float())
-    else:
-        scores = per_head_or_mean(predictor.predict(history))  # [latent_heads, n] probabilities
+        scores = per_head_or_mean(history[..., -1, :].float())
+    else:  # [..., latent_heads, n] probabilities
+        scores = per_head_or_mean(predictor.predict(history.flatten(0, -3)).view(*history.shape[:-2], -1))
     # a block begun since the last history row has no mass yet: score 0 (the current block is forced
     # anyway); without this the scores would cover one block too few and the current block be lost
     return torch.nn.functional.pad(scores, (0, n_blocks - scores.shape[-1])) if scores.shape[-1] < n_blocks else scores

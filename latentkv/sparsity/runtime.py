@@ -60,10 +60,17 @@ def reduced_pages(pages: torch.Tensor, ids: torch.Tensor, length: int, page_size
     return pages[ids], (ids.shape[-1] - 1) * page_size + length - (n - 1) * page_size
 
 
-def spread_masses(part: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """part [..., latent_heads, k]: masses of the attended blocks (column j: block ids[j], or ids[c, j]
-    for latent head c) -> [..., latent_heads, n_blocks], zero on the blocks not attended."""
-    return torch.zeros(*part.shape[:-1], n_blocks).scatter_(-1, ids.expand(part.shape), part)
+def is_refresh_step(decode_step: int, refresh: int) -> bool:
+    """Whether decode step ``decode_step`` (1 = the first after the prefill) records the full masses."""
+    return decode_step % refresh == 0
+
+
+def attended_history_row(part: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The history row of a step that attended only blocks ``ids``: part [..., k] their masses (the
+    sparse attention's own, so they sum to 1 over the attended blocks) -> [..., n_blocks], zero on
+    every block not attended (the step saw nothing of them). ids: [k], or any shape that broadcasts
+    to ``part`` (a batch of choices; [latent_heads, k]: latent head c attended blocks ids[c])."""
+    return part.new_zeros(*part.shape[:-1], n_blocks).scatter_(-1, ids.expand(part.shape), part)
 
 
 @dataclass
@@ -186,7 +193,7 @@ class SparseAttention:
             n = -(-length // size)
             pages = table[row, :n]
             k = cfg.blocks_for(n)
-            refresh = self.steps.get(seq, 1) % cfg.refresh == 0
+            refresh = is_refresh_step(self.steps.get(seq, 1), cfg.refresh)
             attend_all = k >= n or (refresh and cfg.dense_refresh)
             full_history = want_history and (refresh or attend_all)  # the history row covers every block
             need_true = cfg.policy == "oracle" or cfg.track_recall or (full_history and not (from_decode and attend_all))
@@ -211,7 +218,7 @@ class SparseAttention:
                     self._push(seq, layer, true[None])
                 else:  # masses over the attended blocks only (even when ``true`` was computed for recall)
                     part = self._attended_masses(q[row], kv, pages, ids, length, geometry)
-                    self._push(seq, layer, spread_masses(part, ids, n)[None])
+                    self._push(seq, layer, attended_history_row(part, ids, n)[None])
             self._record(layer, ids, n, true)
             self.last_choice[seq, layer] = ids
             chosen, new_len = reduced_pages(pages, ids, length, size)
@@ -235,7 +242,7 @@ class SparseAttention:
         cfg, size = self.config, self.page_size
         n = -(-length // size)
         k = cfg.blocks_for(n)
-        if k >= n or (cfg.dense_refresh and (self.steps.get(seq, 0) + 1) % cfg.refresh == 0):
+        if k >= n or (cfg.dense_refresh and is_refresh_step(self.steps.get(seq, 0) + 1, cfg.refresh)):
             return torch.arange(n)
         if cfg.policy in ("quest", "oracle"):
             last = self.last_choice.get((seq, layer))
@@ -263,7 +270,7 @@ class SparseAttention:
         masses = masses.float().cpu()
         for row, seq, ids, n, take in pending:
             part = masses[row, -take:, :, : ids.shape[-1]]  # [take, lh, attended blocks]
-            self._push(seq, layer, spread_masses(part, ids, n))
+            self._push(seq, layer, attended_history_row(part, ids, n))
 
     def _attended_masses(self, q: torch.Tensor, kv: torch.Tensor, pages: torch.Tensor, ids: torch.Tensor,
                          length: int, geometry: dict) -> torch.Tensor:

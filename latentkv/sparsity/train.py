@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -95,9 +95,66 @@ def _samples(maps: list[torch.Tensor], count: int, history: int, page_size: int,
     x = torch.stack([maps[m][s - history : s] for m, s in zip(pick.tolist(), t.tolist())]).float()
     y = torch.stack([maps[m][s] for m, s in zip(pick.tolist(), t.tolist())]).float()
     n_exist = t // page_size + 1  # blocks that exist at step t
+    return x, y, _rankable(n_exist, n_max), n_exist
+
+
+def _rankable(n_exist: torch.Tensor, n_max: int) -> torch.Tensor:
     blocks = torch.arange(n_max)[None]
-    rankable = (blocks >= 1) & (blocks < n_exist[:, None] - 1)  # not the sink, not the current block
-    return x, y, rankable, n_exist
+    return (blocks >= 1) & (blocks < n_exist[:, None] - 1)  # not the sink, not the current block
+
+
+class OnPolicyHistories:
+    """Training examples whose histories are what ``SparseAttention`` records when the predictor being
+    trained decodes at ``budget`` with a dense refresh every ``refresh`` steps (``histories.rollout``).
+
+    Each round replays ``steps`` decode steps after ``starts`` random prefill lengths over every map;
+    the first round chooses blocks by last-step (the untrained predictor is last-step), later rounds
+    (``rerecord``) by the current predictor, whose own choices shape the rows it will read (DAgger).
+    A sample: history = the T rows before a decoded step, target = that step's dense masses."""
+
+    def __init__(self, maps: list[torch.Tensor], latent_heads: int, config: PredictorConfig, *, refresh: int,
+                 budget: float, starts: int, steps: int, gen: torch.Generator):
+        from latentkv.sparsity.policies import SparseConfig
+
+        length = maps[0].shape[0]
+        if length < config.history + steps:
+            raise LatentKVError(f"maps of {length} rows are too short for a history of {config.history} and "
+                                f"{steps} replayed steps.")
+        self.maps, self.latent_heads, self.config = maps, latent_heads, config
+        self.starts, self.steps, self.gen = starts, steps, gen
+        # the model goes to rollout itself; the config only needs a predictor named
+        self.policy = {name: SparseConfig(name, budget=budget, refresh=refresh, predictor="training")
+                       for name in ("last-step", "predictor")}
+        self.rerecord(None)
+
+    @torch.no_grad()
+    def rerecord(self, predictor: AttentionPredictor | None) -> None:
+        """Replay the decodes with ``predictor``'s choices (None: last-step's) at new prefill lengths."""
+        from latentkv.sparsity.histories import map_groups, rollout
+
+        T, steps = self.config.history, self.steps
+        prefills = torch.randint(T, self.maps[0].shape[0] - steps + 1, (self.starts,), generator=self.gen)
+        policy = self.policy["last-step" if predictor is None else "predictor"]
+        windows, targets = [], []
+        for p in prefills.tolist():
+            maps = map_groups(self.maps, self.latent_heads, slice(p - T, p + steps))
+            decoded = rollout(maps, p, steps, policy, self.config.page_size, predictor, first_row=p - T)
+            windows.append(torch.cat([maps[:, :, :T], decoded.rows], dim=2).flatten(0, 1).half())
+            targets.append(maps[:, :, T:].flatten(0, 1).half())
+        self.prefills = prefills
+        self.windows = torch.stack(windows)  # [starts, maps, T + steps, N]: T prefill rows, then the decoded
+        self.targets = torch.stack(targets)  # [starts, maps, steps, N]: the dense masses of the decoded steps
+
+    def sample(self, count: int):
+        """count random (history, target, rankable mask, blocks existing), as ``_samples``."""
+        T = self.config.history
+        s = torch.randint(self.starts, (count,), generator=self.gen)
+        m = torch.randint(self.windows.shape[1], (count,), generator=self.gen)
+        i = torch.randint(self.steps, (count,), generator=self.gen)
+        x = self.windows[s[:, None], m[:, None], i[:, None] + torch.arange(T)].float()
+        y = self.targets[s, m, i].float()
+        n_exist = (self.prefills[s] + i) // self.config.page_size + 1
+        return x, y, _rankable(n_exist, y.shape[-1]), n_exist
 
 
 OBJECTIVES = ("ce", "recall")
@@ -147,24 +204,59 @@ def recall_at(scores: torch.Tensor, y: torch.Tensor, n_exist: torch.Tensor, budg
     return total / y.shape[0]
 
 
+@dataclass(frozen=True)
+class Replay:
+    """How ``fit`` replays sparse decodes for histories with refresh > 1 (``OnPolicyHistories``):
+    ``starts`` prefill lengths x ``steps`` decode steps per round, a new round every ``every``
+    optimizer steps; validation replays ``val_steps`` steps after each of ``val_starts`` lengths."""
+
+    starts: int = 4
+    steps: int = 64
+    every: int = 100
+    val_starts: int = 4
+    val_steps: int = 64
+
+
 def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: PredictorConfig, *, steps: int,
         batch_size: int, lr: float, budget: float, seed: int, progress=None, objective: str = "ce",
-        report_budgets: tuple[float, ...] = ()) -> tuple[AttentionPredictor, dict]:
+        report_budgets: tuple[float, ...] = (), refresh: int = 1, latent_heads: int = 1,
+        replay: Replay = Replay()) -> tuple[AttentionPredictor, dict]:
     """Train on ``maps`` with ``objective`` (``_loss``; "recall" at ``budget``); report validation loss
-    and recall (predictor and last-step) at ``budget`` and at each of ``report_budgets``."""
+    and recall (predictor and last-step) at ``budget`` and at each of ``report_budgets``.
+
+    refresh 1: every history row is the dense masses (the maps' own rows). refresh > 1: the
+    histories are those the predictor's own decode at ``budget`` records (``OnPolicyHistories``;
+    ``latent_heads`` maps in a row are one (window, layer)), and the validation recall is that of
+    each policy decoding from its own histories (``histories.mean_recall``)."""
     if objective not in OBJECTIVES:
         raise LatentKVError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+    if refresh < 1 or len(maps) % latent_heads or len(val_maps) % latent_heads:
+        raise LatentKVError(f"refresh must be >= 1 and the maps come {latent_heads} to a (window, layer); got "
+                            f"refresh {refresh}, {len(maps)} and {len(val_maps)} maps.")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AttentionPredictor(config)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     warmup = max(1, steps // 20)  # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps))))
-    val = _samples(val_maps, 2048, config.history, config.page_size, torch.Generator().manual_seed(seed + 1))
+    on_policy = None
+    if refresh == 1:
+        val = _samples(val_maps, 2048, config.history, config.page_size, torch.Generator().manual_seed(seed + 1))
+    else:
+        histories = dict(latent_heads=latent_heads, config=config, refresh=refresh, budget=budget)
+        on_policy = OnPolicyHistories(maps, **histories, starts=replay.starts, steps=replay.steps, gen=gen)
+        val = OnPolicyHistories(val_maps, **histories, starts=replay.val_starts, steps=replay.val_steps,
+                                gen=torch.Generator().manual_seed(seed + 1)).sample(2048)  # last-step's histories
     log_every = max(1, steps // 10)
     history = []
     for step in range(1, steps + 1):
-        x, y, rankable, n_exist = _samples(maps, batch_size, config.history, config.page_size, gen)
+        if on_policy is None:
+            x, y, rankable, n_exist = _samples(maps, batch_size, config.history, config.page_size, gen)
+        else:
+            if step > 1 and (step - 1) % replay.every == 0:
+                on_policy.rerecord(model.eval())
+                model.train()
+            x, y, rankable, n_exist = on_policy.sample(batch_size)
         loss = _loss(model, x, y, rankable, n_exist, budget, objective)
         opt.zero_grad()
         loss.backward()
@@ -181,15 +273,32 @@ def fit(maps: list[torch.Tensor], val_maps: list[torch.Tensor], config: Predicto
     x, y, _, n_exist = val
     with torch.no_grad():
         pred = model(model.feature(x))
+    if on_policy is None:
+        def recalls(b):
+            return {"predictor": recall_at(pred, y, n_exist, b), "last_step": recall_at(x[:, -1], y, n_exist, b)}
+    else:
+        from latentkv.sparsity.histories import mean_recall
+        from latentkv.sparsity.policies import SparseConfig
+
+        length = val_maps[0].shape[0]
+        prefills = torch.linspace(config.history, length - replay.val_steps, replay.val_starts).long().tolist()
+
+        def recalls(b):
+            run = dict(maps=val_maps, latent_heads=latent_heads, page_size=config.page_size, prefills=prefills,
+                       steps=replay.val_steps)
+            return {"predictor": mean_recall(**run, config=SparseConfig("predictor", b, refresh=refresh,
+                                                                        predictor="training"), predictor=model),
+                    "last_step": mean_recall(**run, config=SparseConfig("last-step", b, refresh=refresh))}
+    at_budget = recalls(budget)
     report = {
         "val_samples": int(y.shape[0]),
         "val_loss": history[-1]["val_loss"],
-        "val_recall_predictor": recall_at(pred, y, n_exist, budget),
-        "val_recall_last_step": recall_at(x[:, -1], y, n_exist, budget),
+        "val_recall_predictor": at_budget["predictor"],
+        "val_recall_last_step": at_budget["last_step"],
         "val_recall_budget": budget,
+        "val_refresh": refresh,
         "objective": objective,
-        "val_recall": {str(b): {"predictor": recall_at(pred, y, n_exist, b), "last_step": recall_at(x[:, -1], y, n_exist, b)}
-                       for b in report_budgets},
+        "val_recall": {str(b): recalls(b) for b in report_budgets},
         "loss_curve": history,
     }
     return model, report
@@ -207,7 +316,7 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     t0 = time.perf_counter()
     source = open_source(opts.model)
     model = load_model(source.folder)
-    latent_attentions(model)  # a clear error for models without latent attention
+    latent_heads = latent_attentions(model)[0].latent_heads  # (and a clear error for models without latent attention)
     windows = training_windows(source.tokenizer(), opts.data, opts.exclude, opts.windows, opts.seq_len, opts.seed)
     windows = with_repeats(windows, opts.repeats, opts.repeat_len, opts.seed)
     n_val = max(1, opts.windows // 10)
@@ -220,7 +329,7 @@ def train_predictor(opts: TrainOptions, progress_factory=None) -> dict:
     config = PredictorConfig(history=opts.history, channels=opts.channels, page_size=opts.page_size)
     advance = progress_factory("training", opts.steps) if progress_factory else None
     predictor, report = fit(train_maps, val_maps, config, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
-                            budget=opts.budget, seed=opts.seed,
+                            budget=opts.budget, seed=opts.seed, refresh=opts.refresh, latent_heads=latent_heads,
                             progress=(lambda step, loss: advance(step)) if advance else None)
     report = {**report, "seconds": time.perf_counter() - t0, "parameters": sum(p.numel() for p in predictor.parameters())}
     extra = {"trained_on": {**asdict(opts), "maps": len(train_maps)}, "report": report}
