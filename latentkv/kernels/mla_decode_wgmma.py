@@ -375,8 +375,8 @@ def fp8_groups(quant, latent_heads: int) -> tuple[int, int, int] | None:
         group, num_groups, scale_off = kernel_groups(quant.fmt, quant.latent_width, latent_heads, r_c)
     except LatentKVError:  # groups straddling latent heads: the Triton kernel's error says what to do
         return None
+    # whole groups a latent head, 4 or more: a head's scales (and so every token's) are 16-byte rows
     ok = (num_groups % 4 == 0 and group >= 16 and group * num_groups == r_c
-          and quant.scales.shape[-1] == 1 and quant.scales.shape[-2] % 4 == 0
           and quant.codes.is_contiguous() and quant.scales.is_contiguous()
           and num_stages(r_c, quant.rope.shape[-1], num_groups) > 0)  # fmt: skip
     return (group, num_groups, scale_off) if ok else None
