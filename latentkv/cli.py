@@ -343,11 +343,6 @@ def eval_cmd(ctx: typer.Context, recipe: RecipeOption = None, **flags):
         from latentkv.errors import LatentKVError
 
         _fail(LatentKVError("--kv-cache applies to the perplexity pass only; run --sparse / --decode-check without it"))
-    if o.sparse_per_head and o.offload:  # the device pool is sized for one page set per layer
-        from latentkv.errors import LatentKVError
-
-        _fail(LatentKVError("--sparse-per-head does not run with --offload yet (the pool holds one page set per "
-                            "layer); drop one of them"))
     if o.sparse:  # settings checked before the perplexity run
         from latentkv.sparsity import SparseConfig, parse_budget
         from latentkv.sparsity.evaluate import sparse_eval

@@ -590,8 +590,8 @@ def test_per_latent_head_changes_nothing_with_one_latent_head(tiny_mla):
 
 def test_cli_sparse_eval_per_head(tiny_converted):
     """Guards `eval --sparse-per-head` end to end on a tiny GLA model: the report comes from the policy
-    choosing per latent head (the budgeted fraction of blocks, recall in (0, 1]); with --offload it is a
-    one-line error before any work."""
+    choosing per latent head (the budgeted fraction of blocks, recall in (0, 1]); with --long-text --offload
+    it decodes through host pages (pools sized for the heads' union) and last-step misses nothing."""
     import json
 
     from typer.testing import CliRunner
@@ -608,9 +608,14 @@ def test_cli_sparse_eval_per_head(tiny_converted):
     sparse = json.loads(last[last.index('{"model"') :])["sparse"]
     assert sparse["per_latent_head"] and sparse["blocks_attended_fraction"] < 1
     assert 0 < sparse["attention_recall"] <= 1
-    bad = runner.invoke(app, ["eval", folder, "--sparse", "window", "--sparse-per-head", "--offload",
-                              "--long-text", "x"])
-    assert bad.exit_code == 2 and "--sparse-per-head" in bad.output
+    off = runner.invoke(app, ["eval", folder, "--sparse", "last-step", "--sparse-budget", "3", "--sparse-per-head",
+                              "--page-size", "8", "--long-text", str(tiny_models.TINY_TEXT), "--context-tokens", "200",
+                              "--long-span", "8", "--offload", "--json"])
+    assert off.exit_code == 0, off.output
+    last = off.output.strip().splitlines()[-1]
+    row = json.loads(last[last.index("{") :])["teacher_forced"][1]
+    assert row["policy"] == "last-step" and row["per_latent_head"]
+    assert row["tokens"] == 8 and row["offload"]["pages_missed"] == 0 and row["blocks_attended_fraction"] < 1
 
 
 def test_per_latent_head_policy_scores():

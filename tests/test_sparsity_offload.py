@@ -144,6 +144,12 @@ def test_pool_slots_for_budget():
     cfg = SparseConfig("window", budget=0.125)
     assert pool_slots_for(cfg, 8, 1024, 64) == 8 * (2 + 2)  # 16 pages: ceil(2) = sink + local forced
     assert pool_slots_for(SparseConfig("dense"), 2, 100, 16) == 2 * (7 + 2)
+    per_head = SparseConfig("last-step", budget=0.25, per_latent_head=True)  # 16 pages: 4 a head, 2 of them forced
+    assert pool_slots_for(per_head, 8, 1024, 64) == 8 * (4 + 2)  # one latent head: as if shared
+    assert pool_slots_for(per_head, 8, 1024, 64, latent_heads=3) == 8 * (4 + 2 * 2 + 2)  # forced + 3 x 2 chosen
+    assert pool_slots_for(per_head, 1, 160, 16, latent_heads=8) == 10 + 2  # never more than the pages
+    shared = SparseConfig("last-step", budget=0.25)
+    assert pool_slots_for(shared, 8, 1024, 64, latent_heads=3) == 8 * (4 + 2)  # one page set for every head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +225,30 @@ def test_offloaded_per_latent_head_decode_equals_paged(tiny_converted, policy):
     assert stats == plain_stats and o["peak_resident"] <= 8
     if policy == "last-step":
         assert o["pages_missed"] == 0
+
+
+def test_offloaded_per_latent_head_pools_sized_by_default(tiny_converted):
+    """Guards the default pool size for choices per latent head: the long-context comparison sizes each
+    policy's pool with ``pool_slots_for`` and the model's latent heads, so per-head decoding through host
+    pages runs without a pool error and equals the paged cache's rows to the last float; the pool the
+    heads fill holds more pages than one shared page set would (the reason for the wider pool)."""
+    from latentkv.modeling import load_model
+    from latentkv.sparsity.long_context import long_text_compare
+
+    model = load_model(tiny_converted("gla", kv_budget=0.5, latent_heads=2))
+    ids = IDS + [(5 * i + 11) % 250 + 3 for i in range(29)]  # 90 tokens: 74 prefilled, 16 decoded, pages of 8
+    configs = [SparseConfig(p, budget=3, per_latent_head=True) for p in ("last-step", "quest")]
+    paged = long_text_compare(model, ids, 74, configs, page_size=8)
+    off = long_text_compare(model, ids, 74, configs, page_size=8, offload=True)
+    for p, o in zip(paged, off):
+        for key in ("top1_agreement", "kl_to_dense", "perplexity", "blocks_per_decision"):
+            assert p[key] == o[key], (p["policy"], key)
+    shared_slots = pool_slots_for(configs[0], 1, len(ids), 8)
+    slots = pool_slots_for(configs[0], 1, len(ids), 8, latent_heads=2)
+    assert slots > shared_slots
+    peak = max(r["offload"]["peak_resident"] for r in off[1:])
+    assert shared_slots - 2 < peak <= slots  # the heads' union is wider than one head's budget
+    assert off[1]["offload"]["pages_missed"] == 0  # last-step's forecast (the heads' union) is exact
 
 
 def test_offloaded_dense_policy_equals_dense_decode(tiny_mla):

@@ -178,7 +178,7 @@ def for_config(start, config: SparseConfig, room: int):
         return start
     from latentkv.sparsity.offload import PagePool, pool_slots_for
 
-    slots = min(cache.num_pages, pool_slots_for(config, 1, room, cache.page_size))
+    slots = min(cache.num_pages, pool_slots_for(config, 1, room, cache.page_size, latent_heads=cache.latent_heads))
     sparsity, pools = cache.sparsity, cache.pools
     cache.pools = []  # not copied: replaced
     try:

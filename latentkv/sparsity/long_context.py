@@ -51,7 +51,7 @@ def check_long_options(*, sparse: str | None, long_text: str | None, retrieval: 
 def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[SparseConfig], *, page_size: int = 16,
                       predictor=None, offload: bool = False, backend: str = "reference",
                       prefill_chunk: int = 128, start=None) -> list[dict]:
-    """Rows {"policy", "budget", top1_agreement, kl_to_dense, perplexity, nll, blocks_per_decision,
+    """Rows {"policy", "budget", "per_latent_head" (not in the dense row), top1_agreement, kl_to_dense, perplexity, nll, blocks_per_decision,
     ...} for dense decoding then each config, decoding ids[prompt_len:] teacher-forced after one
     dense prefill of ids[:prompt_len]."""
     from latentkv.sparsity.evaluate import compare_logits, decode_after, for_config, long_prefill
@@ -67,7 +67,8 @@ def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[Spar
     for cfg in configs:
         pred = predictor if cfg.policy == "predictor" else None
         logits, stats = decode_after(model, for_config(start, cfg, len(ids)), ids, prompt_len, cfg, predictor=pred)
-        rows.append({"policy": cfg.policy, "budget": cfg.budget, **compare_logits(dense, logits, targets), **stats})
+        rows.append({"policy": cfg.policy, "budget": cfg.budget, "per_latent_head": cfg.per_latent_head,
+                     **compare_logits(dense, logits, targets), **stats})
     return rows
 
 

@@ -511,12 +511,19 @@ class PagePool:
         return other
 
 
-def pool_slots_for(config, max_seqs: int, max_seq_len: int, page_size: int, slack: int = 2) -> int:
+def pool_slots_for(config, max_seqs: int, max_seq_len: int, page_size: int, *, latent_heads: int = 1,
+                   slack: int = 2) -> int:
     """Slots per layer for ``max_seqs`` sequences of up to ``max_seq_len`` tokens under a
     ``SparseConfig``: the blocks a step attends at the longest length (sink + local + chosen), plus
-    ``slack`` per sequence (the page a step starts and a forecast page beside the chosen ones)."""
+    ``slack`` per sequence (the page a step starts and a forecast page beside the chosen ones).
+    With ``per_latent_head`` on a layer of ``latent_heads`` > 1, each head chooses its own blocks
+    beside the shared forced ones, so a step may attend up to ``latent_heads`` times the chosen
+    blocks (the union of the heads' pages is what must be resident)."""
     n = math.ceil(max_seq_len / page_size)
     k = config.blocks_for(n) if config is not None else n
+    if config is not None and config.per_latent_head and latent_heads > 1:
+        chosen = max(0, k - config.sink_blocks - config.local_blocks)
+        k += (latent_heads - 1) * chosen
     return max_seqs * (min(n, k) + slack)
 
 
@@ -532,7 +539,7 @@ class OffloadedLatentCache(PagedLatentCache):
 
     def __init__(self, layer_widths, *, num_pages: int, pool_pages: int, page_size: int = 64,
                  dtype=torch.float32, device="cpu", backend: str = "auto", num_splits: int | None = None,
-                 cache_format=None, latent_widths=None):
+                 cache_format=None, latent_widths=None, latent_heads: int = 1):
         latent = (cache_format or {}).get("latent")
         if latent is not None and latent.encoding.kind != "cast":
             raise LatentKVError("the offloaded cache holds cast formats only (bf16 / fp16 / fp32); "
@@ -546,6 +553,7 @@ class OffloadedLatentCache(PagedLatentCache):
         pin = self.device.type == "cuda"
         self.pages = [torch.zeros(num_pages, page_size, w, dtype=dtype, pin_memory=pin) for w in layer_widths]
         self.pool_pages = pool_pages
+        self.latent_heads = latent_heads  # the most of any layer: per-head choices widen a step's page set
         self.pools = [PagePool(p, pool_pages, self.device) for p in self.pages]
 
     @classmethod
@@ -559,12 +567,13 @@ class OffloadedLatentCache(PagedLatentCache):
         attns = latent_attentions(model)
         param = next(model.parameters())
         pages = max_seqs * math.ceil(max_seq_len / page_size)
+        heads = max(a.latent_heads for a in attns)
         if pool_pages is None:
-            pool_pages = min(pages, pool_slots_for(sparse, max_seqs, max_seq_len, page_size))
+            pool_pages = min(pages, pool_slots_for(sparse, max_seqs, max_seq_len, page_size, latent_heads=heads))
         return cls([a.kv_lora_rank + a.rope_dim for a in attns], num_pages=pages, pool_pages=pool_pages,
                    page_size=page_size, dtype=param.dtype, device=param.device, backend=backend,
                    num_splits=num_splits, cache_format=model_cache_formats(model.config),
-                   latent_widths=[a.kv_lora_rank for a in attns])
+                   latent_widths=[a.kv_lora_rank for a in attns], latent_heads=heads)
 
     @property
     def offload_stats(self) -> OffloadStats:

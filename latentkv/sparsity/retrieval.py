@@ -153,7 +153,8 @@ def retrieve(model, tokenizer, case: NeedleCase, config: SparseConfig, *, start=
     out, stats = greedy_after(model, for_config(start, config, len(case.ids) + new_tokens), case.ids, prompt_len,
                               config, new_tokens=new_tokens, predictor=predictor, stop=stop)
     answer = tokenizer.decode(out, skip_special_tokens=True)
-    return {"policy": config.policy, "budget": 1.0 if config.policy == "dense" else config.budget, "depth": case.depth, "key": case.key,
+    return {"policy": config.policy, "budget": 1.0 if config.policy == "dense" else config.budget,
+            "per_latent_head": config.per_latent_head, "depth": case.depth, "key": case.key,
             "context_tokens": len(case.ids), "answer": answer, "match": exact_match(answer, case.key),
             "question_in_prefill": question_in_prefill, **stats}
 

@@ -122,7 +122,6 @@ class SparseAttention:
         self.last_choice: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> chosen block ids
         self._pending: list[tuple] = []  # history rows waiting for this layer's attention masses (record)
         self.bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (seq, layer) -> full blocks' min / max
-        self.head_choice: dict[int, int] = {}  # layer -> latent heads choosing apart (per_latent_head)
 
     def page_bounds(self, seq: int, layer: int, kv: torch.Tensor, pages: torch.Tensor, length: int):
         """(low, high) [n_blocks, width] float32: the element-wise min / max of each block's rows. A
@@ -183,8 +182,6 @@ class SparseAttention:
             return step["block_table"], step["seq_lens"], step["max_len"]
 
         heads = module.latent_heads if cfg.per_latent_head and module.latent_heads > 1 else None
-        if heads:
-            self.head_choice[layer] = heads
         chosen_rows, new_lens = [], []
         for row, seq in enumerate(step["seqs"]):
             if layer == 0:
@@ -250,9 +247,10 @@ class SparseAttention:
             scores = (torch.arange(n, dtype=torch.float32) / n).repeat(lasts.shape[0], 1)  # a row per head's choice
             for row, ids in zip(scores, lasts):
                 row[ids[ids < n]] += 1.0
-        else:
-            scores = policy_scores(cfg, n, self.history.get((seq, layer)), None, self.predictor,
-                                   latent_heads=self.head_choice.get(layer))
+        else:  # the history has a row per latent head: what choosing per head needs, before any select
+            history = self.history.get((seq, layer))
+            heads = history.shape[0] if cfg.per_latent_head and history is not None and history.shape[0] > 1 else None
+            scores = policy_scores(cfg, n, history, None, self.predictor, latent_heads=heads)
         return choose_blocks(scores, k, cfg.sink_blocks, cfg.local_blocks).unique()
 
     @property
