@@ -7,7 +7,9 @@ pages, every sequence ``--context`` tokens). Rows:
 - sparse at each ``--fractions`` f: a reduced block table of ceil(f * pages) pages per sequence
   (the sink page, the current page last, the rest drawn at random, ascending -- what
   ``latentkv.sparsity.runtime`` hands the kernel), masses off and on (on: the per-page masses
-  the policy history reads, so that no second pass over the cache is needed).
+  the policy history reads, so that no second pass over the cache is needed);
+- with ``--per-head`` (GLA): the same fractions with a table per latent head, each head's pages
+  drawn apart (what choosing per latent head hands the kernel).
 Each time is the median of many calls with CUDA events after a warm-up (``triton.testing.do_bench``,
 which also clears the L2 cache between calls); ratios are against the dense time of the same run.
 Before timing, every configuration is checked once: the output with masses on is bit-identical to
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--fractions", default="0.25,0.125", help="fractions of the pages a sparse step attends")
+    p.add_argument("--per-head", action="store_true",
+                   help="with --latent-heads > 1: also each fraction with a block table per latent head "
+                        "([batch, latent_heads, k]: every latent head its own random pages)")
     p.add_argument("--warmup-ms", type=int, default=100)
     p.add_argument("--rep-ms", type=int, default=500, help="timing window per row (do_bench: median of its calls)")
     p.add_argument("--reps", type=int, default=5, help="CPU (--smoke) only: calls per row")
@@ -126,6 +131,9 @@ def main(argv=None) -> dict:
     for f in (float(x) for x in args.fractions.split(",")):
         t, lens, k = sparse_table(table, args.context, args.page_size, f, gen)
         cases.append((f"sparse {f:g}", f, t, lens, k))
+        if args.per_head and args.latent_heads > 1:
+            heads = [sparse_table(table, args.context, args.page_size, f, gen) for _ in range(args.latent_heads)]
+            cases.append((f"sparse {f:g} per-head", f, torch.stack([h[0] for h in heads], 1), lens, k))
 
     rows = []
     for name, fraction, t, lens, k in cases:
@@ -152,7 +160,8 @@ def main(argv=None) -> dict:
             gus = graph_us(lambda m=masses_on: run(m), args)
             hus = host_us(lambda m=masses_on: run(m), args) if cuda else None
             compiled = md.LAST_COMPILED.get("split")  # the split kernel of the last call (registers, spills)
-            rows.append({"case": name, "pages_fraction": k / table.shape[1], "pages_per_seq": k, "masses": masses_on,
+            rows.append({"case": name, "pages_fraction": k / table.shape[1], "pages_per_seq": k,
+                         "table": "per latent head" if t.dim() == 3 else "shared", "masses": masses_on,
                          "time_us": us, "graph_us": gus, "host_us": hus, "n_regs": getattr(compiled, "n_regs", None),
                          "n_spills": getattr(compiled, "n_spills", None)})
         print(f"{name}: {k} of {table.shape[1]} pages per sequence, masses check {check.report()}", file=sys.stderr)

@@ -641,3 +641,21 @@ def test_bench_sparse_decode_smoke(capsys):
     assert result["rows"][0]["vs_dense"] == 1.0 and all(r["time_us"] > 0 for r in result["rows"])
     assert [r["pages_per_seq"] for r in result["rows"][::2]] == [9, 3, 2]
     assert "| sparse 0.125 |" in capsys.readouterr().out
+
+
+def test_bench_sparse_decode_smoke_per_head():
+    """Guards the script's --per-head rows (GLA): a table per latent head runs through the kernel with
+    masses on and off (output equal, masses equal to the reference, checked by the script) beside the
+    shared table of the same size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sparse_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--latent-heads", "2", "--per-head", "--fractions", "0.25"])
+    cases = [(r["case"], r["table"], r["masses"]) for r in result["rows"]]
+    assert cases == [(c, t, m) for c, t in (("dense", "shared"), ("sparse 0.25", "shared"),
+                                            ("sparse 0.25 per-head", "per latent head")) for m in (False, True)]
+    assert [r["pages_per_seq"] for r in result["rows"][::2]] == [9, 3, 3]
