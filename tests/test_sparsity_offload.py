@@ -489,3 +489,35 @@ def test_ensure_of_the_prefetched_tensor_reads_nothing_back(monkeypatch):
     assert pool.stats.pages_missed == 0 and pool.stats.pages_prefetched == 12
     pool.ensure(chosen.clone())  # the same pages as another tensor: checked, nothing missing
     assert len(calls) == 2 and pool.stats.pages_missed == 0 and pool.stats.pages_attended == 24
+
+
+# every latent target the decode loop runs: (method options, the policies that must forecast exactly)
+TARGET_CASES = {
+    "mla": dict(kv_budget=0.5),
+    "gla": dict(kv_budget=0.5, latent_heads=2),
+    "gta": dict(),
+    "gta-s": dict(map_heads=2),
+}
+
+
+@pytest.mark.parametrize("policy", ["last-step", "quest"])
+@pytest.mark.parametrize("method", sorted(TARGET_CASES))
+def test_offloaded_sparse_decode_every_latent_target(tiny_converted, method, policy):
+    """Guards sparse and offloaded decode on every latent target (MLA, GLA, GTA-T, GTA-S): the
+    offloaded cache (default pool size) gives the paged cache's logits bit for bit, the sparse run
+    attends fewer blocks than dense and differs from it (the policy acts), and last-step's forecast
+    is exact (no miss)."""
+    from latentkv.modeling import load_model
+    from latentkv.sparsity.long_context import long_text_compare
+
+    model = load_model(tiny_converted(method, **TARGET_CASES[method]))
+    ids = IDS + [(5 * i + 11) % 250 + 3 for i in range(29)]  # 90 tokens: 74 prefilled, 16 decoded, pages of 8
+    cfg = [SparseConfig(policy, budget=3)]
+    paged = long_text_compare(model, ids, 74, cfg, page_size=8)
+    off = long_text_compare(model, ids, 74, cfg, page_size=8, offload=True)
+    for p, o in zip(paged, off):
+        for key in ("top1_agreement", "kl_to_dense", "perplexity", "nll", "blocks_per_decision"):
+            assert p[key] == o[key], (p["policy"], key)
+    assert paged[1]["blocks_attended_fraction"] < 1 and paged[1]["kl_to_dense"] > 0
+    if policy == "last-step":
+        assert off[1]["offload"]["pages_missed"] == 0
