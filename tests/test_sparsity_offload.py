@@ -228,7 +228,8 @@ def test_offloaded_per_latent_head_decode_equals_paged(tiny_converted, policy):
 
 
 def test_offloaded_per_latent_head_pools_sized_by_default(tiny_converted):
-    """Guards the default pool size for choices per latent head: the long-context comparison sizes each
+    """Guards the default pool size for choices per latent head (last-step, Quest, a predictor): the
+    long-context comparison sizes each
     policy's pool with ``pool_slots_for`` and the model's latent heads, so per-head decoding through host
     pages runs without a pool error and equals the paged cache's rows to the last float; the pool the
     heads fill holds more pages than one shared page set would (the reason for the wider pool)."""
@@ -237,9 +238,11 @@ def test_offloaded_per_latent_head_pools_sized_by_default(tiny_converted):
 
     model = load_model(tiny_converted("gla", kv_budget=0.5, latent_heads=2))
     ids = IDS + [(5 * i + 11) % 250 + 3 for i in range(29)]  # 90 tokens: 74 prefilled, 16 decoded, pages of 8
-    configs = [SparseConfig(p, budget=3, per_latent_head=True) for p in ("last-step", "quest")]
-    paged = long_text_compare(model, ids, 74, configs, page_size=8)
-    off = long_text_compare(model, ids, 74, configs, page_size=8, offload=True)
+    configs = [SparseConfig(p, budget=3, per_latent_head=True, predictor="random" if p == "predictor" else None)
+               for p in ("last-step", "quest", "predictor")]
+    predictor = _random_predictor()
+    paged = long_text_compare(model, ids, 74, configs, page_size=8, predictor=predictor)
+    off = long_text_compare(model, ids, 74, configs, page_size=8, offload=True, predictor=predictor)
     for p, o in zip(paged, off):
         for key in ("top1_agreement", "kl_to_dense", "perplexity", "blocks_per_decision"):
             assert p[key] == o[key], (p["policy"], key)
@@ -249,6 +252,7 @@ def test_offloaded_per_latent_head_pools_sized_by_default(tiny_converted):
     peak = max(r["offload"]["peak_resident"] for r in off[1:])
     assert shared_slots - 2 < peak <= slots  # the heads' union is wider than one head's budget
     assert off[1]["offload"]["pages_missed"] == 0  # last-step's forecast (the heads' union) is exact
+    assert off[3]["offload"]["pages_missed"] == 0  # so is the predictor's
 
 
 def test_offloaded_dense_policy_equals_dense_decode(tiny_mla):
