@@ -229,10 +229,10 @@ def test_offloaded_per_latent_head_decode_equals_paged(tiny_converted, policy):
 
 def test_offloaded_per_latent_head_pools_sized_by_default(tiny_converted):
     """Guards the default pool size for choices per latent head (last-step, Quest, a predictor): the
-    long-context comparison sizes each
-    policy's pool with ``pool_slots_for`` and the model's latent heads, so per-head decoding through host
-    pages runs without a pool error and equals the paged cache's rows to the last float; the pool the
-    heads fill holds more pages than one shared page set would (the reason for the wider pool)."""
+    long-context comparison sizes each policy's pool with ``pool_slots_for`` and the model's latent
+    heads, so per-head decoding through host pages runs without a pool error and equals the paged
+    cache's rows to the last float; the pool the heads fill holds more pages than one shared page set
+    would (the reason for the wider pool)."""
     from latentkv.modeling import load_model
     from latentkv.sparsity.long_context import long_text_compare
 
