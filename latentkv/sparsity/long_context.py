@@ -51,9 +51,9 @@ def check_long_options(*, sparse: str | None, long_text: str | None, retrieval: 
 def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[SparseConfig], *, page_size: int = 16,
                       predictor=None, offload: bool = False, backend: str = "reference",
                       prefill_chunk: int = 128, start=None) -> list[dict]:
-    """Rows {"policy", "budget", "per_latent_head" (not in the dense row), top1_agreement, kl_to_dense, perplexity, nll, blocks_per_decision,
-    ...} for dense decoding then each config, decoding ids[prompt_len:] teacher-forced after one
-    dense prefill of ids[:prompt_len]."""
+    """Rows {"policy", "budget", "per_latent_head" (not in the dense row), top1_agreement, kl_to_dense,
+    perplexity, nll, blocks_per_decision, ...} for dense decoding then each config, decoding
+    ids[prompt_len:] teacher-forced after one dense prefill of ids[:prompt_len]."""
     from latentkv.sparsity.evaluate import compare_logits, decode_after, for_config, long_prefill
 
     if not 0 < prompt_len < len(ids) - 1:
