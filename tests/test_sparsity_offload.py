@@ -525,3 +525,144 @@ def test_offloaded_sparse_decode_every_latent_target(tiny_converted, method, pol
     assert paged[1]["blocks_attended_fraction"] < 1 and paged[1]["kl_to_dense"] > 0
     if policy == "last-step":
         assert off[1]["offload"]["pages_missed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# placement and copies on the device alone (what a CUDA graph captures)
+# ---------------------------------------------------------------------------------------------
+COPY_CASES = {  # (host pages, pool rows, row words, pairs, word dtype)
+    "int64-one-chunk": (9, 7, 40, 6, torch.int64),
+    "int16-three-chunks": (5, 6, 2500, 5, torch.int16),
+    "float32-no-pairs": (3, 3, 8, 0, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COPY_CASES))
+def test_copy_pages_kernel_equals_reference(case):
+    """Guards the fixed-grid page copy against its reference on fresh random inputs: the pairs with a
+    page are copied word for word (rows wider than one program's chunk included), the pairs without
+    one (-1, with any slot, -1 too) leave the destination untouched."""
+    from latentkv.kernels.page_copy import copy_pages, copy_pages_reference
+
+    md = importlib.import_module("latentkv.kernels.mla_decode")
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(md._kernels()[0]).__name__ != "InterpretedFunction":
+        pytest.skip("triton imported in compiled mode without a GPU; run with TRITON_INTERPRET=1")
+    n_src, n_dst, words, pairs, dtype = COPY_CASES[case]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = int(torch.randint(0, 2**31, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    draw = (lambda *s: torch.randn(*s, generator=g).to(dtype)) if dtype.is_floating_point else \
+        (lambda *s: torch.randint(-(2**15), 2**15, s, generator=g).to(dtype))
+    src, dst = draw(n_src, words).to(device), draw(n_dst, words).to(device)
+    slots = torch.randperm(n_dst, generator=g)[:pairs]
+    pages = torch.randint(0, n_src, (pairs,), generator=g)
+    drop = torch.rand(pairs, generator=g) < 0.4
+    pages[drop], slots[drop] = -1, -1
+    pages, slots = pages.to(device), slots.to(device)
+    before, want = dst.clone(), dst.clone()
+    copy_pages_reference(src, want, pages, slots)
+    copy_pages(src, dst, pages, slots, backend="triton")
+    assert torch.equal(dst, want), f"seed {seed}"
+    kept = pages >= 0
+    assert torch.equal(dst[slots[kept]], src[pages[kept]])
+    untouched = torch.ones(n_dst, dtype=torch.bool, device=device)
+    untouched[slots[kept]] = False
+    assert torch.equal(dst[untouched], before[untouched])
+
+
+def test_copy_pages_bad_input():
+    from latentkv.kernels.page_copy import copy_pages
+
+    x = torch.zeros(3, 4)
+    with pytest.raises(LatentKVError, match="width and dtype"):
+        copy_pages(x, torch.zeros(3, 5), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(LatentKVError, match="int64"):
+        copy_pages(x, x.clone(), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.long))
+
+
+def _pool_pair(layers: int, pages: int, slots: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    host = torch.randn(layers, pages, 4, 6, generator=g)
+    return PagePool(host, slots), PagePool(host, slots), g
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_device_only_pool_calls_equal_host_driven_ones(seed):
+    """Guards ``fetch_on_device`` / ``ensure_on_device`` (the calls a CUDA graph captures) against
+    ``prefetch`` / ``ensure``: over a run of random forecasts (some wrong, so some pages miss) on a
+    pool of every layer, both pools end each step in the same state (page -> slot maps, LRU
+    clocks, slot contents), give the same slots, the slots hold the host's pages, and the counts
+    (prefetched, missed, attended, bytes, layer-steps, evictions) agree."""
+    layers, n_pages, slots, k = 3, 20, 7, 4
+    host_pool, dev_pool, g = _pool_pair(layers, n_pages, slots, seed)
+    for step in range(12):
+        chosen = torch.stack([torch.randperm(n_pages, generator=g)[:k] for _ in range(layers)])
+        forecast = chosen.clone()
+        wrong = torch.rand(layers, k, generator=g) < 0.3
+        forecast[wrong] = torch.randint(0, n_pages, (int(wrong.sum()),), generator=g)
+        if step % 4 == 3:
+            forecast[:, -1] = -1  # no page
+        host_pool.prefetch(forecast)
+        dev_pool.fetch_on_device(forecast)
+        a = host_pool.ensure(chosen.clone())
+        b = dev_pool.ensure_on_device(chosen.clone())
+        assert torch.equal(a, b)
+        for name in ("slot_of_page", "page_of_slot", "last_used", "pools"):
+            assert torch.equal(getattr(host_pool, name), getattr(dev_pool, name)), (step, name)
+        for layer in range(layers):
+            assert torch.equal(dev_pool.pools[layer, b[layer]], dev_pool.host[layer, chosen[layer]])
+    sa, sb = host_pool.stats, dev_pool.stats
+    assert sa == sb and sb.pages_missed > 0 and sb.pages_prefetched > 0
+    assert sb.steps == 12 * layers and sb.bytes_moved == (sb.pages_missed + sb.pages_prefetched) * dev_pool.page_bytes
+
+
+def test_ensure_on_device_overflow_raises_at_stats():
+    """Guards the deferred overflow: a step of more pages than slots places nothing for that layer
+    (slots -1, nothing waits for the device) and the next ``stats`` read raises the pool's error."""
+    pool, _, _ = _pool_pair(1, 10, 3, 0)
+    out = pool.ensure_on_device(torch.tensor([0, 1, 2, 3]))
+    assert (out == -1).all()
+    with pytest.raises(LatentKVError, match="pool_pages"):
+        pool.stats
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_device_only_pool_calls_replay_in_a_cuda_graph():
+    """Guards the reason for the device-only calls: one captured fetch + ensure over pinned host pages
+    replays with new page sets written into its static input, and every replay leaves the chosen
+    pages in the slots it returns, with the same state as the eager calls on a twin pool."""
+    layers, n_pages, slots, k = 2, 64, 12, 5
+    g = torch.Generator().manual_seed(3)
+    host = torch.randn(layers, n_pages, 16, 64, generator=g).pin_memory()
+    pool, twin = PagePool(host, slots, device="cuda", host_reads="direct"), PagePool(host, slots, device="cuda",
+                                                                                       host_reads="direct")
+    forecast = torch.zeros(layers, k, dtype=torch.long, device="cuda")
+    chosen = torch.zeros(layers, k, dtype=torch.long, device="cuda")
+    out = torch.empty(layers, k, dtype=torch.long, device="cuda")
+    pool.fetch_on_device(forecast)  # warm-up: compile the copy kernel outside the capture
+    out.copy_(pool.ensure_on_device(chosen))
+    twin.fetch_on_device(forecast)
+    twin.ensure_on_device(chosen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        pool.fetch_on_device(forecast)
+        out.copy_(pool.ensure_on_device(chosen))
+    for step in range(6):
+        pick = torch.stack([torch.randperm(n_pages, generator=g)[:k] for _ in range(layers)])
+        guess = pick.clone()
+        guess[:, :2] = torch.randint(0, n_pages, (layers, 2), generator=g)
+        forecast.copy_(guess)
+        chosen.copy_(pick)
+        graph.replay()
+        twin.fetch_on_device(guess.cuda())
+        want = twin.ensure_on_device(pick.cuda())
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+        for layer in range(layers):
+            assert torch.equal(pool.pools[layer, out[layer]].cpu(), host[layer, pick[layer]])
+        for name in ("slot_of_page", "page_of_slot", "last_used"):
+            assert torch.equal(getattr(pool, name), getattr(twin, name)), (step, name)
+    assert pool.stats == twin.stats

@@ -41,6 +41,13 @@ a whole batch (and of every layer) are placed by one fixed batch of vector opera
 loop over sequences or pages; see ``PagePool``. ``scripts/bench_offload_decode.py`` drives it that
 way (the choice made on the device for every sequence, one placement and one read-back per step).
 
+For a CUDA graph, ``PagePool.fetch_on_device`` / ``ensure_on_device`` do the placement and the copies
+with no host involvement at all: the pairs the placement writes go straight to a fixed-grid copy
+kernel (``latentkv.kernels.page_copy``) whose programs for "no page" move nothing, so a captured
+step replays with new pages and only they cross the host link; the counts stay on the device until
+``stats`` is read (which also raises a pool overflow). The same pool state results as from
+``prefetch`` + ``ensure`` (tested).
+
 On the CPU (``device="cpu"``) the same code runs without streams or pinned memory (the tests).
 Prefill chunks attend densely over a temporary device copy of the sequence's pages (prefill is
 not offloaded: its peak is one layer's pages of the sequence being prefilled).
@@ -50,7 +57,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -136,7 +143,8 @@ def side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-_DEVICE_COUNTERS = ("evictions", "pages_attended", "pages_fresh", "peak_resident", "unchecked")
+_DEVICE_COUNTERS = ("evictions", "pages_attended", "pages_fresh", "peak_resident", "unchecked",
+                    "fetched", "missed", "steps", "overflowed")  # the last four: fetch / ensure_on_device
 
 
 class PagePool:
@@ -190,7 +198,7 @@ class PagePool:
         self._page_base = (torch.arange(L, device=dev) * P)[:, None]
         self._slot_base = (torch.arange(L, device=dev) * (S + 1))[:, None]
         self._trash_slot = L * (S + 1) - 1
-        self.tick = 0
+        self.tick = torch.zeros(1, dtype=torch.long, device=dev)  # placement calls (on the device: graph replays count)
         self._host_stats = stats if stats is not None else OffloadStats()
         self.ready = [None] * L  # CUDA events: a layer's prefetched copies are done
         self.page_bytes = host[..., 0, :, :].numel() // L * host.element_size()
@@ -217,10 +225,16 @@ class PagePool:
         if values.pop("unchecked"):
             raise LatentKVError("pages assumed resident were not: ensure(...) was given the tensor of a prefetch "
                                 "that had changed since.")
+        if values.pop("overflowed"):
+            raise LatentKVError(self._too_small)
+        fetched, missed, steps = values.pop("fetched"), values.pop("missed"), values.pop("steps")
         values["peak_resident"] = max(values["peak_resident"], self._resident_max())
         st = self._host_stats
         for name, v in values.items():
             setattr(st, name, v)
+        if fetched or missed or steps:  # the device-side calls' counts beside the host's own
+            st = replace(st, pages_prefetched=st.pages_prefetched + fetched, pages_missed=st.pages_missed + missed,
+                         steps=st.steps + steps, bytes_moved=st.bytes_moved + (fetched + missed) * self.page_bytes)
         return st
 
     def reset_stats(self) -> None:
@@ -256,7 +270,7 @@ class PagePool:
         the number of unique pages)."""
         L, S, P, MAX = self.layers, self.slots, self.num_pages, torch.iinfo(torch.long).max
         trash_page, trash_slot = L * P, self._trash_slot
-        self.tick += 1
+        self.tick.add_(1)
         if protect:  # a new prefetch replaces the last one's protection
             self.protect.zero_()
         lp = torch.where(pages >= 0, pages, P).sort(dim=1).values  # no page (P) sorts last
@@ -268,7 +282,7 @@ class PagePool:
         here = cur >= 0
         need = uniq & ~here
         here_slot = torch.where(here, cur, trash_slot).flatten()
-        self.last_used.view(-1).index_fill_(0, here_slot, self.tick)
+        self.last_used.view(-1).scatter_(0, here_slot, self.tick.expand(here_slot.numel()))
         key = self.last_used.masked_fill(self.protect, MAX)
         key.view(-1).index_fill_(0, here_slot, MAX)  # this call's pages stay
         order = key[:, :S].sort(dim=1, stable=True)
@@ -287,7 +301,7 @@ class PagePool:
         self.page_of_slot.index_copy_(0, gslot.flatten(), gp.flatten())
         self.slot_of_page.index_copy_(0, torch.where(ok, gp, trash_page).flatten(), gslot.flatten())
         self.slot_of_page[trash_page] = -1
-        self.last_used.view(-1).index_fill_(0, gslot.flatten(), self.tick)
+        self.last_used.view(-1).scatter_(0, gslot.flatten(), self.tick.expand(gslot.numel()))
         if protect:
             placed = self.slot_of_page[gp]
             self.protect.view(-1).index_fill_(0, torch.where(placed >= 0, placed, trash_slot).flatten(), True)
@@ -460,16 +474,64 @@ class PagePool:
                 overflow, self._overflow = overflow | self._overflow, None
             handle = self._announce(new, slots, overflow)
             if self._overflowed(handle):
-                raise LatentKVError(
-                    f"the device page pool has {self.slots} slots per layer but this step attends to more pages "
-                    "of a layer; build the offloaded cache with more pool pages (pool_pages) or lower the sparse "
-                    "budget."
-                )
+                raise LatentKVError(self._too_small)
             self._host_stats.pages_missed += self._copy(handle, side=False)  # compute stream: before the attention
             self.counters[1:2].add_(attended)
             self._host_stats.steps += self.layers
             slot = self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
         self.protect.zero_()
+        out = torch.where(slot >= 0, slot - self._slot_base, -1)
+        if isinstance(pages, torch.Tensor):
+            return out.view(pages.shape)
+        return out.view(-1) if not self.layered else out
+
+    @property
+    def _too_small(self) -> str:
+        return (f"the device page pool has {self.slots} slots per layer but a step attends to more pages of a layer; "
+                "build the offloaded cache with more pool pages (pool_pages) or lower the sparse budget.")
+
+    # the same calls on the device alone (CUDA graphs) ----------------------------------------
+    def _word_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host pages, pool slots) as [rows, words] views over the global page / slot ids of ``_place``."""
+        if not self.cuda:
+            return self._host_flat.reshape(self._host_flat.shape[0], -1), self._pool_flat.view(self._pool_flat.shape[0], -1)
+        if self._host_words is None:
+            raise LatentKVError("copies on the device alone need pinned host pages that the CUDA driver maps into the "
+                                "device's address space (host_reads 'direct').")
+        return self._host_words, self._pool_words
+
+    def fetch_on_device(self, pages) -> None:
+        """``prefetch`` without the host: place ``pages`` (best effort, protected until the next
+        ensure, as ``prefetch``) and copy the new ones on the current stream with
+        ``latentkv.kernels.page_copy.copy_pages``, reading the host pages in place. Nothing waits
+        for the device and the host learns nothing, so a CUDA graph can capture the call (``pages``
+        a static device tensor refilled before each replay); run it on the stream that should do
+        the copies and order the reads after it. Counted on the device (``stats``)."""
+        from latentkv.kernels.page_copy import copy_pages
+
+        src, dst = self._word_rows()
+        new, slots, _, _ = self._place(self._pages(pages), strict=False, protect=True)
+        copy_pages(src, dst, new.flatten(), slots.flatten())
+        self.counters[5:6].add_((new >= 0).sum())
+
+    def ensure_on_device(self, pages) -> torch.Tensor:
+        """``ensure`` without the host: the slots of ``pages`` (long, on the device, in their shape;
+        -1 for a -1 page), the missing pages copied now on the current stream and counted as misses.
+        Capturable like ``fetch_on_device``. A layer whose pages do not all fit places none of them
+        (its slots come back -1) and the next ``stats`` read raises the error ``ensure`` raises."""
+        from latentkv.kernels.page_copy import copy_pages
+
+        src, dst = self._word_rows()
+        flat = self._pages(pages)
+        self.protect.zero_()  # the prefetch is consumed: its pages not chosen now may go
+        new, slots, overflow, attended = self._place(flat, strict=True)
+        copy_pages(src, dst, new.flatten(), slots.flatten())
+        c = self.counters
+        c[1:2].add_(attended)
+        c[6:7].add_((new >= 0).sum())
+        c[7:8].add_(self.layers)
+        c[8:9].add_(overflow.sum())
+        slot = self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
         out = torch.where(slot >= 0, slot - self._slot_base, -1)
         if isinstance(pages, torch.Tensor):
             return out.view(pages.shape)
@@ -497,7 +559,7 @@ class PagePool:
             torch.cuda.current_stream(self.device).synchronize()
         other = PagePool.__new__(PagePool)
         other.__dict__.update(self.__dict__)
-        for name in ("pools", "slot_of_page", "page_of_slot", "last_used", "protect"):
+        for name in ("pools", "slot_of_page", "page_of_slot", "last_used", "protect", "tick"):
             setattr(other, name, getattr(self, name).clone())
         other.pool = other.pools if other.layered else other.pools[0]
         other._pool_flat = other.pools.view(-1, *other.pools.shape[2:])
