@@ -80,7 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--host-reads", default="direct,staging",
                    help="how the sparse-offload rows read the missing pages, comma separated (a row each): direct "
                         "(device gathers from the pinned host pages in place), staging (host gather into a pinned "
-                        "buffer, then a copy)")
+                        "buffer, then a copy), device (direct reads placed and copied with no host read-back: "
+                        "PagePool.fetch_on_device / ensure_on_device, the step's rows written to the host pages by "
+                        "the device)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed row")
     p.add_argument("--steps", type=int, default=10, help="timed steps (GPU-resident and sparse rows)")
     p.add_argument("--offload-steps", type=int, default=3, help="timed steps of the dense-offload row (slow)")
@@ -340,7 +342,11 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     cuda = device.type == "cuda"
     L, B, page, per_seq, width = args.layers, cache.batch, cache.page, cache.per_seq, stack.width
     k = min(per_seq, max(2, math.ceil(fraction * math.ceil(cache.context / page))))  # sink + current + chosen
+    device_only = host_reads == "device"  # placement, copies and host-row writes with no host read-back
+    if device_only:
+        host_reads = "direct" if cuda else "auto"
     pool = None if resident else PagePool(cache.host_all, B * k, device, host_reads=host_reads)
+    side = torch.cuda.Stream(device) if device_only and cuda else None
     kv_all = cache.host_all.to(device) if resident else None
     clock = Clock(device)
     # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
@@ -382,6 +388,16 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
         state["chosen"] = chosen
         if resident:
             return
+        if device_only:  # placed and copied on a side stream, after the work queued so far
+            if side is None:
+                pool.fetch_on_device(chosen)
+                return
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                pool.fetch_on_device(chosen)
+            state["fetched"] = torch.cuda.Event()
+            state["fetched"].record(side)
+            return
         pool.prefetch(chosen, defer=True)
         state["rows_ready"] = torch.cuda.Event() if cuda else None
         if cuda:
@@ -394,6 +410,12 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     def fetch(t):
         """The host part of the last placement: the host pages get the last step's rows (the truth),
         then the placed pages are gathered and their copies issued; returns the slot tables."""
+        if device_only:  # the last step's rows went to the host pages from the device; no host part
+            if state.get("fetched") is not None:
+                torch.cuda.current_stream(device).wait_event(state["fetched"])
+            slots = pool.ensure_on_device(state["chosen"]).to(torch.int32)
+            clock.add("copy_issue", t)
+            return slots
         if state["flat"] is not None:
             if state["rows_ready"] is not None:
                 state["rows_ready"].synchronize()
@@ -448,7 +470,9 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
         rows_all = torch.stack(new_rows)  # [L, B, w]: the page bounds, and the host pages at the next step
         low.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amin")
         high.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amax")
-        if not resident:
+        if device_only:
+            pool.write_host_rows(rows_dev, rows_all)
+        elif not resident:
             rows_host.copy_(rows_all, non_blocking=cuda)
         t = clock.add("bookkeeping", t)
         chosen = choose(torch.stack(qs), -(-(length + 1) // page))  # from this step's queries: the next step's
@@ -558,11 +582,11 @@ def main(argv=None) -> dict:
             raise SystemExit("triton is not installed: the GPU rows need the Triton decode kernel.") from None
     contexts = [int(c) for c in str(args.contexts).split(",")]
     host_reads = [h for h in str(args.host_reads).split(",") if h]
-    unknown = sorted(set(host_reads) - {"direct", "staging", "auto"})
+    unknown = sorted(set(host_reads) - {"direct", "staging", "auto", "device"})
     if unknown or not host_reads:
-        raise SystemExit(f"--host-reads: {','.join(unknown) or 'nothing given'}; give direct, staging or auto")
-    if not cuda:
-        host_reads = ["auto"]  # on the CPU there is nothing to read across
+        raise SystemExit(f"--host-reads: {','.join(unknown) or 'nothing given'}; give direct, staging, auto or device")
+    if not cuda:  # on the CPU there is nothing to read across; the device-only calls still run
+        host_reads = ["auto"] + (["device"] if "device" in host_reads else [])
     fractions = [float(f) for f in str(args.fractions).split(",")]
     t_start = time.perf_counter()
     bw = h2d_bandwidth(device, args.copy_mib)

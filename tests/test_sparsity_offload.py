@@ -307,6 +307,32 @@ def test_bench_offload_decode_smoke(capsys):
     assert "| 96 | sparse-offload 0.25 |" in out and "| 96 | sparse-gpu 0.25 |" in out
 
 
+def test_bench_offload_decode_smoke_device_only(capsys):
+    """Guards the benchmark's device-only row (--host-reads device: fetch_on_device / ensure_on_device and
+    the rows written to the host pages by write_host_rows): its logits equal the resident sparse row's bit
+    for bit, it misses nothing (the Quest forecast is the next step's choice), and its pages fetched are
+    counted on the device."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_offload_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--contexts", "256", "--layers", "2", "--steps", "3", "--offload-steps", "1",
+                          "--fractions", "0.25", "--host-reads", "direct,device", "--tokens", "random"])
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["dense-gpu", "dense-offload", "sparse-gpu 0.25", "sparse-offload 0.25",
+                          "sparse-offload 0.25 device"]
+    device, host = rows["sparse-offload 0.25 device"], rows["sparse-offload 0.25"]
+    assert device["max_rel_diff_vs_sparse_gpu"] == 0.0 and host["max_rel_diff_vs_sparse_gpu"] == 0.0
+    assert device["offload"]["misses_per_step"] == 0
+    # fetched pages are counted when copied: at placement on the device path, one step later on the host
+    # path, so the timed windows differ by one step's prefetch (the pool test compares exact counts)
+    assert device["offload"]["pages_fetched_per_step"] > 0 and host["offload"]["pages_fetched_per_step"] > 0
+    assert device["offload"]["layer_steps"] == host["offload"]["layer_steps"] == 3 * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # the device-side bookkeeping: every layer and sequence at once
 # ---------------------------------------------------------------------------------------------
@@ -666,3 +692,20 @@ def test_device_only_pool_calls_replay_in_a_cuda_graph():
         for name in ("slot_of_page", "page_of_slot", "last_used"):
             assert torch.equal(getattr(pool, name), getattr(twin, name)), (step, name)
     assert pool.stats == twin.stats
+
+
+def test_write_host_rows_lands_in_each_layers_pages():
+    """Guards write_host_rows (the host truth a device-only step writes): row r of layer l lands at page
+    r // page_size, row r % page_size of layer l's host pages; nothing else changes."""
+    g = torch.Generator().manual_seed(4)
+    host = torch.randn(3, 6, 4, 5, generator=g)
+    pool = PagePool(host, 4)
+    before = host.clone()
+    flat = torch.tensor([0, 9, 23])
+    rows = torch.randn(3, 3, 5, generator=g)
+    pool.write_host_rows(flat, rows)
+    want = before.clone()
+    for layer in range(3):
+        for i, r in enumerate(flat.tolist()):
+            want[layer, r // 4, r % 4] = rows[layer, i]
+    assert torch.equal(host, want)

@@ -500,6 +500,19 @@ class PagePool:
                                 "device's address space (host_reads 'direct').")
         return self._host_words, self._pool_words
 
+    def write_host_rows(self, flat_rows: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows [n, width] (one layer) or [layers, n, width] into the host pages at ``flat_rows`` ([n]
+        long: row ids in a layer's [num_pages * page_size] view), written by the device itself where
+        the host pages are mapped into its address space (nothing waits; capturable), else by the host."""
+        size, width = self.host.shape[-2], self.host.shape[-1]
+        flat_rows = flat_rows.to(rows.device if self._host_words is not None else "cpu", torch.long)
+        index = (flat_rows[None] + (torch.arange(self.layers, device=flat_rows.device) * self.num_pages * size)[:, None])
+        if self._host_words is None:
+            self._host_flat.view(-1, width).index_copy_(0, index.flatten(), rows.reshape(-1, width).to("cpu", self.host.dtype))
+            return
+        host_rows = self._host_words.view(-1).view(torch.uint8).view(self.host.dtype).view(-1, width)
+        host_rows.index_copy_(0, index.flatten(), rows.reshape(-1, width).to(self.host.dtype))
+
     def fetch_on_device(self, pages) -> None:
         """``prefetch`` without the host: place ``pages`` (best effort, protected until the next
         ensure, as ``prefetch``) and copy the new ones on the current stream with
