@@ -523,6 +523,8 @@ class PagePool:
         from latentkv.kernels.page_copy import copy_pages
 
         src, dst = self._word_rows()
+        self.issue()  # a host-driven prefetch still pending goes first (a no-op when the calls are not mixed)
+        self._prefetched = None  # ensure() trusts no earlier prefetch after this placement
         new, slots, _, _ = self._place(self._pages(pages), strict=False, protect=True)
         copy_pages(src, dst, new.flatten(), slots.flatten())
         self.counters[5:6].add_((new >= 0).sum())
@@ -535,6 +537,8 @@ class PagePool:
         from latentkv.kernels.page_copy import copy_pages
 
         src, dst = self._word_rows()
+        self.issue()
+        self._prefetched = None
         flat = self._pages(pages)
         self.protect.zero_()  # the prefetch is consumed: its pages not chosen now may go
         new, slots, overflow, attended = self._place(flat, strict=True)
