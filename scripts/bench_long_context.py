@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start of the text (front matter)")
     ap.add_argument("--no-offload", action="store_true", help="decode through the paged cache (no miss counts)")
+    ap.add_argument("--per-head", action="store_true",
+                    help="GLA (several latent heads): each latent head chooses its own pages (as `latentkv eval "
+                         "--sparse-per-head`); needs --no-offload")
     ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
     ap.add_argument("--skip-teacher-forced", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
@@ -66,6 +69,8 @@ def main() -> None:
                     help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
                          "command join the output; repeatable")
     args = ap.parse_args()
+    if args.per_head and not args.no_offload:  # the offloaded cache's pools hold one page set per layer
+        raise SystemExit("--per-head does not run with the offloaded cache yet; add --no-offload.")
 
     from transformers import AutoTokenizer
 
@@ -85,7 +90,7 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
     configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None,
-                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks)
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, per_latent_head=args.per_head)
                for b in budgets for p in policies]
     offload = not args.no_offload
     depths = parse_depths(args.depths)
@@ -103,7 +108,7 @@ def main() -> None:
               "predictor": args.predictor, "needles": args.needles, "chat": args.chat, "key_digits": args.key_digits,
               "task": args.task,
               "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
-              "local_blocks": args.local_blocks, "recall": args.recall,
+              "local_blocks": args.local_blocks, "recall": args.recall, "per_head": args.per_head,
               "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
@@ -133,6 +138,7 @@ def main() -> None:
                                    predictor=pred_for(cfg), offload=offload,
                                    question_in_prefill=args.question_in_prefill)
                     row["needle"] = needle
+                    row["per_latent_head"] = cfg.per_latent_head
                     row["seconds"] = time.perf_counter() - t
                     result["retrieval"].append(row)
                     print(json.dumps({k: row[k] for k in ("context_tokens", "depth", "policy", "budget", "answer",
@@ -147,8 +153,8 @@ def main() -> None:
             window = ids[a : a + args.context_tokens]
             rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
                                      page_size=args.page_size, predictor=predictor, offload=offload)
-            for r in rows:
-                result["teacher_forced"].append({"context": c, **r})
+            for r, cfg in zip(rows, [SparseConfig("dense"), *configs]):  # the dense row first
+                result["teacher_forced"].append({"context": c, "per_latent_head": cfg.per_latent_head, **r})
                 print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement",
                                                         "attention_recall")}),
                       file=sys.stderr, flush=True)
@@ -167,7 +173,9 @@ def main() -> None:
 
 def write_markdown(result: dict, path: Path) -> None:
     order = ["dense", "window", "last-step", "quest", "predictor", "oracle"]
-    rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99)  # noqa: E731
+    rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99,  # noqa: E731
+                      r.get("per_latent_head", False))
+    label = lambda policy, per_head: policy + (" (per head)" if per_head else "")  # noqa: E731
     lines = ["# Sparse decode at long context on CPU (SmolLM2-135M-Instruct converted to MLA)", ""]
     for command, secs in result.get("commands", [[result["command"], result["seconds"]]]):
         lines.append(f"Command: `{command}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
@@ -212,16 +220,18 @@ def write_markdown(result: dict, path: Path) -> None:
             "| context | budget | policy | " + " | ".join(f"depth {d:g}" for d in depths) + " | matches |",
             "| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- |",
         ]
-        keys = sorted({(r["context_tokens"], r["budget"], r["policy"]) for r in result["retrieval"]},
-                      key=lambda k: (k[0], -k[1], order.index(k[2]) if k[2] in order else 99))
-        for length, budget, policy in keys:
-            sel = [r for r in result["retrieval"] if (r["context_tokens"], r["budget"], r["policy"]) == (length, budget, policy)]
+        rkey = lambda r: (r["context_tokens"], r["budget"], r["policy"], r.get("per_latent_head", False))  # noqa: E731
+        keys = sorted({rkey(r) for r in result["retrieval"]},
+                      key=lambda k: (k[0], -k[1], order.index(k[2]) if k[2] in order else 99, k[3]))
+        for length, budget, policy, per_head in keys:
+            sel = [r for r in result["retrieval"] if rkey(r) == (length, budget, policy, per_head)]
             cells = []
             for d in depths:
                 at = [r for r in sel if r["depth"] == d]
                 cells.append(f"{sum(bool(r['match']) for r in at)}/{len(at)}" if at else "-")
             n = sum(bool(r["match"]) for r in sel)
-            lines.append(f"| {length} | {budget:g} | {policy} | " + " | ".join(cells) + f" | {n}/{len(sel)} |")
+            lines.append(f"| {length} | {budget:g} | {label(policy, per_head)} | " + " | ".join(cells)
+                         + f" | {n}/{len(sel)} |")
         lines.append("")
     if result["teacher_forced"]:
         lines += [
@@ -236,14 +246,16 @@ def write_markdown(result: dict, path: Path) -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         rows = result["teacher_forced"]
-        for budget, policy in sorted({(r["budget"], r["policy"]) for r in rows},
-                                     key=lambda k: rank({"budget": k[0], "policy": k[1]})):
-            sel = [r for r in rows if (r["budget"], r["policy"]) == (budget, policy)]
+        tkey = lambda r: (r["budget"], r["policy"], r.get("per_latent_head", False))  # noqa: E731
+        for budget, policy, per_head in sorted({tkey(r) for r in rows},
+                                               key=lambda k: rank({"budget": k[0], "policy": k[1],
+                                                                   "per_latent_head": k[2]})):
+            sel = [r for r in rows if tkey(r) == (budget, policy, per_head)]
             mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
             off = [r.get("offload") for r in sel]
             miss = (f"{mean(lambda r: r['offload']['misses_per_step']):.2f} | "
                     f"{mean(lambda r: r['offload']['miss_fraction']):.3f}") if all(off) else "- | -"
-            lines.append(f"| {budget:g} | {policy} | {mean(lambda r: r['blocks_per_decision']):.1f} | "
+            lines.append(f"| {budget:g} | {label(policy, per_head)} | {mean(lambda r: r['blocks_per_decision']):.1f} | "
                          f"{mean(lambda r: r['kl_to_dense']):.4f} | {mean(lambda r: r['top1_agreement']):.4f} | "
                          f"{math.exp(mean(lambda r: r['nll'])):.3f} | {miss} |")
         lines.append("")

@@ -262,6 +262,11 @@ def test_bench_markdown(tmp_path):
     assert "| 256 | 0.125 | window | 0/1 | 0/1 | 0/2 |" in text
     assert text.index("| 0.125 | window |") < text.index("| 0.125 | quest |")
     assert "| 0.125 | quest | 4.0 | 0.2500 | 0.5000 | 2.718 | 0.50 | 0.100 |" in text
+    per_head = {**tf("quest", 0.125, 0.125, off), "per_latent_head": True}  # a --per-head run's row, kept apart
+    bench.write_markdown({**result, "teacher_forced": [*result["teacher_forced"], per_head]}, tmp_path / "h.md")
+    heads = (tmp_path / "h.md").read_text()
+    assert "| 0.125 | quest | 4.0 | 0.2500 |" in heads and "| 0.125 | quest (per head) | 4.0 | 0.1250 |" in heads
+    assert heads.index("| 0.125 | quest |") < heads.index("| 0.125 | quest (per head) |")
     bench.write_markdown({**result, "task": "numbers"}, tmp_path / "n.md")
     numbers = (tmp_path / "n.md").read_text()
     assert "continuing a run of numbers" in numbers and "Passkey" not in numbers
