@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--no-offload", action="store_true", help="decode through the paged cache (no miss counts)")
     ap.add_argument("--per-head", action="store_true",
                     help="GLA (several latent heads): each latent head chooses its own pages (as `latentkv eval "
-                         "--sparse-per-head`); needs --no-offload")
+                         "--sparse-per-head`)")
     ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
     ap.add_argument("--skip-teacher-forced", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
@@ -69,8 +69,6 @@ def main() -> None:
                     help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
                          "command join the output; repeatable")
     args = ap.parse_args()
-    if args.per_head and not args.no_offload:  # the offloaded cache's pools hold one page set per layer
-        raise SystemExit("--per-head does not run with the offloaded cache yet; add --no-offload.")
 
     from transformers import AutoTokenizer
 
@@ -102,7 +100,8 @@ def main() -> None:
     command = "PYTHONPATH=. python " + shlex.join(sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": command, "text": args.text, "text_tokens": len(ids), "skip": args.skip,
+    result = {"command": command, "model": Path(args.model).name, "text": args.text, "text_tokens": len(ids),
+              "skip": args.skip,
               "context_tokens": args.context_tokens, "span": args.span, "contexts": args.contexts,
               "retrieval_contexts": lengths, "depths": depths, "page_size": args.page_size, "offload": offload,
               "predictor": args.predictor, "needles": args.needles, "chat": args.chat, "key_digits": args.key_digits,
@@ -138,7 +137,6 @@ def main() -> None:
                                    predictor=pred_for(cfg), offload=offload,
                                    question_in_prefill=args.question_in_prefill)
                     row["needle"] = needle
-                    row["per_latent_head"] = cfg.per_latent_head
                     row["seconds"] = time.perf_counter() - t
                     result["retrieval"].append(row)
                     print(json.dumps({k: row[k] for k in ("context_tokens", "depth", "policy", "budget", "answer",
@@ -153,8 +151,8 @@ def main() -> None:
             window = ids[a : a + args.context_tokens]
             rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
                                      page_size=args.page_size, predictor=predictor, offload=offload)
-            for r, cfg in zip(rows, [SparseConfig("dense"), *configs]):  # the dense row first
-                result["teacher_forced"].append({"context": c, "per_latent_head": cfg.per_latent_head, **r})
+            for r in rows:
+                result["teacher_forced"].append({"context": c, **r})
                 print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement",
                                                         "attention_recall")}),
                       file=sys.stderr, flush=True)
@@ -176,7 +174,7 @@ def write_markdown(result: dict, path: Path) -> None:
     rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99,  # noqa: E731
                       r.get("per_latent_head", False))
     label = lambda policy, per_head: policy + (" (per head)" if per_head else "")  # noqa: E731
-    lines = ["# Sparse decode at long context on CPU (SmolLM2-135M-Instruct converted to MLA)", ""]
+    lines = [f"# Sparse decode at long context on CPU ({result.get('model', 'a latentkv model')})", ""]
     for command, secs in result.get("commands", [[result["command"], result["seconds"]]]):
         lines.append(f"Command: `{command}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
                      f"{secs.get('teacher_forced', 0):.0f} s).")
