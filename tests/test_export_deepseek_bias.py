@@ -78,15 +78,10 @@ def test_query_ballast_without_a_constant_direction_is_a_small_fit():
 def test_biased_source_sets_only_the_biases_asked_for(tiny_model_dir, tmp_path):
     """Guards the ablation sources of benchmarks/deepseek_biased_cpu.md: `--biases k` sets the key bias
     alone (query and value biases zero), and a kept bias is the same draw as in the all-bias source."""
-    import importlib.util
-    from pathlib import Path
-
     from safetensors.torch import load_file
+    from tiny_models import load_script
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "biased_source.py"
-    spec = importlib.util.spec_from_file_location("biased_source", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("biased_source")
     src = tiny_model_dir("llama")
     module.write_biased_qwen2(src, tmp_path / "all")
     module.write_biased_qwen2(src, tmp_path / "k", biases=("k",))

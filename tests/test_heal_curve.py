@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import TINY_TEXT, damaged_copy, short_training_text
+from tiny_models import TINY_TEXT, damaged_copy, load_script, short_training_text
 
 from latentkv.errors import LatentKVError
 from latentkv.finetune import FinetuneOptions, finetune
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_heal_curve.py"
 
 # fp32 on the CPU, the same data order, and checkpoints that hold the fp32 weights, optimizer
 # moments, schedule and random state exactly: a resumed run repeats the uninterrupted one's
@@ -23,11 +19,7 @@ RTOL = 1e-5
 
 
 def _curve_module():
-    spec = importlib.util.spec_from_file_location("bench_heal_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_heal_curve", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_heal_curve")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+import tiny_models
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -628,13 +629,7 @@ def test_bench_sparse_decode_smoke(capsys):
     (tiny sizes, interpreted or compiled) it runs end to end, checks masses-on == masses-off output
     and the masses against the reference, and reports dense and every sparse fraction with masses
     off and on, the dense row at ratio 1."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sparse_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_sparse_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_models.load_script("bench_sparse_decode")
     result = module.main(["--smoke"])
     cases = [(r["case"], r["masses"]) for r in result["rows"]]
     assert cases == [(c, m) for c in ("dense", "sparse 0.25", "sparse 0.125") for m in (False, True)]
@@ -647,13 +642,7 @@ def test_bench_sparse_decode_smoke_per_head():
     """Guards the script's --per-head rows (GLA): a table per latent head runs through the kernel with
     masses on and off (output equal, masses equal to the reference, checked by the script) beside the
     shared table of the same size."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sparse_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_sparse_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_models.load_script("bench_sparse_decode")
     result = module.main(["--smoke", "--latent-heads", "2", "--per-head", "--fractions", "0.25"])
     cases = [(r["case"], r["table"], r["masses"]) for r in result["rows"]]
     assert cases == [(c, t, m) for c, t in (("dense", "shared"), ("sparse 0.25", "shared"),

@@ -240,13 +240,7 @@ def test_cli_long_text(tiny_mla_dir, tmp_path):
 
 def test_bench_markdown(tmp_path):
     """Guards the benchmark's table writer on rows of the shape the runs produce (no model)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_long_context", Path(__file__).resolve().parents[1] / "scripts" / "bench_long_context.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = tiny_models.load_script("bench_long_context")
     tf = lambda p, b, kl, off: {"context": 0, "policy": p, "budget": b, "kl_to_dense": kl, "top1_agreement": 0.5,  # noqa: E731
                                 "nll": 1.0, "blocks_per_decision": 4.0, "offload": off}
     off = {"misses_per_step": 0.5, "miss_fraction": 0.1}

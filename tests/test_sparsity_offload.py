@@ -286,13 +286,7 @@ def test_bench_offload_decode_smoke(capsys):
     """Guards the GPU benchmark script (scripts/bench_offload_decode.py) in --smoke mode on the CPU:
     it runs end to end, reports every mode with ratios against the baselines of the same run, and
     the whole cache streamed from the host gives the resident cache's logits."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_offload_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_models.load_script("bench_offload_decode")
     result = module.main(["--smoke", "--contexts", "96", "--layers", "1", "--steps", "1", "--offload-steps", "1",
                           "--fractions", "0.25"])
     modes = [r["mode"] for r in result["rows"]]
@@ -310,15 +304,9 @@ def test_bench_offload_decode_smoke(capsys):
 def test_bench_offload_decode_smoke_device_only(capsys):
     """Guards the benchmark's device-only row (--host-reads device: fetch_on_device / ensure_on_device and
     the rows written to the host pages by write_host_rows): its logits equal the resident sparse row's bit
-    for bit, it misses nothing (the Quest forecast is the next step's choice), and its pages fetched are
-    counted on the device."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_offload_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    for bit, it misses nothing (the Quest forecast is the next step's choice), and it fetches pages (counted
+    on the device)."""
+    module = tiny_models.load_script("bench_offload_decode")
     result = module.main(["--smoke", "--contexts", "256", "--layers", "2", "--steps", "3", "--offload-steps", "1",
                           "--fractions", "0.25", "--host-reads", "direct,device", "--tokens", "random"])
     rows = {r["mode"]: r for r in result["rows"]}
@@ -570,10 +558,7 @@ def test_copy_pages_kernel_equals_reference(case):
     one (-1, with any slot, -1 too) leave the destination untouched."""
     from latentkv.kernels.page_copy import copy_pages, copy_pages_reference
 
-    md = importlib.import_module("latentkv.kernels.mla_decode")
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(md._kernels()[0]).__name__ != "InterpretedFunction":
-        pytest.skip("triton imported in compiled mode without a GPU; run with TRITON_INTERPRET=1")
+    _kernel_available("triton")
     n_src, n_dst, words, pairs, dtype = COPY_CASES[case]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed = int(torch.randint(0, 2**31, (1,)))

@@ -85,6 +85,18 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+def load_script(name: str):
+    """The module of scripts/<name>.py (the scripts are not a package), registered under ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tokenizer(folder: Path) -> None:
     """A byte-level BPE tokenizer trained on Shakespeare, so eval/calibration paths run for real."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

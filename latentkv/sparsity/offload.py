@@ -145,6 +145,7 @@ def side_stream(device: torch.device):
 
 _DEVICE_COUNTERS = ("evictions", "pages_attended", "pages_fresh", "peak_resident", "unchecked",
                     "fetched", "missed", "steps", "overflowed")  # the last four: fetch / ensure_on_device
+_COUNTER = {name: i for i, name in enumerate(_DEVICE_COUNTERS)}
 
 
 class PagePool:
@@ -237,6 +238,11 @@ class PagePool:
                          steps=st.steps + steps, bytes_moved=st.bytes_moved + (fetched + missed) * self.page_bytes)
         return st
 
+    def _count(self, name: str, value) -> None:
+        """Add ``value`` (a device scalar or int) to the device counter ``name`` (no wait)."""
+        i = _COUNTER[name]
+        self.counters[i : i + 1].add_(value)
+
     def reset_stats(self) -> None:
         self.counters.zero_()
         self._host_stats.__init__()
@@ -305,7 +311,7 @@ class PagePool:
         if protect:
             placed = self.slot_of_page[gp]
             self.protect.view(-1).index_fill_(0, torch.where(placed >= 0, placed, trash_slot).flatten(), True)
-        self.counters[0:1].add_(evicted.sum())
+        self._count("evictions", evicted.sum())
         return torch.where(ok, gp, -1), torch.where(ok, gslot, -1), overflow, uniq.sum()
 
     def _announce(self, new: torch.Tensor, slots: torch.Tensor, overflow: torch.Tensor):
@@ -423,7 +429,7 @@ class PagePool:
         the device: a page that does not fit is reported by the next ``ensure``."""
         self.wait()
         new, _, overflow, _ = self._place(self._pages(pages), strict=True)
-        self.counters[2:3].add_((new >= 0).sum())
+        self._count("pages_fresh", (new >= 0).sum())
         self._overflow = overflow if self._overflow is None else self._overflow | overflow
 
     def row_index(self, flat_rows) -> torch.Tensor:
@@ -462,10 +468,9 @@ class PagePool:
             self.wait()
         flat = self._pages(pages)
         if trusted:  # every page is resident (a page that is not is counted; the stats read raises)
-            gp = torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)
-            slot = self.slot_of_page[gp]
-            self.counters[1:2].add_((slot >= 0).sum())
-            self.counters[4:5].add_(((slot < 0) & (flat >= 0)).sum())
+            slot = self._slots_held(flat)
+            self._count("pages_attended", (slot >= 0).sum())
+            self._count("unchecked", ((slot < 0) & (flat >= 0)).sum())
             self._host_stats.steps += self.layers
         else:
             self.protect.zero_()  # the prefetch is consumed: its pages not chosen now may go
@@ -476,10 +481,18 @@ class PagePool:
             if self._overflowed(handle):
                 raise LatentKVError(self._too_small)
             self._host_stats.pages_missed += self._copy(handle, side=False)  # compute stream: before the attention
-            self.counters[1:2].add_(attended)
+            self._count("pages_attended", attended)
             self._host_stats.steps += self.layers
-            slot = self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
+            slot = self._slots_held(flat)
         self.protect.zero_()
+        return self._layer_slots(slot, pages)
+
+    def _slots_held(self, flat: torch.Tensor) -> torch.Tensor:
+        """Global slots [layers, n] of the pages ``flat`` ([layers, n] local ids), -1 where not resident or none."""
+        return self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
+
+    def _layer_slots(self, slot: torch.Tensor, pages) -> torch.Tensor:
+        """Global slots -> slots within their layer (-1 kept), in the shape ``pages`` was given."""
         out = torch.where(slot >= 0, slot - self._slot_base, -1)
         if isinstance(pages, torch.Tensor):
             return out.view(pages.shape)
@@ -527,7 +540,7 @@ class PagePool:
         self._prefetched = None  # ensure() trusts no earlier prefetch after this placement
         new, slots, _, _ = self._place(self._pages(pages), strict=False, protect=True)
         copy_pages(src, dst, new.flatten(), slots.flatten())
-        self.counters[5:6].add_((new >= 0).sum())
+        self._count("fetched", (new >= 0).sum())
 
     def ensure_on_device(self, pages) -> torch.Tensor:
         """``ensure`` without the host: the slots of ``pages`` (long, on the device, in their shape;
@@ -543,16 +556,11 @@ class PagePool:
         self.protect.zero_()  # the prefetch is consumed: its pages not chosen now may go
         new, slots, overflow, attended = self._place(flat, strict=True)
         copy_pages(src, dst, new.flatten(), slots.flatten())
-        c = self.counters
-        c[1:2].add_(attended)
-        c[6:7].add_((new >= 0).sum())
-        c[7:8].add_(self.layers)
-        c[8:9].add_(overflow.sum())
-        slot = self.slot_of_page[torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)]
-        out = torch.where(slot >= 0, slot - self._slot_base, -1)
-        if isinstance(pages, torch.Tensor):
-            return out.view(pages.shape)
-        return out.view(-1) if not self.layered else out
+        self._count("pages_attended", attended)
+        self._count("missed", (new >= 0).sum())
+        self._count("steps", self.layers)
+        self._count("overflowed", overflow.sum())
+        return self._layer_slots(self._slots_held(flat), pages)
 
     def drop(self, pages) -> None:
         """Forget pages (a finished sequence's): their slots become free."""
@@ -560,7 +568,8 @@ class PagePool:
         flat = self._pages(pages)
         if flat.numel() == 0:
             return
-        peak = self.counters[3:4]
+        i = _COUNTER["peak_resident"]
+        peak = self.counters[i : i + 1]
         peak.copy_(torch.maximum(peak, (self.page_of_slot.view(self.layers, -1)[:, : self.slots] >= 0).sum(1).max()))
         gp = torch.where(flat >= 0, flat + self._page_base, self.layers * self.num_pages)
         slots = self.slot_of_page[gp]
