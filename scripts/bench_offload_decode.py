@@ -25,7 +25,16 @@ paged latent cache, the output and MLP projections; then the LM head. Rows:
   earlier layers: by default (``--host-reads direct``) one device gather per layer reading the
   chosen pages of the pinned host cache in place; ``sparse-offload f staging`` gathers them on the
   host into a pinned staging buffer and copies that. One read-back of the placed pages and one
-  host wait per step; its logits must equal ``sparse-gpu f``'s bit for bit (checked).
+  host wait per step; its logits must equal ``sparse-gpu f``'s bit for bit (checked);
+- ``sparse-gpu f predictor/R`` and ``sparse-offload f predictor/R`` (``--choices predictor``): the
+  pages chosen by an AttentionPredictor (``--predictor``) from the history of page masses, as
+  ``latentkv eval --sparse predictor --sparse-refresh R --sparse-dense-refresh`` decodes: every R-th
+  step of a sequence attends densely -- the layer's cache streamed from the host in chunks of
+  ``--refresh-chunk`` pages through two small device buffers, exact attention and the masses of
+  every page computed chunk by chunk (online softmax) --, the other steps attend to the chosen pages
+  through the pool and the kernel returns their masses (``return_masses``); at the end of step t
+  the predictor reads every layer's history (one batched forward) and its top pages are placed for
+  step t + 1 as above. No page bounds are kept. The refresh steps' bytes count in the row's copies.
 
 Also measured in the same run: the host-to-device copy bandwidth from pinned memory. Reported:
 decode tokens/s, the GPU memory the cache takes in each mode (pool + page bounds for the sparse
@@ -83,6 +92,16 @@ def parse_args(argv=None):
                         "buffer, then a copy), device (direct reads placed and copied with no host read-back: "
                         "PagePool.fetch_on_device / ensure_on_device, the step's rows written to the host pages by "
                         "the device)")
+    p.add_argument("--choices", default="quest",
+                   help="how the sparse rows choose pages, comma separated (a row each): quest (page bounds scored "
+                        "with the last query), predictor (an AttentionPredictor over the page-mass history)")
+    p.add_argument("--predictor", default=str(Path(__file__).resolve().parents[1] / "benchmarks"
+                                              / "attention_predictor_smollm2-mla-1.0_4k_keep"),
+                   help="AttentionPredictor folder for --choices predictor")
+    p.add_argument("--refresh", type=int, default=16,
+                   help="predictor rows: every R-th step attends densely and records every page's mass")
+    p.add_argument("--refresh-chunk", type=int, default=32,
+                   help="pages per sequence streamed at a time by a refresh step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed row")
     p.add_argument("--steps", type=int, default=10, help="timed steps (GPU-resident and sparse rows)")
     p.add_argument("--offload-steps", type=int, default=3, help="timed steps of the dense-offload row (slow)")
@@ -178,11 +197,39 @@ class Stack:
         return self.norm(x) @ self.head
 
 
-def attend(stack, q, kv, table, lens, max_len, backend):
+def attend(stack, q, kv, table, lens, max_len, backend, masses=False):
     from latentkv.kernels.mla_decode import decode_attention
 
     return decode_attention(q, kv, table, lens, latent_heads=1, rope_dim=stack.a.rope_dim,
-                            softmax_scale=stack.scale, backend=backend, max_seq_len=max_len)
+                            softmax_scale=stack.scale, backend=backend, max_seq_len=max_len, return_masses=masses)
+
+
+def chunked_attention(q, chunks, n, scale, r_c, page):
+    """Exact attention of q [B, 1, H, w] over the first n cached tokens of every sequence, read as
+    chunks ((first token, rows [B, t, w]), a whole number of pages each but the last), with an online
+    softmax in float32 -> the output [B, 1, H, r_c] in q's dtype and the masses per page [B,
+    ceil(n / page)] (each head's probability summed over the page's tokens, averaged over the heads:
+    what the kernel's ``return_masses`` gives for the pages it reads)."""
+    qf = q[:, 0].float()
+    B, H, _ = qf.shape
+    m = torch.full((B, H), float("-inf"), device=q.device)
+    s = torch.zeros(B, H, device=q.device)
+    acc = torch.zeros(B, H, r_c, device=q.device)
+    page_lse = []
+    for start, rows in chunks:
+        rows = rows[:, : n - start].float()
+        sc = torch.einsum("bhw,btw->bht", qf, rows) * scale
+        pad = -sc.shape[-1] % page
+        page_lse.append(torch.nn.functional.pad(sc, (0, pad), value=float("-inf")).view(B, H, -1, page).logsumexp(-1))
+        m_new = torch.maximum(m, sc.amax(-1))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(sc - m_new[..., None])
+        s = s * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bht,btr->bhr", p, rows[..., :r_c])
+        m = m_new
+    lse = m + s.log()
+    masses = torch.exp(torch.cat(page_lse, -1) - lse[..., None]).mean(1)
+    return (acc / s[..., None]).to(q.dtype)[:, None], masses
 
 
 class Cache:
@@ -330,13 +377,15 @@ class Clock:
         return out
 
 
-def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, resident=False, host_reads="auto"):
-    """Quest page bounds scored with this step's query choose the next step's pages, for every
-    sequence at once on the device; one pool over every layer (``PagePool`` with a layer dimension)
-    places all layers' pages with one batch of device operations per step and copies the missing
-    ones per layer on a side stream while the next step's earlier layers run. ``resident``: the
-    same choice over the whole cache on the GPU (no pool): the same attention, hence the same
-    logits, without the offload's work."""
+def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, resident=False, host_reads="auto",
+                       predictor=None):
+    """Quest page bounds scored with this step's query (or, given ``predictor``, the predictor over
+    the page-mass history, with a dense refresh every ``args.refresh`` steps) choose the next step's
+    pages, for every sequence at once on the device; one pool over every layer (``PagePool`` with a
+    layer dimension) places all layers' pages with one batch of device operations per step and
+    copies the missing ones per layer on a side stream while the next step's earlier layers run.
+    ``resident``: the same choice over the whole cache on the GPU (no pool): the same attention,
+    hence the same logits, without the offload's work."""
     from latentkv.sparsity.offload import PagePool
 
     cuda = device.type == "cuda"
@@ -350,9 +399,10 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     kv_all = cache.host_all.to(device) if resident else None
     clock = Clock(device)
     # per-page bounds of the cache rows on the GPU (Quest's page metadata); pages past a length empty
-    low = torch.full((L, cache.num_pages, width), float("inf"), dtype=stack.dtype, device=device)
+    bounds_shape = (L, cache.num_pages if predictor is None else 0, width)
+    low = torch.full(bounds_shape, float("inf"), dtype=stack.dtype, device=device)
     high = torch.full_like(low, float("-inf"))
-    for l in range(L):
+    for l in range(L if predictor is None else 0):
         for b, n in enumerate(cache.lens):
             for start in range(0, n, 1 << 14):  # chunks of pages: bounded temporaries
                 stop = min(n, start + (1 << 14))
@@ -368,6 +418,48 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     host_rows = cache.host_all.view(-1, width)
     forced = {}
     layer_base = (torch.arange(L, device=device) * cache.num_pages)[:, None]  # page id offset of a layer
+    if predictor is not None:
+        predictor = predictor.to(device)
+        T, chunk = predictor.config.history, args.refresh_chunk
+        hist = torch.zeros(L, B, T, per_seq, device=device)  # page masses of the last T steps, oldest first
+        bufs = [] if resident else [torch.empty(B, chunk * page, width, dtype=stack.dtype, device=device)
+                                    for _ in range(2)]
+        events = [None, None]
+        refresh_side = torch.cuda.Stream(device) if cuda and not resident else None
+        meta_bytes = hist.numel() * hist.element_size() + sum(b.numel() * b.element_size() for b in bufs)
+        state_refresh = {"step": 0, "bytes": 0}
+
+    def refresh_chunks(l, n_tok, row):
+        """The rows of layer l's first n_tok tokens of every sequence, chunk by chunk: from the
+        resident cache, or copied from the host pages on a side stream into two alternating buffers
+        (a copy waits for the work queued before it, which includes the last reader of its buffer);
+        the host pages lack this step's row, which is written into its chunk from ``row``."""
+        n_pages = -(-n_tok // page)
+        for i, p0 in enumerate(range(0, n_pages, chunk)):
+            m_pages = min(chunk, n_pages - p0)
+            if resident:
+                rows = torch.stack([kv_all[l][b * per_seq + p0 : b * per_seq + p0 + m_pages] for b in range(B)])
+                yield p0 * page, rows.view(B, m_pages * page, width)
+                continue
+            buf = bufs[i % 2][:, : m_pages * page]
+            if cuda:
+                refresh_side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(refresh_side):
+                    for b in range(B):
+                        buf[b].view(m_pages, page, width).copy_(cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages],
+                                                                non_blocking=True)
+                    events[i % 2] = torch.cuda.Event()
+                    events[i % 2].record(refresh_side)
+                torch.cuda.current_stream(device).wait_event(events[i % 2])
+            else:
+                for b in range(B):
+                    buf[b].view(m_pages, page, width).copy_(cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages])
+            if clock.on:
+                state_refresh["bytes"] += buf.numel() * buf.element_size()
+            last = n_tok - 1 - p0 * page
+            if 0 <= last < m_pages * page:
+                buf[:, last] = row
+            yield p0 * page, buf
 
     def choose(qs, n):
         """[L, B, k] page ids of the next step of every layer and sequence (n blocks then), from this
@@ -381,6 +473,14 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
             forced[n] = torch.tensor([0, n - 1], device=device)
         bound = bound.float().nan_to_num_(nan=float("-inf")).index_fill_(1, forced[n], float("inf"))
         return bound.topk(k, dim=-1).indices.sort(-1).values.view(L, B, k) + seq_base
+
+    def choose_predicted(n):
+        """[L, B, k] page ids of the next step (n blocks then) from every layer's mass history: one
+        predictor forward over every (layer, sequence), the sink and current page forced."""
+        if n not in forced:
+            forced[n] = torch.tensor([0, n - 1], device=device)
+        scores = predictor.predict(hist.view(L * B, T, per_seq)[:, :, :n]).index_fill_(1, forced[n], float("inf"))
+        return scores.topk(k, dim=-1).indices.sort(-1).values.view(L, B, k) + seq_base
 
     state = {"flat": None}
 
@@ -444,8 +544,9 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
         flat = (torch.arange(L)[:, None] * (cache.num_pages * page) + rows_t[None]).flatten()
         if resident:
             tables = state["chosen"].to(torch.int32)
+        refresh = predictor is not None and state_refresh["step"] % args.refresh == 0
         t = clock.add("bookkeeping", t)
-        qs, new_rows = [], []
+        qs, new_rows, hist_rows = [], [], []
         for l in range(L):
             q, row = stack.qkv(l, x)
             t = clock.add("model", t)
@@ -463,19 +564,39 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
                 pool.wait(l)
                 pool_rows.index_copy_(0, index[l], row)
             t = clock.add("bookkeeping", t)
-            x = stack.out(l, x, attend(stack, q, kv, table, lens_dev, k * page, backend))
+            if predictor is None:
+                o = attend(stack, q, kv, table, lens_dev, k * page, backend)
+            elif refresh:  # every page attended: the exact output and every page's mass
+                o, full = chunked_attention(q, refresh_chunks(l, length, row), length, stack.scale, args.latent_rank, page)
+                hist_rows.append(torch.nn.functional.pad(full, (0, per_seq - full.shape[1])))
+                t = clock.add("refresh", t)
+            else:  # the chosen pages, and their masses from the same kernel pass
+                o, ms = attend(stack, q, kv, table, lens_dev, k * page, backend, masses=True)
+                blocks = state["chosen"][l] - seq_base
+                hist_rows.append(torch.zeros(B, per_seq, device=device).scatter_(1, blocks, ms[:, 0, 0]))
+            x = stack.out(l, x, o)
             qs.append(q[:, 0])
             new_rows.append(row)
             t = clock.add("model", t)
         rows_all = torch.stack(new_rows)  # [L, B, w]: the page bounds, and the host pages at the next step
-        low.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amin")
-        high.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amax")
+        if predictor is None:
+            low.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amin")
+            high.view(-1, width).scatter_reduce_(0, bound_index, rows_all.view(-1, width), "amax")
         if device_only:
             pool.write_host_rows(rows_dev, rows_all)
         elif not resident:
             rows_host.copy_(rows_all, non_blocking=cuda)
         t = clock.add("bookkeeping", t)
-        chosen = choose(torch.stack(qs), -(-(length + 1) // page))  # from this step's queries: the next step's
+        n_next = -(-(length + 1) // page)
+        if predictor is None:
+            chosen = choose(torch.stack(qs), n_next)  # from this step's queries: the next step's
+        else:
+            hist[:, :, :-1] = hist[:, :, 1:].clone()
+            hist[:, :, -1] = torch.stack(hist_rows)
+            chosen = choose_predicted(n_next)
+            state_refresh["step"] += 1
+            if clock.on:
+                state_refresh["refreshes"] = state_refresh.get("refreshes", 0) + refresh
         t = clock.add("choice", t)
         place(chosen)
         t = clock.add("bookkeeping", t)
@@ -494,8 +615,14 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
         result = timed(step, stack, cache, args, device, steps, reset=False, pools=[pool], clock=clock)
         result["cache_gpu_bytes"] = pool.pools.numel() * pool.pools.element_size() + meta_bytes
         result["pool_bytes"] = pool.pools.numel() * pool.pools.element_size()
-    result["page_bounds_bytes"] = meta_bytes
+    result["page_bounds_bytes" if predictor is None else "history_and_refresh_bytes"] = meta_bytes
     result["pages_attended_per_seq"] = k
+    if predictor is not None:
+        result["refresh"] = args.refresh
+        result["refresh_steps"] = state_refresh.get("refreshes", 0)
+        result["refresh_bytes_per_step"] = state_refresh["bytes"] / steps
+        if not resident:
+            result["bytes_per_step"] = result["offload"]["bytes_per_step"] * L + result["refresh_bytes_per_step"]
     del pool, kv_all, low, high
     return result
 
@@ -561,9 +688,12 @@ def host_memory_bytes() -> int | None:
         return None
 
 
-def offload_mode(fraction: float, reads: str, all_reads: list[str]) -> str:
-    """Row name of a sparse-offload run; the first read mode listed keeps the plain name."""
-    return f"sparse-offload {fraction:g}" + ("" if reads == all_reads[0] else f" {reads}")
+def sparse_mode(fraction: float, choice: str, refresh: int, reads: str | None = None, all_reads=()) -> str:
+    """Row name of a sparse run: sparse-gpu (``reads`` None) or sparse-offload, the fraction, the
+    choice (Quest unnamed) and the host-read mode (the first one listed unnamed)."""
+    name = f"sparse-{'gpu' if reads is None else 'offload'} {fraction:g}"
+    name += "" if choice == "quest" else f" {choice}/{refresh}"
+    return name + ("" if reads is None or reads == all_reads[0] else f" {reads}")
 
 
 def main(argv=None) -> dict:
@@ -588,6 +718,20 @@ def main(argv=None) -> dict:
     if not cuda:  # on the CPU there is nothing to read across; the device-only calls still run
         host_reads = ["auto"] + (["device"] if "device" in host_reads else [])
     fractions = [float(f) for f in str(args.fractions).split(",")]
+    choices = [c for c in str(args.choices).split(",") if c]
+    if not choices or set(choices) - {"quest", "predictor"}:
+        raise SystemExit(f"--choices: give quest and / or predictor, comma separated; got {args.choices!r}")
+    if args.refresh < 1 or args.refresh_chunk < 1:
+        raise SystemExit(f"--refresh and --refresh-chunk must be >= 1; got {args.refresh}, {args.refresh_chunk}")
+    predictor = None
+    if "predictor" in choices:
+        from latentkv.errors import LatentKVError
+        from latentkv.sparsity.predictor import load_predictor
+
+        try:
+            predictor = load_predictor(args.predictor)
+        except LatentKVError as exc:
+            raise SystemExit(f"--predictor: {exc}") from None
     t_start = time.perf_counter()
     bw = h2d_bandwidth(device, args.copy_mib)
     print(f"host-to-device copy (pinned={bw['pinned']}): {bw['bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
@@ -609,11 +753,13 @@ def main(argv=None) -> dict:
             raise SystemExit(f"context {context}: allocating {need / GIB:.1f} GiB of pinned host memory failed ({exc}); "
                              "lower --batch, --layers or --contexts.") from None
         print(f"context {context}: cache {need / GIB:.2f} GiB in pinned host memory", file=sys.stderr)
-        modes = [("dense-gpu", None, None), ("dense-offload", None, None)]  # (row, fraction, host reads)
+        modes = [("dense-gpu", None, None, None), ("dense-offload", None, None, None)]  # (row, fraction, reads, choice)
         for f in fractions:
-            modes.append((f"sparse-gpu {f:g}", f, None))
-            modes += [(offload_mode(f, reads, host_reads), f, reads) for reads in host_reads]
-        for name, fraction, reads in modes:
+            for choice in choices:
+                modes.append((sparse_mode(f, choice, args.refresh), f, None, choice))
+                modes += [(sparse_mode(f, choice, args.refresh, reads, host_reads), f, reads, choice)
+                          for reads in host_reads]
+        for name, fraction, reads, choice in modes:
             cache.reset()
             t0 = time.perf_counter()
             try:
@@ -623,7 +769,8 @@ def main(argv=None) -> dict:
                     r = run_dense_offload(stack, cache, args, device, backend, args.offload_steps)
                 else:
                     r = run_sparse_offload(stack, cache, args, device, backend, args.steps, fraction,
-                                           resident=reads is None, host_reads=reads or "auto")
+                                           resident=reads is None, host_reads=reads or "auto",
+                                           predictor=predictor if choice == "predictor" else None)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"context {context}, {name}: out of GPU memory; skipped.", file=sys.stderr)
@@ -645,8 +792,9 @@ def main(argv=None) -> dict:
     mismatch = []
     for context in contexts:
         got = {r["mode"]: r.pop("check_logits") for r in rows if r["context"] == context and "check_logits" in r}
-        pairs = [("dense-offload", "dense-gpu")] + [(offload_mode(f, h, host_reads), f"sparse-gpu {f:g}")
-                                                    for f in fractions for h in host_reads]
+        pairs = [("dense-offload", "dense-gpu")] + [
+            (sparse_mode(f, c, args.refresh, h, host_reads), sparse_mode(f, c, args.refresh))
+            for f in fractions for c in choices for h in host_reads]
         for mode, base in pairs:
             if got.get(mode) is None or got.get(base) is None:
                 continue
@@ -676,6 +824,8 @@ def main(argv=None) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "shape": {k: getattr(args, k) for k in ("batch", "layers", "hidden", "heads", "nope_dim", "rope_dim",
                                                "latent_rank", "v_dim", "intermediate", "vocab", "page_size", "tokens")},
+        "predictor": {"folder": args.predictor, "page_size": predictor.config.page_size, "refresh": args.refresh,
+                      "refresh_chunk": args.refresh_chunk} if predictor is not None else None,
         "weight_bytes": stack.weight_bytes,
         "h2d_copy": bw,
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -699,6 +849,11 @@ def markdown(result) -> str:
     lines = [
         f"{result['device']}, {result['dtype']}; shape {result['shape']}; weights {result['weight_bytes'] / GIB:.2f} GiB",
         f"host-to-device copy from pinned memory: {bw / 1e9:.1f} GB/s (measured in this run)",
+        *([f"predictor rows: `{Path(result['predictor']['folder']).name}` (trained on pages of "
+           f"{result['predictor']['page_size']} tokens of a trained model; here it reads the random stack's pages of "
+           f"{result['shape']['page_size']}: its choices, hence the pages fetched, are not a trained model's), a dense "
+           f"refresh every {result['predictor']['refresh']} steps streamed in chunks of "
+           f"{result['predictor']['refresh_chunk']} pages"] if result.get("predictor") else []),
         "",
         "| context | mode | tokens/s | step ms | vs dense GPU | vs dense offload | cache on GPU (GiB) | "
         "H2D MB / step | pages fetched / layer-step | misses / layer-step | copy-bound tokens/s |",
@@ -716,11 +871,11 @@ def markdown(result) -> str:
             f"{fmt(o.get('misses_per_step'), '.2f')} | {fmt(r['h2d_bound_tokens_per_s'], '.1f')} |")
     parts = [r for r in result["rows"] if r.get("breakdown_ms")]
     if parts:
-        names = ["model", "choice", "bookkeeping", "copy_issue", "host_rows", "wait_device", "gpu_span"]
+        names = ["model", "choice", "refresh", "bookkeeping", "copy_issue", "host_rows", "wait_device", "gpu_span"]
         lines += [
             "",
             "Per decode step (ms), sparse rows: host time launching the model's work (model), choosing the next "
-            "step's pages (choice), pool bookkeeping (placement, slot table, row writes, bounds), issuing the copies "
+            "step's pages (choice), a refresh step's streamed dense attention (refresh), pool bookkeeping (placement, slot table, row writes, bounds), issuing the copies "
             "(gather into the staging buffer, host-to-device), writing the last step's rows to the host pages "
             "(host_rows), host time blocked on the device (wait_device); gpu_span: device time from a step's first "
             "to its last operation.",

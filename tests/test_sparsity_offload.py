@@ -321,6 +321,54 @@ def test_bench_offload_decode_smoke_device_only(capsys):
     assert device["offload"]["layer_steps"] == host["offload"]["layer_steps"] == 3 * 2
 
 
+@pytest.mark.parametrize("n, chunk_pages", [(70, 1), (70, 2), (64, 4), (5, 3)])
+def test_bench_refresh_chunked_attention_matches_reference(n, chunk_pages):
+    """The benchmark's refresh step (dense attention streamed in chunks of pages, online softmax) gives the
+    decode reference's output and per-page masses over a paged cache, for n not a multiple of the page and
+    chunks of one page to more than the sequence."""
+    from latentkv.kernels.mla_decode import mla_decode_reference
+
+    module = tiny_models.load_script("bench_offload_decode")
+    g = torch.Generator().manual_seed(n * 10 + chunk_pages)
+    B, H, r, rope, page = 3, 4, 24, 8, 16
+    pages = -(-n // page)
+    kv = torch.randn(B * pages, page, r + rope, generator=g)
+    table = torch.arange(B * pages, dtype=torch.int32).view(B, pages)
+    q = torch.randn(B, 1, H, r + rope, generator=g)
+    lens = torch.full((B,), n, dtype=torch.int32)
+    ref, ref_masses = mla_decode_reference(q, kv, table, lens, latent_heads=1, rope_dim=rope, softmax_scale=0.3,
+                                           return_masses=True)
+    rows = kv.view(B, pages * page, r + rope)
+    chunks = ((p0 * page, rows[:, p0 * page : (p0 + chunk_pages) * page]) for p0 in range(0, pages, chunk_pages))
+    out, masses = module.chunked_attention(q, chunks, n, 0.3, r, page)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masses, ref_masses[:, 0, 0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(masses.sum(-1), torch.ones(B))
+
+
+def test_bench_offload_decode_smoke_predictor(capsys):
+    """Guards the benchmark's predictor rows (--choices predictor): the pages chosen by the trained predictor
+    from the mass history, a dense refresh streamed from the host every R steps; the offloaded rows' logits
+    equal the resident ones' bit for bit (a refresh and a predicted step among the compared steps), the
+    refresh steps are counted and their copies are in the row's bytes, and no page bounds are kept."""
+    module = tiny_models.load_script("bench_offload_decode")
+    result = module.main(["--smoke", "--contexts", "256", "--layers", "2", "--steps", "4", "--offload-steps", "2",
+                          "--fractions", "0.25", "--host-reads", "direct,device", "--choices", "quest,predictor",
+                          "--refresh", "2", "--refresh-chunk", "3", "--tokens", "random"])
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows)[2:] == ["sparse-gpu 0.25", "sparse-offload 0.25", "sparse-offload 0.25 device",
+                              "sparse-gpu 0.25 predictor/2", "sparse-offload 0.25 predictor/2",
+                              "sparse-offload 0.25 predictor/2 device"]
+    for mode in ("sparse-offload 0.25 predictor/2", "sparse-offload 0.25 predictor/2 device"):
+        r = rows[mode]
+        assert r["max_rel_diff_vs_sparse_gpu"] == 0.0
+        assert r["refresh_steps"] == 2 and r["refresh_bytes_per_step"] > 0
+        assert r["h2d_bytes_per_step"] > r["offload"]["bytes_per_step"] * 2  # the pool's copies and the refreshes'
+        assert "page_bounds_bytes" not in r and r["history_and_refresh_bytes"] > 0
+    assert rows["sparse-gpu 0.25 predictor/2"]["refresh_steps"] == 2
+    assert "predictor rows:" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # the device-side bookkeeping: every layer and sequence at once
 # ---------------------------------------------------------------------------------------------
