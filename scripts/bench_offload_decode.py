@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    help="AttentionPredictor folder for --choices predictor")
     p.add_argument("--refresh", type=int, default=16,
                    help="predictor rows: every R-th step attends densely and records every page's mass")
-    p.add_argument("--refresh-chunk", type=int, default=32,
+    p.add_argument("--refresh-chunk", type=int, default=128,
                    help="pages per sequence streamed at a time by a refresh step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed row")
     p.add_argument("--steps", type=int, default=10, help="timed steps (GPU-resident and sparse rows)")
@@ -426,6 +426,12 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
                                     for _ in range(2)]
         events = [None, None]
         refresh_side = torch.cuda.Stream(device) if cuda and not resident else None
+        mapped = None  # the pinned host cache as device memory ([L, B, per_seq, words per page]), where mapped
+        if refresh_side is not None:
+            from latentkv.sparsity.offload import mapped_host_rows
+
+            words = mapped_host_rows(cache.host_all.view(L * B * per_seq, -1), device)
+            mapped = None if words is None else words.view(L, B, per_seq, -1)
         meta_bytes = hist.numel() * hist.element_size() + sum(b.numel() * b.element_size() for b in bufs)
         state_refresh = {"step": 0, "bytes": 0}
 
@@ -445,9 +451,12 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
             if cuda:
                 refresh_side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(refresh_side):
-                    for b in range(B):
-                        buf[b].view(m_pages, page, width).copy_(cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages],
-                                                                non_blocking=True)
+                    if mapped is not None:  # one strided device copy reading the pinned pages in place
+                        buf.view(mapped.dtype).view(B, m_pages, -1).copy_(mapped[l][:, p0 : p0 + m_pages])
+                    else:
+                        for b in range(B):
+                            buf[b].view(m_pages, page, width).copy_(
+                                cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages], non_blocking=True)
                     events[i % 2] = torch.cuda.Event()
                     events[i % 2].record(refresh_side)
                 torch.cuda.current_stream(device).wait_event(events[i % 2])

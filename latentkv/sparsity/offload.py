@@ -306,7 +306,7 @@ class PagePool:
         self.slot_of_page.index_fill_(0, torch.where(evicted, old, trash_page).flatten(), -1)
         self.page_of_slot.index_copy_(0, gslot.flatten(), gp.flatten())
         self.slot_of_page.index_copy_(0, torch.where(ok, gp, trash_page).flatten(), gslot.flatten())
-        self.slot_of_page[trash_page] = -1
+        self.slot_of_page.narrow(0, trash_page, 1).fill_(-1)  # a kernel, not a host scalar copy: CUDA-graph safe
         self.last_used.view(-1).scatter_(0, gslot.flatten(), self.tick.expand(gslot.numel()))
         if protect:
             placed = self.slot_of_page[gp]
