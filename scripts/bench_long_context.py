@@ -63,12 +63,20 @@ def main() -> None:
                     help="GLA (several latent heads): each latent head chooses its own pages (as `latentkv eval "
                          "--sparse-per-head`)")
     ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
+    ap.add_argument("--refresh", type=int, default=1,
+                    help="the policy's history row is the full (dense) page masses every REFRESH decode steps, "
+                         "else the masses over the attended pages only (SparseConfig.refresh)")
+    ap.add_argument("--dense-refresh", action="store_true",
+                    help="a refresh step attends to every page (its output is dense attention, its masses give the "
+                         "history row), so no separate dense pass is needed (SparseConfig.dense_refresh)")
     ap.add_argument("--skip-teacher-forced", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
     ap.add_argument("--include", action="append", default=[],
                     help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
                          "command join the output; repeatable")
     args = ap.parse_args()
+    if args.refresh < 1:
+        ap.error(f"--refresh must be >= 1 decode steps; got {args.refresh}.")
 
     from transformers import AutoTokenizer
 
@@ -88,7 +96,8 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
     configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None,
-                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, per_latent_head=args.per_head)
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, per_latent_head=args.per_head,
+                            refresh=args.refresh, dense_refresh=args.dense_refresh)
                for b in budgets for p in policies]
     offload = not args.no_offload
     depths = parse_depths(args.depths)
@@ -108,6 +117,7 @@ def main() -> None:
               "task": args.task,
               "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
               "local_blocks": args.local_blocks, "recall": args.recall, "per_head": args.per_head,
+              "refresh": args.refresh, "dense_refresh": args.dense_refresh,
               "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
@@ -169,6 +179,20 @@ def main() -> None:
     print((out.parent / (out.name + ".md")).read_text())
 
 
+def refresh_regime(result: dict) -> str:
+    """The history regime in words (runs before --refresh existed refreshed densely every step)."""
+    r = result.get("refresh", 1)
+    if r == 1:
+        return ("every decode step attends densely (refresh 1, dense refresh)" if result.get("dense_refresh")
+                else "history refreshed densely every step")
+    if result.get("dense_refresh"):
+        return (f"every {r}th decode step attends densely (its output is dense attention and its page masses are "
+                f"the history row), the other steps attend sparsely and record the masses of their attended pages "
+                f"only (refresh {r}, dense refresh)")
+    return (f"history refreshed densely every {r} steps by a separate dense score pass, the other steps record the "
+            f"masses of their attended pages only (refresh {r})")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     order = ["dense", "window", "last-step", "quest", "predictor", "oracle"]
     rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99,  # noqa: E731
@@ -183,7 +207,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
         f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
         f"the first {result.get('sink_blocks', 1)} (sink) and the last {result.get('local_blocks', 1)} pages (the current "
-        "page last) always kept; history refreshed densely every step; reference backend; "
+        "page last) always kept; " + refresh_regime(result) + "; reference backend; "
         + ("decode through an offloaded cache (host pages, per-layer pools of the slots the budget attends + 2)."
            if result["offload"] else "decode through the paged cache."), "",
     ]
