@@ -349,7 +349,8 @@ def eval_cmd(ctx: typer.Context, recipe: RecipeOption = None, **flags):
 
         cfg = _run(lambda: SparseConfig(o.sparse, budget=parse_budget(o.sparse_budget), track_recall=True,
                                         predictor=str(o.predictor) if o.predictor else None,
-                                        per_latent_head=o.sparse_per_head))
+                                        per_latent_head=o.sparse_per_head, refresh=o.sparse_refresh,
+                                        dense_refresh=o.sparse_dense_refresh))
     if o.long_text or o.retrieval or o.offload:
         from latentkv.sparsity.long_context import check_long_options, long_context_eval
 

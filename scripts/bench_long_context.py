@@ -63,12 +63,20 @@ def main() -> None:
                     help="GLA (several latent heads): each latent head chooses its own pages (as `latentkv eval "
                          "--sparse-per-head`)")
     ap.add_argument("--recall", action="store_true", help="also track attention recall (a dense score pass per step)")
+    ap.add_argument("--refresh", type=int, default=1,
+                    help="the policy's history row is the full (dense) page masses every REFRESH decode steps, "
+                         "else the masses over the attended pages only (SparseConfig.refresh)")
+    ap.add_argument("--dense-refresh", action="store_true",
+                    help="a refresh step attends to every page (its output is dense attention, its masses give the "
+                         "history row), so no separate dense pass is needed (SparseConfig.dense_refresh)")
     ap.add_argument("--skip-teacher-forced", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
     ap.add_argument("--include", action="append", default=[],
                     help="JSON of another run of this script (e.g. the other half, run in parallel) whose rows and "
                          "command join the output; repeatable")
     args = ap.parse_args()
+    if args.refresh < 1:
+        ap.error(f"--refresh must be >= 1 decode steps; got {args.refresh}.")
 
     from transformers import AutoTokenizer
 
@@ -88,7 +96,8 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p != "predictor" or predictor is not None]
     configs = [SparseConfig(p, budget=b, track_recall=args.recall, predictor=args.predictor if p == "predictor" else None,
-                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, per_latent_head=args.per_head)
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, per_latent_head=args.per_head,
+                            refresh=args.refresh, dense_refresh=args.dense_refresh)
                for b in budgets for p in policies]
     offload = not args.no_offload
     depths = parse_depths(args.depths)
@@ -108,6 +117,7 @@ def main() -> None:
               "task": args.task,
               "question_in_prefill": args.question_in_prefill, "sink_blocks": args.sink_blocks,
               "local_blocks": args.local_blocks, "recall": args.recall, "per_head": args.per_head,
+              "refresh": args.refresh, "dense_refresh": args.dense_refresh,
               "teacher_forced": [], "retrieval": [], "seconds": {}}
 
     def save():
@@ -152,21 +162,48 @@ def main() -> None:
             rows = long_text_compare(model, window, args.context_tokens - args.span, configs,
                                      page_size=args.page_size, predictor=predictor, offload=offload)
             for r in rows:
-                result["teacher_forced"].append({"context": c, **r})
+                result["teacher_forced"].append(tagged({"context": c, **r}, result))
                 print(json.dumps({k: r.get(k) for k in ("policy", "budget", "kl_to_dense", "top1_agreement",
                                                         "attention_recall")}),
                       file=sys.stderr, flush=True)
             save()
     result["seconds"]["teacher_forced"] = time.perf_counter() - t1
-    result["commands"] = [[command, result["seconds"]]]
+    # a run that measures nothing (both parts skipped) only merges its --include files
+    result["commands"] = [] if args.skip_teacher_forced and args.skip_retrieval else [[command, result["seconds"]]]
     for other in args.include:
         earlier = json.loads(Path(other).read_text())
         result["commands"] += earlier.get("commands", [[earlier["command"], earlier["seconds"]]])
         result["retrieval"] += earlier["retrieval"]
-        result["teacher_forced"] += earlier["teacher_forced"]
+        result["teacher_forced"] += [tagged(r, earlier) for r in earlier["teacher_forced"]]
     save()
     write_markdown(result, out.parent / (out.name + ".md"))
     print((out.parent / (out.name + ".md")).read_text())
+
+
+def tagged(row: dict, run: dict) -> dict:
+    """A teacher-forced row with the run settings that tell it apart from rows merged from other runs:
+    the predictor folder (predictor rows) and the refresh regime (not on the dense row; runs before
+    --refresh existed refreshed densely every step)."""
+    if row["policy"] == "dense":
+        return row
+    row.setdefault("predictor", run.get("predictor") if row["policy"] == "predictor" else None)
+    row.setdefault("refresh", run.get("refresh", 1))
+    row.setdefault("dense_refresh", run.get("dense_refresh", False))
+    return row
+
+
+def refresh_regime(result: dict) -> str:
+    """The history regime in words (runs before --refresh existed refreshed densely every step)."""
+    r = result.get("refresh", 1)
+    if r == 1:
+        return ("every decode step attends densely (refresh 1, dense refresh)" if result.get("dense_refresh")
+                else "history refreshed densely every step")
+    if result.get("dense_refresh"):
+        return (f"every {r}th decode step attends densely (its output is dense attention and its page masses are "
+                f"the history row), the other steps attend sparsely and record the masses of their attended pages "
+                f"only (refresh {r}, dense refresh)")
+    return (f"history refreshed densely every {r} steps by a separate dense score pass, the other steps record the "
+            f"masses of their attended pages only (refresh {r})")
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -174,6 +211,9 @@ def write_markdown(result: dict, path: Path) -> None:
     rank = lambda r: (-r["budget"], order.index(r["policy"]) if r["policy"] in order else 99,  # noqa: E731
                       r.get("per_latent_head", False))
     label = lambda policy, per_head: policy + (" (per head)" if per_head else "")  # noqa: E731
+    sparse_rows = [r for r in result["teacher_forced"] if r["policy"] != "dense"]
+    regimes = sorted({(r.get("refresh", 1), r.get("dense_refresh", False)) for r in sparse_rows})
+    predictors = {r.get("predictor") for r in sparse_rows if r["policy"] == "predictor"}
     lines = [f"# Sparse decode at long context on CPU ({result.get('model', 'a latentkv model')})", ""]
     for command, secs in result.get("commands", [[result["command"], result["seconds"]]]):
         lines.append(f"Command: `{command}` (retrieval {secs.get('retrieval', 0):.0f} s, teacher-forced "
@@ -183,7 +223,11 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Text: `{result['text']}` of latentkv's Gutenberg set ({result['text_tokens']} tokens; the first "
         f"{result['skip']} skipped), a book the predictor's training left out. Pages of {result['page_size']} tokens; "
         f"the first {result.get('sink_blocks', 1)} (sink) and the last {result.get('local_blocks', 1)} pages (the current "
-        "page last) always kept; history refreshed densely every step; reference backend; "
+        "page last) always kept; "
+        + (refresh_regime(result) if len(regimes) <= 1 else "the history regime of each teacher-forced row in its "
+           "label (" + "; ".join(f"refresh {r}{', dense refresh' if d else ''}: "
+                                  + refresh_regime({"refresh": r, "dense_refresh": d}) for r, d in regimes) + ")")
+        + "; reference backend; "
         + ("decode through an offloaded cache (host pages, per-layer pools of the slots the budget attends + 2)."
            if result["offload"] else "decode through the paged cache."), "",
     ]
@@ -244,16 +288,21 @@ def write_markdown(result: dict, path: Path) -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         rows = result["teacher_forced"]
-        tkey = lambda r: (r["budget"], r["policy"], r.get("per_latent_head", False))  # noqa: E731
-        for budget, policy, per_head in sorted({tkey(r) for r in rows},
-                                               key=lambda k: rank({"budget": k[0], "policy": k[1],
-                                                                   "per_latent_head": k[2]})):
-            sel = [r for r in rows if tkey(r) == (budget, policy, per_head)]
+        tkey = lambda r: (r["budget"], r["policy"], r.get("per_latent_head", False),  # noqa: E731
+                          r.get("predictor") or "", r.get("refresh", 1) if r["policy"] != "dense" else 0,
+                          r.get("dense_refresh", False) if r["policy"] != "dense" else False)
+        for key in sorted({tkey(r) for r in rows},
+                          key=lambda k: (rank({"budget": k[0], "policy": k[1], "per_latent_head": k[2]}), k[3:])):
+            budget, policy, per_head, pred, refresh, dense_refresh = key
+            sel = [r for r in rows if tkey(r) == key]
+            name = label(policy, per_head) + (f" (`{Path(pred).name}`)" if len(predictors) > 1 and pred else "")
+            if len(regimes) > 1 and policy != "dense":
+                name += f", refresh {refresh}" + (" dense" if dense_refresh else "")
             mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
             off = [r.get("offload") for r in sel]
             miss = (f"{mean(lambda r: r['offload']['misses_per_step']):.2f} | "
                     f"{mean(lambda r: r['offload']['miss_fraction']):.3f}") if all(off) else "- | -"
-            lines.append(f"| {budget:g} | {label(policy, per_head)} | {mean(lambda r: r['blocks_per_decision']):.1f} | "
+            lines.append(f"| {budget:g} | {name} | {mean(lambda r: r['blocks_per_decision']):.1f} | "
                          f"{mean(lambda r: r['kl_to_dense']):.4f} | {mean(lambda r: r['top1_agreement']):.4f} | "
                          f"{math.exp(mean(lambda r: r['nll'])):.3f} | {miss} |")
         lines.append("")

@@ -618,6 +618,46 @@ def test_cli_sparse_eval_per_head(tiny_converted):
     assert row["tokens"] == 8 and row["offload"]["pages_missed"] == 0 and row["blocks_attended_fraction"] < 1
 
 
+def test_cli_sparse_eval_refresh(tiny_mla_dir):
+    """Guards `eval --sparse-refresh R --sparse-dense-refresh`: the period and the dense refresh reach the
+    SparseConfig the decode runs (the report says so), the sparse steps still attend the budget, and a
+    period below 1 is the one-line LatentKVError, not a traceback."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentkv.cli import app
+
+    runner = CliRunner()
+    common = ["eval", str(tiny_mla_dir), "--eval-text", str(tiny_models.TINY_TEXT), "--eval-window", "40",
+              "--eval-windows", "1", "--decode-tokens", "9", "--sparse", "last-step", "--sparse-budget", "2",
+              "--page-size", "8"]
+    res = runner.invoke(app, [*common, "--sparse-refresh", "4", "--sparse-dense-refresh", "--json"])
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    sparse = json.loads(last[last.index('{"model"') :])["sparse"]
+    assert sparse["refresh"] == 4 and sparse["dense_refresh"] is True
+    assert 2 / 6 < sparse["blocks_attended_fraction"] < 1  # 2 of 9 steps dense, the rest 2 blocks of 6
+    bad = runner.invoke(app, [*common, "--sparse-refresh", "0"])
+    assert bad.exit_code == 2 and "refresh must be >= 1" in bad.output and "Traceback" not in bad.output
+
+
+def test_dense_refresh_steps_attend_every_block(tiny_mla, monkeypatch):
+    """Guards the offload-compatible regime (refresh=R, dense_refresh): every R-th decode step attends
+    every block of every layer, and the other steps only the budget."""
+    cfg = SparseConfig("last-step", budget=3, refresh=3, dense_refresh=True)
+    _, _, choices = _decode_recording_choices(tiny_mla, cfg, "reference", monkeypatch)
+    layers = len(tiny_mla.model.layers)
+    assert len(choices) == 7 * layers
+    for i in range(1, 8):  # decode step i holds 45 + i tokens: ceil((45 + i) / 8) blocks of 8
+        n = -(-(45 + i) // 8)
+        for layer, ids in choices[(i - 1) * layers : i * layers]:
+            if i % 3 == 0:
+                assert ids == list(range(n)), (i, layer)
+            else:
+                assert len(ids) == 3 < n, (i, layer)
+
+
 def test_per_latent_head_policy_scores():
     """Guards the per-head scores: each latent head's row is what the shared choice would compute from
     that head alone (last-step, oracle, quest bounds over its own query heads), and choose_blocks picks a

@@ -33,6 +33,12 @@ class EvalOptions:
     sparse_per_head: bool = setting(False, panel=SPARSE, help=(
         "With --sparse on a GLA model (several latent heads): each latent head chooses its own blocks "
         "from its own scores, attended through a block table per latent head."))
+    sparse_refresh: int = setting(1, panel=SPARSE, help=(
+        "With --sparse: the policy's history row is the full (dense) block masses every R decode steps, "
+        "else the masses over the attended blocks only (1: dense history every step)."))
+    sparse_dense_refresh: bool = setting(False, panel=SPARSE, help=(
+        "With --sparse: each refresh step attends to every block (its output is dense attention and its masses "
+        "give the history row), so no separate dense pass is needed (the regime an offloaded cache can run)."))
     predictor: Path | None = setting(None, panel=SPARSE, help="AttentionPredictor folder (--sparse predictor).")
     page_size: int = setting(16, panel=SPARSE, help="Tokens per cache page (= block) for --sparse.")
     long_text: str | None = setting(None, panel=SPARSE, help=(

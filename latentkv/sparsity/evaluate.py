@@ -151,7 +151,8 @@ def sparse_eval(model_path: str, config: SparseConfig, *, eval_text: str | None 
     sparse, stats = decode_after(model, start, ids, prompt_tokens, config, predictor=predictor)
     targets = torch.tensor(ids[prompt_tokens:])
     return {"policy": config.policy, "budget": config.budget, "per_latent_head": config.per_latent_head,
-            "page_size": page_size, "prompt_tokens": prompt_tokens,
+            "refresh": config.refresh, "dense_refresh": config.dense_refresh, "page_size": page_size,
+            "prompt_tokens": prompt_tokens,
             "dense_perplexity": compare_logits(dense, dense, targets)["perplexity"],
             **compare_logits(dense, sparse, targets), **stats}
 

@@ -51,7 +51,8 @@ def check_long_options(*, sparse: str | None, long_text: str | None, retrieval: 
 def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[SparseConfig], *, page_size: int = 16,
                       predictor=None, offload: bool = False, backend: str = "reference",
                       prefill_chunk: int = 128, start=None) -> list[dict]:
-    """Rows {"policy", "budget", "per_latent_head" (not in the dense row), top1_agreement, kl_to_dense,
+    """Rows {"policy", "budget", "per_latent_head", "refresh", "dense_refresh" (those three not in the
+    dense row), top1_agreement, kl_to_dense,
     perplexity, nll, blocks_per_decision, ...} for dense decoding then each config, decoding
     ids[prompt_len:] teacher-forced after one dense prefill of ids[:prompt_len]."""
     from latentkv.sparsity.evaluate import compare_logits, decode_after, for_config, long_prefill
@@ -68,6 +69,7 @@ def long_text_compare(model, ids: list[int], prompt_len: int, configs: list[Spar
         pred = predictor if cfg.policy == "predictor" else None
         logits, stats = decode_after(model, for_config(start, cfg, len(ids)), ids, prompt_len, cfg, predictor=pred)
         rows.append({"policy": cfg.policy, "budget": cfg.budget, "per_latent_head": cfg.per_latent_head,
+                     "refresh": cfg.refresh, "dense_refresh": cfg.dense_refresh,
                      **compare_logits(dense, logits, targets), **stats})
     return rows
 
