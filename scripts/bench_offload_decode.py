@@ -697,6 +697,15 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (what a result file should name)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def sparse_mode(fraction: float, choice: str, refresh: int, reads: str | None = None, all_reads=()) -> str:
     """Row name of a sparse run: sparse-gpu (``reads`` None) or sparse-offload, the fraction, the
     choice (Quest unnamed) and the host-read mode (the first one listed unnamed)."""
@@ -833,7 +842,7 @@ def main(argv=None) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "shape": {k: getattr(args, k) for k in ("batch", "layers", "hidden", "heads", "nope_dim", "rope_dim",
                                                "latent_rank", "v_dim", "intermediate", "vocab", "page_size", "tokens")},
-        "predictor": {"folder": args.predictor, "page_size": predictor.config.page_size, "refresh": args.refresh,
+        "predictor": {"folder": repo_relative(args.predictor), "page_size": predictor.config.page_size, "refresh": args.refresh,
                       "refresh_chunk": args.refresh_chunk} if predictor is not None else None,
         "weight_bytes": stack.weight_bytes,
         "h2d_copy": bw,
