@@ -387,6 +387,7 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
     ``resident``: the same choice over the whole cache on the GPU (no pool): the same attention,
     hence the same logits, without the offload's work."""
     from latentkv.sparsity.offload import PagePool
+    from latentkv.sparsity.runtime import attended_history_row
 
     cuda = device.type == "cuda"
     L, B, page, per_seq, width = args.layers, cache.batch, cache.page, cache.per_seq, stack.width
@@ -448,21 +449,24 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
                 yield p0 * page, rows.view(B, m_pages * page, width)
                 continue
             buf = bufs[i % 2][:, : m_pages * page]
+
+            def copy_chunk():
+                if mapped is not None:  # one strided device copy reading the pinned pages in place
+                    buf.view(mapped.dtype).view(B, m_pages, -1).copy_(mapped[l][:, p0 : p0 + m_pages])
+                    return
+                for b in range(B):
+                    buf[b].view(m_pages, page, width).copy_(
+                        cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages], non_blocking=cuda)
+
             if cuda:
                 refresh_side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(refresh_side):
-                    if mapped is not None:  # one strided device copy reading the pinned pages in place
-                        buf.view(mapped.dtype).view(B, m_pages, -1).copy_(mapped[l][:, p0 : p0 + m_pages])
-                    else:
-                        for b in range(B):
-                            buf[b].view(m_pages, page, width).copy_(
-                                cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages], non_blocking=True)
+                    copy_chunk()
                     events[i % 2] = torch.cuda.Event()
                     events[i % 2].record(refresh_side)
                 torch.cuda.current_stream(device).wait_event(events[i % 2])
             else:
-                for b in range(B):
-                    buf[b].view(m_pages, page, width).copy_(cache.host[l][b * per_seq + p0 : b * per_seq + p0 + m_pages])
+                copy_chunk()
             if clock.on:
                 state_refresh["bytes"] += buf.numel() * buf.element_size()
             last = n_tok - 1 - p0 * page
@@ -582,7 +586,7 @@ def run_sparse_offload(stack, cache, args, device, backend, steps, fraction, res
             else:  # the chosen pages, and their masses from the same kernel pass
                 o, ms = attend(stack, q, kv, table, lens_dev, k * page, backend, masses=True)
                 blocks = state["chosen"][l] - seq_base
-                hist_rows.append(torch.zeros(B, per_seq, device=device).scatter_(1, blocks, ms[:, 0, 0]))
+                hist_rows.append(attended_history_row(ms[:, 0, 0], blocks, per_seq))
             x = stack.out(l, x, o)
             qs.append(q[:, 0])
             new_rows.append(row)
